@@ -1,0 +1,42 @@
+"""tasklocks: crash-safe locks between background tasks that run as separate processes."""
+
+from tasklocks import names
+from tasklocks._core import Holder
+from tasklocks.errors import (
+    BadLockName,
+    BadURL,
+    CorruptLockTable,
+    LockHeld,
+    LockTimeout,
+    NotHeld,
+    StoreError,
+    StoreUnavailable,
+    TasklocksError,
+)
+from tasklocks.locks import HeldLock, Lease, LockTable, connect
+from tasklocks.owner import Liveness, ProcessIdentity, current_process, process_identity
+from tasklocks.store import default_url, open_store
+
+__all__ = [
+    "BadLockName",
+    "BadURL",
+    "CorruptLockTable",
+    "HeldLock",
+    "Holder",
+    "Lease",
+    "Liveness",
+    "LockHeld",
+    "LockTable",
+    "LockTimeout",
+    "NotHeld",
+    "ProcessIdentity",
+    "StoreError",
+    "StoreUnavailable",
+    "TasklocksError",
+    "connect",
+    "current_process",
+    "default_url",
+    "names",
+    "open_store",
+    "process_identity",
+]

@@ -1,0 +1,315 @@
+"""The lock document and its transitions: pure code, no I/O.
+
+Theory of operation
+-------------------
+All locks of a namespace live in one document, stored in one database row next to an integer
+``version``. A change is computed here from the document as read (the caller supplies the
+version, ``now``, the claimant and an ``is_dead`` predicate) and written by the caller only if the
+row still has the version the change was computed from; every write bumps the version by exactly
+one.
+
+Invariants (checked by the Hypothesis state machine in ``tests/core``):
+
+* at most one holder per lock name;
+* a lock is freed only by its owner (``release``/``release_owner``), by an administrator
+  (``release_all``), or on proof that its holder is dead (``is_dead`` returned True);
+* an acquisition of several names is all-or-nothing;
+* the fencing token of an acquisition is the version its write creates, so tokens strictly increase
+  across all acquisitions in a namespace;
+* acquisitions are idempotent by lease id: re-running an acquisition whose write succeeded but whose
+  reply was lost finds its own entries and changes nothing (kazoo's lesson).
+
+Documents are immutable mappings from name to :class:`Holder`; transitions return new ones.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Final
+
+from tasklocks.errors import CorruptLockTable, LockHeld, NotHeld
+
+__all__ = [
+    "EMPTY",
+    "FORMAT",
+    "Claimant",
+    "Document",
+    "Granted",
+    "Holder",
+    "Refused",
+    "acquire",
+    "decode",
+    "encode",
+    "reap",
+    "release",
+    "release_all",
+    "release_owner",
+]
+
+FORMAT: Final = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """One held lock: who holds it, since when, and its fencing token."""
+
+    owner: str
+    pid: int | None
+    start: str | None
+    boot: str | None
+    host: str
+    pidns: str | None
+    pgid: int | None
+    since: float
+    token: int
+    lease: str
+    note: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Claimant:
+    """Who asks for locks: the holder fields that do not depend on the document."""
+
+    owner: str
+    pid: int | None
+    start: str | None
+    boot: str | None
+    host: str
+    pidns: str | None
+    pgid: int | None
+    lease: str
+    note: str | None
+
+    def holder(self, since: float, token: int) -> Holder:
+        return Holder(
+            self.owner,
+            self.pid,
+            self.start,
+            self.boot,
+            self.host,
+            self.pidns,
+            self.pgid,
+            since,
+            token,
+            self.lease,
+            self.note,
+        )
+
+
+Document = Mapping[str, Holder]
+EMPTY: Final[Document] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Granted:
+    """An acquisition succeeded. ``changed`` is False when the lease already held every name."""
+
+    doc: Document
+    token: int
+    reaped: Mapping[str, Holder]
+    changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """An acquisition is blocked by live (or unknown) holders; ``doc`` may still drop dead ones."""
+
+    doc: Document
+    blockers: Mapping[str, Holder]
+    reaped: Mapping[str, Holder]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.reaped)
+
+
+def _reap(
+    doc: Document, names: Iterable[str], is_dead: Callable[[Holder], bool]
+) -> tuple[dict[str, Holder], dict[str, Holder]]:
+    new = dict(doc)
+    reaped = {}
+    for name in names:
+        holder = new.get(name)
+        if holder is not None and is_dead(holder):
+            reaped[name] = new.pop(name)
+    return new, reaped
+
+
+def acquire(
+    doc: Document,
+    names: Iterable[str],
+    claimant: Claimant,
+    *,
+    version: int,
+    now: float,
+    is_dead: Callable[[Holder], bool],
+) -> Granted | Refused:
+    """Take every name for ``claimant``, or none.
+
+    Holders of the wanted names that ``is_dead`` proves dead are dropped in the same change.
+    The token of a new acquisition is ``version + 1``: the version the caller's write creates.
+    """
+    wanted = list(dict.fromkeys(names))
+    if wanted and all((h := doc.get(n)) is not None and h.lease == claimant.lease for n in wanted):
+        return Granted(doc, doc[wanted[0]].token, {}, changed=False)
+    new, reaped = _reap(doc, wanted, is_dead)
+    blockers = {n: new[n] for n in wanted if n in new}
+    if blockers:
+        return Refused(MappingProxyType(new) if reaped else doc, blockers, reaped)
+    token = version + 1
+    holder = claimant.holder(now, token)
+    for name in wanted:
+        new[name] = holder
+    return Granted(MappingProxyType(new), token, reaped, changed=True)
+
+
+def release(
+    doc: Document, names: Iterable[str], owner: str, *, lease: str | None = None
+) -> Document:
+    """Free ``names`` held by ``owner`` (and by ``lease``, when given); all or none.
+
+    Raises :class:`NotHeld` naming the first lock that ``owner`` does not hold.
+    """
+    new = dict(doc)
+    for name in dict.fromkeys(names):
+        holder = new.get(name)
+        if holder is None or holder.owner != owner or (lease is not None and holder.lease != lease):
+            raise NotHeld(name, owner, holder)
+        del new[name]
+    return MappingProxyType(new)
+
+
+def release_owner(doc: Document, owner: str) -> tuple[Document, list[str]]:
+    """Free every lock ``owner`` holds; return the new document and the freed names."""
+    freed = [name for name, h in doc.items() if h.owner == owner]
+    if not freed:
+        return doc, []
+    return MappingProxyType({n: h for n, h in doc.items() if h.owner != owner}), freed
+
+
+def release_all(doc: Document) -> tuple[Document, list[str]]:
+    """Free every lock (an administrator's reset)."""
+    return EMPTY, list(doc)
+
+
+def reap(doc: Document, is_dead: Callable[[Holder], bool]) -> tuple[Document, dict[str, Holder]]:
+    """Drop every holder that ``is_dead`` proves dead."""
+    new, reaped = _reap(doc, list(doc), is_dead)
+    return (MappingProxyType(new) if reaped else doc), reaped
+
+
+def check_not_already_held(doc: Document, names: Iterable[str], owner: str) -> None:
+    """Locks are not re-entrant: raise :class:`LockHeld` if ``owner`` holds one of ``names``."""
+    mine = {n: doc[n] for n in names if n in doc and doc[n].owner == owner}
+    if mine:
+        raise LockHeld(mine, hint="locks are not re-entrant; release it first")
+
+
+# --- encoding -------------------------------------------------------------------------------------
+
+_FIELDS: Final = (
+    "owner",
+    "pid",
+    "start",
+    "boot",
+    "host",
+    "pidns",
+    "pgid",
+    "since",
+    "token",
+    "lease",
+    "note",
+)
+_TYPES: Final[Mapping[str, tuple[type, ...]]] = {
+    "owner": (str,),
+    "pid": (int, type(None)),
+    "start": (str, type(None)),
+    "boot": (str, type(None)),
+    "host": (str,),
+    "pidns": (str, type(None)),
+    "pgid": (int, type(None)),
+    "since": (float, int),
+    "token": (int,),
+    "lease": (str,),
+    "note": (str, type(None)),
+}
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _holder_from_json(namespace: str, name: str, raw: Any) -> Holder:
+    if not isinstance(raw, dict):
+        raise CorruptLockTable(namespace, f"entry {name!r} is not an object")
+    for field in _FIELDS:
+        value = raw.get(field)
+        if not isinstance(value, _TYPES[field]) or isinstance(value, bool):
+            raise CorruptLockTable(namespace, f"entry {name!r} has a bad {field!r}")
+    return Holder(
+        raw["owner"],
+        raw["pid"],
+        raw["start"],
+        raw["boot"],
+        raw["host"],
+        raw["pidns"],
+        raw["pgid"],
+        float(raw["since"]),
+        raw["token"],
+        raw["lease"],
+        raw["note"],
+    )
+
+
+def decode(text: str | bytes | None, namespace: str) -> Document:
+    """Parse a stored document; raise :class:`CorruptLockTable` if it is not a valid one."""
+    if text is None or text in ("", b""):
+        return EMPTY
+    try:
+        raw = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptLockTable(namespace, f"not JSON: {exc}") from exc
+    if not isinstance(raw, dict) or not isinstance(raw.get("locks"), dict):
+        raise CorruptLockTable(namespace, "no 'locks' object")
+    fmt = raw.get("format")
+    if fmt != FORMAT:
+        if isinstance(fmt, int) and fmt > FORMAT:
+            raise CorruptLockTable(
+                namespace, f"format {fmt} was written by a newer tasklocks; upgrade tasklocks"
+            )
+        raise CorruptLockTable(namespace, f"unknown format {fmt!r}")
+    return MappingProxyType(
+        {name: _holder_from_json(namespace, name, h) for name, h in raw["locks"].items()}
+    )
+
+
+def holder_to_json(holder: Holder) -> dict[str, Any]:
+    """A holder as a JSON-ready dict (the stored field names)."""
+    return {field: getattr(holder, field) for field in _FIELDS}
+
+
+class Encoder:
+    """Encodes documents, reusing each holder's encoded text: with many locks held, a change
+    costs a string join instead of re-encoding every entry."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str, int], str] = {}
+
+    def encode(self, doc: Document) -> str:
+        cache = self._cache
+        parts = []
+        fresh: dict[tuple[str, str, int], str] = {}
+        for name, holder in doc.items():
+            key = (name, holder.lease, holder.token)
+            part = cache.get(key)
+            if part is None:
+                part = _dumps(name) + ":" + _dumps(holder_to_json(holder))
+            fresh[key] = part
+            parts.append(part)
+        self._cache = fresh
+        return '{"format":1,"locks":{' + ",".join(parts) + "}}"
+
+
+def encode(doc: Document) -> str:
+    """Serialize a document (stable, compact JSON)."""
+    return Encoder().encode(doc)

@@ -1,0 +1,136 @@
+"""The tasklocks exception tree.
+
+Every exception carries an ``exit_code`` (the command line's documented exit status) and a message
+that says what to do next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tasklocks._core import Holder
+
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_LOCKED",
+    "EXIT_UNAVAILABLE",
+    "EXIT_USAGE",
+    "BadLockName",
+    "BadURL",
+    "CorruptLockTable",
+    "LockHeld",
+    "LockTimeout",
+    "NotHeld",
+    "StoreError",
+    "StoreUnavailable",
+    "TasklocksError",
+]
+
+# Exit codes of the command line (sysexits.h where one fits).
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
+EXIT_LOCKED = 75  # EX_TEMPFAIL
+
+
+class TasklocksError(Exception):
+    """Root of every error tasklocks raises."""
+
+    exit_code: int = EXIT_FAILURE
+
+
+def describe_holder(holder: Holder) -> str:
+    """One human phrase for who holds a lock: ``task:12 (pid 4711 on web-1) since 10:02:11``."""
+    import time
+
+    where = f"pid {holder.pid} on {holder.host}" if holder.pid is not None else f"on {holder.host}"
+    since = time.strftime("%H:%M:%S", time.localtime(holder.since))
+    text = f"{holder.owner} ({where}) since {since}"
+    if holder.note:
+        text += f", {holder.note}"
+    return text
+
+
+class LockHeld(TasklocksError):
+    """A lock is held by someone else (or by the same owner: locks are not re-entrant)."""
+
+    exit_code = EXIT_LOCKED
+
+    def __init__(self, held: Mapping[str, Holder], *, hint: str = "wait with wait=True") -> None:
+        self.held = dict(held)
+        parts = [f"{name} is held by {describe_holder(h)}" for name, h in sorted(self.held.items())]
+        super().__init__("; ".join(parts) + f"; {hint}")
+
+
+class LockTimeout(TasklocksError, TimeoutError):
+    """Waiting for locks took longer than the timeout."""
+
+    exit_code = EXIT_LOCKED
+
+    def __init__(self, timeout: float, held: Mapping[str, Holder]) -> None:
+        self.timeout = timeout
+        self.held = dict(held)
+        parts = [f"{name} held by {describe_holder(h)}" for name, h in sorted(self.held.items())]
+        who = "; ".join(parts) if parts else "the locks"
+        super().__init__(
+            f"gave up after waiting {timeout:g}s for {who}; raise the timeout or stop the holder"
+        )
+
+
+class NotHeld(TasklocksError):
+    """A release named a lock that the owner does not hold."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, name: str, owner: str, holder: Holder | None) -> None:
+        self.name = name
+        self.owner = owner
+        self.holder = holder
+        if holder is None:
+            msg = f"{name} is not held by anyone, so {owner} cannot release it"
+        else:
+            msg = (
+                f"{name} is held by {describe_holder(holder)}, not by {owner}; "
+                "release it as its owner"
+            )
+        super().__init__(msg)
+
+
+class BadLockName(TasklocksError, ValueError):
+    """A lock name (or namespace, or owner id) is not allowed."""
+
+    exit_code = EXIT_USAGE
+
+
+class BadURL(TasklocksError, ValueError):
+    """A database URL is malformed (a usage error)."""
+
+    exit_code = EXIT_USAGE
+
+
+class StoreError(TasklocksError):
+    """The database failed in a way tasklocks cannot hide."""
+
+    exit_code = EXIT_FAILURE
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached, logged in to, or its driver is missing."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class CorruptLockTable(StoreError):
+    """A namespace's row does not hold a valid lock document; it is never overwritten silently."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, namespace: str, problem: str) -> None:
+        self.namespace = namespace
+        self.problem = problem
+        super().__init__(
+            f"the lock document of namespace {namespace!r} is corrupt ({problem}); "
+            f"inspect it, then reset it with 'tasklocks --namespace {namespace} repair --yes'"
+        )

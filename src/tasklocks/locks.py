@@ -1,0 +1,404 @@
+"""LockTable: the compare-and-swap loop, waiting and wake-ups; the only caller of a store."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, TypeVar
+
+from tasklocks import _core
+from tasklocks._core import Claimant, Document, Holder
+from tasklocks.errors import LockHeld, LockTimeout, NotHeld, StoreUnavailable
+from tasklocks.names import validate_name, validate_namespace, validate_owner
+from tasklocks.owner import (
+    Liveness,
+    ProcessIdentity,
+    current_process,
+    holder_liveness,
+    owner_is_dead,
+)
+from tasklocks.store import OutcomeUnknown, Snapshot, Store, open_store
+
+__all__ = ["THIS_PROCESS", "HeldLock", "Lease", "LockTable", "connect"]
+
+log = logging.getLogger("tasklocks")
+T = TypeVar("T")
+
+OnWait = Callable[[Mapping[str, Holder]], None]
+
+
+class _ThisProcess:
+    def __repr__(self) -> str:
+        return "THIS_PROCESS"
+
+
+THIS_PROCESS: Final = _ThisProcess()
+"""Default for ``process=``: lock entries name the calling process (reclaimable once it dies)."""
+
+# How often a waiter re-checks, without any query, whether the holders it waits for died:
+# a process that dies does not announce it.
+_DEATH_CHECK_INTERVAL = 0.2
+_LOST_REPLY_RETRIES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class HeldLock:
+    """A held lock as :meth:`LockTable.held` reports it."""
+
+    name: str
+    holder: Holder
+    liveness: Liveness
+
+
+class Lease:
+    """Locks taken together by one :meth:`LockTable.acquire`; a context manager that releases them.
+
+    ``token`` is the fencing token: strictly increasing across all acquisitions in the namespace.
+    """
+
+    def __init__(
+        self, table: LockTable, names: tuple[str, ...], owner: str, token: int, lease: str
+    ):
+        self.table = table
+        self.names = names
+        self.owner = owner
+        self.token = token
+        self.lease_id = lease
+        self.released = False
+
+    def release(self) -> None:
+        """Release every lock of this lease; raises :class:`NotHeld` if one is no longer ours."""
+        if self.released:
+            raise NotHeld(self.names[0], self.owner, None)
+        self.table._release(self.names, self.owner, self.lease_id)
+        self.released = True
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self.released:
+            self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "held"
+        return f"<Lease {', '.join(self.names)} owner={self.owner} token={self.token} {state}>"
+
+
+class LockTable:
+    """The locks of one namespace in one store.
+
+    Every change reads the namespace's document, computes the new one in pure code
+    (:mod:`tasklocks._core`) and writes it only if the row's version is still the one read.
+    """
+
+    def __init__(self, store: Store, namespace: str = "default", *, owns_store: bool = False):
+        self.store = store
+        self.namespace = validate_namespace(namespace)
+        self._owns_store = owns_store
+        self._snap: Snapshot | None = None
+        self._doc: Document = _core.EMPTY
+        self._encoder = _core.Encoder()
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    def _decode(self, snap: Snapshot) -> Document:
+        cached = self._snap
+        if cached is not None and (
+            cached is snap or (cached.version == snap.version and cached.data == snap.data)
+        ):
+            return self._doc
+        doc = _core.decode(snap.data, self.namespace)
+        self._snap, self._doc = snap, doc
+        return doc
+
+    def _change(self, step: Callable[[Document, int, bool], tuple[Document | None, bool, T]]) -> T:
+        """Run one transition through the store. ``step(doc, version, retrying)`` returns
+        (new document or None for no change, wake waiters?, result)."""
+        retrying = [False]
+        box: list[tuple[Document | None, str | None, T]] = []
+
+        def compute(snap: Snapshot) -> tuple[str, bool] | None:
+            box.clear()
+            new, wake, result = step(self._decode(snap), snap.version, retrying[0])
+            text = None if new is None else self._encoder.encode(new)
+            box.append((new, text, result))
+            return None if text is None else (text, wake)
+
+        for attempt in range(_LOST_REPLY_RETRIES + 1):
+            try:
+                snap = self.store.transact(self.namespace, compute, self._snap)
+            except OutcomeUnknown:
+                if attempt == _LOST_REPLY_RETRIES:
+                    raise
+                # The write may have been applied: the next attempt re-reads and the step
+                # recognises its own work (acquisitions are idempotent by lease id).
+                retrying[0] = True
+                self._snap = None
+                time.sleep(min(0.05 * 2**attempt, 1.0) * (0.5 + secrets.randbelow(100) / 100))
+                continue
+            new, text, result = box[-1]
+            if new is not None and snap.data is text:
+                self._snap, self._doc = snap, new
+            return result
+        raise StoreUnavailable("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _claimant(
+        self, owner: str | None, note: str | None, process: ProcessIdentity | _ThisProcess | None
+    ) -> Claimant:
+        me = current_process()
+        proc = me if isinstance(process, _ThisProcess) else process
+        if owner is None:
+            if proc is None:
+                raise ValueError("an entry without a process needs an explicit owner")
+            owner = f"pid:{proc.host}:{proc.pid}"
+        owner = validate_owner(owner)
+        lease = secrets.token_hex(8)
+        if proc is None:
+            return Claimant(owner, None, None, None, me.host, None, None, lease, note)
+        return Claimant(
+            owner, proc.pid, proc.start, proc.boot, proc.host, proc.pidns, proc.pgid, lease, note
+        )
+
+    # --- acquiring ----------------------------------------------------------------------------
+
+    def _try_acquire(
+        self, names: tuple[str, ...], claimant: Claimant, *, first: bool
+    ) -> _core.Granted | _core.Refused:
+        def step(
+            doc: Document, version: int, retrying: bool
+        ) -> tuple[Document | None, bool, _core.Granted | _core.Refused]:
+            if first and not retrying:
+                _core.check_not_already_held(doc, names, claimant.owner)
+            outcome = _core.acquire(
+                doc, names, claimant, version=version, now=time.time(), is_dead=owner_is_dead
+            )
+            return (outcome.doc if outcome.changed else None), bool(outcome.reaped), outcome
+
+        outcome = self._change(step)
+        for name, holder in outcome.reaped.items():
+            log.warning(
+                "tasklocks: reclaimed %s in namespace %s from dead holder %s (pid %s on %s)",
+                name,
+                self.namespace,
+                holder.owner,
+                holder.pid,
+                holder.host,
+            )
+        return outcome
+
+    def acquire(
+        self,
+        *names: str,
+        owner: str | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+        note: str | None = None,
+        on_wait: OnWait | None = None,
+        process: ProcessIdentity | _ThisProcess | None = THIS_PROCESS,
+    ) -> Lease:
+        """Take every one of ``names``, or none of them, atomically.
+
+        :param owner: who holds the locks (default ``pid:<host>:<pid>`` of ``process``).
+        :param wait: block until all are free; otherwise raise :class:`LockHeld` at once.
+        :param timeout: with ``wait``, give up after this many seconds (:class:`LockTimeout`).
+        :param note: free text stored with the locks, shown to those who wait.
+        :param on_wait: called once, with ``{name: holder}``, when the call starts waiting.
+        :param process: the process the entries belong to: this process by default, another
+            local process (:func:`tasklocks.owner.process_identity`), or ``None`` for entries
+            that no process death can release (they need an explicit ``owner``).
+        :raises LockHeld: a lock is held (also when ``owner`` already holds it: not re-entrant).
+        :raises LockTimeout: waiting took longer than ``timeout``.
+        :raises BadLockName: a name, or the owner, is not allowed.
+        """
+        if not names:
+            raise ValueError("acquire() needs at least one lock name")
+        wanted = tuple(dict.fromkeys(validate_name(n) for n in names))
+        claimant = self._claimant(owner, note, process)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        told = False
+        first = True
+        while True:
+            outcome = self._try_acquire(wanted, claimant, first=first)
+            first = False
+            if isinstance(outcome, _core.Granted):
+                return Lease(self, wanted, claimant.owner, outcome.token, claimant.lease)
+            if not wait:
+                raise LockHeld(outcome.blockers)
+            if on_wait is not None and not told:
+                told = True
+                on_wait(outcome.blockers)
+            self._wait_for_release(outcome.blockers, deadline, timeout)
+
+    def _wait_for_release(
+        self, blockers: Mapping[str, Holder], deadline: float | None, timeout: float | None
+    ) -> None:
+        """Sleep until the document changes or a blocker is proven dead."""
+        version = self._snap.version if self._snap is not None else 0
+        while True:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                assert timeout is not None
+                raise LockTimeout(timeout, blockers)
+            chunk = _DEATH_CHECK_INTERVAL
+            if deadline is not None:
+                chunk = min(chunk, deadline - now)
+            self.store.wait_for_change(self.namespace, version, chunk)
+            if self.store.read(self.namespace).version != version:
+                return
+            if any(owner_is_dead(h) for h in blockers.values()):
+                return
+
+    @contextmanager
+    def hold(
+        self,
+        *names: str,
+        timeout: float | None = None,
+        owner: str | None = None,
+        note: str | None = None,
+        on_wait: OnWait | None = None,
+    ) -> Iterator[Lease]:
+        """Wait for ``names`` (up to ``timeout``), hold them in the ``with`` block, then release."""
+        lease = self.acquire(
+            *names, owner=owner, wait=True, timeout=timeout, note=note, on_wait=on_wait
+        )
+        with lease:
+            yield lease
+
+    # --- releasing ----------------------------------------------------------------------------
+
+    def _release(self, names: tuple[str, ...], owner: str, lease: str | None) -> None:
+        def step(doc: Document, version: int, retrying: bool) -> tuple[Document, bool, None]:
+            if retrying:  # a lost reply may have released them already
+                gone = [
+                    n
+                    for n in names
+                    if n not in doc
+                    or doc[n].owner != owner
+                    or (lease is not None and doc[n].lease != lease)
+                ]
+                if len(gone) == len(names):
+                    return doc, False, None
+            return _core.release(doc, names, owner, lease=lease), True, None
+
+        self._change(lambda doc, v, r: _none_if_same(step(doc, v, r), doc))
+
+    def release(self, *names: str, owner: str | None = None) -> None:
+        """Release ``names`` held by ``owner`` (default: this process); all or none.
+
+        :raises NotHeld: a name is not held by ``owner`` (the message names who holds it).
+        """
+        if not names:
+            raise ValueError("release() needs at least one lock name")
+        wanted = tuple(dict.fromkeys(validate_name(n) for n in names))
+        if owner is None:
+            me = current_process()
+            owner = f"pid:{me.host}:{me.pid}"
+        self._release(wanted, validate_owner(owner), None)
+
+    def release_owner(self, owner: str) -> list[str]:
+        """Release everything ``owner`` holds; return the names released."""
+        owner = validate_owner(owner)
+
+        def step(
+            doc: Document, version: int, retrying: bool
+        ) -> tuple[Document | None, bool, list[str]]:
+            new, freed = _core.release_owner(doc, owner)
+            return (new if freed else None), True, freed
+
+        return self._change(step)
+
+    def release_all(self) -> list[str]:
+        """Release every lock in the namespace (for administrators); return the names."""
+
+        def step(
+            doc: Document, version: int, retrying: bool
+        ) -> tuple[Document | None, bool, list[str]]:
+            new, freed = _core.release_all(doc)
+            return (new if freed else None), True, freed
+
+        return self._change(step)
+
+    def reap(self) -> dict[str, Holder]:
+        """Release every lock whose holder is provably dead; return what was released."""
+
+        def step(
+            doc: Document, version: int, retrying: bool
+        ) -> tuple[Document | None, bool, dict[str, Holder]]:
+            new, reaped = _core.reap(doc, owner_is_dead)
+            return (new if reaped else None), True, reaped
+
+        reaped = self._change(step)
+        for name, holder in reaped.items():
+            log.warning(
+                "tasklocks: reaped %s in namespace %s from dead holder %s (pid %s on %s)",
+                name,
+                self.namespace,
+                holder.owner,
+                holder.pid,
+                holder.host,
+            )
+        return reaped
+
+    # --- looking ------------------------------------------------------------------------------
+
+    def held(self) -> list[HeldLock]:
+        """Every held lock, with its holder and whether that holder is alive, dead or unknown."""
+        doc = self._decode(self.store.read(self.namespace))
+        me = current_process()
+        return [HeldLock(n, h, holder_liveness(h, me)) for n, h in sorted(doc.items())]
+
+    def raw(self) -> Snapshot:
+        """The namespace's row as stored (version and document text), even if corrupt."""
+        return self.store.read(self.namespace)
+
+    def repair(self) -> Snapshot:
+        """Reset the namespace's document to empty, whatever it held; return the old row."""
+        old = self.store.read(self.namespace)
+        self.store.reset(self.namespace, self._encoder.encode(_core.EMPTY))
+        self._snap = None
+        return old
+
+    # --- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the store if this table opened it."""
+        if self._owns_store:
+            self.store.close()
+
+    def __enter__(self) -> LockTable:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _none_if_same(
+    result: tuple[Document, bool, None], doc: Document
+) -> tuple[Document | None, bool, None]:
+    new, wake, value = result
+    return (None if new is doc else new), wake, value
+
+
+def connect(url: str | None = None, namespace: str = "default") -> LockTable:
+    """Open the lock table at ``url`` (default ``$TASKLOCKS_DB``, else the per-user SQLite file).
+
+    :raises BadURL: the URL is malformed.
+    :raises StoreUnavailable: the database cannot be reached or its driver is missing.
+    """
+    return LockTable(open_store(url), namespace, owns_store=True)

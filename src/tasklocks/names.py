@@ -1,0 +1,62 @@
+"""Lock-name validation and helpers for the usual name families."""
+
+from __future__ import annotations
+
+import re
+
+from tasklocks.errors import BadLockName
+
+__all__ = [
+    "ALLOWED",
+    "app_task",
+    "full_backup",
+    "mail_restart",
+    "platform_update",
+    "validate_name",
+    "validate_namespace",
+    "validate_owner",
+]
+
+ALLOWED = "1-200 characters of letters, digits and ._:/@-"
+_NAME = re.compile(r"[A-Za-z0-9._:/@-]{1,200}")
+
+
+def _check(kind: str, value: object) -> str:
+    if not isinstance(value, str) or _NAME.fullmatch(value) is None:
+        raise BadLockName(f"bad {kind} {value!r}: use {ALLOWED}")
+    return value
+
+
+def validate_name(name: object) -> str:
+    """Return ``name`` if it is a valid lock name, else raise :class:`BadLockName`."""
+    return _check("lock name", name)
+
+
+def validate_namespace(namespace: object) -> str:
+    """Return ``namespace`` if valid (the lock-name alphabet), else raise :class:`BadLockName`."""
+    return _check("namespace", namespace)
+
+
+def validate_owner(owner: object) -> str:
+    """Return ``owner`` if valid (same alphabet as lock names), else raise :class:`BadLockName`."""
+    return _check("owner", owner)
+
+
+def app_task(app_id: str) -> str:
+    """The lock for operations on one app: ``app_task:<app_id>``."""
+    return validate_name(f"app_task:{app_id}")
+
+
+def full_backup(site_id: str) -> str:
+    """The lock for a full backup to one backup site: ``full_backup:<site_id>``."""
+    return validate_name(f"full_backup:{site_id}")
+
+
+def platform_update() -> str:
+    """The lock for the platform update."""
+    return "platform_update"
+
+
+def mail_restart() -> str:
+    """The lock protecting recreation of the mail server container."""
+    return "mail_restart"

@@ -1,0 +1,171 @@
+"""Who am I, and is a lock's holder provably dead?
+
+Fail closed, like filelock's ``_identity``: a holder is *dead* only with proof, on this host,
+in this pid namespace: its boot is over (the machine rebooted since), or its pid is gone, a zombie,
+or reused by another process (the start token differs). A holder on another host or in
+another pid namespace is never judged by pid: its liveness is *unknown* and it is never reclaimed.
+An entry without a pid (taken by the command line for an explicit owner) is never reclaimed either.
+
+When a holder names a process group (``pgid``), the holder is alive while any process of that group
+runs: a task's children keep its locks even after the task's own process is gone.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tasklocks._core import Holder
+
+__all__ = [
+    "Liveness",
+    "ProcessIdentity",
+    "boot_id",
+    "current_process",
+    "holder_liveness",
+    "owner_is_dead",
+    "pid_namespace",
+    "process_identity",
+    "process_start_token",
+]
+
+
+class Liveness(enum.StrEnum):
+    """What we can prove about a holder."""
+
+    ALIVE = "alive"
+    DEAD = "dead"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessIdentity:
+    """Everything needed to recognise a process later, even after its pid is reused."""
+
+    pid: int
+    start: str | None
+    boot: str | None
+    host: str
+    pidns: str | None
+    pgid: int | None = None
+
+
+def process_identity(pid: int, *, pgid: int | None = None) -> ProcessIdentity:
+    """The identity of another process on this host (for example a child that will hold locks)."""
+    me = current_process()
+    return ProcessIdentity(pid, process_start_token(pid), me.boot, me.host, me.pidns, pgid)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (field 3 onwards), or None if gone."""
+    text = _read(f"/proc/{pid}/stat")
+    if text is None:
+        return None
+    # The command name (field 2) is in parentheses and may contain spaces or ')'.
+    return text[text.rfind(")") + 2 :].split()
+
+
+def process_start_token(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (proc(5) field 22), or None."""
+    fields = _stat_fields(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
+
+
+_boot_id: str | None = None
+
+
+def boot_id() -> str | None:
+    """This boot's random id (/proc/sys/kernel/random/boot_id), or None where there is none."""
+    global _boot_id
+    if _boot_id is None:
+        text = _read("/proc/sys/kernel/random/boot_id")
+        _boot_id = text.strip() if text else ""
+    return _boot_id or None
+
+
+def pid_namespace() -> str | None:
+    """An id of this process's pid namespace: pids only mean something inside one namespace."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return None
+
+
+_current: ProcessIdentity | None = None
+
+
+def current_process() -> ProcessIdentity:
+    """This process's identity (recomputed after a fork)."""
+    global _current
+    pid = os.getpid()
+    if _current is None or _current.pid != pid:
+        _current = ProcessIdentity(
+            pid=pid,
+            start=process_start_token(pid),
+            boot=boot_id(),
+            host=socket.gethostname(),
+            pidns=pid_namespace(),
+        )
+    return _current
+
+
+def _pid_is_gone(pid: int, start: str | None) -> bool:
+    fields = _stat_fields(pid)
+    if fields is None:
+        if os.path.isdir("/proc/self"):
+            return True  # /proc works and the pid has no entry
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    if fields[0] == "Z":  # a zombie runs no code and holds nothing
+        return True
+    return start is not None and len(fields) > 19 and fields[19] != start
+
+
+def _group_is_empty(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def holder_liveness(holder: Holder, me: ProcessIdentity | None = None) -> Liveness:
+    """Judge a holder from this process's point of view (fail closed)."""
+    me = me or current_process()
+    if holder.pid is None or holder.host != me.host or holder.pidns != me.pidns:
+        return Liveness.UNKNOWN
+    if holder.boot is None or me.boot is None:
+        return Liveness.UNKNOWN
+    if holder.boot != me.boot:
+        return Liveness.DEAD  # same host and namespace, but the machine rebooted since
+    if holder.pid == me.pid and holder.start == me.start:
+        return Liveness.ALIVE
+    if not _pid_is_gone(holder.pid, holder.start):
+        return Liveness.ALIVE
+    if holder.pgid is not None and not _group_is_empty(holder.pgid):
+        return Liveness.ALIVE
+    return Liveness.DEAD
+
+
+def owner_is_dead(holder: Holder) -> bool:
+    """True only with proof that the holder's process (and process group) is gone."""
+    return holder_liveness(holder) is Liveness.DEAD
