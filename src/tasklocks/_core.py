@@ -267,17 +267,19 @@ def decode(text: str | bytes | None, namespace: str) -> Document:
         return EMPTY
     try:
         raw = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CorruptLockTable(namespace, f"not JSON: {exc}") from exc
-    if not isinstance(raw, dict) or not isinstance(raw.get("locks"), dict):
-        raise CorruptLockTable(namespace, "no 'locks' object")
+    if not isinstance(raw, dict):
+        raise CorruptLockTable(namespace, "not a JSON object")
     fmt = raw.get("format")
-    if fmt != FORMAT:
-        if isinstance(fmt, int) and fmt > FORMAT:
+    if type(fmt) is not int or fmt != FORMAT:
+        if type(fmt) is int and fmt > FORMAT:
             raise CorruptLockTable(
                 namespace, f"format {fmt} was written by a newer tasklocks; upgrade tasklocks"
             )
         raise CorruptLockTable(namespace, f"unknown format {fmt!r}")
+    if not isinstance(raw.get("locks"), dict):
+        raise CorruptLockTable(namespace, "no 'locks' object")
     return MappingProxyType(
         {name: _holder_from_json(namespace, name, h) for name, h in raw["locks"].items()}
     )

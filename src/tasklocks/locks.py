@@ -19,6 +19,7 @@ from tasklocks.owner import (
     Liveness,
     ProcessIdentity,
     current_process,
+    default_owner,
     holder_liveness,
     owner_is_dead,
 )
@@ -161,7 +162,7 @@ class LockTable:
         if owner is None:
             if proc is None:
                 raise ValueError("an entry without a process needs an explicit owner")
-            owner = f"pid:{proc.host}:{proc.pid}"
+            owner = default_owner(proc)
         owner = validate_owner(owner)
         lease = secrets.token_hex(8)
         if proc is None:
@@ -209,7 +210,8 @@ class LockTable:
     ) -> Lease:
         """Take every one of ``names``, or none of them, atomically.
 
-        :param owner: who holds the locks (default ``pid:<host>:<pid>`` of ``process``).
+        :param owner: who holds the locks (default: ``task:<id>`` inside a task, else
+            ``pid:<host>:<pid>`` of ``process``).
         :param wait: block until all are free; otherwise raise :class:`LockHeld` at once.
         :param timeout: with ``wait``, give up after this many seconds (:class:`LockTimeout`).
         :param note: free text stored with the locks, shown to those who wait.
@@ -302,8 +304,7 @@ class LockTable:
             raise ValueError("release() needs at least one lock name")
         wanted = tuple(dict.fromkeys(validate_name(n) for n in names))
         if owner is None:
-            me = current_process()
-            owner = f"pid:{me.host}:{me.pid}"
+            owner = default_owner(current_process())
         self._release(wanted, validate_owner(owner), None)
 
     def release_owner(self, owner: str) -> list[str]:

@@ -26,11 +26,15 @@ __all__ = [
     "ProcessIdentity",
     "boot_id",
     "current_process",
+    "default_owner",
+    "group_is_empty",
     "holder_liveness",
     "owner_is_dead",
     "pid_namespace",
     "process_identity",
+    "process_liveness",
     "process_start_token",
+    "task_process_group",
 ]
 
 
@@ -117,8 +121,26 @@ def current_process() -> ProcessIdentity:
             boot=boot_id(),
             host=socket.gethostname(),
             pidns=pid_namespace(),
+            pgid=task_process_group(),
         )
     return _current
+
+
+def task_process_group() -> int | None:
+    """Inside a task, the task's process group: locks then stay held while any of its processes
+    runs. Outside a task (or in a process that left the task's group), None."""
+    raw = os.environ.get("TASKLOCKS_TASK_PGID", "")
+    if raw.isdigit() and int(raw) == os.getpgrp():
+        return int(raw)
+    return None
+
+
+def default_owner(identity: ProcessIdentity) -> str:
+    """``task:<id>`` inside a task, else ``pid:<host>:<pid>``."""
+    task = os.environ.get("TASKLOCKS_TASK_ID", "")
+    if task.isdigit():
+        return f"task:{task}"
+    return f"pid:{identity.host}:{identity.pid}"
 
 
 def _pid_is_gone(pid: int, start: str | None) -> bool:
@@ -138,32 +160,63 @@ def _pid_is_gone(pid: int, start: str | None) -> bool:
     return start is not None and len(fields) > 19 and fields[19] != start
 
 
-def _group_is_empty(pgid: int) -> bool:
+def group_is_empty(pgid: int) -> bool:
+    """True when no process that can still run is left in process group ``pgid``.
+
+    ``killpg(pgid, 0)`` answers first (cheap, and final when the group is gone); when it says
+    the group exists, /proc decides whether any member is more than a zombie.
+    """
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
         return False
-    return False
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return False
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(int(entry))
+        # fields[0] is the state (proc(5) field 3), fields[2] the process group (field 5).
+        if fields is not None and len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return False
+    return True
+
+
+def process_liveness(
+    pid: int | None,
+    start: str | None,
+    boot: str | None,
+    host: str | None,
+    pidns: str | None,
+    pgid: int | None,
+    me: ProcessIdentity | None = None,
+) -> Liveness:
+    """Judge a recorded process (and its process group) from this process's point of view."""
+    me = me or current_process()
+    if pid is None or host != me.host or pidns != me.pidns:
+        return Liveness.UNKNOWN
+    if boot is None or me.boot is None:
+        return Liveness.UNKNOWN
+    if boot != me.boot:
+        return Liveness.DEAD  # same host and namespace, but the machine rebooted since
+    if pid == me.pid and start == me.start:
+        return Liveness.ALIVE
+    if not _pid_is_gone(pid, start):
+        return Liveness.ALIVE
+    if pgid is not None and not group_is_empty(pgid):
+        return Liveness.ALIVE
+    return Liveness.DEAD
 
 
 def holder_liveness(holder: Holder, me: ProcessIdentity | None = None) -> Liveness:
-    """Judge a holder from this process's point of view (fail closed)."""
-    me = me or current_process()
-    if holder.pid is None or holder.host != me.host or holder.pidns != me.pidns:
-        return Liveness.UNKNOWN
-    if holder.boot is None or me.boot is None:
-        return Liveness.UNKNOWN
-    if holder.boot != me.boot:
-        return Liveness.DEAD  # same host and namespace, but the machine rebooted since
-    if holder.pid == me.pid and holder.start == me.start:
-        return Liveness.ALIVE
-    if not _pid_is_gone(holder.pid, holder.start):
-        return Liveness.ALIVE
-    if holder.pgid is not None and not _group_is_empty(holder.pgid):
-        return Liveness.ALIVE
-    return Liveness.DEAD
+    """Judge a lock holder from this process's point of view (fail closed)."""
+    return process_liveness(
+        holder.pid, holder.start, holder.boot, holder.host, holder.pidns, holder.pgid, me
+    )
 
 
 def owner_is_dead(holder: Holder) -> bool:
