@@ -201,9 +201,14 @@ def reap(doc: Document, is_dead: Callable[[Holder], bool]) -> tuple[Document, di
     return (MappingProxyType(new) if reaped else doc), reaped
 
 
-def check_not_already_held(doc: Document, names: Iterable[str], owner: str) -> None:
-    """Locks are not re-entrant: raise :class:`LockHeld` if ``owner`` holds one of ``names``."""
-    mine = {n: doc[n] for n in names if n in doc and doc[n].owner == owner}
+def check_not_already_held(
+    doc: Document, names: Iterable[str], owner: str, *, lease: str | None = None
+) -> None:
+    """Locks are not re-entrant: raise :class:`LockHeld` if ``owner`` holds one of ``names``
+    (under another lease than ``lease``: a retried acquisition may find its own entries)."""
+    mine = {
+        n: doc[n] for n in names if n in doc and doc[n].owner == owner and doc[n].lease != lease
+    }
     if mine:
         raise LockHeld(mine, hint="locks are not re-entrant; release it first")
 

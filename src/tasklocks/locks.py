@@ -174,13 +174,12 @@ class LockTable:
     # --- acquiring ----------------------------------------------------------------------------
 
     def _try_acquire(
-        self, names: tuple[str, ...], claimant: Claimant, *, first: bool
+        self, names: tuple[str, ...], claimant: Claimant
     ) -> _core.Granted | _core.Refused:
         def step(
             doc: Document, version: int, retrying: bool
         ) -> tuple[Document | None, bool, _core.Granted | _core.Refused]:
-            if first and not retrying:
-                _core.check_not_already_held(doc, names, claimant.owner)
+            _core.check_not_already_held(doc, names, claimant.owner, lease=claimant.lease)
             outcome = _core.acquire(
                 doc, names, claimant, version=version, now=time.time(), is_dead=owner_is_dead
             )
@@ -229,10 +228,8 @@ class LockTable:
         claimant = self._claimant(owner, note, process)
         deadline = None if timeout is None else time.monotonic() + timeout
         told = False
-        first = True
         while True:
-            outcome = self._try_acquire(wanted, claimant, first=first)
-            first = False
+            outcome = self._try_acquire(wanted, claimant)
             if isinstance(outcome, _core.Granted):
                 return Lease(self, wanted, claimant.owner, outcome.token, claimant.lease)
             if not wait:

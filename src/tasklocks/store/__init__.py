@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -21,11 +21,17 @@ from tasklocks.errors import BadURL, StoreUnavailable
 __all__ = [
     "DEFAULT_TABLE",
     "SCHEMA_VERSION",
+    "TASK_COLUMNS",
+    "TASK_FIELDS",
+    "Backend",
     "Compute",
     "OutcomeUnknown",
     "ParsedURL",
     "Snapshot",
     "Store",
+    "TaskRow",
+    "TaskStore",
+    "TaskValue",
     "check_table_name",
     "default_url",
     "open_store",
@@ -100,6 +106,69 @@ def check_table_name(table: str) -> str:
     if _TABLE.fullmatch(table) is None:
         raise BadURL(f"bad table name {table!r}: use letters, digits and _ (not first a digit)")
     return table
+
+
+# --- task records -------------------------------------------------------------------------------
+# The tasks table (``<table>_tasks``) holds one row per task. Every column but ``id`` and
+# ``version`` is listed here once, with its kind; each adapter maps kinds to its SQL types.
+# ``json`` columns hold JSON text (the tasks layer encodes and decodes them).
+TASK_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("kind", "text"),
+    ("target", "json"),
+    ("args", "json"),
+    ("locks", "json"),
+    ("namespace", "text"),
+    ("state", "state"),
+    ("percent", "float"),
+    ("message", "text"),
+    ("result", "json"),
+    ("error_code", "text"),
+    ("error_message", "text"),
+    ("exit_code", "int"),
+    ("signal", "int"),
+    ("pid", "int"),
+    ("pgid", "int"),
+    ("host", "text"),
+    ("start_token", "text"),
+    ("boot", "text"),
+    ("pidns", "text"),
+    ("created", "float"),
+    ("started", "float"),
+    ("finished", "float"),
+    ("log_path", "text"),
+    ("timeout", "float"),
+    ("stop_requested", "float"),
+    ("waited_for", "json"),
+)
+TASK_FIELDS: tuple[str, ...] = tuple(name for name, _kind in TASK_COLUMNS)
+TaskValue = str | int | float | None
+TaskRow = dict[str, TaskValue]  # every TASK_FIELDS column plus "id" and "version"
+
+
+class TaskStore(Protocol):
+    """Rows of the tasks table; every update is a compare-and-swap on the row's version."""
+
+    def create_task(self, fields: Mapping[str, TaskValue]) -> int:
+        """Insert a task (version 0) and return its id: increasing, never reused."""
+        ...
+
+    def get_task(self, task_id: int) -> TaskRow | None:
+        """One task's row, or None."""
+        ...
+
+    def update_task(self, task_id: int, version: int, fields: Mapping[str, TaskValue]) -> bool:
+        """Set ``fields`` and bump the version, only if the row still has ``version``."""
+        ...
+
+    def list_tasks(
+        self, states: Sequence[str] | None = None, limit: int | None = None
+    ) -> list[TaskRow]:
+        """Tasks (in ``states``, when given), newest first, at most ``limit``."""
+        ...
+
+
+class Backend(Store, TaskStore, Protocol):
+    """A database adapter: lock documents and task records."""
 
 
 def default_url() -> str:
@@ -182,7 +251,7 @@ def parse_url(url: str) -> ParsedURL:
     )
 
 
-def open_store(url: str | None = None, *, table: str = DEFAULT_TABLE) -> Store:
+def open_store(url: str | None = None, *, table: str = DEFAULT_TABLE) -> Backend:
     """Open the store a URL names (default: :func:`default_url`)."""
     parsed = parse_url(url or default_url())
     if parsed.scheme == "sqlite":
@@ -192,7 +261,7 @@ def open_store(url: str | None = None, *, table: str = DEFAULT_TABLE) -> Store:
     if parsed.scheme == "mysql":
         from tasklocks.store.mysql import MySQLStore
 
-        store: Store = MySQLStore(parsed, table=table)
+        store: Backend = MySQLStore(parsed, table=table)
         return store
     from tasklocks.store.postgres import PostgresStore
 

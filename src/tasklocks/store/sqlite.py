@@ -22,7 +22,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,9 +30,13 @@ from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.store import (
     EMPTY_DOCUMENT,
     SCHEMA_VERSION,
+    TASK_COLUMNS,
+    TASK_FIELDS,
     Compute,
     ParsedURL,
     Snapshot,
+    TaskRow,
+    TaskValue,
     check_table_name,
 )
 
@@ -58,6 +62,7 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
         self._known: set[str] = set()
+        self._tasks_ready = False
         with self._lock:
             self._connect()
 
@@ -82,6 +87,7 @@ class SQLiteStore:
         self._conn = conn
         self._pid = os.getpid()
         self._known = set()
+        self._tasks_ready = False
         try:
             mode = self._retry(lambda c: c.execute("PRAGMA journal_mode=WAL").fetchone()[0])
             if str(mode).lower() != "wal":
@@ -232,6 +238,86 @@ class SQLiteStore:
         def body(conn: sqlite3.Connection) -> list[str]:
             rows = conn.execute(f"SELECT namespace FROM {self.table} ORDER BY namespace")
             return [str(r[0]) for r in rows.fetchall()]
+
+        with self._lock:
+            return self._retry(body)
+
+    # --- task records ---------------------------------------------------------------------------
+
+    def _ensure_tasks(self, conn: sqlite3.Connection) -> None:
+        if self._tasks_ready:
+            return
+        types = {"text": "TEXT", "json": "TEXT", "state": "TEXT", "float": "REAL", "int": "INTEGER"}
+        columns = ", ".join(f"{name} {types[kind]}" for name, kind in TASK_COLUMNS)
+        conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {self.table}_tasks (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+            f"version INTEGER NOT NULL, {columns})"
+        )
+        conn.execute(
+            f"CREATE INDEX IF NOT EXISTS {self.table}_tasks_state ON {self.table}_tasks (state)"
+        )
+        self._tasks_ready = True
+
+    def _row(self, cursor: sqlite3.Cursor, row: tuple[TaskValue, ...]) -> TaskRow:
+        return {d[0]: value for d, value in zip(cursor.description, row, strict=True)}
+
+    def create_task(self, fields: Mapping[str, TaskValue]) -> int:
+        names = [n for n in TASK_FIELDS if n in fields]
+
+        def body(conn: sqlite3.Connection) -> int:
+            self._ensure_tasks(conn)
+            cur = conn.execute(
+                f"INSERT INTO {self.table}_tasks (version, {', '.join(names)}) "
+                f"VALUES (0, {', '.join('?' for _ in names)})",
+                [fields[n] for n in names],
+            )
+            return int(cur.lastrowid or 0)
+
+        with self._lock:
+            return self._retry(body)
+
+    def get_task(self, task_id: int) -> TaskRow | None:
+        def body(conn: sqlite3.Connection) -> TaskRow | None:
+            self._ensure_tasks(conn)
+            cur = conn.execute(f"SELECT * FROM {self.table}_tasks WHERE id = ?", (task_id,))
+            row = cur.fetchone()
+            return None if row is None else self._row(cur, row)
+
+        with self._lock:
+            return self._retry(body)
+
+    def update_task(self, task_id: int, version: int, fields: Mapping[str, TaskValue]) -> bool:
+        names = [n for n in TASK_FIELDS if n in fields]
+        sets = "".join(f", {n} = ?" for n in names)
+
+        def body(conn: sqlite3.Connection) -> bool:
+            self._ensure_tasks(conn)
+            cur = conn.execute(
+                f"UPDATE {self.table}_tasks SET version = version + 1{sets} "
+                "WHERE id = ? AND version = ?",
+                [*(fields[n] for n in names), task_id, version],
+            )
+            return cur.rowcount == 1
+
+        with self._lock:
+            return self._retry(body)
+
+    def list_tasks(
+        self, states: Sequence[str] | None = None, limit: int | None = None
+    ) -> list[TaskRow]:
+        where = ""
+        params: list[TaskValue] = []
+        if states is not None:
+            where = f" WHERE state IN ({', '.join('?' for _ in states)})"
+            params.extend(states)
+        tail = "" if limit is None else f" LIMIT {int(limit)}"
+
+        def body(conn: sqlite3.Connection) -> list[TaskRow]:
+            self._ensure_tasks(conn)
+            cur = conn.execute(
+                f"SELECT * FROM {self.table}_tasks{where} ORDER BY id DESC{tail}", params
+            )
+            return [self._row(cur, row) for row in cur.fetchall()]
 
         with self._lock:
             return self._retry(body)

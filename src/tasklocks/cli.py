@@ -1,0 +1,544 @@
+"""The ``tasklocks`` command line: a thin layer over the public API.
+
+Usage::
+
+    tasklocks [--db URL] [--namespace NS] COMMAND ...
+
+    locks [--json]                          every held lock and whether its holder is alive
+    acquire NAME... --owner OWNER [--wait] [--timeout S] [--note TEXT]
+    release NAME... --owner OWNER | release --owner OWNER | release --all --yes
+    reap                                    release the locks of provably dead holders
+    repair --yes                            print a namespace's raw document, then reset it
+    run [--lock NAME]... [--no-wait] [--timeout S] [--note TEXT] [--owner OWNER] -- CMD [ARG...]
+
+Exit codes:
+
+    0   ok (``run``: the command's own status, 128+N if a signal N killed it)
+    75  a lock is held (without waiting) or waiting timed out
+    2   usage error or bad input (bad lock name, bad URL, missing --yes)
+    69  database unavailable
+    1   anything else (a lock not held by that owner, a corrupt lock table)
+
+Every error is one line on stderr starting with ``tasklocks: ``.
+
+``run`` is crash-safe: the locks are taken for the command's process itself (its pid and start
+token), not for ``run``. ``run`` forks a child that waits on a pipe, takes the locks in the child's
+name, then lets it ``exec`` the command; so if ``run`` is killed with SIGKILL the command keeps its
+locks until it ends too, and then anyone can reclaim them as the locks of a dead process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import FrameType
+from typing import Any
+
+from tasklocks import (
+    Holder,
+    LockHeld,
+    LockTable,
+    NotHeld,
+    TasklocksError,
+    connect,
+    names,
+    process_identity,
+)
+from tasklocks._cli_tasks import add_task_commands
+from tasklocks.errors import EXIT_FAILURE, EXIT_LOCKED, EXIT_UNAVAILABLE, EXIT_USAGE
+
+__all__ = ["build_parser", "main"]
+
+PROG = "tasklocks"
+EXIT_OK = 0
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+
+EXIT_CODES_HELP = f"""\
+exit codes:
+  {EXIT_OK:<3} ok (run: the command's own exit status, 128+N if signal N killed it;
+      wait: 0 the task succeeded, 1 it failed, 75 it was stopped, timed out or crashed)
+  {EXIT_LOCKED:<3} a lock is held (without --wait, or run --no-wait) or waiting timed out
+  {EXIT_USAGE:<3} usage error or bad input (bad lock name, bad URL, missing --yes)
+  {EXIT_UNAVAILABLE:<3} database unavailable
+  {EXIT_FAILURE:<3} anything else (e.g. a lock not held by that owner, a corrupt lock table)
+errors are one line on stderr starting with "{PROG}: ".
+"""
+
+# Signals `run` passes on to the command instead of dying from them.
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+# The one byte `run` sends its waiting child: exec the command, or give up.
+_GO = b"g"
+_NO = b"n"
+
+
+class UsageError(Exception):
+    """Bad command-line input found after argparse accepted it (exit 2, one line)."""
+
+
+# --- formatting ---------------------------------------------------------------------------------
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: {_one_line(message)}", file=sys.stderr, flush=True)
+
+
+def _clock(epoch: float, *, now: float | None = None) -> str:
+    """Local HH:MM:SS, with the date in front when it is not today."""
+    when = time.localtime(epoch)
+    today = time.localtime(time.time() if now is None else now)
+    if when[:3] == today[:3]:
+        return time.strftime("%H:%M:%S", when)
+    return time.strftime("%Y-%m-%d %H:%M:%S", when)
+
+
+def _describe(holder: Holder) -> str:
+    """``OWNER (pid P on HOST) since HH:MM:SS``, plus the holder's note."""
+    where = f"pid {holder.pid} on {holder.host}" if holder.pid is not None else f"on {holder.host}"
+    text = f"{holder.owner} ({where}) since {_clock(holder.since)}"
+    if holder.note:
+        text += f", {holder.note}"
+    return text
+
+
+def _print_waiting(blockers: Mapping[str, Holder]) -> None:
+    """The ``on_wait`` callback: say once, on stderr, who we are waiting for."""
+    parts = [f"{name}, held by {_describe(h)}" for name, h in sorted(blockers.items())]
+    print(f"waiting for {'; '.join(parts)}", file=sys.stderr, flush=True)
+
+
+def _seconds(text: str) -> float:
+    """argparse type for --timeout: a finite number of seconds, zero or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more seconds: {text!r}")
+    return value
+
+
+def _with_hint(exc: LockHeld, owner: str, hint: str) -> LockHeld:
+    """The same refusal with a hint in command-line terms (unless it is our own lock)."""
+    if all(h.owner == owner for h in exc.held.values()):
+        return exc  # not re-entrant: the library's message already says so
+    return LockHeld(exc.held, hint=hint)
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def _open(args: argparse.Namespace) -> LockTable:
+    return connect(args.db, args.namespace)
+
+
+def _lock_record(name: str, holder: Holder, state: str) -> dict[str, Any]:
+    since = dt.datetime.fromtimestamp(holder.since, dt.UTC)
+    return {
+        "name": name,
+        "owner": holder.owner,
+        "pid": holder.pid,
+        "host": holder.host,
+        "since": since.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "since_epoch": holder.since,
+        "token": holder.token,
+        "state": state,
+        "note": holder.note,
+    }
+
+
+def cmd_locks(args: argparse.Namespace) -> int:
+    with _open(args) as table:
+        held = table.held()
+    if args.json:
+        records = [_lock_record(h.name, h.holder, h.liveness.value) for h in held]
+        print(json.dumps(records, indent=2))
+        return EXIT_OK
+    if not held:
+        print("no locks held")
+        return EXIT_OK
+    header = ("NAME", "OWNER", "PID", "HOST", "SINCE", "TOKEN", "STATE", "NOTE")
+    rows = [header] + [
+        (
+            h.name,
+            h.holder.owner,
+            "-" if h.holder.pid is None else str(h.holder.pid),
+            h.holder.host,
+            _clock(h.holder.since),
+            str(h.holder.token),
+            h.liveness.value,
+            _one_line(h.holder.note or ""),
+        )
+        for h in held
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
+def cmd_acquire(args: argparse.Namespace) -> int:
+    wait = args.wait or args.timeout is not None
+    with _open(args) as table:
+        try:
+            lease = table.acquire(
+                *args.names,
+                owner=args.owner,
+                wait=wait,
+                timeout=args.timeout,
+                note=args.note,
+                on_wait=_print_waiting,
+                process=None,  # this process ends at once: the entries belong to OWNER only
+            )
+        except LockHeld as exc:
+            raise _with_hint(exc, args.owner, "add --wait to wait for it") from None
+    print(lease.token)
+    return EXIT_OK
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    if args.all:
+        if args.names or args.owner is not None:
+            raise UsageError("release --all takes no lock names and no --owner")
+        if not args.yes:
+            raise UsageError(
+                f"release --all releases every lock in namespace {args.namespace!r}, "
+                "whoever holds it; add --yes to do it"
+            )
+        with _open(args) as table:
+            freed = table.release_all()
+    elif args.owner is None:
+        raise UsageError("release needs --owner OWNER (the owner given to acquire), or --all --yes")
+    elif args.names:
+        with _open(args) as table:
+            table.release(*args.names, owner=args.owner)
+        freed = list(dict.fromkeys(args.names))
+    else:
+        with _open(args) as table:
+            freed = table.release_owner(args.owner)
+    for name in freed:
+        print(name)
+    return EXIT_OK
+
+
+def cmd_reap(args: argparse.Namespace) -> int:
+    with _open(args) as table:
+        reaped = table.reap()
+    if not reaped:
+        print("nothing to reap")
+    for name, holder in sorted(reaped.items()):
+        print(f"reaped {name} from {_describe(holder)}")
+    return EXIT_OK
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    if not args.yes:
+        raise UsageError(
+            f"repair resets the lock document of namespace {args.namespace!r} to empty, "
+            "dropping every lock in it; add --yes to do it"
+        )
+    with _open(args) as table:
+        old = table.repair()
+    print(f"old document of namespace {args.namespace} (version {old.version}):")
+    print(old.data)
+    print(f"namespace {args.namespace} reset to an empty lock document")
+    return EXIT_OK
+
+
+# --- run ----------------------------------------------------------------------------------------
+
+
+def _child(read_fd: int, command: list[str]) -> None:
+    """The forked child: wait for the parent's word, then exec the command. Never returns.
+
+    It touches nothing the parent owns (no database connection exists yet when it is forked)
+    and leaves only through ``os._exit`` or ``exec``.
+    """
+    code = EXIT_LOCKED
+    try:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        word = os.read(read_fd, 1)
+        if word != _GO:  # b"" (the parent died) or _NO (it did not get the locks)
+            os._exit(EXIT_LOCKED)
+        os.close(read_fd)
+        # Python ignores SIGPIPE and SIGXFSZ; an ignored signal stays ignored across exec, so
+        # restore the defaults a command expects (as subprocess does with restore_signals).
+        for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_DFL)
+        try:
+            os.execvp(command[0], command)
+        except OSError as exc:
+            code = 126 if isinstance(exc, PermissionError) else 127
+            reason = exc.strerror or str(exc)
+            message = f"{PROG}: cannot run {_one_line(command[0])}: {reason}\n"
+            os.write(2, message.encode(errors="replace"))
+    except BaseException:
+        pass
+    finally:
+        os._exit(code)
+
+
+class _Child:
+    """The forked child as the parent sees it: tell it go or no, then wait for it (once)."""
+
+    def __init__(self, pid: int, write_fd: int) -> None:
+        self.pid = pid
+        self.write_fd = write_fd
+        self.status: int | None = None
+
+    def _send(self, word: bytes) -> None:
+        if self.write_fd < 0:
+            return
+        try:
+            os.write(self.write_fd, word)
+        except BrokenPipeError:
+            pass  # the child is gone already; wait() collects its status
+        finally:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+    def go(self) -> None:
+        """Let the child exec the command."""
+        self._send(_GO)
+
+    def wait(self) -> int:
+        """Wait for the child (telling it "no" if it never got "go"); return its exit status,
+        or 128+N if signal N killed it."""
+        if self.status is None:
+            self._send(_NO)
+            while True:
+                try:
+                    _, status = os.waitpid(self.pid, 0)
+                except InterruptedError:
+                    continue
+                break
+            code = os.waitstatus_to_exitcode(status)
+            self.status = 128 - code if code < 0 else code
+        return self.status
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError("run needs a command: tasklocks run --lock NAME -- CMD [ARG...]")
+    if args.no_wait and args.timeout is not None:
+        raise UsageError("run takes --no-wait or --timeout, not both")
+    locks = [names.validate_name(name) for name in args.locks]
+    if args.owner is not None:
+        names.validate_owner(args.owner)
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child execs or exits; tests see it from outside
+        os.close(write_fd)
+        _child(read_fd, command)
+    os.close(read_fd)
+
+    # From here on the parent alone opens the database.
+    child = _Child(pid, write_fd)
+    try:
+        identity = process_identity(pid)
+        owner = args.owner or f"run:{identity.host}:{pid}"
+        with _open(args) as table:
+            try:
+                lease = table.acquire(
+                    *locks,
+                    owner=owner,
+                    wait=not args.no_wait,
+                    timeout=args.timeout,
+                    note=args.note,
+                    on_wait=_print_waiting,
+                    process=identity,  # the entries name the command's process, not this one
+                )
+            except LockHeld as exc:
+                raise _with_hint(exc, owner, "drop --no-wait to wait for it") from None
+            try:
+                previous = _forward_signals(pid)
+                try:
+                    child.go()
+                    return child.wait()
+                finally:
+                    _restore_signals(previous)
+            finally:
+                child.wait()  # never release while the command may still run
+                _release(lease.release, " ".join(lease.names))
+    finally:
+        child.wait()  # it did not get the locks: it exits 75 without running the command
+
+
+def _release(release: Callable[[], None], what: str) -> None:
+    try:
+        release()
+    except NotHeld:
+        pass  # the command has ended and someone reclaimed its locks already
+    except TasklocksError as exc:
+        _error(f"could not release {what} ({exc}); the command has ended, so they are reclaimable")
+
+
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+def _forward_signals(pid: int) -> dict[int, _Handler]:
+    def forward(signum: int, frame: FrameType | None) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    previous: dict[int, _Handler] = {}
+    for signum in FORWARDED_SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_IGN:
+            continue  # ignored here (nohup, a background job): the command ignores it too
+        previous[signum] = signal.signal(signum, forward)
+    return previous
+
+
+def _restore_signals(previous: dict[int, _Handler]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+# --- parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``tasklocks`` (every subcommand's ``func`` is set)."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Crash-safe locks between processes, kept in one database row per namespace.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=formatter,
+    )
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        default=None,
+        help="sqlite:///path.db, mysql://user:pass@host:port/db or postgresql://user@host:port/db "
+        "(default: $TASKLOCKS_DB, else $XDG_STATE_HOME/tasklocks/tasklocks.db)",
+    )
+    parser.add_argument(
+        "--namespace", metavar="NS", default="default", help="lock namespace (default: default)"
+    )
+    commands = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], **kw: Any) -> Any:
+        sub = commands.add_parser(name, epilog=EXIT_CODES_HELP, formatter_class=formatter, **kw)
+        sub.set_defaults(func=func)
+        return sub
+
+    p = add("locks", cmd_locks, help="list every held lock")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+
+    owner_help = (
+        "who holds the locks (required: this command ends at once, so its entries carry no "
+        "pid and are never reclaimed by pid; release them with the same --owner)"
+    )
+    p = add(
+        "acquire",
+        cmd_acquire,
+        help="take locks for an explicit owner; print the fencing token",
+        description="Take every NAME, or none, for OWNER, and print the fencing token.",
+    )
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("--owner", required=True, help=owner_help)
+    p.add_argument("--wait", action="store_true", help="wait until the locks are free")
+    p.add_argument(
+        "--timeout", type=_seconds, metavar="S", help="give up waiting after S seconds (waits)"
+    )
+    p.add_argument("--note", metavar="TEXT", help="shown to those who wait")
+
+    p = add(
+        "release",
+        cmd_release,
+        help="release locks",
+        description="release NAME... --owner OWNER releases those locks; release --owner OWNER "
+        "releases all of that owner's locks; release --all --yes releases every lock. "
+        "Prints the names released.",
+    )
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--owner", help="the owner the locks were acquired for")
+    p.add_argument("--all", action="store_true", help="release every lock (needs --yes)")
+    p.add_argument("--yes", action="store_true", help="confirm --all")
+
+    add("reap", cmd_reap, help="release the locks of provably dead holders")
+
+    p = add(
+        "repair",
+        cmd_repair,
+        help="print a namespace's raw document, then reset it to empty",
+        description="Print the raw lock document and its version, then reset it to empty "
+        "(for a corrupt lock table). Every lock in the namespace is dropped.",
+    )
+    p.add_argument("--yes", action="store_true", help="confirm the reset")
+
+    p = add(
+        "run",
+        cmd_run,
+        help="run a command while holding locks (like flock(1), crash-safe)",
+        usage=f"{PROG} run [--lock NAME]... [--no-wait] [--timeout S] [--note TEXT] "
+        "[--owner OWNER] -- CMD [ARG...]",
+        description="Take the locks for the command's own process, run it without a shell, "
+        "forward SIGINT, SIGTERM, SIGHUP and SIGQUIT to it, release the locks when it ends "
+        "and exit with its status (128+N if signal N killed it). If run itself is killed, "
+        "the command keeps the locks until it ends too; then they are reclaimable.",
+    )
+    p.add_argument(
+        "--lock",
+        dest="locks",
+        action="append",
+        required=True,
+        metavar="NAME",
+        help="a lock to hold (repeat for several; all are taken at once)",
+    )
+    p.add_argument("--no-wait", action="store_true", help="exit 75 at once if a lock is held")
+    p.add_argument("--timeout", type=_seconds, metavar="S", help="give up waiting after S seconds")
+    p.add_argument("--note", metavar="TEXT", help="shown to those who wait")
+    p.add_argument("--owner", help="owner id (default: run:<host>:<pid of the command>)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+
+    add_task_commands(add)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (see the module docstring)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse has already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except TasklocksError as exc:
+        _error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout closed early (| head): nothing more to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
+    except Exception as exc:  # never a traceback: one line, then exit 1
+        _error(f"unexpected error: {type(exc).__name__}: {exc}")
+        return EXIT_FAILURE

@@ -1,0 +1,156 @@
+"""Shared fixtures: one database URL per backend, and unique namespaces.
+
+Server backends come from ``$TASKLOCKS_TEST_MYSQL`` and ``$TASKLOCKS_TEST_POSTGRES`` (defaults: the
+local servers). An unreachable server skips its tests, or fails them when ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tasklocks.store import DEFAULT_TABLE, parse_url
+
+BACKENDS = ("sqlite", "mysql", "postgresql")
+SERVER_BACKENDS = ("mysql", "postgresql")
+_DEFAULTS = {
+    "mysql": ("TASKLOCKS_TEST_MYSQL", "mysql://root@127.0.0.1:3306/test"),
+    "postgresql": ("TASKLOCKS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"),
+}
+_unreachable: dict[str, str | None] = {}  # backend -> why it cannot be used (None: it can)
+
+
+def server_url(backend: str) -> str:
+    """The configured URL of a server backend (``mysql`` or ``postgresql``)."""
+    env, default = _DEFAULTS[backend]
+    return os.environ.get(env) or default
+
+
+def _probe(backend: str) -> str | None:
+    """Connect once with a 3 s timeout; return why the server cannot be used, or None."""
+    url = server_url(backend)
+    p = parse_url(url)
+    try:
+        if backend == "mysql":
+            import pymysql
+
+            pymysql.connect(
+                host=p.host,
+                port=p.port or 3306,
+                user=p.user or "root",
+                password=p.password or "",
+                database=p.database,
+                connect_timeout=3,
+            ).close()
+        else:
+            import psycopg
+
+            psycopg.connect(
+                host=p.host,
+                port=p.port or 5432,
+                user=p.user,
+                password=p.password,
+                dbname=p.database,
+                connect_timeout=3,
+            ).close()
+    except Exception as exc:
+        return f"{backend} at {p.display()} is unusable: {' '.join(str(exc).split())}"
+    return None
+
+
+def unreachable(backend: str) -> str | None:
+    """Why a backend cannot be tested (probed once per session), or None if it can."""
+    if backend == "sqlite":
+        return None
+    if backend not in _unreachable:
+        _unreachable[backend] = _probe(backend)
+    return _unreachable[backend]
+
+
+def require(backend: str) -> None:
+    """Skip the current test if ``backend`` is unusable (fail instead when ``CI=true``)."""
+    why = unreachable(backend)
+    if why is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+def backend_url(backend: str, sqlite_dir: Path) -> str:
+    """The URL a test uses for ``backend``; an SQLite file goes in ``sqlite_dir``."""
+    if backend == "sqlite":
+        return f"sqlite:///{sqlite_dir}/locks.db"  # four slashes: an absolute path
+    return server_url(backend)
+
+
+def backend_urls(sqlite_dir: Path) -> dict[str, str]:
+    """URLs of every usable backend, by name (for tests that start subprocesses).
+
+    Unusable servers are left out, or fail the test when ``CI=true``.
+    """
+    urls = {}
+    for backend in BACKENDS:
+        why = unreachable(backend)
+        if why is None:
+            urls[backend] = backend_url(backend, sqlite_dir)
+        elif os.environ.get("CI") == "true":
+            pytest.fail(why)
+    return urls
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database URL, once per backend."""
+    backend: str = request.param
+    require(backend)
+    return backend_url(backend, tmp_path)
+
+
+def delete_rows(url: str, prefix: str, table: str = DEFAULT_TABLE) -> None:
+    """Delete a server table's rows whose namespace starts with ``prefix`` (test cleanup)."""
+    p = parse_url(url)
+    statement = f"DELETE FROM {table} WHERE namespace LIKE %s"
+    if p.scheme == "mysql":
+        import pymysql
+
+        conn = pymysql.connect(
+            host=p.host,
+            port=p.port or 3306,
+            user=p.user or "root",
+            password=p.password or "",
+            database=p.database,
+            autocommit=True,
+        )
+        try:
+            with conn.cursor() as cur:
+                cur.execute(statement, (prefix + "%",))
+        finally:
+            conn.close()
+    elif p.scheme == "postgresql":
+        import psycopg
+
+        with psycopg.connect(
+            host=p.host, port=p.port or 5432, user=p.user, password=p.password, dbname=p.database
+        ) as pconn:
+            pconn.execute(statement.encode(), (prefix + "%",))
+
+
+@pytest.fixture
+def namespace(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A namespace no other test uses, so tests on shared servers never collide.
+
+    With ``db_url``, rows of the default table named after it are deleted afterwards.
+    """
+    name = "t-" + uuid.uuid4().hex[:12]
+    url: str | None = None
+    if "db_url" in request.fixturenames:
+        url = request.getfixturevalue("db_url")
+    yield name
+    if url is not None and not url.startswith("sqlite"):
+        with contextlib.suppress(Exception):  # e.g. no table was ever created: nothing to clean
+            delete_rows(url, name)

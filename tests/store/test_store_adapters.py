@@ -1,0 +1,530 @@
+"""The Store contract, run over every backend (tooz style): SQLite, MySQL/MariaDB, PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from conftest import SERVER_BACKENDS, require, server_url
+
+from tasklocks.errors import StoreError, StoreUnavailable
+from tasklocks.store import (
+    DEFAULT_TABLE,
+    EMPTY_DOCUMENT,
+    SCHEMA_VERSION,
+    OutcomeUnknown,
+    Snapshot,
+    Store,
+    open_store,
+    parse_url,
+)
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def raw_sql(url: str, statement: str, params: tuple[Any, ...] = ()) -> None:
+    """Run one statement straight through the driver (``%s`` placeholders), autocommit."""
+    p = parse_url(url)
+    if p.scheme == "sqlite":
+        with sqlite3.connect(p.path) as conn:
+            conn.execute(statement.replace("%s", "?"), params)
+        conn.close()
+    elif p.scheme == "mysql":
+        import pymysql
+
+        mconn = pymysql.connect(
+            host=p.host,
+            port=p.port or 3306,
+            user=p.user or "root",
+            password=p.password or "",
+            database=p.database,
+            autocommit=True,
+        )
+        try:
+            with mconn.cursor() as cur:
+                cur.execute(statement, params)
+        finally:
+            mconn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(
+            host=p.host,
+            port=p.port or 5432,
+            user=p.user,
+            password=p.password,
+            dbname=p.database,
+            autocommit=True,
+        ) as pconn:
+            pconn.execute(statement.encode(), params)
+
+
+def drop_tables(url: str, table: str) -> None:
+    raw_sql(url, f"DROP TABLE IF EXISTS {table}")
+    raw_sql(url, f"DROP TABLE IF EXISTS {table}_meta")
+
+
+def counter(snap: Snapshot) -> int:
+    return int(json.loads(snap.data).get("n", 0))
+
+
+def with_counter(n: int) -> str:
+    doc = json.loads(EMPTY_DOCUMENT)
+    doc["n"] = n
+    return json.dumps(doc)
+
+
+def increment(wake: bool = False) -> Callable[[Snapshot], tuple[str, bool]]:
+    return lambda snap: (with_counter(counter(snap) + 1), wake)
+
+
+@pytest.fixture
+def stores(db_url: str, namespace: str) -> Iterator[Callable[[], Store]]:
+    """Opens stores on ``db_url`` (default table); closes them and deletes the test's row after."""
+    opened: list[Store] = []
+
+    def open_one() -> Store:
+        opened.append(open_store(db_url))
+        return opened[-1]
+
+    yield open_one
+    for store in opened:
+        store.close()
+    raw_sql(db_url, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
+
+
+@pytest.fixture
+def store(stores: Callable[[], Store]) -> Store:
+    return stores()
+
+
+@pytest.fixture
+def fresh_table(db_url: str) -> Iterator[str]:
+    """A table name no one has used; dropped afterwards."""
+    table = "tl_" + uuid.uuid4().hex[:12]
+    yield table
+    drop_tables(db_url, table)
+
+
+@pytest.fixture(params=SERVER_BACKENDS)
+def server(request: pytest.FixtureRequest) -> str:
+    """The URL of a reachable server backend."""
+    backend: str = request.param
+    require(backend)
+    return server_url(backend)
+
+
+def with_url_part(url: str, *, port: int | None = None, password: str = "", db: str = "") -> str:
+    p = parse_url(url)
+    user = p.user or ("root" if p.scheme == "mysql" else "postgres")
+    auth = f"{user}:{password}" if password else user
+    return f"{p.scheme}://{auth}@{p.host}:{port or p.port}/{db or p.database}"
+
+
+# --- reading and writing ---------------------------------------------------------------------
+
+
+def test_first_read_is_an_empty_row_at_version_0(store: Store, namespace: str) -> None:
+    assert store.read(namespace) == Snapshot(0, EMPTY_DOCUMENT)
+    assert store.read(namespace) == Snapshot(0, EMPTY_DOCUMENT)
+
+
+def test_url_has_no_password(db_url: str) -> None:
+    store = open_store(db_url)
+    try:
+        assert "secret" not in store.url
+        assert store.url == parse_url(db_url).display()
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("with_hint", [False, True])
+def test_transact_writes_and_bumps_version_by_one(
+    store: Store, namespace: str, with_hint: bool
+) -> None:
+    first = store.read(namespace)
+    after = store.transact(namespace, increment(), first if with_hint else None)
+    assert after == Snapshot(first.version + 1, with_counter(1))
+    assert store.read(namespace) == after
+    again = store.transact(namespace, increment(), after if with_hint else None)
+    assert again == Snapshot(first.version + 2, with_counter(2))
+    assert store.read(namespace) == again
+
+
+def test_transact_on_an_unread_namespace_creates_the_row(store: Store, namespace: str) -> None:
+    seen: list[Snapshot] = []
+
+    def compute(snap: Snapshot) -> tuple[str, bool]:
+        seen.append(snap)
+        return with_counter(1), False
+
+    assert store.transact(namespace, compute, None) == Snapshot(1, with_counter(1))
+    assert seen == [Snapshot(0, EMPTY_DOCUMENT)]
+
+
+@pytest.mark.parametrize("with_hint", [False, True])
+def test_compute_returning_none_writes_nothing(
+    store: Store, namespace: str, with_hint: bool
+) -> None:
+    before = store.transact(namespace, increment(), None)
+    result = store.transact(namespace, lambda snap: None, before if with_hint else None)
+    assert result == before
+    assert store.read(namespace) == before
+
+
+@pytest.mark.parametrize("with_hint", [False, True])
+def test_compute_raising_writes_nothing_and_propagates(
+    store: Store, namespace: str, with_hint: bool
+) -> None:
+    before = store.transact(namespace, increment(), None)
+
+    def boom(snap: Snapshot) -> tuple[str, bool]:
+        raise ZeroDivisionError("from compute")
+
+    with pytest.raises(ZeroDivisionError, match="from compute"):
+        store.transact(namespace, boom, before if with_hint else None)
+    assert store.read(namespace) == before
+    # The store is still usable: no transaction was left open.
+    assert store.transact(namespace, increment(), before).version == before.version + 1
+
+
+def test_stale_hint_recomputes_on_fresh_data(stores: Callable[[], Store], namespace: str) -> None:
+    a, b = stores(), stores()
+    stale = a.read(namespace)
+    moved = b.transact(namespace, lambda snap: (with_counter(5), False), None)
+    seen: list[Snapshot] = []
+
+    def compute(snap: Snapshot) -> tuple[str, bool]:
+        seen.append(snap)
+        return with_counter(counter(snap) + 1), False
+
+    result = a.transact(namespace, compute, stale)
+    assert result == Snapshot(moved.version + 1, with_counter(6))
+    assert seen[-1] == moved
+    assert a.read(namespace) == b.read(namespace) == result
+
+
+def test_stale_hint_with_no_change_returns_the_current_row(
+    stores: Callable[[], Store], namespace: str
+) -> None:
+    a, b = stores(), stores()
+    stale = a.read(namespace)
+    moved = b.transact(namespace, increment(), None)
+    assert a.transact(namespace, lambda snap: None, stale) == moved
+
+
+def test_hint_with_hand_edited_data_at_the_same_version_is_not_trusted(
+    store: Store, namespace: str, db_url: str
+) -> None:
+    hint = store.transact(namespace, increment(), None)
+    raw_sql(
+        db_url,
+        f"UPDATE {DEFAULT_TABLE} SET data = %s WHERE namespace = %s",
+        (with_counter(41), namespace),
+    )
+    seen: list[Snapshot] = []
+
+    def compute(snap: Snapshot) -> tuple[str, bool]:
+        seen.append(snap)
+        return with_counter(counter(snap) + 1), False
+
+    result = store.transact(namespace, compute, hint)
+    assert seen[-1] == Snapshot(hint.version, with_counter(41))
+    assert result == Snapshot(hint.version + 1, with_counter(42))
+
+
+def test_refusal_on_a_stale_hint_is_decided_on_the_current_row(
+    stores: Callable[[], Store], namespace: str
+) -> None:
+    a, b = stores(), stores()
+    stale = a.read(namespace)
+    moved = b.transact(namespace, increment(), None)
+
+    def refuse_when_zero(snap: Snapshot) -> tuple[str, bool]:
+        if counter(snap) == 0:
+            raise LookupError("refused on a stale row")
+        return with_counter(counter(snap) + 1), False
+
+    assert a.transact(namespace, refuse_when_zero, stale) == Snapshot(
+        moved.version + 1, with_counter(2)
+    )
+    with pytest.raises(LookupError):  # a refusal on the current row stands
+        a.transact(namespace, lambda snap: refuse_when_zero(Snapshot(0, EMPTY_DOCUMENT)), moved)
+
+
+def test_concurrent_increments_are_never_lost(stores: Callable[[], Store], namespace: str) -> None:
+    per_thread, errors = 200, []
+    both = [stores(), stores()]
+    both[0].read(namespace)
+
+    def work(store: Store) -> None:
+        try:
+            hint: Snapshot | None = None
+            for _ in range(per_thread):
+                hint = store.transact(namespace, increment(), hint)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in both for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    final = both[1].read(namespace)
+    assert counter(final) == per_thread * len(threads)
+    assert final.version == per_thread * len(threads)
+
+
+def test_reset_overwrites_and_bumps_version(store: Store, namespace: str) -> None:
+    before = store.transact(namespace, increment(), None)
+    after = store.reset(namespace, '{"format":1,"locks":{},"repaired":true}')
+    assert after == Snapshot(before.version + 1, '{"format":1,"locks":{},"repaired":true}')
+    assert store.read(namespace) == after
+
+
+def test_reset_creates_a_missing_row(store: Store, namespace: str) -> None:
+    assert store.reset(namespace, with_counter(3)) == Snapshot(1, with_counter(3))
+
+
+def test_namespaces_lists_rows_sorted(
+    stores: Callable[[], Store], namespace: str, db_url: str
+) -> None:
+    store = stores()
+    others = [f"{namespace}-b", f"{namespace}-A", f"{namespace}-a"]
+    try:
+        for name in [namespace, *others]:
+            store.read(name)
+        mine = [n for n in store.namespaces() if n.startswith(namespace)]
+        assert mine == sorted([namespace, *others])
+    finally:
+        for name in others:
+            raw_sql(db_url, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (name,))
+
+
+def test_unicode_and_large_documents_round_trip(store: Store, namespace: str) -> None:
+    text = json.dumps({"format": 1, "locks": {}, "note": "ünïcødé ✓ 🐍" * 10, "pad": "x" * 300_000})
+    after = store.transact(namespace, lambda snap: (text, False), None)
+    assert store.read(namespace) == after == Snapshot(1, text)
+
+
+def test_forked_child_does_not_disturb_the_parents_connection(store: Store, namespace: str) -> None:
+    store.transact(namespace, increment(), None)
+    pid = os.fork()
+    if pid == 0:  # the child: use the store, then leave without running any cleanup
+        code = 1
+        try:
+            snap = store.transact(namespace, increment(), None)
+            store.close()
+            code = 0 if counter(snap) == 2 else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert counter(store.transact(namespace, increment(), store.read(namespace))) == 3
+
+
+def _kill_session(url: str, store: Store) -> None:
+    """End the store's server session from outside, as a server restart or a proxy would."""
+    conn: Any = getattr(store, "_conn")  # noqa: B009 (white-box: the adapter's connection)
+    if url.startswith("mysql"):
+        raw_sql(url, f"KILL {int(conn.thread_id())}")
+    else:
+        raw_sql(url, "SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+
+
+def test_a_killed_session_is_replaced_transparently_on_read(server: str, namespace: str) -> None:
+    store = open_store(server)
+    try:
+        before = store.read(namespace)
+        _kill_session(server, store)
+        assert store.read(namespace) == before
+    finally:
+        store.close()
+        raw_sql(server, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
+
+
+def test_a_write_on_a_killed_session_succeeds_or_says_outcome_unknown(
+    server: str, namespace: str
+) -> None:
+    store = open_store(server)
+    try:
+        hint = store.transact(namespace, increment(), None)
+        _kill_session(server, store)
+        try:
+            result = store.transact(namespace, increment(), hint)
+        except OutcomeUnknown as exc:
+            _assert_one_clear_line(exc, "may or may not")
+            result = store.read(namespace)  # the next call reconnects
+        assert counter(result) in (1, 2)
+        assert store.read(namespace) == result
+    finally:
+        store.close()
+        raw_sql(server, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
+
+
+# --- waiting ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wake", [True, False])
+def test_wait_for_change_returns_soon_after_another_store_commits(
+    stores: Callable[[], Store], namespace: str, wake: bool
+) -> None:
+    waiter, writer = stores(), stores()
+    version = waiter.read(namespace).version
+    timeout = 20.0
+
+    def write() -> None:
+        time.sleep(0.2)
+        writer.transact(namespace, increment(wake), None)
+
+    thread = threading.Thread(target=write)
+    started = time.monotonic()
+    thread.start()
+    try:
+        waiter.wait_for_change(namespace, version, timeout)
+        elapsed = time.monotonic() - started
+    finally:
+        thread.join()
+    assert elapsed < timeout
+    assert waiter.read(namespace).version == version + 1
+
+
+def test_wait_for_change_returns_at_once_if_the_version_differs(
+    store: Store, namespace: str
+) -> None:
+    snap = store.transact(namespace, increment(), None)
+    started = time.monotonic()
+    store.wait_for_change(namespace, snap.version - 1, 20.0)
+    assert time.monotonic() - started < 20.0
+
+
+def test_wait_for_change_returns_after_the_timeout_without_change(
+    store: Store, namespace: str
+) -> None:
+    version = store.read(namespace).version
+    started = time.monotonic()
+    store.wait_for_change(namespace, version, 0.3)
+    assert time.monotonic() - started >= 0.29
+    assert store.read(namespace).version == version
+
+
+def test_several_threads_wait_on_one_store(stores: Callable[[], Store], namespace: str) -> None:
+    waiter, writer = stores(), stores()
+    version = waiter.read(namespace).version
+    done: list[float] = []
+
+    def wait() -> None:
+        waiter.wait_for_change(namespace, version, 20.0)
+        done.append(time.monotonic())
+
+    threads = [threading.Thread(target=wait) for _ in range(4)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    writer.transact(namespace, increment(True), None)
+    for t in threads:
+        t.join()
+    assert len(done) == 4
+    assert all(t - started < 20.0 for t in done)
+
+
+# --- schema ----------------------------------------------------------------------------------
+
+
+def test_newer_schema_version_is_refused(db_url: str, fresh_table: str) -> None:
+    store = open_store(db_url, table=fresh_table)
+    store.read("x")
+    store.close()
+    key = "`key`" if db_url.startswith("mysql") else "key"
+    raw_sql(db_url, f"UPDATE {fresh_table}_meta SET value = '999' WHERE {key} = 'schema_version'")
+    with pytest.raises(StoreError, match="upgrade") as info:
+        open_store(db_url, table=fresh_table).read("x")
+    assert "999" in str(info.value)
+    assert str(SCHEMA_VERSION) in str(info.value)
+
+
+_FIRST_USE = textwrap.dedent(
+    """
+    import sys, time
+    from tasklocks.store import open_store
+    url, table, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    time.sleep(max(0.0, start - time.time()))
+    store = open_store(url, table=table)
+    store.read("first-use")
+    store.transact("first-use", lambda snap: (snap.data, False), None)
+    store.close()
+    """
+)
+
+
+def test_concurrent_first_use_by_8_processes_creates_the_schema_once(
+    db_url: str, fresh_table: str
+) -> None:
+    start = time.time() + 2.0  # every process is ready by then: they start together
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _FIRST_USE, db_url, fresh_table, str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONWARNINGS": "error"},
+        )
+        for _ in range(8)
+    ]
+    results = [(p.wait(60), *p.communicate()) for p in procs]
+    assert [r for r in results if r[0] != 0] == []
+    store = open_store(db_url, table=fresh_table)
+    try:
+        assert store.read("first-use").version == 8
+        assert store.namespaces() == ["first-use"]
+    finally:
+        store.close()
+
+
+# --- unreachable servers ---------------------------------------------------------------------
+
+
+def _assert_one_clear_line(exc: BaseException, *needles: str) -> None:
+    text = str(exc)
+    assert "\n" not in text
+    assert "Traceback" not in text
+    for needle in needles:
+        assert needle in text
+    assert exc.__cause__ is not None
+
+
+def test_unreachable_server_is_unavailable_quickly(server: str) -> None:
+    url = with_url_part(server, port=1)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable) as info:
+        open_store(url).read("x")
+    assert time.monotonic() - started < 10.0
+    _assert_one_clear_line(info.value, "127.0.0.1:1", "check")
+
+
+def test_wrong_mysql_password_is_unavailable() -> None:
+    require("mysql")
+    url = with_url_part(server_url("mysql"), password="certainly-wrong-" + uuid.uuid4().hex[:6])
+    with pytest.raises(StoreUnavailable) as info:
+        open_store(url).read("x")
+    _assert_one_clear_line(info.value, "password")
+    assert "certainly-wrong" not in str(info.value)
+
+
+def test_missing_database_is_unavailable(server: str) -> None:
+    url = with_url_part(server, db="no_such_db_" + uuid.uuid4().hex[:8])
+    with pytest.raises(StoreUnavailable) as info:
+        open_store(url).read("x")
+    _assert_one_clear_line(info.value, "no_such_db_", "database")

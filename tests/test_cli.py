@@ -1,0 +1,645 @@
+"""The command line, as real subprocesses: exit codes, stderr lines, --json output, and ``run``.
+
+Tests that take ``db_url`` run once per backend (SQLite, MariaDB/MySQL, PostgreSQL; unreachable
+servers are skipped); the others run on a fresh SQLite file. Nothing here passes by sleeping:
+tests wait for a condition (a marker file, a line on stderr, a process ending) with a deadline.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasklocks import connect, process_identity
+
+PY = sys.executable
+DEADLINE = 30.0  # seconds any awaited condition may take before the test fails
+ENV = {k: v for k, v in os.environ.items() if k != "TASKLOCKS_DB"}
+HOST = socket.gethostname()
+JSON_FIELDS = {"name", "owner", "pid", "host", "since", "since_epoch", "token", "state", "note"}
+
+# Command snippets for `run`. Markers are written to a temporary name and renamed into place,
+# so a reader never sees a half-written file.
+WRITE = (
+    "def mark(path, text=''):\n"
+    "    with open(path + '.tmp', 'w') as f:\n"
+    "        f.write(text)\n"
+    "    os.replace(path + '.tmp', path)\n"
+)
+
+HOLD_UNTIL_STOP = (
+    "import os, sys, time\n" + WRITE + "d = sys.argv[1]\n"
+    "mark(os.path.join(d, 'started'), str(os.getpid()))\n"
+    "while not os.path.exists(os.path.join(d, 'stop')):\n"
+    "    time.sleep(0.01)\n"
+    "mark(os.path.join(d, 'done'))\n"
+)
+
+LOOK_FROM_INSIDE = (
+    "import json, os, subprocess, sys\n"
+    "url, ns = sys.argv[1:3]\n"
+    "base = [sys.executable, '-m', 'tasklocks', '--db', url, '--namespace', ns]\n"
+    "look = subprocess.run(base + ['locks', '--json'],\n"
+    "                      capture_output=True, text=True, check=True)\n"
+    "probe = subprocess.run(base + ['acquire', 'x', '--owner', 'probe'],\n"
+    "                       capture_output=True, text=True)\n"
+    "print(json.dumps({'pid': os.getpid(), 'locks': json.loads(look.stdout),\n"
+    "                  'probe': probe.returncode, 'probe_err': probe.stderr}))\n"
+)
+
+TRAP_SIGNAL = (
+    "import os, signal, sys\n" + WRITE + "d, signame = sys.argv[1:3]\n"
+    "def on_signal(signum, frame):\n"
+    "    mark(os.path.join(d, 'got'), signal.Signals(signum).name)\n"
+    "    sys.exit(0)\n"
+    "signal.signal(getattr(signal, signame), on_signal)\n"
+    "mark(os.path.join(d, 'ready'), str(os.getpid()))\n"
+    "while True:\n"
+    "    signal.pause()\n"
+)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def tasklocks(url: str, namespace: str, *args: str) -> list[str]:
+    return [PY, "-m", "tasklocks", "--db", url, "--namespace", namespace, *args]
+
+
+def cli(url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        tasklocks(url, namespace, *args),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=DEADLINE,
+        check=False,
+    )
+
+
+def start(
+    url: str,
+    namespace: str,
+    *args: str,
+    stderr: Path | None = None,
+    capture: bool = False,
+    **kw: Any,
+) -> subprocess.Popen[str]:
+    """Start the command line in the background; stderr goes to a file to watch, stdout is
+    captured only on request (a command that outlives ``run`` would keep a pipe open)."""
+    err = subprocess.DEVNULL if stderr is None else stderr.open("w")
+    try:
+        return subprocess.Popen(
+            tasklocks(url, namespace, *args),
+            stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+            stderr=err,
+            text=True,
+            env=ENV,
+            **kw,
+        )
+    finally:
+        if stderr is not None:
+            err.close()  # type: ignore[union-attr]
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The single stderr line of a failed command (it must be exactly one, and no traceback)."""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("tasklocks: "), result.stderr
+    return lines[0]
+
+
+def held(url: str, namespace: str) -> list[dict[str, Any]]:
+    result = cli(url, namespace, "locks", "--json")
+    assert result.returncode == 0, result.stderr
+    locks: list[dict[str, Any]] = json.loads(result.stdout)
+    return locks
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def process_ended(pid: int) -> bool:
+    """True once ``pid`` is gone or a zombie (an orphan's reaper may be slow or absent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rfind(")") + 2 :].startswith("Z")
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    """Wait for a started process; return its exit status and what it printed."""
+    try:
+        out, _ = proc.communicate(timeout=DEADLINE)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        raise
+    return proc.returncode, out or ""
+
+
+def stop(proc: subprocess.Popen[str] | None) -> None:
+    """Kill a started process if it still runs (test cleanup)."""
+    if proc is not None:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/locks.db"  # four slashes: an absolute path
+
+
+# --- the basics ---------------------------------------------------------------------------------
+
+
+def test_help_documents_exit_codes() -> None:
+    result = subprocess.run(
+        [PY, "-m", "tasklocks", "--help"], capture_output=True, text=True, env=ENV, check=False
+    )
+    assert result.returncode == 0
+    for code in ("0", "75", "2", "69", "1"):
+        assert any(line.strip().startswith(code + " ") for line in result.stdout.splitlines())
+    assert "run" in result.stdout and "acquire" in result.stdout
+
+
+def test_no_command_is_a_usage_error() -> None:
+    result = subprocess.run(
+        [PY, "-m", "tasklocks"], capture_output=True, text=True, env=ENV, check=False
+    )
+    assert result.returncode == 2
+    assert "usage: tasklocks" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_locks_when_none_are_held(db_url: str, namespace: str) -> None:
+    text = cli(db_url, namespace, "locks")
+    assert (text.returncode, text.stdout, text.stderr) == (0, "no locks held\n", "")
+    assert held(db_url, namespace) == []
+
+
+def test_acquire_prints_token_and_locks_show_it(db_url: str, namespace: str) -> None:
+    before = time.time()
+    result = cli(db_url, namespace, "acquire", "a", "b", "--owner", "script:1", "--note", "nightly")
+    assert result.returncode == 0, result.stderr
+    token = int(result.stdout)
+    assert token > 0
+
+    text = cli(db_url, namespace, "locks")
+    assert text.returncode == 0
+    header, *rows = text.stdout.splitlines()
+    assert header.split() == ["NAME", "OWNER", "PID", "HOST", "SINCE", "TOKEN", "STATE", "NOTE"]
+    assert [row.split()[:4] for row in rows] == [
+        ["a", "script:1", "-", HOST],
+        ["b", "script:1", "-", HOST],
+    ]
+    assert all(row.split()[-3:] == [str(token), "unknown", "nightly"] for row in rows)
+
+    locks = held(db_url, namespace)
+    assert [lock["name"] for lock in locks] == ["a", "b"]
+    for lock in locks:
+        assert set(lock) == JSON_FIELDS
+        assert lock["owner"] == "script:1"
+        assert lock["pid"] is None  # the CLI process ends at once: no pid to judge
+        assert lock["host"] == HOST
+        assert lock["token"] == token
+        assert lock["state"] == "unknown"
+        assert lock["note"] == "nightly"
+        assert before - 1 <= lock["since_epoch"] <= time.time() + 1
+        since = dt.datetime.fromisoformat(lock["since"])
+        assert since.utcoffset() == dt.timedelta(0)
+        assert abs(since.timestamp() - lock["since_epoch"]) < 0.001
+
+
+def test_acquire_of_a_held_lock_exits_75_naming_the_holder(db_url: str, namespace: str) -> None:
+    assert cli(db_url, namespace, "acquire", "x", "--owner", "first").returncode == 0
+    result = cli(db_url, namespace, "acquire", "x", "--owner", "second")
+    assert result.returncode == 75
+    line = one_error_line(result)
+    assert "x is held by first" in line and "--wait" in line
+    assert result.stdout == ""
+
+
+def test_acquire_wait_times_out_after_saying_what_it_waits_for(db_url: str, namespace: str) -> None:
+    assert cli(db_url, namespace, "acquire", "x", "--owner", "first").returncode == 0
+    result = cli(
+        db_url, namespace, "acquire", "x", "--owner", "second", "--wait", "--timeout", "0.5"
+    )
+    assert result.returncode == 75
+    waiting, gave_up = result.stderr.splitlines()
+    assert waiting.startswith(f"waiting for x, held by first (on {HOST}) since ")
+    assert gave_up.startswith("tasklocks: gave up after waiting 0.5s")
+
+
+def test_acquire_wait_gets_the_lock_once_released(
+    sqlite_url: str, namespace: str, tmp_path: Path
+) -> None:
+    assert cli(sqlite_url, namespace, "acquire", "x", "--owner", "first").returncode == 0
+    err = tmp_path / "stderr"
+    waiter = start(
+        sqlite_url,
+        namespace,
+        "acquire",
+        "x",
+        "--owner",
+        "second",
+        "--wait",
+        stderr=err,
+        capture=True,
+    )
+    try:
+        wait_until(lambda: "waiting for x" in err.read_text(), "the waiting line")
+        assert waiter.poll() is None
+        assert cli(sqlite_url, namespace, "release", "x", "--owner", "first").returncode == 0
+        status, out = finish(waiter)
+    finally:
+        stop(waiter)
+    assert status == 0
+    assert int(out) > 0
+    assert [(lock["name"], lock["owner"]) for lock in held(sqlite_url, namespace)] == [
+        ("x", "second")
+    ]
+
+
+def test_bad_lock_name_exits_2_with_one_line(sqlite_url: str, namespace: str) -> None:
+    result = cli(sqlite_url, namespace, "acquire", "no spaces!", "--owner", "me")
+    assert result.returncode == 2
+    assert "bad lock name" in one_error_line(result)
+
+
+def test_bad_namespace_exits_2_with_one_line(sqlite_url: str) -> None:
+    result = cli(sqlite_url, "no spaces!", "locks")
+    assert result.returncode == 2
+    assert "bad namespace" in one_error_line(result)
+
+
+@pytest.mark.parametrize("url", ["foo://x", "sqlite:relative.db", "postgresql://host-without-db"])
+def test_bad_url_exits_2_with_one_line(url: str, namespace: str) -> None:
+    result = cli(url, namespace, "locks")
+    assert result.returncode == 2
+    assert "URL" in one_error_line(result)
+
+
+def test_unreachable_server_exits_69_with_one_line(namespace: str) -> None:
+    result = cli("postgresql://postgres@127.0.0.1:1/test", namespace, "locks")
+    assert result.returncode == 69
+    assert "127.0.0.1" in one_error_line(result)
+
+
+def test_db_defaults_to_the_environment(tmp_path: Path, namespace: str) -> None:
+    url = f"sqlite:///{tmp_path}/from-env.db"
+    env = {**ENV, "TASKLOCKS_DB": url}
+    command = [PY, "-m", "tasklocks", "--namespace", namespace, "acquire", "x", "--owner", "me"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    assert [lock["name"] for lock in held(url, namespace)] == ["x"]
+
+
+# --- release, reap, repair ----------------------------------------------------------------------
+
+
+def test_release_by_the_wrong_owner_exits_1_naming_the_holder(db_url: str, namespace: str) -> None:
+    assert cli(db_url, namespace, "acquire", "x", "--owner", "first").returncode == 0
+    result = cli(db_url, namespace, "release", "x", "--owner", "second")
+    assert result.returncode == 1
+    line = one_error_line(result)
+    assert "x is held by first" in line and "not by second" in line
+    assert [lock["owner"] for lock in held(db_url, namespace)] == ["first"]
+
+
+def test_release_names_then_owner_lists_what_it_released(db_url: str, namespace: str) -> None:
+    for name, owner in [("a", "o1"), ("b", "o1"), ("c", "o1"), ("d", "o2")]:
+        assert cli(db_url, namespace, "acquire", name, "--owner", owner).returncode == 0
+    one = cli(db_url, namespace, "release", "a", "--owner", "o1")
+    assert (one.returncode, one.stdout) == (0, "a\n")
+    rest = cli(db_url, namespace, "release", "--owner", "o1")
+    assert (rest.returncode, sorted(rest.stdout.split())) == (0, ["b", "c"])
+    assert [lock["name"] for lock in held(db_url, namespace)] == ["d"]
+    nothing = cli(db_url, namespace, "release", "--owner", "o1")
+    assert (nothing.returncode, nothing.stdout) == (0, "")
+
+
+def test_release_needs_an_owner(sqlite_url: str, namespace: str) -> None:
+    result = cli(sqlite_url, namespace, "release", "x")
+    assert result.returncode == 2
+    assert "--owner" in one_error_line(result)
+
+
+def test_release_all_needs_yes(sqlite_url: str, namespace: str) -> None:
+    for name, owner in [("a", "o1"), ("b", "o2")]:
+        assert cli(sqlite_url, namespace, "acquire", name, "--owner", owner).returncode == 0
+    refused = cli(sqlite_url, namespace, "release", "--all")
+    assert refused.returncode == 2
+    assert "add --yes" in one_error_line(refused)
+    assert len(held(sqlite_url, namespace)) == 2
+    done = cli(sqlite_url, namespace, "release", "--all", "--yes")
+    assert (done.returncode, sorted(done.stdout.split())) == (0, ["a", "b"])
+    assert held(sqlite_url, namespace) == []
+
+
+def test_reap_releases_only_dead_holders(sqlite_url: str, namespace: str) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        with connect(sqlite_url, namespace) as table:
+            table.acquire("gone", owner="job:dead", process=process_identity(sleeper.pid))
+            table.acquire("kept", owner="job:cli", process=None)
+        assert cli(sqlite_url, namespace, "reap").stdout == "nothing to reap\n"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    states = {lock["name"]: lock["state"] for lock in held(sqlite_url, namespace)}
+    assert states == {"gone": "dead", "kept": "unknown"}
+    result = cli(sqlite_url, namespace, "reap")
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"reaped gone from job:dead (pid {sleeper.pid} on {HOST})")
+    assert [lock["name"] for lock in held(sqlite_url, namespace)] == ["kept"]
+
+
+def test_repair_needs_yes_and_prints_the_corrupt_document(
+    sqlite_url: str, namespace: str, tmp_path: Path
+) -> None:
+    assert cli(sqlite_url, namespace, "acquire", "x", "--owner", "me").returncode == 0
+    with sqlite3.connect(tmp_path / "locks.db") as db:
+        db.execute("UPDATE tasklocks SET data = '{truncated' WHERE namespace = ?", (namespace,))
+    db.close()
+    broken = cli(sqlite_url, namespace, "locks")
+    assert broken.returncode == 1
+    assert "corrupt" in one_error_line(broken) and "repair --yes" in broken.stderr
+
+    refused = cli(sqlite_url, namespace, "repair")
+    assert refused.returncode == 2
+    assert "add --yes" in one_error_line(refused)
+
+    repaired = cli(sqlite_url, namespace, "repair", "--yes")
+    assert repaired.returncode == 0, repaired.stderr
+    assert "{truncated" in repaired.stdout.splitlines()
+    assert "(version " in repaired.stdout
+    assert cli(sqlite_url, namespace, "locks").stdout == "no locks held\n"
+
+
+# --- run ----------------------------------------------------------------------------------------
+
+
+def test_run_exits_with_the_command_status(sqlite_url: str, namespace: str) -> None:
+    result = cli(sqlite_url, namespace, "run", "--lock", "x", "--", "sh", "-c", "exit 3")
+    assert (result.returncode, result.stderr) == (3, "")
+    assert held(sqlite_url, namespace) == []
+
+
+def test_run_exits_128_plus_the_signal_that_killed_the_command(
+    sqlite_url: str, namespace: str
+) -> None:
+    result = cli(sqlite_url, namespace, "run", "--lock", "x", "--", "sh", "-c", "kill -TERM $$")
+    assert result.returncode == 128 + signal.SIGTERM
+    assert held(sqlite_url, namespace) == []
+
+
+def test_run_holds_the_locks_for_the_command_while_it_runs(db_url: str, namespace: str) -> None:
+    result = cli(
+        db_url,
+        namespace,
+        "run",
+        "--lock",
+        "x",
+        "--lock",
+        "y",
+        "--note",
+        "inner",
+        "--",
+        PY,
+        "-c",
+        LOOK_FROM_INSIDE,
+        db_url,
+        namespace,
+    )
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    pid = seen["pid"]
+    assert [(lock["name"], lock["pid"], lock["state"]) for lock in seen["locks"]] == [
+        ("x", pid, "alive"),
+        ("y", pid, "alive"),
+    ]
+    assert {lock["owner"] for lock in seen["locks"]} == {f"run:{HOST}:{pid}"}
+    assert {lock["note"] for lock in seen["locks"]} == {"inner"}
+    assert seen["probe"] == 75 and f"pid {pid} on {HOST}" in seen["probe_err"]
+    assert held(db_url, namespace) == []
+
+
+def test_run_with_an_owner_names_the_entries_after_it(sqlite_url: str, namespace: str) -> None:
+    result = cli(
+        sqlite_url,
+        namespace,
+        "run",
+        "--owner",
+        "job:7",
+        "--lock",
+        "x",
+        "--",
+        PY,
+        "-c",
+        LOOK_FROM_INSIDE,
+        sqlite_url,
+        namespace,
+    )
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert [(lock["owner"], lock["pid"]) for lock in seen["locks"]] == [("job:7", seen["pid"])]
+    assert held(sqlite_url, namespace) == []
+
+
+def test_two_runs_contend_and_the_second_waits_visibly(
+    db_url: str, namespace: str, tmp_path: Path
+) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    first = start(
+        db_url, namespace, "run", "--lock", "x", "--", PY, "-c", HOLD_UNTIL_STOP, str(one)
+    )
+    second: subprocess.Popen[str] | None = None
+    try:
+        wait_until((one / "started").exists, "the first command to start")
+        first_pid = int((one / "started").read_text())
+        err = tmp_path / "second.stderr"
+        second = start(
+            db_url,
+            namespace,
+            "run",
+            "--lock",
+            "x",
+            "--",
+            PY,
+            "-c",
+            HOLD_UNTIL_STOP,
+            str(two),
+            stderr=err,
+        )
+        wait_until(lambda: "waiting for x" in err.read_text(), "the second run to wait")
+        assert err.read_text().startswith(
+            f"waiting for x, held by run:{HOST}:{first_pid} (pid {first_pid} on {HOST}) since "
+        )
+        assert not (two / "started").exists()
+        assert second.poll() is None
+        (two / "stop").touch()  # the second command may end as soon as it runs
+        (one / "stop").touch()
+        assert finish(first)[0] == 0
+        assert finish(second)[0] == 0
+        assert (one / "done").exists() and (two / "done").exists()
+        assert (one / "done").stat().st_mtime_ns <= (two / "started").stat().st_mtime_ns
+        assert err.read_text().count("waiting for") == 1
+    finally:
+        (one / "stop").touch()
+        (two / "stop").touch()
+        stop(first)
+        stop(second)
+    assert held(db_url, namespace) == []
+
+
+def test_run_no_wait_on_a_held_lock_exits_75_without_running(
+    db_url: str, namespace: str, tmp_path: Path
+) -> None:
+    assert cli(db_url, namespace, "acquire", "x", "--owner", "holder").returncode == 0
+    marker = tmp_path / "ran"
+    result = cli(db_url, namespace, "run", "--no-wait", "--lock", "x", "--", "touch", str(marker))
+    assert result.returncode == 75
+    assert "x is held by holder" in one_error_line(result)
+    assert not marker.exists()
+    assert [lock["owner"] for lock in held(db_url, namespace)] == ["holder"]
+
+
+def test_run_timeout_exits_75_without_running(
+    sqlite_url: str, namespace: str, tmp_path: Path
+) -> None:
+    assert cli(sqlite_url, namespace, "acquire", "x", "--owner", "holder").returncode == 0
+    marker = tmp_path / "ran"
+    result = cli(
+        sqlite_url, namespace, "run", "--timeout", "0.3", "--lock", "x", "--", "touch", str(marker)
+    )
+    assert result.returncode == 75
+    waiting, gave_up = result.stderr.splitlines()
+    assert waiting.startswith("waiting for x, held by holder")
+    assert gave_up.startswith("tasklocks: gave up after waiting 0.3s")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_run_forwards_signals_to_the_command(
+    sqlite_url: str, namespace: str, tmp_path: Path, signame: str
+) -> None:
+    def default_sigint() -> None:  # a background job may have inherited SIGINT ignored
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    run = start(
+        sqlite_url,
+        namespace,
+        "run",
+        "--lock",
+        "x",
+        "--",
+        PY,
+        "-c",
+        TRAP_SIGNAL,
+        str(tmp_path),
+        signame,
+        preexec_fn=default_sigint,
+    )
+    try:
+        wait_until((tmp_path / "ready").exists, "the command to trap the signal")
+        assert [lock["name"] for lock in held(sqlite_url, namespace)] == ["x"]
+        run.send_signal(getattr(signal, signame))
+        assert finish(run)[0] == 0
+    finally:
+        stop(run)
+    assert (tmp_path / "got").read_text() == signame
+    assert held(sqlite_url, namespace) == []
+
+
+def test_run_killed_with_sigkill_leaves_the_locks_to_the_command(
+    db_url: str, namespace: str, tmp_path: Path
+) -> None:
+    run = start(
+        db_url, namespace, "run", "--lock", "x", "--", PY, "-c", HOLD_UNTIL_STOP, str(tmp_path)
+    )
+    try:
+        wait_until((tmp_path / "started").exists, "the command to start")
+        pid = int((tmp_path / "started").read_text())
+        run.kill()
+        assert finish(run)[0] == -signal.SIGKILL
+
+        locks = held(db_url, namespace)
+        assert [(lock["name"], lock["pid"], lock["state"]) for lock in locks] == [
+            ("x", pid, "alive")
+        ]
+        refused = cli(db_url, namespace, "acquire", "x", "--owner", "other")
+        assert refused.returncode == 75
+        assert f"pid {pid} on {HOST}" in refused.stderr
+        assert cli(db_url, namespace, "reap").stdout == "nothing to reap\n"
+        assert not process_ended(pid)
+    finally:
+        (tmp_path / "stop").touch()
+        stop(run)
+    wait_until(lambda: process_ended(pid), "the orphaned command to end")
+    assert (tmp_path / "done").exists()
+    assert [lock["state"] for lock in held(db_url, namespace)] == ["dead"]
+    taken = cli(db_url, namespace, "acquire", "x", "--owner", "other")
+    assert taken.returncode == 0, taken.stderr
+    assert [lock["owner"] for lock in held(db_url, namespace)] == ["other"]
+
+
+def test_run_reports_a_command_it_cannot_run(
+    sqlite_url: str, namespace: str, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-command"
+    result = cli(sqlite_url, namespace, "run", "--lock", "x", "--", str(missing))
+    assert result.returncode == 127
+    assert one_error_line(result).startswith(f"tasklocks: cannot run {missing}: ")
+
+    not_executable = tmp_path / "script.sh"
+    not_executable.write_text("#!/bin/sh\nexit 0\n")
+    result = cli(sqlite_url, namespace, "run", "--lock", "x", "--", str(not_executable))
+    assert result.returncode == 126
+    assert "Permission denied" in one_error_line(result)
+    assert held(sqlite_url, namespace) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["run", "--lock", "x"], "needs a command"),
+        (["run", "--lock", "x", "--"], "needs a command"),
+        (["run", "--no-wait", "--timeout", "1", "--lock", "x", "--", "true"], "not both"),
+        (["run", "--lock", "bad name", "--", "true"], "bad lock name"),
+        (["run", "--owner", "bad owner", "--lock", "x", "--", "true"], "bad owner"),
+    ],
+)
+def test_run_usage_errors_exit_2_with_one_line(
+    sqlite_url: str, namespace: str, args: list[str], complaint: str
+) -> None:
+    result = cli(sqlite_url, namespace, *args)
+    assert result.returncode == 2
+    assert complaint in one_error_line(result)
+
+
+def test_run_without_a_lock_is_an_argparse_usage_error(sqlite_url: str, namespace: str) -> None:
+    result = cli(sqlite_url, namespace, "run", "--", "true")
+    assert result.returncode == 2
+    assert "usage: tasklocks run" in result.stderr and "--lock" in result.stderr
