@@ -1,0 +1,25 @@
+"""The process-per-task runner (see :mod:`tasklocks.tasks.runner`)."""
+
+from tasklocks.tasks._record import FINAL, TaskRecord, TaskState
+from tasklocks.tasks.runner import (
+    BadTarget,
+    NotInTask,
+    TaskNotFound,
+    Tasks,
+    current_task_id,
+    default_tasks,
+    progress,
+)
+
+__all__ = [
+    "FINAL",
+    "BadTarget",
+    "NotInTask",
+    "TaskNotFound",
+    "TaskRecord",
+    "TaskState",
+    "Tasks",
+    "current_task_id",
+    "default_tasks",
+    "progress",
+]

@@ -1,0 +1,343 @@
+"""A task's supervisor: ``python -m tasklocks.tasks._supervisor URL TABLE ID LOG [--no-wait]``.
+
+Started by :meth:`Tasks.start` in a session of its own. It forks the task's process first, in a
+new process group, blocked on a pipe; takes the task's locks with entries naming the supervisor
+and that process group; records ``running`` and lets the task go; watches it (stop, timeout);
+records the outcome and releases the locks once no process of the task is left.
+
+If the supervisor dies first, the task's process group keeps the locks held until its last
+process ends; then anyone can prove them dead, and ``reconcile`` marks the record ``crashed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import select
+import signal
+import sys
+import time
+import traceback
+from typing import Any
+
+from tasklocks.errors import LockHeld, LockTimeout, describe_holder
+from tasklocks.locks import LockTable
+from tasklocks.owner import ProcessIdentity, current_process, group_is_empty
+from tasklocks.tasks._record import TaskRecord, TaskState
+from tasklocks.tasks.runner import Tasks, env_for_task
+
+GRACE = 10.0  # seconds between SIGTERM and SIGKILL when the supervisor itself stops a task
+_WAIT_SLICE = 0.25  # how often a supervisor waiting for locks looks at its task and stop requests
+
+
+def _describe_wait(blockers: dict[str, Any]) -> str:
+    parts = []
+    for name, holder in sorted(blockers.items()):
+        who = describe_holder(holder)
+        if holder.owner.startswith("task:"):
+            since = time.strftime("%H:%M:%S", time.localtime(holder.since))
+            who = f"task {holder.owner[5:]}"
+            if holder.note:
+                who += f", {holder.note}"
+            who += f", since {since}"
+        parts.append(f"{name} (held by {who})")
+    return "Waiting for " + "; ".join(parts)
+
+
+def _run_target(record: TaskRecord, result_fd: int) -> int:
+    """In the task's process: run a callable target and report its outcome on ``result_fd``."""
+    assert isinstance(record.target, str)
+    code = 0
+    try:
+        module_name, _, func_name = record.target.partition(":")
+        func: Any = importlib.import_module(module_name)
+        for part in func_name.split("."):
+            func = getattr(func, part)
+        args = record.args
+        if isinstance(args, dict):
+            value = func(**args)
+        elif isinstance(args, list):
+            value = func(*args)
+        elif args is None:
+            value = func()
+        else:
+            value = func(args)
+        try:
+            payload = json.dumps({"result": value})
+        except (TypeError, ValueError) as exc:
+            code = 1
+            payload = json.dumps(
+                {"error": {"code": "BadResult", "message": f"result is not JSON: {exc}"}}
+            )
+    except BaseException as exc:  # everything, SystemExit included, becomes the task's error
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            payload = json.dumps({"result": None})
+        else:
+            traceback.print_exc()
+            code = 1
+            payload = json.dumps({"error": {"code": type(exc).__name__, "message": str(exc)}})
+    data = payload.encode()
+    while data:
+        data = data[os.write(result_fd, data) :]
+    return code
+
+
+def _child(record: TaskRecord, url: str, table: str, gate: int, result_fd: int) -> None:
+    """The task's process, right after the fork: wait for the go, then become the task."""
+    try:
+        os.setpgid(0, 0)
+        go = os.read(gate, 1)
+        os.close(gate)
+        if go != b"g":
+            os._exit(75)
+        os.environ.update(env_for_task(url, table, record.namespace, record.id, os.getpid()))
+        if isinstance(record.target, list):
+            os.close(result_fd)
+            try:
+                os.execvp(record.target[0], record.target)
+            except OSError as exc:
+                print(f"tasklocks: cannot run {record.target[0]}: {exc.strerror}", file=sys.stderr)
+                sys.stderr.flush()
+                os._exit(126 if isinstance(exc, PermissionError) else 127)
+        code = _run_target(record, result_fd)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(70)
+
+
+class Supervisor:
+    def __init__(self, url: str, table: str, task_id: int, log_path: str, wait: bool):
+        self.tasks = Tasks(url, table=table)
+        self.url, self.table, self.task_id = url, table, task_id
+        self.log_path = log_path
+        self.wait_for_locks = wait
+        self.stop_reason: TaskState | None = None
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = TaskState.STOPPED
+        with contextlib.suppress(BlockingIOError):
+            os.write(self.wake_w, b"s")
+
+    def run(self) -> int:
+        record = self.tasks.get(self.task_id)
+        if record.state is not TaskState.PENDING:
+            return 0
+        gate_r, gate_w = os.pipe()
+        result_r, result_w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.close(gate_w)
+            os.close(result_r)
+            _child(record, self.url, self.table, gate_r, result_w)
+        os.close(gate_r)
+        os.close(result_w)
+        with contextlib.suppress(OSError):  # the child may have done it first
+            os.setpgid(child, child)
+        self.child = child
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        me = current_process()
+        updated = self.tasks.update(
+            self.task_id,
+            pid=me.pid,
+            start_token=me.start,
+            boot=me.boot,
+            host=me.host,
+            pidns=me.pidns,
+            pgid=child,
+            log_path=self.log_path,
+        )
+        if updated is None:  # finished meanwhile (stopped while pending)
+            os.close(gate_w)
+            os.waitpid(child, 0)
+            return 0
+        record = updated
+        table = LockTable(self.tasks.locks.store, record.namespace)
+        lease = None
+        if record.locks:
+            lease = self._take_locks(table, record, me, child)
+            if lease is None:
+                os.close(gate_w)
+                os.waitpid(child, 0)
+                return 0
+        started = self.tasks.update(
+            self.task_id, state=TaskState.RUNNING, started=time.time(), message=None
+        )
+        if started is None or self.stop_reason is not None:
+            os.close(gate_w)
+            os.waitpid(child, 0)
+            table.release_owner(f"task:{self.task_id}")
+            self._finish(TaskState.STOPPED, message="stopped before it ran")
+            return 0
+        os.write(gate_w, b"g")
+        os.close(gate_w)
+        status, payload = self._watch(child, result_r, started.timeout)
+        self._end_group(child)
+        table.release_owner(f"task:{self.task_id}")
+        self._record_outcome(status, payload)
+        return 0
+
+    def _take_locks(
+        self, table: LockTable, record: TaskRecord, me: ProcessIdentity, child: int
+    ) -> object | None:
+        identity = ProcessIdentity(me.pid, me.start, me.boot, me.host, me.pidns, child)
+        told = False
+        while True:
+            try:
+                return table.acquire(
+                    *record.locks,
+                    owner=f"task:{record.id}",
+                    wait=told,  # the first try does not wait: the record says "waiting" first
+                    timeout=_WAIT_SLICE,
+                    note=record.title,
+                    process=identity,
+                )
+            except (LockHeld, LockTimeout) as exc:
+                if not self.wait_for_locks:
+                    self._finish(
+                        TaskState.FAILED,
+                        error_code="LockHeld",
+                        error_message=str(exc),
+                        message=_describe_wait(exc.held),
+                    )
+                    return None
+                if not told:
+                    told = True
+                    waited_for = [
+                        {"lock": name, "owner": h.owner, "note": h.note}
+                        for name, h in sorted(exc.held.items())
+                    ]
+                    self.tasks.update(
+                        self.task_id,
+                        state=TaskState.WAITING,
+                        message=_describe_wait(exc.held),
+                        waited_for=waited_for,
+                    )
+            current = self.tasks.get(self.task_id)
+            stopped = self.stop_reason is not None or current.stop_requested is not None
+            if stopped or current.state.is_final or os.waitpid(child, os.WNOHANG)[0] != 0:
+                self._finish(TaskState.STOPPED, message="stopped while waiting for locks")
+                return None
+
+    def _watch(self, child: int, result_r: int, timeout: float | None) -> tuple[int, bytes]:
+        """Wait for the task's process to end, stopping it on request or timeout."""
+        pidfd = os.pidfd_open(child)
+        started = time.monotonic()
+        kill_at: float | None = None
+        chunks: list[bytes] = []
+        reading = True
+        while True:
+            expired = timeout is not None and time.monotonic() - started >= timeout
+            if self.stop_reason is None and expired:
+                self.stop_reason = TaskState.TIMED_OUT
+            if self.stop_reason is not None and kill_at is None:
+                _killpg(child, signal.SIGTERM)
+                kill_at = time.monotonic() + GRACE
+            if kill_at is not None and time.monotonic() >= kill_at:
+                _killpg(child, signal.SIGKILL)
+                kill_at = float("inf")
+            waits = [t for t in (kill_at,) if t is not None and t != float("inf")]
+            if timeout is not None and self.stop_reason is None:
+                waits.append(started + timeout)
+            left = max(0.0, min(waits) - time.monotonic()) if waits else None
+            fds = [pidfd, self.wake_r] + ([result_r] if reading else [])
+            ready, _, _ = select.select(fds, [], [], left)
+            if self.wake_r in ready:
+                os.read(self.wake_r, 64)
+            if result_r in ready:
+                data = os.read(result_r, 65536)
+                if data:
+                    chunks.append(data)
+                else:
+                    reading = False
+            if pidfd in ready:
+                _, status = os.waitpid(child, 0)
+                while reading:
+                    data = os.read(result_r, 65536)
+                    if not data:
+                        break
+                    chunks.append(data)
+                os.close(pidfd)
+                os.close(result_r)
+                return status, b"".join(chunks)
+
+    def _end_group(self, pgid: int) -> None:
+        """Never release a task's locks while a process of it still runs: stop what is left."""
+        if group_is_empty(pgid):
+            return
+        _killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + GRACE
+        while not group_is_empty(pgid):
+            if time.monotonic() > deadline:
+                _killpg(pgid, signal.SIGKILL)
+            time.sleep(0.01)
+
+    def _record_outcome(self, status: int, payload: bytes) -> None:
+        outcome: dict[str, Any] = {}
+        if payload:
+            try:
+                outcome = json.loads(payload)
+            except ValueError:
+                outcome = {}
+        record = self.tasks.get(self.task_id)
+        reason = self.stop_reason
+        if reason is None and record.stop_requested is not None:
+            reason = TaskState.STOPPED
+        fields: dict[str, Any] = {}
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            fields["signal"] = sig
+            name = signal.Signals(sig).name if sig in signal.Signals.__members__.values() else sig
+            state = reason or TaskState.CRASHED
+            fields["message"] = f"killed by {name}"
+        else:
+            code = os.WEXITSTATUS(status)
+            fields["exit_code"] = code
+            if reason is not None and code != 0:
+                state = reason
+                fields["message"] = f"exited with status {code} after being asked to stop"
+            elif code == 0 and "error" not in outcome:
+                state = TaskState.SUCCEEDED
+                fields["result"] = outcome.get("result")
+                fields["percent"] = 100.0
+            else:
+                state = TaskState.FAILED
+                error = outcome.get("error") or {
+                    "code": "ExitStatus",
+                    "message": f"exited with status {code}",
+                }
+                fields["error_code"] = str(error.get("code"))
+                fields["error_message"] = str(error.get("message"))
+                fields["message"] = f"failed: {fields['error_message']}"
+        if state is TaskState.TIMED_OUT:
+            fields["message"] = f"timed out after {record.timeout:g}s"
+        elif state is TaskState.STOPPED:
+            fields["message"] = "stopped"
+        self._finish(state, **fields)
+
+    def _finish(self, state: TaskState, **fields: Any) -> None:
+        self.tasks.update(self.task_id, state=state, finished=time.time(), **fields)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def main(argv: list[str]) -> int:
+    url, table, task_id, log_path, *flags = argv
+    supervisor = Supervisor(url, table, int(task_id), log_path, "--no-wait" not in flags)
+    return supervisor.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

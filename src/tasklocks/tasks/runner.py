@@ -1,0 +1,431 @@
+"""The task runner: start tasks as detached processes, look at them, stop them, wait for them.
+
+Each task runs under its own *supervisor* process (:mod:`tasklocks.tasks._supervisor`), started in a
+new session so that the caller may exit or crash without taking the task with it. The supervisor
+forks the task's process into a process group of its own, takes the task's locks for the owner
+``task:<id>`` with entries that name the supervisor's pid *and* that process group, runs the
+target, records the outcome and releases the locks. Because the entries name the process group,
+the locks stay held while any process of the task runs, even if the supervisor is killed, and
+become reclaimable by anyone once every process of the task is gone.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from tasklocks.errors import TasklocksError
+from tasklocks.locks import LockTable
+from tasklocks.names import validate_name, validate_namespace
+from tasklocks.owner import (
+    Liveness,
+    current_process,
+    group_is_empty,
+    process_liveness,
+    process_start_token,
+)
+from tasklocks.store import Backend, default_url, open_store, parse_url
+from tasklocks.tasks._record import TaskRecord, TaskState
+
+__all__ = [
+    "BadTarget",
+    "NotInTask",
+    "TaskNotFound",
+    "Tasks",
+    "current_task_id",
+    "default_tasks",
+    "progress",
+]
+
+ACTIVE = (TaskState.PENDING.value, TaskState.WAITING.value, TaskState.RUNNING.value)
+
+
+class BadTarget(TasklocksError, ValueError):
+    """A task target is neither ``"package.module:function"`` nor a command line (argv list)."""
+
+    exit_code = 2
+
+
+class TaskNotFound(TasklocksError, LookupError):
+    """No task has that id."""
+
+    exit_code = 2
+
+    def __init__(self, task_id: int) -> None:
+        self.task_id = task_id
+        super().__init__(f"there is no task {task_id}; list tasks with 'tasklocks tasks --all'")
+
+
+def _check_target(target: str | Sequence[str]) -> str | list[str]:
+    if isinstance(target, str):
+        module, _, func = target.partition(":")
+        if not module or not func or not all(p.isidentifier() for p in module.split(".")):
+            raise BadTarget(
+                f"bad task target {target!r}: name a callable as 'package.module:function', "
+                "or pass a command line as a list of arguments"
+            )
+        return target
+    argv = list(target)
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise BadTarget("a command target must be a non-empty list of strings (argv, no shell)")
+    return argv
+
+
+def default_log_dir(url: str) -> Path:
+    """Next to the SQLite file (``<name>-logs``), else under the user's state directory."""
+    parsed = parse_url(url)
+    if parsed.scheme == "sqlite":
+        db = Path(parsed.path).resolve()
+        return db.with_name(db.stem + "-logs")
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "tasklocks" / "logs"
+
+
+class Tasks:
+    """Tasks recorded in the database at ``url``, taking their locks in ``namespace``.
+
+    :param url: the database (default ``$TASKLOCKS_DB``, else the per-user SQLite file).
+    :param namespace: the lock namespace the tasks' locks live in.
+    :param log_dir: where task logs go (default: next to an SQLite file, else the state dir).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        namespace: str = "default",
+        *,
+        table: str = "tasklocks",
+        log_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.url = url or default_url()
+        self.namespace = validate_namespace(namespace)
+        self.table = table
+        store = open_store(self.url, table=table)
+        self.store: Backend = store
+        self.locks = LockTable(store, self.namespace, owns_store=True)
+        self.log_dir = Path(log_dir) if log_dir is not None else default_log_dir(self.url)
+
+    # --- records ------------------------------------------------------------------------------
+
+    def get(self, task_id: int) -> TaskRecord:
+        """One task's record. :raises TaskNotFound: no such task."""
+        row = self.store.get_task(task_id)
+        if row is None:
+            raise TaskNotFound(task_id)
+        return TaskRecord.from_row(row)
+
+    def list(self, *, all: bool = False, limit: int | None = None) -> builtins.list[TaskRecord]:
+        """Tasks, newest first: the active ones, or every one with ``all=True``.
+
+        Records whose processes are provably dead are marked ``crashed`` first.
+        """
+        self.reconcile()
+        rows = self.store.list_tasks(None if all else ACTIVE, limit)
+        return [TaskRecord.from_row(r) for r in rows]
+
+    def update(self, task_id: int, **changes: Any) -> TaskRecord | None:
+        """Change a record with a compare-and-swap, retrying on conflicts.
+
+        Returns the new record, or None if the record is already final (finished tasks never
+        change) or the change is not a valid transition.
+        """
+        while True:
+            record = self.get(task_id)
+            if record.state.is_final:
+                return None
+            try:
+                cols = record.changed(**changes)
+            except ValueError:
+                return None
+            if self.store.update_task(task_id, record.version, cols):
+                return self.get(task_id)
+
+    def progress(self, task_id: int, percent: float | None, message: str | None = None) -> None:
+        """Record a task's progress: ``percent`` from 0 to 100 (None keeps the last one) and a
+        message (None keeps the last one)."""
+        if percent is not None and not 0 <= percent <= 100:
+            raise ValueError(f"progress must be between 0 and 100, not {percent}")
+        changes: dict[str, Any] = {}
+        if percent is not None:
+            changes["percent"] = float(percent)
+        if message is not None:
+            changes["message"] = message
+        self.update(task_id, **changes)
+
+    # --- starting -----------------------------------------------------------------------------
+
+    def start(
+        self,
+        target: str | Sequence[str],
+        *,
+        args: Any = None,
+        locks: Sequence[str] = (),
+        kind: str | None = None,
+        timeout: float | None = None,
+        wait_for_locks: bool = True,
+    ) -> int:
+        """Start a task in its own detached process and return its id at once.
+
+        :param target: ``"package.module:function"`` (called with ``args``: a dict as keyword
+            arguments, a list as positional ones; its return value becomes the result), or a
+            command line as a list of arguments (run without a shell).
+        :param args: JSON-serialisable arguments for a callable target.
+        :param locks: lock names taken, all or none, before the target runs.
+        :param kind: a short description (``"update blog"``), shown to those who wait.
+        :param timeout: seconds the target may run before it is stopped (``timed_out``).
+        :param wait_for_locks: wait while the locks are held (state ``waiting``); if False, a
+            held lock fails the task at once.
+        :raises BadTarget: the target is malformed.
+        :raises BadLockName: a lock name is not allowed.
+        """
+        checked = _check_target(target)
+        lock_names = [validate_name(n) for n in dict.fromkeys(locks)]
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive")
+        try:
+            json.dumps(args)
+        except (TypeError, ValueError) as exc:
+            raise BadTarget(f"task arguments must be JSON-serialisable: {exc}") from exc
+        self.reconcile()
+        record = {
+            "kind": kind,
+            "target": json.dumps(checked),
+            "args": json.dumps(args),
+            "locks": json.dumps(lock_names),
+            "namespace": self.namespace,
+            "state": TaskState.PENDING.value,
+            "created": time.time(),
+            "timeout": timeout,
+            "host": current_process().host,
+        }
+        task_id = self.store.create_task(record)
+        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log_path = self.log_dir / f"task-{task_id}.log"
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        env = dict(os.environ)
+        env.pop("TASKLOCKS_TASK_ID", None)
+        env.pop("TASKLOCKS_TASK_PGID", None)
+        try:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tasklocks.tasks._supervisor",
+                    self.url,
+                    self.table,
+                    str(task_id),
+                    str(log_path),
+                    *([] if wait_for_locks else ["--no-wait"]),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=fd,
+                stderr=fd,
+                start_new_session=True,
+                close_fds=True,
+                env=env,
+            )
+        finally:
+            os.close(fd)
+        _forget(proc)
+        me = current_process()
+        while True:  # record the supervisor's identity unless it already recorded itself
+            current = self.get(task_id)
+            if current.pid is not None or current.state.is_final:
+                break
+            cols = current.changed(
+                pid=proc.pid,
+                start_token=process_start_token(proc.pid),
+                boot=me.boot,
+                pidns=me.pidns,
+                log_path=str(log_path),
+            )
+            if self.store.update_task(task_id, current.version, cols):
+                break
+        return task_id
+
+    # --- watching -----------------------------------------------------------------------------
+
+    def liveness(self, record: TaskRecord) -> Liveness:
+        """Whether any process of the task may still run (fail closed, as for locks)."""
+        if record.pid is None:
+            return Liveness.UNKNOWN
+        return process_liveness(
+            record.pid, record.start_token, record.boot, record.host, record.pidns, record.pgid
+        )
+
+    def reconcile(self) -> builtins.list[int]:
+        """Mark active tasks whose processes are provably all gone as ``crashed`` and release
+        their locks. Returns the ids marked."""
+        marked = []
+        for row in self.store.list_tasks(ACTIVE, None):
+            record = TaskRecord.from_row(row)
+            if self.liveness(record) is not Liveness.DEAD:
+                continue
+            if record.pgid is not None and not group_is_empty(record.pgid):
+                continue
+            changes: dict[str, Any] = {"state": TaskState.CRASHED, "finished": time.time()}
+            if record.stop_requested is not None:
+                changes["state"] = TaskState.STOPPED
+            changes["message"] = "the task's processes died without recording an outcome"
+            if self.update(record.id, **changes) is not None:
+                marked.append(record.id)
+            LockTable(self.locks.store, record.namespace).release_owner(f"task:{record.id}")
+        return marked
+
+    def wait(self, task_id: int, timeout: float | None = None) -> TaskRecord:
+        """Block until the task is finished and return its record.
+
+        :raises TimeoutError: the task is still active after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.002
+        last_check = time.monotonic()
+        while True:
+            record = self.get(task_id)
+            if record.state.is_final:
+                return record
+            now = time.monotonic()
+            if now - last_check > 0.5:
+                last_check = now
+                if task_id in self.reconcile():
+                    continue
+            if deadline is not None and now >= deadline:
+                raise TimeoutError(f"task {task_id} is still {record.state} after {timeout:g}s")
+            left = 0.1 if deadline is None else deadline - now
+            time.sleep(max(0.0, min(delay, left)))
+            delay = min(delay * 1.5, 0.1)
+
+    def stop(self, task_id: int, *, grace: float = 10.0) -> TaskRecord:
+        """Stop a task: SIGTERM to its processes, SIGKILL after ``grace`` seconds.
+
+        The record says ``stopped`` either way. Returns the final record.
+        """
+        record = self.update(task_id, stop_requested=time.time())
+        if record is None:
+            return self.get(task_id)
+        if record.host is not None and record.host != current_process().host:
+            raise TasklocksError(f"task {task_id} runs on {record.host}; stop it from there")
+        if self.liveness(record) is Liveness.ALIVE and record.pid is not None:
+            # The supervisor turns SIGTERM into: SIGTERM to the task's group, then SIGKILL.
+            _signal(record.pid, signal.SIGTERM)
+            try:
+                return self.wait(task_id, timeout=grace + 5.0)
+            except TimeoutError:
+                pass
+        record = self.get(task_id)
+        if record.pgid is not None:
+            _signal_group(record.pgid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while not group_is_empty(record.pgid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            _signal_group(record.pgid, signal.SIGKILL)
+        if record.pid is not None:
+            _signal(record.pid, signal.SIGKILL)
+        self.reconcile()
+        return self.wait(task_id, timeout=grace + 5.0)
+
+    # --- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.locks.close()
+
+    def __enter__(self) -> Tasks:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _forget(proc: subprocess.Popen[bytes]) -> None:
+    """Reap the detached supervisor when it ends, so that a long-lived caller collects no
+    zombies; the thread only waits and dies with the caller."""
+    threading.Thread(target=proc.wait, name=f"tasklocks-reap-{proc.pid}", daemon=True).start()
+
+
+def env_for_task(
+    url: str, table: str, namespace: str, task_id: int, pgid: int
+) -> Mapping[str, str]:
+    """The environment variables that tell a task's processes who they are."""
+    # Shell tasks call `tasklocks progress`: make this installation's scripts findable.
+    scripts = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if scripts not in path.split(os.pathsep):
+        path = path + os.pathsep + scripts if path else scripts
+    return {
+        "PATH": path,
+        "TASKLOCKS_DB": url,
+        "TASKLOCKS_TABLE": table,
+        "TASKLOCKS_NAMESPACE": namespace,
+        "TASKLOCKS_TASK_ID": str(task_id),
+        "TASKLOCKS_TASK_PGID": str(pgid),
+    }
+
+
+# --- module-level helpers: the default runner, and progress from inside a task -------------------
+
+_default: tuple[int, Tasks] | None = None
+
+
+def default_tasks() -> Tasks:
+    """The runner for ``$TASKLOCKS_DB`` (else the default file), ``$TASKLOCKS_NAMESPACE`` (else
+    ``default``) and ``$TASKLOCKS_TABLE``; inside a task these name the task's own database."""
+    global _default
+    if _default is None or _default[0] != os.getpid():
+        _default = (
+            os.getpid(),
+            Tasks(
+                os.environ.get("TASKLOCKS_DB") or None,
+                os.environ.get("TASKLOCKS_NAMESPACE") or "default",
+                table=os.environ.get("TASKLOCKS_TABLE") or "tasklocks",
+            ),
+        )
+    return _default[1]
+
+
+def current_task_id() -> int | None:
+    """The id of the task this process belongs to, or None outside a task."""
+    raw = os.environ.get("TASKLOCKS_TASK_ID", "")
+    return int(raw) if raw.isdigit() else None
+
+
+class NotInTask(TasklocksError):
+    """progress() was called outside a task."""
+
+    exit_code = 2
+
+
+def progress(percent: float | None, message: str | None = None) -> None:
+    """Report the current task's progress: ``percent`` (0-100) and an optional message.
+
+    :raises NotInTask: this process is not part of a task.
+    """
+    task_id = current_task_id()
+    if task_id is None:
+        raise NotInTask("progress can only be reported from inside a task (TASKLOCKS_TASK_ID)")
+    default_tasks().progress(task_id, percent, message)
