@@ -16,6 +16,7 @@ from tasklocks.errors import (
 from tasklocks.locks import HeldLock, Lease, LockTable, connect
 from tasklocks.owner import Liveness, ProcessIdentity, current_process, process_identity
 from tasklocks.store import default_url, open_store
+from tasklocks.tasks import TaskRecord, Tasks, TaskState, progress
 
 __all__ = [
     "BadLockName",
@@ -32,11 +33,15 @@ __all__ = [
     "ProcessIdentity",
     "StoreError",
     "StoreUnavailable",
+    "TaskRecord",
+    "TaskState",
     "TasklocksError",
+    "Tasks",
     "connect",
     "current_process",
     "default_url",
     "names",
     "open_store",
     "process_identity",
+    "progress",
 ]

@@ -161,9 +161,12 @@ class TaskStore(Protocol):
         ...
 
     def list_tasks(
-        self, states: Sequence[str] | None = None, limit: int | None = None
+        self,
+        states: Sequence[str] | None = None,
+        limit: int | None = None,
+        namespace: str | None = None,
     ) -> list[TaskRow]:
-        """Tasks (in ``states``, when given), newest first, at most ``limit``."""
+        """Tasks (in ``states``, of ``namespace``, when given), newest first, at most ``limit``."""
         ...
 
 

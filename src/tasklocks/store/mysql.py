@@ -538,16 +538,27 @@ class MySQLStore:
         return self._tasks(body)
 
     def list_tasks(
-        self, states: Sequence[str] | None = None, limit: int | None = None
+        self,
+        states: Sequence[str] | None = None,
+        limit: int | None = None,
+        namespace: str | None = None,
     ) -> list[TaskRow]:
-        where = "" if states is None else f" WHERE state IN ({', '.join(['%s'] * len(states))})"
-        if states is not None and not states:
-            where = " WHERE 1 = 0"
+        conditions: list[str] = []
+        params: list[str] = []
+        if states is not None:
+            conditions.append(
+                f"state IN ({', '.join(['%s'] * len(states))})" if states else "1 = 0"
+            )
+            params.extend(states)
+        if namespace is not None:
+            conditions.append("`namespace` = %s")
+            params.append(namespace)
+        where = " WHERE " + " AND ".join(conditions) if conditions else ""
         tail = "" if limit is None else f" LIMIT {int(limit)}"
         sql = self._sql["list_tasks"].format(where=where, limit=tail)
 
         def body(cur: Any) -> list[TaskRow]:
-            cur.execute(sql, list(states or ()))
+            cur.execute(sql, params)
             return [self._task_row(cur, row) for row in cur.fetchall()]
 
         return self._tasks(body)

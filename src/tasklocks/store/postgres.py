@@ -620,14 +620,25 @@ class PostgresStore:
         return self._tasks(body)
 
     def list_tasks(
-        self, states: Sequence[str] | None = None, limit: int | None = None
+        self,
+        states: Sequence[str] | None = None,
+        limit: int | None = None,
+        namespace: str | None = None,
     ) -> list[TaskRow]:
-        where = "" if states is None else " WHERE state = ANY(%s)"
+        conditions: list[str] = []
+        params: list[Any] = []
+        if states is not None:
+            conditions.append("state = ANY(%s)")
+            params.append(list(states))
+        if namespace is not None:
+            conditions.append('"namespace" = %s')
+            params.append(namespace)
+        where = " WHERE " + " AND ".join(conditions) if conditions else ""
         tail = "" if limit is None else f" LIMIT {int(limit)}"
         sql = self._sql["list_tasks"].format(where=where, limit=tail)
 
         def body(conn: Connection[Any]) -> list[TaskRow]:
-            cur = conn.execute(sql, [] if states is None else [list(states)])
+            cur = conn.execute(sql, params)
             return [self._task_row(cur, row) for row in cur.fetchall()]
 
         return self._tasks(body)

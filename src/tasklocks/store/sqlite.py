@@ -303,13 +303,20 @@ class SQLiteStore:
             return self._retry(body)
 
     def list_tasks(
-        self, states: Sequence[str] | None = None, limit: int | None = None
+        self,
+        states: Sequence[str] | None = None,
+        limit: int | None = None,
+        namespace: str | None = None,
     ) -> list[TaskRow]:
-        where = ""
+        conditions: list[str] = []
         params: list[TaskValue] = []
         if states is not None:
-            where = f" WHERE state IN ({', '.join('?' for _ in states)})"
+            conditions.append(f"state IN ({', '.join('?' for _ in states)})")
             params.extend(states)
+        if namespace is not None:
+            conditions.append("namespace = ?")
+            params.append(namespace)
+        where = " WHERE " + " AND ".join(conditions) if conditions else ""
         tail = "" if limit is None else f" LIMIT {int(limit)}"
 
         def body(conn: sqlite3.Connection) -> list[TaskRow]:

@@ -1,6 +1,6 @@
 """The process-per-task runner (see :mod:`tasklocks.tasks.runner`)."""
 
-from tasklocks.tasks._record import FINAL, TaskRecord, TaskState
+from tasklocks.tasks._record import FINAL, TaskRecord, TaskState, can_move
 from tasklocks.tasks.runner import (
     BadTarget,
     NotInTask,
@@ -9,6 +9,10 @@ from tasklocks.tasks.runner import (
     current_task_id,
     default_tasks,
     progress,
+    reconcile,
+    start,
+    stop,
+    wait,
 )
 
 __all__ = [
@@ -19,7 +23,12 @@ __all__ = [
     "TaskRecord",
     "TaskState",
     "Tasks",
+    "can_move",
     "current_task_id",
     "default_tasks",
     "progress",
+    "reconcile",
+    "start",
+    "stop",
+    "wait",
 ]

@@ -156,9 +156,11 @@ class Supervisor:
             pgid=child,
             log_path=self.log_path,
         )
-        if updated is None:  # finished meanwhile (stopped while pending)
-            os.close(gate_w)
+        if updated is None or updated.stop_requested is not None or self.stop_reason:
+            os.close(gate_w)  # the task's process exits without running anything
             os.waitpid(child, 0)
+            if updated is not None:
+                self._finish(TaskState.STOPPED, message="stopped before it ran")
             return 0
         record = updated
         table = LockTable(self.tasks.locks.store, record.namespace)

@@ -46,6 +46,10 @@ __all__ = [
     "current_task_id",
     "default_tasks",
     "progress",
+    "reconcile",
+    "start",
+    "stop",
+    "wait",
 ]
 
 ACTIVE = (TaskState.PENDING.value, TaskState.WAITING.value, TaskState.RUNNING.value)
@@ -131,7 +135,7 @@ class Tasks:
         Records whose processes are provably dead are marked ``crashed`` first.
         """
         self.reconcile()
-        rows = self.store.list_tasks(None if all else ACTIVE, limit)
+        rows = self.store.list_tasks(None if all else ACTIVE, limit, self.namespace)
         return [TaskRecord.from_row(r) for r in rows]
 
     def update(self, task_id: int, **changes: Any) -> TaskRecord | None:
@@ -307,33 +311,40 @@ class Tasks:
             delay = min(delay * 1.5, 0.1)
 
     def stop(self, task_id: int, *, grace: float = 10.0) -> TaskRecord:
-        """Stop a task: SIGTERM to its processes, SIGKILL after ``grace`` seconds.
+        """Stop a task: SIGTERM to its process group, SIGKILL after ``grace`` seconds.
 
-        The record says ``stopped`` either way. Returns the final record.
+        The record says ``stopped`` either way (with the signal that ended the task). Returns
+        the final record.
+
+        :raises TaskNotFound: no such task.
+        :raises TasklocksError: the task runs on another host.
         """
         record = self.update(task_id, stop_requested=time.time())
         if record is None:
             return self.get(task_id)
         if record.host is not None and record.host != current_process().host:
             raise TasklocksError(f"task {task_id} runs on {record.host}; stop it from there")
-        if self.liveness(record) is Liveness.ALIVE and record.pid is not None:
-            # The supervisor turns SIGTERM into: SIGTERM to the task's group, then SIGKILL.
-            _signal(record.pid, signal.SIGTERM)
-            try:
-                return self.wait(task_id, timeout=grace + 5.0)
-            except TimeoutError:
-                pass
-        record = self.get(task_id)
+        if record.pgid is None:
+            # Not forked yet: the supervisor checks stop_requested before it forks; a SIGTERM
+            # makes it look at once.
+            if record.pid is not None and self.liveness(record) is Liveness.ALIVE:
+                _signal(record.pid, signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                return self.wait(task_id, timeout=grace)
+            record = self.get(task_id)
         if record.pgid is not None:
+            # The supervisor sees its task end and records "stopped" (stop_requested is set).
             _signal_group(record.pgid, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while not group_is_empty(record.pgid) and time.monotonic() < deadline:
-                time.sleep(0.01)
+            with contextlib.suppress(TimeoutError):
+                return self.wait(task_id, timeout=grace)
             _signal_group(record.pgid, signal.SIGKILL)
-        if record.pid is not None:
+            with contextlib.suppress(TimeoutError):
+                return self.wait(task_id, timeout=5.0)
+        # The supervisor is gone or stuck: end it, and record the outcome ourselves.
+        record = self.get(task_id)
+        if record.pid is not None and self.liveness(record) is Liveness.ALIVE:
             _signal(record.pid, signal.SIGKILL)
-        self.reconcile()
-        return self.wait(task_id, timeout=grace + 5.0)
+        return self.wait(task_id, timeout=5.0)
 
     # --- lifetime -----------------------------------------------------------------------------
 
@@ -429,3 +440,23 @@ def progress(percent: float | None, message: str | None = None) -> None:
     if task_id is None:
         raise NotInTask("progress can only be reported from inside a task (TASKLOCKS_TASK_ID)")
     default_tasks().progress(task_id, percent, message)
+
+
+def start(target: str | Sequence[str], **options: Any) -> int:
+    """:meth:`Tasks.start` on the default runner (see :func:`default_tasks`)."""
+    return default_tasks().start(target, **options)
+
+
+def stop(task_id: int, *, grace: float = 10.0) -> TaskRecord:
+    """:meth:`Tasks.stop` on the default runner."""
+    return default_tasks().stop(task_id, grace=grace)
+
+
+def wait(task_id: int, timeout: float | None = None) -> TaskRecord:
+    """:meth:`Tasks.wait` on the default runner."""
+    return default_tasks().wait(task_id, timeout)
+
+
+def reconcile() -> list[int]:
+    """:meth:`Tasks.reconcile` on the default runner."""
+    return default_tasks().reconcile()

@@ -1,0 +1,683 @@
+"""The task runner, on every backend: each state transition, waits, stop, timeout, crashes.
+
+Tasks run real processes. Targets live in :mod:`tests.tasks.targets` and talk to the test through
+files (a marker they write once running, a go file the test creates to let them finish); the
+test polls with deadlines and never relies on a sleep. Every process a test started is killed in
+the fixture's teardown, whatever happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from tasklocks import HeldLock, Liveness
+from tasklocks.owner import group_is_empty, process_liveness
+from tasklocks.tasks import (
+    FINAL,
+    BadTarget,
+    NotInTask,
+    TaskNotFound,
+    TaskRecord,
+    Tasks,
+    TaskState,
+    progress,
+)
+from tasklocks.tasks._record import can_move
+
+from .targets import ref
+
+ROOT = Path(__file__).resolve().parents[2]  # the project root: tests.tasks.targets imports
+DEADLINE = 30.0  # seconds any single wait in these tests may take before it fails
+T = TypeVar("T")
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def poll(what: str, probe: Callable[[], T | None], timeout: float = DEADLINE) -> T:
+    """Call ``probe`` until it returns something other than None; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while True:
+        value = probe()
+        if value is not None:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout:g}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.05)
+
+
+def describe(tasks: Tasks, record: TaskRecord) -> str:
+    """A record and the tail of its log, for assertion messages."""
+    log = ""
+    if record.log_path and os.path.exists(record.log_path):
+        log = Path(record.log_path).read_text(errors="replace")[-2000:]
+    return f"{record}\n--- log ---\n{log}"
+
+
+def until_state(tasks: Tasks, task_id: int, *states: TaskState) -> TaskRecord:
+    """Poll until the task is in one of ``states``; fail at once if it ends in another."""
+
+    def probe() -> TaskRecord | None:
+        record = tasks.get(task_id)
+        if record.state in states:
+            return record
+        if record.state.is_final:
+            detail = describe(tasks, record)
+            raise AssertionError(f"task ended {record.state}, not {states}:\n{detail}")
+        return None
+
+    return poll(f"task {task_id} to be {'/'.join(states)}", probe)
+
+
+def until_marked(tasks: Tasks, task_id: int, marker: Path) -> TaskRecord:
+    """Poll until the target wrote ``marker`` (it runs); fail at once if the task ended."""
+
+    def probe() -> TaskRecord | None:
+        if marker.exists():
+            return tasks.get(task_id)
+        record = tasks.get(task_id)
+        if record.state.is_final:
+            raise AssertionError(f"task ended before it marked:\n{describe(tasks, record)}")
+        return None
+
+    return poll(f"task {task_id} to write {marker.name}", probe)
+
+
+def finished(tasks: Tasks, task_id: int) -> TaskRecord:
+    return tasks.wait(task_id, timeout=DEADLINE)
+
+
+def held(tasks: Tasks) -> dict[str, HeldLock]:
+    return {h.name: h for h in tasks.locks.held()}
+
+
+def pid_is_gone(record: TaskRecord) -> bool:
+    """The supervisor (the record's pid) is provably gone."""
+    live = process_liveness(
+        record.pid, record.start_token, record.boot, record.host, record.pidns, None
+    )
+    return live is Liveness.DEAD
+
+
+def kill(pid: int | None) -> None:
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def killpg(pgid: int | None) -> None:
+    if pgid is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def kill_everything(tasks: Tasks) -> None:
+    """SIGKILL every still-running supervisor and task process group of this namespace."""
+    for row in tasks.store.list_tasks(None, None):
+        record = TaskRecord.from_row(row)
+        if record.namespace != tasks.namespace:
+            continue
+        if record.pid is not None and not pid_is_gone(record):
+            kill(record.pid)
+        if record.pgid is not None and not group_is_empty(record.pgid):
+            killpg(record.pgid)
+
+
+def ids(records: list[TaskRecord], namespace: str) -> list[int]:
+    return [r.id for r in records if r.namespace == namespace]
+
+
+@pytest.fixture
+def tasks(
+    db_url: str, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Tasks]:
+    """A runner on ``db_url``/``namespace`` whose task processes can import the targets."""
+    path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
+    for var in ("TASKLOCKS_TASK_ID", "TASKLOCKS_TASK_PGID", "TASKLOCKS_NAMESPACE"):
+        monkeypatch.delenv(var, raising=False)
+    runner = Tasks(db_url, namespace, log_dir=tmp_path / "logs")
+    try:
+        yield runner
+    finally:
+        try:
+            kill_everything(runner)
+        finally:
+            runner.close()
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Callable[[str], Path]:
+    """``files("go")``: a path in a scratch directory, for markers and go files."""
+    scratch = tmp_path / "files"
+    scratch.mkdir()
+    return lambda name: scratch / name
+
+
+Files = Callable[[str], Path]
+
+
+def blocked_args(files: Files, name: str) -> dict[str, Any]:
+    return {"marker": str(files(f"{name}.marker")), "go": str(files(f"{name}.go"))}
+
+
+# --- the transition table (pure) --------------------------------------------------------------
+
+ALLOWED = {
+    TaskState.PENDING: {
+        TaskState.WAITING,
+        TaskState.RUNNING,
+        TaskState.FAILED,
+        TaskState.STOPPED,
+        TaskState.TIMED_OUT,
+        TaskState.CRASHED,
+    },
+    TaskState.WAITING: {
+        TaskState.RUNNING,
+        TaskState.FAILED,
+        TaskState.STOPPED,
+        TaskState.TIMED_OUT,
+        TaskState.CRASHED,
+    },
+    TaskState.RUNNING: set(FINAL),
+}
+
+
+@pytest.mark.parametrize("old", list(TaskState))
+@pytest.mark.parametrize("new", list(TaskState))
+def test_only_documented_transitions_exist(old: TaskState, new: TaskState) -> None:
+    assert can_move(old, new) is (new in ALLOWED.get(old, set()))
+    assert old.is_final is (old not in ALLOWED)
+
+
+# --- success and failure ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [{"a": 2, "b": 3}, [2, 3]], ids=["kwargs", "positional"])
+def test_callable_succeeds_with_its_result(tasks: Tasks, args: Any) -> None:
+    before = time.time()
+    task_id = tasks.start(ref("add"), args=args, kind="sum")
+    record = finished(tasks, task_id)
+    assert record.state is TaskState.SUCCEEDED, describe(tasks, record)
+    assert record.result == 5
+    assert record.percent == 100
+    assert record.exit_code == 0
+    assert record.signal is None
+    assert record.error_code is None and record.error_message is None
+    assert record.kind == "sum" and record.title == "sum"
+    assert record.target == ref("add") and record.args == args
+    assert record.namespace == tasks.namespace
+    assert record.pid is not None and record.pgid is not None and record.pid != record.pgid
+    assert record.started is not None and record.finished is not None
+    assert before <= record.created <= record.started <= record.finished <= time.time()
+    assert record.log_path is not None and os.path.exists(record.log_path)
+
+
+def test_callable_that_raises_fails_with_its_error(tasks: Tasks) -> None:
+    record = finished(tasks, tasks.start(ref("fail"), args={"msg": "boom"}))
+    assert record.state is TaskState.FAILED, describe(tasks, record)
+    assert record.error_code == "TargetFailed"
+    assert record.error_message == "boom"
+    assert record.exit_code == 1
+    assert record.signal is None
+    assert record.result is None
+    assert record.message == "failed: boom"
+    assert record.log_path is not None
+    assert "TargetFailed: boom" in Path(record.log_path).read_text()
+
+
+@pytest.mark.parametrize(
+    ("code", "state", "error_code"),
+    [(0, TaskState.SUCCEEDED, None), (4, TaskState.FAILED, "SystemExit")],
+)
+def test_callable_calling_sys_exit(
+    tasks: Tasks, code: int, state: TaskState, error_code: str | None
+) -> None:
+    record = finished(tasks, tasks.start(ref("exit_with"), args=[code]))
+    assert record.state is state, describe(tasks, record)
+    assert record.error_code == error_code
+    assert record.exit_code == (0 if code == 0 else 1)
+
+
+def test_command_exit_status_fails_the_task(tasks: Tasks) -> None:
+    record = finished(tasks, tasks.start(["sh", "-c", "exit 3"]))
+    assert record.state is TaskState.FAILED, describe(tasks, record)
+    assert record.exit_code == 3
+    assert record.signal is None
+    assert record.error_code == "ExitStatus"
+    assert record.error_message == "exited with status 3"
+
+
+def test_command_exit_zero_succeeds(tasks: Tasks) -> None:
+    record = finished(tasks, tasks.start(["true"]))
+    assert record.state is TaskState.SUCCEEDED, describe(tasks, record)
+    assert record.exit_code == 0
+    assert record.result is None
+    assert record.percent == 100
+    assert record.target == ["true"]
+
+
+def test_missing_command_fails_with_127(tasks: Tasks) -> None:
+    record = finished(tasks, tasks.start(["/nonexistent/tasklocks-no-such-command"]))
+    assert record.state is TaskState.FAILED, describe(tasks, record)
+    assert record.exit_code == 127
+    assert record.log_path is not None
+    assert "cannot run" in Path(record.log_path).read_text()
+
+
+# --- stop, timeout, crashes -------------------------------------------------------------------
+
+
+def test_stop_running_task_sends_sigterm(tasks: Tasks, files: Files) -> None:
+    task_id = tasks.start(ref("blocked"), args=blocked_args(files, "a"), locks=["app_task:a"])
+    running = until_marked(tasks, task_id, files("a.marker"))
+    assert running.state is TaskState.RUNNING
+    record = tasks.stop(task_id, grace=5.0)
+    assert record.state is TaskState.STOPPED, describe(tasks, record)
+    assert record.signal == signal.SIGTERM
+    assert record.message == "stopped"
+    assert record.stop_requested is not None
+    assert record.finished is not None
+    assert running.pgid is not None and group_is_empty(running.pgid)
+    assert held(tasks) == {}
+
+
+def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(tasks: Tasks, files: Files) -> None:
+    task_id = tasks.start(ref("ignore_term"), args=blocked_args(files, "a"), locks=["app_task:a"])
+    running = until_marked(tasks, task_id, files("a.marker"))
+    record = tasks.stop(task_id, grace=0.5)
+    assert record.state is TaskState.STOPPED, describe(tasks, record)
+    assert record.finished is not None
+    assert running.pgid is not None and group_is_empty(running.pgid)
+    assert not files("a.go").exists()  # it never got to finish on its own
+    assert held(tasks) == {}
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # runner logic; slow (~7 s)
+def test_stop_records_the_sigkill_of_a_task_ignoring_sigterm(tasks: Tasks, files: Files) -> None:
+    task_id = tasks.start(ref("ignore_term"), args=blocked_args(files, "a"))
+    until_marked(tasks, task_id, files("a.marker"))
+    record = tasks.stop(task_id, grace=0.5)
+    assert record.state is TaskState.STOPPED
+    assert record.signal == signal.SIGKILL, describe(tasks, record)
+
+
+def test_stop_waiting_task_never_runs_it(tasks: Tasks, files: Files) -> None:
+    first = tasks.start(ref("blocked"), args=blocked_args(files, "a"), locks=["app_task:a"])
+    until_marked(tasks, first, files("a.marker"))
+    second = tasks.start(ref("blocked"), args=blocked_args(files, "b"), locks=["app_task:a"])
+    until_state(tasks, second, TaskState.WAITING)
+    record = tasks.stop(second, grace=5.0)
+    assert record.state is TaskState.STOPPED, describe(tasks, record)
+    assert record.started is None
+    assert not files("b.marker").exists()
+    assert tasks.get(first).state is TaskState.RUNNING
+    assert held(tasks)["app_task:a"].holder.owner == f"task:{first}"
+    files("a.go").touch()
+    assert finished(tasks, first).state is TaskState.SUCCEEDED
+    assert held(tasks) == {}
+
+
+def test_stop_right_after_start(tasks: Tasks, files: Files) -> None:
+    # The supervisor may not even have set up its signal handlers yet: stopped all the same.
+    task_id = tasks.start(ref("blocked"), args=blocked_args(files, "a"), locks=["app_task:a"])
+    record = tasks.stop(task_id, grace=5.0)
+    assert record.state is TaskState.STOPPED, describe(tasks, record)
+    assert record.pgid is None or group_is_empty(record.pgid)
+    assert held(tasks) == {}
+
+
+def test_timeout_stops_the_task_as_timed_out(tasks: Tasks, files: Files) -> None:
+    task_id = tasks.start(
+        ref("blocked"), args=blocked_args(files, "a"), locks=["app_task:a"], timeout=0.5
+    )
+    record = finished(tasks, task_id)
+    assert record.state is TaskState.TIMED_OUT, describe(tasks, record)
+    assert record.timeout == 0.5
+    assert record.signal == signal.SIGTERM
+    assert record.message == "timed out after 0.5s"
+    assert files("a.marker").exists()  # it did run
+    assert held(tasks) == {}
+
+
+def test_sigkill_of_the_task_process_is_a_crash(tasks: Tasks, files: Files) -> None:
+    task_id = tasks.start(ref("blocked"), args=blocked_args(files, "a"), locks=["app_task:a"])
+    running = until_marked(tasks, task_id, files("a.marker"))
+    assert held(tasks)["app_task:a"].holder.owner == f"task:{task_id}"
+    killpg(running.pgid)
+    record = finished(tasks, task_id)
+    assert record.state is TaskState.CRASHED, describe(tasks, record)
+    assert record.signal == signal.SIGKILL
+    assert record.exit_code is None
+    assert record.message == "killed by SIGKILL"
+    assert held(tasks) == {}
+
+
+@pytest.mark.parametrize("finder", ["reconcile", "list", "wait"])
+def test_sigkill_of_supervisor_and_task_is_found_later(
+    tasks: Tasks, files: Files, finder: str
+) -> None:
+    task_id = tasks.start(ref("blocked"), args=blocked_args(files, "a"), locks=["app_task:a"])
+    running = until_marked(tasks, task_id, files("a.marker"))
+    kill(running.pid)
+    killpg(running.pgid)
+    # Nothing watches any more: the record stays as it was until someone looks.
+    assert tasks.get(task_id).state is TaskState.RUNNING
+    assert held(tasks)["app_task:a"].holder.owner == f"task:{task_id}"
+
+    def found() -> TaskRecord | None:
+        if finder == "reconcile":
+            return tasks.get(task_id) if task_id in tasks.reconcile() else None
+        if finder == "list":
+            listed = {r.id: r for r in tasks.list(all=True)}
+            return listed[task_id] if listed[task_id].state.is_final else None
+        return tasks.wait(task_id, timeout=DEADLINE)
+
+    record = poll(f"{finder} to mark task {task_id}", found)
+    assert record.state is TaskState.CRASHED, describe(tasks, record)
+    assert record.finished is not None
+    assert record.message == "the task's processes died without recording an outcome"
+    assert held(tasks) == {}
+    assert task_id not in tasks.reconcile()  # once is enough
+
+
+def test_killed_supervisor_keeps_locks_while_the_task_runs(tasks: Tasks, files: Files) -> None:
+    task_id = tasks.start(ref("blocked"), args=blocked_args(files, "a"), locks=["app_task:a"])
+    running = until_marked(tasks, task_id, files("a.marker"))
+    kill(running.pid)
+    poll("the supervisor to be gone", lambda: True if pid_is_gone(running) else None)
+
+    # The task's process still runs: its lock is held and alive, nothing is reconciled.
+    lock = held(tasks)["app_task:a"]
+    assert lock.holder.owner == f"task:{task_id}"
+    assert lock.liveness is Liveness.ALIVE
+    assert task_id not in tasks.reconcile()
+    assert tasks.get(task_id).state is TaskState.RUNNING
+
+    # A second task must wait for the orphan, not run beside it.
+    second = tasks.start(ref("add"), args=[1, 2], locks=["app_task:a"])
+    until_state(tasks, second, TaskState.WAITING)
+    assert held(tasks)["app_task:a"].holder.owner == f"task:{task_id}"
+
+    files("a.go").touch()  # the orphan ends
+    after = finished(tasks, second)
+    assert after.state is TaskState.SUCCEEDED, describe(tasks, after)
+    record = poll(
+        "reconcile to mark the orphan",
+        lambda: tasks.get(task_id) if task_id in tasks.reconcile() else None,
+    )
+    assert record.state is TaskState.CRASHED
+    assert held(tasks) == {}
+
+
+def test_killed_supervisor_keeps_locks_while_a_grandchild_runs(tasks: Tasks, files: Files) -> None:
+    args = {**blocked_args(files, "a"), "block": True}
+    task_id = tasks.start(ref("spawn_child"), args=args, locks=["app_task:a"])
+    running = until_marked(tasks, task_id, files("a.marker"))
+    grandchild = int(files("a.marker").read_text().splitlines()[1])
+    kill(running.pid)
+    kill(running.pgid)  # the task's own process (the group leader), not its group
+    poll("the supervisor to be gone", lambda: True if pid_is_gone(running) else None)
+
+    assert os.path.exists(f"/proc/{grandchild}")
+    lock = held(tasks)["app_task:a"]
+    assert lock.liveness is Liveness.ALIVE
+    assert task_id not in tasks.reconcile()
+
+    files("a.go").touch()  # the grandchild ends
+    record = poll(
+        "reconcile to mark the task",
+        lambda: tasks.get(task_id) if task_id in tasks.reconcile() else None,
+    )
+    assert record.state is TaskState.CRASHED
+    assert held(tasks) == {}
+
+
+def test_leftover_children_end_before_the_locks_are_released(tasks: Tasks, files: Files) -> None:
+    args = {**blocked_args(files, "a"), "block": False}
+    record = finished(tasks, tasks.start(ref("spawn_child"), args=args, locks=["app_task:a"]))
+    assert record.state is TaskState.SUCCEEDED, describe(tasks, record)
+    assert record.pgid is not None and group_is_empty(record.pgid)
+    assert not files("a.go").exists()
+    assert held(tasks) == {}
+
+
+def test_caller_may_die_right_after_start(tasks: Tasks, files: Files, tmp_path: Path) -> None:
+    code = (
+        "import json, os, sys\n"
+        "from tasklocks.tasks import Tasks\n"
+        "url, ns, logs, target, args = sys.argv[1:]\n"
+        "t = Tasks(url, ns, log_dir=logs)\n"
+        "print(t.start(target, args=json.loads(args), locks=['app_task:a']), flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    import json
+
+    caller = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            tasks.url,
+            tasks.namespace,
+            str(tmp_path / "logs"),
+            ref("blocked"),
+            json.dumps(blocked_args(files, "a")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    assert caller.returncode == -signal.SIGKILL, caller.stderr
+    task_id = int(caller.stdout)
+    until_marked(tasks, task_id, files("a.marker"))
+    files("a.go").touch()
+    record = finished(tasks, task_id)
+    assert record.state is TaskState.SUCCEEDED, describe(tasks, record)
+    assert record.result == "released"
+    assert held(tasks) == {}
+
+
+# --- waiting for locks ------------------------------------------------------------------------
+
+
+def test_waiting_task_names_the_holder_then_runs_after_it(tasks: Tasks, files: Files) -> None:
+    first = tasks.start(
+        ref("blocked"), args=blocked_args(files, "a"), locks=["app_task:blog"], kind="update blog"
+    )
+    until_marked(tasks, first, files("a.marker"))
+    second = tasks.start(ref("add"), args=[1, 2], locks=["app_task:blog"], kind="second")
+    waiting = until_state(tasks, second, TaskState.WAITING)
+    since = time.strftime("%H:%M:%S", time.localtime(held(tasks)["app_task:blog"].holder.since))
+    assert waiting.message == (
+        f"Waiting for app_task:blog (held by task {first}, update blog, since {since})"
+    )
+    assert waiting.started is None
+    assert [r.id for r in tasks.list() if r.namespace == tasks.namespace] == [second, first]
+
+    files("a.go").touch()
+    done = finished(tasks, second)
+    assert done.state is TaskState.SUCCEEDED, describe(tasks, done)
+    assert done.result == 3
+    before = finished(tasks, first)
+    assert before.started is not None and done.started is not None
+    assert before.started < done.started
+    assert held(tasks) == {}
+
+
+def test_waits_for_every_lock_it_needs(tasks: Tasks, files: Files) -> None:
+    first = tasks.start(ref("blocked"), args=blocked_args(files, "a"), locks=["l2"])
+    until_marked(tasks, first, files("a.marker"))
+    second = tasks.start(ref("add"), args=[1, 2], locks=["l1", "l2"])
+    waiting = until_state(tasks, second, TaskState.WAITING)
+    assert waiting.message is not None and waiting.message.startswith("Waiting for l2 (")
+    assert "l1" not in held(tasks)  # all or nothing: it holds none while it waits
+    files("a.go").touch()
+    assert finished(tasks, second).state is TaskState.SUCCEEDED
+    assert held(tasks) == {}
+
+
+def test_without_waiting_a_held_lock_fails_the_task(tasks: Tasks, files: Files) -> None:
+    first = tasks.start(ref("blocked"), args=blocked_args(files, "a"), locks=["app_task:a"])
+    until_marked(tasks, first, files("a.marker"))
+    second = tasks.start(
+        ref("blocked"), args=blocked_args(files, "b"), locks=["app_task:a"], wait_for_locks=False
+    )
+    record = finished(tasks, second)
+    assert record.state is TaskState.FAILED, describe(tasks, record)
+    assert record.error_code == "LockHeld"
+    assert record.error_message is not None and "app_task:a" in record.error_message
+    assert record.started is None
+    assert not files("b.marker").exists()
+    assert tasks.get(first).state is TaskState.RUNNING
+    files("a.go").touch()
+    assert finished(tasks, first).state is TaskState.SUCCEEDED
+
+
+# --- progress, logs, extra locks --------------------------------------------------------------
+
+
+def test_progress_from_python(tasks: Tasks, files: Files) -> None:
+    args = {"percent": 40, "message": "Uploading", **blocked_args(files, "a")}
+    task_id = tasks.start(ref("with_progress"), args=args)
+    record = until_marked(tasks, task_id, files("a.marker"))  # it reported before it marked
+    assert record.state is TaskState.RUNNING
+    assert record.percent == 40
+    assert record.message == "Uploading"
+    assert tasks.update(task_id, state=TaskState.WAITING) is None  # not a transition
+    assert tasks.get(task_id).state is TaskState.RUNNING
+    files("a.go").touch()
+    record = finished(tasks, task_id)
+    assert record.state is TaskState.SUCCEEDED, describe(tasks, record)
+    assert record.percent == 100
+
+
+def test_progress_from_shell(tasks: Tasks, files: Files) -> None:
+    marker, go = files("a.marker"), files("a.go")
+    script = (
+        f"{shlex.quote(sys.executable)} -m tasklocks progress 40 'Uploading' || exit 9\n"
+        f"touch {shlex.quote(str(marker))}\n"
+        "i=0\n"
+        f"while [ ! -e {shlex.quote(str(go))} ] && [ $i -lt 6000 ]; do\n"
+        "  sleep 0.01; i=$((i+1))\n"
+        "done\n"
+    )
+    task_id = tasks.start(["sh", "-c", script])
+    record = until_marked(tasks, task_id, marker)
+    assert record.percent == 40
+    assert record.message == "Uploading"
+    go.touch()
+    assert finished(tasks, task_id).state is TaskState.SUCCEEDED
+
+
+def test_progress_checks_its_range_and_needs_a_task(
+    tasks: Tasks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ValueError, match="between 0 and 100"):
+        tasks.progress(1, 101)
+    monkeypatch.delenv("TASKLOCKS_TASK_ID", raising=False)
+    with pytest.raises(NotInTask):
+        progress(50, "outside")
+
+
+@pytest.mark.parametrize("kind", ["callable", "command"])
+def test_stdout_and_stderr_go_to_the_log(tasks: Tasks, kind: str) -> None:
+    if kind == "callable":
+        task_id = tasks.start(ref("shout"), args={"out": "to-stdout", "err": "to-stderr"})
+    else:
+        task_id = tasks.start(["sh", "-c", "echo to-stdout; echo to-stderr >&2"])
+    record = finished(tasks, task_id)
+    assert record.state is TaskState.SUCCEEDED, describe(tasks, record)
+    assert record.log_path is not None
+    assert Path(record.log_path).parent == tasks.log_dir
+    log = Path(record.log_path).read_text()
+    assert "to-stdout" in log
+    assert "to-stderr" in log
+
+
+def test_task_takes_more_locks_as_itself(tasks: Tasks, files: Files) -> None:
+    args = {"name": "extra", **blocked_args(files, "a")}
+    task_id = tasks.start(ref("take_extra_lock"), args=args, locks=["first"])
+    record = until_marked(tasks, task_id, files("a.marker"))
+    locks = held(tasks)
+    assert sorted(locks) == ["extra", "first"]
+    for lock in locks.values():
+        assert lock.holder.owner == f"task:{task_id}"
+        assert lock.holder.pgid == record.pgid
+        assert lock.liveness is Liveness.ALIVE
+    assert locks["extra"].holder.pid == record.pgid  # the task's own process took it
+    files("a.go").touch()
+    record = finished(tasks, task_id)
+    assert record.state is TaskState.SUCCEEDED, describe(tasks, record)
+    assert record.result == f"task:{task_id}"
+    assert held(tasks) == {}
+
+
+# --- records ----------------------------------------------------------------------------------
+
+
+def test_a_finished_record_never_changes(tasks: Tasks) -> None:
+    task_id = tasks.start(ref("add"), args=[1, 1])
+    record = finished(tasks, task_id)
+    assert record.state is TaskState.SUCCEEDED
+    for state in TaskState:
+        assert tasks.update(task_id, state=state) is None
+    assert tasks.update(task_id, message="changed", percent=1.0) is None
+    tasks.progress(task_id, 5, "late")
+    assert tasks.stop(task_id, grace=0.1) == record
+    assert task_id not in tasks.reconcile()
+    assert tasks.get(task_id) == record
+
+
+def test_wait_with_timeout_raises_for_a_long_task(tasks: Tasks, files: Files) -> None:
+    task_id = tasks.start(ref("blocked"), args=blocked_args(files, "a"))
+    until_marked(tasks, task_id, files("a.marker"))
+    with pytest.raises(TimeoutError, match=f"task {task_id} is still running"):
+        tasks.wait(task_id, timeout=0.2)
+    files("a.go").touch()
+    assert finished(tasks, task_id).state is TaskState.SUCCEEDED
+
+
+def test_list_shows_active_tasks_or_all_newest_first(tasks: Tasks, files: Files) -> None:
+    done = tasks.start(ref("add"), args=[1, 1])
+    finished(tasks, done)
+    active = tasks.start(ref("blocked"), args=blocked_args(files, "a"))
+    until_marked(tasks, active, files("a.marker"))
+    assert ids(tasks.list(), tasks.namespace) == [active]
+    assert ids(tasks.list(all=True), tasks.namespace) == [active, done]
+    files("a.go").touch()
+    finished(tasks, active)
+    assert ids(tasks.list(), tasks.namespace) == []
+
+
+@pytest.mark.parametrize("target", ["nocolon", ":func", "mod:", "no such:f", [], [1]])
+def test_bad_target_is_refused(tasks: Tasks, target: Any) -> None:
+    with pytest.raises(BadTarget):
+        tasks.start(target)
+    assert ids(tasks.list(all=True), tasks.namespace) == []
+
+
+def test_bad_arguments_are_refused(tasks: Tasks) -> None:
+    with pytest.raises(BadTarget, match="JSON"):
+        tasks.start(ref("add"), args={"a": object()})
+    with pytest.raises(ValueError, match="positive"):
+        tasks.start(ref("add"), timeout=0)
+    assert ids(tasks.list(all=True), tasks.namespace) == []
+
+
+def test_unknown_task(tasks: Tasks) -> None:
+    with pytest.raises(TaskNotFound):
+        tasks.get(10**9)
