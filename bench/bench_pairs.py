@@ -1,0 +1,373 @@
+"""One acquire+release pair for tasklocks and for every baseline, behind one small interface.
+
+A ``PairSpec`` (picklable) names what to run; :func:`open_pair` opens its connection in the
+calling process, so a connection never crosses a process boundary.
+
+The hand-written read+CAS baselines keep a JSON document like tasklocks does (one row per
+namespace, ``version`` bumped by every change) with a small entry per held name, so the
+comparison is "tasklocks versus the simplest correct code with the same driver".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from bench_common import Config, mysql_connect, pg_conninfo
+
+TASKLOCKS = {"sqlite": "tl-sqlite", "mysql": "tl-mysql", "postgresql": "tl-pg"}
+BASELINE_NAMES = {
+    "tl-sqlite": "tasklocks SQLite",
+    "tl-mysql": "tasklocks MariaDB",
+    "tl-pg": "tasklocks PostgreSQL",
+    "filelock": "filelock.FileLock",
+    "cas-mysql": "read+CAS PyMySQL",
+    "cas-pg": "read+CAS psycopg",
+    "cas-sqlite": "BEGIN IMMEDIATE loop",
+    "adv-pg": "pg_advisory_lock",
+    "getlock-mysql": "GET_LOCK",
+    "redis": "redis-py Lock",
+}
+BACKEND_OF = {
+    "tl-sqlite": "sqlite",
+    "tl-mysql": "mysql",
+    "tl-pg": "postgresql",
+    "filelock": "sqlite",  # local: runs whenever SQLite does
+    "cas-mysql": "mysql",
+    "cas-pg": "postgresql",
+    "cas-sqlite": "sqlite",
+    "adv-pg": "postgresql",
+    "getlock-mysql": "mysql",
+    "redis": "redis",
+}
+SQLITE_BUSY_TIMEOUT = 30.0  # seconds, the baseline's busy handler (sqlite3 ``timeout=``)
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    kind: str  # a key of BASELINE_NAMES
+    cfg: Config
+    namespace: str  # tasklocks namespace, or the baseline row's key
+    name: str  # the lock name (distinct per process in the throughput test)
+    key: int = 0  # advisory lock key
+
+
+class Pair(Protocol):
+    def pair(self) -> None:
+        """Acquire the lock and release it."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class TasklocksPair:
+    def __init__(self, spec: PairSpec) -> None:
+        import tasklocks
+
+        self.table = tasklocks.connect(spec.cfg.url(BACKEND_OF[spec.kind]), spec.namespace)
+        self.name = spec.name
+
+    def pair(self) -> None:
+        self.table.acquire(self.name).release()
+
+    def close(self) -> None:
+        self.table.close()
+
+
+class FileLockPair:
+    def __init__(self, spec: PairSpec) -> None:
+        import filelock
+
+        self.lock = filelock.FileLock(spec.cfg.filelock_path + "." + spec.name)
+
+    def pair(self) -> None:
+        self.lock.acquire()
+        self.lock.release()
+
+    def close(self) -> None:
+        pass
+
+
+class RedisPair:
+    def __init__(self, spec: PairSpec) -> None:
+        import redis
+
+        self.client = redis.Redis(host=spec.cfg.redis_host, port=spec.cfg.redis_port)
+        self.lock = self.client.lock(f"bench:{spec.cfg.run_id}:{spec.name}", timeout=60)
+
+    def pair(self) -> None:
+        self.lock.acquire()
+        self.lock.release()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _entry(version: int) -> dict[str, Any]:
+    return {
+        "owner": f"pid:{_HOST}:{os.getpid()}",
+        "pid": os.getpid(),
+        "host": _HOST,
+        "since": time.time(),
+        "token": version + 1,
+    }
+
+
+_HOST = socket.gethostname()
+
+
+def _acquired(data: str, name: str, version: int) -> str:
+    doc = json.loads(data)
+    if name in doc["locks"]:
+        raise RuntimeError(f"baseline: {name} is already held")
+    doc["locks"][name] = _entry(version)
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def _released(data: str, name: str) -> str:
+    doc = json.loads(data)
+    del doc["locks"][name]
+    return json.dumps(doc, separators=(",", ":"))
+
+
+class MySQLCasPair:
+    """acquire = SELECT version, data + UPDATE ... WHERE version = ?; release likewise."""
+
+    def __init__(self, spec: PairSpec) -> None:
+        self.conn = mysql_connect(spec.cfg.mysql_url)
+        self.table = spec.cfg.cas_table
+        self.ns = spec.namespace
+        self.name = spec.name
+
+    def _change(self, acquire: bool) -> None:
+        with self.conn.cursor() as cur:
+            while True:
+                cur.execute(
+                    f"SELECT version, data FROM {self.table} WHERE namespace = %s", (self.ns,)
+                )
+                row = cur.fetchone()
+                assert row is not None
+                version, data = int(row[0]), str(row[1])
+                new = _acquired(data, self.name, version) if acquire else _released(data, self.name)
+                cur.execute(
+                    f"UPDATE {self.table} SET data = %s, version = version + 1 "
+                    "WHERE namespace = %s AND version = %s",
+                    (new, self.ns, version),
+                )
+                if cur.rowcount == 1:
+                    return
+
+    def pair(self) -> None:
+        self._change(True)
+        self._change(False)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class PgCasPair:
+    """The same read+CAS pair with psycopg 3 in autocommit mode."""
+
+    def __init__(self, spec: PairSpec) -> None:
+        import psycopg
+
+        self.conn = psycopg.connect(pg_conninfo(spec.cfg.pg_url), autocommit=True)
+        self.table = spec.cfg.cas_table
+        self.ns = spec.namespace
+        self.name = spec.name
+
+    def _change(self, acquire: bool) -> None:
+        while True:
+            row = self.conn.execute(
+                f"SELECT version, data FROM {self.table} WHERE namespace = %s",
+                (self.ns,),
+            ).fetchone()
+            assert row is not None
+            version, data = int(row[0]), str(row[1])
+            new = _acquired(data, self.name, version) if acquire else _released(data, self.name)
+            cur = self.conn.execute(
+                f"UPDATE {self.table} SET data = %s, version = version + 1 "
+                "WHERE namespace = %s AND version = %s",
+                (new, self.ns, version),
+            )
+            if cur.rowcount == 1:
+                return
+
+    def pair(self) -> None:
+        self._change(True)
+        self._change(False)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class SQLiteImmediatePair:
+    """BEGIN IMMEDIATE; SELECT data; UPDATE; COMMIT, twice, with SQLite's own busy timeout.
+
+    Same settings as tasklocks' SQLite store: WAL and synchronous=NORMAL.
+    """
+
+    def __init__(self, spec: PairSpec) -> None:
+        self.conn = sqlite3.connect(
+            spec.cfg.sqlite_baseline_path, timeout=SQLITE_BUSY_TIMEOUT, isolation_level=None
+        )
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.table = spec.cfg.cas_table
+        self.ns = spec.namespace
+        self.name = spec.name
+
+    def _change(self, acquire: bool) -> None:
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            version, data = c.execute(
+                f"SELECT version, data FROM {self.table} WHERE namespace = ?", (self.ns,)
+            ).fetchone()
+            new = _acquired(data, self.name, version) if acquire else _released(data, self.name)
+            c.execute(
+                f"UPDATE {self.table} SET data = ?, version = version + 1 WHERE namespace = ?",
+                (new, self.ns),
+            )
+            c.execute("COMMIT")
+        except BaseException:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise
+
+    def pair(self) -> None:
+        self._change(True)
+        self._change(False)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class AdvisoryPair:
+    def __init__(self, spec: PairSpec) -> None:
+        import psycopg
+
+        self.conn = psycopg.connect(pg_conninfo(spec.cfg.pg_url), autocommit=True)
+        self.key = spec.key
+
+    def pair(self) -> None:
+        self.conn.execute("SELECT pg_advisory_lock(%s)", (self.key,))
+        self.conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class GetLockPair:
+    def __init__(self, spec: PairSpec) -> None:
+        self.conn = mysql_connect(spec.cfg.mysql_url)
+        self.lock_name = f"bench_{spec.cfg.run_id}_{spec.name}"
+
+    def pair(self) -> None:
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT GET_LOCK(%s, 30)", (self.lock_name,))
+            row = cur.fetchone()
+            if row is None or row[0] != 1:
+                raise RuntimeError(f"GET_LOCK({self.lock_name}) returned {row}")
+            cur.execute("SELECT RELEASE_LOCK(%s)", (self.lock_name,))
+            cur.fetchone()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+_KINDS: dict[str, type[Pair]] = {
+    "tl-sqlite": TasklocksPair,
+    "tl-mysql": TasklocksPair,
+    "tl-pg": TasklocksPair,
+    "filelock": FileLockPair,
+    "redis": RedisPair,
+    "cas-mysql": MySQLCasPair,
+    "cas-pg": PgCasPair,
+    "cas-sqlite": SQLiteImmediatePair,
+    "adv-pg": AdvisoryPair,
+    "getlock-mysql": GetLockPair,
+}
+
+
+def open_pair(spec: PairSpec) -> Pair:
+    """Open the connection ``spec`` needs, in this process."""
+    return _KINDS[spec.kind](spec)  # type: ignore[call-arg]
+
+
+def advisory_key(cfg: Config, index: int) -> int:
+    """A per-run, per-process advisory lock key (64-bit signed)."""
+    return (zlib.crc32(cfg.run_id.encode()) << 20) + index
+
+
+# --- baseline tables: created before the run, dropped after it ------------------------------
+
+_EMPTY = '{"format":1,"locks":{}}'
+
+
+def setup_baselines(cfg: Config, namespaces: list[str]) -> None:
+    """Create the read+CAS tables (one row per ``namespaces`` entry) wherever the server is up."""
+    t = cfg.cas_table
+    conn = sqlite3.connect(cfg.sqlite_baseline_path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(
+        f"CREATE TABLE {t} (namespace TEXT PRIMARY KEY, version INTEGER NOT NULL, data TEXT)"
+    )
+    conn.executemany(f"INSERT INTO {t} VALUES (?, 0, ?)", [(ns, _EMPTY) for ns in namespaces])
+    conn.close()
+    if cfg.server_skip.get("mysql") is None:
+        mconn = mysql_connect(cfg.mysql_url)
+        with mconn.cursor() as cur:
+            cur.execute(
+                f"CREATE TABLE {t} (namespace VARCHAR(200) PRIMARY KEY, "
+                "version BIGINT NOT NULL, data LONGTEXT NOT NULL) ENGINE=InnoDB"
+            )
+            cur.executemany(
+                f"INSERT INTO {t} VALUES (%s, 0, %s)", [(ns, _EMPTY) for ns in namespaces]
+            )
+        mconn.close()
+    if cfg.server_skip.get("postgresql") is None:
+        import psycopg
+
+        with psycopg.connect(pg_conninfo(cfg.pg_url), autocommit=True) as pconn:
+            pconn.execute(
+                f"CREATE TABLE {t} (namespace TEXT PRIMARY KEY, "
+                "version BIGINT NOT NULL, data TEXT NOT NULL)"
+            )
+            with pconn.cursor() as cur:
+                cur.executemany(
+                    f"INSERT INTO {t} VALUES (%s, 0, %s)",
+                    [(ns, _EMPTY) for ns in namespaces],
+                )
+
+
+def teardown(cfg: Config) -> list[str]:
+    """Drop the baseline tables and delete this run's tasklocks rows; return what went wrong."""
+    problems: list[str] = []
+    prefix = cfg.namespace("") + "%"
+    if cfg.server_skip.get("mysql") is None:
+        try:
+            mconn = mysql_connect(cfg.mysql_url)
+            with mconn.cursor() as cur:
+                cur.execute(f"DROP TABLE IF EXISTS {cfg.cas_table}")
+                if cfg.tasklocks_skip.get("mysql") is None:
+                    cur.execute("DELETE FROM tasklocks WHERE namespace LIKE %s", (prefix,))
+            mconn.close()
+        except Exception as exc:
+            problems.append(f"MariaDB cleanup: {exc}")
+    if cfg.server_skip.get("postgresql") is None:
+        try:
+            import psycopg
+
+            with psycopg.connect(pg_conninfo(cfg.pg_url), autocommit=True) as pconn:
+                pconn.execute(f"DROP TABLE IF EXISTS {cfg.cas_table}")
+                if cfg.tasklocks_skip.get("postgresql") is None:
+                    pconn.execute("DELETE FROM tasklocks WHERE namespace LIKE %s", (prefix,))
+        except Exception as exc:
+            problems.append(f"PostgreSQL cleanup: {exc}")
+    return problems

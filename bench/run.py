@@ -1,0 +1,540 @@
+"""tasklocks benchmarks: every speed target of the spec, as ratios measured in the same run.
+
+Usage: ``python bench/run.py [--quick] [--only NAME...]`` with NAME one of
+``uncontended``, ``throughput``, ``handoff``, ``waiting``, ``docsize``.
+
+Sections run on every backend whose tasklocks adapter imports and whose server answers; the others
+print "skipped: reason". One table at the end shows tasklocks next to each baseline, the ratio, the
+target and PASS/FAIL. Baseline tables and this run's tasklocks rows are removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from bench_common import BACKENDS, Config, median, percentile, probe, query_counter
+from bench_common import redis_skip as probe_redis
+from bench_crew import Crew, LoopResult, WaitResult, WorkerError
+from bench_pairs import (
+    BACKEND_OF,
+    BASELINE_NAMES,
+    TASKLOCKS,
+    Pair,
+    PairSpec,
+    advisory_key,
+    open_pair,
+    setup_baselines,
+    teardown,
+)
+
+import tasklocks
+
+SECTIONS = ("uncontended", "throughput", "handoff", "waiting", "docsize")
+LABEL = {"sqlite": "SQLite", "mysql": "MariaDB", "postgresql": "PostgreSQL"}
+THROUGHPUT_WORKERS = 32
+WAITERS = 20
+
+
+@dataclass
+class Row:
+    test: str
+    tasklocks: str
+    baseline: str = ""
+    ratio: str = ""
+    target: str = ""
+    result: str = ""
+
+
+ROWS: list[Row] = []
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def verdict(ok: bool | None) -> str:
+    return "" if ok is None else ("PASS" if ok else "FAIL")
+
+
+def us(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1e6:,.0f} us"
+
+
+def ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1e3:,.1f} ms"
+
+
+def skip_reason(cfg: Config, kind: str, redis_reason: str | None) -> str | None:
+    backend = BACKEND_OF[kind]
+    if backend == "redis":
+        return redis_reason
+    if kind.startswith("tl-"):
+        return cfg.tasklocks_skip[backend]
+    return cfg.server_skip[backend]
+
+
+# --- 1. uncontended pair ------------------------------------------------------------------------
+
+
+def measure_pairs(
+    pairs: dict[str, Pair], n: int, warmup: int, block: int = 50
+) -> dict[str, list[float]]:
+    """Time ``n`` pairs of each contender, interleaved in blocks so drift hits all alike."""
+    for p in pairs.values():
+        for _ in range(warmup):
+            p.pair()
+    out: dict[str, list[float]] = {k: [] for k in pairs}
+    clock = time.perf_counter
+    done = 0
+    while done < n:
+        step = min(block, n - done)
+        for k, p in pairs.items():
+            lat = out[k]
+            for _ in range(step):
+                t0 = clock()
+                p.pair()
+                lat.append(clock() - t0)
+        done += step
+    return out
+
+
+def section_uncontended(cfg: Config, redis_reason: str | None) -> None:
+    say("\n== 1. uncontended acquire+release (one process, same lock) ==")
+    n_local, n_server = (300, 200) if cfg.quick else (3000, 1500)
+    ns = cfg.namespace("uncontended")
+
+    def run(kinds: list[str], n: int) -> dict[str, list[float] | str]:
+        result: dict[str, list[float] | str] = {}
+        opened: dict[str, Pair] = {}
+        for kind in kinds:
+            reason = skip_reason(cfg, kind, redis_reason)
+            if reason is not None:
+                result[kind] = reason
+                continue
+            try:
+                opened[kind] = open_pair(
+                    PairSpec(kind, cfg, ns, "uncontended", advisory_key(cfg, 999))
+                )
+            except Exception as exc:
+                result[kind] = f"{type(exc).__name__}: {exc}"
+        try:
+            result.update(measure_pairs(opened, n, warmup=max(50, n // 10)))
+        except Exception as exc:
+            for kind in opened:
+                result[kind] = f"{type(exc).__name__}: {exc}"
+        finally:
+            for p in opened.values():
+                p.close()
+        for kind, value in result.items():
+            if isinstance(value, str):
+                say(f"  {BASELINE_NAMES[kind]}: skipped: {value}")
+            else:
+                say(
+                    f"  {BASELINE_NAMES[kind]}: median {us(median(value))}, "
+                    f"p99 {us(percentile(value, 99))} ({len(value)} pairs)"
+                )
+        return result
+
+    def compare(
+        backend: str, base: str, res: dict[str, list[float] | str], target: float, faster: bool
+    ) -> None:
+        tl = res[TASKLOCKS[backend]]
+        bl = res[base]
+        tl_med = median(tl) if isinstance(tl, list) else math.nan
+        bl_med = median(bl) if isinstance(bl, list) else math.nan
+        ok: bool | None = None
+        ratio = ""
+        if isinstance(tl, list) and isinstance(bl, list):
+            r = bl_med / tl_med if faster else tl_med / bl_med
+            ratio = f"{r:.2f}x"
+            ok = r >= target if faster else r <= target
+        ROWS.append(
+            Row(
+                f"1 pair {LABEL[backend]} (median)",
+                us(tl_med) if isinstance(tl, list) else f"skipped: {tl}",
+                f"{BASELINE_NAMES[base]} {us(bl_med)}" if isinstance(bl, list) else "skipped",
+                ratio,
+                f"base/tl >= {target}x" if faster else f"tl/base <= {target}x",
+                verdict(ok),
+            )
+        )
+
+    res = run(["tl-sqlite", "filelock", "cas-sqlite", "redis"], n_local)
+    compare("sqlite", "filelock", res, 2.0, faster=True)
+    info(res, "cas-sqlite", "1 pair BEGIN IMMEDIATE loop (info)")
+    info(res, "redis", "1 pair redis-py Lock (info)")
+    res = run(["tl-mysql", "cas-mysql", "getlock-mysql"], n_server)
+    compare("mysql", "cas-mysql", res, 1.5, faster=False)
+    info(res, "getlock-mysql", "1 pair MariaDB GET_LOCK (info)")
+    res = run(["tl-pg", "cas-pg", "adv-pg"], n_server)
+    compare("postgresql", "cas-pg", res, 1.5, faster=False)
+    info(res, "adv-pg", "1 pair PG advisory lock (info)")
+
+
+def info(res: dict[str, list[float] | str], kind: str, test: str) -> None:
+    v = res[kind]
+    ROWS.append(
+        Row(
+            test,
+            "",
+            f"{BASELINE_NAMES[kind]} {us(median(v))}" if isinstance(v, list) else "skipped",
+        )
+    )
+
+
+# --- 2. throughput: 32 processes, distinct names --------------------------------------------------
+
+
+def run_loop(crew: Crew, cfg: Config, kind: str, duration: float) -> list[LoopResult] | str:
+    ns = cfg.namespace(f"throughput-{kind}")
+    jobs: dict[int, tuple[str, tuple[Any, ...]]] = {
+        i: ("loop", (PairSpec(kind, cfg, ns, f"w{i}", advisory_key(cfg, i)), duration))
+        for i in range(crew.size)
+    }
+    task = crew.submit(jobs)
+    try:
+        return list(crew.collect(task, crew.size, timeout=duration + 180).values())
+    except WorkerError as exc:
+        return str(exc).strip().splitlines()[0]
+
+
+class LoopSummary(NamedTuple):
+    rate: float  # pairs/s, all processes together
+    p99: float
+    p999: float
+    worst: float
+    fewest: int  # pairs done by the slowest process
+    per_pair: str  # server statements or transactions per pair, if counted
+
+
+def summarise_loop(results: list[LoopResult]) -> LoopSummary:
+    """pairs/s, p99, p99.9, max, pairs done by the slowest process, and server work per pair."""
+    lat = [x for r in results for x in r.latencies]
+    elapsed = max(r.elapsed for r in results)
+    counts = [len(r.latencies) for r in results]
+    rate = len(lat) / elapsed
+    queries = sum(r.queries for r in results)
+    per_pair = f"{queries / len(lat):.1f}" if queries else ""
+    return LoopSummary(
+        rate, percentile(lat, 99), percentile(lat, 99.9), max(lat), min(counts), per_pair
+    )
+
+
+def section_throughput(cfg: Config, crew: Crew, redis_reason: str | None) -> None:
+    duration = 1.0 if cfg.quick else 3.0
+    say(f"\n== 2. {crew.size} processes, distinct names, {duration:g} s each ==")
+    pairs = [
+        ("postgresql", "adv-pg", 0.5, "stretch"),
+        ("mysql", "getlock-mysql", 0.5, "stretch"),
+        ("sqlite", "cas-sqlite", 1.0, ""),
+    ]
+    for backend, base, target, note in pairs:
+        measured: dict[str, list[LoopResult] | str] = {}
+        for kind in (TASKLOCKS[backend], base):
+            reason = skip_reason(cfg, kind, redis_reason)
+            measured[kind] = reason if reason is not None else run_loop(crew, cfg, kind, duration)
+            v = measured[kind]
+            if isinstance(v, str):
+                say(f"  {BASELINE_NAMES[kind]}: skipped: {v}")
+            else:
+                rate, p99, p999, worst, fewest, per_pair = summarise_loop(v)
+                say(
+                    f"  {BASELINE_NAMES[kind]}: {rate:,.0f} pairs/s, p99 {ms(p99)}, "
+                    f"p99.9 {ms(p999)}, max {ms(worst)}, slowest process did {fewest} pairs"
+                    + (f", {per_pair} queries/pair" if per_pair else "")
+                )
+        tl, bl = measured[TASKLOCKS[backend]], measured[base]
+        lab = LABEL[backend]
+        tl_s = summarise_loop(tl) if isinstance(tl, list) else None
+        bl_s = summarise_loop(bl) if isinstance(bl, list) else None
+        ratio, ok = "", None
+        if tl_s and bl_s:
+            r = tl_s.rate / bl_s.rate
+            ratio, ok = f"{r:.2f}x", r >= target
+        ROWS.append(
+            Row(
+                f"2 {crew.size}proc {lab} pairs/s",
+                f"{tl_s.rate:,.0f}/s" + per(tl_s, backend) if tl_s else f"skipped: {tl}",
+                f"{BASELINE_NAMES[base]} {bl_s.rate:,.0f}/s" + per(bl_s, backend)
+                if bl_s
+                else "skipped",
+                ratio,
+                f"tl/base >= {target}x" + (f" ({note})" if note else ""),
+                verdict(ok),
+            )
+        )
+        for label, limit in (("p99", 0.025), ("p99.9", 0.050)):
+            tl_p = (tl_s.p99 if label == "p99" else tl_s.p999) if tl_s else math.nan
+            bl_p = (bl_s.p99 if label == "p99" else bl_s.p999) if bl_s else math.nan
+            ROWS.append(
+                Row(
+                    f"2 {crew.size}proc {lab} {label}",
+                    ms(tl_p) if tl_s else "skipped",
+                    f"{BASELINE_NAMES[base]} {ms(bl_p)}" if bl_s else "skipped",
+                    "",
+                    f"tl < {limit * 1e3:g} ms",
+                    verdict(tl_p < limit if tl_s else None),
+                )
+            )
+
+
+def per(summary: LoopSummary, backend: str) -> str:
+    if not summary.per_pair:
+        return ""
+    return f" ({summary.per_pair} q/pair)"
+
+
+# --- 3. hand-off latency -------------------------------------------------------------------------
+
+
+def section_handoff(cfg: Config, crew: Crew) -> None:
+    rounds = 15 if cfg.quick else 50
+    say(f"\n== 3. hand-off latency, {rounds} rounds, holds of 20-80 ms ==")
+    for backend in BACKENDS:
+        lab = LABEL[backend]
+        reason = cfg.tasklocks_skip[backend]
+        if reason is None:
+            url, ns = cfg.url(backend), cfg.namespace(f"handoff-{backend}")
+            crew.shared.held.clear()
+            crew.shared.done.clear()
+            task = crew.submit(
+                {
+                    0: ("handoff_holder", (url, ns, rounds + 1, 4711)),
+                    1: ("handoff_waiter", (url, ns, rounds + 1)),
+                }
+            )
+            try:
+                got = crew.collect(task, 2, timeout=rounds * 2 + 120)
+                # Round 0 is a warm-up; then latency = B's acquire-return minus A's release-start.
+                lat = [b - a for a, b in zip(got[0][1:], got[1][1:], strict=True)]
+            except WorkerError as exc:
+                reason = str(exc).strip().splitlines()[0]
+        if reason is not None:
+            say(f"  {lab}: skipped: {reason}")
+            ROWS.append(Row(f"3 hand-off {lab} p50", f"skipped: {reason}", target="<= 5 ms"))
+            continue
+        p50, p99 = median(lat), percentile(lat, 99)
+        say(f"  {lab}: p50 {ms(p50)}, p99 {ms(p99)}, max {ms(max(lat))}")
+        ROWS.append(Row(f"3 hand-off {lab} p50", ms(p50), "", "", "<= 5 ms", verdict(p50 <= 0.005)))
+        ROWS.append(
+            Row(f"3 hand-off {lab} p99", ms(p99), "", "", "<= 25 ms", verdict(p99 <= 0.025))
+        )
+
+
+# --- 4. waiting CPU ------------------------------------------------------------------------------
+
+
+def section_waiting(cfg: Config, crew: Crew) -> None:
+    duration = 3.0 if cfg.quick else 10.0
+    say(f"\n== 4. {WAITERS} processes blocked on one held lock for {duration:g} s ==")
+
+    for backend in BACKENDS:
+        lab = LABEL[backend]
+        reason = cfg.tasklocks_skip[backend]
+        if reason is not None:
+            say(f"  {lab}: skipped: {reason}")
+            ROWS.append(Row(f"4 waiting CPU {lab}", f"skipped: {reason}", target="< 10% of a core"))
+            continue
+        url, ns = cfg.url(backend), cfg.namespace(f"waiting-{backend}")
+        with tasklocks.connect(url, ns) as table:
+            lease = table.acquire("busy")
+            task = crew.submit({i: ("block", (url, ns, "busy", duration)) for i in range(WAITERS)})
+            try:
+                crew.wait_ready(task, WAITERS, timeout=120)
+                if backend == "postgresql":
+                    time.sleep(1.1)  # let the waiters' setup transactions reach pg_stat
+                q0, t0 = query_counter(cfg, backend), time.monotonic()
+                got: dict[int, WaitResult] = crew.collect(task, WAITERS, timeout=duration + 120)
+                t1 = time.monotonic()
+                if backend == "postgresql":
+                    time.sleep(1.1)  # backends flush their statistics at most once a second
+                q1 = query_counter(cfg, backend)
+            except WorkerError as exc:
+                reason = str(exc).strip().splitlines()[0]
+            finally:
+                lease.release()
+        if reason is not None:
+            say(f"  {lab}: skipped: {reason}")
+            ROWS.append(Row(f"4 waiting CPU {lab}", f"skipped: {reason}", target="< 10% of a core"))
+            continue
+        cpu = sum(r.cpu for r in got.values())
+        wall = median([r.wall for r in got.values()])
+        pct = cpu / wall * 100
+        outcomes = sorted({r.outcome for r in got.values()})
+        queries = server = ""
+        if backend != "sqlite":
+            sent = sum(r.queries for r in got.values())
+            queries = f"sent {sent:,} queries ({sent / wall / WAITERS:,.1f}/s per waiter)"
+            if q0 is not None and q1 is not None:
+                what = "xact_commit+rollback" if backend == "postgresql" else "Questions"
+                server = f"; server {what} +{q1 - q0:,.0f} in {t1 - t0:.1f} s (all clients)"
+        say(
+            f"  {lab}: {cpu:.2f} s CPU in {wall:.1f} s = {pct:.1f}% of one core; "
+            f"{queries or 'no server'}{server}; waiters {', '.join(outcomes)}"
+        )
+        ROWS.append(
+            Row(
+                f"4 waiting CPU {lab}",
+                f"{pct:.1f}% of a core",
+                queries,
+                "",
+                "< 10% of a core",
+                verdict(pct < 10),
+            )
+        )
+
+
+# --- 5. document size ----------------------------------------------------------------------------
+
+
+def section_docsize(cfg: Config) -> None:
+    n = 40 if cfg.quick else 150
+    say(f"\n== 5. one more acquire+release with 10 vs 1000 locks held ({n} pairs each) ==")
+
+    for backend in BACKENDS:
+        lab = LABEL[backend]
+        reason = cfg.tasklocks_skip[backend]
+        if reason is not None:
+            say(f"  {lab}: skipped: {reason}")
+            ROWS.append(Row(f"5 1000 vs 10 held {lab}", f"skipped: {reason}", target="<= 5x"))
+            continue
+        # Two namespaces, one with 10 locks held and one with 1,000, measured in interleaved
+        # blocks so that a burst of load elsewhere on the machine hits both alike.
+        url = cfg.url(backend)
+        small_t = tasklocks.connect(url, cfg.namespace(f"docsize10-{backend}"))
+        big_t = tasklocks.connect(url, cfg.namespace(f"docsize1000-{backend}"))
+        try:
+            leases = [small_t.acquire(*[f"held-{i}" for i in range(10)])]
+            for start in range(0, 1000, 100):
+                leases.append(big_t.acquire(*[f"held-{i}" for i in range(start, start + 100)]))
+            got = measure_pairs(
+                {"small": _TablePair(small_t), "big": _TablePair(big_t)}, n, warmup=10, block=10
+            )
+            small, big = got["small"], got["big"]
+            for lease in leases:
+                lease.release()
+        finally:
+            small_t.close()
+            big_t.close()
+        m_small, m_big = median(small), median(big)
+        r = m_big / m_small
+        say(f"  {lab}: 10 held {us(m_small)}, 1000 held {us(m_big)}, ratio {r:.1f}x")
+        ROWS.append(
+            Row(
+                f"5 1000 vs 10 held {lab}",
+                f"{us(m_big)} vs {us(m_small)}",
+                "",
+                f"{r:.2f}x",
+                "<= 5x",
+                verdict(r <= 5),
+            )
+        )
+
+
+class _TablePair:
+    """One more acquire+release on a name nobody holds, through an open LockTable."""
+
+    def __init__(self, table: tasklocks.LockTable) -> None:
+        self.table = table
+
+    def pair(self) -> None:
+        self.table.acquire("extra").release()
+
+    def close(self) -> None:
+        self.table.close()
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+
+def print_table() -> None:
+    headers = Row("test", "tasklocks", "baseline", "ratio", "target", "result")
+    rows = [headers, *ROWS]
+    cols = ["test", "tasklocks", "baseline", "ratio", "target", "result"]
+    clip = {c: 60 for c in cols}
+    widths = {c: min(clip[c], max(len(getattr(r, c)) for r in rows)) for c in cols}
+
+    def line(r: Row) -> str:
+        cells = []
+        for c in cols:
+            text = getattr(r, c)
+            if len(text) > widths[c]:
+                text = text[: widths[c] - 3] + "..."
+            cells.append(text.ljust(widths[c]))
+        return " | ".join(cells).rstrip()
+
+    say("\n" + line(headers))
+    say("-+-".join("-" * widths[c] for c in cols))
+    for r in ROWS:
+        say(line(r))
+    passed = sum(r.result == "PASS" for r in ROWS)
+    failed = sum(r.result == "FAIL" for r in ROWS)
+    skipped = sum(1 for r in ROWS if r.target and not r.result)
+    say(f"\n{passed} PASS, {failed} FAIL, {skipped} skipped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="shorter runs (about a minute)")
+    parser.add_argument(
+        "--only", nargs="+", choices=SECTIONS, metavar="NAME", help=", ".join(SECTIONS)
+    )
+    args = parser.parse_args(argv)
+    only = set(args.only or SECTIONS)
+    started = time.monotonic()
+    tmpdir = tempfile.mkdtemp(prefix="tasklocks-bench-")
+    cfg = Config(run_id=secrets.token_hex(4), tmpdir=tmpdir, quick=args.quick)
+    say(
+        f"tasklocks bench, run {cfg.run_id}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f}, temp dir {tmpdir}"
+    )
+    probe(cfg)
+    redis_reason = probe_redis(cfg)
+    for backend in BACKENDS:
+        state = cfg.tasklocks_skip[backend]
+        say(f"  {LABEL[backend]}: " + ("ready" if state is None else f"tasklocks skipped: {state}"))
+    crew: Crew | None = None
+    try:
+        setup_baselines(
+            cfg,
+            [
+                cfg.namespace("uncontended"),
+                *(cfg.namespace(f"throughput-{k}") for k in BASELINE_NAMES),
+            ],
+        )
+        if only & {"throughput", "handoff", "waiting"}:
+            t = time.monotonic()
+            crew = Crew(THROUGHPUT_WORKERS)
+            say(f"started {THROUGHPUT_WORKERS} worker processes in {time.monotonic() - t:.1f} s")
+        if "uncontended" in only:
+            section_uncontended(cfg, redis_reason)
+        if crew is not None and "throughput" in only:
+            section_throughput(cfg, crew, redis_reason)
+        if crew is not None and "handoff" in only:
+            section_handoff(cfg, crew)
+        if crew is not None and "waiting" in only:
+            section_waiting(cfg, crew)
+        if "docsize" in only:
+            section_docsize(cfg)
+    finally:
+        if crew is not None:
+            crew.close()
+        for problem in teardown(cfg):
+            say(f"cleanup: {problem}")
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    print_table()
+    say(f"\ntotal {time.monotonic() - started:.0f} s, load average now {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
