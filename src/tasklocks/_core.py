@@ -25,9 +25,8 @@ Documents are immutable mappings from name to :class:`Holder`; transitions retur
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, Final
 
 from tasklocks.errors import CorruptLockTable, LockHeld, NotHeld
@@ -39,6 +38,7 @@ __all__ = [
     "Document",
     "Granted",
     "Holder",
+    "LockDoc",
     "Refused",
     "acquire",
     "decode",
@@ -99,8 +99,57 @@ class Claimant:
         )
 
 
+class LockDoc(Mapping[str, Holder]):
+    """An immutable lock document that also keeps each entry's encoded JSON, so that a change
+    re-encodes only what it changed: with many locks held, encoding is one string join."""
+
+    __slots__ = ("_holders", "_parts")
+
+    def __init__(self, holders: dict[str, Holder], parts: dict[str, str] | None = None) -> None:
+        self._holders = holders
+        self._parts = parts
+
+    def __getitem__(self, name: str) -> Holder:
+        return self._holders[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._holders)
+
+    def __len__(self) -> int:
+        return len(self._holders)
+
+    def __repr__(self) -> str:
+        return f"LockDoc({self._holders!r})"
+
+    def parts(self) -> dict[str, str]:
+        """Each entry's encoded ``"name":{...}`` text (computed once per entry)."""
+        if self._parts is None:
+            self._parts = {n: _fragment(n, h) for n, h in self._holders.items()}
+        return self._parts
+
+
 Document = Mapping[str, Holder]
-EMPTY: Final[Document] = MappingProxyType({})
+EMPTY: Final[LockDoc] = LockDoc({}, {})
+
+
+def _derive(
+    doc: Document, remove: Iterable[str] = (), add: Mapping[str, Holder] | None = None
+) -> LockDoc:
+    """A new document: ``doc`` without ``remove``, plus ``add`` (keeping encoded entries)."""
+    if isinstance(doc, LockDoc):
+        holders = doc._holders.copy()
+        parts = None if doc._parts is None else doc._parts.copy()
+    else:
+        holders, parts = dict(doc), None
+    for name in remove:
+        del holders[name]
+        if parts is not None:
+            del parts[name]
+    for name, holder in (add or {}).items():
+        holders[name] = holder
+        if parts is not None:
+            parts[name] = _fragment(name, holder)
+    return LockDoc(holders, parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,16 +175,15 @@ class Refused:
         return bool(self.reaped)
 
 
-def _reap(
+def _dead(
     doc: Document, names: Iterable[str], is_dead: Callable[[Holder], bool]
-) -> tuple[dict[str, Holder], dict[str, Holder]]:
-    new = dict(doc)
+) -> dict[str, Holder]:
     reaped = {}
     for name in names:
-        holder = new.get(name)
+        holder = doc.get(name)
         if holder is not None and is_dead(holder):
-            reaped[name] = new.pop(name)
-    return new, reaped
+            reaped[name] = holder
+    return reaped
 
 
 def acquire(
@@ -155,15 +203,13 @@ def acquire(
     wanted = list(dict.fromkeys(names))
     if wanted and all((h := doc.get(n)) is not None and h.lease == claimant.lease for n in wanted):
         return Granted(doc, doc[wanted[0]].token, {}, changed=False)
-    new, reaped = _reap(doc, wanted, is_dead)
-    blockers = {n: new[n] for n in wanted if n in new}
+    reaped = _dead(doc, wanted, is_dead)
+    blockers = {n: doc[n] for n in wanted if n in doc and n not in reaped}
     if blockers:
-        return Refused(MappingProxyType(new) if reaped else doc, blockers, reaped)
+        return Refused(_derive(doc, reaped) if reaped else doc, blockers, reaped)
     token = version + 1
     holder = claimant.holder(now, token)
-    for name in wanted:
-        new[name] = holder
-    return Granted(MappingProxyType(new), token, reaped, changed=True)
+    return Granted(_derive(doc, reaped, dict.fromkeys(wanted, holder)), token, reaped, True)
 
 
 def release(
@@ -173,13 +219,12 @@ def release(
 
     Raises :class:`NotHeld` naming the first lock that ``owner`` does not hold.
     """
-    new = dict(doc)
-    for name in dict.fromkeys(names):
-        holder = new.get(name)
+    wanted = list(dict.fromkeys(names))
+    for name in wanted:
+        holder = doc.get(name)
         if holder is None or holder.owner != owner or (lease is not None and holder.lease != lease):
             raise NotHeld(name, owner, holder)
-        del new[name]
-    return MappingProxyType(new)
+    return _derive(doc, wanted)
 
 
 def release_owner(doc: Document, owner: str) -> tuple[Document, list[str]]:
@@ -187,7 +232,7 @@ def release_owner(doc: Document, owner: str) -> tuple[Document, list[str]]:
     freed = [name for name, h in doc.items() if h.owner == owner]
     if not freed:
         return doc, []
-    return MappingProxyType({n: h for n, h in doc.items() if h.owner != owner}), freed
+    return _derive(doc, freed), freed
 
 
 def release_all(doc: Document) -> tuple[Document, list[str]]:
@@ -197,8 +242,8 @@ def release_all(doc: Document) -> tuple[Document, list[str]]:
 
 def reap(doc: Document, is_dead: Callable[[Holder], bool]) -> tuple[Document, dict[str, Holder]]:
     """Drop every holder that ``is_dead`` proves dead."""
-    new, reaped = _reap(doc, list(doc), is_dead)
-    return (MappingProxyType(new) if reaped else doc), reaped
+    reaped = _dead(doc, list(doc), is_dead)
+    return (_derive(doc, reaped) if reaped else doc), reaped
 
 
 def check_not_already_held(
@@ -266,8 +311,13 @@ def _holder_from_json(namespace: str, name: str, raw: Any) -> Holder:
     )
 
 
-def decode(text: str | bytes | None, namespace: str) -> Document:
-    """Parse a stored document; raise :class:`CorruptLockTable` if it is not a valid one."""
+def decode(text: str | bytes | None, namespace: str, previous: Document | None = None) -> Document:
+    """Parse a stored document; raise :class:`CorruptLockTable` if it is not a valid one.
+
+    ``previous`` (the document this process saw last) saves work: an entry with the same name,
+    lease and token is the same acquisition, written once and never changed, so its holder is
+    reused instead of being checked and built again.
+    """
     if text is None or text in ("", b""):
         return EMPTY
     try:
@@ -285,9 +335,25 @@ def decode(text: str | bytes | None, namespace: str) -> Document:
         raise CorruptLockTable(namespace, f"unknown format {fmt!r}")
     if not isinstance(raw.get("locks"), dict):
         raise CorruptLockTable(namespace, "no 'locks' object")
-    return MappingProxyType(
-        {name: _holder_from_json(namespace, name, h) for name, h in raw["locks"].items()}
-    )
+    known = previous or {}
+    known_parts = previous.parts() if isinstance(previous, LockDoc) else {}
+    out: dict[str, Holder] = {}
+    parts: dict[str, str] = {}
+    for name, entry in raw["locks"].items():
+        old = known.get(name)
+        if (
+            old is None
+            or type(entry) is not dict
+            or entry.get("lease") != old.lease
+            or entry.get("token") != old.token
+            or type(entry.get("token")) is not int
+        ):
+            old = _holder_from_json(namespace, name, entry)
+            parts[name] = _fragment(name, old)
+        else:
+            parts[name] = known_parts.get(name) or _fragment(name, old)
+        out[name] = old
+    return LockDoc(out, parts)
 
 
 def holder_to_json(holder: Holder) -> dict[str, Any]:
@@ -295,28 +361,21 @@ def holder_to_json(holder: Holder) -> dict[str, Any]:
     return {field: getattr(holder, field) for field in _FIELDS}
 
 
-class Encoder:
-    """Encodes documents, reusing each holder's encoded text: with many locks held, a change
-    costs a string join instead of re-encoding every entry."""
+def _fragment(name: str, holder: Holder) -> str:
+    return _dumps(name) + ":" + _dumps(holder_to_json(holder))
 
-    def __init__(self) -> None:
-        self._cache: dict[tuple[str, str, int], str] = {}
+
+class Encoder:
+    """Encodes documents (kept for callers that hold one; :func:`encode` is the same)."""
 
     def encode(self, doc: Document) -> str:
-        cache = self._cache
-        parts = []
-        fresh: dict[tuple[str, str, int], str] = {}
-        for name, holder in doc.items():
-            key = (name, holder.lease, holder.token)
-            part = cache.get(key)
-            if part is None:
-                part = _dumps(name) + ":" + _dumps(holder_to_json(holder))
-            fresh[key] = part
-            parts.append(part)
-        self._cache = fresh
-        return '{"format":1,"locks":{' + ",".join(parts) + "}}"
+        return encode(doc)
 
 
 def encode(doc: Document) -> str:
-    """Serialize a document (stable, compact JSON)."""
-    return Encoder().encode(doc)
+    """Serialize a document (stable, compact JSON). A :class:`LockDoc` reuses the encoded
+    text of every entry it did not change."""
+    parts = (
+        doc.parts() if isinstance(doc, LockDoc) else {n: _fragment(n, h) for n, h in doc.items()}
+    )
+    return '{"format":1,"locks":{' + ",".join(parts.values()) + "}}"

@@ -13,6 +13,7 @@ from typing import Final, TypeVar
 
 from tasklocks import _core
 from tasklocks._core import Claimant, Document, Holder
+from tasklocks._wake import Waker
 from tasklocks.errors import LockHeld, LockTimeout, NotHeld, StoreUnavailable
 from tasklocks.names import validate_name, validate_namespace, validate_owner
 from tasklocks.owner import (
@@ -43,7 +44,7 @@ THIS_PROCESS: Final = _ThisProcess()
 
 # How often a waiter re-checks, without any query, whether the holders it waits for died:
 # a process that dies does not announce it.
-_DEATH_CHECK_INTERVAL = 0.2
+_DEATH_CHECK_INTERVAL = 0.5
 _LOST_REPLY_RETRIES = 8
 
 
@@ -110,6 +111,7 @@ class LockTable:
         self._snap: Snapshot | None = None
         self._doc: Document = _core.EMPTY
         self._encoder = _core.Encoder()
+        self._waker = Waker(f"{store.url}|{getattr(store, 'table', '')}|{self.namespace}")
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -119,7 +121,7 @@ class LockTable:
             cached is snap or (cached.version == snap.version and cached.data == snap.data)
         ):
             return self._doc
-        doc = _core.decode(snap.data, self.namespace)
+        doc = _core.decode(snap.data, self.namespace, self._doc)
         self._snap, self._doc = snap, doc
         return doc
 
@@ -127,13 +129,13 @@ class LockTable:
         """Run one transition through the store. ``step(doc, version, retrying)`` returns
         (new document or None for no change, wake waiters?, result)."""
         retrying = [False]
-        box: list[tuple[Document | None, str | None, T]] = []
+        box: list[tuple[Document | None, str | None, bool, T]] = []
 
         def compute(snap: Snapshot) -> tuple[str, bool] | None:
             box.clear()
             new, wake, result = step(self._decode(snap), snap.version, retrying[0])
             text = None if new is None else self._encoder.encode(new)
-            box.append((new, text, result))
+            box.append((new, text, wake, result))
             return None if text is None else (text, wake)
 
         for attempt in range(_LOST_REPLY_RETRIES + 1):
@@ -148,9 +150,11 @@ class LockTable:
                 self._snap = None
                 time.sleep(min(0.05 * 2**attempt, 1.0) * (0.5 + secrets.randbelow(100) / 100))
                 continue
-            new, text, result = box[-1]
+            new, text, wake, result = box[-1]
             if new is not None and snap.data is text:
                 self._snap, self._doc = snap, new
+            if text is not None and wake:
+                self._waker.notify()
             return result
         raise StoreUnavailable("unreachable")  # pragma: no cover - the loop returns or raises
 
@@ -244,6 +248,7 @@ class LockTable:
     ) -> None:
         """Sleep until the document changes or a blocker is proven dead."""
         version = self._snap.version if self._snap is not None else 0
+        wake_fd = self._waker.fileno()  # before wait_for_change checks the version: no lost wake
         while True:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
@@ -252,8 +257,8 @@ class LockTable:
             chunk = _DEATH_CHECK_INTERVAL
             if deadline is not None:
                 chunk = min(chunk, deadline - now)
-            self.store.wait_for_change(self.namespace, version, chunk)
-            if self.store.read(self.namespace).version != version:
+            self.store.wait_for_change(self.namespace, version, chunk, wake_fd)
+            if self._waker.drain() or self.store.read(self.namespace).version != version:
                 return
             if any(owner_is_dead(h) for h in blockers.values()):
                 return
@@ -371,6 +376,7 @@ class LockTable:
 
     def close(self) -> None:
         """Close the store if this table opened it."""
+        self._waker.close()
         if self._owns_store:
             self.store.close()
 

@@ -770,8 +770,10 @@ class LosingStore:
     def reset(self, namespace: str, data: str) -> Snapshot:
         return self.inner.reset(namespace, data)
 
-    def wait_for_change(self, namespace: str, version: int, timeout: float) -> None:
-        self.inner.wait_for_change(namespace, version, timeout)
+    def wait_for_change(
+        self, namespace: str, version: int, timeout: float, wake_fd: int | None = None
+    ) -> None:
+        self.inner.wait_for_change(namespace, version, timeout, wake_fd)
 
     def namespaces(self) -> list[str]:
         return self.inner.namespaces()

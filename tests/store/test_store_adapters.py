@@ -528,3 +528,166 @@ def test_missing_database_is_unavailable(server: str) -> None:
     with pytest.raises(StoreUnavailable) as info:
         open_store(url).read("x")
     _assert_one_clear_line(info.value, "no_such_db_", "database")
+
+
+# --- server adapters: quoting, the pessimistic path, wake fds --------------------------------
+
+# Characters SQL quoting must get right (PostgreSQL text cannot hold NUL; MySQL gets one too).
+TRICKY = "back\\slash \\' quote' \"dq\" \n\r\t \x1a %s %% {} ü 漢 😀 \\0 '' \\\\"
+
+
+def _server_store(server: str) -> Any:
+    """An adapter, typed loosely: these tests use its newer keywords and its internals."""
+    return open_store(server)
+
+
+@pytest.mark.parametrize("hinted", [True, False])
+def test_tricky_text_survives_both_write_paths(server: str, namespace: str, hinted: bool) -> None:
+    text = TRICKY + ("\0" if server.startswith("mysql") else "")
+    store = _server_store(server)
+    try:
+        hint = store.read(namespace)
+        snap = store.transact(namespace, lambda s: (text, False), hint if hinted else None)
+        assert snap.data == text
+        assert store.read(namespace) == snap
+        # The next optimistic change compares the MD5 of that text, server-side.
+        again = store.transact(namespace, lambda s: (s.data + "!", False), snap)
+        assert again == Snapshot(snap.version + 1, text + "!")
+        assert store.read(namespace) == again
+    finally:
+        store.close()
+        raw_sql(server, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
+
+
+def test_mysql_quoting_under_no_backslash_escapes(namespace: str) -> None:
+    require("mysql")
+    url = server_url("mysql")
+    store = _server_store(url)
+    try:
+        store.read(namespace)
+        with store._conn.cursor() as cur:  # white-box: this session only
+            cur.execute("SET SESSION sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES')")
+        assert store._conn.server_status & 512  # SERVER_STATUS_NO_BACKSLASH_ESCAPES
+        for hint in (None, store.read(namespace)):
+            snap = store.transact(namespace, lambda s: (TRICKY + "\0", False), hint)
+            assert store.read(namespace) == snap
+            assert snap.data == TRICKY + "\0"
+    finally:
+        store.close()
+        raw_sql(url, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
+
+
+def test_the_driver_constants_the_mysql_adapter_copies() -> None:
+    require("mysql")
+    from pymysql.constants import CLIENT, SERVER_STATUS
+
+    from tasklocks.store import mysql
+
+    assert mysql.MULTI_STATEMENTS == CLIENT.MULTI_STATEMENTS
+    assert mysql.NO_BACKSLASH_ESCAPES == SERVER_STATUS.SERVER_STATUS_NO_BACKSLASH_ESCAPES
+
+
+def test_a_failed_pessimistic_write_leaves_no_transaction_open(server: str, namespace: str) -> None:
+    store = _server_store(server)
+    try:
+        store.read(namespace)
+
+        def refuse(snap: Snapshot) -> tuple[str, bool]:
+            raise ValueError("refused")
+
+        with pytest.raises(ValueError):
+            store.transact(namespace, refuse, None)
+        # A write from another session is not blocked by a row lock left behind.
+        other = _server_store(server)
+        try:
+            assert other.transact(namespace, increment(), None).version == 1
+        finally:
+            other.close()
+        assert store.transact(namespace, increment(), None).version == 2
+    finally:
+        store.close()
+        raw_sql(server, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
+
+
+def test_a_missed_hint_goes_pessimistic_until_a_hint_proves_fresh(
+    server: str, namespace: str
+) -> None:
+    store, other = _server_store(server), _server_store(server)
+    try:
+        stale = store.read(namespace)
+        other.transact(namespace, increment(), None)
+        snap = store.transact(namespace, increment(), stale)  # misses, then locks the row
+        assert counter(snap) == 2
+        assert store._optimistic_ok is False
+        snap = store.transact(namespace, increment(), snap)  # pessimistic: the hint was fresh
+        assert store._optimistic_ok is True
+        assert store.transact(namespace, increment(), snap) == store.read(namespace)
+        assert counter(store.read(namespace)) == 4
+    finally:
+        store.close()
+        other.close()
+        raw_sql(server, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
+
+
+def test_wait_for_change_returns_when_the_wake_fd_is_readable(server: str, namespace: str) -> None:
+    store = _server_store(server)
+    read_end, write_end = os.pipe()
+    try:
+        version = store.read(namespace).version
+
+        def wake() -> None:
+            time.sleep(0.3)
+            os.write(write_end, b"x")
+
+        thread = threading.Thread(target=wake)
+        started = time.monotonic()
+        thread.start()
+        store.wait_for_change(namespace, version, 20.0, wake_fd=read_end)
+        elapsed = time.monotonic() - started
+        thread.join()
+        assert 0.25 < elapsed < 5.0
+        assert os.read(read_end, 10) == b"x"  # not drained by the store
+        # A change is still noticed with a wake fd that stays quiet.
+        store.transact(namespace, increment(), None)
+        started = time.monotonic()
+        store.wait_for_change(namespace, version, 20.0, wake_fd=read_end)
+        assert time.monotonic() - started < 5.0
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        store.close()
+        raw_sql(server, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
+
+
+def test_threads_with_their_own_wake_fds_wake_one_by_one(server: str, namespace: str) -> None:
+    store = _server_store(server)
+    pipes = [os.pipe() for _ in range(3)]
+    done: dict[int, float] = {}
+    try:
+        version = store.read(namespace).version
+
+        def wait(i: int) -> None:
+            store.wait_for_change(namespace, version, 20.0, wake_fd=pipes[i][0])
+            done[i] = time.monotonic()
+
+        threads = [threading.Thread(target=wait, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)  # the later ones register while another thread reads
+        time.sleep(0.2)
+        for i in (2, 0, 1):
+            woken = time.monotonic()
+            os.write(pipes[i][1], b"x")
+            threads[i].join(5.0)
+            assert i in done and done[i] - woken < 2.0
+            assert len(done) == (2 if i == 0 else 1 if i == 2 else 3)
+    finally:
+        for _r, w in pipes:
+            os.write(w, b"x")
+        for t in threads:
+            t.join()
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
+        store.close()
+        raw_sql(server, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))

@@ -85,8 +85,12 @@ class Store(Protocol):
         """Overwrite a namespace's document unconditionally (``repair``); bumps the version."""
         ...
 
-    def wait_for_change(self, namespace: str, version: int, timeout: float) -> None:
-        """Return soon after the row's version differs from ``version``, or after ``timeout``."""
+    def wait_for_change(
+        self, namespace: str, version: int, timeout: float, wake_fd: int | None = None
+    ) -> None:
+        """Return soon after the row's version differs from ``version``, or after ``timeout``,
+        or as soon as ``wake_fd`` (a local wake-up channel; not read here) becomes readable.
+        With a ``wake_fd`` an adapter may watch the database itself less often."""
         ...
 
     def namespaces(self) -> list[str]:

@@ -3,11 +3,19 @@
 * One autocommit connection per store, guarded by a lock; nothing is held between calls (no
   ``LOCK TABLES``, no ``GET_LOCK``). A change with a fresh ``hint`` is one round trip: an optimistic
   ``UPDATE ... WHERE version = <hint>``. Otherwise, or when that misses, it is a short pessimistic
-  transaction in the same call: ``BEGIN; SELECT ... FOR UPDATE; UPDATE; COMMIT``, which cannot fail
-  its compare-and-swap. After a miss the optimistic try is skipped for a few calls (contention).
+  transaction in the same call, in two round trips (the connection allows multi-statements):
+  ``START TRANSACTION; SELECT ... FOR UPDATE``, then ``UPDATE ...; COMMIT``; it cannot fail its
+  compare-and-swap. Contention is judged by the hints themselves: after a miss, hinted calls stay
+  pessimistic until a pessimistic call finds that its hint was still the row.
+* The document is quoted into the SQL here with ``str.replace`` (PyMySQL's ``str.translate``
+  escaping costs milliseconds for a large document), unless the session has
+  ``NO_BACKSLASH_ESCAPES``, where the driver's own (fast) quoting is used. The MD5 the optimistic
+  update compares is computed once per text client-side.
 * Durable commits: the server's ``innodb_flush_log_at_trx_commit`` is left alone.
 * Waiters poll ``SELECT version``: MySQL has no LISTEN/NOTIFY. From every 1 ms up to every 10 ms,
-  then 5 % of the time waited so far (at most 100 ms), to keep many waiters cheap.
+  then 5 % of the time waited so far (at most 100 ms), to keep many waiters cheap. Given a
+  ``wake_fd`` (same-host releasers signal it), they poll far less often (from 5 ms up to every
+  250 ms, for changes made on other hosts) and return as soon as the fd is readable.
 * A connection lost before a change was sent is reopened and the call retried once; lost after it
   was sent, :class:`OutcomeUnknown` is raised (the caller re-reads). A forked child never touches
   its parent's socket.
@@ -19,6 +27,7 @@ import contextlib
 import hashlib
 import os
 import random
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -53,7 +62,8 @@ IDLE_PING = 1.0  # seconds idle after which a connection is pinged before a one-
 # MariaDB 10.11 (2 cores): a poll costs a waiting process ~0.2-0.3 ms of CPU once it wakes, so a
 # fixed 10 ms cap costs ~2 % of a core per waiter (20 waiters: 40 %).
 POLL_FIRST, POLL_GROWTH, POLL_CAP_FAST, POLL_SHARE, POLL_CAP = 0.001, 1.5, 0.010, 0.05, 0.100
-SKIP_MAX = 32  # calls a miss of the optimistic path may make us skip it for, at most
+# With a wake_fd, local releases arrive through it: poll only for other hosts' changes.
+WAKE_POLL_FIRST, WAKE_POLL_CAP = 0.005, 0.250
 DEADLOCK_RETRIES = 20
 
 # All the SQL of this dialect, by name. ``{t}`` is the checked table name. ``key`` is a reserved
@@ -77,7 +87,10 @@ QUERIES = {
     "schema_version": "SELECT value FROM {t}_meta WHERE `key` = 'schema_version'",
     "insert_row": "INSERT IGNORE INTO {t} (namespace, version, data) VALUES (%s, 0, %s)",
     "select": "SELECT version, data FROM {t} WHERE namespace = %s",
-    "select_for_update": "SELECT version, data FROM {t} WHERE namespace = %s FOR UPDATE",
+    # The pessimistic path: two round trips of two statements each (CLIENT.MULTI_STATEMENTS).
+    "lock_row": (
+        "START TRANSACTION; SELECT version, data FROM {t} WHERE namespace = %s FOR UPDATE"
+    ),
     "select_version": "SELECT version FROM {t} WHERE namespace = %s",
     # Is the hint still the row? MD5 hashes the column's utf8mb4 bytes, which are the UTF-8 bytes
     # Python hashes (https://dev.mysql.com/doc/refman/8.0/en/encryption-functions.html#function_md5).
@@ -143,6 +156,19 @@ class _Deadlock(StoreError):
     """InnoDB rolled the transaction back to break a deadlock: safe to retry."""
 
 
+# Quoting for a session without NO_BACKSLASH_ESCAPES: the characters PyMySQL escapes (and
+# mysql_real_escape_string), except '"', which needs none inside '...'. str.replace is a C loop
+# per character, far faster than PyMySQL's str.translate on a large document.
+_ESCAPES = (
+    ("\\", "\\\\"),
+    ("'", "\\'"),
+    ("\0", "\\0"),
+    ("\n", "\\n"),
+    ("\r", "\\r"),
+    ("\x1a", "\\Z"),
+)
+
+
 class _Call:
     """Per-attempt bookkeeping: has a change that may be applied been sent?"""
 
@@ -156,9 +182,24 @@ def _digest(text: str) -> str:
     return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
 
 
+def _quote(conn: Connection[Any], text: str) -> str:
+    """``text`` as an SQL string literal for this session."""
+    status: int = getattr(conn, "server_status", 0)  # updated by every OK packet
+    if status & NO_BACKSLASH_ESCAPES:
+        return conn.escape(text)  # only doubles quotes: already fast
+    for char, escaped in _ESCAPES:
+        if char in text:
+            text = text.replace(char, escaped)
+    return "'" + text + "'"
+
+
 def _code(exc: BaseException) -> int:
     args = getattr(exc, "args", ())
     return args[0] if args and isinstance(args[0], int) else 0
+
+
+NO_BACKSLASH_ESCAPES = 512  # pymysql.constants.SERVER_STATUS.SERVER_STATUS_NO_BACKSLASH_ESCAPES
+MULTI_STATEMENTS = 1 << 16  # pymysql.constants.CLIENT.MULTI_STATEMENTS
 
 
 class MySQLStore:
@@ -187,8 +228,8 @@ class MySQLStore:
         self._used = 0.0  # monotonic time the connection last answered
         self._schema_checked = False
         self._known: set[str] = set()  # namespaces whose row exists
-        self._skip = 0  # hinted calls left that go straight to the pessimistic path
-        self._penalty = 0  # how many calls the next optimistic miss will skip
+        self._optimistic_ok = True  # was the last hint we could judge still the row?
+        self._hashed: tuple[str, str] | None = None  # (text, its MD5): the last one hashed
         try:
             with self._lock:
                 self._run(lambda conn, call: None)  # connect and check the schema now
@@ -209,6 +250,7 @@ class MySQLStore:
                 database=p.database,
                 charset="utf8mb4",
                 autocommit=True,
+                client_flag=MULTI_STATEMENTS,
                 connect_timeout=float(p.query.get("connect_timeout", 10)),
             )
         except self._pymysql.MySQLError as exc:
@@ -263,11 +305,7 @@ class MySQLStore:
             yield
         except self._pymysql.MySQLError as exc:
             code = _code(exc)
-            gone = isinstance(exc, self._pymysql.InterfaceError) or (
-                isinstance(exc, self._pymysql.OperationalError)
-                and (2000 <= code < 3000 or code in _CONNECTION_GONE)
-            )
-            if gone:
+            if self._gone(exc):
                 self._drop()
                 if call.sent:
                     raise OutcomeUnknown(
@@ -286,6 +324,14 @@ class MySQLStore:
                     "innodb_lock_wait_timeout; is some session holding a long transaction on it?"
                 ) from exc
             raise StoreError(f"MySQL at {self._where} failed: {exc}") from exc
+
+    def _gone(self, exc: BaseException) -> bool:
+        """Does this driver error mean the connection is lost?"""
+        code = _code(exc)
+        return isinstance(exc, self._pymysql.InterfaceError) or (
+            isinstance(exc, self._pymysql.OperationalError)
+            and (2000 <= code < 3000 or code in _CONNECTION_GONE)
+        )
 
     def _run(self, body: Callable[[Connection[Any], _Call], T]) -> T:
         """Run ``body`` (lock held); reconnect and retry once if the connection was lost first."""
@@ -368,19 +414,24 @@ class MySQLStore:
 
     def transact(self, namespace: str, compute: Compute, hint: Snapshot | None) -> Snapshot:
         def body(conn: Connection[Any], call: _Call) -> Snapshot:
-            if hint is not None and self._skip == 0:
+            if hint is not None and self._optimistic_ok:
                 done = self._optimistic(conn, call, namespace, compute, hint)
                 if done is not None:
-                    self._penalty //= 2
                     return done
-                self._penalty = min(max(1, self._penalty * 2), SKIP_MAX)
-                self._skip = self._penalty
-            elif hint is not None:
-                self._skip -= 1
+                self._optimistic_ok = False  # contention: stay pessimistic for a while
             return self._pessimistic(conn, call, namespace, compute, hint)
 
         with self._lock:
             return self._run(body)
+
+    def _digest(self, text: str) -> str:
+        """MD5 of ``text``, computed once per text (the caller hands the same one back)."""
+        hashed = self._hashed
+        if hashed is not None and hashed[0] == text:
+            return hashed[1]
+        digest = _digest(text)
+        self._hashed = (text, digest)
+        return digest
 
     def _optimistic(
         self, conn: Connection[Any], call: _Call, namespace: str, compute: Compute, hint: Snapshot
@@ -397,11 +448,15 @@ class MySQLStore:
             return None
         if change is None:
             return hint if self._is_current(conn, namespace, hint) else None
+        sql = self._sql["update_if"] % (
+            _quote(conn, change[0]),
+            conn.escape(namespace),
+            int(hint.version),
+            conn.escape(self._digest(hint.data)),
+        )
         with conn.cursor() as cur:
             call.sent = True
-            n = cur.execute(
-                self._sql["update_if"], (change[0], namespace, hint.version, _digest(hint.data))
-            )
+            n = cur.execute(sql)
             call.sent = False  # the reply came: the outcome is known
         return Snapshot(hint.version + 1, change[0]) if n == 1 else None
 
@@ -409,7 +464,10 @@ class MySQLStore:
         with conn.cursor() as cur:
             cur.execute(self._sql["check"], (namespace,))
             row = cur.fetchone()
-        return row is not None and (int(row[0]), row[1]) == (hint.version, _digest(hint.data))
+        return row is not None and (int(row[0]), row[1]) == (
+            hint.version,
+            self._digest(hint.data),
+        )
 
     def _pessimistic(
         self,
@@ -426,9 +484,10 @@ class MySQLStore:
                 # (https://dev.mysql.com/doc/refman/8.0/en/innodb-locks-set.html).
                 cur.execute(self._sql["insert_row"], (namespace, EMPTY_DOCUMENT))
                 self._known.add(namespace)
-            conn.begin()
             try:
-                cur.execute(self._sql["select_for_update"], (namespace,))
+                # One round trip: START TRANSACTION's result, then the SELECT's.
+                cur.execute(self._sql["lock_row"], (namespace,))
+                cur.nextset()
                 row = cur.fetchone()
                 if row is None:
                     self._known.discard(namespace)
@@ -436,14 +495,28 @@ class MySQLStore:
                 snap = Snapshot(int(row[0]), str(row[1]))
                 if hint is not None and hint.version == snap.version and hint.data == snap.data:
                     snap = hint
+                    self._optimistic_ok = True  # nobody else wrote: try the short path again
                 change = compute(snap)
-                if change is not None:
-                    cur.execute(self._sql["update"], (change[0], namespace, snap.version))
+                if change is None:
+                    conn.commit()
+                else:
+                    # One round trip: the UPDATE's result, then COMMIT's. The row is locked,
+                    # so the compare-and-swap cannot miss.
+                    sql = self._sql["update"] % (
+                        _quote(conn, change[0]),
+                        conn.escape(namespace),
+                        int(snap.version),
+                    )
+                    call.sent = True
+                    cur.execute(sql + "; COMMIT")
+                    cur.nextset()
                     snap = Snapshot(snap.version + 1, change[0])
-                call.sent = True
-                conn.commit()
-            except BaseException:
-                if not call.sent:
+            except BaseException as exc:
+                # A server error in UPDATE or COMMIT stops the statements there: the transaction
+                # is still open and nothing was committed. A lost connection is OutcomeUnknown.
+                server_error = isinstance(exc, self._pymysql.MySQLError) and not self._gone(exc)
+                if not call.sent or server_error:
+                    call.sent = False
                     self._rollback(conn)
                 raise
         return snap
@@ -467,17 +540,25 @@ class MySQLStore:
         with self._lock:
             return self._run(body)
 
-    def wait_for_change(self, namespace: str, version: int, timeout: float) -> None:
+    def wait_for_change(
+        self, namespace: str, version: int, timeout: float, wake_fd: int | None = None
+    ) -> None:
         # MySQL has no LISTEN/NOTIFY: poll the version, quickly at first, then more slowly.
         start = time.monotonic()
         deadline = start + timeout
-        delay = POLL_FIRST
+        delay = POLL_FIRST if wake_fd is None else WAKE_POLL_FIRST
         while self._version(namespace) == version:
             now = time.monotonic()
             if now >= deadline:
                 return
-            time.sleep(min(delay, deadline - now))
-            cap = min(POLL_CAP, max(POLL_CAP_FAST, POLL_SHARE * (now - start)))
+            if wake_fd is None:
+                time.sleep(min(delay, deadline - now))
+                cap = min(POLL_CAP, max(POLL_CAP_FAST, POLL_SHARE * (now - start)))
+            else:
+                # Local releases wake us through wake_fd (drained by the caller, not here).
+                if select.select([wake_fd], [], [], min(delay, deadline - now))[0]:
+                    return
+                cap = WAKE_POLL_CAP
             delay = min(delay * POLL_GROWTH, cap)
 
     def namespaces(self) -> list[str]:

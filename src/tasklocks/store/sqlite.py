@@ -17,8 +17,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
+import select
 import sqlite3
 import threading
 import time
@@ -57,12 +59,14 @@ class SQLiteStore:
     def __init__(self, parsed: ParsedURL, *, table: str) -> None:
         self.table = check_table_name(table)
         self.path = parsed.path
-        self.url = parsed.display()
+        self.url = "sqlite:///" + os.path.realpath(parsed.path)  # one name per file (wake-ups)
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
         self._known: set[str] = set()
         self._tasks_ready = False
+        self._gate_fd: int | None = None
+        self._gate_pid = 0
         with self._lock:
             self._connect()
 
@@ -86,6 +90,7 @@ class SQLiteStore:
             ) from exc
         self._conn = conn
         self._pid = os.getpid()
+        self._gate_fd = self._open_gate()
         self._known = set()
         self._tasks_ready = False
         try:
@@ -109,6 +114,23 @@ class SQLiteStore:
                 f"tasklocks understands ({SCHEMA_VERSION}); upgrade tasklocks"
             )
         return conn
+
+    def _open_gate(self) -> int | None:
+        """The writers' queue: an flock(2) on ``<db>-lock`` around each change.
+
+        SQLite's own answer to a busy write lock is to retry; with many processes that is a
+        storm of sleeps and retries. A kernel lock queues the writers instead and wakes the
+        next at once. It is held only inside one call and dies with its process. Without the
+        file (no permission), changes still work, by retrying.
+        """
+        if self._gate_fd is not None and self._gate_pid == os.getpid():
+            return self._gate_fd
+        try:  # never reuse a descriptor inherited over fork: it would share the parent's lock
+            fd = os.open(self.path + "-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return None
+        self._gate_pid = os.getpid()
+        return fd
 
     def _create_schema(self, conn: sqlite3.Connection) -> int:
         t = self.table
@@ -210,7 +232,15 @@ class SQLiteStore:
             return snap
 
         with self._lock:
-            return self._retry(body)
+            self._connect()
+            gate = self._gate_fd
+            if gate is None:
+                return self._retry(body)
+            fcntl.flock(gate, fcntl.LOCK_EX)
+            try:
+                return self._retry(body)
+            finally:
+                fcntl.flock(gate, fcntl.LOCK_UN)
 
     def reset(self, namespace: str, data: str) -> Snapshot:
         return self.transact(namespace, lambda snap: (data, True), None)
@@ -219,18 +249,25 @@ class SQLiteStore:
         with self._lock:
             return int(self._retry(lambda c: c.execute("PRAGMA data_version").fetchone()[0]))
 
-    def wait_for_change(self, namespace: str, version: int, timeout: float) -> None:
+    def wait_for_change(
+        self, namespace: str, version: int, timeout: float, wake_fd: int | None = None
+    ) -> None:
         deadline = time.monotonic() + timeout
         mark = self._data_version()
         if self.read(namespace).version != version:
             return
-        delay = 0.0005
+        # With a local wake-up channel every release on this host wakes us at once, and
+        # data_version is only a fallback; without one it is the signal, polled briskly.
+        delay, cap = (0.05, 0.05) if wake_fd is not None else (0.0005, 0.004)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            time.sleep(min(delay, left))
-            delay = min(delay * 1.5, 0.004)
+            if wake_fd is None:
+                time.sleep(min(delay, left))
+            elif select.select([wake_fd], [], [], min(delay, left))[0]:
+                return
+            delay = min(delay * 1.5, cap)
             if self._data_version() != mark:
                 return
 
@@ -333,4 +370,7 @@ class SQLiteStore:
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
+            if self._gate_fd is not None and self._gate_pid == os.getpid():
+                os.close(self._gate_fd)
             self._conn = None
+            self._gate_fd = None

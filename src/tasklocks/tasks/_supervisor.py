@@ -184,8 +184,9 @@ class Supervisor:
         os.close(gate_w)
         status, payload = self._watch(child, result_r, started.timeout)
         self._end_group(child)
+        ended = time.time()  # before the release: a waiter starts after this "finished" time
         table.release_owner(f"task:{self.task_id}")
-        self._record_outcome(status, payload)
+        self._record_outcome(status, payload, ended)
         return 0
 
     def _take_locks(
@@ -283,7 +284,7 @@ class Supervisor:
                 _killpg(pgid, signal.SIGKILL)
             time.sleep(0.01)
 
-    def _record_outcome(self, status: int, payload: bytes) -> None:
+    def _record_outcome(self, status: int, payload: bytes, ended: float) -> None:
         outcome: dict[str, Any] = {}
         if payload:
             try:
@@ -324,10 +325,11 @@ class Supervisor:
             fields["message"] = f"timed out after {record.timeout:g}s"
         elif state is TaskState.STOPPED:
             fields["message"] = "stopped"
-        self._finish(state, **fields)
+        self._finish(state, finished=ended, **fields)
 
     def _finish(self, state: TaskState, **fields: Any) -> None:
-        self.tasks.update(self.task_id, state=state, finished=time.time(), **fields)
+        fields.setdefault("finished", time.time())
+        self.tasks.update(self.task_id, state=state, **fields)
 
 
 def _killpg(pgid: int, sig: int) -> None:
