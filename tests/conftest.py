@@ -114,7 +114,10 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def delete_rows(url: str, prefix: str, table: str = DEFAULT_TABLE) -> None:
     """Delete a server table's rows whose namespace starts with ``prefix`` (test cleanup)."""
     p = parse_url(url)
-    statement = f"DELETE FROM {table} WHERE namespace LIKE %s"
+    statements = [
+        f"DELETE FROM {table} WHERE namespace LIKE %s",
+        f"DELETE FROM {table}_tasks WHERE namespace LIKE %s",  # task records, if any
+    ]
     if p.scheme == "mysql":
         import pymysql
 
@@ -128,16 +131,25 @@ def delete_rows(url: str, prefix: str, table: str = DEFAULT_TABLE) -> None:
         )
         try:
             with conn.cursor() as cur:
-                cur.execute(statement, (prefix + "%",))
+                for statement in statements:
+                    with contextlib.suppress(pymysql.err.ProgrammingError):  # no tasks table
+                        cur.execute(statement, (prefix + "%",))
         finally:
             conn.close()
     elif p.scheme == "postgresql":
         import psycopg
 
         with psycopg.connect(
-            host=p.host, port=p.port or 5432, user=p.user, password=p.password, dbname=p.database
+            host=p.host,
+            port=p.port or 5432,
+            user=p.user,
+            password=p.password,
+            dbname=p.database,
+            autocommit=True,
         ) as pconn:
-            pconn.execute(statement.encode(), (prefix + "%",))
+            for statement in statements:
+                with contextlib.suppress(psycopg.errors.UndefinedTable):  # no tasks table
+                    pconn.execute(statement.encode(), (prefix + "%",))
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from tasklocks.errors import EXIT_FAILURE, EXIT_LOCKED, EXIT_USAGE, TasklocksError
+from tasklocks.errors import EXIT_FAILURE, EXIT_LOCKED, EXIT_USAGE, TasklocksError, clock
 from tasklocks.tasks import TaskRecord, Tasks, TaskState, current_task_id
 
 __all__ = ["add_task_commands"]
@@ -35,11 +35,7 @@ def _open(args: argparse.Namespace) -> Tasks:
 
 
 def _clock(epoch: float | None) -> str:
-    if epoch is None:
-        return "-"
-    when, today = time.localtime(epoch), time.localtime()
-    fmt = "%H:%M:%S" if when[:3] == today[:3] else "%Y-%m-%d %H:%M"
-    return time.strftime(fmt, when)
+    return "-" if epoch is None else clock(epoch)
 
 
 def _duration(seconds: float | None) -> str:

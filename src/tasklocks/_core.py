@@ -361,6 +361,14 @@ def holder_to_json(holder: Holder) -> dict[str, Any]:
     return {field: getattr(holder, field) for field in _FIELDS}
 
 
+def claim_json(claimant: Claimant, since: float) -> str:
+    """An entry for ``claimant`` without its token, for a database that adds the token itself
+    (the new version) in a one-statement acquisition."""
+    entry = holder_to_json(claimant.holder(since, 0))
+    del entry["token"]
+    return _dumps(entry)
+
+
 def _fragment(name: str, holder: Holder) -> str:
     return _dumps(name) + ":" + _dumps(holder_to_json(holder))
 

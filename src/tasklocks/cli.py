@@ -37,7 +37,6 @@ import math
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import Any
@@ -53,7 +52,14 @@ from tasklocks import (
     process_identity,
 )
 from tasklocks._cli_tasks import add_task_commands
-from tasklocks.errors import EXIT_FAILURE, EXIT_LOCKED, EXIT_UNAVAILABLE, EXIT_USAGE
+from tasklocks.errors import (
+    EXIT_FAILURE,
+    EXIT_LOCKED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    clock,
+    describe_holder,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -95,27 +101,9 @@ def _error(message: str) -> None:
     print(f"{PROG}: {_one_line(message)}", file=sys.stderr, flush=True)
 
 
-def _clock(epoch: float, *, now: float | None = None) -> str:
-    """Local HH:MM:SS, with the date in front when it is not today."""
-    when = time.localtime(epoch)
-    today = time.localtime(time.time() if now is None else now)
-    if when[:3] == today[:3]:
-        return time.strftime("%H:%M:%S", when)
-    return time.strftime("%Y-%m-%d %H:%M:%S", when)
-
-
-def _describe(holder: Holder) -> str:
-    """``OWNER (pid P on HOST) since HH:MM:SS``, plus the holder's note."""
-    where = f"pid {holder.pid} on {holder.host}" if holder.pid is not None else f"on {holder.host}"
-    text = f"{holder.owner} ({where}) since {_clock(holder.since)}"
-    if holder.note:
-        text += f", {holder.note}"
-    return text
-
-
 def _print_waiting(blockers: Mapping[str, Holder]) -> None:
     """The ``on_wait`` callback: say once, on stderr, who we are waiting for."""
-    parts = [f"{name}, held by {_describe(h)}" for name, h in sorted(blockers.items())]
+    parts = [f"{name}, held by {describe_holder(h)}" for name, h in sorted(blockers.items())]
     print(f"waiting for {'; '.join(parts)}", file=sys.stderr, flush=True)
 
 
@@ -176,7 +164,7 @@ def cmd_locks(args: argparse.Namespace) -> int:
             h.holder.owner,
             "-" if h.holder.pid is None else str(h.holder.pid),
             h.holder.host,
-            _clock(h.holder.since),
+            clock(h.holder.since),
             str(h.holder.token),
             h.liveness.value,
             _one_line(h.holder.note or ""),
@@ -239,7 +227,7 @@ def cmd_reap(args: argparse.Namespace) -> int:
     if not reaped:
         print("nothing to reap")
     for name, holder in sorted(reaped.items()):
-        print(f"reaped {name} from {_describe(holder)}")
+        print(f"reaped {name} from {describe_holder(holder)}")
     return EXIT_OK
 
 

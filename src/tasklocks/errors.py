@@ -26,6 +26,8 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "TasklocksError",
+    "clock",
+    "describe_holder",
 ]
 
 # Exit codes of the command line (sysexits.h where one fits).
@@ -41,12 +43,22 @@ class TasklocksError(Exception):
     exit_code: int = EXIT_FAILURE
 
 
-def describe_holder(holder: Holder) -> str:
-    """One human phrase for who holds a lock: ``task:12 (pid 4711 on web-1) since 10:02:11``."""
+def clock(epoch: float, *, now: float | None = None) -> str:
+    """Local ``HH:MM:SS``, with the date in front when it is not today."""
     import time
 
+    when = time.localtime(epoch)
+    today = time.localtime(time.time() if now is None else now)
+    if when[:3] == today[:3]:
+        return time.strftime("%H:%M:%S", when)
+    return time.strftime("%Y-%m-%d %H:%M:%S", when)
+
+
+def describe_holder(holder: Holder) -> str:
+    """One human phrase for who holds a lock: ``task:12 (pid 4711 on web-1) since 10:02:11``,
+    plus the holder's note."""
     where = f"pid {holder.pid} on {holder.host}" if holder.pid is not None else f"on {holder.host}"
-    since = time.strftime("%H:%M:%S", time.localtime(holder.since))
+    since = clock(holder.since)
     text = f"{holder.owner} ({where}) since {since}"
     if holder.note:
         text += f", {holder.note}"

@@ -623,7 +623,7 @@ def test_lock_held_message_names_lock_owner_pid_host_and_hint() -> None:
     h = holder("task:12", pid=4711, host="web-1", since=NOW, note="nightly run")
     err = LockHeld({"full_backup:site-1": h})
     msg = str(err)
-    since = time.strftime("%H:%M:%S", time.localtime(NOW))
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(NOW))  # not today: with the date
     assert msg == (
         f"full_backup:site-1 is held by task:12 (pid 4711 on web-1) since {since}, nightly run; "
         "wait with wait=True"

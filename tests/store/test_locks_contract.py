@@ -891,3 +891,68 @@ def test_acquire_decides_reentry_on_the_current_row(table: LockTable, other: Loc
     lease = table.acquire("a", owner="task:1")  # free now: not a re-entry
     assert names_held(other) == {"a": "task:1"}
     assert lease.names == ("a",)
+
+
+class LosingFastStore:
+    """Delegates to a real store; its one-statement acquire/release lose one reply on request
+    (after or before the statement ran), as a dropped connection would."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.lose = 0
+        self.before = False
+        self.lost = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def _maybe_lose(self, call: str, *args: object) -> int | None:
+        method = getattr(self.inner, call)
+        if self.lose:
+            self.lose -= 1
+            self.lost += 1
+            if not self.before:
+                method(*args)
+            raise OutcomeUnknown(f"{call}: reply lost (test)")
+        result: int | None = method(*args)
+        return result
+
+    def fast_acquire(self, namespace: str, names: tuple[str, ...], entry: str) -> int | None:
+        return self._maybe_lose("fast_acquire", namespace, names, entry)
+
+    def fast_release(self, namespace: str, names: tuple[str, ...], lease: str) -> int | None:
+        return self._maybe_lose("fast_release", namespace, names, lease)
+
+
+@pytest.fixture
+def losing_fast(db_url: str, namespace: str) -> Iterator[tuple[LockTable, LosingFastStore]]:
+    inner = open_store(db_url)
+    assert hasattr(inner, "fast_acquire"), "only the server backends change in one statement"
+    store = LosingFastStore(inner)
+    with LockTable(store, namespace, owns_store=True) as t:  # type: ignore[arg-type]
+        yield t, store
+
+
+@pytest.mark.parametrize("db_url", ["mysql", "postgresql"], indirect=True)
+@pytest.mark.parametrize("before", [False, True], ids=["reply-lost", "request-lost"])
+def test_one_statement_acquire_and_release_survive_a_lost_reply(
+    losing_fast: tuple[LockTable, LosingFastStore], other: LockTable, before: bool
+) -> None:
+    table, store = losing_fast
+    start = other.raw().version
+    store.lose, store.before = 1, before
+    lease = table.acquire("a", "b", owner="task:1")
+    assert store.lost == 1
+    held = other.held()
+    assert [(h.name, h.holder.lease) for h in held] == [
+        ("a", lease.lease_id),
+        ("b", lease.lease_id),
+    ]
+    assert {h.holder.token for h in held} == {lease.token}
+    assert other.raw().version == start + 1  # written exactly once
+    store.lose, store.before = 1, before
+    lease.release()
+    assert store.lost == 2
+    assert lease.released
+    assert other.held() == []
+    assert other.raw().version == start + 2

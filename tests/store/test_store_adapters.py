@@ -691,3 +691,287 @@ def test_threads_with_their_own_wake_fds_wake_one_by_one(server: str, namespace:
             os.close(w)
         store.close()
         raw_sql(server, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
+
+
+# --- one-statement changes (fast_acquire, fast_release) on the server adapters ----------------
+
+FAST_NAMES = ("app_task:blog", "a/b@c.d-e", "x.y", "Z-9")
+
+
+def _entry(lease: str, note: str | None = "n") -> str:
+    """An entry as ``_core.claim_json`` makes it: every field but the token."""
+    return json.dumps(
+        {
+            "owner": "pid:123@host",
+            "pid": 123,
+            "start": "4567",
+            "boot": "b00t",
+            "host": "host",
+            "pidns": None,
+            "pgid": 123,
+            "since": 1712345678.125,
+            "lease": lease,
+            "note": note,
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+
+
+@pytest.fixture
+def fast(server: str, namespace: str) -> Iterator[Any]:
+    """A server adapter whose row of ``namespace`` exists (at version 1); the row is deleted
+    afterwards."""
+    store = _server_store(server)
+    try:
+        store.transact(namespace, lambda s: (EMPTY_DOCUMENT, False), None)
+        yield store
+    finally:
+        store.close()
+        raw_sql(server, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
+
+
+def _locks(store: Any, namespace: str) -> dict[str, Any]:
+    from tasklocks._core import decode
+
+    return dict(decode(store.read(namespace).data, namespace))
+
+
+def test_fast_acquire_adds_the_entry_with_the_new_version_as_token(
+    fast: Any, namespace: str
+) -> None:
+    tricky = "ü 漢 😀 \"dq\" 'q' back\\slash \n %s %% {}"
+    assert fast.fast_acquire(namespace, ["one"], _entry("L1", note=tricky)) == 2
+    assert fast.fast_acquire(namespace, list(FAST_NAMES), _entry("L2")) == 3
+    snap = fast.read(namespace)
+    assert snap.version == 3
+    locks = _locks(fast, namespace)
+    assert sorted(locks) == sorted(["one", *FAST_NAMES])
+    one = locks["one"]
+    assert (one.token, one.lease, one.note, one.pid, one.pidns) == (2, "L1", tricky, 123, None)
+    assert one.since == 1712345678.125
+    assert {locks[n].token for n in FAST_NAMES} == {3}
+    # The full path goes on from what the database wrote.
+    doc = json.loads(snap.data)
+    del doc["locks"]["one"]
+    after = fast.transact(namespace, lambda s: (json.dumps(doc), False), snap)
+    assert after.version == 4
+    assert sorted(_locks(fast, namespace)) == sorted(FAST_NAMES)
+
+
+def test_fast_acquire_of_a_held_name_writes_nothing(fast: Any, namespace: str) -> None:
+    assert fast.fast_acquire(namespace, ["a"], _entry("L1")) == 2
+    before = fast.read(namespace)
+    assert fast.fast_acquire(namespace, ["a"], _entry("L2")) is None
+    # All or nothing: one held name among free ones.
+    assert fast.fast_acquire(namespace, ["b", "a", "c"], _entry("L2")) is None
+    assert fast.read(namespace) == before
+    assert sorted(_locks(fast, namespace)) == ["a"]
+    # Repeated names count once.
+    assert fast.fast_acquire(namespace, ["b", "b"], _entry("L3")) == 3
+    assert sorted(_locks(fast, namespace)) == ["a", "b"]
+
+
+def test_fast_release_removes_all_or_nothing(fast: Any, namespace: str) -> None:
+    assert fast.fast_acquire(namespace, ["a", "b:c", "d/e"], _entry("Lease-1")) == 2
+    assert fast.fast_acquire(namespace, ["keep"], _entry("Lease-2")) == 3
+    before = fast.read(namespace)
+    for names, lease in [
+        (["a"], "lease-1"),  # compared exactly: no case folding
+        (["a"], "Lease-1 "),  # nor trailing-space padding
+        (["a"], "Lease-2"),
+        (["a", "keep"], "Lease-1"),  # one of another lease
+        (["a", "missing"], "Lease-1"),  # one not held
+        (["missing"], "Lease-1"),
+    ]:
+        assert fast.fast_release(namespace, names, lease) is None, (names, lease)
+        assert fast.read(namespace) == before
+    assert fast.fast_release(namespace, ["d/e", "a"], "Lease-1") == 4
+    assert sorted(_locks(fast, namespace)) == ["b:c", "keep"]
+    assert fast.fast_release(namespace, ["b:c"], "Lease-1") == 5
+    assert fast.fast_release(namespace, ["keep"], "Lease-2") == 6
+    assert _locks(fast, namespace) == {}
+    assert fast.read(namespace).version == 6
+
+
+BAD_DOCUMENTS = [
+    '{"format":2,"locks":{}}',
+    '{"format":"1","locks":{}}',
+    '{"format":1.0,"locks":{}}',
+    '{"locks":{}}',
+    '{"format":1,"locks":[]}',
+    '{"format":1,"locks":{"a":{"lease":"L"}}} trailing',
+    '{"format":1,"locks":{"a":{"lease":"L"}}',
+    "not json at all",
+    "[1]",
+    "",
+    # Bad entries (as _core.decode judges them) stop the fast paths too.
+    '{"format":1,"locks":{"a":{"owner":12,"lease":"L"}}}',
+    '{"format":1,"locks":{"x":5}}',
+    '{"format":1,"locks":{"a":'
+    + _entry("L").replace('"pid":123', '"pid":1.5')[:-1]
+    + ',"token":2}}}',
+    '{"format":1,"locks":{"a":' + _entry("L") + "}}",  # no token
+]
+
+
+@pytest.mark.parametrize("text", BAD_DOCUMENTS)
+def test_fast_paths_never_overwrite_a_document_they_do_not_understand(
+    fast: Any, server: str, namespace: str, text: str
+) -> None:
+    """Both adapters answer None (the full path then reports the document): no StoreError."""
+    raw_sql(server, f"UPDATE {DEFAULT_TABLE} SET data = %s WHERE namespace = %s", (text, namespace))
+    before = fast.read(namespace)
+    assert fast.fast_acquire(namespace, ["b"], _entry("L")) is None
+    assert fast.fast_release(namespace, ["a"], "L") is None
+    assert fast.read(namespace) == before
+
+
+def test_fast_paths_on_a_missing_row_write_nothing(server: str, namespace: str) -> None:
+    store = _server_store(server)
+    try:
+        assert store.fast_acquire(namespace, ["a"], _entry("L")) is None
+        assert store.fast_release(namespace, ["a"], "L") is None
+        assert store.namespaces().count(namespace) == 0
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("entry", ["[1, 2]", '"text"', "not json", ""])
+def test_fast_acquire_refuses_an_entry_that_is_not_a_json_object(
+    fast: Any, namespace: str, entry: str
+) -> None:
+    before = fast.read(namespace)
+    assert fast.fast_acquire(namespace, ["a"], entry) is None
+    assert fast.read(namespace) == before
+
+
+@pytest.mark.parametrize("names", [[], ["bad name"], ['a"b'], ["a'b"], ["a\\b"]])
+def test_fast_paths_check_the_names(fast: Any, namespace: str, names: list[str]) -> None:
+    from tasklocks.errors import BadLockName
+
+    with pytest.raises((ValueError, BadLockName)):
+        fast.fast_acquire(namespace, names, _entry("L"))
+    with pytest.raises((ValueError, BadLockName)):
+        fast.fast_release(namespace, names, "L")
+
+
+def test_fast_paths_under_no_backslash_escapes(namespace: str) -> None:
+    require("mysql")
+    url = server_url("mysql")
+    store = _server_store(url)
+    try:
+        store.read(namespace)
+        with store._conn.cursor() as cur:  # white-box: this session only
+            cur.execute("SET SESSION sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES')")
+        note = "back\\slash 'q' \"dq\" \n"
+        assert store.fast_acquire(namespace, ["a"], _entry("it's\\", note=note)) == 1
+        assert _locks(store, namespace)["a"].note == note
+        assert store.fast_release(namespace, ["a"], "it's\\") == 2
+    finally:
+        store.close()
+        raw_sql(url, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
+
+
+def test_concurrent_fast_acquire_and_release_lose_nothing(
+    fast: Any, server: str, namespace: str
+) -> None:
+    threads_n, rounds = 8, 200
+    start = fast.read(namespace).version
+    seen: dict[int, list[int]] = {}
+    failures: list[str] = []
+
+    def worker(i: int) -> None:
+        store = _server_store(server)
+        versions: list[int] = []
+        try:
+            # A lock kept throughout: a lost update would drop it.
+            kept = store.fast_acquire(namespace, [f"kept-{i}"], _entry(f"K{i}"))
+            if kept is None:
+                failures.append(f"thread {i}: kept lock refused")
+                return
+            versions.append(kept)
+            for r in range(rounds):
+                got = store.fast_acquire(namespace, [f"w-{i}", f"w-{i}.x"], _entry(f"L{i}.{r}"))
+                if got is None:
+                    failures.append(f"thread {i}: acquire {r} refused")
+                    return
+                versions.append(got)
+                back = store.fast_release(namespace, [f"w-{i}.x", f"w-{i}"], f"L{i}.{r}")
+                if back is None:
+                    failures.append(f"thread {i}: release {r} refused: entry lost")
+                    return
+                versions.append(back)
+        finally:
+            seen[i] = versions
+            store.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    every = [v for versions in seen.values() for v in versions]
+    for versions in seen.values():
+        assert versions == sorted(set(versions))  # strictly increasing per thread
+    assert sorted(every) == list(range(start + 1, start + 1 + threads_n * (2 * rounds + 1)))
+    locks = _locks(fast, namespace)
+    assert sorted(locks) == sorted(f"kept-{i}" for i in range(threads_n))
+    assert {locks[f"kept-{i}"].token for i in range(threads_n)} == {seen[i][0] for i in seen}
+
+
+def test_fast_release_wakes_waiters(fast: Any, server: str, namespace: str) -> None:
+    waiter = _server_store(server)
+    try:
+        assert fast.fast_acquire(namespace, ["a"], _entry("L")) == 2
+        # No acquisition to wait behind: the version alone would be noticed by a re-check
+        # only after RECHECK (1 s) on PostgreSQL, so a prompt return means a notification.
+        woke: list[float] = []
+
+        def wait() -> None:
+            waiter.wait_for_change(namespace, 2, 10.0)
+            woke.append(time.monotonic())
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        time.sleep(0.3)  # the waiter has read version 2 and listens
+        released = time.monotonic()
+        assert fast.fast_release(namespace, ["a"], "L") == 3
+        thread.join(10.0)
+        assert woke and woke[0] - released < 0.5
+    finally:
+        waiter.close()
+
+
+def test_racing_fast_acquires_of_one_name_have_one_winner(
+    fast: Any, server: str, namespace: str
+) -> None:
+    racers = [_server_store(server) for _ in range(8)]
+    barrier = threading.Barrier(len(racers))
+    results: dict[int, int | None] = {}
+
+    def race(i: int, round_: int) -> None:
+        barrier.wait()
+        results[i] = racers[i].fast_acquire(
+            namespace, ["one", f"own-{round_}-{i}"], _entry(f"L{i}")
+        )
+
+    try:
+        for round_ in range(5):
+            results.clear()
+            threads = [threading.Thread(target=race, args=(i, round_)) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            winners = [i for i, v in results.items() if v is not None]
+            assert len(results) == 8 and len(winners) == 1
+            locks = _locks(fast, namespace)
+            assert locks["one"].lease == f"L{winners[0]}"
+            assert locks["one"].token == results[winners[0]]
+            assert sorted(locks) == ["one", f"own-{round_}-{winners[0]}"]
+            assert fast.fast_release(namespace, sorted(locks), f"L{winners[0]}") is not None
+    finally:
+        for racer in racers:
+            racer.close()

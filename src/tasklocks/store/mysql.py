@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tasklocks.errors import StoreError, StoreUnavailable
+from tasklocks.names import validate_name
 from tasklocks.store import (
     EMPTY_DOCUMENT,
     SCHEMA_VERSION,
@@ -107,6 +108,39 @@ QUERIES = {
         "WHERE namespace = %s AND version = %s AND MD5(data) = %s"
     ),
     "namespaces": "SELECT namespace FROM {t}",
+    # One-statement changes, done by the server's JSON functions under the row lock of the UPDATE
+    # alone (autocommit: held only for the statement and its commit). {{...}} are filled in per
+    # call (one path per name, or per name a path and its value); {{compact}} is JSON_COMPACT on
+    # MariaDB, whose JSON_SET output has spaces (MySQL has no JSON_COMPACT). SET assignments are
+    # evaluated left to right, later ones seeing earlier new values, unless MariaDB's
+    # SIMULTANEOUS_ASSIGNMENT is set (https://mariadb.com/kb/en/update/): data comes first, so
+    # ``version + 1`` in it is the new version in both modes. LAST_INSERT_ID(expr) hands that
+    # version back in the OK packet (``cursor.lastrowid``), so no second statement is needed
+    # (https://dev.mysql.com/doc/refman/8.0/en/information-functions.html#function_last-insert-id).
+    # JSON_VALID comes first: MariaDB's other JSON functions scan lazily and may answer before
+    # they reach trailing garbage. {{entries}} checks every entry's fields as _core.decode does,
+    # so that a hand-edited bad entry stops the fast path as it stops the full one. The entry
+    # must be a JSON object (JSON_EXTRACT(x, '$') makes it a JSON value, not a string): a NULL
+    # must never reach the NOT NULL data column.
+    "fast_acquire": (
+        "UPDATE {t} SET data = {{compact}}(JSON_SET(data{{sets}})), "
+        "version = LAST_INSERT_ID(version + 1) "
+        "WHERE namespace = %s AND JSON_VALID(data) "
+        "AND JSON_TYPE(JSON_EXTRACT(data, '$.format')) = 'INTEGER' "
+        "AND JSON_EXTRACT(data, '$.format') = 1 "
+        "AND JSON_TYPE(JSON_EXTRACT(data, '$.locks')) = 'OBJECT' "
+        "AND JSON_CONTAINS_PATH(data, 'one'{{paths}}) = 0 AND {{entries}} "
+        "AND JSON_TYPE(JSON_EXTRACT(%s, '$')) = 'OBJECT'"
+    ),
+    # Leases compare as bytes: the column's utf8mb4_bin collation would ignore trailing spaces.
+    "fast_release": (
+        "UPDATE {t} SET data = {{compact}}(JSON_REMOVE(data{{paths}})), "
+        "version = LAST_INSERT_ID(version + 1) "
+        "WHERE namespace = %s AND JSON_VALID(data) "
+        "AND JSON_TYPE(JSON_EXTRACT(data, '$.format')) = 'INTEGER' "
+        "AND JSON_EXTRACT(data, '$.format') = 1 "
+        "AND JSON_TYPE(JSON_EXTRACT(data, '$.locks')) = 'OBJECT'{{leases}} AND {{entries}}"
+    ),
     # Task records. Column names are backquoted: SIGNAL is a reserved word. AUTO_INCREMENT ids are
     # not reused while no row is deleted (tasks never are), even across restarts
     # (https://dev.mysql.com/doc/refman/8.0/en/innodb-auto-increment-handling.html).
@@ -131,6 +165,55 @@ _TASK_TYPES = {
     "int": "BIGINT",
 }
 _TASK_COLUMNS_SQL = ", ".join(f"`{name}` {_TASK_TYPES[kind]}" for name, kind in TASK_COLUMNS)
+# The fields of a stored entry and their JSON types, as _core.decode checks them (an absent
+# nullable field reads as null there too).
+ENTRY_FIELDS = (
+    ("owner", "str"),
+    ("pid", "int?"),
+    ("start", "str?"),
+    ("boot", "str?"),
+    ("host", "str"),
+    ("pidns", "str?"),
+    ("pgid", "int?"),
+    ("since", "num"),
+    ("token", "int"),
+    ("lease", "str"),
+    ("note", "str?"),
+)
+
+
+def _entries_check() -> str:
+    """A condition true when every entry of "locks" is an object with well-typed fields.
+
+    JSON_TABLE's JSON columns hold each value's JSON text (NULL when absent), so its first
+    character tells strings from numbers (https://mariadb.com/kb/en/json_table/).
+    """
+    test = {
+        "str": "LEFT({c}, 1) = '\"'",
+        "int": "{c} REGEXP '^-?[0-9]+$'",
+        "num": "{c} REGEXP '^-?[0-9]'",
+    }
+    columns = ["e JSON PATH '$'"]
+    tests = ["LEFT(e, 1) = '{'"]
+    for name, kind in ENTRY_FIELDS:
+        column = f"f_{name}"
+        columns.append(f"{column} JSON PATH '$.{name}'")
+        check = test[kind.rstrip("?")].format(c=column)
+        if kind.endswith("?"):
+            check = f"({column} IS NULL OR CAST({column} AS CHAR) = 'null' OR {check})"
+        tests.append(check)
+    return (
+        "NOT EXISTS (SELECT 1 FROM JSON_TABLE(data, '$.locks.*' COLUMNS ("
+        + ", ".join(columns)
+        + ")) AS j WHERE NOT COALESCE("
+        + " AND ".join(tests)
+        + ", FALSE))"
+    )
+
+
+_ENTRIES_CHECK = _entries_check()
+_FAST_SET = ", %s, JSON_SET(JSON_EXTRACT(%s, '$'), '$.token', version + 1)"
+_FAST_LEASE = " AND CAST(JSON_UNQUOTE(JSON_EXTRACT(data, %s)) AS BINARY) = CAST(%s AS BINARY)"
 
 # Error codes (https://mariadb.com/kb/en/mariadb-error-code-reference/): the client's own
 # (2000-2999) mean the connection is gone, as do these server codes.
@@ -193,6 +276,18 @@ def _quote(conn: Connection[Any], text: str) -> str:
     return "'" + text + "'"
 
 
+def _fast_names(names: Sequence[str]) -> list[str]:
+    """``names`` without repeats, each checked: they become JSON path members ``"<name>"``."""
+    unique = list(dict.fromkeys(validate_name(name) for name in names))
+    if not unique:
+        raise ValueError("no lock names given")
+    return unique
+
+
+def _lock_path(name: str) -> str:
+    return '$.locks."' + name + '"'
+
+
 def _code(exc: BaseException) -> int:
     args = getattr(exc, "args", ())
     return args[0] if args and isinstance(args[0], int) else 0
@@ -230,6 +325,7 @@ class MySQLStore:
         self._known: set[str] = set()  # namespaces whose row exists
         self._optimistic_ok = True  # was the last hint we could judge still the row?
         self._hashed: tuple[str, str] | None = None  # (text, its MD5): the last one hashed
+        self._mariadb = True  # set from the server's version string on connecting
         try:
             with self._lock:
                 self._run(lambda conn, call: None)  # connect and check the schema now
@@ -259,6 +355,7 @@ class MySQLStore:
             raise StoreUnavailable(
                 f"cannot connect to MySQL at {self._where} ({exc}); check the URL"
             ) from exc
+        self._mariadb = "mariadb" in str(getattr(conn, "server_version", "")).lower()
         return conn
 
     def _connect_error(self, exc: BaseException) -> StoreUnavailable:
@@ -529,6 +626,68 @@ class MySQLStore:
 
     def reset(self, namespace: str, data: str) -> Snapshot:
         return self.transact(namespace, lambda snap: (data, True), None)
+
+    def fast_acquire(self, namespace: str, names: Sequence[str], entry: str) -> int | None:
+        """In one statement: if the row exists, its document has "format" 1 and a "locks" object,
+        and none of ``names`` is a key of "locks", add ``entry`` (a JSON object text without a
+        "token" key) under every name with "token" set to the new version, and bump the version.
+        Return the new version, or None if the condition did not hold (nothing written); None
+        too if the stored text is not valid JSON (the full path then reports it). Raises
+        :class:`OutcomeUnknown` if the connection failed after the statement was sent. Does not
+        wake waiters (none wait for an acquisition)."""
+        unique = _fast_names(names)
+        sql = self._sql["fast_acquire"].format(
+            compact=self._compact(),
+            sets=_FAST_SET * len(unique),
+            paths=", %s" * len(unique),
+            entries=_ENTRIES_CHECK,
+        )
+        paths = [_lock_path(name) for name in unique]
+        params = [
+            *(v for path in paths for v in (path, entry)),
+            namespace,
+            *paths,
+            entry,
+        ]
+        return self._fast(sql, params)
+
+    def fast_release(self, namespace: str, names: Sequence[str], lease: str) -> int | None:
+        """In one statement: if every one of ``names`` is in "locks" with "lease" equal to
+        ``lease`` (and the format is 1), remove them all and bump the version. Return the new
+        version, or None if the condition did not hold (nothing written). Raises
+        :class:`OutcomeUnknown` as :meth:`fast_acquire` does. Waiters poll the version here."""
+        unique = _fast_names(names)
+        sql = self._sql["fast_release"].format(
+            compact=self._compact(),
+            paths=", %s" * len(unique),
+            leases=_FAST_LEASE * len(unique),
+            entries=_ENTRIES_CHECK,
+        )
+        paths = [_lock_path(name) for name in unique]
+        params = [
+            *paths,
+            namespace,
+            *(v for path in paths for v in (path + ".lease", lease)),
+        ]
+        return self._fast(sql, params)
+
+    def _compact(self) -> str:
+        return "JSON_COMPACT" if self._mariadb else ""
+
+    def _fast(self, sql: str, params: Sequence[str]) -> int | None:
+        """Run a one-statement change; the new version, or None if its condition did not hold."""
+
+        def body(conn: Connection[Any], call: _Call) -> int | None:
+            with conn.cursor() as cur:
+                call.sent = True
+                n = cur.execute(sql, params)
+                call.sent = False  # the reply came: the outcome is known
+                # Only a changed row counts (no CLIENT.FOUND_ROWS), and the version always
+                # changes: 1 means written, and lastrowid is the LAST_INSERT_ID(version + 1).
+                return int(cur.lastrowid) if n == 1 else None
+
+        with self._lock:
+            return self._run(body)
 
     def _version(self, namespace: str) -> int:
         def body(conn: Connection[Any], call: _Call) -> int:

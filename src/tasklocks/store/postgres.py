@@ -34,6 +34,7 @@ from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tasklocks.errors import StoreError, StoreUnavailable
+from tasklocks.names import validate_name
 from tasklocks.store import (
     EMPTY_DOCUMENT,
     SCHEMA_VERSION,
@@ -103,6 +104,42 @@ QUERIES = {
         "RETURNING version) SELECT version, pg_notify(%s, %s) FROM u"
     ),
     "namespaces": "SELECT namespace FROM {t}",
+    # One-statement changes, done by the server under the row lock of this statement alone
+    # (autocommit: held only for the statement and its commit). The CTE parses the text once and
+    # locks the row, following it to its newest version
+    # (https://www.postgresql.org/docs/current/transaction-iso.html#XACT-READ-COMMITTED). The
+    # UPDATE's own scan may still see an older version (the statement's snapshot); updating it,
+    # it follows to the newest, which it holds already, and rechecks its conditions there (with
+    # the CTE's row, parsed from that newest version). So no condition may compare the scanned
+    # ``t`` with ``s`` before that: a join filter like ``t.version = s.version`` would drop the
+    # row. SET expressions see the row as it was, so ``t.version + 1`` is the new version.
+    # A lease is compared as jsonb: a missing name gives NULL, which NOT EXISTS counts as a
+    # mismatch (bool_and would skip it). The entry must be an object: jsonb || would otherwise
+    # build an array. {valid} (format 1, a "locks" object) guards the rest in a CASE, as
+    # jsonb_each fails on a non-object; {entries} checks every entry's fields as _core.decode
+    # does, so that a hand-edited bad entry stops the fast path as it stops the full one.
+    "fast_acquire": (
+        "WITH s AS (SELECT version, data::jsonb AS d FROM {t} WHERE namespace = %(ns)s "
+        "FOR NO KEY UPDATE) "
+        "UPDATE {t} AS t SET version = t.version + 1, data = jsonb_set(s.d, '{{locks}}', "
+        "(s.d->'locks') || (SELECT jsonb_object_agg(n, %(entry)s::jsonb "
+        "|| jsonb_build_object('token', t.version + 1)) "
+        "FROM unnest(%(names)s::text[]) AS n))::text "
+        "FROM s WHERE t.namespace = %(ns)s AND CASE WHEN {valid} "
+        "THEN NOT (s.d->'locks' ?| %(names)s::text[]) AND {entries} ELSE false END "
+        "AND jsonb_typeof(%(entry)s::jsonb) = 'object' RETURNING t.version"
+    ),
+    "fast_release": (
+        "WITH s AS (SELECT version, data::jsonb AS d FROM {t} WHERE namespace = %(ns)s "
+        "FOR NO KEY UPDATE), "
+        "u AS (UPDATE {t} AS t SET version = t.version + 1, "
+        "data = jsonb_set(s.d, '{{locks}}', (s.d->'locks') - %(names)s::text[])::text "
+        "FROM s WHERE t.namespace = %(ns)s AND CASE WHEN {valid} "
+        "THEN NOT EXISTS (SELECT FROM unnest(%(names)s::text[]) AS n "
+        "WHERE (s.d->'locks'->n->'lease') IS DISTINCT FROM to_jsonb(%(lease)s::text)) "
+        "AND {entries} ELSE false END RETURNING t.version) "
+        "SELECT version, pg_notify(%(channel)s, %(ns)s) FROM u"
+    ),
     # LZ4 for the documents (https://www.postgresql.org/docs/current/sql-altertable.html
     # #SQL-ALTERTABLE-DESC-SET-COMPRESSION): 'l' is lz4, 'p' pglz, '' the default (pglz).
     "compression": (
@@ -129,6 +166,44 @@ QUERIES = {
     ),
     "list_tasks": "SELECT * FROM {t}_tasks{{where}} ORDER BY id DESC{{limit}}",
 }
+# The fields of a stored entry and their JSON types, as _core.decode checks them (an absent
+# nullable field reads as null there too).
+ENTRY_FIELDS = (
+    ("owner", "str"),
+    ("pid", "int?"),
+    ("start", "str?"),
+    ("boot", "str?"),
+    ("host", "str"),
+    ("pidns", "str?"),
+    ("pgid", "int?"),
+    ("since", "num"),
+    ("token", "int"),
+    ("lease", "str"),
+    ("note", "str?"),
+)
+_VALID_DOCUMENT = "(s.d->'format')::text = '1' AND jsonb_typeof(s.d->'locks') = 'object'"
+
+
+def _entries_check() -> str:
+    """A condition true when every entry of "locks" is an object with well-typed fields."""
+    test = {
+        "str": "jsonb_typeof(e.v->'{f}') = 'string'",
+        "int": "jsonb_typeof(e.v->'{f}') = 'number' AND (e.v->'{f}')::text ~ '^-?[0-9]+$'",
+        "num": "jsonb_typeof(e.v->'{f}') = 'number'",
+    }
+    tests = ["jsonb_typeof(e.v) = 'object'"]
+    for name, kind in ENTRY_FIELDS:
+        check = test[kind.rstrip("?")].format(f=name)
+        if kind.endswith("?"):
+            check = f"(coalesce(jsonb_typeof(e.v->'{name}'), 'null') = 'null' OR {check})"
+        tests.append(check)
+    return (
+        "NOT EXISTS (SELECT FROM jsonb_each(s.d->'locks') AS e(k, v) WHERE NOT coalesce("
+        + " AND ".join(tests)
+        + ", false))"
+    )
+
+
 _TASK_TYPES = {
     "text": "TEXT",
     "json": "TEXT",
@@ -170,6 +245,14 @@ def _digest(text: str) -> str:
     return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
 
 
+def _fast_names(names: Sequence[str]) -> list[str]:
+    """``names`` without repeats, each checked (as on MySQL, where they become JSON paths)."""
+    unique = list(dict.fromkeys(validate_name(name) for name in names))
+    if not unique:
+        raise ValueError("no lock names given")
+    return unique
+
+
 def _abandon(conn: Connection[Any]) -> None:
     """Forget a connection inherited over fork() without a word to the server.
 
@@ -206,7 +289,12 @@ class PostgresStore:
         self._parsed = parsed
         self._where = f"{parsed.host}:{parsed.port or DEFAULT_PORT}"
         self._sql = {
-            name: text.format(t=self.table, task_columns=_TASK_COLUMNS_SQL)
+            name: text.format(
+                t=self.table,
+                task_columns=_TASK_COLUMNS_SQL,
+                valid=_VALID_DOCUMENT,
+                entries=_entries_check(),
+            )
             for name, text in QUERIES.items()
         }
         self._tasks_ready = False
@@ -564,6 +652,51 @@ class PostgresStore:
 
     def reset(self, namespace: str, data: str) -> Snapshot:
         return self.transact(namespace, lambda snap: (data, True), None)
+
+    def fast_acquire(self, namespace: str, names: Sequence[str], entry: str) -> int | None:
+        """In one statement: if the row exists, its document has "format" 1 and a "locks" object,
+        and none of ``names`` is a key of "locks", add ``entry`` (a JSON object text without a
+        "token" key) under every name with "token" set to the new version, and bump the version.
+        Return the new version, or None if the condition did not hold (nothing written); None
+        too if the stored text is not valid JSON (the full path then reports it). Raises
+        :class:`OutcomeUnknown` if the connection failed after the statement was sent. Does not
+        wake waiters (none wait for an acquisition). The document is written back as jsonb
+        prints it (spaces, keys reordered)."""
+        params = {"ns": namespace, "names": _fast_names(names), "entry": entry}
+        return self._fast(self._sql["fast_acquire"], params)
+
+    def fast_release(self, namespace: str, names: Sequence[str], lease: str) -> int | None:
+        """In one statement: if every one of ``names`` is in "locks" with "lease" equal to
+        ``lease`` (and the format is 1), remove them all, bump the version and wake waiters
+        (``pg_notify`` in the same statement, delivered at its commit). Return the new version,
+        or None if the condition did not hold (nothing written). Raises :class:`OutcomeUnknown`
+        as :meth:`fast_acquire` does."""
+        params = {
+            "ns": namespace,
+            "names": _fast_names(names),
+            "lease": lease,
+            "channel": self._channel,
+        }
+        return self._fast(self._sql["fast_release"], params)
+
+    def _fast(self, sql: str, params: Mapping[str, Any]) -> int | None:
+        """Run a one-statement change; the new version, or None if its condition did not hold."""
+        bad_json = self._psycopg.errors.InvalidTextRepresentation
+
+        def body(conn: Connection[Any], call: _Call) -> int | None:
+            call.sent = True
+            try:
+                row = conn.execute(sql, params).fetchone()
+            except bad_json:
+                # The stored text (or the entry) is not JSON: the statement failed and, in
+                # autocommit, rolled back; the full path reports a bad document.
+                call.sent = False
+                return None
+            call.sent = False  # the reply came: the outcome is known
+            return None if row is None else int(row[0])
+
+        with self._lock:
+            return self._run(body)
 
     def namespaces(self) -> list[str]:
         def body(conn: Connection[Any], call: _Call) -> list[str]:

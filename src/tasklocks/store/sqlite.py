@@ -231,6 +231,9 @@ class SQLiteStore:
             self._known.add(namespace)
             return snap
 
+        return self._gated(body)
+
+    def _gated(self, body: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
             self._connect()
             gate = self._gate_fd

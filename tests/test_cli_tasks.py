@@ -1,0 +1,615 @@
+"""The task commands of the command line, as real subprocesses, on every backend.
+
+``start``, ``tasks``, ``task``, ``logs``, ``stop``, ``wait`` and ``progress``: exit statuses, what
+they print, the states tasks end in, and the one-line errors of bad input. Task processes import
+``tests.tasks.targets`` (the project root is on their ``PYTHONPATH``) or run shell commands; they
+talk to the test through files (a *go* file the test creates to let them finish). Nothing here
+passes by sleeping: the test polls for a condition with a deadline, and every task a test started
+is killed in the fixture's teardown if it still runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from tasklocks.tasks import Tasks, TaskState
+
+PY = sys.executable
+ROOT = Path(__file__).resolve().parents[1]  # the project root: tests.tasks.targets imports
+TARGETS = "tests.tasks.targets"
+DEADLINE = 30.0  # seconds any awaited condition may take before the test fails
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_TEMPFAIL = 75
+T = TypeVar("T")
+
+# A shell snippet that blocks until the file "$1" exists (at most 60 s: no stray processes).
+BLOCK_UNTIL_GO = 'i=0; while [ ! -e "$1" ] && [ "$i" -lt 6000 ]; do sleep 0.01; i=$((i+1)); done'
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    """The environment of every command: no task variables of an outer task, the project root
+    on PYTHONPATH, logs of server backends under ``tmp_path``, and *not* this installation's
+    bin directory on PATH (the supervisor must add it for ``tasklocks progress``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKLOCKS_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["XDG_STATE_HOME"] = str(tmp_path / "state")
+    bindir = os.path.dirname(PY)
+    env["PATH"] = os.pathsep.join(
+        p for p in env.get("PATH", "/usr/bin:/bin").split(os.pathsep) if p and p != bindir
+    )
+    return env
+
+
+def poll(what: str, probe: Callable[[], T | None], timeout: float = DEADLINE) -> T:
+    """Call ``probe`` until it returns something other than None; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        value = probe()
+        if value is not None:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up after {timeout:g}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.05)
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The single stderr line of a failed command (exactly one, and no traceback)."""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("tasklocks: "), result.stderr
+    return lines[0]
+
+
+def parse_table(text: str) -> list[dict[str, str]]:
+    """The rows of a ``tasks`` table, by column name (columns start where their headers do)."""
+    header, *rows = text.splitlines()
+    names = header.split()
+    starts = [header.index(name) for name in names]
+    ends = [*starts[1:], None]
+    return [
+        {n: row[s:e].strip() for n, s, e in zip(names, starts, ends, strict=True)} for row in rows
+    ]
+
+
+def parse_fields(text: str) -> dict[str, str]:
+    """The ``key: value`` lines of ``task ID``."""
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def is_supervisor_of(pid: int, task_id: int) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"tasklocks.tasks._supervisor" in argv and str(task_id).encode() in argv
+
+
+class Cli:
+    """The command line on one database and namespace; remembers the tasks it started."""
+
+    def __init__(self, url: str, namespace: str, tmp_path: Path) -> None:
+        self.url = url
+        self.namespace = namespace
+        self.tmp_path = tmp_path
+        self.env = _env(tmp_path)
+        self.started: list[int] = []
+
+    def argv(self, *args: str) -> list[str]:
+        return [PY, "-m", "tasklocks", "--db", self.url, "--namespace", self.namespace, *args]
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.argv(*args),
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=DEADLINE,
+            check=False,
+        )
+
+    def ok(self, *args: str) -> str:
+        """Run a command that must succeed; return its stdout."""
+        result = self.run(*args)
+        assert result.returncode == 0, (args, result.returncode, result.stderr)
+        assert "Traceback" not in result.stderr, result.stderr
+        return result.stdout
+
+    def start(self, *args: str) -> int:
+        """``tasklocks start ARGS``: it must print the new id (an integer) and nothing else."""
+        out = self.ok("start", *args)
+        assert re.fullmatch(r"[0-9]+\n", out), repr(out)
+        task_id = int(out)
+        self.started.append(task_id)
+        return task_id
+
+    def record(self, task_id: int) -> dict[str, Any]:
+        record: dict[str, Any] = json.loads(self.ok("task", str(task_id), "--json"))
+        assert record["id"] == task_id
+        return record
+
+    def listing(self, *args: str) -> list[dict[str, Any]]:
+        """``tasks --json ARGS``, only the records of this namespace."""
+        records: list[dict[str, Any]] = json.loads(self.ok("tasks", "--json", *args))
+        return [r for r in records if r["namespace"] == self.namespace]
+
+    def held(self) -> dict[str, str]:
+        """The held locks: name -> owner."""
+        locks: list[dict[str, Any]] = json.loads(self.ok("locks", "--json"))
+        return {lock["name"]: lock["owner"] for lock in locks}
+
+    def log(self, task_id: int) -> str:
+        path = self.record(task_id).get("log_path")
+        if path and os.path.exists(path):
+            return Path(path).read_text(errors="replace")[-2000:]
+        return "(no log)"
+
+    def until(self, task_id: int, *states: str) -> dict[str, Any]:
+        """Poll until the task is in one of ``states``; fail at once if it ends in another."""
+
+        def probe() -> dict[str, Any] | None:
+            record = self.record(task_id)
+            if record["state"] in states:
+                return record
+            if TaskState(record["state"]).is_final:
+                pytest.fail(
+                    f"task {task_id} ended {record['state']}, not {states}: {record}\n"
+                    f"--- log ---\n{self.log(task_id)}"
+                )
+            return None
+
+        return poll(f"task {task_id} to be {'/'.join(states)}", probe)
+
+    def wait(self, task_id: int, *args: str) -> subprocess.CompletedProcess[str]:
+        result = self.run("wait", str(task_id), *args)
+        assert "Traceback" not in result.stderr, result.stderr
+        return result
+
+    def cleanup(self) -> None:
+        """SIGKILL the process group, then the supervisor, of every task still active."""
+        if not self.started:
+            return
+        with Tasks(self.url, self.namespace) as tasks:
+            for task_id in self.started:
+                record = tasks.get(task_id)
+                if record.state.is_final:
+                    continue
+                if record.pgid is not None and record.pgid > 1 and record.pgid != os.getpgrp():
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(record.pgid, signal.SIGKILL)
+                deadline = time.monotonic() + 5.0
+                while not tasks.get(task_id).state.is_final and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                pid = tasks.get(task_id).pid
+                if pid is not None and is_supervisor_of(pid, task_id):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
+            tasks.reconcile()
+
+
+@pytest.fixture
+def cli(db_url: str, namespace: str, tmp_path: Path) -> Iterator[Cli]:
+    runner = Cli(db_url, namespace, tmp_path)
+    try:
+        yield runner
+    finally:
+        runner.cleanup()
+
+
+def blocking_shell(go: Path, before: str = "", after: str = "") -> list[str]:
+    """``-- sh -c ...``: run ``before``, block until ``go`` exists, run ``after``."""
+    script = "; ".join(filter(None, [before, BLOCK_UNTIL_GO, after]))
+    return ["--", "sh", "-c", script, "sh", str(go)]
+
+
+# --- outcomes ------------------------------------------------------------------------------------
+
+
+def test_call_with_args_succeeds_and_wait_prints_the_result(cli: Cli) -> None:
+    task_id = cli.start("--call", f"{TARGETS}:add", "--args", '{"a": 2, "b": 40}')
+    result = cli.wait(task_id)
+    assert (result.returncode, result.stdout) == (0, f"task {task_id} succeeded: 42\n"), result
+    record = cli.record(task_id)
+    assert (record["state"], record["result"], record["args"]) == (
+        "succeeded",
+        42,
+        {"a": 2, "b": 40},
+    )
+    assert record["target"] == f"{TARGETS}:add"
+    assert record["percent"] == 100.0
+
+
+def test_call_with_a_list_of_args_and_a_stdlib_callable(cli: Cli) -> None:
+    task_id = cli.start("--call", "json:loads", "--args", '["{\\"k\\": [1, 2]}"]')
+    result = cli.wait(task_id)
+    assert (result.returncode, result.stdout) == (0, f'task {task_id} succeeded: {{"k": [1, 2]}}\n')
+
+
+def test_call_that_raises_fails_with_its_exception(cli: Cli) -> None:
+    task_id = cli.start("--call", f"{TARGETS}:fail", "--args", '["it broke"]')
+    result = cli.wait(task_id)
+    assert result.returncode == EXIT_FAILED, result
+    assert result.stdout == f"task {task_id} failed: TargetFailed: it broke\n"
+    record = cli.record(task_id)
+    assert (record["state"], record["error_code"], record["error_message"]) == (
+        "failed",
+        "TargetFailed",
+        "it broke",
+    )
+
+
+def test_command_exit_status_fails_the_task(cli: Cli) -> None:
+    task_id = cli.start("--", "sh", "-c", "exit 3")
+    result = cli.wait(task_id)
+    assert result.returncode == EXIT_FAILED, result
+    assert result.stdout.startswith(f"task {task_id} failed: ExitStatus: ")
+    record = cli.record(task_id)
+    assert (record["state"], record["exit_code"], record["error_code"]) == (
+        "failed",
+        3,
+        "ExitStatus",
+    )
+    assert record["target"] == ["sh", "-c", "exit 3"]
+
+
+def test_stop_prints_stopped_and_wait_exits_75(cli: Cli) -> None:
+    task_id = cli.start("--lock", "db", "--", "sleep", "30")
+    cli.until(task_id, "running")
+    assert cli.held() == {"db": f"task:{task_id}"}
+    began = time.monotonic()
+    stopped = cli.run("stop", str(task_id), "--grace", "1")
+    assert (stopped.returncode, stopped.stdout, stopped.stderr) == (
+        0,
+        f"task {task_id} stopped\n",
+        "",
+    )
+    assert time.monotonic() - began < 10  # SIGTERM ends sleep at once: no SIGKILL needed
+    result = cli.wait(task_id)
+    assert (result.returncode, result.stdout) == (
+        EXIT_TEMPFAIL,
+        f"task {task_id} stopped: stopped\n",
+    )
+    record = cli.record(task_id)
+    assert (record["state"], record["signal"]) == ("stopped", signal.SIGTERM)
+    assert cli.held() == {}
+
+
+def test_stop_kills_a_task_that_ignores_sigterm_after_the_grace(cli: Cli, tmp_path: Path) -> None:
+    marker, go = tmp_path / "marker", tmp_path / "go"
+    task_id = cli.start(
+        "--call", f"{TARGETS}:ignore_term", "--args", json.dumps([str(marker), str(go)])
+    )
+    poll("the target to run", lambda: True if marker.exists() else None)
+    began = time.monotonic()
+    stopped = cli.run("stop", str(task_id), "--grace", "1")
+    took = time.monotonic() - began
+    assert (stopped.returncode, stopped.stdout) == (0, f"task {task_id} stopped\n"), stopped
+    assert 0.9 <= took < 10, took
+    assert cli.wait(task_id).returncode == EXIT_TEMPFAIL
+    record = cli.record(task_id)
+    assert (record["state"], record["signal"]) == ("stopped", signal.SIGKILL)
+
+
+def test_timeout_ends_the_task_as_timed_out(cli: Cli) -> None:
+    task_id = cli.start("--timeout", "0.5", "--lock", "db", "--", "sleep", "30")
+    began = time.monotonic()
+    result = cli.wait(task_id)
+    assert result.returncode == EXIT_TEMPFAIL, result
+    assert time.monotonic() - began < 15
+    assert result.stdout.startswith(f"task {task_id} timed_out"), result.stdout
+    record = cli.record(task_id)
+    assert (record["state"], record["timeout"]) == ("timed_out", 0.5)
+    assert cli.held() == {}
+
+
+def test_sigkill_of_the_task_records_crashed_and_releases_its_lock(cli: Cli) -> None:
+    task_id = cli.start("--lock", "site", "--kind", "doomed", "--", "sleep", "30")
+    record = cli.until(task_id, "running")
+    pgid = record["pgid"]
+    assert isinstance(pgid, int) and pgid > 1 and pgid != os.getpgrp(), record
+    assert cli.held() == {"site": f"task:{task_id}"}
+    os.killpg(pgid, signal.SIGKILL)
+    result = cli.wait(task_id)
+    assert result.returncode == EXIT_TEMPFAIL, result
+    assert result.stdout.startswith(f"task {task_id} crashed"), result.stdout
+    record = cli.record(task_id)
+    assert (record["state"], record["signal"]) == ("crashed", signal.SIGKILL)
+    assert "site" not in cli.held()
+
+
+def test_sigkill_of_supervisor_and_task_is_cleaned_up_by_the_next_look(
+    cli: Cli, tmp_path: Path
+) -> None:
+    task_id = cli.start("--lock", "site", "--", "sleep", "30")
+    record = cli.until(task_id, "running")
+    pid, pgid = record["pid"], record["pgid"]
+    assert is_supervisor_of(pid, task_id), record
+    assert isinstance(pgid, int) and pgid > 1 and pgid != os.getpgrp(), record
+    out_path = tmp_path / "follow.out"
+    with out_path.open("w") as out:
+        follow = subprocess.Popen(
+            cli.argv("logs", str(task_id), "--follow"),
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli.env,
+        )
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.killpg(pgid, signal.SIGKILL)
+        _, err = follow.communicate(timeout=DEADLINE)  # logs --follow notices the crash too
+        assert (follow.returncode, err) == (0, "")
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.communicate()
+    result = cli.wait(task_id)
+    assert result.returncode == EXIT_TEMPFAIL, result
+    record = cli.record(task_id)
+    assert record["state"] == "crashed", record
+    assert "site" not in cli.held()
+
+
+# --- listing and showing -------------------------------------------------------------------------
+
+
+def test_tasks_lists_active_ones_and_all_with_json(cli: Cli) -> None:
+    assert cli.ok("tasks") == "no active tasks (see --all)\n"
+    assert cli.ok("tasks", "--all") == "no tasks\n"
+    running = cli.start("--kind", "alpha job", "--", "sleep", "30")
+    done = cli.start("--kind", "beta", "--", "sh", "-c", "exit 0")
+    broken = cli.start("--kind", "gamma", "--", "sh", "-c", "exit 4")
+    assert cli.wait(done).returncode == 0
+    assert cli.wait(broken).returncode == EXIT_FAILED
+    cli.until(running, "running")
+
+    rows = parse_table(cli.ok("tasks"))
+    assert [(r["ID"], r["KIND"], r["STATE"]) for r in rows] == [
+        (str(running), "alpha job", "running")
+    ]
+    assert [r["id"] for r in cli.listing()] == [running]
+
+    every = cli.listing("--all")
+    assert [(r["id"], r["kind"], r["state"]) for r in every] == [
+        (broken, "gamma", "failed"),
+        (done, "beta", "succeeded"),
+        (running, "alpha job", "running"),
+    ]  # newest first
+    assert [r["id"] for r in cli.listing("--all", "--limit", "1")] == [broken]
+    text = {r["ID"]: r for r in parse_table(cli.ok("tasks", "--all"))}
+    assert (text[str(done)]["STATE"], text[str(done)]["PERCENT"]) == ("succeeded", "100%")
+    assert text[str(broken)]["STATE"] == "failed"
+    assert "exited with status 4" in text[str(broken)]["MESSAGE"]
+
+
+def test_task_text_shows_state_locks_and_log(cli: Cli) -> None:
+    task_id = cli.start(
+        "--lock", "db", "--lock", "site", "--kind", "show me", "--", "sh", "-c", "echo hello"
+    )
+    assert cli.wait(task_id).returncode == 0
+    fields = parse_fields(cli.ok("task", str(task_id)))
+    assert fields["id"] == str(task_id)
+    assert fields["kind"] == "show me"
+    assert fields["target"] == "sh -c echo hello"
+    assert fields["locks"] == "db, site"
+    assert fields["state"] == "succeeded"
+    assert fields["percent"] == "100%"
+    assert fields["exit code"] == "0"
+    assert fields["log"] == cli.record(task_id)["log_path"]
+    assert "hello" in Path(fields["log"]).read_text()
+
+
+def test_logs_prints_stdout_and_stderr(cli: Cli) -> None:
+    task_id = cli.start("--", "sh", "-c", "echo to-stdout; echo to-stderr >&2")
+    assert cli.wait(task_id).returncode == 0
+    out = cli.ok("logs", str(task_id))
+    assert "to-stdout\n" in out and "to-stderr\n" in out, out
+
+
+def test_logs_of_a_callable_include_its_output(cli: Cli) -> None:
+    task_id = cli.start("--call", f"{TARGETS}:shout", "--args", '["out-line", "err-line"]')
+    assert cli.wait(task_id).returncode == 0
+    out = cli.ok("logs", str(task_id))
+    assert "out-line\n" in out and "err-line\n" in out, out
+
+
+def test_logs_follow_prints_later_output_and_returns_when_the_task_ends(
+    cli: Cli, tmp_path: Path
+) -> None:
+    go = tmp_path / "go"
+    task_id = cli.start(*blocking_shell(go, before="echo first-line", after="echo second-line"))
+    out_path = tmp_path / "follow.out"
+    with out_path.open("w") as out:
+        follow = subprocess.Popen(
+            cli.argv("logs", str(task_id), "--follow"),
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli.env,
+        )
+    try:
+        poll(
+            "first-line to be followed",
+            lambda: True if "first-line" in out_path.read_text() else None,
+        )
+        assert follow.poll() is None, "logs --follow returned while the task still runs"
+        assert "second-line" not in out_path.read_text()
+        go.touch()
+        _, err = follow.communicate(timeout=DEADLINE)
+        assert (follow.returncode, err) == (0, "")
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.communicate()
+    text = out_path.read_text()
+    assert 0 <= text.index("first-line") < text.index("second-line"), text
+    assert cli.record(task_id)["state"] == "succeeded"
+
+
+# --- locks between tasks -------------------------------------------------------------------------
+
+
+def test_a_task_needing_a_held_lock_waits_and_says_for_whom(cli: Cli) -> None:
+    holder = cli.start("--lock", "db", "--kind", "holder kind", "--", "sleep", "30")
+    cli.until(holder, "running")
+    waiter = cli.start("--lock", "db", "--kind", "waiter", "--", "sh", "-c", "exit 0")
+    record = cli.until(waiter, "waiting")
+    expected = re.compile(
+        rf"Waiting for db \(held by task {holder}, holder kind, since \d\d:\d\d:\d\d\)"
+    )
+    assert expected.fullmatch(record["message"]), record["message"]
+    assert record["waited_for"] == [
+        {"lock": "db", "owner": f"task:{holder}", "note": "holder kind"}
+    ]
+    rows = {r["ID"]: r for r in parse_table(cli.ok("tasks"))}
+    assert (rows[str(waiter)]["STATE"], rows[str(waiter)]["KIND"]) == ("waiting", "waiter")
+    assert expected.fullmatch(rows[str(waiter)]["MESSAGE"]), rows[str(waiter)]
+    assert rows[str(holder)]["STATE"] == "running"
+    listed = {r["id"]: r for r in cli.listing()}
+    assert expected.fullmatch(listed[waiter]["message"])
+
+    assert cli.ok("stop", str(holder), "--grace", "1") == f"task {holder} stopped\n"
+    result = cli.wait(waiter)
+    assert result.returncode == 0, result
+    assert cli.record(waiter)["state"] == "succeeded"
+    assert cli.held() == {}
+
+
+def test_no_wait_with_a_held_lock_fails_the_task(cli: Cli) -> None:
+    holder = cli.start("--lock", "db", "--kind", "holder kind", "--", "sleep", "30")
+    cli.until(holder, "running")
+    refused = cli.start("--no-wait", "--lock", "db", "--", "sh", "-c", "exit 0")
+    result = cli.wait(refused)
+    assert result.returncode == EXIT_FAILED, result
+    assert result.stdout.startswith(f"task {refused} failed: LockHeld: "), result.stdout
+    record = cli.record(refused)
+    assert (record["state"], record["error_code"], record["started"]) == (
+        "failed",
+        "LockHeld",
+        None,
+    )
+    assert cli.held() == {"db": f"task:{holder}"}
+    assert cli.record(holder)["state"] == "running"
+
+
+# --- progress ------------------------------------------------------------------------------------
+
+
+def test_progress_from_a_shell_task_shows_in_tasks(cli: Cli, tmp_path: Path) -> None:
+    assert os.path.dirname(PY) not in cli.env["PATH"].split(os.pathsep)
+    go = tmp_path / "go"
+    task_id = cli.start(*blocking_shell(go, before="tasklocks progress 40 Uploading || exit 9"))
+
+    def reported() -> dict[str, Any] | None:
+        record = cli.record(task_id)
+        assert not TaskState(record["state"]).is_final, (record, cli.log(task_id))
+        return record if record["percent"] == 40.0 else None
+
+    record = poll("progress 40%", reported)
+    assert (record["state"], record["message"]) == ("running", "Uploading")
+    rows = {r["ID"]: r for r in parse_table(cli.ok("tasks"))}
+    row = rows[str(task_id)]
+    assert (row["STATE"], row["PERCENT"], row["MESSAGE"]) == ("running", "40%", "Uploading")
+    go.touch()
+    assert cli.wait(task_id).returncode == 0
+    assert cli.record(task_id)["percent"] == 100.0
+
+
+def test_progress_out_of_range_inside_a_task_is_refused(cli: Cli) -> None:
+    script = (
+        "tasklocks progress 140 too-much; echo status=$?; "
+        "tasklocks progress 25 quarter; echo status=$?"
+    )
+    task_id = cli.start("--", "sh", "-c", script)
+    assert cli.wait(task_id).returncode == 0
+    log = cli.ok("logs", str(task_id))
+    assert "status=2\nstatus=0\n" in log, log
+    assert "tasklocks: progress must be a number from 0 to 100" in log, log
+    assert "Traceback" not in log, log
+
+
+def test_tasks_of_another_namespace_are_not_listed(cli: Cli) -> None:
+    task_id = cli.start("--", "sh", "-c", "exit 0")
+    assert cli.wait(task_id).returncode == 0
+    assert [r["id"] for r in cli.listing("--all")] == [task_id]
+    other = Cli(cli.url, cli.namespace + "-other", cli.tmp_path)
+    assert other.ok("tasks", "--all") == "no tasks\n"
+    assert json.loads(other.ok("tasks", "--all", "--json")) == []
+
+
+def test_progress_outside_a_task_is_a_usage_error(cli: Cli) -> None:
+    result = cli.run("progress", "40")
+    assert result.returncode == EXIT_USAGE
+    assert "inside a task" in one_error_line(result)
+
+
+# --- waiting with a deadline, and bad input ------------------------------------------------------
+
+
+def test_wait_timeout_on_a_long_task_exits_75(cli: Cli) -> None:
+    task_id = cli.start("--", "sleep", "30")
+    began = time.monotonic()
+    result = cli.wait(task_id, "--timeout", "0.3")
+    assert result.returncode == EXIT_TEMPFAIL, result
+    assert time.monotonic() - began < 10
+    assert result.stdout == ""
+    assert f"task {task_id} is still" in one_error_line(result)
+    assert not TaskState(cli.record(task_id)["state"]).is_final
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        pytest.param((), "either --call", id="neither"),
+        pytest.param(("--call", "json:loads", "--", "echo", "hi"), "either --call", id="both"),
+        pytest.param(("--call", "nocolon"), "bad task target 'nocolon'", id="no-colon"),
+        pytest.param(("--call", "json:loads", "--args", "{bad"), "not valid JSON", id="bad-json"),
+        pytest.param(("--args", "[1]", "--", "echo", "hi"), "--args goes with --call", id="args"),
+        pytest.param(("--lock", "bad name!", "--", "true"), "bad lock name", id="lock-name"),
+    ],
+)
+def test_bad_start_exits_2_with_one_line_and_starts_nothing(
+    cli: Cli, args: tuple[str, ...], complaint: str
+) -> None:
+    result = cli.run("start", *args)
+    assert (result.returncode, result.stdout) == (EXIT_USAGE, "")
+    assert complaint in one_error_line(result)
+    assert cli.listing("--all") == []
+
+
+@pytest.mark.parametrize("command", ["task", "wait", "stop", "logs"])
+def test_a_task_that_does_not_exist_exits_2(cli: Cli, command: str) -> None:
+    result = cli.run(command, "999999")
+    assert (result.returncode, result.stdout) == (EXIT_USAGE, "")
+    assert "no task 999999" in one_error_line(result)
+
+
+def test_wait_with_a_bad_id_is_an_argparse_usage_error(cli: Cli) -> None:
+    # Like every argparse error of this command line (see test_cli.py): a usage line, then the
+    # complaint; no traceback.
+    result = cli.run("wait", "abc")
+    assert (result.returncode, result.stdout) == (EXIT_USAGE, "")
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("usage: tasklocks wait"), result.stderr
+    assert lines[-1] == (
+        "tasklocks wait: error: argument id: a task id is a whole number, not 'abc'"
+    ), result.stderr
