@@ -357,6 +357,11 @@ def teardown(cfg: Config) -> list[str]:
                 cur.execute(f"DROP TABLE IF EXISTS {cfg.cas_table}")
                 if cfg.tasklocks_skip.get("mysql") is None:
                     cur.execute("DELETE FROM tasklocks WHERE namespace LIKE %s", (prefix,))
+                    cur.execute("SHOW TABLES LIKE 'tasklocks_tasks'")
+                    if cur.fetchone():
+                        cur.execute(
+                            "DELETE FROM tasklocks_tasks WHERE namespace LIKE %s", (prefix,)
+                        )
             mconn.close()
         except Exception as exc:
             problems.append(f"MariaDB cleanup: {exc}")
@@ -368,6 +373,10 @@ def teardown(cfg: Config) -> list[str]:
                 pconn.execute(f"DROP TABLE IF EXISTS {cfg.cas_table}")
                 if cfg.tasklocks_skip.get("postgresql") is None:
                     pconn.execute("DELETE FROM tasklocks WHERE namespace LIKE %s", (prefix,))
+                    if pconn.execute("SELECT to_regclass('tasklocks_tasks')").fetchone() != (None,):
+                        pconn.execute(
+                            "DELETE FROM tasklocks_tasks WHERE namespace LIKE %s", (prefix,)
+                        )
         except Exception as exc:
             problems.append(f"PostgreSQL cleanup: {exc}")
     return problems

@@ -38,7 +38,7 @@ from bench_pairs import (
 
 import tasklocks
 
-SECTIONS = ("uncontended", "throughput", "handoff", "waiting", "docsize")
+SECTIONS = ("uncontended", "throughput", "handoff", "waiting", "docsize", "tasks")
 LABEL = {"sqlite": "SQLite", "mysql": "MariaDB", "postgresql": "PostgreSQL"}
 THROUGHPUT_WORKERS = 32
 WAITERS = 20
@@ -456,6 +456,49 @@ class _TablePair:
 # --- the table -----------------------------------------------------------------------------------
 
 
+def section_tasks(cfg: Config) -> None:
+    """Issue 3: start() to the target's first line vs a bare `python -c pass`; task exit to a
+    waiter holding its lock."""
+    import bench_tasks
+
+    rounds = 8 if cfg.quick else 25
+    say(f"\n== 6. tasks: start latency and exit-to-free, {rounds} rounds ==")
+    bare = [bench_tasks.bare_python_spawn() for _ in range(rounds)]
+    say(f"  python -c pass: median {ms(median(bare))}")
+    for backend in BACKENDS:
+        reason = cfg.tasklocks_skip[backend]
+        if reason is not None:
+            ROWS.append(Row(f"6 start latency {LABEL[backend]}", f"skipped: {reason}"))
+            continue
+        url, ns = cfg.url(backend), cfg.namespace(f"tasks-{backend}")
+        start = bench_tasks.start_latency(url, ns, cfg.tmpdir, rounds)
+        free = bench_tasks.exit_to_free(url, ns, cfg.tmpdir, rounds)
+        ratio = median(start) / median(bare)
+        say(
+            f"  {LABEL[backend]}: start->first line median {ms(median(start))}, "
+            f"exit->lock held p50 {ms(median(free))} p99 {ms(percentile(free, 99))}"
+        )
+        ROWS.append(
+            Row(
+                f"6 start->first line {LABEL[backend]}",
+                ms(median(start)),
+                f"python -c pass {ms(median(bare))}",
+                f"{ratio:.2f}x",
+                "tl/base <= 3x",
+                verdict(ratio <= 3),
+            )
+        )
+        p99 = percentile(free, 99)
+        ROWS.append(
+            Row(
+                f"6 task exit->lock free {LABEL[backend]} p99",
+                ms(p99),
+                target="< 25 ms",
+                result=verdict(p99 < 0.025),
+            )
+        )
+
+
 def print_table() -> None:
     headers = Row("test", "tasklocks", "baseline", "ratio", "target", "result")
     rows = [headers, *ROWS]
@@ -525,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
             section_waiting(cfg, crew)
         if "docsize" in only:
             section_docsize(cfg)
+        if "tasks" in only:
+            section_tasks(cfg)
     finally:
         if crew is not None:
             crew.close()

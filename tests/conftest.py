@@ -16,6 +16,9 @@ import pytest
 
 from tasklocks.store import DEFAULT_TABLE, parse_url
 
+# A zygote that the tests start (tasklocks.tasks._zygote) goes away soon after the last test.
+os.environ.setdefault("TASKLOCKS_ZYGOTE_IDLE", "30")
+
 BACKENDS = ("sqlite", "mysql", "postgresql")
 SERVER_BACKENDS = ("mysql", "postgresql")
 _DEFAULTS = {

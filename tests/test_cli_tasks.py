@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tasklocks.owner import process_start_token
 from tasklocks.tasks import Tasks, TaskState
 
 PY = sys.executable
@@ -95,12 +96,9 @@ def parse_fields(text: str) -> dict[str, str]:
     return out
 
 
-def is_supervisor_of(pid: int, task_id: int) -> bool:
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"tasklocks.tasks._supervisor" in argv and str(task_id).encode() in argv
+def is_supervisor_of(pid: int, start_token: object) -> bool:
+    """Is ``pid`` still the supervisor the record names (same process start time)?"""
+    return start_token is not None and process_start_token(pid) == start_token
 
 
 class Cli:
@@ -198,8 +196,9 @@ class Cli:
                 deadline = time.monotonic() + 5.0
                 while not tasks.get(task_id).state.is_final and time.monotonic() < deadline:
                     time.sleep(0.02)
-                pid = tasks.get(task_id).pid
-                if pid is not None and is_supervisor_of(pid, task_id):
+                last = tasks.get(task_id)
+                pid = last.pid
+                if pid is not None and is_supervisor_of(pid, last.start_token):
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, signal.SIGKILL)
             tasks.reconcile()
@@ -341,7 +340,7 @@ def test_sigkill_of_supervisor_and_task_is_cleaned_up_by_the_next_look(
     task_id = cli.start("--lock", "site", "--", "sleep", "30")
     record = cli.until(task_id, "running")
     pid, pgid = record["pid"], record["pgid"]
-    assert is_supervisor_of(pid, task_id), record
+    assert is_supervisor_of(pid, record["start_token"]), record
     assert isinstance(pgid, int) and pgid > 1 and pgid != os.getpgrp(), record
     out_path = tmp_path / "follow.out"
     with out_path.open("w") as out:

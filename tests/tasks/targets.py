@@ -164,3 +164,17 @@ def write_interval(paths: list[str], seconds: float, tick: bool = False) -> dict
     for path in paths:
         _append(path, f"end {task} {time.monotonic():.6f} {pid}\n")
     return {"task": task, "pid": pid}
+
+
+def environment(name: str) -> dict[str, object]:
+    """What the task's process sees: an environment variable, its directory, its import path."""
+    import sys
+
+    import tasks_only_module  # type: ignore[import-not-found]  # on the caller's PYTHONPATH only
+
+    return {
+        "env": os.environ.get(name),
+        "cwd": os.getcwd(),
+        "imported": tasks_only_module.VALUE,
+        "path0": sys.path[0],
+    }

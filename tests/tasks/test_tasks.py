@@ -681,3 +681,54 @@ def test_bad_arguments_are_refused(tasks: Tasks) -> None:
 def test_unknown_task(tasks: Tasks) -> None:
     with pytest.raises(TaskNotFound):
         tasks.get(10**9)
+
+
+# --- how the supervisor is started: forked by the zygote, or exec'd ------------------------------
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # runner logic
+@pytest.mark.parametrize("zygote", ["1", "0"], ids=["zygote", "exec"])
+def test_task_sees_the_callers_environment_directory_and_import_path(
+    tasks: Tasks, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zygote: str
+) -> None:
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "tasks_only_module.py").write_text(f"VALUE = {zygote!r}\n")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(extra), os.environ["PYTHONPATH"]]))
+    monkeypatch.setenv("TASKLOCKS_ZYGOTE", zygote)
+    monkeypatch.setenv("TL_TEST_VALUE", f"value-{zygote}")
+    monkeypatch.chdir(workdir)
+    # Twice: the first start may find no zygote yet (it starts one, and runs the task itself).
+    for _ in range(2):
+        record = tasks.wait(tasks.start(ref("environment"), args=["TL_TEST_VALUE"]), timeout=60)
+        assert record.state is TaskState.SUCCEEDED, record.error_message
+        assert record.result == {
+            "env": f"value-{zygote}",
+            "cwd": str(workdir),
+            "imported": zygote,
+            "path0": str(workdir),
+        }
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_zygote_forks_supervisors_in_their_own_session(
+    tasks: Tasks, files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TASKLOCKS_ZYGOTE", "1")
+    tasks.wait(tasks.start(ref("add"), args=[1, 2]), timeout=60)  # make sure a zygote runs
+    from tasklocks.tasks._zygote import socket_path
+
+    path = socket_path()
+    assert path is not None
+    poll("the zygote to listen", lambda: True if path.exists() else None)
+    task_id = tasks.start(ref("blocked"), args=blocked_args(files, "a"))
+    record = until_marked(tasks, task_id, files("a.marker"))
+    assert record.pid is not None and record.pgid is not None
+    cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes()
+    assert b"tasklocks.tasks._zygote" in cmdline  # forked by the zygote, not exec'd
+    assert os.getsid(record.pid) == record.pid  # the supervisor leads its own session
+    assert os.getpgid(record.pgid) == record.pgid != record.pid  # the task has its own group
+    files("a.go").touch()
+    assert tasks.wait(task_id, timeout=60).state is TaskState.SUCCEEDED

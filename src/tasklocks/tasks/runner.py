@@ -37,6 +37,7 @@ from tasklocks.owner import (
 )
 from tasklocks.store import Backend, default_url, open_store, parse_url
 from tasklocks.tasks._record import TaskRecord, TaskState
+from tasklocks.tasks._zygote import fork_supervisor
 
 __all__ = [
     "BadTarget",
@@ -220,36 +221,37 @@ class Tasks:
         env = dict(os.environ)
         env.pop("TASKLOCKS_TASK_ID", None)
         env.pop("TASKLOCKS_TASK_PGID", None)
+        argv = [
+            self.url,
+            self.table,
+            str(task_id),
+            str(log_path),
+            *([] if wait_for_locks else ["--no-wait"]),
+        ]
         try:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "tasklocks.tasks._supervisor",
-                    self.url,
-                    self.table,
-                    str(task_id),
-                    str(log_path),
-                    *([] if wait_for_locks else ["--no-wait"]),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=fd,
-                stderr=fd,
-                start_new_session=True,
-                close_fds=True,
-                env=env,
-            )
+            pid = fork_supervisor(argv, fd, env)
+            if pid is None:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "tasklocks.tasks._supervisor", *argv],
+                    stdin=subprocess.DEVNULL,
+                    stdout=fd,
+                    stderr=fd,
+                    start_new_session=True,
+                    close_fds=True,
+                    env=env,
+                )
+                _forget(proc)
+                pid = proc.pid
         finally:
             os.close(fd)
-        _forget(proc)
         me = current_process()
         while True:  # record the supervisor's identity unless it already recorded itself
             current = self.get(task_id)
             if current.pid is not None or current.state.is_final:
                 break
             cols = current.changed(
-                pid=proc.pid,
-                start_token=process_start_token(proc.pid),
+                pid=pid,
+                start_token=process_start_token(pid),
                 boot=me.boot,
                 pidns=me.pidns,
                 log_path=str(log_path),
