@@ -128,6 +128,13 @@ def render_timeline(records: list[TaskRecord], width: int = 48) -> str:
                 notes.append(line)
         if r.state.value == "crashed":
             notes.append(f"  task {r.id} ({r.title}) crashed: {r.message}")
+            for heir in records:
+                for w in heir.waited_for or []:
+                    if w.get("owner") == f"task:{r.id}" and heir.started is not None:
+                        notes.append(
+                            f"    its lock {w['lock']} went to task {heir.id} ({heir.title}) "
+                            f"at {heir.started - t0:.2f}s"
+                        )
     return "\n".join(lines + (["", "who waited for whom:", *notes] if notes else []))
 
 
