@@ -32,7 +32,14 @@ def test_demo_runs_the_seed_scenario(tmp_path: Path) -> None:
 
     # Everything but the killed task succeeded.
     assert chat.state is TaskState.CRASHED
-    assert all(r.state is TaskState.SUCCEEDED for r in records if r is not chat)
+    failed = [r for r in records if r is not chat and r.state is not TaskState.SUCCEEDED]
+    assert not failed, "\n".join(
+        f"task {r.id} {r.title}: {r.state} {r.error_code} {r.error_message} {r.message} "
+        f"pid {r.pid} start {r.start_token} pgid {r.pgid} exit {r.exit_code} signal {r.signal} "
+        f"started {r.started} finished {r.finished}\n"
+        + (Path(r.log_path).read_text(errors="replace")[-1500:] if r.log_path else "")
+        for r in failed
+    )
     # Different apps ran in parallel; so did the platform update and the mail restart.
     assert _overlap(blog, wiki)
     assert _overlap(platform, mail) and _overlap(blog, mail)

@@ -7,9 +7,11 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -164,15 +166,48 @@ def test_owner_dead_when_pid_reused(spawn: Spawner) -> None:
     assert holder_liveness(holder) is Liveness.DEAD
 
 
-def test_owner_dead_when_boot_differs_same_host(spawn: Spawner) -> None:
+def test_owner_dead_when_boot_differs_same_host_local_db(spawn: Spawner) -> None:
+    # A local database file (SQLite) was written on this machine: another boot is a reboot.
     proc = spawn(["sleep", "30"])
     holder = replace(make_holder(proc.pid, start_token(proc)), boot="an-earlier-boot")
-    assert holder_liveness(holder) is Liveness.DEAD
+    assert holder_liveness(holder, local_db=True) is Liveness.DEAD
     me = current_process()
-    assert (
-        holder_liveness(replace(make_holder(me.pid, me.start), boot="an-earlier-boot"))
-        is Liveness.DEAD
+    mine = replace(make_holder(me.pid, me.start), boot="an-earlier-boot")
+    assert holder_liveness(mine, local_db=True) is Liveness.DEAD
+
+
+def test_owner_unknown_when_boot_differs_on_a_database_server(spawn: Spawner) -> None:
+    # On a shared server, another boot id with our host name may be another machine that has
+    # the same name (cloned VMs, containers): never reclaimed.
+    proc = spawn(["sleep", "30"])
+    holder = replace(make_holder(proc.pid, start_token(proc)), boot="an-earlier-boot")
+    assert holder_liveness(holder) is Liveness.UNKNOWN
+    assert owner_is_dead(holder) is False
+
+
+def test_owner_alive_when_zombie_leader_has_running_threads(tmp_path: Path) -> None:
+    # The main thread exits (pthread_exit-like), another thread keeps the process running.
+    script = tmp_path / "leader.py"
+    marker = tmp_path / "ready"
+    script.write_text(
+        "import ctypes, threading, time, pathlib\n"
+        "def work():\n"
+        f"    pathlib.Path({str(marker)!r}).touch()\n"
+        "    time.sleep(30)\n"
+        "threading.Thread(target=work).start()\n"
+        "time.sleep(0.2)\n"
+        "ctypes.CDLL(None).pthread_exit(None)\n"
     )
+    proc = subprocess.Popen([sys.executable, str(script)], text=True)
+    try:
+        wait_until(marker.exists, "the worker thread runs")
+        wait_until(lambda: state_of(proc.pid) == "Z", "the leader thread exited")
+        holder = make_holder(proc.pid, start_token(proc))
+        assert holder_liveness(holder) is Liveness.ALIVE
+    finally:
+        proc.kill()
+        proc.wait()
+    assert holder_liveness(holder) is Liveness.DEAD
 
 
 def test_owner_unknown_on_other_host(spawn: Spawner) -> None:

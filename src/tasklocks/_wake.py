@@ -15,6 +15,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import stat
 import tempfile
 from typing import Any
 
@@ -36,18 +37,35 @@ except (OSError, AttributeError):  # not Linux: waiters fall back to watching th
     _inotify_init1 = None
 
 
+def _safe_dir(path: str, *, shared: bool) -> bool:
+    """A directory we may create wake files in: a real directory (not a link), owned by root
+    or by us; a shared one must be sticky (like /tmp), a private one ours alone."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid not in (0, os.getuid()):
+        return False
+    if shared:
+        return bool(info.st_mode & stat.S_ISVTX) and os.access(path, os.W_OK | os.X_OK)
+    return info.st_uid == os.getuid() and not info.st_mode & 0o077
+
+
 def _wake_dir() -> str | None:
+    # One directory shared by every user of the host, so that a root task wakes a user's
+    # waiter; if someone else made it unsafe, a private one (wake-ups then stay per user).
     for base in ("/dev/shm", tempfile.gettempdir()):
         path = os.path.join(base, "tasklocks-wake")
-        try:
+        with contextlib.suppress(OSError):
             os.mkdir(path, 0o1777)
-            os.chmod(path, 0o1777)  # shared by every user, like /tmp (the umask narrowed mkdir)
-        except FileExistsError:
-            pass
-        except OSError:
-            continue
-        if os.access(path, os.W_OK | os.X_OK):
+            os.chmod(path, 0o1777)  # the umask narrowed mkdir
+        if _safe_dir(path, shared=True):
             return path
+        private = f"{path}-{os.getuid()}"
+        with contextlib.suppress(OSError):
+            os.mkdir(private, 0o700)
+        if _safe_dir(private, shared=False):
+            return private
     return None
 
 
@@ -65,7 +83,7 @@ class Waker:
         """Wake every process on this host that waits on this lock table (cheap: one syscall)."""
         if self.path is not None:
             with contextlib.suppress(OSError):  # no file: nobody has ever waited here
-                os.utime(self.path)
+                os.utime(self.path, follow_symlinks=False)
 
     def fileno(self) -> int | None:
         """A descriptor that becomes readable after the next :meth:`notify` on this host, or
@@ -76,11 +94,18 @@ class Waker:
         self._fd = None
         if _inotify_init1 is None or self.path is None:
             return None
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_RDONLY | os.O_CLOEXEC, 0o666)
-            try:  # every user of the lock table may touch it (the umask narrowed the mode)
-                info = os.fstat(fd)
-                if info.st_uid == os.getuid() and info.st_mode & 0o777 != 0o666:
+            try:
+                fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+                created = True
+            except FileExistsError:
+                fd = os.open(self.path, flags)
+                created = False
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    return None
+                if created:  # every user of the lock table may touch it; umask narrowed it
                     os.fchmod(fd, 0o666)
             finally:
                 os.close(fd)

@@ -24,7 +24,7 @@ from tasklocks.owner import (
     holder_liveness,
     owner_is_dead,
 )
-from tasklocks.store import OutcomeUnknown, Snapshot, Store, open_store
+from tasklocks.store import FAST_MAX_BYTES, OutcomeUnknown, Snapshot, Store, open_store
 
 __all__ = ["THIS_PROCESS", "HeldLock", "Lease", "LockTable", "connect"]
 
@@ -46,7 +46,7 @@ THIS_PROCESS: Final = _ThisProcess()
 # a process that dies does not announce it.
 _DEATH_CHECK_INTERVAL = 0.5
 _LOST_REPLY_RETRIES = 8
-_FAST_PATH_MAX_BYTES = 64 * 1024
+_FAST_PATH_MAX_BYTES = FAST_MAX_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +112,15 @@ class LockTable:
         self._snap: Snapshot | None = None
         self._doc: Document = _core.EMPTY
         self._encoder = _core.Encoder()
+        self._size_hint = 0  # bytes of the document when last seen
+        # A local database (SQLite) proves more: see owner.process_liveness.
+        self.local_db = bool(getattr(store, "local", False))
         self._waker = Waker(f"{store.url}|{getattr(store, 'table', '')}|{self.namespace}")
 
     # --- plumbing -----------------------------------------------------------------------------
+
+    def _is_dead(self, holder: Holder) -> bool:
+        return owner_is_dead(holder, local_db=self.local_db)
 
     def _decode(self, snap: Snapshot) -> Document:
         cached = self._snap
@@ -191,7 +197,7 @@ class LockTable:
         ) -> tuple[Document | None, bool, _core.Granted | _core.Refused]:
             _core.check_not_already_held(doc, names, claimant.owner, lease=claimant.lease)
             outcome = _core.acquire(
-                doc, names, claimant, version=version, now=time.time(), is_dead=owner_is_dead
+                doc, names, claimant, version=version, now=time.time(), is_dead=self._is_dead
             )
             return (outcome.doc if outcome.changed else None), bool(outcome.reaped), outcome
 
@@ -254,8 +260,11 @@ class LockTable:
 
     def _fast_path(self) -> bool:
         # One-statement changes run in the database; with a big document the pure path,
-        # which reuses encoded entries, is cheaper than having the server parse it.
-        return self._snap is None or len(self._snap.data) <= _FAST_PATH_MAX_BYTES
+        # which reuses encoded entries, is cheaper than having the server parse it. The size
+        # is the last one seen (a one-statement change does not read the document back).
+        if self._snap is not None:
+            self._size_hint = len(self._snap.data)
+        return self._size_hint <= _FAST_PATH_MAX_BYTES
 
     def _fast_acquire(self, names: tuple[str, ...], claimant: Claimant) -> int | None:
         """Take free names in one statement where the store can; None: use the full path."""
@@ -302,10 +311,10 @@ class LockTable:
             chunk = _DEATH_CHECK_INTERVAL
             if deadline is not None:
                 chunk = min(chunk, deadline - now)
-            self.store.wait_for_change(self.namespace, version, chunk, wake_fd)
-            if self._waker.drain() or self.store.read(self.namespace).version != version:
+            happened = self.store.wait_for_change(self.namespace, version, chunk, wake_fd)
+            if self._waker.drain() or happened:
                 return
-            if any(owner_is_dead(h) for h in blockers.values()):
+            if any(self._is_dead(h) for h in blockers.values()):
                 return
 
     @contextmanager
@@ -383,18 +392,24 @@ class LockTable:
 
         return self._change(step)
 
-    def reap(self) -> dict[str, Holder]:
-        """Release every lock whose holder is provably dead; return what was released."""
+    def reap(self, *, owner: str | None = None) -> dict[str, Holder]:
+        """Release every lock whose holder is provably dead (of ``owner`` only, when given:
+        a task's cleanup); return what was released."""
+
+        def is_dead(holder: Holder) -> bool:
+            return (owner is None or holder.owner == owner) and self._is_dead(holder)
 
         def step(
             doc: Document, version: int, retrying: bool
         ) -> tuple[Document | None, bool, dict[str, Holder]]:
-            new, reaped = _core.reap(doc, owner_is_dead)
+            new, reaped = _core.reap(doc, is_dead)
             return (new if reaped else None), True, reaped
 
         reaped = self._change(step)
+        level = logging.WARNING if owner is None else logging.INFO
         for name, holder in reaped.items():
-            log.warning(
+            log.log(
+                level,
                 "tasklocks: reaped %s in namespace %s from dead holder %s (pid %s on %s)",
                 name,
                 self.namespace,
@@ -410,7 +425,10 @@ class LockTable:
         """Every held lock, with its holder and whether that holder is alive, dead or unknown."""
         doc = self._decode(self.store.read(self.namespace))
         me = current_process()
-        return [HeldLock(n, h, holder_liveness(h, me)) for n, h in sorted(doc.items())]
+        return [
+            HeldLock(n, h, holder_liveness(h, me, local_db=self.local_db))
+            for n, h in sorted(doc.items())
+        ]
 
     def raw(self) -> Snapshot:
         """The namespace's row as stored (version and document text), even if corrupt."""

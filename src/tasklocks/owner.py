@@ -146,8 +146,8 @@ def default_owner(identity: ProcessIdentity) -> str:
 def _pid_is_gone(pid: int, start: str | None) -> bool:
     fields = _stat_fields(pid)
     if fields is None:
-        if os.path.isdir("/proc/self"):
-            return True  # /proc works and the pid has no entry
+        # No /proc entry we can read. /proc may hide other users' processes (hidepid), so
+        # only the kernel's answer to a signal 0 proves the pid is gone.
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -155,8 +155,13 @@ def _pid_is_gone(pid: int, start: str | None) -> bool:
         except PermissionError:
             return False
         return False
-    if fields[0] == "Z":  # a zombie runs no code and holds nothing
-        return True
+    if fields[0] == "Z":
+        # A zombie runs no code and holds nothing, unless it is a thread-group leader whose
+        # other threads still run (its main thread exited, the process did not).
+        try:
+            return len(os.listdir(f"/proc/{pid}/task")) <= 1
+        except OSError:
+            return True
     return start is not None and len(fields) > 19 and fields[19] != start
 
 
@@ -194,15 +199,23 @@ def process_liveness(
     pidns: str | None,
     pgid: int | None,
     me: ProcessIdentity | None = None,
+    *,
+    local_db: bool = False,
 ) -> Liveness:
-    """Judge a recorded process (and its process group) from this process's point of view."""
+    """Judge a recorded process (and its process group) from this process's point of view.
+
+    ``local_db``: the records live in a file on this machine (SQLite), so a holder with this
+    host name ran on this machine, and a different boot id proves that it died in a reboot. On
+    a database server a different boot id may as well be another machine with the same name:
+    unknown.
+    """
     me = me or current_process()
     if pid is None or host != me.host or pidns != me.pidns:
         return Liveness.UNKNOWN
     if boot is None or me.boot is None:
         return Liveness.UNKNOWN
     if boot != me.boot:
-        return Liveness.DEAD  # same host and namespace, but the machine rebooted since
+        return Liveness.DEAD if local_db else Liveness.UNKNOWN
     if pid == me.pid and start == me.start:
         return Liveness.ALIVE
     if not _pid_is_gone(pid, start):
@@ -212,13 +225,22 @@ def process_liveness(
     return Liveness.DEAD
 
 
-def holder_liveness(holder: Holder, me: ProcessIdentity | None = None) -> Liveness:
+def holder_liveness(
+    holder: Holder, me: ProcessIdentity | None = None, *, local_db: bool = False
+) -> Liveness:
     """Judge a lock holder from this process's point of view (fail closed)."""
     return process_liveness(
-        holder.pid, holder.start, holder.boot, holder.host, holder.pidns, holder.pgid, me
+        holder.pid,
+        holder.start,
+        holder.boot,
+        holder.host,
+        holder.pidns,
+        holder.pgid,
+        me,
+        local_db=local_db,
     )
 
 
-def owner_is_dead(holder: Holder) -> bool:
+def owner_is_dead(holder: Holder, *, local_db: bool = False) -> bool:
     """True only with proof that the holder's process (and process group) is gone."""
-    return holder_liveness(holder) is Liveness.DEAD
+    return holder_liveness(holder, local_db=local_db) is Liveness.DEAD

@@ -772,8 +772,8 @@ class LosingStore:
 
     def wait_for_change(
         self, namespace: str, version: int, timeout: float, wake_fd: int | None = None
-    ) -> None:
-        self.inner.wait_for_change(namespace, version, timeout, wake_fd)
+    ) -> bool:
+        return self.inner.wait_for_change(namespace, version, timeout, wake_fd)
 
     def namespaces(self) -> list[str]:
         return self.inner.namespaces()

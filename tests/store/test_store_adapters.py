@@ -392,7 +392,7 @@ def test_wait_for_change_returns_soon_after_another_store_commits(
     started = time.monotonic()
     thread.start()
     try:
-        waiter.wait_for_change(namespace, version, timeout)
+        assert waiter.wait_for_change(namespace, version, timeout) is True
         elapsed = time.monotonic() - started
     finally:
         thread.join()
@@ -405,7 +405,7 @@ def test_wait_for_change_returns_at_once_if_the_version_differs(
 ) -> None:
     snap = store.transact(namespace, increment(), None)
     started = time.monotonic()
-    store.wait_for_change(namespace, snap.version - 1, 20.0)
+    assert store.wait_for_change(namespace, snap.version - 1, 20.0) is True
     assert time.monotonic() - started < 20.0
 
 
@@ -414,7 +414,7 @@ def test_wait_for_change_returns_after_the_timeout_without_change(
 ) -> None:
     version = store.read(namespace).version
     started = time.monotonic()
-    store.wait_for_change(namespace, version, 0.3)
+    assert store.wait_for_change(namespace, version, 0.3) is False
     assert time.monotonic() - started >= 0.29
     assert store.read(namespace).version == version
 
@@ -642,7 +642,7 @@ def test_wait_for_change_returns_when_the_wake_fd_is_readable(server: str, names
         thread = threading.Thread(target=wake)
         started = time.monotonic()
         thread.start()
-        store.wait_for_change(namespace, version, 20.0, wake_fd=read_end)
+        assert store.wait_for_change(namespace, version, 20.0, wake_fd=read_end) is True
         elapsed = time.monotonic() - started
         thread.join()
         assert 0.25 < elapsed < 5.0
@@ -650,7 +650,7 @@ def test_wait_for_change_returns_when_the_wake_fd_is_readable(server: str, names
         # A change is still noticed with a wake fd that stays quiet.
         store.transact(namespace, increment(), None)
         started = time.monotonic()
-        store.wait_for_change(namespace, version, 20.0, wake_fd=read_end)
+        assert store.wait_for_change(namespace, version, 20.0, wake_fd=read_end) is True
         assert time.monotonic() - started < 5.0
     finally:
         os.close(read_end)

@@ -41,6 +41,9 @@ __all__ = [
 DEFAULT_TABLE = "tasklocks"
 SCHEMA_VERSION = 1
 EMPTY_DOCUMENT = '{"format":1,"locks":{}}'
+# One-statement changes (fast_acquire/fast_release) make the server parse the whole document;
+# past this size the client's path, which re-encodes only what changed, is cheaper.
+FAST_MAX_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,10 +90,11 @@ class Store(Protocol):
 
     def wait_for_change(
         self, namespace: str, version: int, timeout: float, wake_fd: int | None = None
-    ) -> None:
+    ) -> bool:
         """Return soon after the row's version differs from ``version``, or after ``timeout``,
         or as soon as ``wake_fd`` (a local wake-up channel; not read here) becomes readable.
-        With a ``wake_fd`` an adapter may watch the database itself less often."""
+        With a ``wake_fd`` an adapter may watch the database itself less often. True: something
+        happened (a change, a notification, a wake-up); False: the timeout passed."""
         ...
 
     def namespaces(self) -> list[str]:

@@ -38,6 +38,7 @@ from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.names import validate_name
 from tasklocks.store import (
     EMPTY_DOCUMENT,
+    FAST_MAX_BYTES,
     SCHEMA_VERSION,
     TASK_COLUMNS,
     TASK_FIELDS,
@@ -125,7 +126,7 @@ QUERIES = {
     "fast_acquire": (
         "UPDATE {t} SET data = {{compact}}(JSON_SET(data{{sets}})), "
         "version = LAST_INSERT_ID(version + 1) "
-        "WHERE namespace = %s AND JSON_VALID(data) "
+        "WHERE namespace = %s AND LENGTH(data) <= {fast_max} AND JSON_VALID(data) "
         "AND JSON_TYPE(JSON_EXTRACT(data, '$.format')) = 'INTEGER' "
         "AND JSON_EXTRACT(data, '$.format') = 1 "
         "AND JSON_TYPE(JSON_EXTRACT(data, '$.locks')) = 'OBJECT' "
@@ -136,7 +137,7 @@ QUERIES = {
     "fast_release": (
         "UPDATE {t} SET data = {{compact}}(JSON_REMOVE(data{{paths}})), "
         "version = LAST_INSERT_ID(version + 1) "
-        "WHERE namespace = %s AND JSON_VALID(data) "
+        "WHERE namespace = %s AND LENGTH(data) <= {fast_max} AND JSON_VALID(data) "
         "AND JSON_TYPE(JSON_EXTRACT(data, '$.format')) = 'INTEGER' "
         "AND JSON_EXTRACT(data, '$.format') = 1 "
         "AND JSON_TYPE(JSON_EXTRACT(data, '$.locks')) = 'OBJECT'{{leases}} AND {{entries}}"
@@ -313,7 +314,7 @@ class MySQLStore:
         self._parsed = parsed
         self._where = f"{parsed.host}:{parsed.port or DEFAULT_PORT}"
         self._sql = {
-            name: text.format(t=self.table, task_columns=_TASK_COLUMNS_SQL)
+            name: text.format(t=self.table, task_columns=_TASK_COLUMNS_SQL, fast_max=FAST_MAX_BYTES)
             for name, text in QUERIES.items()
         }
         self._tasks_ready = False
@@ -323,6 +324,8 @@ class MySQLStore:
         self._used = 0.0  # monotonic time the connection last answered
         self._schema_checked = False
         self._known: set[str] = set()  # namespaces whose row exists
+        # namespace -> (version, start, last poll, delay) of a wait that timed out
+        self._backoff: dict[str, tuple[int, float, float, float]] = {}
         self._optimistic_ok = True  # was the last hint we could judge still the row?
         self._hashed: tuple[str, str] | None = None  # (text, its MD5): the last one hashed
         self._mariadb = True  # set from the server's version string on connecting
@@ -701,22 +704,40 @@ class MySQLStore:
 
     def wait_for_change(
         self, namespace: str, version: int, timeout: float, wake_fd: int | None = None
-    ) -> None:
+    ) -> bool:
         # MySQL has no LISTEN/NOTIFY: poll the version, quickly at first, then more slowly.
-        start = time.monotonic()
-        deadline = start + timeout
-        delay = POLL_FIRST if wake_fd is None else WAKE_POLL_FIRST
-        while self._version(namespace) == version:
+        # A caller that waits in slices (to look for dead holders in between) calls again with
+        # the same version: the backoff goes on where it stopped instead of starting over.
+        now = time.monotonic()
+        deadline = now + timeout
+        previous = self._backoff.pop(namespace, None)
+        if previous is not None and previous[0] == version:
+            _, start, last_poll, delay = previous
+        else:
+            if self._version(namespace) != version:
+                return True
+            start, last_poll = now, now
+            delay = POLL_FIRST if wake_fd is None else WAKE_POLL_FIRST
+        while True:
             now = time.monotonic()
             if now >= deadline:
-                return
+                self._backoff[namespace] = (version, start, last_poll, delay)
+                return False
+            next_poll = last_poll + delay
+            pause = max(0.0, min(next_poll, deadline) - now)
             if wake_fd is None:
-                time.sleep(min(delay, deadline - now))
-                cap = min(POLL_CAP, max(POLL_CAP_FAST, POLL_SHARE * (now - start)))
-            else:
+                time.sleep(pause)
+            elif select.select([wake_fd], [], [], pause)[0]:
                 # Local releases wake us through wake_fd (drained by the caller, not here).
-                if select.select([wake_fd], [], [], min(delay, deadline - now))[0]:
-                    return
+                return True
+            if time.monotonic() < next_poll:
+                continue
+            if self._version(namespace) != version:
+                return True
+            last_poll = time.monotonic()
+            if wake_fd is None:
+                cap = min(POLL_CAP, max(POLL_CAP_FAST, POLL_SHARE * (last_poll - start)))
+            else:
                 cap = WAKE_POLL_CAP
             delay = min(delay * POLL_GROWTH, cap)
 

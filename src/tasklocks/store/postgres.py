@@ -37,6 +37,7 @@ from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.names import validate_name
 from tasklocks.store import (
     EMPTY_DOCUMENT,
+    FAST_MAX_BYTES,
     SCHEMA_VERSION,
     TASK_COLUMNS,
     TASK_FIELDS,
@@ -120,7 +121,7 @@ QUERIES = {
     # does, so that a hand-edited bad entry stops the fast path as it stops the full one.
     "fast_acquire": (
         "WITH s AS (SELECT version, data::jsonb AS d FROM {t} WHERE namespace = %(ns)s "
-        "FOR NO KEY UPDATE) "
+        "AND octet_length(data) <= {fast_max} FOR NO KEY UPDATE) "
         "UPDATE {t} AS t SET version = t.version + 1, data = jsonb_set(s.d, '{{locks}}', "
         "(s.d->'locks') || (SELECT jsonb_object_agg(n, %(entry)s::jsonb "
         "|| jsonb_build_object('token', t.version + 1)) "
@@ -131,7 +132,7 @@ QUERIES = {
     ),
     "fast_release": (
         "WITH s AS (SELECT version, data::jsonb AS d FROM {t} WHERE namespace = %(ns)s "
-        "FOR NO KEY UPDATE), "
+        "AND octet_length(data) <= {fast_max} FOR NO KEY UPDATE), "
         "u AS (UPDATE {t} AS t SET version = t.version + 1, "
         "data = jsonb_set(s.d, '{{locks}}', (s.d->'locks') - %(names)s::text[])::text "
         "FROM s WHERE t.namespace = %(ns)s AND CASE WHEN {valid} "
@@ -294,6 +295,7 @@ class PostgresStore:
                 task_columns=_TASK_COLUMNS_SQL,
                 valid=_VALID_DOCUMENT,
                 entries=_entries_check(),
+                fast_max=FAST_MAX_BYTES,
             )
             for name, text in QUERIES.items()
         }
@@ -739,7 +741,7 @@ class PostgresStore:
 
     def wait_for_change(
         self, namespace: str, version: int, timeout: float, wake_fd: int | None = None
-    ) -> None:
+    ) -> bool:
         deadline = time.monotonic() + timeout
         me = None if wake_fd is None else _Waiter(wake_fd)
         with self._cond:
@@ -751,20 +753,20 @@ class PostgresStore:
                     self._poke()  # the reader must watch our fd too
         try:
             if self._version(namespace) != version:
-                return
+                return True
             recheck = time.monotonic() + RECHECK
             while True:
                 now = time.monotonic()
                 if now >= deadline:
-                    return
+                    return False
                 if now >= recheck:
                     if self._version(namespace) != version:
-                        return
+                        return True
                     recheck = time.monotonic() + RECHECK
                 until = min(deadline, recheck)
                 with self._cond:
                     if self._heard.get(namespace, 0) != mark or (me is not None and me.woken):
-                        return
+                        return True
                     if self._reading:  # another thread reads the socket; it will tell us
                         self._cond.wait(until - now)
                         continue

@@ -56,6 +56,8 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
 class SQLiteStore:
     """A lock table in one SQLite file."""
 
+    local = True  # every holder runs on this machine (see owner.process_liveness)
+
     def __init__(self, parsed: ParsedURL, *, table: str) -> None:
         self.table = check_table_name(table)
         self.path = parsed.path
@@ -231,7 +233,33 @@ class SQLiteStore:
             self._known.add(namespace)
             return snap
 
-        return self._gated(body)
+        def optimistic(conn: sqlite3.Connection) -> Snapshot | None:
+            # The caller's last snapshot is usually still the row (one process, or a quiet
+            # table): compute on it and write in one statement, if the row is still exactly
+            # that. Anything else (no change, a refusal, another version) is decided on the row
+            # as read under the write lock, in `body`.
+            assert hint is not None
+            try:
+                change = compute(hint)
+            except Exception:
+                return None
+            if change is None:
+                return None
+            cur = conn.execute(
+                f"UPDATE {t} SET data = ?, version = version + 1 "
+                "WHERE namespace = ? AND version = ? AND data = ?",
+                (change[0], namespace, hint.version, hint.data),
+            )
+            return Snapshot(hint.version + 1, change[0]) if cur.rowcount == 1 else None
+
+        def either(conn: sqlite3.Connection) -> Snapshot:
+            if hint is not None and namespace in self._known:
+                done = optimistic(conn)
+                if done is not None:
+                    return done
+            return body(conn)
+
+        return self._gated(either)
 
     def _gated(self, body: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
@@ -254,25 +282,25 @@ class SQLiteStore:
 
     def wait_for_change(
         self, namespace: str, version: int, timeout: float, wake_fd: int | None = None
-    ) -> None:
+    ) -> bool:
         deadline = time.monotonic() + timeout
         mark = self._data_version()
         if self.read(namespace).version != version:
-            return
+            return True
         # With a local wake-up channel every release on this host wakes us at once, and
         # data_version is only a fallback; without one it is the signal, polled briskly.
         delay, cap = (0.05, 0.05) if wake_fd is not None else (0.0005, 0.004)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                return
+                return False
             if wake_fd is None:
                 time.sleep(min(delay, left))
             elif select.select([wake_fd], [], [], min(delay, left))[0]:
-                return
+                return True
             delay = min(delay * 1.5, cap)
             if self._data_version() != mark:
-                return
+                return True
 
     def namespaces(self) -> list[str]:
         def body(conn: sqlite3.Connection) -> list[str]:

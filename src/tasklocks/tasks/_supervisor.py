@@ -22,8 +22,8 @@ import time
 import traceback
 from typing import Any
 
-from tasklocks.errors import LockHeld, LockTimeout, describe_holder
-from tasklocks.locks import LockTable
+from tasklocks.errors import LockHeld, LockTimeout, NotHeld, describe_holder
+from tasklocks.locks import Lease, LockTable
 from tasklocks.owner import ProcessIdentity, current_process, group_is_empty
 from tasklocks.tasks._record import TaskRecord, TaskState
 from tasklocks.tasks.runner import Tasks, env_for_task
@@ -84,10 +84,32 @@ def _run_target(record: TaskRecord, result_fd: int) -> int:
     return code
 
 
+def _neutralise_descriptors(keep: set[int]) -> None:
+    """Point every inherited descriptor but ``keep`` at /dev/null.
+
+    The task's process is a fork of the supervisor: it must not keep the supervisor's database
+    connections or the SQLite writers' lock file open (a descendant that outlived a killed
+    supervisor would hold its file lock forever). Their numbers stay taken, so the Python
+    objects that still refer to them can never close a descriptor opened later.
+    """
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd not in keep and fd != devnull:
+                with contextlib.suppress(OSError):
+                    os.dup2(devnull, fd, inheritable=False)
+    except OSError:
+        pass  # no /proc: nothing to do but hope
+    finally:
+        os.close(devnull)
+
+
 def _child(record: TaskRecord, url: str, table: str, gate: int, result_fd: int) -> None:
     """The task's process, right after the fork: wait for the go, then become the task."""
     try:
         os.setpgid(0, 0)
+        _neutralise_descriptors(keep={0, 1, 2, gate, result_fd})
         go = os.read(gate, 1)
         os.close(gate)
         if go != b"g":
@@ -133,6 +155,10 @@ class Supervisor:
             return 0
         gate_r, gate_w = os.pipe()
         result_r, result_w = os.pipe()
+        # No database connection may cross the fork: SQLite keeps per-process state about
+        # the open file (locks, the WAL index) that a child must not inherit
+        # (https://www.sqlite.org/howtocorrupt.html#_carrying_an_open_database_connection_across_a_fork_).
+        self.tasks.close()
         child = os.fork()
         if child == 0:
             os.close(gate_w)
@@ -142,56 +168,81 @@ class Supervisor:
         os.close(result_w)
         with contextlib.suppress(OSError):  # the child may have done it first
             os.setpgid(child, child)
+        self.tasks = Tasks(self.url, table=self.table)
         self.child = child
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         me = current_process()
-        updated = self.tasks.update(
-            self.task_id,
-            pid=me.pid,
-            start_token=me.start,
-            boot=me.boot,
-            host=me.host,
-            pidns=me.pidns,
-            pgid=child,
-            log_path=self.log_path,
-        )
-        if updated is None or updated.stop_requested is not None or self.stop_reason:
+        claimed = self._claim(me, child)
+        if claimed is None:  # another supervisor has this task (or it ended): leave it alone
             os.close(gate_w)  # the task's process exits without running anything
-            os.waitpid(child, 0)
-            if updated is not None:
-                self._finish(TaskState.STOPPED, message="stopped before it ran")
+            _reap(child)
             return 0
-        record = updated
+        if claimed.stop_requested is not None or self.stop_reason:
+            os.close(gate_w)
+            _reap(child)
+            self._finish(TaskState.STOPPED, message="stopped before it ran")
+            return 0
+        record = claimed
         table = LockTable(self.tasks.locks.store, record.namespace)
-        lease = None
+        lease: Lease | None = None
         if record.locks:
             lease = self._take_locks(table, record, me, child)
             if lease is None:
                 os.close(gate_w)
-                os.waitpid(child, 0)
+                _reap(child)
                 return 0
         started = self.tasks.update(
             self.task_id, state=TaskState.RUNNING, started=time.time(), message=None
         )
-        if started is None or self.stop_reason is not None:
+        if started is None or started.stop_requested is not None or self.stop_reason:
             os.close(gate_w)
-            os.waitpid(child, 0)
-            table.release_owner(f"task:{self.task_id}")
+            _reap(child)
+            self._release(table, lease)
             self._finish(TaskState.STOPPED, message="stopped before it ran")
             return 0
-        os.write(gate_w, b"g")
+        with contextlib.suppress(BrokenPipeError):  # the task's process died already
+            os.write(gate_w, b"g")
         os.close(gate_w)
         status, payload = self._watch(child, result_r, started.timeout)
         self._end_group(child)
         ended = time.time()  # before the release: a waiter starts after this "finished" time
-        table.release_owner(f"task:{self.task_id}")
+        self._release(table, lease)
         self._record_outcome(status, payload, ended)
         return 0
 
+    def _claim(self, me: ProcessIdentity, child: int) -> TaskRecord | None:
+        """Make the task ours in one compare-and-swap: only a pending task that no other
+        supervisor has claimed (a caller that gave up on the zygote may have started a second
+        one). Returns the claimed record, or None."""
+        while True:
+            record = self.tasks.get(self.task_id)
+            if record.state is not TaskState.PENDING or record.pgid is not None:
+                return None
+            cols = record.changed(
+                pid=me.pid,
+                start_token=me.start,
+                boot=me.boot,
+                host=me.host,
+                pidns=me.pidns,
+                pgid=child,
+                log_path=self.log_path,
+            )
+            if self.tasks.store.update_task(self.task_id, record.version, cols):
+                return self.tasks.get(self.task_id)
+
+    def _release(self, table: LockTable, lease: Lease | None) -> None:
+        """Free the task's locks: the ones taken for it here, and those its processes took
+        that are provably dead (all of them, once its group is empty). An entry of a process
+        that left the task's group and still runs stays until that process ends."""
+        if lease is not None:
+            with contextlib.suppress(NotHeld):
+                lease.release()
+        table.reap(owner=f"task:{self.task_id}")
+
     def _take_locks(
         self, table: LockTable, record: TaskRecord, me: ProcessIdentity, child: int
-    ) -> object | None:
+    ) -> Lease | None:
         identity = ProcessIdentity(me.pid, me.start, me.boot, me.host, me.pidns, child)
         told = False
         while True:
@@ -233,7 +284,10 @@ class Supervisor:
 
     def _watch(self, child: int, result_r: int, timeout: float | None) -> tuple[int, bytes]:
         """Wait for the task's process to end, stopping it on request or timeout."""
-        pidfd = os.pidfd_open(child)
+        try:
+            pidfd: int | None = os.pidfd_open(child)
+        except (AttributeError, OSError):  # Linux before 5.3: look at the child 100 times a second
+            pidfd = None
         started = time.monotonic()
         kill_at: float | None = None
         chunks: list[bytes] = []
@@ -252,7 +306,9 @@ class Supervisor:
             if timeout is not None and self.stop_reason is None:
                 waits.append(started + timeout)
             left = max(0.0, min(waits) - time.monotonic()) if waits else None
-            fds = [pidfd, self.wake_r] + ([result_r] if reading else [])
+            if pidfd is None:
+                left = 0.01 if left is None else min(left, 0.01)
+            fds = [self.wake_r] + ([result_r] if reading else []) + ([pidfd] if pidfd else [])
             ready, _, _ = select.select(fds, [], [], left)
             if self.wake_r in ready:
                 os.read(self.wake_r, 64)
@@ -262,14 +318,20 @@ class Supervisor:
                     chunks.append(data)
                 else:
                     reading = False
-            if pidfd in ready:
-                _, status = os.waitpid(child, 0)
+            if pidfd is not None:
+                ended = pidfd in ready
+                status = os.waitpid(child, 0)[1] if ended else 0
+            else:
+                done, status = os.waitpid(child, os.WNOHANG)
+                ended = done != 0
+            if ended:
+                if pidfd is not None:
+                    os.close(pidfd)
                 while reading:
                     data = os.read(result_r, 65536)
                     if not data:
                         break
                     chunks.append(data)
-                os.close(pidfd)
                 os.close(result_r)
                 return status, b"".join(chunks)
 
@@ -305,7 +367,7 @@ class Supervisor:
         else:
             code = os.WEXITSTATUS(status)
             fields["exit_code"] = code
-            if reason is not None and code != 0:
+            if reason is not None:  # stopped or timed out, whatever status it chose to exit with
                 state = reason
                 fields["message"] = f"exited with status {code} after being asked to stop"
             elif code == 0 and "error" not in outcome:
@@ -330,6 +392,12 @@ class Supervisor:
     def _finish(self, state: TaskState, **fields: Any) -> None:
         fields.setdefault("finished", time.time())
         self.tasks.update(self.task_id, state=state, **fields)
+
+
+def _reap(child: int) -> None:
+    """Wait for the task's process, unless it was already waited for."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(child, 0)
 
 
 def _killpg(pgid: int, sig: int) -> None:

@@ -19,11 +19,15 @@ import fcntl
 import hashlib
 import json
 import os
+import resource
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +37,35 @@ IDLE_SECONDS = 600.0
 _CONNECT_TIMEOUT = 2.0
 
 
+# Environment variables a Python process reads once, at start-up or on first use: a zygote
+# started with other values would give its supervisors and tasks the wrong ones.
+_STARTUP_VARIABLES = ("PYTHON", "LC_", "LANG", "TZ")
+
+
 def _package_stamp() -> str:
-    """What the zygote's code is: the interpreter and tasklocks' files (name, size, mtime)."""
+    """What a zygote must share with its caller to be a stand-in for exec: the interpreter,
+    tasklocks' files (name, size, mtime), and the process context a fork inherits and an exec
+    would have taken from the caller (credentials, umask, cgroup, limits, priority, and the
+    environment variables Python reads at start-up)."""
     root = Path(__file__).resolve().parent.parent
     parts = [sys.executable, sys.version, str(root)]
     for path in sorted(root.rglob("*.py")):
         info = path.stat()
         parts.append(f"{path.relative_to(root)}:{info.st_size}:{info.st_mtime_ns}")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    parts.append(f"ids {os.getuid()} {os.getgid()} {sorted(os.getgroups())} umask {mask}")
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/self/cgroup").read_text())
+    parts.append(f"nice {os.nice(0)}")
+    for limit in ("RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_STACK"):
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            parts.append(f"{limit} {resource.getrlimit(getattr(resource, limit))}")
+    parts.extend(  # PYTHONPATH is not one of them: a supervisor takes the caller's path
+        f"{k}={v}"
+        for k, v in sorted(os.environ.items())
+        if k.startswith(_STARTUP_VARIABLES) and k != "PYTHONPATH"
+    )
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
@@ -79,6 +105,8 @@ def fork_supervisor(argv: list[str], log_fd: int, env: dict[str, str]) -> int | 
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(_CONNECT_TIMEOUT)
             conn.connect(str(path))
+            if _peer_uid(conn) != os.getuid():
+                return None  # not our zygote: never hand our environment to someone else
             data = json.dumps(request).encode() + b"\n"
             socket.send_fds(conn, [data], [log_fd])
             reply = b""
@@ -107,6 +135,13 @@ def _zygote_alive(path: Path) -> bool:
     finally:
         os.close(fd)  # closing drops our flock, if we got it
     return False
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    """The uid of the process at the other end of a UNIX socket (SO_PEERCRED)."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
 
 
 def _spawn_zygote(path: Path) -> None:
@@ -194,12 +229,18 @@ def _handle(conn: socket.socket, server: socket.socket, lock_fd: int, base_path:
             os.close(fd)
         return
     log_fd = fds[0]
+    if _peer_uid(conn) != os.getuid():
+        os.close(log_fd)
+        return
     pid = os.fork()
     if pid == 0:
         try:
             server.close()
             os.close(lock_fd)
             _become_supervisor(request, log_fd, conn, base_path)
+        except BaseException:
+            traceback.print_exc()  # to the task's log, once the descriptors are in place
+            sys.stderr.flush()
         finally:
             os._exit(70)
     os.close(log_fd)
@@ -225,6 +266,7 @@ def _become_supervisor(
     env: dict[str, str] = request["env"]
     os.environ.clear()
     os.environ.update(env)
+    time.tzset()
     cwd: str = request["cwd"]
     os.chdir(cwd)
     extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]

@@ -212,9 +212,27 @@ class Tasks:
             "state": TaskState.PENDING.value,
             "created": time.time(),
             "timeout": timeout,
-            "host": current_process().host,
         }
+        # Until a supervisor claims it, the task is this process's: if we die before one is
+        # started, reconcile() can prove it and mark the record crashed.
+        me = current_process()
+        record.update(pid=me.pid, start_token=me.start, boot=me.boot, host=me.host, pidns=me.pidns)
         task_id = self.store.create_task(record)
+        try:
+            self._spawn(task_id, wait_for_locks)
+        except BaseException as exc:
+            self.update(
+                task_id,
+                state=TaskState.FAILED,
+                finished=time.time(),
+                error_code=type(exc).__name__,
+                error_message=f"could not start the supervisor: {exc}",
+            )
+            raise
+        return task_id
+
+    def _spawn(self, task_id: int, wait_for_locks: bool) -> None:
+        """Start the task's supervisor (forked by the zygote, else exec'd) and record it."""
         self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_path = self.log_dir / f"task-{task_id}.log"
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -245,9 +263,9 @@ class Tasks:
         finally:
             os.close(fd)
         me = current_process()
-        while True:  # record the supervisor's identity unless it already recorded itself
+        while True:  # record the supervisor's identity unless it already claimed the task
             current = self.get(task_id)
-            if current.pid is not None or current.state.is_final:
+            if current.pgid is not None or current.state.is_final or current.pid != me.pid:
                 break
             cols = current.changed(
                 pid=pid,
@@ -258,7 +276,6 @@ class Tasks:
             )
             if self.store.update_task(task_id, current.version, cols):
                 break
-        return task_id
 
     # --- watching -----------------------------------------------------------------------------
 
@@ -267,7 +284,13 @@ class Tasks:
         if record.pid is None:
             return Liveness.UNKNOWN
         return process_liveness(
-            record.pid, record.start_token, record.boot, record.host, record.pidns, record.pgid
+            record.pid,
+            record.start_token,
+            record.boot,
+            record.host,
+            record.pidns,
+            record.pgid,
+            local_db=self.locks.local_db,
         )
 
     def reconcile(self) -> builtins.list[int]:
@@ -286,7 +309,9 @@ class Tasks:
             changes["message"] = "the task's processes died without recording an outcome"
             if self.update(record.id, **changes) is not None:
                 marked.append(record.id)
-            LockTable(self.locks.store, record.namespace).release_owner(f"task:{record.id}")
+            # Every process of the task is gone, so its entries are provably dead; an entry of
+            # a process that left the task's group and still runs is not, and stays.
+            LockTable(self.locks.store, record.namespace).reap(owner=f"task:{record.id}")
         return marked
 
     def wait(self, task_id: int, timeout: float | None = None) -> TaskRecord:
@@ -321,15 +346,24 @@ class Tasks:
         :raises TaskNotFound: no such task.
         :raises TasklocksError: the task runs on another host.
         """
-        record = self.update(task_id, stop_requested=time.time())
-        if record is None:
-            return self.get(task_id)
+        record = self.get(task_id)
+        if record.state.is_final:
+            return record
         if record.host is not None and record.host != current_process().host:
             raise TasklocksError(f"task {task_id} runs on {record.host}; stop it from there")
+        updated = self.update(task_id, stop_requested=time.time())
+        if updated is None:
+            return self.get(task_id)
+        record = updated
+        if self.liveness(record) is Liveness.DEAD:
+            # Nothing of it runs: never signal numbers that may belong to someone else now.
+            self.reconcile()
+            return self.get(task_id)
         if record.pgid is None:
             # Not forked yet: the supervisor checks stop_requested before it forks; a SIGTERM
             # makes it look at once.
-            if record.pid is not None and self.liveness(record) is Liveness.ALIVE:
+            supervised = record.pid not in (None, os.getpid())  # not yet claimed: it is ours
+            if supervised and record.pid and self.liveness(record) is Liveness.ALIVE:
                 _signal(record.pid, signal.SIGTERM)
             with contextlib.suppress(TimeoutError):
                 return self.wait(task_id, timeout=grace)
@@ -344,9 +378,17 @@ class Tasks:
                 return self.wait(task_id, timeout=5.0)
         # The supervisor is gone or stuck: end it, and record the outcome ourselves.
         record = self.get(task_id)
-        if record.pid is not None and self.liveness(record) is Liveness.ALIVE:
+        supervised = record.pid not in (None, os.getpid())
+        if supervised and record.pid and self.liveness(record) is Liveness.ALIVE:
             _signal(record.pid, signal.SIGKILL)
-        return self.wait(task_id, timeout=5.0)
+        try:
+            return self.wait(task_id, timeout=5.0)
+        except TimeoutError:
+            raise TasklocksError(
+                f"task {task_id} did not end after SIGKILL; a process of it may be stuck in the "
+                "kernel (state D): look at 'ps -o pid,stat,cmd -g "
+                f"{record.pgid}' and try again"
+            ) from None
 
     # --- lifetime -----------------------------------------------------------------------------
 
