@@ -384,8 +384,25 @@ def _release(release: Callable[[], None], what: str) -> None:
 _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
+def _in_terminal_foreground(pid: int) -> bool:
+    """Whether ``pid`` belongs to the terminal's foreground process group: then a Ctrl-C or
+    Ctrl-\\ at the terminal reached it directly, and forwarding would deliver it twice."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False  # no controlling terminal
+    try:
+        return os.tcgetpgrp(fd) == os.getpgid(pid)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def _forward_signals(pid: int) -> dict[int, _Handler]:
     def forward(signum: int, frame: FrameType | None) -> None:
+        if signum in (signal.SIGINT, signal.SIGQUIT) and _in_terminal_foreground(pid):
+            return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
 

@@ -435,11 +435,18 @@ class LockTable:
         return self.store.read(self.namespace)
 
     def repair(self) -> Snapshot:
-        """Reset the namespace's document to empty, whatever it held; return the old row."""
-        old = self.store.read(self.namespace)
-        self.store.reset(self.namespace, self._encoder.encode(_core.EMPTY))
+        """Reset the namespace's document to empty, whatever it held; return the old row
+        (read in the same atomic change, so nothing taken in between is dropped unseen)."""
+        seen: list[Snapshot] = []
+
+        def reset(snap: Snapshot) -> tuple[str, bool]:
+            seen[:] = [snap]
+            return _core.encode(_core.EMPTY), True
+
+        self.store.transact(self.namespace, reset, None)
         self._snap = None
-        return old
+        self._waker.notify()
+        return seen[0]
 
     # --- lifetime -----------------------------------------------------------------------------
 
