@@ -155,10 +155,13 @@ class Supervisor:
             return 0
         gate_r, gate_w = os.pipe()
         result_r, result_w = os.pipe()
-        # No database connection may cross the fork: SQLite keeps per-process state about
-        # the open file (locks, the WAL index) that a child must not inherit
+        # No SQLite connection may cross the fork: SQLite keeps per-process state about the
+        # open file (locks, the WAL index) that a child must not inherit
         # (https://www.sqlite.org/howtocorrupt.html#_carrying_an_open_database_connection_across_a_fork_).
-        self.tasks.close()
+        # A server connection is only a socket: the child points its copy at /dev/null.
+        local = self.tasks.locks.local_db
+        if local:
+            self.tasks.close()
         child = os.fork()
         if child == 0:
             os.close(gate_w)
@@ -168,7 +171,8 @@ class Supervisor:
         os.close(result_w)
         with contextlib.suppress(OSError):  # the child may have done it first
             os.setpgid(child, child)
-        self.tasks = Tasks(self.url, table=self.table)
+        if local:
+            self.tasks = Tasks(self.url, table=self.table)
         self.child = child
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
