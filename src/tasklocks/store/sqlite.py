@@ -67,6 +67,7 @@ class SQLiteStore:
         self._pid = 0
         self._known: set[str] = set()
         self._tasks_ready = False
+        self._optimistic_ok = True
         self._gate_fd: int | None = None
         self._gate_pid = 0
         with self._lock:
@@ -217,6 +218,7 @@ class SQLiteStore:
                 snap = Snapshot(int(row[0]), str(row[1]))
                 if hint is not None and hint.version == snap.version and hint.data == snap.data:
                     snap = hint
+                    self._optimistic_ok = True  # the caller's snapshots are fresh again
                 change = compute(snap)
                 if change is not None:
                     conn.execute(
@@ -250,10 +252,13 @@ class SQLiteStore:
                 "WHERE namespace = ? AND version = ? AND data = ?",
                 (change[0], namespace, hint.version, hint.data),
             )
-            return Snapshot(hint.version + 1, change[0]) if cur.rowcount == 1 else None
+            if cur.rowcount == 1:
+                return Snapshot(hint.version + 1, change[0])
+            self._optimistic_ok = False  # others write too: read first until hints are fresh
+            return None
 
         def either(conn: sqlite3.Connection) -> Snapshot:
-            if hint is not None and namespace in self._known:
+            if hint is not None and namespace in self._known and self._optimistic_ok:
                 done = optimistic(conn)
                 if done is not None:
                     return done
