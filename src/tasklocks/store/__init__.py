@@ -36,6 +36,7 @@ __all__ = [
     "default_url",
     "open_store",
     "parse_url",
+    "task_filter",
 ]
 
 DEFAULT_TABLE = "tasklocks"
@@ -176,6 +177,29 @@ class TaskStore(Protocol):
     ) -> list[TaskRow]:
         """Tasks (in ``states``, of ``namespace``, when given), newest first, at most ``limit``."""
         ...
+
+
+def task_filter(
+    states: Sequence[str] | None,
+    namespace: str | None,
+    limit: int | None,
+    *,
+    mark: str,
+    namespace_column: str = "namespace",
+) -> tuple[str, str, list[str]]:
+    """The WHERE and LIMIT clauses of ``list_tasks`` and their parameters, for a driver whose
+    placeholder is ``mark``."""
+    conditions: list[str] = []
+    params: list[str] = []
+    if states is not None:
+        conditions.append(f"state IN ({', '.join([mark] * len(states))})" if states else "1 = 0")
+        params.extend(states)
+    if namespace is not None:
+        conditions.append(f"{namespace_column} = {mark}")
+        params.append(namespace)
+    where = " WHERE " + " AND ".join(conditions) if conditions else ""
+    tail = "" if limit is None else f" LIMIT {int(limit)}"
+    return where, tail, params
 
 
 class Backend(Store, TaskStore, Protocol):

@@ -49,6 +49,7 @@ from tasklocks.store import (
     TaskRow,
     TaskValue,
     check_table_name,
+    task_filter,
 )
 
 if TYPE_CHECKING:
@@ -804,18 +805,9 @@ class MySQLStore:
         limit: int | None = None,
         namespace: str | None = None,
     ) -> list[TaskRow]:
-        conditions: list[str] = []
-        params: list[str] = []
-        if states is not None:
-            conditions.append(
-                f"state IN ({', '.join(['%s'] * len(states))})" if states else "1 = 0"
-            )
-            params.extend(states)
-        if namespace is not None:
-            conditions.append("`namespace` = %s")
-            params.append(namespace)
-        where = " WHERE " + " AND ".join(conditions) if conditions else ""
-        tail = "" if limit is None else f" LIMIT {int(limit)}"
+        where, tail, params = task_filter(
+            states, namespace, limit, mark="%s", namespace_column="`namespace`"
+        )
         sql = self._sql["list_tasks"].format(where=where, limit=tail)
 
         def body(cur: Any) -> list[TaskRow]:

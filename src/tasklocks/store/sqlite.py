@@ -40,6 +40,7 @@ from tasklocks.store import (
     TaskRow,
     TaskValue,
     check_table_name,
+    task_filter,
 )
 
 __all__ = ["SQLiteStore"]
@@ -381,16 +382,7 @@ class SQLiteStore:
         limit: int | None = None,
         namespace: str | None = None,
     ) -> list[TaskRow]:
-        conditions: list[str] = []
-        params: list[TaskValue] = []
-        if states is not None:
-            conditions.append(f"state IN ({', '.join('?' for _ in states)})")
-            params.extend(states)
-        if namespace is not None:
-            conditions.append("namespace = ?")
-            params.append(namespace)
-        where = " WHERE " + " AND ".join(conditions) if conditions else ""
-        tail = "" if limit is None else f" LIMIT {int(limit)}"
+        where, tail, params = task_filter(states, namespace, limit, mark="?")
 
         def body(conn: sqlite3.Connection) -> list[TaskRow]:
             self._ensure_tasks(conn)
