@@ -44,7 +44,7 @@ THIS_PROCESS: Final = _ThisProcess()
 
 # How often a waiter re-checks, without any query, whether the holders it waits for died:
 # a process that dies does not announce it.
-_DEATH_CHECK_INTERVAL = 0.5
+_DEATH_CHECK_INTERVAL = 1.0
 _LOST_REPLY_RETRIES = 8
 _FAST_PATH_MAX_BYTES = FAST_MAX_BYTES
 
@@ -243,11 +243,11 @@ class LockTable:
         wanted = tuple(dict.fromkeys(validate_name(n) for n in names))
         claimant = self._claimant(owner, note, process)
         deadline = None if timeout is None else time.monotonic() + timeout
-        token = self._fast_acquire(wanted, claimant)
-        if token is not None:
-            return Lease(self, wanted, claimant.owner, token, claimant.lease)
         told = False
         while True:
+            token = self._fast_acquire(wanted, claimant)
+            if token is not None:
+                return Lease(self, wanted, claimant.owner, token, claimant.lease)
             outcome = self._try_acquire(wanted, claimant)
             if isinstance(outcome, _core.Granted):
                 return Lease(self, wanted, claimant.owner, outcome.token, claimant.lease)
@@ -256,7 +256,20 @@ class LockTable:
             if on_wait is not None and not told:
                 told = True
                 on_wait(outcome.blockers)
-            self._wait_for_release(outcome.blockers, deadline, timeout)
+            blockers: Mapping[str, Holder] = outcome.blockers
+            while blockers:
+                self._wait_for_release(blockers, deadline, timeout)
+                token = self._fast_acquire(wanted, claimant)  # one statement, where it can
+                if token is not None:
+                    return Lease(self, wanted, claimant.owner, token, claimant.lease)
+                # Look before the full path: with many waiters, each release wakes them all,
+                # and only a write (which queues for the write lock) could tell them no.
+                doc = self._decode(self.store.read(self.namespace))
+                blockers = {
+                    n: doc[n]
+                    for n in wanted
+                    if n in doc and doc[n].lease != claimant.lease and not self._is_dead(doc[n])
+                }
 
     def _fast_path(self) -> bool:
         # One-statement changes run in the database; with a big document the pure path,

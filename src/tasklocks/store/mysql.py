@@ -15,7 +15,7 @@
 * Waiters poll ``SELECT version``: MySQL has no LISTEN/NOTIFY. From every 1 ms up to every 10 ms,
   then 5 % of the time waited so far (at most 100 ms), to keep many waiters cheap. Given a
   ``wake_fd`` (same-host releasers signal it), they poll far less often (from 5 ms up to every
-  250 ms, for changes made on other hosts) and return as soon as the fd is readable.
+  500 ms, for changes made on other hosts) and return as soon as the fd is readable.
 * A connection lost before a change was sent is reopened and the call retried once; lost after it
   was sent, :class:`OutcomeUnknown` is raised (the caller re-reads). A forked child never touches
   its parent's socket.
@@ -66,7 +66,7 @@ IDLE_PING = 1.0  # seconds idle after which a connection is pinged before a one-
 # fixed 10 ms cap costs ~2 % of a core per waiter (20 waiters: 40 %).
 POLL_FIRST, POLL_GROWTH, POLL_CAP_FAST, POLL_SHARE, POLL_CAP = 0.001, 1.5, 0.010, 0.05, 0.100
 # With a wake_fd, local releases arrive through it: poll only for other hosts' changes.
-WAKE_POLL_FIRST, WAKE_POLL_CAP = 0.005, 0.250
+WAKE_POLL_FIRST, WAKE_POLL_CAP = 0.005, 0.500
 DEADLOCK_RETRIES = 20
 
 # All the SQL of this dialect, by name. ``{t}`` is the checked table name. ``key`` is a reserved

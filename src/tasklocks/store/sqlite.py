@@ -295,7 +295,7 @@ class SQLiteStore:
             return True
         # With a local wake-up channel every release on this host wakes us at once, and
         # data_version is only a fallback; without one it is the signal, polled briskly.
-        delay, cap = (0.05, 0.05) if wake_fd is not None else (0.0005, 0.004)
+        delay, cap = (0.2, 0.2) if wake_fd is not None else (0.0005, 0.004)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
