@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -612,3 +613,59 @@ def test_wait_with_a_bad_id_is_an_argparse_usage_error(cli: Cli) -> None:
     assert lines[-1] == (
         "tasklocks wait: error: argument id: a task id is a whole number, not 'abc'"
     ), result.stderr
+
+
+# --- on a terminal: progress bars -------------------------------------------------------------
+
+
+def run_on_a_terminal(cli: Cli, *args: str, seconds: float = 30.0) -> str:
+    """Run the command line with a pseudo-terminal as stdin, stdout and stderr; return what it
+    drew on the screen (it is stopped after ``seconds``)."""
+    leader, follower = os.openpty()
+    proc = subprocess.Popen(
+        cli.argv(*args), stdin=follower, stdout=follower, stderr=follower, env=cli.env
+    )
+    os.close(follower)
+    screen = b""
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(leader, 4096)
+                except OSError:  # the terminal closed: the command ended
+                    break
+                if not chunk:
+                    break
+                screen += chunk
+            elif proc.poll() is not None:
+                break
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(timeout=30)
+        os.close(leader)
+    return screen.decode(errors="replace")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_wait_draws_a_progress_bar_on_a_terminal(cli: Cli) -> None:
+    script = 'for i in 10 40 80; do tasklocks progress $i "step $i"; sleep 0.3; done'
+    task_id = cli.start("--kind", "update blog", "--", "sh", "-c", script)
+    screen = run_on_a_terminal(cli, "wait", str(task_id))
+    assert "\r" in screen  # the bar is redrawn in place
+    assert f"task {task_id} [" in screen
+    assert "100%" in screen and "succeeded" in screen
+    assert "#" * 30 in screen  # a full bar at the end
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_tasks_watch_redraws_progress_bars_on_a_terminal(cli: Cli) -> None:
+    task_id = cli.start(
+        "--kind", "backup", "--", "sh", "-c", "tasklocks progress 30 copying; sleep 2"
+    )
+    screen = run_on_a_terminal(cli, "tasks", "--watch", seconds=4.5)
+    assert f"task {task_id} [#########" in screen and "30%" in screen and "copying" in screen
+    assert "\x1b[" in screen  # the list is redrawn in place
+    assert "no active tasks" in screen  # ... until the task has ended
