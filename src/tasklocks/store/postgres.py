@@ -448,7 +448,7 @@ class PostgresStore:
                 conn.execute(self._sql["create_table"])
                 conn.execute(self._sql["create_meta"])
                 conn.execute(self._sql["insert_meta"], (str(SCHEMA_VERSION),))
-            except (errors.UniqueViolation, errors.DuplicateTable) as exc:
+            except (errors.UniqueViolation, errors.DuplicateTable, errors.DuplicateObject) as exc:
                 # Concurrent CREATE TABLE IF NOT EXISTS can collide on the catalog's unique index
                 # (pg_type_typname_nsp_index) instead of skipping: the other creator won; retry.
                 # (https://github.com/psycopg/psycopg2/issues/1036,
@@ -841,7 +841,11 @@ class PostgresStore:
                 try:
                     conn.execute(self._sql["create_tasks"])
                     conn.execute(self._sql["create_tasks_index"])
-                except (errors.UniqueViolation, errors.DuplicateTable) as exc:
+                except (
+                    errors.UniqueViolation,
+                    errors.DuplicateTable,
+                    errors.DuplicateObject,
+                ) as exc:
                     raise _Retry(str(exc)) from exc  # a concurrent creator won (see above)
                 self._tasks_ready = True
             return body(conn)
