@@ -577,6 +577,30 @@ def test_mysql_quoting_under_no_backslash_escapes(namespace: str) -> None:
         raw_sql(url, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
 
 
+def test_mysql_connections_share_one_default_tls_context(namespace: str) -> None:
+    # PyMySQL builds a TLS context (loading the CA store, ~20 ms) for every connection; the
+    # adapter builds the default one once. Both stores must still work, and explicit TLS options
+    # still get a context of their own.
+    require("mysql")
+    from tasklocks.store import mysql
+
+    url = server_url("mysql")
+    first, second = _server_store(url), _server_store(url)
+    try:
+        assert first.read(namespace) == second.read(namespace)
+        a, b = first._conn, second._conn
+        assert a is not None and b is not None and a is not b
+        assert a.ctx is b.ctx is mysql._CONNECTION_CLASS._default_context
+        own = mysql._CONNECTION_CLASS.__new__(mysql._CONNECTION_CLASS)._create_ssl_ctx(
+            {"ca": None, "verify_mode": False}
+        )
+        assert own is not a.ctx
+    finally:
+        first.close()
+        second.close()
+        raw_sql(url, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
+
+
 def test_the_driver_constants_the_mysql_adapter_copies() -> None:
     require("mysql")
     from pymysql.constants import CLIENT, SERVER_STATUS

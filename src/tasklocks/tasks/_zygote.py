@@ -188,6 +188,9 @@ def _serve(path: Path) -> int:
     for driver in ("psycopg", "pymysql"):
         with contextlib.suppress(ImportError):
             __import__(driver)
+    from tasklocks.store import mysql
+
+    mysql.preload()
     base_path = [p for p in sys.path[1:] if p not in _our_path_entries()]
     _zygote_roots.update(_our_path_entries())
     with contextlib.suppress(FileNotFoundError):
