@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,17 +116,21 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return backend_url(backend, tmp_path)
 
 
-def delete_rows(url: str, prefix: str, table: str = DEFAULT_TABLE) -> None:
-    """Delete a server table's rows whose namespace starts with ``prefix`` (test cleanup)."""
+def raw_sql(url: str, statement: str, params: tuple[Any, ...] = ()) -> int:
+    """Run one statement straight through the driver (``%s`` placeholders), autocommit, behind
+    tasklocks' back; return the number of rows it changed."""
     p = parse_url(url)
-    statements = [
-        f"DELETE FROM {table} WHERE namespace LIKE %s",
-        f"DELETE FROM {table}_tasks WHERE namespace LIKE %s",  # task records, if any
-    ]
+    if p.scheme == "sqlite":
+        conn = sqlite3.connect(p.path)
+        try:
+            with conn:
+                return conn.execute(statement.replace("%s", "?"), params).rowcount
+        finally:
+            conn.close()
     if p.scheme == "mysql":
         import pymysql
 
-        conn = pymysql.connect(
+        mconn = pymysql.connect(
             host=p.host,
             port=p.port or 3306,
             user=p.user or "root",
@@ -133,26 +139,31 @@ def delete_rows(url: str, prefix: str, table: str = DEFAULT_TABLE) -> None:
             autocommit=True,
         )
         try:
-            with conn.cursor() as cur:
-                for statement in statements:
-                    with contextlib.suppress(pymysql.err.ProgrammingError):  # no tasks table
-                        cur.execute(statement, (prefix + "%",))
+            with mconn.cursor() as cur:
+                return int(cur.execute(statement, params))
         finally:
-            conn.close()
-    elif p.scheme == "postgresql":
-        import psycopg
+            mconn.close()
+    import psycopg
 
-        with psycopg.connect(
-            host=p.host,
-            port=p.port or 5432,
-            user=p.user,
-            password=p.password,
-            dbname=p.database,
-            autocommit=True,
-        ) as pconn:
-            for statement in statements:
-                with contextlib.suppress(psycopg.errors.UndefinedTable):  # no tasks table
-                    pconn.execute(statement.encode(), (prefix + "%",))
+    with psycopg.connect(
+        host=p.host,
+        port=p.port or 5432,
+        user=p.user or "postgres",
+        password=p.password,
+        dbname=p.database,
+        autocommit=True,
+    ) as pconn:
+        return pconn.execute(statement.encode(), params).rowcount
+
+
+def delete_rows(url: str, prefix: str, table: str = DEFAULT_TABLE) -> None:
+    """Delete a server table's rows whose namespace starts with ``prefix`` (test cleanup), and
+    the task records of those namespaces, if there is a tasks table."""
+    if parse_url(url).scheme == "sqlite":
+        return
+    raw_sql(url, f"DELETE FROM {table} WHERE namespace LIKE %s", (prefix + "%",))
+    with contextlib.suppress(Exception):  # no tasks table: nothing to delete
+        raw_sql(url, f"DELETE FROM {table}_tasks WHERE namespace LIKE %s", (prefix + "%",))
 
 
 @pytest.fixture

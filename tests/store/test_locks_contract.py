@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import pytest
+from conftest import raw_sql
 
 import tasklocks
 from tasklocks import (
@@ -612,46 +612,9 @@ GARBAGE = {
 def write_row(db_url: str, namespace: str, data: str, *, bump: bool) -> None:
     """Overwrite the namespace's ``data`` column behind tasklocks' back, with the driver;
     ``bump`` also adds one to ``version``, as a careful hand edit would."""
-    url = parse_url(db_url)
     version = ", version = version + 1" if bump else ""
     sql = f"UPDATE {TABLE} SET data = %s{version} WHERE namespace = %s"
-    if url.scheme == "sqlite":
-        conn = sqlite3.connect(url.path)
-        try:
-            with conn:
-                cur = conn.execute(sql.replace("%s", "?"), (data, namespace))
-                assert cur.rowcount == 1
-        finally:
-            conn.close()
-    elif url.scheme == "mysql":
-        import pymysql
-
-        mconn = pymysql.connect(
-            host=url.host,
-            port=url.port or 3306,
-            user=url.user or "root",
-            password=url.password or "",
-            database=url.database,
-            autocommit=True,
-        )
-        try:
-            with mconn.cursor() as mcur:
-                assert mcur.execute(sql, (data, namespace)) == 1
-        finally:
-            mconn.close()
-    else:
-        import psycopg
-
-        with psycopg.connect(
-            host=url.host,
-            port=url.port or 5432,
-            user=url.user or "postgres",
-            password=url.password,
-            dbname=url.database,
-            autocommit=True,
-        ) as pconn:
-            cur2 = pconn.execute(sql, (data, namespace))
-            assert cur2.rowcount == 1
+    assert raw_sql(db_url, sql, (data, namespace)) == 1
 
 
 def corrupt(

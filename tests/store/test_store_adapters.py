@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import SERVER_BACKENDS, require, server_url
+from conftest import SERVER_BACKENDS, raw_sql, require, server_url
 
 from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.store import (
@@ -30,43 +29,6 @@ from tasklocks.store import (
 )
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def raw_sql(url: str, statement: str, params: tuple[Any, ...] = ()) -> None:
-    """Run one statement straight through the driver (``%s`` placeholders), autocommit."""
-    p = parse_url(url)
-    if p.scheme == "sqlite":
-        with sqlite3.connect(p.path) as conn:
-            conn.execute(statement.replace("%s", "?"), params)
-        conn.close()
-    elif p.scheme == "mysql":
-        import pymysql
-
-        mconn = pymysql.connect(
-            host=p.host,
-            port=p.port or 3306,
-            user=p.user or "root",
-            password=p.password or "",
-            database=p.database,
-            autocommit=True,
-        )
-        try:
-            with mconn.cursor() as cur:
-                cur.execute(statement, params)
-        finally:
-            mconn.close()
-    else:
-        import psycopg
-
-        with psycopg.connect(
-            host=p.host,
-            port=p.port or 5432,
-            user=p.user,
-            password=p.password,
-            dbname=p.database,
-            autocommit=True,
-        ) as pconn:
-            pconn.execute(statement.encode(), params)
 
 
 def drop_tables(url: str, table: str) -> None:

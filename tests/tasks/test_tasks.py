@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -138,25 +138,6 @@ def kill_everything(tasks: Tasks) -> None:
 
 def ids(records: list[TaskRecord], namespace: str) -> list[int]:
     return [r.id for r in records if r.namespace == namespace]
-
-
-@pytest.fixture
-def tasks(
-    db_url: str, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Tasks]:
-    """A runner on ``db_url``/``namespace`` whose task processes can import the targets."""
-    path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
-    for var in ("TASKLOCKS_TASK_ID", "TASKLOCKS_TASK_PGID", "TASKLOCKS_NAMESPACE"):
-        monkeypatch.delenv(var, raising=False)
-    runner = Tasks(db_url, namespace, log_dir=tmp_path / "logs")
-    try:
-        yield runner
-    finally:
-        try:
-            kill_everything(runner)
-        finally:
-            runner.close()
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -23,7 +22,7 @@ from tasklocks.owner import group_is_empty
 from tasklocks.tasks import Tasks, TaskState
 
 from .targets import ref
-from .test_tasks import ROOT, describe, kill_everything, killpg
+from .test_tasks import describe, killpg
 
 pytestmark = pytest.mark.stress
 
@@ -38,24 +37,6 @@ class Spec:
     locks: list[str]
     seconds: float
     victim: bool
-
-
-@pytest.fixture
-def tasks(
-    db_url: str, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Tasks]:
-    path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
-    for var in ("TASKLOCKS_TASK_ID", "TASKLOCKS_TASK_PGID", "TASKLOCKS_NAMESPACE"):
-        monkeypatch.delenv(var, raising=False)
-    runner = Tasks(db_url, namespace, log_dir=tmp_path / "logs")
-    try:
-        yield runner
-    finally:
-        try:
-            kill_everything(runner)
-        finally:
-            runner.close()
 
 
 def read_lines(path: Path) -> list[tuple[str, int, float]]:

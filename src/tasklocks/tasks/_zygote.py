@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -42,16 +43,24 @@ _CONNECT_TIMEOUT = 2.0
 _STARTUP_VARIABLES = ("PYTHON", "LC_", "LANG", "TZ")
 
 
-def _package_stamp() -> str:
-    """What a zygote must share with its caller to be a stand-in for exec: the interpreter,
-    tasklocks' files (name, size, mtime), and the process context a fork inherits and an exec
-    would have taken from the caller (credentials, umask, cgroup, limits, priority, and the
-    environment variables Python reads at start-up)."""
+@functools.cache
+def _code_stamp() -> str:
+    """The interpreter and tasklocks' files (name, size, mtime), as this process loaded them:
+    looked at once per process, not at every start()."""
     root = Path(__file__).resolve().parent.parent
     parts = [sys.executable, sys.version, str(root)]
     for path in sorted(root.rglob("*.py")):
         info = path.stat()
         parts.append(f"{path.relative_to(root)}:{info.st_size}:{info.st_mtime_ns}")
+    return "\n".join(parts)
+
+
+def _package_stamp() -> str:
+    """What a zygote must share with its caller to be a stand-in for exec: the interpreter,
+    tasklocks' files (name, size, mtime), and the process context a fork inherits and an exec
+    would have taken from the caller (credentials, umask, cgroup, limits, priority, and the
+    environment variables Python reads at start-up)."""
+    parts = [_code_stamp()]
     mask = os.umask(0o022)
     os.umask(mask)
     parts.append(f"ids {os.getuid()} {os.getgid()} {sorted(os.getgroups())} umask {mask}")
