@@ -1,0 +1,103 @@
+"""Which database: URLs (``sqlite:///path.db``, ``mysql://user:pass@host:port/db``,
+``postgresql://user@host:port/db``) and the default one, for the stores, the CLI and the tasks."""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasklocks.errors import BadURL
+
+__all__ = ["ParsedURL", "check_table_name", "default_url", "parse_url"]
+
+_TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,50}")
+
+
+def check_table_name(table: str) -> str:
+    """Table names are spliced into SQL, so only plain identifiers are allowed."""
+    if _TABLE.fullmatch(table) is None:
+        raise BadURL(f"bad table name {table!r}: use letters, digits and _ (not first a digit)")
+    return table
+
+
+def default_url() -> str:
+    """``$TASKLOCKS_DB``, else an SQLite file in the user's state directory."""
+    env = os.environ.get("TASKLOCKS_DB")
+    if env:
+        return env
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return "sqlite:///" + str(Path(state) / "tasklocks" / "tasklocks.db")
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedURL:
+    scheme: str  # sqlite, mysql, postgresql
+    path: str  # the SQLite file (sqlite only)
+    host: str
+    port: int | None
+    user: str | None
+    password: str | None
+    database: str
+    query: dict[str, str]
+
+    def display(self) -> str:
+        if self.scheme == "sqlite":
+            return f"sqlite:///{self.path}"
+        user = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port else ""
+        return f"{self.scheme}://{user}{self.host}{port}/{self.database}"
+
+
+_SCHEMES = {
+    "sqlite": "sqlite",
+    "mysql": "mysql",
+    "mariadb": "mysql",
+    "postgresql": "postgresql",
+    "postgres": "postgresql",
+}
+
+
+def parse_url(url: str) -> ParsedURL:
+    """Split a database URL; raise :class:`BadURL` (a usage error) if it is malformed."""
+    if "://" not in url:
+        raise BadURL(
+            f"bad database URL {url!r}: use sqlite:///path.db, mysql://user:pass@host:port/db "
+            "or postgresql://user@host:port/db"
+        )
+    scheme_raw = url.split("://", 1)[0].lower()
+    scheme = _SCHEMES.get(scheme_raw)
+    if scheme is None:
+        raise BadURL(
+            f"unsupported database URL scheme {scheme_raw!r}: use sqlite://, mysql://, "
+            "mariadb:// or postgresql://"
+        )
+    parts = urllib.parse.urlsplit(url)
+    query = dict(urllib.parse.parse_qsl(parts.query))
+    if scheme == "sqlite":
+        # sqlite:///relative.db and sqlite:////abs/path.db, as in SQLAlchemy.
+        path = url.split("://", 1)[1].split("?", 1)[0]
+        if not path.startswith("/") or len(path) < 2:
+            raise BadURL(f"bad SQLite URL {url!r}: use sqlite:///relative.db or sqlite:////abs.db")
+        return ParsedURL("sqlite", path[1:], "", None, None, None, "", query)
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise BadURL(f"bad port in database URL {url!r}: use host:port with a number") from exc
+    database = parts.path.lstrip("/")
+    if not parts.hostname or not database:
+        raise BadURL(
+            f"bad database URL {url!r}: it needs a host and a database, {scheme}://host/db"
+        )
+    return ParsedURL(
+        scheme,
+        "",
+        parts.hostname,
+        port,
+        urllib.parse.unquote(parts.username) if parts.username else None,
+        urllib.parse.unquote(parts.password) if parts.password else None,
+        database,
+        query,
+    )

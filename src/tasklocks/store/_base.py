@@ -1,0 +1,403 @@
+"""What every adapter shares: named statements, the schema, the compare-and-swap, the tasks table.
+
+Every statement of a dialect stands in ``sql/<dialect>.sql`` (as procrastinate's queries.sql):
+``-- name: NAME`` starts a statement or fragment, other ``--`` lines are comments, a final ``;`` is
+dropped and ``{word}`` marks a place :func:`fill` fills in. A change with a fresh ``hint`` is one
+statement, an optimistic ``UPDATE ... WHERE version = <hint> AND data = <hint>`` (servers compare
+MD5s); else, or when that misses, a pessimistic ``BEGIN; SELECT ... FOR UPDATE`` then ``UPDATE;
+COMMIT``, which cannot miss. After a miss, hinted calls stay pessimistic until one finds its hint
+was still the row. A dialect supplies the methods marked abstract.
+"""
+
+from __future__ import annotations
+
+import functools
+import select
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, ClassVar, TypeVar
+
+from tasklocks._url import check_table_name
+from tasklocks.errors import StoreError, StoreUnavailable
+
+T = TypeVar("T")
+SCHEMA_VERSION = 1
+EMPTY_DOCUMENT = '{"format":1,"locks":{}}'
+# One-statement changes (FastPaths) make the server parse the whole document; past this size the
+# client's path, which re-encodes only what changed, is cheaper.
+FAST_MAX_BYTES = 64 * 1024
+# Every task column but ``id`` and ``version``, with its kind (the dialect's ``task_types`` maps
+# kinds to SQL types). ``json`` columns hold JSON text (the tasks layer encodes and decodes them).
+_COLUMNS = """kind:text target:json args:json locks:json namespace:text state:state percent:float
+    message:text result:json error_code:text error_message:text exit_code:int signal:int pid:int
+    pgid:int host:text start_token:text boot:text pidns:text created:float started:float
+    finished:float log_path:text timeout:float stop_requested:float waited_for:json"""
+TASK_COLUMNS = tuple((n, k) for n, _, k in (c.partition(":") for c in _COLUMNS.split()))
+TASK_FIELDS: tuple[str, ...] = tuple(name for name, _kind in TASK_COLUMNS)
+TaskValue = str | int | float | None
+TaskRow = dict[str, TaskValue]  # every TASK_FIELDS column plus "id" and "version"
+Str = str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A namespace's row as read: its version and its document text."""
+
+    version: int
+    data: str
+
+
+Change = tuple[str, bool]  # (new document text, wake waiters?)
+Compute = Callable[[Snapshot], Change | None]  # None: change nothing
+
+
+class OutcomeUnknown(StoreUnavailable):
+    """The connection failed after a write was sent: it may or may not have been applied.
+    The caller re-reads and looks for what it may already have written before retrying."""
+
+
+class Call:
+    """Per-attempt bookkeeping: has a change that may be applied been sent?"""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = False
+
+
+@functools.cache
+def load(dialect: str) -> dict[str, str]:
+    """The named statements of ``dialect`` (``sqlite``, ``mysql``, ``postgres``), as written."""
+    text = resources.files(__package__).joinpath("sql", f"{dialect}.sql").read_text("utf-8")
+    found: dict[str, list[str]] = {}
+    lines: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("-- name:"):
+            lines = found.setdefault(line.removeprefix("-- name:").strip(), [])
+        elif lines is not None and not line.lstrip().startswith("--"):
+            lines.append(line.rstrip())
+    return {name: "\n".join(body).strip("\n").removesuffix(";") for name, body in found.items()}
+
+
+def fill(text: str, **values: object) -> str:
+    """``text`` with every ``{name}`` of ``values`` replaced by the value."""
+    for name, value in values.items():
+        text = text.replace("{" + name + "}", str(value))
+    return text
+
+
+class SQLStore(ABC):
+    """An adapter (a ``Backend``): the parts written once; see the module docstring."""
+
+    DIALECT: ClassVar[str]  # its statements are sql/<DIALECT>.sql
+    QUOTE: ClassVar[str] = ""  # how the dialect quotes a column name
+    MARK: ClassVar[str] = "%s"  # the driver's placeholder
+    POLL: ClassVar[tuple[float, float, float, float, float, float]]  # see _poll
+    url: str  # for messages, without a password
+    table: str
+    local: bool  # every holder runs on this machine (see owner.process_liveness)
+    _where: str  # the database, for messages
+    _driver_errors: tuple[type[BaseException], ...]  # every error the driver raises
+    _tasks_ready = False
+    _optimistic_ok = True  # was the last hint we could judge still the row?
+
+    def _load_sql(self, table: str, **values: object) -> None:
+        self.table = check_table_name(table)
+        self._known: set[str] = set()  # namespaces whose row exists
+        self._backoff: dict[str, tuple[int, float, float, float]] = {}  # waits that timed out
+        raw = load(self.DIALECT)
+        types = dict(kind.split(":", 1) for kind in raw["task_types"].split(", "))
+        columns = ", ".join(f"{self._column(n)} {types[kind]}" for n, kind in TASK_COLUMNS)
+        values = {**values, "t": table, "task_columns": columns}
+        self._sql = {name: fill(text, **values) for name, text in raw.items()}
+
+    # --- what a dialect supplies ----------------------------------------------------------------
+
+    @abstractmethod
+    def _locked(self, body: Callable[[Any, Call], T]) -> T:
+        """Run ``body(connection, call)`` under the store's lock, translating driver errors."""
+
+    def _changing(self, body: Callable[[Any, Call], T]) -> T:
+        return self._locked(body)  # a change may need more (SQLite queues its writers)
+
+    @abstractmethod
+    def _execute(self, conn: Any, sql: str, params: Any = None) -> Any:
+        """Run one statement on ``conn``; its DB-API cursor."""
+
+    @abstractmethod
+    def _missing_table(self, exc: BaseException) -> bool:
+        """Did the statement fail because a table does not exist (yet)?"""
+
+    @abstractmethod
+    def _digest(self, text: str) -> str:
+        """What ``check`` and ``update_if`` compare a document by."""
+
+    @abstractmethod
+    def _swap(self, conn: Any, ns: str, version: int, change: Change, digest: str) -> bool:
+        """The optimistic compare-and-swap (see ``update_if``); True if it happened."""
+
+    @abstractmethod
+    def _lock_row(self, conn: Any, namespace: str) -> Any:
+        """Begin a transaction and lock the namespace's row (in one round trip); the row."""
+
+    @abstractmethod
+    def _write_and_commit(self, conn: Any, namespace: str, version: int, change: Change) -> None:
+        """Write the change to the locked row and commit (in one round trip)."""
+
+    @abstractmethod
+    def _outcome_known(self, exc: BaseException) -> bool:
+        """After ``exc``, is it certain that nothing sent in this transaction was committed?"""
+
+    @abstractmethod
+    def wait_for_change(
+        self, namespace: str, version: int, timeout: float, wake_fd: int | None = None
+    ) -> bool:
+        """See ``Store.wait_for_change``."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections (idempotent)."""
+
+    def _commit(self, conn: Any) -> None:
+        self._execute(conn, self._sql["commit"])
+
+    def _rollback(self, conn: Any) -> None:
+        self._execute(conn, self._sql["rollback"])
+
+    def _after_schema(self, conn: Any) -> None:  # noqa: B027 (a hook)
+        """Once per store, after the schema is known to be there (the dialect's extras)."""
+
+    # --- the schema -----------------------------------------------------------------------------
+
+    def _check_schema(self, conn: Any) -> None:
+        """Create the tables on first use; refuse a schema this tasklocks does not know."""
+        row = self._schema_row(conn)
+        if row is None:  # concurrent creators may collide (PostgreSQL): dialects retry that
+            self._execute(conn, self._sql["create_table"])
+            self._execute(conn, self._sql["create_meta"])
+            self._execute(conn, self._sql["insert_meta"], (str(SCHEMA_VERSION),))
+            row = self._schema_row(conn)
+        try:
+            version = int(row[0]) if row is not None else -1
+        except ValueError:
+            version = -1
+        where = f"the lock table {self.table} at {self._where}"
+        if version < 0:
+            fix = f"fix or drop {self.table}_meta"
+            raise StoreError(f"{where} has a bad schema version {row!r}; {fix}")
+        if version > SCHEMA_VERSION:
+            fix = f"newer than this tasklocks understands ({SCHEMA_VERSION}); upgrade tasklocks"
+            raise StoreError(f"{where} has schema version {version}, {fix}")
+        self._after_schema(conn)
+
+    def _schema_row(self, conn: Any) -> Any:
+        try:
+            return self._execute(conn, self._sql["schema_version"]).fetchone()
+        except self._driver_errors as exc:
+            if self._missing_table(exc):
+                return None
+            raise
+
+    # --- documents ----------------------------------------------------------------------------
+
+    def read(self, namespace: str) -> Snapshot:
+        """The current row (created empty, version 0, on first use)."""
+
+        def body(conn: Any, call: Call) -> Snapshot:
+            row = self._execute(conn, self._sql["select"], (namespace,)).fetchone()
+            if row is None:
+                self._execute(conn, self._sql["insert_row"], (namespace, EMPTY_DOCUMENT))
+                row = self._execute(conn, self._sql["select"], (namespace,)).fetchone()
+            if row is None:
+                raise StoreError(f"the row of namespace {namespace!r} vanished; retry")
+            self._known.add(namespace)
+            return Snapshot(int(row[0]), str(row[1]))
+
+        return self._locked(body)
+
+    def transact(self, namespace: str, compute: Compute, hint: Snapshot | None) -> Snapshot:
+        """See ``Store.transact``."""
+
+        def body(conn: Any, call: Call) -> Snapshot:
+            if hint is not None and self._optimistic_ok and namespace in self._known:
+                done = self._optimistic(conn, call, namespace, compute, hint)
+                if done is not None:
+                    return done
+                self._optimistic_ok = False  # contention: stay pessimistic for a while
+            return self._pessimistic(conn, call, namespace, compute, hint)
+
+        return self._changing(body)
+
+    def _optimistic(
+        self, conn: Any, call: Call, namespace: str, compute: Compute, hint: Snapshot
+    ) -> Snapshot | None:
+        """Compute on ``hint`` and write in one statement; None if the row had moved on.
+        A refusal (compute raising) or "no change" stands only if the hint is still the row."""
+        try:
+            change = compute(hint)
+        except Exception:
+            if self._is_current(conn, namespace, hint):
+                raise
+            return None
+        if change is None:
+            return hint if self._is_current(conn, namespace, hint) else None
+        digest = self._digest(hint.data)
+        call.sent = True
+        done = self._swap(conn, namespace, hint.version, change, digest)
+        call.sent = False  # the reply came: the outcome is known
+        return Snapshot(hint.version + 1, change[0]) if done else None
+
+    def _is_current(self, conn: Any, namespace: str, hint: Snapshot) -> bool:
+        row = self._execute(conn, self._sql["check"], (namespace,)).fetchone()
+        return row is not None and (int(row[0]), row[1]) == (hint.version, self._digest(hint.data))
+
+    def _pessimistic(
+        self, conn: Any, call: Call, namespace: str, compute: Compute, hint: Snapshot | None
+    ) -> Snapshot:
+        if namespace not in self._known:
+            # Outside the transaction, so that it holds nothing but the one row lock (on MySQL
+            # an INSERT IGNORE that finds the row takes a shared lock on it, and two such
+            # transactions upgrading to FOR UPDATE deadlock:
+            # https://dev.mysql.com/doc/refman/8.0/en/innodb-locks-set.html).
+            self._execute(conn, self._sql["insert_row"], (namespace, EMPTY_DOCUMENT))
+            self._known.add(namespace)
+        try:
+            row = self._lock_row(conn, namespace)
+            if row is None:
+                self._known.discard(namespace)
+                raise StoreError(f"the row of namespace {namespace!r} vanished; retry")
+            snap = Snapshot(int(row[0]), str(row[1]))
+            if hint is not None and hint.version == snap.version and hint.data == snap.data:
+                snap = hint
+                self._optimistic_ok = True  # nobody else wrote: try the short path again
+            change = compute(snap)
+            if change is None:
+                self._commit(conn)
+            else:
+                call.sent = True  # the row is locked: the compare-and-swap cannot miss
+                self._write_and_commit(conn, namespace, snap.version, change)
+                snap = Snapshot(snap.version + 1, change[0])
+        except BaseException as exc:
+            if not call.sent or self._outcome_known(exc):
+                call.sent = False
+                self._rollback(conn)
+            raise
+        return snap
+
+    def reset(self, namespace: str, data: str) -> Snapshot:
+        """Overwrite a namespace's document unconditionally (``repair``); bumps the version."""
+        return self.transact(namespace, lambda snap: (data, True), None)
+
+    def namespaces(self) -> list[str]:
+        """Every namespace that has a row."""
+        rows = self._locked(lambda c, _: self._execute(c, self._sql["namespaces"]).fetchall())
+        return sorted(str(r[0]) for r in rows)
+
+    def _poll(
+        self, namespace: str, version: int, timeout: float, wake_fd: int | None, heard: int = -1
+    ) -> bool:
+        """Wait for the version to differ from ``version``, polling from every ``POLL[0]`` s, x1.5
+        each time, up to ``POLL[1]``, later to ``POLL[2]`` of the time waited (``POLL[3]`` at
+        most); with a ``wake_fd`` (it ends the wait) from ``POLL[4]`` to ``POLL[5]`` s. Waits in
+        slices go on where they stopped, unless ``heard`` (readable on a change) is given."""
+        first, cap_young, share, cap_old, wake_first, wake_cap = self.POLL
+        now = time.monotonic()
+        deadline = now + timeout
+        previous = self._backoff.pop(namespace, None)
+        if previous is not None and previous[0] == version and heard < 0:
+            _, start, last, delay = previous
+        elif self._version(namespace) != version:
+            return True
+        else:
+            start, last, delay = now, now, first if wake_fd is None else wake_first
+        fds = [fd for fd in (wake_fd, heard) if fd is not None and fd >= 0]
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                self._backoff[namespace] = (version, start, last, delay)
+                return False
+            due = last + delay
+            if select.select(fds, [], [], max(0.0, min(due, deadline) - now))[0]:
+                return True  # drained by the caller, not here
+            if not due <= time.monotonic() < deadline:
+                continue  # not due yet, or the time is up (the next call polls first)
+            if self._version(namespace) != version:
+                return True
+            last = time.monotonic()
+            cap = min(cap_old, max(cap_young, share * (last - start)))
+            delay = min(delay * 1.5, cap if wake_fd is None else wake_cap)
+
+    def _version(self, namespace: str) -> int:
+        def body(conn: Any, call: Call) -> int:
+            row = self._execute(conn, self._sql["select_version"], (namespace,)).fetchone()
+            return int(row[0]) if row is not None else 0
+
+        return self._locked(body)
+
+    # --- the tasks table: one row per task, each update a compare-and-swap on its version -----
+
+    @classmethod
+    def _column(cls, name: str) -> str:
+        return f"{cls.QUOTE}{name}{cls.QUOTE}"
+
+    def _tasks(self, sql: str, params: Sequence[Any], read: Callable[[Any], T]) -> T:
+        """Run one statement on the tasks table (created on first use); ``read`` its cursor."""
+
+        def body(conn: Any, call: Call) -> T:
+            if not self._tasks_ready:
+                for name in ("create_tasks", "create_tasks_index"):
+                    if name in self._sql:
+                        self._execute(conn, self._sql[name])
+                self._tasks_ready = True
+            return read(self._execute(conn, sql, params))
+
+        return self._locked(body)
+
+    def _inserted_id(self, cursor: Any) -> int:
+        return int(cursor.lastrowid)
+
+    @staticmethod
+    def _rows(cursor: Any) -> list[TaskRow]:
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def create_task(self, fields: Mapping[str, TaskValue]) -> int:
+        """Insert a task (version 0) and return its id: increasing, never reused."""
+        names = [n for n in TASK_FIELDS if n in fields]
+        columns = "".join(f", {self._column(n)}" for n in names)
+        sql = fill(self._sql["insert_task"], columns=columns, values=f", {self.MARK}" * len(names))
+        return self._tasks(sql, [fields[n] for n in names], self._inserted_id)
+
+    def get_task(self, task_id: int) -> TaskRow | None:
+        """One task's row, or None."""
+        rows = self._tasks(self._sql["get_task"], (task_id,), self._rows)
+        return rows[0] if rows else None
+
+    def update_task(self, task_id: int, version: int, fields: Mapping[str, TaskValue]) -> bool:
+        """Set ``fields`` and bump the version, only if the row still has ``version``."""
+        names = [n for n in TASK_FIELDS if n in fields]
+        sets = "".join(f", {self._column(n)} = {self.MARK}" for n in names)
+        args = [*(fields[n] for n in names), task_id, version]
+        sql = fill(self._sql["update_task"], sets=sets)
+        return self._tasks(sql, args, lambda cursor: bool(cursor.rowcount == 1))
+
+    def list_tasks(
+        self, states: Sequence[str] | None = None, limit: int | None = None, namespace: Str = None
+    ) -> list[TaskRow]:
+        """Tasks (in ``states``, of ``namespace``, when given), newest first, at most ``limit``."""
+        where: list[str] = []
+        params = list(states or ())
+        if states is not None:
+            where.append(f"state IN ({', '.join([self.MARK] * len(states))})" if states else "0=1")
+        if namespace is not None:
+            where.append(f"{self._column('namespace')} = {self.MARK}")
+            params.append(namespace)
+        sql = fill(
+            self._sql["list_tasks"],
+            where=" WHERE " + " AND ".join(where) if where else "",
+            limit="" if limit is None else f" LIMIT {int(limit)}",
+        )
+        return self._tasks(sql, params, self._rows)

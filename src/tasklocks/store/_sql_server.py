@@ -1,0 +1,279 @@
+"""What the SQL servers (MariaDB/MySQL and PostgreSQL) share; a dialect supplies driver calls.
+
+One autocommit connection per store and lock; nothing is held between calls (no ``LOCK TABLE``,
+no advisory locks). A connection lost before a change was sent is reopened and the call retried
+once; lost after, :class:`OutcomeUnknown` is raised (the caller re-reads). Deadlocks and schema
+races are retried. A forked child never touches its parent's connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+import time
+from abc import abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any, ClassVar, TypeVar
+
+from tasklocks._url import ParsedURL
+from tasklocks.errors import StoreError, StoreUnavailable
+from tasklocks.names import validate_name
+from tasklocks.store._base import FAST_MAX_BYTES, Call, OutcomeUnknown, SQLStore, fill, load
+
+__all__ = ["ServerStore"]
+
+T = TypeVar("T")
+IDLE_PING = 1.0  # seconds idle after which a connection is checked before a one-shot write
+RETRIES = 20  # deadlocks, or concurrent schema creation, retried this many times
+# The fields of a stored entry and their JSON types, as _core.decode checks them (an absent
+# nullable field reads as null there too): the fast paths check every entry the same way.
+_FIELDS = "owner:str pid:int? start:str? boot:str? host:str pidns:str? pgid:int? since:num"
+ENTRY_FIELDS = [f.split(":") for f in (_FIELDS + " token:int lease:str note:str?").split()]
+
+
+class Lost(StoreUnavailable):
+    """The connection broke before a change was sent: safe to reconnect and retry once."""
+
+
+class Retry(StoreError):
+    """A deadlock, or a race creating the schema: safe to run the call again."""
+
+
+def entries_check(sql: Mapping[str, str]) -> str:
+    """The dialect's ``entries`` condition, one test per field of :data:`ENTRY_FIELDS` made of its
+    ``entry_<kind>`` fragments (and ``entry_column`` declarations, where it has them)."""
+    tests, columns = [], []
+    for name, kind in ENTRY_FIELDS:
+        test = fill(sql["entry_" + kind.rstrip("?")], f=name)
+        tests.append(fill(sql["entry_nullable"], f=name, test=test) if "?" in kind else test)
+        columns.append(fill(sql.get("entry_column", ""), f=name))
+    return fill(sql["entries"], tests=" AND ".join(tests), columns=", ".join(columns))
+
+
+def fast_names(names: Sequence[str]) -> list[str]:
+    """``names`` without repeats, each checked (they may become JSON paths)."""
+    unique = list(dict.fromkeys(validate_name(name) for name in names))
+    if not unique:
+        raise ValueError("no lock names given")
+    return unique
+
+
+class ServerStore(SQLStore):
+    """A lock table on an SQL server; a subclass is a dialect and supplies the methods marked
+    abstract (the driver calls)."""
+
+    LABEL: ClassVar[str]  # for messages: "MySQL", "PostgreSQL"
+    DEFAULT_PORT: ClassVar[int]
+    DEFAULT_USER: ClassVar[str]
+    local = False
+    _driver_errors: tuple[type[BaseException], ...]  # every error the driver raises
+    _bad_json: tuple[type[BaseException], ...] = ()  # the server could not parse a document
+
+    def __init__(self, parsed: ParsedURL, *, table: str) -> None:
+        self._import_driver()
+        self.url = parsed.display()
+        self._parsed = parsed
+        self._user = parsed.user or self.DEFAULT_USER
+        self._where = f"{parsed.host}:{parsed.port or self.DEFAULT_PORT}"
+        raw = load(self.DIALECT)
+        checks = {"valid": raw.get("valid", ""), "entries": entries_check(raw)}
+        self._load_sql(table, fast_max=FAST_MAX_BYTES, **checks)
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._pid = 0
+        self._used = 0.0  # monotonic time the connection last answered
+        self._schema_checked = False
+        self._hashed: tuple[str, str] | None = None  # (text, its MD5): the last one hashed
+        self._setup()
+        try:
+            self._locked(lambda conn, call: None)  # connect and check the schema now
+        except BaseException:
+            self.close()
+            raise
+
+    # --- the dialect's driver calls -------------------------------------------------------------
+
+    @abstractmethod
+    def _import_driver(self) -> None:
+        """Import the driver and set ``_driver_errors``; StoreUnavailable without it."""
+
+    def _setup(self) -> None:
+        """The dialect's own state, before the first connection."""
+
+    @abstractmethod
+    def _open(self, **options: Any) -> Any:
+        """A new autocommit connection (driver errors pass through)."""
+
+    @abstractmethod
+    def _why(self, exc: BaseException) -> tuple[str, str]:
+        """Why a connection failed: (the reason in a few words, "database" if there is no such
+        database, "user" if the server refused the user, else "")."""
+
+    def _abandon(self, conn: Any) -> None:
+        """Forget a connection inherited over fork() without a word to the server."""
+
+    @abstractmethod
+    def _gone(self, exc: BaseException) -> bool:
+        """Does this driver error mean the connection is lost?"""
+
+    @abstractmethod
+    def _retryable(self, exc: BaseException) -> bool:
+        """Is it a deadlock or a schema-creation race (the call may run again)?"""
+
+    def _failure(self, exc: BaseException) -> StoreError:
+        return StoreError(f"{self.LABEL} at {self._where} failed: {exc}")
+
+    @abstractmethod
+    def _fast_statement(self, acquire: bool, namespace: str, names: list[str], arg: str) -> Any:
+        """The statement and parameters of fast_acquire (arg: the entry) or fast_release (arg:
+        the lease)."""
+
+    @abstractmethod
+    def _fast_version(self, cursor: Any) -> int | None:
+        """The new version a one-statement change reports, or None if it wrote nothing."""
+
+    def _ping(self, conn: Any) -> None:
+        self._execute(conn, self._sql["ping"])
+
+    def _rollback(self, conn: Any) -> None:
+        try:
+            self._execute(conn, self._sql["rollback"])
+        except self._driver_errors:
+            self._drop()  # the server rolls back when the connection ends
+
+    def _close_more(self) -> None:
+        """Release the dialect's own resources (idempotent)."""
+
+    # --- connection and errors ----------------------------------------------------------------
+
+    def _connect(self, **options: Any) -> Any:
+        """A new connection; StoreUnavailable, saying why and what to check, if there is none."""
+        where = f"{self.LABEL} at {self._where}"
+        try:
+            return self._open(**options)
+        except self._driver_errors as exc:
+            reason, problem = self._why(exc)
+            if problem == "database":
+                fix = f"has no database {self._parsed.database!r}; create it or fix the URL"
+                raise StoreUnavailable(f"{where} {fix}") from exc
+            if problem == "user":
+                fix = "check the user and password in the URL and the user's rights"
+                message = f"{where} refused user {self._user!r} ({reason}); {fix}"
+                raise StoreUnavailable(message) from exc
+            fix = "check that the server is running and the host and port in the URL"
+            raise StoreUnavailable(f"cannot connect to {where} ({reason}); {fix}") from exc
+        except (OSError, ValueError) as exc:
+            raise StoreUnavailable(f"cannot connect to {where} ({exc}); check the URL") from exc
+
+    def _connection(self) -> Any:
+        if self._conn is not None and self._pid != os.getpid():
+            self._abandon(self._conn)
+            self._conn = None
+            self._known = set()
+        if self._conn is None:
+            self._conn = self._connect()
+            self._pid = os.getpid()
+            self._used = time.monotonic()
+        return self._conn
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and self._pid == os.getpid():
+            with suppress(Exception):  # already broken: close() only cleans up
+                conn.close()
+
+    @contextmanager
+    def _errors(self, call: Call) -> Iterator[None]:
+        """Turn driver errors into tasklocks errors (the original kept as ``__cause__``)."""
+        try:
+            yield
+        except self._driver_errors as exc:
+            where = f"{self.LABEL} at {self._where}"
+            if self._gone(exc):
+                self._drop()
+                if call.sent:
+                    raise OutcomeUnknown(
+                        f"lost the connection to {where} after sending a change, which may or "
+                        "may not have been applied; re-read before retrying"
+                    ) from exc
+                raise Lost(
+                    f"lost the connection to {where} ({' '.join(str(exc).split())}); "
+                    "check that the server is running"
+                ) from exc
+            if self._retryable(exc):
+                raise Retry(str(exc)) from exc
+            raise self._failure(exc) from exc
+
+    def _locked(self, body: Callable[[Any, Call], T]) -> T:
+        """Run ``body`` under the lock; reconnect and retry once if the connection was lost
+        before anything was sent, and retry deadlocks."""
+        lost = retries = 0
+        with self._lock:
+            while True:
+                call = Call()
+                try:
+                    conn = self._connection()
+                    with self._errors(call):
+                        if time.monotonic() - self._used > IDLE_PING:
+                            self._ping(conn)  # find a dead idle connection before writing
+                        if not self._schema_checked:
+                            self._check_schema(conn)
+                            self._schema_checked = True
+                        result = body(conn, call)
+                    self._used = time.monotonic()
+                    return result
+                except Lost:
+                    if lost:
+                        raise
+                    lost += 1
+                except Retry as exc:
+                    retries += 1
+                    if retries > RETRIES:
+                        raise StoreUnavailable(
+                            f"{self.LABEL} at {self._where} kept failing on {self.table}: {exc}"
+                        ) from exc
+                    time.sleep(random.uniform(0, 0.001 * retries))
+
+    def _outcome_known(self, exc: BaseException) -> bool:
+        # A server error in UPDATE or COMMIT stops there: nothing was committed. A lost
+        # connection is OutcomeUnknown (see _errors).
+        return isinstance(exc, self._driver_errors) and not self._gone(exc)
+
+    def _digest(self, text: str) -> str:
+        """The MD5 the server compares, computed once per text (the caller hands it back)."""
+        if self._hashed is None or self._hashed[0] != text:
+            self._hashed = (text, hashlib.md5(text.encode(), usedforsecurity=False).hexdigest())
+        return self._hashed[1]
+
+    # --- FastPaths ------------------------------------------------------------------------------
+
+    def fast_acquire(self, namespace: str, names: Sequence[str], entry: str) -> int | None:
+        return self._fast(self._fast_statement(True, namespace, fast_names(names), entry))
+
+    def fast_release(self, namespace: str, names: Sequence[str], lease: str) -> int | None:
+        return self._fast(self._fast_statement(False, namespace, fast_names(names), lease))
+
+    def _fast(self, statement: tuple[str, Any]) -> int | None:
+        def body(conn: Any, call: Call) -> int | None:
+            call.sent = True
+            try:
+                cursor = self._execute(conn, *statement)
+            except self._bad_json:
+                # The stored text (or the entry) is not JSON: the statement failed and, in
+                # autocommit, rolled back; the full path reports a bad document.
+                call.sent = False
+                return None
+            call.sent = False  # the reply came: the outcome is known
+            return self._fast_version(cursor)
+
+        return self._locked(body)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                self._drop()
+            self._conn = None
+        self._close_more()

@@ -1,0 +1,93 @@
+-- The MySQL / MariaDB adapter's statements. {t} is the checked table name. `key` is reserved.
+-- namespace is VARCHAR(191): 191 * 4 bytes of utf8mb4 fit the 767-byte index prefix limit of old
+-- row formats; utf8mb4_bin makes namespaces case-sensitive, as on SQLite and PostgreSQL.
+-- name: create_table
+CREATE TABLE IF NOT EXISTS {t} (namespace VARCHAR(191) NOT NULL PRIMARY KEY,
+    version BIGINT NOT NULL, data LONGTEXT NOT NULL)
+    ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+-- name: create_meta
+CREATE TABLE IF NOT EXISTS {t}_meta (`key` VARCHAR(64) NOT NULL PRIMARY KEY,
+    value VARCHAR(255) NOT NULL) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+-- name: insert_meta
+-- INSERT IGNORE turns some errors into warnings; for a constant row only a duplicate key can be.
+INSERT IGNORE INTO {t}_meta (`key`, value) VALUES ('schema_version', %s);
+-- name: schema_version
+SELECT value FROM {t}_meta WHERE `key` = 'schema_version';
+-- name: insert_row
+INSERT IGNORE INTO {t} (namespace, version, data) VALUES (%s, 0, %s);
+-- name: select
+SELECT version, data FROM {t} WHERE namespace = %s;
+-- name: lock_row
+-- The pessimistic path: two round trips of two statements each (CLIENT.MULTI_STATEMENTS).
+START TRANSACTION; SELECT version, data FROM {t} WHERE namespace = %s FOR UPDATE;
+-- name: select_version
+SELECT version FROM {t} WHERE namespace = %s;
+-- name: check
+-- Is the hint still the row? MD5 hashes the column's utf8mb4 bytes, which are the UTF-8 bytes
+-- Python hashes (https://dev.mysql.com/doc/refman/8.0/en/encryption-functions.html#function_md5).
+SELECT version, MD5(data) FROM {t} WHERE namespace = %s;
+-- name: update_commit
+-- The affected-row count is rows *changed* (no CLIENT.FOUND_ROWS) and version always changes: 1
+-- means the swap happened. The adapter quotes the values in itself.
+UPDATE {t} SET data = %s, version = version + 1 WHERE namespace = %s AND version = %s; COMMIT;
+-- name: update_if
+-- The optimistic swap also compares the data, so a hand edit that kept the version is noticed.
+UPDATE {t} SET data = %s, version = version + 1
+    WHERE namespace = %s AND version = %s AND MD5(data) = %s;
+-- name: namespaces
+SELECT namespace FROM {t};
+-- name: fast_acquire
+-- One-statement changes (FastPaths), under the row lock of the UPDATE alone. {sets}: a path and
+-- a value per name; {paths}: a path per name; {compact}: JSON_COMPACT on MariaDB. SET runs left to
+-- right unless MariaDB's SIMULTANEOUS_ASSIGNMENT is set (https://mariadb.com/kb/en/update/): data
+-- comes first, so its version + 1 is the new version either way; LAST_INSERT_ID(expr) hands it
+-- back in the OK packet (cursor.lastrowid). The entry must be an object: a NULL must never reach
+-- the NOT NULL data column.
+UPDATE {t} SET data = {compact}(JSON_SET(data{sets})), version = LAST_INSERT_ID(version + 1)
+WHERE namespace = %s AND LENGTH(data) <= {fast_max} AND {valid}
+    AND JSON_CONTAINS_PATH(data, 'one'{paths}) = 0 AND {entries}
+    AND JSON_TYPE(JSON_EXTRACT(%s, '$')) = 'OBJECT';
+-- name: fast_set
+, %s, JSON_SET(JSON_EXTRACT(%s, '$'), '$.token', version + 1)
+-- name: fast_release
+-- {leases} holds one fast_lease test per name.
+UPDATE {t} SET data = {compact}(JSON_REMOVE(data{paths})), version = LAST_INSERT_ID(version + 1)
+WHERE namespace = %s AND LENGTH(data) <= {fast_max} AND {valid}{leases} AND {entries};
+-- name: fast_lease
+-- Leases compare as bytes: the column's utf8mb4_bin collation would ignore trailing spaces.
+ AND CAST(JSON_UNQUOTE(JSON_EXTRACT(data, %s)) AS BINARY) = CAST(%s AS BINARY)
+-- name: valid
+-- JSON_VALID first: MariaDB's other JSON functions scan lazily, and may miss trailing garbage.
+JSON_VALID(data) AND JSON_TYPE(JSON_EXTRACT(data, '$.format')) = 'INTEGER'
+    AND JSON_EXTRACT(data, '$.format') = 1 AND JSON_TYPE(JSON_EXTRACT(data, '$.locks')) = 'OBJECT'
+-- name: entries
+-- Every entry is an object with the field types _core.decode wants (a hand-edited bad entry stops
+-- the fast paths as it stops the full one); {columns} and {tests}, one per field, are built of the
+-- entry_* fragments. A JSON column holds the value's JSON text: its first character tells the type.
+NOT EXISTS (SELECT 1 FROM JSON_TABLE(data, '$.locks.*' COLUMNS (e JSON PATH '$', {columns})) AS j
+            WHERE NOT COALESCE(LEFT(e, 1) = '{' AND {tests}, FALSE))
+-- name: entry_column
+f_{f} JSON PATH '$.{f}'
+-- name: entry_str
+LEFT(f_{f}, 1) = '"'
+-- name: entry_int
+f_{f} REGEXP '^-?[0-9]+$'
+-- name: entry_num
+f_{f} REGEXP '^-?[0-9]'
+-- name: entry_nullable
+(f_{f} IS NULL OR CAST(f_{f} AS CHAR) = 'null' OR {test})
+-- name: task_types
+text:LONGTEXT, json:LONGTEXT, state:VARCHAR(32), float:DOUBLE, int:BIGINT
+-- name: create_tasks
+-- AUTO_INCREMENT ids are not reused while no row is deleted (tasks never are), across restarts.
+CREATE TABLE IF NOT EXISTS {t}_tasks (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    version BIGINT NOT NULL, {task_columns}, INDEX {t}_tasks_state (state))
+    ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+-- name: get_task
+SELECT * FROM {t}_tasks WHERE id = %s;
+-- name: insert_task
+INSERT INTO {t}_tasks (version{columns}) VALUES (0{values});
+-- name: update_task
+UPDATE {t}_tasks SET version = version + 1{sets} WHERE id = %s AND version = %s;
+-- name: list_tasks
+SELECT * FROM {t}_tasks{where} ORDER BY id DESC{limit};

@@ -1,0 +1,113 @@
+-- The PostgreSQL adapter's statements. {t} is the checked table name, unquoted (folded alike).
+-- name: create_table
+CREATE TABLE IF NOT EXISTS {t} (namespace TEXT PRIMARY KEY, version BIGINT NOT NULL,
+    data TEXT NOT NULL);
+-- name: create_meta
+CREATE TABLE IF NOT EXISTS {t}_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- name: insert_meta
+INSERT INTO {t}_meta (key, value) VALUES ('schema_version', %s) ON CONFLICT DO NOTHING;
+-- name: schema_version
+SELECT value FROM {t}_meta WHERE key = 'schema_version';
+-- name: insert_row
+INSERT INTO {t} (namespace, version, data) VALUES (%s, 0, %s) ON CONFLICT DO NOTHING;
+-- name: select
+SELECT version, data FROM {t} WHERE namespace = %s;
+-- name: select_for_update
+SELECT version, data FROM {t} WHERE namespace = %s FOR UPDATE;
+-- name: select_version
+SELECT version FROM {t} WHERE namespace = %s;
+-- name: check
+-- Is the hint still the row? convert_to: hash UTF-8 bytes whatever the encoding, as Python does.
+SELECT version, md5(convert_to(data, 'UTF8')) FROM {t} WHERE namespace = %s;
+-- name: update
+UPDATE {t} SET data = %s, version = version + 1 WHERE namespace = %s AND version = %s;
+-- name: update_notify
+-- One row if the swap happened; pg_notify runs per updated row, and notifies at commit.
+WITH u AS (UPDATE {t} SET data = %s, version = version + 1
+           WHERE namespace = %s AND version = %s RETURNING version)
+SELECT version, pg_notify(%s, %s) FROM u;
+-- name: update_if
+-- The optimistic swaps also compare the data, so a hand edit that kept the version is noticed.
+UPDATE {t} SET data = %s, version = version + 1 WHERE namespace = %s AND version = %s
+    AND md5(convert_to(data, 'UTF8')) = %s;
+-- name: update_if_notify
+WITH u AS (UPDATE {t} SET data = %s, version = version + 1 WHERE namespace = %s
+           AND version = %s AND md5(convert_to(data, 'UTF8')) = %s RETURNING version)
+SELECT version, pg_notify(%s, %s) FROM u;
+-- name: namespaces
+SELECT namespace FROM {t};
+-- name: fast_acquire
+-- One-statement changes (FastPaths), under the row lock of this statement alone. The CTE parses
+-- the text once and locks the newest row version; the UPDATE's scan may see an older one, and
+-- rechecks its conditions on the newest (READ COMMITTED), so no condition may compare t with s.
+-- SET sees the row as it was: t.version + 1 is the new version. jsonb || needs an object (else
+-- it builds an array); {valid} guards the rest in a CASE, as jsonb_each fails on a non-object.
+WITH s AS (SELECT version, data::jsonb AS d FROM {t} WHERE namespace = %(ns)s
+           AND octet_length(data) <= {fast_max} FOR NO KEY UPDATE)
+UPDATE {t} AS t SET version = t.version + 1, data = jsonb_set(s.d, '{locks}',
+    (s.d->'locks') || (SELECT jsonb_object_agg(n, %(entry)s::jsonb
+                                               || jsonb_build_object('token', t.version + 1))
+                       FROM unnest(%(names)s::text[]) AS n))::text
+FROM s WHERE t.namespace = %(ns)s AND jsonb_typeof(%(entry)s::jsonb) = 'object'
+    AND CASE WHEN {valid} THEN NOT (s.d->'locks' ?| %(names)s::text[]) AND {entries} ELSE false END
+RETURNING t.version;
+-- name: fast_release
+-- A lease compares as jsonb: a missing name gives NULL, which NOT EXISTS counts as a mismatch.
+WITH s AS (SELECT version, data::jsonb AS d FROM {t} WHERE namespace = %(ns)s
+           AND octet_length(data) <= {fast_max} FOR NO KEY UPDATE),
+u AS (UPDATE {t} AS t SET version = t.version + 1,
+          data = jsonb_set(s.d, '{locks}', (s.d->'locks') - %(names)s::text[])::text
+      FROM s WHERE t.namespace = %(ns)s AND CASE WHEN {valid} THEN NOT EXISTS (
+          SELECT FROM unnest(%(names)s::text[]) AS n
+          WHERE (s.d->'locks'->n->'lease') IS DISTINCT FROM to_jsonb(%(lease)s::text))
+          AND {entries} ELSE false END
+      RETURNING t.version)
+SELECT version, pg_notify(%(channel)s, %(ns)s) FROM u;
+-- name: valid
+(s.d->'format')::text = '1' AND jsonb_typeof(s.d->'locks') = 'object'
+-- name: entries
+-- Every entry is an object with the field types _core.decode wants (a hand-edited bad entry stops
+-- the fast paths as it stops the full one); {tests}, one per field, are built of entry_* fragments.
+NOT EXISTS (SELECT FROM jsonb_each(s.d->'locks') AS e(k, v)
+            WHERE NOT coalesce(jsonb_typeof(e.v) = 'object' AND {tests}, false))
+-- name: entry_str
+jsonb_typeof(e.v->'{f}') = 'string'
+-- name: entry_int
+jsonb_typeof(e.v->'{f}') = 'number' AND (e.v->'{f}')::text ~ '^-?[0-9]+$'
+-- name: entry_num
+jsonb_typeof(e.v->'{f}') = 'number'
+-- name: entry_nullable
+(coalesce(jsonb_typeof(e.v->'{f}'), 'null') = 'null' OR {test})
+-- name: prefer_lz4
+-- attcompression 'l' is lz4; the column does not exist before PostgreSQL 14.
+DO $$ BEGIN
+    IF (SELECT attcompression FROM pg_attribute WHERE attrelid = '{t}'::regclass
+        AND attname = 'data') <> 'l' THEN
+        SET LOCAL lock_timeout = '100ms';
+        ALTER TABLE {t} ALTER COLUMN data SET COMPRESSION lz4;
+    END IF;
+EXCEPTION WHEN OTHERS THEN NULL;
+END $$;
+-- name: begin
+BEGIN;
+-- name: commit
+COMMIT;
+-- name: rollback
+ROLLBACK;
+-- name: ping
+SELECT 1;
+-- name: task_types
+text:TEXT, json:TEXT, state:TEXT, float:DOUBLE PRECISION, int:BIGINT
+-- name: create_tasks
+CREATE TABLE IF NOT EXISTS {t}_tasks (id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    version BIGINT NOT NULL, {task_columns});
+-- name: create_tasks_index
+CREATE INDEX IF NOT EXISTS {t}_tasks_state ON {t}_tasks (state);
+-- name: get_task
+SELECT * FROM {t}_tasks WHERE id = %s;
+-- name: insert_task
+INSERT INTO {t}_tasks (version{columns}) VALUES (0{values}) RETURNING id;
+-- name: update_task
+UPDATE {t}_tasks SET version = version + 1{sets} WHERE id = %s AND version = %s;
+-- name: list_tasks
+SELECT * FROM {t}_tasks{where} ORDER BY id DESC{limit};
