@@ -6,11 +6,9 @@ that says what to do next.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from tasklocks._core import Holder
+from typing import Protocol
 
 __all__ = [
     "EXIT_FAILURE",
@@ -20,6 +18,7 @@ __all__ = [
     "BadLockName",
     "BadURL",
     "CorruptLockTable",
+    "HolderInfo",
     "LockHeld",
     "LockTimeout",
     "NotHeld",
@@ -37,6 +36,21 @@ EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
 EXIT_LOCKED = 75  # EX_TEMPFAIL
 
 
+class HolderInfo(Protocol):
+    """What an error says of a lock's holder (a :class:`tasklocks.Holder` is one)."""
+
+    @property
+    def owner(self) -> str: ...
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def since(self) -> float: ...
+    @property
+    def note(self) -> str | None: ...
+
+
 class TasklocksError(Exception):
     """Root of every error tasklocks raises."""
 
@@ -45,8 +59,6 @@ class TasklocksError(Exception):
 
 def clock(epoch: float, *, now: float | None = None) -> str:
     """Local ``HH:MM:SS``, with the date in front when it is not today."""
-    import time
-
     when = time.localtime(epoch)
     today = time.localtime(time.time() if now is None else now)
     if when[:3] == today[:3]:
@@ -54,7 +66,7 @@ def clock(epoch: float, *, now: float | None = None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", when)
 
 
-def describe_holder(holder: Holder) -> str:
+def describe_holder(holder: HolderInfo) -> str:
     """One human phrase for who holds a lock: ``task:12 (pid 4711 on web-1) since 10:02:11``,
     plus the holder's note."""
     where = f"pid {holder.pid} on {holder.host}" if holder.pid is not None else f"on {holder.host}"
@@ -70,7 +82,9 @@ class LockHeld(TasklocksError):
 
     exit_code = EXIT_LOCKED
 
-    def __init__(self, held: Mapping[str, Holder], *, hint: str = "wait with wait=True") -> None:
+    def __init__(
+        self, held: Mapping[str, HolderInfo], *, hint: str = "wait with wait=True"
+    ) -> None:
         self.held = dict(held)
         parts = [f"{name} is held by {describe_holder(h)}" for name, h in sorted(self.held.items())]
         super().__init__("; ".join(parts) + f"; {hint}")
@@ -81,7 +95,7 @@ class LockTimeout(TasklocksError, TimeoutError):
 
     exit_code = EXIT_LOCKED
 
-    def __init__(self, timeout: float, held: Mapping[str, Holder]) -> None:
+    def __init__(self, timeout: float, held: Mapping[str, HolderInfo]) -> None:
         self.timeout = timeout
         self.held = dict(held)
         parts = [f"{name} held by {describe_holder(h)}" for name, h in sorted(self.held.items())]
@@ -96,7 +110,7 @@ class NotHeld(TasklocksError):
 
     exit_code = EXIT_FAILURE
 
-    def __init__(self, name: str, owner: str, holder: Holder | None) -> None:
+    def __init__(self, name: str, owner: str, holder: HolderInfo | None) -> None:
         self.name = name
         self.owner = owner
         self.holder = holder

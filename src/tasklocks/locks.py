@@ -13,8 +13,10 @@ from typing import Final, TypeVar
 
 from tasklocks import _core
 from tasklocks._core import Claimant, Document, Holder
+from tasklocks._fastpath import FastPath
+from tasklocks._waiting import OnWait, Wait
 from tasklocks._wake import Waker
-from tasklocks.errors import LockHeld, LockTimeout, NotHeld, StoreUnavailable
+from tasklocks.errors import LockHeld, NotHeld, StoreUnavailable
 from tasklocks.names import validate_name, validate_namespace, validate_owner
 from tasklocks.owner import (
     Liveness,
@@ -24,14 +26,12 @@ from tasklocks.owner import (
     holder_liveness,
     owner_is_dead,
 )
-from tasklocks.store import FAST_MAX_BYTES, OutcomeUnknown, Snapshot, Store, open_store
+from tasklocks.store import FastPaths, OutcomeUnknown, Snapshot, Store, open_store
 
 __all__ = ["THIS_PROCESS", "HeldLock", "Lease", "LockTable", "connect"]
 
 log = logging.getLogger("tasklocks")
 T = TypeVar("T")
-
-OnWait = Callable[[Mapping[str, Holder]], None]
 
 
 class _ThisProcess:
@@ -42,11 +42,7 @@ class _ThisProcess:
 THIS_PROCESS: Final = _ThisProcess()
 """Default for ``process=``: lock entries name the calling process (reclaimable once it dies)."""
 
-# How often a waiter re-checks, without any query, whether the holders it waits for died:
-# a process that dies does not announce it.
-_DEATH_CHECK_INTERVAL = 1.0
 _LOST_REPLY_RETRIES = 8
-_FAST_PATH_MAX_BYTES = FAST_MAX_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,10 +108,9 @@ class LockTable:
         self._snap: Snapshot | None = None
         self._doc: Document = _core.EMPTY
         self._encoder = _core.Encoder()
-        self._size_hint = 0  # bytes of the document when last seen
-        # A local database (SQLite) proves more: see owner.process_liveness.
-        self.local_db = bool(getattr(store, "local", False))
-        self._waker = Waker(f"{store.url}|{getattr(store, 'table', '')}|{self.namespace}")
+        self._fast = FastPath(store, self.namespace) if isinstance(store, FastPaths) else None
+        self.local_db = store.local  # a local database (SQLite) proves more: see owner.py
+        self._waker = Waker(f"{store.url}|{store.table}|{self.namespace}")
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -242,8 +237,7 @@ class LockTable:
             raise ValueError("acquire() needs at least one lock name")
         wanted = tuple(dict.fromkeys(validate_name(n) for n in names))
         claimant = self._claimant(owner, note, process)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        told = False
+        waiting = Wait(self.store, self.namespace, self._waker, self._is_dead, timeout, on_wait)
         while True:
             token = self._fast_acquire(wanted, claimant)
             if token is not None:
@@ -253,12 +247,10 @@ class LockTable:
                 return Lease(self, wanted, claimant.owner, outcome.token, claimant.lease)
             if not wait:
                 raise LockHeld(outcome.blockers)
-            if on_wait is not None and not told:
-                told = True
-                on_wait(outcome.blockers)
+            waiting.begin(outcome.blockers)
             blockers: Mapping[str, Holder] = outcome.blockers
             while blockers:
-                self._wait_for_release(blockers, deadline, timeout)
+                waiting.sleep(self._snap.version if self._snap is not None else 0, blockers)
                 token = self._fast_acquire(wanted, claimant)  # one statement, where it can
                 if token is not None:
                     return Lease(self, wanted, claimant.owner, token, claimant.lease)
@@ -271,64 +263,11 @@ class LockTable:
                     if n in doc and doc[n].lease != claimant.lease and not self._is_dead(doc[n])
                 }
 
-    def _fast_path(self) -> bool:
-        # One-statement changes run in the database; with a big document the pure path,
-        # which reuses encoded entries, is cheaper than having the server parse it. The size
-        # is the last one seen (a one-statement change does not read the document back).
-        if self._snap is not None:
-            self._size_hint = len(self._snap.data)
-        return self._size_hint <= _FAST_PATH_MAX_BYTES
-
     def _fast_acquire(self, names: tuple[str, ...], claimant: Claimant) -> int | None:
-        """Take free names in one statement where the store can; None: use the full path."""
-        fast = getattr(self.store, "fast_acquire", None)
-        if fast is None or not self._fast_path():
-            return None
-        try:
-            version: int | None = fast(
-                self.namespace, names, _core.claim_json(claimant, time.time())
-            )
-        except OutcomeUnknown:
-            return None  # the full path re-reads and recognises the entry if it was written
-        if version is not None:
-            self._snap = None
-        return version
-
-    def _fast_release(self, names: tuple[str, ...], lease: str) -> bool | None:
-        """Release a lease's names in one statement where the store can. True: done; False:
-        use the full path; None: the reply was lost, the full path must allow for that."""
-        fast = getattr(self.store, "fast_release", None)
-        if fast is None or not self._fast_path():
-            return False
-        try:
-            version: int | None = fast(self.namespace, names, lease)
-        except OutcomeUnknown:
-            return None
-        if version is None:
-            return False
-        self._snap = None
-        self._waker.notify()
-        return True
-
-    def _wait_for_release(
-        self, blockers: Mapping[str, Holder], deadline: float | None, timeout: float | None
-    ) -> None:
-        """Sleep until the document changes or a blocker is proven dead."""
-        version = self._snap.version if self._snap is not None else 0
-        wake_fd = self._waker.fileno()  # before wait_for_change checks the version: no lost wake
-        while True:
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                assert timeout is not None
-                raise LockTimeout(timeout, blockers)
-            chunk = _DEATH_CHECK_INTERVAL
-            if deadline is not None:
-                chunk = min(chunk, deadline - now)
-            happened = self.store.wait_for_change(self.namespace, version, chunk, wake_fd)
-            if self._waker.drain() or happened:
-                return
-            if any(self._is_dead(h) for h in blockers.values()):
-                return
+        token = None if self._fast is None else self._fast.acquire(names, claimant, self._snap)
+        if token is not None:
+            self._snap = None  # written by the database: our copy is old
+        return token
 
     @contextmanager
     def hold(
@@ -349,8 +288,12 @@ class LockTable:
     # --- releasing ----------------------------------------------------------------------------
 
     def _release(self, names: tuple[str, ...], owner: str, lease: str | None) -> None:
-        fast = False if lease is None else self._fast_release(names, lease)
+        fast: bool | None = False  # None: the reply to the one-statement release was lost
+        if self._fast is not None and lease is not None:
+            fast = self._fast.release(names, lease, self._snap)
         if fast:
+            self._snap = None  # written by the database: our copy is old
+            self._waker.notify()
             return
 
         def step(doc: Document, version: int, retrying: bool) -> tuple[Document, bool, None]:

@@ -703,7 +703,7 @@ class LosingStore:
 
     def __init__(self, inner: Store) -> None:
         self.inner = inner
-        self.url = inner.url
+        self.url, self.table, self.local = inner.url, inner.table, inner.local
         self.lose = 0
         self.before = False
         self.lost = 0

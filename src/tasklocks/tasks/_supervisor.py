@@ -20,13 +20,14 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 from typing import Any
 
 from tasklocks.errors import LockHeld, LockTimeout, NotHeld, describe_holder
 from tasklocks.locks import Lease, LockTable
 from tasklocks.owner import ProcessIdentity, current_process, group_is_empty
 from tasklocks.tasks._record import TaskRecord, TaskState
-from tasklocks.tasks.runner import Tasks, env_for_task
+from tasklocks.tasks._taskdb import TaskDB
 
 GRACE = 10.0  # seconds between SIGTERM and SIGKILL when the supervisor itself stops a task
 _WAIT_SLICE = 0.25  # how often a supervisor waiting for locks looks at its task and stop requests
@@ -44,6 +45,25 @@ def _describe_wait(blockers: dict[str, Any]) -> str:
             who += f", since {since}"
         parts.append(f"{name} (held by {who})")
     return "Waiting for " + "; ".join(parts)
+
+
+def env_for_task(
+    url: str, table: str, namespace: str, task_id: int, pgid: int
+) -> Mapping[str, str]:
+    """The environment variables that tell a task's processes who they are."""
+    # Shell tasks call `tasklocks progress`: make this installation's scripts findable.
+    scripts = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if scripts not in path.split(os.pathsep):
+        path = path + os.pathsep + scripts if path else scripts
+    return {
+        "PATH": path,
+        "TASKLOCKS_DB": url,
+        "TASKLOCKS_TABLE": table,
+        "TASKLOCKS_NAMESPACE": namespace,
+        "TASKLOCKS_TASK_ID": str(task_id),
+        "TASKLOCKS_TASK_PGID": str(pgid),
+    }
 
 
 def _run_target(record: TaskRecord, result_fd: int) -> int:
@@ -135,7 +155,7 @@ def _child(record: TaskRecord, url: str, table: str, gate: int, result_fd: int) 
 
 class Supervisor:
     def __init__(self, url: str, table: str, task_id: int, log_path: str, wait: bool):
-        self.tasks = Tasks(url, table=table)
+        self.tasks = TaskDB(url, table=table)
         self.url, self.table, self.task_id = url, table, task_id
         self.log_path = log_path
         self.wait_for_locks = wait
@@ -172,7 +192,7 @@ class Supervisor:
         with contextlib.suppress(OSError):  # the child may have done it first
             os.setpgid(child, child)
         if local:
-            self.tasks = Tasks(self.url, table=self.table)
+            self.tasks = TaskDB(self.url, table=self.table)
         self.child = child
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)

@@ -20,14 +20,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from tasklocks.errors import TasklocksError
 from tasklocks.locks import LockTable
-from tasklocks.names import validate_name, validate_namespace
+from tasklocks.names import validate_name
 from tasklocks.owner import (
     Liveness,
     current_process,
@@ -35,8 +34,9 @@ from tasklocks.owner import (
     process_liveness,
     process_start_token,
 )
-from tasklocks.store import Backend, default_url, open_store, parse_url
+from tasklocks.store import parse_url
 from tasklocks.tasks._record import TaskRecord, TaskState
+from tasklocks.tasks._taskdb import TaskDB, TaskNotFound
 from tasklocks.tasks._zygote import fork_supervisor
 
 __all__ = [
@@ -60,16 +60,6 @@ class BadTarget(TasklocksError, ValueError):
     """A task target is neither ``"package.module:function"`` nor a command line (argv list)."""
 
     exit_code = 2
-
-
-class TaskNotFound(TasklocksError, LookupError):
-    """No task has that id."""
-
-    exit_code = 2
-
-    def __init__(self, task_id: int) -> None:
-        self.task_id = task_id
-        super().__init__(f"there is no task {task_id}; list tasks with 'tasklocks tasks --all'")
 
 
 def _check_target(target: str | Sequence[str]) -> str | list[str]:
@@ -97,7 +87,7 @@ def default_log_dir(url: str) -> Path:
     return Path(state) / "tasklocks" / "logs"
 
 
-class Tasks:
+class Tasks(TaskDB):
     """Tasks recorded in the database at ``url``, taking their locks in ``namespace``.
 
     :param url: the database (default ``$TASKLOCKS_DB``, else the per-user SQLite file).
@@ -113,22 +103,10 @@ class Tasks:
         table: str = "tasklocks",
         log_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.url = url or default_url()
-        self.namespace = validate_namespace(namespace)
-        self.table = table
-        store = open_store(self.url, table=table)
-        self.store: Backend = store
-        self.locks = LockTable(store, self.namespace, owns_store=True)
+        super().__init__(url, namespace, table=table)
         self.log_dir = Path(log_dir) if log_dir is not None else default_log_dir(self.url)
 
     # --- records ------------------------------------------------------------------------------
-
-    def get(self, task_id: int) -> TaskRecord:
-        """One task's record. :raises TaskNotFound: no such task."""
-        row = self.store.get_task(task_id)
-        if row is None:
-            raise TaskNotFound(task_id)
-        return TaskRecord.from_row(row)
 
     def list(self, *, all: bool = False, limit: int | None = None) -> builtins.list[TaskRecord]:
         """Tasks, newest first: the active ones, or every one with ``all=True``.
@@ -138,23 +116,6 @@ class Tasks:
         self.reconcile()
         rows = self.store.list_tasks(None if all else ACTIVE, limit, self.namespace)
         return [TaskRecord.from_row(r) for r in rows]
-
-    def update(self, task_id: int, **changes: Any) -> TaskRecord | None:
-        """Change a record with a compare-and-swap, retrying on conflicts.
-
-        Returns the new record, or None if the record is already final (finished tasks never
-        change) or the change is not a valid transition.
-        """
-        while True:
-            record = self.get(task_id)
-            if record.state.is_final:
-                return None
-            try:
-                cols = record.changed(**changes)
-            except ValueError:
-                return None
-            if self.store.update_task(task_id, record.version, cols):
-                return self.get(task_id)
 
     def progress(self, task_id: int, percent: float | None, message: str | None = None) -> None:
         """Record a task's progress: ``percent`` from 0 to 100 (None keeps the last one) and a
@@ -390,22 +351,6 @@ class Tasks:
                 f"{record.pgid}' and try again"
             ) from None
 
-    # --- lifetime -----------------------------------------------------------------------------
-
-    def close(self) -> None:
-        self.locks.close()
-
-    def __enter__(self) -> Tasks:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 def _signal(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -421,25 +366,6 @@ def _forget(proc: subprocess.Popen[bytes]) -> None:
     """Reap the detached supervisor when it ends, so that a long-lived caller collects no
     zombies; the thread only waits and dies with the caller."""
     threading.Thread(target=proc.wait, name=f"tasklocks-reap-{proc.pid}", daemon=True).start()
-
-
-def env_for_task(
-    url: str, table: str, namespace: str, task_id: int, pgid: int
-) -> Mapping[str, str]:
-    """The environment variables that tell a task's processes who they are."""
-    # Shell tasks call `tasklocks progress`: make this installation's scripts findable.
-    scripts = os.path.dirname(sys.executable)
-    path = os.environ.get("PATH", "")
-    if scripts not in path.split(os.pathsep):
-        path = path + os.pathsep + scripts if path else scripts
-    return {
-        "PATH": path,
-        "TASKLOCKS_DB": url,
-        "TASKLOCKS_TABLE": table,
-        "TASKLOCKS_NAMESPACE": namespace,
-        "TASKLOCKS_TASK_ID": str(task_id),
-        "TASKLOCKS_TASK_PGID": str(pgid),
-    }
 
 
 # --- module-level helpers: the default runner, and progress from inside a task -------------------

@@ -1,0 +1,64 @@
+"""Waiting for locks that others hold: one :class:`Wait` per waiting ``acquire``.
+
+A waiter sleeps until the namespace's document changes (the store watches the database), a
+release on this host wakes it (:mod:`tasklocks._wake`), or a holder it waits for is proven dead:
+a process that dies does not announce it, so that is checked, without any query, every
+:data:`DEATH_CHECK_INTERVAL` seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+from tasklocks._core import Holder
+from tasklocks._wake import Waker
+from tasklocks.errors import LockTimeout
+from tasklocks.store import Store
+
+__all__ = ["DEATH_CHECK_INTERVAL", "OnWait", "Wait"]
+
+DEATH_CHECK_INTERVAL = 1.0
+OnWait = Callable[[Mapping[str, Holder]], None]
+
+
+class Wait:
+    """The waiting of one ``acquire(wait=True)``: its deadline, its ``on_wait`` callback (called
+    once, when it starts waiting), and its sleeps."""
+
+    def __init__(
+        self,
+        store: Store,
+        namespace: str,
+        waker: Waker,
+        is_dead: Callable[[Holder], bool],
+        timeout: float | None,
+        on_wait: OnWait | None,
+    ) -> None:
+        self.store, self.namespace, self.waker, self.is_dead = store, namespace, waker, is_dead
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.on_wait = on_wait
+
+    def begin(self, blockers: Mapping[str, Holder]) -> None:
+        """The first refusal: tell ``on_wait`` who holds the locks (once)."""
+        if self.on_wait is not None:
+            on_wait, self.on_wait = self.on_wait, None
+            on_wait(blockers)
+
+    def sleep(self, version: int, blockers: Mapping[str, Holder]) -> None:
+        """Return when the document may have moved on from ``version`` or a blocker is proven
+        dead. :raises LockTimeout: the deadline passed."""
+        wake_fd = self.waker.fileno()  # before wait_for_change checks the version: no lost wake
+        while True:
+            now = time.monotonic()
+            if self.deadline is not None and now >= self.deadline:
+                raise LockTimeout(self.timeout or 0.0, blockers)
+            chunk = DEATH_CHECK_INTERVAL
+            if self.deadline is not None:
+                chunk = min(chunk, self.deadline - now)
+            happened = self.store.wait_for_change(self.namespace, version, chunk, wake_fd)
+            if self.waker.drain() or happened:
+                return
+            if any(self.is_dead(h) for h in blockers.values()):
+                return

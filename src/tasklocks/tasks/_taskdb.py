@@ -1,0 +1,80 @@
+"""The tasks table and the lock table of one database: what the runner and its supervisors share.
+
+:class:`tasklocks.tasks.Tasks` (the facade) builds on :class:`TaskDB`; the supervisor and the zygote
+use it directly and never import the facade.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any, Self
+
+from tasklocks.errors import TasklocksError
+from tasklocks.locks import LockTable
+from tasklocks.names import validate_namespace
+from tasklocks.store import Backend, default_url, open_store
+from tasklocks.tasks._record import TaskRecord
+
+__all__ = ["TaskDB", "TaskNotFound"]
+
+
+class TaskNotFound(TasklocksError, LookupError):
+    """No task has that id."""
+
+    exit_code = 2
+
+    def __init__(self, task_id: int) -> None:
+        self.task_id = task_id
+        super().__init__(f"there is no task {task_id}; list tasks with 'tasklocks tasks --all'")
+
+
+class TaskDB:
+    """Task records in the database at ``url`` (default ``$TASKLOCKS_DB``, else the per-user SQLite
+    file), with the lock table of ``namespace`` in it."""
+
+    def __init__(
+        self, url: str | None = None, namespace: str = "default", *, table: str = "tasklocks"
+    ) -> None:
+        self.url = url or default_url()
+        self.namespace = validate_namespace(namespace)
+        self.table = table
+        self.store: Backend = open_store(self.url, table=table)
+        self.locks = LockTable(self.store, self.namespace, owns_store=True)
+
+    def get(self, task_id: int) -> TaskRecord:
+        """One task's record. :raises TaskNotFound: no such task."""
+        row = self.store.get_task(task_id)
+        if row is None:
+            raise TaskNotFound(task_id)
+        return TaskRecord.from_row(row)
+
+    def update(self, task_id: int, **changes: Any) -> TaskRecord | None:
+        """Change a record with a compare-and-swap, retrying on conflicts.
+
+        Returns the new record, or None if the record is already final (finished tasks never
+        change) or the change is not a valid transition.
+        """
+        while True:
+            record = self.get(task_id)
+            if record.state.is_final:
+                return None
+            try:
+                cols = record.changed(**changes)
+            except ValueError:
+                return None
+            if self.store.update_task(task_id, record.version, cols):
+                return self.get(task_id)
+
+    def close(self) -> None:
+        self.locks.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
