@@ -90,28 +90,27 @@ def render_timeline(records: list[TaskRecord], width: int = 48) -> str:
     ]
     for r in sorted(records, key=lambda r: r.id):
         bar = [" "] * width
-        start = r.started if r.started is not None else (r.finished or t1)
-        for i in range(col(r.created), col(start)):
-            bar[i] = "."
+        if r.wait_started is not None:  # only the time it was blocked on a held lock
+            for i in range(col(r.wait_started), col(r.wait_ended or t1)):
+                bar[i] = "."
         if r.started is not None:
             for i in range(col(r.started), col(r.finished or t1) + 1):
                 bar[i] = "#"
         if r.state.value == "crashed":
             bar[col(r.finished or t1)] = "X"
-        waited = (start - r.created) if r.started is not None else 0.0
         ran = (r.finished or t1) - r.started if r.started is not None else 0.0
         lines.append(
-            f"{r.id:>3}  {r.title[:26]:<26} {r.state.value:<9} {waited:6.2f}s {ran:5.2f}s  "
+            f"{r.id:>3}  {r.title[:26]:<26} {r.state.value:<9} {r.waited:6.2f}s {ran:5.2f}s  "
             f"|{''.join(bar)}|"
         )
     notes = []
     for r in sorted(records, key=lambda r: r.id):
-        for w in r.waited_for or []:
+        for w in r.wait_history():
             owner = str(w.get("owner", "?"))
             who = f"task {owner[5:]}" if owner.startswith("task:") else owner
             if w.get("note"):
                 who += f" ({w['note']})"
-            wait = (r.started or r.finished or t1) - r.created
+            wait = (w["until"] or t1) - w["since"]
             notes.append(
                 f"  task {r.id} ({r.title}) waited {wait:.2f}s for {w['lock']}, held by {who}"
             )
