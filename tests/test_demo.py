@@ -79,4 +79,8 @@ def test_demo_runs_the_seed_scenario(tmp_path: Path) -> None:
     assert f"task {again.id} (restart blog) waited" in text
     assert f"task {chat.id} (update chat) crashed" in text
     assert "locks held at the end: none" in text
+    # It ends with the command that opens this run in the dashboard.
+    *_, serve, address = text.rstrip("\n").splitlines()
+    assert serve.endswith(f" --db {url} --namespace {records[0].namespace} serve"), serve
+    assert address.startswith("  then open http://127.0.0.1:8765/timeline?from="), address
     assert len([line for line in text.splitlines() if line.strip().startswith(str(blog.id))]) >= 1

@@ -13,7 +13,10 @@ Run: ``python -m tasklocks.demo [--db URL] [--speed FACTOR]`` (a smaller factor 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -27,7 +30,7 @@ from tasklocks._core import Holder
 from tasklocks.errors import describe_holder
 from tasklocks.tasks import TaskRecord, Tasks, progress
 
-__all__ = ["app_operation", "full_backup", "main", "render_timeline"]
+__all__ = ["app_operation", "dashboard_hint", "full_backup", "main", "render_timeline"]
 
 
 # --- the task targets (run inside task processes) -----------------------------------------------
@@ -218,7 +221,27 @@ def run(url: str, speed: float = 1.0, out: Any = sys.stdout) -> list[TaskRecord]
     say("")
     say("locks held at the end: " + (", ".join(h.name for h in held) if held else "none"))
     tasks.close()
+    say("")
+    say(dashboard_hint(url, namespace, records))
     return records
+
+
+def dashboard_hint(url: str, namespace: str, records: list[TaskRecord]) -> str:
+    """The command that shows this run in the dashboard, and the address of its timeline."""
+    script = Path(sys.executable).with_name("tasklocks")
+    if script.exists():
+        with contextlib.suppress(ValueError):
+            script = script.relative_to(Path.cwd())
+        program = shlex.quote(str(script))
+    else:
+        program = f"{shlex.quote(sys.executable)} -m tasklocks"
+    start = math.floor(min(r.created for r in records)) - 1
+    end = math.ceil(max(r.finished or time.time() for r in records)) + 1
+    return (
+        "see this run in the dashboard (needs tasklocks[web]; make demo installs it):\n"
+        f"  {program} --db {shlex.quote(url)} --namespace {namespace} serve\n"
+        f"  then open http://127.0.0.1:8765/timeline?from={start}&to={end}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
