@@ -106,7 +106,10 @@ def serve(
     token: str | None = None,
     out: TextIO | None = None,
 ) -> int:
-    """Serve the dashboard until interrupted; return the exit status (0).
+    """Serve the dashboard until stopped; return the exit status (0).
+
+    uvicorn shuts down gracefully on SIGINT and SIGTERM, then raises the signal again: Ctrl-C
+    ends in ``KeyboardInterrupt`` (the command line exits 130) and SIGTERM ends the process.
 
     Prints one line with the address once the socket listens (``--port 0`` picks a free port).
 
