@@ -33,7 +33,7 @@ __all__ = ["CannotStop", "LogChunk", "Snapshot", "Source", "read_log"]
 log = logging.getLogger("tasklocks.web")
 T = TypeVar("T")
 
-REFRESH = 0.25  # seconds between reads while someone looks
+REFRESH = 0.2  # seconds between reads while someone looks
 RETRY = 1.0  # seconds between tries while the database is unavailable
 IDLE = 5.0  # seconds without a request after which the refresher sleeps
 FRESH_WAIT = 2.0  # seconds a request waits for a fresh snapshot before it takes the last one

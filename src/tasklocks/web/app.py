@@ -1,7 +1,7 @@
 """The dashboard's web application (Starlette and Jinja2): routes, guards and rendering.
 
 Pages are rendered on the server and work without JavaScript; ``static/live.js`` makes them live
-by fetching the same URL with ``?partial=1`` (the page's ``#live`` part only) twice a second and
+by fetching the same URL with ``?partial=1`` (the page's ``#live`` part only) every 0.4 s and
 by following a task's log. Every asset is served from this package: no page refers to another
 host, and the Content-Security-Policy forbids it.
 

@@ -2,7 +2,7 @@
 // reload themselves every few seconds). Served by the package; talks only to this server.
 (function () {
   "use strict";
-  var POLL_MS = 500;
+  var POLL_MS = 400;
   var LOG_MS = 500;
   document.documentElement.classList.add("js");
 
@@ -17,7 +17,7 @@
   var live = document.getElementById("live");
   var pollUrl = live && live.getAttribute("data-poll");
   var reloadWhenBack = live && live.getAttribute("data-reload") === "1";
-  var last = live ? live.innerHTML : "";
+  var last = null; // the last fragment received (innerHTML is normalised: not comparable)
 
   function schedule(fn, ms) {
     window.setTimeout(fn, document.hidden ? ms * 4 : ms);
@@ -38,7 +38,7 @@
         return response.text().then(function (html) {
           if (html !== last) {
             live.innerHTML = html;
-            last = live.innerHTML;
+            last = html;
             document.dispatchEvent(new CustomEvent("tasklocks:updated"));
           }
           schedule(poll, POLL_MS);
