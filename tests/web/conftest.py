@@ -187,6 +187,9 @@ class Cli:
             server.proc.stdout.close()
             if "Traceback" in server.errors():
                 problems.append(server.errors())
+        if not self.started:
+            assert not problems, "the server printed a traceback:\n" + "\n".join(problems)
+            return
         with Tasks(self.url, self.namespace) as tasks:
             for task_id in self.started:
                 with contextlib.suppress(Exception):

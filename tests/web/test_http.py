@@ -358,6 +358,21 @@ def test_a_missing_sqlite_file_shows_a_banner_until_it_returns(
     assert "the database is back" in server.errors()
 
 
+def test_a_missing_sqlite_file_is_never_created(tmp_path: Path, namespace: str) -> None:
+    db = tmp_path / "nowhere" / "locks.db"
+    cli = Cli(f"sqlite:///{db}", namespace, tmp_path)
+    try:
+        server = cli.serve()
+        page = request(server, "/tasks")
+        assert page.status == 200 and f"the database file {db} is missing" in page.body
+        assert "Nothing could be read yet." in page.body
+        assert request(server, "/tasks/1").status == 503
+        assert "the database file" in server.errors() and "does not exist" in server.errors()
+        assert not db.exists() and not db.parent.exists()
+    finally:
+        cli.close()
+
+
 class Proxy:
     """A TCP proxy on 127.0.0.1 to ``target``; ``stop()`` closes it and every connection through
     it, ``start()`` opens it again on the same port."""

@@ -126,20 +126,20 @@ def serve(
     import uvicorn
 
     from tasklocks import StoreUnavailable, Tasks, default_url
+    from tasklocks.web._source import sqlite_file
     from tasklocks.web.app import Settings, create_app
 
     out = out or sys.stdout
     url = url or default_url()
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    try:  # a malformed URL is a usage error now; an unreachable database is only a banner
-        Tasks(url, namespace).close()
-    except StoreUnavailable as exc:
-        print(
-            f"tasklocks: warning: {' '.join(str(exc).split())}; serving anyway, the pages say "
-            "so until it answers",
-            file=sys.stderr,
-            flush=True,
-        )
+    missing = sqlite_file(url)
+    if missing is not None and not missing.exists():  # opening it would create it: not ours to do
+        _warn(f"the database file {missing} does not exist")
+    else:
+        try:  # a malformed URL is a usage error now; an unreachable database is only a banner
+            Tasks(url, namespace).close()
+        except StoreUnavailable as exc:
+            _warn(" ".join(str(exc).split()))
     settings = Settings(url=url, namespace=namespace, token=token, db_label=redact_url(url))
     app = create_app(settings)
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
@@ -169,6 +169,14 @@ def serve(
         sock.close()
         app.state.source.close()
     return 0
+
+
+def _warn(problem: str) -> None:
+    print(
+        f"tasklocks: warning: {problem}; serving anyway, the pages say so until that changes",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def token_from_env(given: str | None) -> str | None:

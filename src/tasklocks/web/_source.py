@@ -28,7 +28,7 @@ from tasklocks import HeldLock, StoreUnavailable, TasklocksError, TaskRecord, Ta
 from tasklocks import current_process as _current_process
 from tasklocks.tasks import TaskNotFound
 
-__all__ = ["CannotStop", "LogChunk", "Snapshot", "Source", "read_log"]
+__all__ = ["CannotStop", "LogChunk", "Snapshot", "Source", "read_log", "sqlite_file"]
 
 log = logging.getLogger("tasklocks.web")
 T = TypeVar("T")
@@ -69,7 +69,7 @@ class CannotStop(TasklocksError):
     """The dashboard cannot stop that task (it runs on another host)."""
 
 
-def _sqlite_file(url: str) -> Path | None:
+def sqlite_file(url: str) -> Path | None:
     """The file of an ``sqlite:///`` URL, else None (``sqlite:////abs`` or ``sqlite:///rel``)."""
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() != "sqlite":
@@ -90,7 +90,7 @@ class Source:
         self.url = url
         self.namespace = namespace
         self.stop_grace = stop_grace
-        self._sqlite = _sqlite_file(url) if url else None
+        self._sqlite = sqlite_file(url) if url else None
         self._tasks: Tasks | None = None
         self._io = threading.Lock()  # one caller of self._tasks at a time
         self._cond = threading.Condition()

@@ -121,10 +121,12 @@ class WaitView:
 
     @property
     def since_text(self) -> str:
+        """When it began waiting for this holder, as a clock time."""
         return clock(self.since)
 
     @property
     def until_text(self) -> str:
+        """When that wait ended, or ``now``."""
         return "now" if self.until is None else clock(self.until)
 
 
@@ -155,6 +157,7 @@ class TaskView:
 
     @property
     def percent_text(self) -> str:
+        """``40%``, or ``-`` before the task reported any progress."""
         return "-" if self.percent is None else f"{self.percent:.0f}%"
 
     @property
@@ -321,6 +324,8 @@ class Row:
 
 @dataclass(frozen=True)
 class Tick:
+    """A time on the timeline's axis."""
+
     x: float
     label: str
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import html
 import json
 import logging
 import secrets
@@ -256,6 +255,7 @@ class Dashboard:
     # --- pages -----------------------------------------------------------------------------------
 
     async def tasks(self, request: Request) -> Response:
+        """The tasks page: newest first, ``?state=`` filters, ``?more=1`` shows all read."""
         snapshot = await run_in_threadpool(self.source.snapshot)
         wanted = request.query_params.get("state", "")
         if wanted not in ("", "active", *STATES):
@@ -290,6 +290,7 @@ class Dashboard:
         return self.render(request, "tasks", context, snapshot=snapshot)
 
     async def task(self, request: Request) -> Response:
+        """One task's page: record, locks, wait history and log; a 404 page if unknown."""
         task_id: int = request.path_params["task_id"]
         try:
             record = await run_in_threadpool(self.source.task, task_id)
@@ -320,6 +321,7 @@ class Dashboard:
         return self.render(request, "task", context, snapshot=snapshot)
 
     async def task_log(self, request: Request) -> Response:
+        """A task's log from ``?offset=`` (bytes), as JSON ``{text, offset, final, missing}``."""
         task_id: int = request.path_params["task_id"]
         try:
             offset = int(request.query_params.get("offset", "0"))
@@ -337,12 +339,14 @@ class Dashboard:
         )
 
     async def locks(self, request: Request) -> Response:
+        """The locks page: every held lock of the namespace and its holder."""
         snapshot = await run_in_threadpool(self.source.snapshot)
         now = time.time()
         locks = [lock_view(h, now) for h in snapshot.locks]
         return self.render(request, "locks", {"locks": locks}, snapshot=snapshot)
 
     async def timeline(self, request: Request) -> Response:
+        """The timeline page over ``?last=``, ``?from=&to=`` or ``?last=fit``."""
         now = time.time()
         fit = request.query_params.get("last") == "fit" and "from" not in request.query_params
         try:
@@ -363,6 +367,7 @@ class Dashboard:
         return self.render(request, "timeline", context, snapshot=snapshot)
 
     async def stop(self, request: Request) -> Response:
+        """Stop a task (POST from the dashboard's own page only), then go back to ``next``."""
         task_id: int = request.path_params["task_id"]
         refusal = _cross_site(request)
         body = b""
@@ -399,11 +404,13 @@ class Dashboard:
         return RedirectResponse(target, status_code=303)
 
     async def favicon(self, request: Request) -> Response:
+        """The icon, also where browsers look for it unasked."""
         return FileResponse(HERE / "static" / "favicon.svg", media_type="image/svg+xml")
 
     # --- errors ----------------------------------------------------------------------------------
 
     async def http_error(self, request: Request, exc: Exception) -> Response:
+        """Starlette's HTTP errors (no route, wrong method) as error pages."""
         assert isinstance(exc, HTTPException)
         titles = {404: "Not found", 405: "Method not allowed"}
         messages = {404: f"There is no page at {request.url.path}."}
@@ -461,7 +468,7 @@ def _cross_site(request: Request) -> str | None:
     """Why a POST looks cross-site, or None: a foreign ``Origin`` or ``Sec-Fetch-Site``."""
     site = request.headers.get("sec-fetch-site")
     if site is not None and site != "same-origin":
-        return f"the request came from another site (Sec-Fetch-Site: {html.escape(site)})"
+        return f"the request came from another site (Sec-Fetch-Site: {site})"
     origin = request.headers.get("origin")
     if origin is not None:
         own = f"{request.url.scheme}://{request.headers.get('host', '')}"
