@@ -46,9 +46,20 @@ def test_demo_runs_the_seed_scenario(tmp_path: Path) -> None:
     # The second task on the blog waited for the first, and says so.
     assert again.started is not None and blog.finished is not None
     assert again.started >= blog.finished
-    assert again.waited_for == [
+    assert again.waited_for is not None
+    assert [{k: w[k] for k in ("lock", "owner", "note")} for w in again.waited_for] == [
         {"lock": "app_task:blog", "owner": f"task:{blog.id}", "note": "update blog"}
     ]
+    # Its wait began when it found the lock held and ended when it got it: no start-up in it.
+    assert again.wait_started is not None and again.wait_ended == again.started
+    assert again.created <= again.wait_started <= blog.finished <= again.started
+    assert again.waited == again.started - again.wait_started
+    # The first tasks found their locks free: they waited for nothing, and the timeline says so.
+    for record in (blog, wiki, chat, platform, mail):
+        assert (record.waited_for, record.wait_started, record.waited) == (None, None, 0.0)
+        lines = out.getvalue().splitlines()
+        row = next(line for line in lines if line.startswith(f"{record.id:>3}  "))
+        assert f" {0.0:6.2f}s " in row and "." not in row.split("|")[1], row
     assert platform2.started is not None and platform.finished is not None
     assert platform2.started >= platform.finished
     # The backup ran beside the app tasks, took each app's lock in turn, and waited for wiki.
@@ -68,4 +79,8 @@ def test_demo_runs_the_seed_scenario(tmp_path: Path) -> None:
     assert f"task {again.id} (restart blog) waited" in text
     assert f"task {chat.id} (update chat) crashed" in text
     assert "locks held at the end: none" in text
+    # It ends with the command that opens this run in the dashboard.
+    *_, serve, address = text.rstrip("\n").splitlines()
+    assert serve.endswith(f" --db {url} --namespace {records[0].namespace} serve"), serve
+    assert address.startswith("  then open http://127.0.0.1:8765/timeline?from="), address
     assert len([line for line in text.splitlines() if line.strip().startswith(str(blog.id))]) >= 1

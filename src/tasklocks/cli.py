@@ -10,13 +10,14 @@ Usage::
     reap                                    release the locks of provably dead holders
     repair --yes                            print a namespace's raw document, then reset it
     run [--lock NAME]... [--no-wait] [--timeout S] [--note TEXT] [--owner OWNER] -- CMD [ARG...]
+    serve [--host H] [--port P] [--token T] the web dashboard (needs tasklocks[web])
 
 Exit codes:
 
     0   ok (``run``: the command's own status, 128+N if a signal N killed it)
     75  a lock is held (without waiting) or waiting timed out
     2   usage error or bad input (bad lock name, bad URL, missing --yes)
-    69  database unavailable
+    69  database unavailable (``serve``: also the web extra not installed)
     1   anything else (a lock not held by that owner, a corrupt lock table)
 
 Every error is one line on stderr starting with ``tasklocks: ``.
@@ -73,7 +74,7 @@ exit codes:
       wait: 0 the task succeeded, 1 it failed, 75 it was stopped, timed out or crashed)
   {EXIT_LOCKED:<3} a lock is held (without --wait, or run --no-wait) or waiting timed out
   {EXIT_USAGE:<3} usage error or bad input (bad lock name, bad URL, missing --yes)
-  {EXIT_UNAVAILABLE:<3} database unavailable
+  {EXIT_UNAVAILABLE:<3} database unavailable (serve: also the web extra not installed)
   {EXIT_FAILURE:<3} anything else (e.g. a lock not held by that owner, a corrupt lock table)
 errors are one line on stderr starting with "{PROG}: ".
 """
@@ -519,7 +520,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
 
     add_task_commands(add)
+
+    p = add(
+        "serve",
+        cmd_serve,
+        help="serve the dashboard (tasks, locks, timeline) in a browser; needs tasklocks[web]",
+        description="Serve a web dashboard over the same database: tasks with their progress, "
+        "held locks, and a timeline of waits and runs. It binds 127.0.0.1 unless --host says "
+        "otherwise; another address needs --token (or $TASKLOCKS_TOKEN), then required on every "
+        "request (open http://HOST:PORT/?token=TOKEN once). Needs the web extra: "
+        "pip install 'tasklocks[web]' (without it: exit 69).",
+    )
+    # Also after the command: `tasklocks serve --db URL` (SUPPRESS keeps the global value).
+    p.add_argument("--db", metavar="URL", default=argparse.SUPPRESS, help="as the global --db")
+    p.add_argument(
+        "--namespace", metavar="NS", default=argparse.SUPPRESS, help="as the global --namespace"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    p.add_argument(
+        "--token",
+        default=None,
+        help="required on every request (default: $TASKLOCKS_TOKEN); needed off loopback",
+    )
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tasklocks.web import serve, token_from_env  # imports no web framework until it serves
+
+    return serve(
+        args.db,
+        args.namespace,
+        host=args.host,
+        port=args.port,
+        token=token_from_env(args.token),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,10 @@ Run: ``python -m tasklocks.demo [--db URL] [--speed FACTOR]`` (a smaller factor 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -27,7 +30,7 @@ from tasklocks._core import Holder
 from tasklocks.errors import describe_holder
 from tasklocks.tasks import TaskRecord, Tasks, progress
 
-__all__ = ["app_operation", "full_backup", "main", "render_timeline"]
+__all__ = ["app_operation", "dashboard_hint", "full_backup", "main", "render_timeline"]
 
 
 # --- the task targets (run inside task processes) -----------------------------------------------
@@ -90,28 +93,27 @@ def render_timeline(records: list[TaskRecord], width: int = 48) -> str:
     ]
     for r in sorted(records, key=lambda r: r.id):
         bar = [" "] * width
-        start = r.started if r.started is not None else (r.finished or t1)
-        for i in range(col(r.created), col(start)):
-            bar[i] = "."
+        if r.wait_started is not None:  # only the time it was blocked on a held lock
+            for i in range(col(r.wait_started), col(r.wait_ended or t1)):
+                bar[i] = "."
         if r.started is not None:
             for i in range(col(r.started), col(r.finished or t1) + 1):
                 bar[i] = "#"
         if r.state.value == "crashed":
             bar[col(r.finished or t1)] = "X"
-        waited = (start - r.created) if r.started is not None else 0.0
         ran = (r.finished or t1) - r.started if r.started is not None else 0.0
         lines.append(
-            f"{r.id:>3}  {r.title[:26]:<26} {r.state.value:<9} {waited:6.2f}s {ran:5.2f}s  "
+            f"{r.id:>3}  {r.title[:26]:<26} {r.state.value:<9} {r.waited:6.2f}s {ran:5.2f}s  "
             f"|{''.join(bar)}|"
         )
     notes = []
     for r in sorted(records, key=lambda r: r.id):
-        for w in r.waited_for or []:
+        for w in r.wait_history():
             owner = str(w.get("owner", "?"))
             who = f"task {owner[5:]}" if owner.startswith("task:") else owner
             if w.get("note"):
                 who += f" ({w['note']})"
-            wait = (r.started or r.finished or t1) - r.created
+            wait = (w["until"] or t1) - w["since"]
             notes.append(
                 f"  task {r.id} ({r.title}) waited {wait:.2f}s for {w['lock']}, held by {who}"
             )
@@ -219,7 +221,27 @@ def run(url: str, speed: float = 1.0, out: Any = sys.stdout) -> list[TaskRecord]
     say("")
     say("locks held at the end: " + (", ".join(h.name for h in held) if held else "none"))
     tasks.close()
+    say("")
+    say(dashboard_hint(url, namespace, records))
     return records
+
+
+def dashboard_hint(url: str, namespace: str, records: list[TaskRecord]) -> str:
+    """The command that shows this run in the dashboard, and the address of its timeline."""
+    script = Path(sys.executable).with_name("tasklocks")
+    if script.exists():
+        with contextlib.suppress(ValueError):
+            script = script.relative_to(Path.cwd())
+        program = shlex.quote(str(script))
+    else:
+        program = f"{shlex.quote(sys.executable)} -m tasklocks"
+    start = math.floor(min(r.created for r in records)) - 1
+    end = math.ceil(max(r.finished or time.time() for r in records)) + 1
+    return (
+        "see this run in the dashboard (needs tasklocks[web]; make demo installs it):\n"
+        f"  {program} --db {shlex.quote(url)} --namespace {namespace} serve\n"
+        f"  then open http://127.0.0.1:8765/timeline?from={start}&to={end}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

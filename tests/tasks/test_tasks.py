@@ -499,6 +499,55 @@ def test_waiting_task_names_the_holder_then_runs_after_it(tasks: Tasks, files: F
     assert held(tasks) == {}
 
 
+def test_wait_time_counts_only_the_time_blocked_on_a_held_lock(tasks: Tasks, files: Files) -> None:
+    first = tasks.start(ref("blocked"), args=blocked_args(files, "a"), locks=["app_task:blog"])
+    until_marked(tasks, first, files("a.marker"))
+    second = tasks.start(ref("add"), args=[1, 2], locks=["app_task:blog"])
+    waiting = until_state(tasks, second, TaskState.WAITING)
+    assert waiting.waited_for is not None and waiting.wait_started is not None
+    assert waiting.wait_started == waiting.waited_for[0]["since"] >= waiting.created
+    assert waiting.wait_ended is None and waiting.waited >= 0.0
+    files("a.go").touch()
+    done = finished(tasks, second)
+    before = finished(tasks, first)
+    # Its locks were free: the first task waited for nothing, however long it took to start.
+    assert (before.waited_for, before.wait_started, before.wait_ended) == (None, None, None)
+    assert before.waited == 0.0
+    # The second waited from the refusal until it got the lock, after the first had ended.
+    assert done.started is not None and before.finished is not None
+    assert done.wait_started == waiting.wait_started and done.wait_ended == done.started
+    assert done.wait_started <= before.finished <= done.started
+    assert done.waited == done.started - done.wait_started
+
+
+def test_wait_history_names_each_new_holder(tasks: Tasks, files: Files) -> None:
+    tasks.locks.acquire("l1", owner="admin:x", process=None)
+    waiter = tasks.start(ref("add"), args=[1, 2], locks=["l1", "l2"])
+    until_state(tasks, waiter, TaskState.WAITING)
+    tasks.locks.acquire("l2", owner="admin:y", process=None)  # another holder while it waits
+
+    def both() -> list[dict[str, Any]] | None:
+        history = tasks.get(waiter).waited_for or []
+        return history if len(history) == 2 else None
+
+    first, second = poll("the second holder in the wait history", both)
+    assert (first["lock"], first["owner"], second["lock"], second["owner"]) == (
+        "l1",
+        "admin:x",
+        "l2",
+        "admin:y",
+    )
+    assert first["since"] < second["since"]
+    message = tasks.get(waiter).message or ""
+    assert message.startswith("Waiting for l1 (held by admin:x "), message
+    assert "; l2 (held by admin:y " in message, message
+    tasks.locks.release_owner("admin:x")
+    tasks.locks.release_owner("admin:y")
+    done = finished(tasks, waiter)
+    assert done.state is TaskState.SUCCEEDED, describe(tasks, done)
+    assert done.wait_started == first["since"]
+
+
 def test_waits_for_every_lock_it_needs(tasks: Tasks, files: Files) -> None:
     first = tasks.start(ref("blocked"), args=blocked_args(files, "a"), locks=["l2"])
     until_marked(tasks, first, files("a.marker"))

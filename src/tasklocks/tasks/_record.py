@@ -94,7 +94,9 @@ class TaskRecord:
     log_path: str | None
     timeout: float | None
     stop_requested: float | None
-    waited_for: list[dict[str, Any]] | None  # the holders it waited for: lock, owner, note
+    # The wait history: every holder it was blocked by, in order, as {lock, owner, note, since}
+    # where ``since`` is when it began waiting for that holder (None: it never waited).
+    waited_for: list[dict[str, Any]] | None
 
     @classmethod
     def from_row(cls, row: TaskRow) -> TaskRecord:
@@ -151,6 +153,50 @@ class TaskRecord:
 
             end = time.time()
         return max(0.0, end - self.started)
+
+    @property
+    def wait_started(self) -> float | None:
+        """When the task began waiting for a held lock; None if its locks were free at once.
+
+        Start-up (from ``created`` until the first try for the locks) is not waiting. A record
+        written before the history kept ``since`` counts from ``created`` (an upper bound).
+        """
+        if not self.waited_for:
+            return None
+        times = [w["since"] for w in self.waited_for if isinstance(w.get("since"), int | float)]
+        return min(times) if times else self.created
+
+    @property
+    def wait_ended(self) -> float | None:
+        """When the wait ended: the task got its locks (``started``) or ended while waiting
+        (``finished``); None if it never waited or is waiting still."""
+        if self.wait_started is None:
+            return None
+        return self.started if self.started is not None else self.finished
+
+    @property
+    def waited(self) -> float:
+        """Seconds the task was blocked on held locks (so far, while it waits); 0.0 when
+        nothing held them."""
+        start = self.wait_started
+        if start is None:
+            return 0.0
+        end = self.wait_ended
+        if end is None:
+            import time
+
+            end = time.time()
+        return max(0.0, end - start)
+
+    def wait_history(self) -> list[dict[str, Any]]:
+        """The wait history, each entry with ``since`` and ``until``: until the next holder came
+        in its way, else until the wait ended (None while it still waits)."""
+        start = self.wait_started
+        entries = [dict(w, since=w.get("since", start)) for w in self.waited_for or []]
+        for entry in entries:
+            later = [e["since"] for e in entries if e["since"] > entry["since"]]
+            entry["until"] = min(later) if later else self.wait_ended
+        return entries
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""

@@ -269,6 +269,10 @@ class Supervisor:
     ) -> Lease | None:
         identity = ProcessIdentity(me.pid, me.start, me.boot, me.host, me.pidns, child)
         told = False
+        # The wait history: every (lock, holder) the task was blocked by, with when it began
+        # waiting for it. Only a refusal starts the clock, so a task whose locks were free
+        # records no wait at all (start-up is not waiting).
+        history: list[dict[str, Any]] = []
         while True:
             try:
                 return table.acquire(
@@ -288,18 +292,23 @@ class Supervisor:
                         message=_describe_wait(exc.held),
                     )
                     return None
-                if not told:
+                refused_at = time.time()
+                seen = {(w["lock"], w["owner"]) for w in history}
+                new = [
+                    {"lock": name, "owner": h.owner, "note": h.note, "since": refused_at}
+                    for name, h in sorted(exc.held.items())
+                    if (name, h.owner) not in seen
+                ]
+                if not told or new:  # the first refusal, or other holders since the last one
+                    history.extend(new)
+                    changes: dict[str, Any] = {
+                        "message": _describe_wait(exc.held),
+                        "waited_for": list(history),
+                    }
+                    if not told:
+                        changes["state"] = TaskState.WAITING
                     told = True
-                    waited_for = [
-                        {"lock": name, "owner": h.owner, "note": h.note}
-                        for name, h in sorted(exc.held.items())
-                    ]
-                    self.tasks.update(
-                        self.task_id,
-                        state=TaskState.WAITING,
-                        message=_describe_wait(exc.held),
-                        waited_for=waited_for,
-                    )
+                    self.tasks.update(self.task_id, **changes)
             current = self.tasks.get(self.task_id)
             stopped = self.stop_reason is not None or current.stop_requested is not None
             if stopped or current.state.is_final or os.waitpid(child, os.WNOHANG)[0] != 0:

@@ -1,0 +1,140 @@
+"""The dashboard in a real browser (headless Chromium), on every backend.
+
+One scenario per backend, as a person would see it: a task started from the command line appears
+and its progress bar moves without a reload; a second task on the same lock shows the lock and
+its holder; the locks page shows the holder; the task's log follows live; the stop button stops
+the holder, so the waiter runs; the timeline draws the wait. Every request the browser makes goes
+to the dashboard itself. Screenshots of each page are saved (see the ``artifacts`` fixture).
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import DEADLINE, Cli
+
+MS = int(DEADLINE * 1000)
+
+
+@pytest.fixture
+def page(browser: Any) -> Any:
+    """A page in a fresh browser context (no cookies of other tests)."""
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
+
+
+def test_dashboard_follows_tasks_locks_waits_and_stop(
+    cli: Cli, page: Any, artifacts: Path, db_url: str, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=MS)
+    backend = db_url.split(":", 1)[0]
+    server = cli.serve()
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+
+    # A task started from the command line appears, and its progress bar moves without a reload.
+    page.goto(server.url + "tasks")
+    page.evaluate("window.notReloaded = true")
+    gates = tmp_path / "holder"
+    holder = cli.start_steps("update blog", "app_task:blog", gates)
+    row = page.locator(f"#task-{holder}")
+    expect(row.locator("progress")).to_have_attribute("value", "10.0")
+    expect(row).to_have_attribute("data-state", "running")
+    expect(row.locator(".percent")).to_have_text("10%")
+    (gates / "go1").touch()
+    expect(row.locator("progress")).to_have_attribute("value", "40.0")
+    expect(row.locator(".message")).to_have_text("step 1")
+
+    # A task needing the same lock waits, and the page says for which lock and who holds it.
+    waiter_gates = tmp_path / "waiter"
+    waiter = cli.start_steps("restart blog", "app_task:blog", waiter_gates, steps=0)
+    waiting = page.locator(f"#task-{waiter}")
+    expect(waiting).to_have_attribute("data-state", "waiting")
+    reason = waiting.locator('li.waiting-for[data-lock="app_task:blog"]')
+    expect(reason).to_contain_text(f"task:{holder} (pid ")
+    expect(reason).to_contain_text("update blog")
+    assert page.evaluate("window.notReloaded") is True  # all of that arrived live
+    page.screenshot(path=artifacts / f"tasks-{backend}.png", full_page=True)
+
+    # The locks page: the holder, its pid and host, alive, and a fencing token.
+    page.goto(server.url + "locks")
+    lock = page.locator('tbody.lock[data-lock="app_task:blog"]')
+    expect(lock).to_contain_text(f"task:{holder}")
+    expect(lock.locator(".liveness")).to_have_text("alive")
+    page.screenshot(path=artifacts / f"locks-{backend}.png", full_page=True)
+
+    # The waiter's page: its wait history names the lock and the holder.
+    page.goto(server.url + f"tasks/{waiter}")
+    entry = page.locator("tr.wait-entry").first
+    expect(entry).to_contain_text("app_task:blog")
+    expect(entry).to_contain_text(f"task:{holder}")
+
+    # The holder's page: its lock, its log following live, and the stop button.
+    page.goto(server.url + f"tasks/{holder}")
+    expect(page.locator("#log")).to_contain_text("step 1")
+    page.evaluate("window.notReloaded = true")
+    (gates / "go2").touch()
+    expect(page.locator("#log")).to_contain_text("step 2")
+    expect(page.locator(".detail-progress progress")).to_have_attribute("value", "70.0")
+    assert page.evaluate("window.notReloaded") is True
+    expect(page.locator("table.locks")).to_contain_text("app_task:blog")
+    page.screenshot(path=artifacts / f"task-{backend}.png", full_page=True)
+    page.locator("form.stop button").click()
+    expect(page.locator(".heading .state").first).to_have_text("stopped")
+
+    # The waiter got the lock and ran; the timeline draws its wait, with the lock it waited on.
+    (waiter_gates / "done").touch()
+    page.goto(server.url + "tasks")
+    expect(page.locator(f"#task-{waiter}")).to_have_attribute("data-state", "succeeded")
+    page.goto(server.url + "timeline?last=15m")
+    wait = page.locator(f'g.row[data-task="{waiter}"] rect.seg-waiting')
+    expect(wait).to_have_count(1)
+    expect(wait.locator("title")).to_contain_text(f"app_task:blog held by task:{holder}")
+    expect(page.locator(f'g.row[data-task="{holder}"] rect.seg-waiting')).to_have_count(0)
+    ran = page.locator(f'g.row[data-task="{holder}"] rect.seg-running')
+    expect(ran).to_have_class("seg seg-running state-stopped")
+    page.screenshot(path=artifacts / f"timeline-{backend}.png", full_page=True)
+
+    # Nothing was asked of any other host.
+    foreign = [u for u in requests if urllib.parse.urlsplit(u).netloc != server.netloc]
+    assert requests and not foreign, foreign
+
+
+def test_pages_work_without_javascript(
+    sqlite_cli: Cli, browser: Any, artifacts: Path, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=MS)
+    server = sqlite_cli.serve()
+    context = browser.new_context(
+        java_script_enabled=False, viewport={"width": 1400, "height": 900}
+    )
+    try:
+        page = context.new_page()
+        requests: list[str] = []
+        page.on("request", lambda request: requests.append(request.url))
+        task_id = sqlite_cli.start("--lock", "db", "--kind", "no js", "--", "sh", "-c", "sleep 30")
+        page.goto(server.url + "tasks?state=active")
+        row = page.locator(f"#task-{task_id}")
+        expect(row).to_have_attribute("data-state", "running")  # the page reloads itself
+        row.locator("form.stop button").click()  # a plain form POST, then back to the list
+        expect(page).to_have_url(server.url + "tasks?state=active")
+        page.goto(server.url + f"tasks/{task_id}")
+        expect(page.locator(".heading .state").first).to_have_text("stopped")
+        page.goto(server.url + "timeline?last=fit")
+        expect(page.locator(f'g.row[data-task="{task_id}"] rect.seg-running')).to_have_count(1)
+        page.screenshot(path=artifacts / "timeline-no-javascript.png", full_page=True)
+        foreign = [u for u in requests if urllib.parse.urlsplit(u).netloc != server.netloc]
+        assert requests and not foreign, foreign
+    finally:
+        context.close()

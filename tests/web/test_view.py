@@ -1,0 +1,261 @@
+"""What the dashboard computes, without a server: timeline geometry, ranges, rows, log reading,
+and the checks of ``serve``'s options. Pure functions of their arguments (``now`` is given)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasklocks import HeldLock, Holder, Liveness
+from tasklocks.tasks import TaskRecord, TaskState
+from tasklocks.web import BadBind, check_bind, is_loopback, redact_url
+from tasklocks.web._source import read_log
+from tasklocks.web._view import (
+    BadRange,
+    build_timeline,
+    duration,
+    fit_range,
+    lock_view,
+    parse_range,
+    signal_name,
+    task_view,
+    trim_partial_utf8,
+)
+
+NOW = 1_800_000_000.0
+
+
+def record(task_id: int = 1, **fields: Any) -> TaskRecord:
+    """A task record with every field defaulted (created a minute before NOW, not started)."""
+    values: dict[str, Any] = {
+        "id": task_id,
+        "version": 0,
+        "kind": f"task {task_id}",
+        "target": ["sleep", "1"],
+        "args": None,
+        "locks": ["app_task:blog"],
+        "namespace": "default",
+        "state": TaskState.PENDING,
+        "percent": None,
+        "message": None,
+        "result": None,
+        "error_code": None,
+        "error_message": None,
+        "exit_code": None,
+        "signal": None,
+        "pid": 4711,
+        "pgid": None,
+        "host": "web-1",
+        "start_token": None,
+        "boot": None,
+        "pidns": None,
+        "created": NOW - 60,
+        "started": None,
+        "finished": None,
+        "log_path": None,
+        "timeout": None,
+        "stop_requested": None,
+        "waited_for": None,
+    }
+    values.update(fields)
+    return TaskRecord(**values)
+
+
+def holder(owner: str = "task:1", since: float = NOW - 50) -> Holder:
+    return Holder(owner, 4711, "s", "b", "web-1", None, 4711, since, 7, "lease", "update blog")
+
+
+def waited(since: float, lock: str = "app_task:blog", owner: str = "task:1") -> dict[str, Any]:
+    return {"lock": lock, "owner": owner, "note": "update blog", "since": since}
+
+
+# --- the wait time in rows -----------------------------------------------------------------------
+
+
+def test_a_task_whose_locks_were_free_waited_nothing() -> None:
+    view = task_view(
+        record(state=TaskState.RUNNING, started=NOW - 30), {}, NOW
+    )  # 30 s of start-up: not waiting
+    assert (view.waited, view.waited_text, view.waits, view.waiting_for) == (0.0, "-", [], [])
+    assert view.duration_text == "30.0s"
+
+
+def test_a_waiting_task_names_the_lock_and_its_holder_now() -> None:
+    rec = record(2, state=TaskState.WAITING, waited_for=[waited(NOW - 20)])
+    held = {"app_task:blog": HeldLock("app_task:blog", holder(), Liveness.ALIVE)}
+    view = task_view(rec, held, NOW)
+    assert view.waited == 20.0 and view.waited_text == "20.0s"
+    [reason] = view.waiting_for
+    assert (reason.lock, reason.owner_task, reason.until) == ("app_task:blog", 1, None)
+    assert reason.holder is not None and reason.holder.holder_text == "task:1 (pid 4711 on web-1)"
+
+
+def test_a_finished_wait_counts_from_the_refusal_to_the_start() -> None:
+    rec = record(
+        2,
+        state=TaskState.SUCCEEDED,
+        waited_for=[waited(NOW - 40)],
+        started=NOW - 25,
+        finished=NOW - 5,
+        exit_code=0,
+    )
+    view = task_view(rec, {}, NOW)
+    assert (view.waited, view.waited_locks, view.waiting_for) == (15.0, ["app_task:blog"], [])
+    assert view.exit_text == "exit 0" and view.duration_text == "20.0s"
+
+
+def test_exit_by_signal_and_stop_requests() -> None:
+    rec = record(state=TaskState.RUNNING, started=NOW - 5, stop_requested=NOW - 1)
+    assert task_view(rec, {}, NOW).stopping
+    killed = record(state=TaskState.STOPPED, started=NOW - 5, finished=NOW, signal=9)
+    assert task_view(killed, {}, NOW).exit_text == "SIGKILL (9)"
+    assert signal_name(200) == "signal 200"
+    assert [duration(s) for s in (None, 0.42, 62, 3700)] == ["-", "0.4s", "1m02s", "1h01m"]
+
+
+def test_a_lock_row_shows_whatever_liveness_it_has() -> None:
+    for liveness in Liveness:
+        view = lock_view(HeldLock("db", holder("pid:web-1:9"), liveness), NOW)
+        assert view.liveness == liveness.value and view.owner_task is None
+    view = lock_view(HeldLock("db", holder("task:12"), Liveness.DEAD), NOW)
+    assert (view.owner_task, view.held_for, view.token) == (12, "50.0s", 7)
+
+
+# --- the timeline --------------------------------------------------------------------------------
+
+
+def test_the_timeline_draws_waits_and_runs_as_different_segments() -> None:
+    holder_task = record(
+        1, state=TaskState.SUCCEEDED, created=NOW - 600, started=NOW - 599, finished=NOW - 300
+    )
+    waiter = record(
+        2,
+        state=TaskState.SUCCEEDED,
+        created=NOW - 500,
+        waited_for=[waited(NOW - 499)],
+        started=NOW - 300,
+        finished=NOW - 200,
+    )
+    chart = build_timeline([waiter, holder_task], NOW - 1000, NOW, NOW, width=1010, left=0)
+    scale = 1.0  # (1010 - 0 - 10) user units for 1000 s
+    assert [row.task_id for row in chart.rows] == [1, 2]
+    first, second = chart.rows
+    assert [s.kind for s in first.segments] == ["running"]
+    assert [s.kind for s in second.segments] == ["waiting", "running"]
+    wait, run = second.segments
+    assert wait.x == pytest.approx(501 * scale) and wait.width == pytest.approx(199 * scale)
+    assert wait.label == "app_task:blog"
+    assert wait.title == "task 2 waited 3m19s for app_task:blog held by task:1 (update blog)"
+    assert run.x == pytest.approx(700 * scale) and run.state == "succeeded"
+    assert chart.waits[0]["seconds"] == pytest.approx(199)
+    assert chart.now_x == pytest.approx(1000)
+    assert chart.ticks and all(0 <= t.x <= 1000 for t in chart.ticks)
+
+
+def test_the_timeline_leaves_out_tasks_outside_the_range_and_marks_crashes() -> None:
+    old = record(1, state=TaskState.SUCCEEDED, created=NOW - 7200, started=NOW - 7200)
+    old = record(**{**old.__dict__, "finished": NOW - 7000})
+    crashed = record(
+        2, state=TaskState.CRASHED, created=NOW - 100, started=NOW - 90, finished=NOW - 10
+    )
+    running = record(3, state=TaskState.RUNNING, created=NOW - 50, started=NOW - 50)
+    chart = build_timeline([old, crashed, running], NOW - 3600, NOW, NOW)
+    assert [row.task_id for row in chart.rows] == [2, 3]
+    assert chart.rows[0].crash_x is not None and chart.rows[1].crash_x is None
+    assert chart.rows[1].segments[0].title == "task 3 ran 50.0s, running"
+
+
+def test_a_short_wait_keeps_its_lock_in_the_tooltip_only() -> None:
+    waiter = record(2, state=TaskState.RUNNING, waited_for=[waited(NOW - 3.0)], started=NOW - 2.9)
+    chart = build_timeline([waiter], NOW - 3600, NOW, NOW)
+    wait = chart.rows[0].segments[0]
+    assert wait.kind == "waiting" and wait.label is None and "app_task:blog" in wait.title
+    assert wait.width >= 1.5  # still visible
+
+
+def test_ranges() -> None:
+    assert parse_range({}, NOW) == (NOW - 3600, NOW)
+    assert parse_range({"last": "15m"}, NOW) == (NOW - 900, NOW)
+    assert parse_range({"last": "7d"}, NOW) == (NOW - 7 * 86400, NOW)
+    assert parse_range({"from": str(NOW - 10), "to": str(NOW - 5)}, NOW) == (NOW - 10, NOW - 5)
+    local = dt.datetime.fromtimestamp(NOW - 7200).replace(second=0, microsecond=0)
+    text = local.strftime("%Y-%m-%dT%H:%M")  # as <input type="datetime-local"> sends it
+    assert parse_range({"from": text}, NOW) == (local.timestamp(), NOW)
+    for params, message in [
+        ({"last": "1y"}, "is not a range"),
+        ({"from": "yesterday"}, "is not a time"),
+        ({"to": str(NOW)}, "needs a from"),
+        ({"from": str(NOW), "to": str(NOW - 1)}, "the range is empty"),
+        ({"last": "60d"}, "wider than 31 days"),
+        ({"from": "nan"}, "the range is empty"),
+    ]:
+        with pytest.raises(BadRange, match=message):
+            parse_range(params, NOW)
+
+
+def test_fit_range_spans_the_recent_tasks() -> None:
+    assert fit_range([], NOW) == (NOW - 3600, NOW)
+    done = record(1, state=TaskState.SUCCEEDED, created=NOW - 100, finished=NOW - 40)
+    start, end = fit_range([done], NOW)
+    assert start < NOW - 100 and NOW - 40 < end < NOW
+    active = record(2, state=TaskState.RUNNING, created=NOW - 10)
+    assert fit_range([done, active], NOW)[1] == NOW
+
+
+# --- logs ----------------------------------------------------------------------------------------
+
+
+def test_utf8_cut_short_at_the_end_waits_for_the_next_read() -> None:
+    text = "café €𝄞".encode()
+    for cut in range(len(text) + 1):
+        head = trim_partial_utf8(text[:cut])
+        head.decode("utf-8")  # never a broken character
+        assert len(text[:cut]) - len(head) <= 3
+
+
+def test_read_log_from_the_tail_starts_at_a_line(tmp_path: Path) -> None:
+    path = tmp_path / "task-5.log"
+    path.write_bytes(b"".join(b"line %d\n" % i for i in range(100)))
+    rec = record(5, log_path=str(path))
+    tail = read_log(rec, None, limit=50)
+    assert tail.text.startswith("line ") and tail.text.endswith("line 99\n")
+    assert tail.offset == path.stat().st_size
+    assert read_log(rec, 0, limit=7).text == "line 0\n"
+
+
+def test_read_log_reads_only_that_tasks_log(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("nope")
+    assert read_log(record(5, log_path=str(secret)), 0).missing is not None
+    link = tmp_path / "task-5.log"
+    os.symlink(secret, link)
+    chunk = read_log(record(5, log_path=str(link)), 0)
+    assert chunk.text == "" and chunk.missing is not None
+    assert read_log(record(6, log_path=str(link)), 0).missing is not None  # another task's name
+    assert read_log(record(5, log_path=str(tmp_path / "x" / "task-5.log")), 0).missing
+
+
+# --- serve's options -----------------------------------------------------------------------------
+
+
+def test_loopback_hosts_need_no_token_and_others_do() -> None:
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "192.0.2.1", "::", "example.org"))
+    check_bind("127.0.0.1", 8765, None)
+    check_bind("0.0.0.0", 8765, "t")
+    with pytest.raises(BadBind, match="lets other machines in: add --token"):
+        check_bind("0.0.0.0", 8765, None)
+    with pytest.raises(BadBind, match="empty"):
+        check_bind("0.0.0.0", 8765, " ")
+    with pytest.raises(BadBind, match="not a port"):
+        check_bind("127.0.0.1", 65536, None)
+
+
+def test_the_page_header_never_shows_a_password() -> None:
+    assert redact_url("mysql://root:hunter2@db:3306/test") == "mysql://root:***@db:3306/test"
+    assert redact_url("postgresql://app@db/test") == "postgresql://app@db/test"
+    assert redact_url("sqlite:////var/x.db") == "sqlite:////var/x.db"
