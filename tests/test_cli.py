@@ -28,7 +28,10 @@ PY = sys.executable
 DEADLINE = 30.0  # seconds any awaited condition may take before the test fails
 ENV = {k: v for k, v in os.environ.items() if k != "TASKLOCKS_DB"}
 HOST = socket.gethostname()
-JSON_FIELDS = {"name", "owner", "pid", "host", "since", "since_epoch", "token", "state", "note"}
+JSON_FIELDS = {
+    *("name", "owner", "pid", "host", "since", "since_epoch", "token", "state", "expires_in"),
+    "note",
+}
 
 # Command snippets for `run`. Markers are written to a temporary name and renamed into place,
 # so a reader never sees a half-written file.
@@ -207,12 +210,14 @@ def test_acquire_prints_token_and_locks_show_it(db_url: str, namespace: str) -> 
     text = cli(db_url, namespace, "locks")
     assert text.returncode == 0
     header, *rows = text.stdout.splitlines()
-    assert header.split() == ["NAME", "OWNER", "PID", "HOST", "SINCE", "TOKEN", "STATE", "NOTE"]
+    assert header.split() == [
+        *("NAME", "OWNER", "PID", "HOST", "SINCE", "TOKEN", "STATE", "EXPIRES", "NOTE")
+    ]
     assert [row.split()[:4] for row in rows] == [
         ["a", "script:1", "-", HOST],
         ["b", "script:1", "-", HOST],
     ]
-    assert all(row.split()[-3:] == [str(token), "unknown", "nightly"] for row in rows)
+    assert all(row.split()[-4:] == [str(token), "unknown", "-", "nightly"] for row in rows)
 
     locks = held(db_url, namespace)
     assert [lock["name"] for lock in locks] == ["a", "b"]
@@ -223,6 +228,7 @@ def test_acquire_prints_token_and_locks_show_it(db_url: str, namespace: str) -> 
         assert lock["host"] == HOST
         assert lock["token"] == token
         assert lock["state"] == "unknown"
+        assert lock["expires_in"] is None  # no process, no session: kept until released
         assert lock["note"] == "nightly"
         assert before - 1 <= lock["since_epoch"] <= time.time() + 1
         since = dt.datetime.fromisoformat(lock["since"])

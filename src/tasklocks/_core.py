@@ -11,8 +11,9 @@ one.
 Invariants (checked by the Hypothesis state machine in ``tests/core``):
 
 * at most one holder per lock name;
-* a lock is freed only by its owner (``release``/``release_owner``), by an administrator
-  (``release_all``), or on proof that its holder is dead (``is_dead`` returned True);
+* a lock is freed only by its owner (``release``/``release_owner``/``release_lease``), by an
+  administrator (``release_all``), or when its holder is gone (``is_dead`` returned True: its
+  process is provably dead, or its session expired by the database's clock);
 * an acquisition of several names is all-or-nothing;
 * the fencing token of an acquisition is the version its write creates, so tokens strictly increase
   across all acquisitions in a namespace;
@@ -46,6 +47,7 @@ __all__ = [
     "reap",
     "release",
     "release_all",
+    "release_lease",
     "release_owner",
 ]
 
@@ -67,6 +69,7 @@ class Holder:
     token: int
     lease: str
     note: str | None
+    session: str | None = None  # the session that keeps it (None: kept until released)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +85,7 @@ class Claimant:
     pgid: int | None
     lease: str
     note: str | None
+    session: str | None = None
 
     def holder(self, since: float, token: int) -> Holder:
         return Holder(
@@ -96,6 +100,7 @@ class Claimant:
             token,
             self.lease,
             self.note,
+            self.session,
         )
 
 
@@ -246,13 +251,27 @@ def reap(doc: Document, is_dead: Callable[[Holder], bool]) -> tuple[Document, di
     return (_derive(doc, reaped) if reaped else doc), reaped
 
 
+def release_lease(doc: Document, lease: str) -> tuple[Document, list[str]]:
+    """Free every lock of one lease (an acquisition undone, or a lost lease given back)."""
+    freed = [name for name, h in doc.items() if h.lease == lease]
+    return (_derive(doc, freed) if freed else doc), freed
+
+
 def check_not_already_held(
-    doc: Document, names: Iterable[str], owner: str, *, lease: str | None = None
+    doc: Document,
+    names: Iterable[str],
+    owner: str,
+    *,
+    lease: str | None = None,
+    is_dead: Callable[[Holder], bool] = lambda holder: False,
 ) -> None:
     """Locks are not re-entrant: raise :class:`LockHeld` if ``owner`` holds one of ``names``
-    (under another lease than ``lease``: a retried acquisition may find its own entries)."""
+    (under another lease than ``lease``: a retried acquisition may find its own entries; an
+    entry ``is_dead`` says is gone does not count)."""
     mine = {
-        n: doc[n] for n in names if n in doc and doc[n].owner == owner and doc[n].lease != lease
+        n: doc[n]
+        for n in names
+        if n in doc and doc[n].owner == owner and doc[n].lease != lease and not is_dead(doc[n])
     }
     if mine:
         raise LockHeld(mine, hint="locks are not re-entrant; release it first")
@@ -272,6 +291,7 @@ _FIELDS: Final = (
     "token",
     "lease",
     "note",
+    "session",
 )
 _TYPES: Final[Mapping[str, tuple[type, ...]]] = {
     "owner": (str,),
@@ -285,6 +305,7 @@ _TYPES: Final[Mapping[str, tuple[type, ...]]] = {
     "token": (int,),
     "lease": (str,),
     "note": (str, type(None)),
+    "session": (str, type(None)),
 }
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -308,6 +329,7 @@ def _holder_from_json(namespace: str, name: str, raw: Any) -> Holder:
         raw["token"],
         raw["lease"],
         raw["note"],
+        raw.get("session"),
     )
 
 

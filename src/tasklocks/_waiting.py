@@ -19,6 +19,7 @@ from tasklocks.store import Store
 __all__ = ["DEATH_CHECK_INTERVAL", "OnWait", "Wait"]
 
 DEATH_CHECK_INTERVAL = 1.0
+EXPIRY_SLACK = 0.02  # seconds past a session's expected expiry before reading it again
 OnWait = Callable[[Mapping[str, Holder]], None]
 
 
@@ -46,15 +47,20 @@ class Wait:
             on_wait, self.on_wait = self.on_wait, None
             on_wait(blockers)
 
-    def sleep(self, version: int, blockers: Mapping[str, Holder]) -> None:
-        """Return when the document may have moved on from ``version`` or a blocker is proven
-        dead. :raises LockTimeout: the deadline passed."""
+    def sleep(self, version: int, blockers: Mapping[str, Holder], expiry: float) -> None:
+        """Return when the document may have moved on from ``version``, a blocker is proven
+        dead, or the first blocker's session is due to expire (in ``expiry`` seconds, by the
+        database's clock when last read: the caller reads again, and the database decides).
+        :raises LockTimeout: the deadline passed."""
         wake_fd = self.waker.fileno()  # before wait_for_change checks the version: no lost wake
+        expires_at = time.monotonic() + max(0.0, expiry) + EXPIRY_SLACK
         while True:
             now = time.monotonic()
             if self.deadline is not None and now >= self.deadline:
                 raise LockTimeout(self.timeout or 0.0, blockers)
-            chunk = DEATH_CHECK_INTERVAL
+            if now >= expires_at:
+                return
+            chunk = min(DEATH_CHECK_INTERVAL, expires_at - now)
             if self.deadline is not None:
                 chunk = min(chunk, self.deadline - now)
             happened = self.store.wait_for_change(self.namespace, version, chunk, wake_fd)

@@ -43,6 +43,7 @@ from types import FrameType
 from typing import Any
 
 from tasklocks import (
+    HeldLock,
     Holder,
     LockHeld,
     LockTable,
@@ -53,6 +54,7 @@ from tasklocks import (
     process_identity,
 )
 from tasklocks._cli_tasks import add_task_commands
+from tasklocks._session import DEFAULT_TTL, MIN_TTL
 from tasklocks.errors import (
     EXIT_FAILURE,
     EXIT_LOCKED,
@@ -119,6 +121,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _ttl(text: str) -> float:
+    """argparse type for --ttl: at least a second."""
+    value = _seconds(text)
+    if value < MIN_TTL:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_TTL:g} seconds: {text!r}")
+    return value
+
+
 def _with_hint(exc: LockHeld, owner: str, hint: str) -> LockHeld:
     """The same refusal with a hint in command-line terms (unless it is our own lock)."""
     if all(h.owner == owner for h in exc.held.values()):
@@ -130,35 +140,41 @@ def _with_hint(exc: LockHeld, owner: str, hint: str) -> LockHeld:
 
 
 def _open(args: argparse.Namespace) -> LockTable:
-    return connect(args.db, args.namespace)
+    return connect(args.db, args.namespace, ttl=args.ttl)
 
 
-def _lock_record(name: str, holder: Holder, state: str) -> dict[str, Any]:
+def _lock_record(lock: HeldLock) -> dict[str, Any]:
+    holder = lock.holder
     since = dt.datetime.fromtimestamp(holder.since, dt.UTC)
     return {
-        "name": name,
+        "name": lock.name,
         "owner": holder.owner,
         "pid": holder.pid,
         "host": holder.host,
         "since": since.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "since_epoch": holder.since,
         "token": holder.token,
-        "state": state,
+        "state": lock.liveness.value,
+        "expires_in": None if lock.expires_in is None else round(lock.expires_in, 3),
         "note": holder.note,
     }
+
+
+def _expires(lock: HeldLock) -> str:
+    return "-" if lock.expires_in is None else f"{lock.expires_in:.0f}s"
 
 
 def cmd_locks(args: argparse.Namespace) -> int:
     with _open(args) as table:
         held = table.held()
     if args.json:
-        records = [_lock_record(h.name, h.holder, h.liveness.value) for h in held]
+        records = [_lock_record(h) for h in held]
         print(json.dumps(records, indent=2))
         return EXIT_OK
     if not held:
         print("no locks held")
         return EXIT_OK
-    header = ("NAME", "OWNER", "PID", "HOST", "SINCE", "TOKEN", "STATE", "NOTE")
+    header = ("NAME", "OWNER", "PID", "HOST", "SINCE", "TOKEN", "STATE", "EXPIRES", "NOTE")
     rows = [header] + [
         (
             h.name,
@@ -168,6 +184,7 @@ def cmd_locks(args: argparse.Namespace) -> int:
             clock(h.holder.since),
             str(h.holder.token),
             h.liveness.value,
+            _expires(h),
             _one_line(h.holder.note or ""),
         )
         for h in held
@@ -441,6 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--namespace", metavar="NS", default="default", help="lock namespace (default: default)"
+    )
+    parser.add_argument(
+        "--ttl",
+        metavar="S",
+        type=_ttl,
+        default=DEFAULT_TTL,
+        help=f"seconds locks outlive their last renewal, if this process can no longer renew "
+        f"them (default: {DEFAULT_TTL:g})",
     )
     commands = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
 

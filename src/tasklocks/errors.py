@@ -19,6 +19,7 @@ __all__ = [
     "BadURL",
     "CorruptLockTable",
     "HolderInfo",
+    "LeaseLost",
     "LockHeld",
     "LockTimeout",
     "NotHeld",
@@ -102,6 +103,23 @@ class LockTimeout(TasklocksError, TimeoutError):
         who = "; ".join(parts) if parts else "the locks"
         super().__init__(
             f"gave up after waiting {timeout:g}s for {who}; raise the timeout or stop the holder"
+        )
+
+
+class LeaseLost(TasklocksError):
+    """The session that kept a lease expired before it could be renewed (the holder was paused,
+    hung or cut off from the database): its locks may belong to someone else now."""
+
+    exit_code = EXIT_LOCKED
+
+    def __init__(self, names: tuple[str, ...], owner: str, token: int, ttl: float) -> None:
+        self.names = names
+        self.owner = owner
+        self.token = token
+        super().__init__(
+            f"{owner} lost {', '.join(names)} (fencing token {token}): its session was not "
+            f"renewed within its ttl of {ttl:g}s, so others may hold them now; stop what they "
+            "protect, and acquire them again"
         )
 
 

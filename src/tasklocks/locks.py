@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -14,9 +16,10 @@ from typing import Final, TypeVar
 from tasklocks import _core
 from tasklocks._core import Claimant, Document, Holder
 from tasklocks._fastpath import FastPath
+from tasklocks._session import DEFAULT_TTL, MIN_TTL, Session
 from tasklocks._waiting import OnWait, Wait
 from tasklocks._wake import Waker
-from tasklocks.errors import LockHeld, NotHeld, StoreUnavailable
+from tasklocks.errors import LeaseLost, LockHeld, NotHeld, StoreUnavailable
 from tasklocks.names import validate_name, validate_namespace, validate_owner
 from tasklocks.owner import (
     Liveness,
@@ -47,33 +50,65 @@ _LOST_REPLY_RETRIES = 8
 
 @dataclass(frozen=True, slots=True)
 class HeldLock:
-    """A held lock as :meth:`LockTable.held` reports it."""
+    """A held lock as :meth:`LockTable.held` reports it: ``expires_in`` is how many seconds its
+    holder's session has left by the database's clock (None: the entry has no session)."""
 
     name: str
     holder: Holder
     liveness: Liveness
+    expires_in: float | None = None
+
+
+_NEVER_LOST = threading.Event()  # the lost event of entries without a session
 
 
 class Lease:
     """Locks taken together by one :meth:`LockTable.acquire`; a context manager that releases them.
 
-    ``token`` is the fencing token: strictly increasing across all acquisitions in the namespace.
+    ``token`` is the fencing token: strictly increasing for each name (across all acquisitions in
+    the namespace). ``lost`` is set once the locks can no longer be trusted to be held: the
+    session that keeps them could not be renewed before it expired (see :meth:`check`).
     """
 
     def __init__(
-        self, table: LockTable, names: tuple[str, ...], owner: str, token: int, lease: str
+        self,
+        table: LockTable,
+        names: tuple[str, ...],
+        owner: str,
+        token: int,
+        lease: str,
+        session: Session | None = None,
     ):
         self.table = table
         self.names = names
         self.owner = owner
         self.token = token
         self.lease_id = lease
+        self.session = session
         self.released = False
 
+    @property
+    def lost(self) -> threading.Event:
+        """Set (a :class:`threading.Event`) once the lease is lost; never for a lease without
+        a session (``process=None``)."""
+        return _NEVER_LOST if self.session is None else self.session.lost
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` if the lease is lost: call it before each step that relies
+        on the locks (and pass :attr:`token` to what they protect, see the README)."""
+        if self.session is not None and not self.session.alive():
+            raise LeaseLost(self.names, self.owner, self.token, self.session.ttl)
+
     def release(self) -> None:
-        """Release every lock of this lease; raises :class:`NotHeld` if one is no longer ours."""
+        """Release every lock of this lease. :raises NotHeld: one is no longer ours.
+        :raises LeaseLost: the lease was lost (what is left of it is given back first; another
+        holder's lock is never touched)."""
         if self.released:
             raise NotHeld(self.names[0], self.owner, None)
+        if self.session is not None and not self.session.alive():
+            self.released = True
+            self.table._give_back(self.lease_id)
+            raise LeaseLost(self.names, self.owner, self.token, self.session.ttl)
         self.table._release(self.names, self.owner, self.lease_id)
         self.released = True
 
@@ -90,7 +125,7 @@ class Lease:
             self.release()
 
     def __repr__(self) -> str:
-        state = "released" if self.released else "held"
+        state = "released" if self.released else "lost" if self.lost.is_set() else "held"
         return f"<Lease {', '.join(self.names)} owner={self.owner} token={self.token} {state}>"
 
 
@@ -101,9 +136,21 @@ class LockTable:
     (:mod:`tasklocks._core`) and writes it only if the row's version is still the one read.
     """
 
-    def __init__(self, store: Store, namespace: str = "default", *, owns_store: bool = False):
+    def __init__(
+        self,
+        store: Store,
+        namespace: str = "default",
+        *,
+        owns_store: bool = False,
+        ttl: float = DEFAULT_TTL,
+    ):
+        if not MIN_TTL <= ttl < float("inf"):
+            raise ValueError(f"ttl must be at least {MIN_TTL:g} seconds, not {ttl!r}")
         self.store = store
         self.namespace = validate_namespace(namespace)
+        self.ttl = ttl
+        self._session: Session | None = None
+        self._seen: Mapping[str, float] | None = None  # the sessions as last read
         self._owns_store = owns_store
         self._snap: Snapshot | None = None
         self._doc: Document = _core.EMPTY
@@ -115,13 +162,43 @@ class LockTable:
     # --- plumbing -----------------------------------------------------------------------------
 
     def _is_dead(self, holder: Holder) -> bool:
-        return owner_is_dead(holder, local_db=self.local_db)
+        """Is the holder gone: its session expired by the database's clock, or its process
+        provably dead? A session missing from those read expired long ago, except this table's
+        own (opened after them, maybe)."""
+        return self._expired(holder) or owner_is_dead(holder, local_db=self.local_db)
+
+    def _expired(self, holder: Holder) -> bool:
+        return self._left(holder) <= 0.0
+
+    def _left(self, holder: Holder) -> float:
+        """Seconds left to the holder's session (infinite: no session, or none read)."""
+        session = self._session
+        if holder.session is None or self._seen is None:
+            return float("inf")
+        if session is not None and holder.session == session.id:
+            return session.left if session.alive() else 0.0
+        return self._seen.get(holder.session, 0.0)
+
+    def _live_session(self) -> Session:
+        """This process's session, opened now on first use (or after one was lost)."""
+        session = self._session
+        if session is None or not session.alive():
+            if session is not None:
+                session.close()
+            me = current_process()
+            session = Session(self.store, self.ttl, default_owner(me), me)
+            self._session = session
+        return session
 
     def _decode(self, snap: Snapshot) -> Document:
+        if snap.sessions is not None:
+            self._seen = snap.sessions
         cached = self._snap
         if cached is not None and (
             cached is snap or (cached.version == snap.version and cached.data == snap.data)
         ):
+            if snap.sessions is not None:
+                self._snap = snap  # the same document, its sessions read later
             return self._doc
         doc = _core.decode(snap.data, self.namespace, self._doc)
         self._snap, self._doc = snap, doc
@@ -176,10 +253,12 @@ class LockTable:
             owner = default_owner(proc)
         owner = validate_owner(owner)
         lease = secrets.token_hex(8)
-        if proc is None:
+        if proc is None:  # kept until released: no session
             return Claimant(owner, None, None, None, me.host, None, None, lease, note)
+        session = self._live_session().id
+        p = proc
         return Claimant(
-            owner, proc.pid, proc.start, proc.boot, proc.host, proc.pidns, proc.pgid, lease, note
+            owner, p.pid, p.start, p.boot, p.host, p.pidns, p.pgid, lease, note, session
         )
 
     # --- acquiring ----------------------------------------------------------------------------
@@ -190,7 +269,9 @@ class LockTable:
         def step(
             doc: Document, version: int, retrying: bool
         ) -> tuple[Document | None, bool, _core.Granted | _core.Refused]:
-            _core.check_not_already_held(doc, names, claimant.owner, lease=claimant.lease)
+            _core.check_not_already_held(
+                doc, names, claimant.owner, lease=claimant.lease, is_dead=self._is_dead
+            )
             outcome = _core.acquire(
                 doc, names, claimant, version=version, now=time.time(), is_dead=self._is_dead
             )
@@ -199,7 +280,7 @@ class LockTable:
         outcome = self._change(step)
         for name, holder in outcome.reaped.items():
             log.warning(
-                "tasklocks: reclaimed %s in namespace %s from dead holder %s (pid %s on %s)",
+                "tasklocks: reclaimed %s in namespace %s from gone holder %s (pid %s on %s)",
                 name,
                 self.namespace,
                 holder.owner,
@@ -237,23 +318,29 @@ class LockTable:
             raise ValueError("acquire() needs at least one lock name")
         wanted = tuple(dict.fromkeys(validate_name(n) for n in names))
         claimant = self._claimant(owner, note, process)
+        session = None if claimant.session is None else self._session
+
+        def lease(token: int) -> Lease:
+            return Lease(self, wanted, claimant.owner, token, claimant.lease, session)
+
         waiting = Wait(self.store, self.namespace, self._waker, self._is_dead, timeout, on_wait)
         while True:
             token = self._fast_acquire(wanted, claimant)
             if token is not None:
-                return Lease(self, wanted, claimant.owner, token, claimant.lease)
+                return lease(token)
             outcome = self._try_acquire(wanted, claimant)
             if isinstance(outcome, _core.Granted):
-                return Lease(self, wanted, claimant.owner, outcome.token, claimant.lease)
+                return lease(outcome.token)
             if not wait:
                 raise LockHeld(outcome.blockers)
             waiting.begin(outcome.blockers)
             blockers: Mapping[str, Holder] = outcome.blockers
             while blockers:
-                waiting.sleep(self._snap.version if self._snap is not None else 0, blockers)
+                expiry = min(self._left(h) for h in blockers.values())
+                waiting.sleep(self._snap.version if self._snap is not None else 0, blockers, expiry)
                 token = self._fast_acquire(wanted, claimant)  # one statement, where it can
                 if token is not None:
-                    return Lease(self, wanted, claimant.owner, token, claimant.lease)
+                    return lease(token)
                 # Look before the full path: with many waiters, each release wakes them all,
                 # and only a write (which queues for the write lock) could tell them no.
                 doc = self._decode(self.store.read(self.namespace))
@@ -312,6 +399,16 @@ class LockTable:
         self._change(
             lambda doc, v, r: _none_if_same(step(doc, v, r), doc), after_lost_reply=fast is None
         )
+
+    def _give_back(self, lease: str) -> None:
+        """Remove whatever is left of a lost lease (entries of that lease only)."""
+
+        def step(doc: Document, version: int, retrying: bool) -> tuple[Document | None, bool, None]:
+            new, freed = _core.release_lease(doc, lease)
+            return (new if freed else None), True, None
+
+        with contextlib.suppress(StoreUnavailable):  # expired (or soon): free anyway
+            self._change(step)
 
     def release(self, *names: str, owner: str | None = None) -> None:
         """Release ``names`` held by ``owner`` (default: this process); all or none.
@@ -378,13 +475,20 @@ class LockTable:
     # --- looking ------------------------------------------------------------------------------
 
     def held(self) -> list[HeldLock]:
-        """Every held lock, with its holder and whether that holder is alive, dead or unknown."""
+        """Every held lock, with its holder and whether that holder is ``alive``, ``dead``,
+        ``unknown`` (on another host) or ``expired`` (its session, by the database's clock), and
+        how long its session has left."""
         doc = self._decode(self.store.read(self.namespace))
         me = current_process()
-        return [
-            HeldLock(n, h, holder_liveness(h, me, local_db=self.local_db))
-            for n, h in sorted(doc.items())
-        ]
+        found = []
+        for name, holder in sorted(doc.items()):
+            liveness = holder_liveness(holder, me, local_db=self.local_db)
+            left = self._left(holder)
+            if liveness is not Liveness.DEAD and left <= 0.0:
+                liveness = Liveness.EXPIRED
+            expires_in = None if left == float("inf") else max(0.0, left)
+            found.append(HeldLock(name, holder, liveness, expires_in))
+        return found
 
     def raw(self) -> Snapshot:
         """The namespace's row as stored (version and document text), even if corrupt."""
@@ -407,7 +511,11 @@ class LockTable:
     # --- lifetime -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the store if this table opened it."""
+        """Stop renewing this table's session (locks it still holds are kept until it expires,
+        ``ttl`` seconds later) and close the store if this table opened it."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
         self._waker.close()
         if self._owns_store:
             self.store.close()
@@ -431,10 +539,19 @@ def _none_if_same(
     return (None if new is doc else new), wake, value
 
 
-def connect(url: str | None = None, namespace: str = "default") -> LockTable:
+def connect(
+    url: str | None = None, namespace: str = "default", *, ttl: float = DEFAULT_TTL
+) -> LockTable:
     """Open the lock table at ``url`` (default ``$TASKLOCKS_DB``, else the per-user SQLite file).
 
+    :param ttl: seconds a process's locks outlive its last renewal (they are renewed every
+        ``ttl/3``): how long a dead, hung or cut-off host keeps them at most.
     :raises BadURL: the URL is malformed.
     :raises StoreUnavailable: the database cannot be reached or its driver is missing.
     """
-    return LockTable(open_store(url), namespace, owns_store=True)
+    store = open_store(url)
+    try:
+        return LockTable(store, namespace, owns_store=True, ttl=ttl)
+    except BaseException:
+        store.close()
+        raise

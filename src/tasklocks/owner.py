@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,12 +39,16 @@ __all__ = [
 ]
 
 
+ZOMBIE_THREADS_GRACE = 0.1  # seconds a zombie's other threads may take to end
+
+
 class Liveness(enum.StrEnum):
     """What we can prove about a holder."""
 
     ALIVE = "alive"
     DEAD = "dead"
     UNKNOWN = "unknown"
+    EXPIRED = "expired"  # its session expired by the database's clock (see LockTable.held)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,11 +162,19 @@ def _pid_is_gone(pid: int, start: str | None) -> bool:
         return False
     if fields[0] == "Z":
         # A zombie runs no code and holds nothing, unless it is a thread-group leader whose
-        # other threads still run (its main thread exited, the process did not).
-        try:
-            return len(os.listdir(f"/proc/{pid}/task")) <= 1
-        except OSError:
-            return True
+        # other threads still run (its main thread exited, the process did not). Right after a
+        # SIGKILL the leader is a zombie while its other threads are still on their way out
+        # (milliseconds): give them a moment.
+        deadline = time.monotonic() + ZOMBIE_THREADS_GRACE
+        while True:
+            try:
+                if len(os.listdir(f"/proc/{pid}/task")) <= 1:
+                    return True
+            except OSError:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
     return start is not None and len(fields) > 19 and fields[19] != start
 
 

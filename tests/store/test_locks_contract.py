@@ -741,6 +741,14 @@ class LosingStore:
     def namespaces(self) -> list[str]:
         return self.inner.namespaces()
 
+    def open_session(
+        self, session: str, owner: str, host: str, pid: int | None, ttl: float
+    ) -> None:
+        self.inner.open_session(session, owner, host, pid, ttl)
+
+    def renew_session(self, session: str) -> bool:
+        return self.inner.renew_session(session)
+
     def close(self) -> None:
         self.inner.close()
 

@@ -76,6 +76,14 @@ class Store(Protocol):
     def namespaces(self) -> list[str]:
         """Every namespace that has a row."""
 
+    def open_session(
+        self, session: str, owner: str, host: str, pid: int | None, ttl: float
+    ) -> None:
+        """Open a session that expires ``ttl`` seconds from now by the database's clock."""
+
+    def renew_session(self, session: str) -> bool:
+        """Push its expiry to ``ttl`` seconds from now; False if it had expired."""
+
     def close(self) -> None:
         """Release connections (idempotent)."""
 

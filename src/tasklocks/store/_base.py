@@ -16,11 +16,11 @@ import select
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, ClassVar, TypeVar
 
-from tasklocks._url import check_table_name
+from tasklocks._url import ParsedURL, check_table_name
 from tasklocks.errors import StoreError, StoreUnavailable
 
 T = TypeVar("T")
@@ -44,10 +44,13 @@ Str = str | None
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """A namespace's row as read: its version and its document text."""
+    """A namespace's row as read: its version and its document text, and the sessions of the
+    lock table as read right after the row: the seconds each has left by the database's clock
+    (zero or less: expired; a session missing from them expired long ago). ``None``: not read."""
 
     version: int
     data: str
+    sessions: Mapping[str, float] | None = field(default=None, compare=False)
 
 
 Change = tuple[str, bool]  # (new document text, wake waiters?)
@@ -89,6 +92,10 @@ def fill(text: str, **values: object) -> str:
     return text
 
 
+def _times(rows: Sequence[Sequence[Any]]) -> dict[str, float]:
+    return {str(session): float(left) for session, left in rows}
+
+
 class SQLStore(ABC):
     """An adapter (a ``Backend``): the parts written once; see the module docstring."""
 
@@ -101,8 +108,14 @@ class SQLStore(ABC):
     local: bool  # every holder runs on this machine (see owner.process_liveness)
     _where: str  # the database, for messages
     _driver_errors: tuple[type[BaseException], ...]  # every error the driver raises
+    _parsed: ParsedURL
+    _side: SQLStore | None = None  # the sessions' store (see _sessions_store)
     _tasks_ready = False
     _optimistic_ok = True  # was the last hint we could judge still the row?
+
+    @abstractmethod
+    def __init__(self, parsed: ParsedURL, *, table: str) -> None:
+        """Open the store and check (or create) its schema."""
 
     def _load_sql(self, table: str, **values: object) -> None:
         self.table = check_table_name(table)
@@ -111,7 +124,7 @@ class SQLStore(ABC):
         raw = load(self.DIALECT)
         types = dict(kind.split(":", 1) for kind in raw["task_types"].split(", "))
         columns = ", ".join(f"{self._column(n)} {types[kind]}" for n, kind in TASK_COLUMNS)
-        values = {**values, "t": table, "task_columns": columns}
+        values = {**values, "now": raw["now"], "t": table, "task_columns": columns}
         self._sql = {name: fill(text, **values) for name, text in raw.items()}
 
     # --- what a dialect supplies ----------------------------------------------------------------
@@ -140,8 +153,14 @@ class SQLStore(ABC):
         """The optimistic compare-and-swap (see ``update_if``); True if it happened."""
 
     @abstractmethod
-    def _lock_row(self, conn: Any, namespace: str) -> Any:
-        """Begin a transaction and lock the namespace's row (in one round trip); the row."""
+    def _lock_row(self, conn: Any, namespace: str) -> tuple[Any, Any]:
+        """Begin a transaction, lock the namespace's row, then read ``sessions`` (in one round
+        trip); the row and the sessions' rows."""
+
+    def _read_row(self, conn: Any, namespace: str) -> tuple[Any, Any]:
+        """The namespace's row, then the ``sessions`` rows (in one round trip where it can)."""
+        row = self._execute(conn, self._sql["select"], (namespace,)).fetchone()
+        return row, self._execute(conn, self._sql["sessions"]).fetchall()
 
     @abstractmethod
     def _write_and_commit(self, conn: Any, namespace: str, version: int, change: Change) -> None:
@@ -158,8 +177,15 @@ class SQLStore(ABC):
         """See ``Store.wait_for_change``."""
 
     @abstractmethod
+    def _disconnect(self) -> None:
+        """Close this store's connections (idempotent)."""
+
     def close(self) -> None:
         """Release connections (idempotent)."""
+        side, self._side = self._side, None
+        if side is not None and side is not self:
+            side.close()
+        self._disconnect()
 
     def _commit(self, conn: Any) -> None:
         self._execute(conn, self._sql["commit"])
@@ -191,6 +217,7 @@ class SQLStore(ABC):
         if version > SCHEMA_VERSION:
             fix = f"newer than this tasklocks understands ({SCHEMA_VERSION}); upgrade tasklocks"
             raise StoreError(f"{where} has schema version {version}, {fix}")
+        self._execute(conn, self._sql["create_sessions"])  # added after schema version 1
         self._after_schema(conn)
 
     def _schema_row(self, conn: Any) -> Any:
@@ -207,14 +234,14 @@ class SQLStore(ABC):
         """The current row (created empty, version 0, on first use)."""
 
         def body(conn: Any, call: Call) -> Snapshot:
-            row = self._execute(conn, self._sql["select"], (namespace,)).fetchone()
+            row, times = self._read_row(conn, namespace)
             if row is None:
                 self._execute(conn, self._sql["insert_row"], (namespace, EMPTY_DOCUMENT))
-                row = self._execute(conn, self._sql["select"], (namespace,)).fetchone()
+                row, times = self._read_row(conn, namespace)
             if row is None:
                 raise StoreError(f"the row of namespace {namespace!r} vanished; retry")
             self._known.add(namespace)
-            return Snapshot(int(row[0]), str(row[1]))
+            return Snapshot(int(row[0]), str(row[1]), _times(times))
 
         return self._locked(body)
 
@@ -248,7 +275,7 @@ class SQLStore(ABC):
         call.sent = True
         done = self._swap(conn, namespace, hint.version, change, digest)
         call.sent = False  # the reply came: the outcome is known
-        return Snapshot(hint.version + 1, change[0]) if done else None
+        return Snapshot(hint.version + 1, change[0], hint.sessions) if done else None
 
     def _is_current(self, conn: Any, namespace: str, hint: Snapshot) -> bool:
         row = self._execute(conn, self._sql["check"], (namespace,)).fetchone()
@@ -265,13 +292,12 @@ class SQLStore(ABC):
             self._execute(conn, self._sql["insert_row"], (namespace, EMPTY_DOCUMENT))
             self._known.add(namespace)
         try:
-            row = self._lock_row(conn, namespace)
+            row, times = self._lock_row(conn, namespace)
             if row is None:
                 self._known.discard(namespace)
                 raise StoreError(f"the row of namespace {namespace!r} vanished; retry")
-            snap = Snapshot(int(row[0]), str(row[1]))
+            snap = Snapshot(int(row[0]), str(row[1]), _times(times))
             if hint is not None and hint.version == snap.version and hint.data == snap.data:
-                snap = hint
                 self._optimistic_ok = True  # nobody else wrote: try the short path again
             change = compute(snap)
             if change is None:
@@ -279,13 +305,38 @@ class SQLStore(ABC):
             else:
                 call.sent = True  # the row is locked: the compare-and-swap cannot miss
                 self._write_and_commit(conn, namespace, snap.version, change)
-                snap = Snapshot(snap.version + 1, change[0])
+                snap = Snapshot(snap.version + 1, change[0], snap.sessions)
         except BaseException as exc:
             if not call.sent or self._outcome_known(exc):
                 call.sent = False
                 self._rollback(conn)
             raise
         return snap
+
+    # --- sessions: on a connection of their own, so that renewals never queue behind changes ---
+
+    def _sessions_store(self) -> SQLStore:
+        if self._side is None:
+            self._side = type(self)(self._parsed, table=self.table)
+            self._side._side = self._side
+        return self._side
+
+    def _on_side(self, name: str, params: Sequence[Any]) -> int:
+        side = self._sessions_store()
+        return int(side._locked(lambda c, _: side._execute(c, side._sql[name], params).rowcount))
+
+    def open_session(
+        self, session: str, owner: str, host: str, pid: int | None, ttl: float
+    ) -> None:
+        """Open a session that expires ``ttl`` seconds from now by the database's clock (and
+        forget sessions that expired an hour ago: their entries are free anyway)."""
+        self._on_side("forget_sessions", ())
+        self._on_side("open_session", (session, owner, host, pid, ttl, ttl))
+
+    def renew_session(self, session: str) -> bool:
+        """Push the session's expiry to ``ttl`` seconds from now; False if it had expired (it
+        never comes back) or is unknown."""
+        return self._on_side("renew_session", (session,)) == 1
 
     def reset(self, namespace: str, data: str) -> Snapshot:
         """Overwrite a namespace's document unconditionally (``repair``); bumps the version."""

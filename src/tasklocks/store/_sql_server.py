@@ -271,7 +271,7 @@ class ServerStore(SQLStore):
 
         return self._locked(body)
 
-    def close(self) -> None:
+    def _disconnect(self) -> None:
         with self._lock:
             if self._pid == os.getpid():
                 self._drop()

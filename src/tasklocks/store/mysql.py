@@ -187,10 +187,19 @@ class MySQLStore(ServerStore):
         sql = self._sql["update_if"] % (*quoted, conn.escape(digest))
         return bool(self._execute(conn, sql).rowcount == 1)
 
-    def _lock_row(self, conn: Any, namespace: str) -> Any:
+    def _lock_row(self, conn: Any, namespace: str) -> tuple[Any, Any]:
         cur = self._execute(conn, self._sql["lock_row"], (namespace,))
-        cur.nextset()  # START TRANSACTION's result, then the SELECT's
-        return cur.fetchone()
+        cur.nextset()  # START TRANSACTION's result, then the SELECT's, then the sessions'
+        return self._two_results(cur)
+
+    def _read_row(self, conn: Any, namespace: str) -> tuple[Any, Any]:
+        return self._two_results(self._execute(conn, self._sql["read_row"], (namespace,)))
+
+    @staticmethod
+    def _two_results(cur: Any) -> tuple[Any, Any]:
+        row = cur.fetchone()
+        cur.nextset()
+        return row, cur.fetchall()
 
     def _write_and_commit(self, conn: Any, namespace: str, version: int, change: Change) -> None:
         quoted = (_quote(conn, change[0]), conn.escape(namespace), int(version))

@@ -137,11 +137,18 @@ class PostgresStore(ServerStore):
         cur = self._update(conn, namespace, version, change, digest)
         return cur.fetchone() is not None if change[1] else bool(cur.rowcount == 1)
 
-    def _lock_row(self, conn: Any, namespace: str) -> Any:
+    def _lock_row(self, conn: Any, namespace: str) -> tuple[Any, Any]:
         with conn.pipeline():
             conn.execute(self._sql["begin"])
-            cur = conn.execute(self._sql["select_for_update"], (namespace,))
-        return cur.fetchone()
+            row = conn.execute(self._sql["select_for_update"], (namespace,))
+            times = conn.execute(self._sql["sessions"])  # after the row: none it names is missed
+        return row.fetchone(), times.fetchall()
+
+    def _read_row(self, conn: Any, namespace: str) -> tuple[Any, Any]:
+        with conn.pipeline():
+            row = conn.execute(self._sql["select"], (namespace,))
+            times = conn.execute(self._sql["sessions"])
+        return row.fetchone(), times.fetchall()
 
     def _write_and_commit(self, conn: Any, namespace: str, version: int, change: Change) -> None:
         with conn.pipeline():

@@ -24,12 +24,23 @@ from typing import Any, TypeVar
 
 from tasklocks._url import ParsedURL
 from tasklocks.errors import StoreError, StoreUnavailable
+from tasklocks.owner import boot_id
 from tasklocks.store._base import Call, Change, SQLStore
 
 __all__ = ["SQLiteStore"]
 
 T = TypeVar("T")
 BUSY_DEADLINE = 60.0  # seconds a change may wait for SQLite's write lock before giving up
+
+
+def _host_clock() -> float:
+    """Seconds since this host booted, from the kernel: the clock of an SQLite lock table, one
+    that no process's faked (libfaketime) or stepped (NTP) wall clock moves."""
+    try:
+        with open("/proc/uptime", "rb") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):  # no /proc: this process's clock, then
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -49,6 +60,7 @@ class SQLiteStore(SQLStore):
 
     def __init__(self, parsed: ParsedURL, *, table: str) -> None:
         self._load_sql(table)
+        self._parsed = parsed
         self.path = self._where = parsed.path
         self.url = "sqlite:///" + os.path.realpath(parsed.path)  # one name per file (wake-ups)
         self._lock = threading.RLock()
@@ -77,6 +89,8 @@ class SQLiteStore(SQLStore):
                 f"cannot open the SQLite lock table {self.path!r}: {exc}; "
                 "check the path and its permissions"
             ) from exc
+        conn.create_function("tasklocks_now", 0, _host_clock)
+        conn.create_function("tasklocks_boot", 0, boot_id)
         self._conn = conn
         self._pid = os.getpid()
         self._gate_fd = self._open_gate()
@@ -165,9 +179,9 @@ class SQLiteStore(SQLStore):
         params = (change[0], namespace, version, digest)
         return bool(conn.execute(self._sql["update_if"], params).rowcount == 1)
 
-    def _lock_row(self, conn: Any, namespace: str) -> Any:
+    def _lock_row(self, conn: Any, namespace: str) -> tuple[Any, Any]:
         conn.execute(self._sql["begin_immediate"])  # the write lock, taken up front
-        return conn.execute(self._sql["select"], (namespace,)).fetchone()
+        return self._read_row(conn, namespace)
 
     def _write_and_commit(self, conn: Any, namespace: str, version: int, change: Change) -> None:
         conn.execute(self._sql["update"], (change[0], namespace, version))
@@ -185,7 +199,7 @@ class SQLiteStore(SQLStore):
     ) -> bool:
         return self._poll(namespace, version, timeout, wake_fd)
 
-    def close(self) -> None:
+    def _disconnect(self) -> None:
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()

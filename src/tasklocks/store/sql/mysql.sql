@@ -18,8 +18,13 @@ INSERT IGNORE INTO {t} (namespace, version, data) VALUES (%s, 0, %s);
 -- name: select
 SELECT version, data FROM {t} WHERE namespace = %s;
 -- name: lock_row
--- The pessimistic path: two round trips of two statements each (CLIENT.MULTI_STATEMENTS).
+-- The pessimistic path: two round trips of several statements each (CLIENT.MULTI_STATEMENTS).
+-- The sessions are read after the row's lock is granted (REPEATABLE READ takes its snapshot at
+-- the first plain read): no session an entry of the row names can be missed.
 START TRANSACTION; SELECT version, data FROM {t} WHERE namespace = %s FOR UPDATE;
+SELECT id, expires - {now} FROM {t}_sessions;
+-- name: read_row
+SELECT version, data FROM {t} WHERE namespace = %s; SELECT id, expires - {now} FROM {t}_sessions;
 -- name: select_version
 SELECT version FROM {t} WHERE namespace = %s;
 -- name: check
@@ -76,6 +81,23 @@ f_{f} REGEXP '^-?[0-9]+$'
 f_{f} REGEXP '^-?[0-9]'
 -- name: entry_nullable
 (f_{f} IS NULL OR CAST(f_{f} AS CHAR) = 'null' OR {test})
+-- name: now
+-- The server's clock, in seconds since 1970 whatever the session's time zone.
+(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) / 1000000)
+-- name: create_sessions
+CREATE TABLE IF NOT EXISTS {t}_sessions (id VARCHAR(64) NOT NULL PRIMARY KEY,
+    owner VARCHAR(255) NOT NULL, host VARCHAR(255) NOT NULL, pid BIGINT, ttl DOUBLE NOT NULL,
+    expires DOUBLE NOT NULL) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+-- name: forget_sessions
+DELETE FROM {t}_sessions WHERE expires < {now} - 3600;
+-- name: open_session
+INSERT INTO {t}_sessions (id, owner, host, pid, ttl, expires) VALUES (%s, %s, %s, %s, %s, {now} + %s);
+-- name: renew_session
+-- A session renews only while it lives: once expired it stays expired, and its holder knows.
+UPDATE {t}_sessions SET expires = {now} + ttl WHERE id = %s AND expires > {now};
+-- name: sessions
+-- Seconds each session has left, by the database's clock (expired: zero or less).
+SELECT id, expires - {now} FROM {t}_sessions;
 -- name: task_types
 text:LONGTEXT, json:LONGTEXT, state:VARCHAR(32), float:DOUBLE, int:BIGINT
 -- name: create_tasks

@@ -96,6 +96,23 @@ COMMIT;
 ROLLBACK;
 -- name: ping
 SELECT 1;
+-- name: now
+-- The server's clock (clock_timestamp: the time of the statement's execution, not its start).
+extract(epoch FROM clock_timestamp())::float8
+-- name: create_sessions
+CREATE TABLE IF NOT EXISTS {t}_sessions (id TEXT PRIMARY KEY, owner TEXT NOT NULL,
+    host TEXT NOT NULL, pid BIGINT, ttl DOUBLE PRECISION NOT NULL,
+    expires DOUBLE PRECISION NOT NULL);
+-- name: forget_sessions
+DELETE FROM {t}_sessions WHERE expires < {now} - 3600;
+-- name: open_session
+INSERT INTO {t}_sessions (id, owner, host, pid, ttl, expires) VALUES (%s, %s, %s, %s, %s, {now} + %s);
+-- name: renew_session
+-- A session renews only while it lives: once expired it stays expired, and its holder knows.
+UPDATE {t}_sessions SET expires = {now} + ttl WHERE id = %s AND expires > {now};
+-- name: sessions
+-- Seconds each session has left, by the database's clock (expired: zero or less).
+SELECT id, expires - {now} FROM {t}_sessions;
 -- name: task_types
 text:TEXT, json:TEXT, state:TEXT, float:DOUBLE PRECISION, int:BIGINT
 -- name: create_tasks

@@ -32,6 +32,24 @@ UPDATE {t} SET data = ?, version = version + 1 WHERE namespace = ? AND version =
 UPDATE {t} SET data = ?, version = version + 1 WHERE namespace = ? AND version = ? AND data = ?;
 -- name: namespaces
 SELECT namespace FROM {t};
+-- name: now
+-- The host's boot clock (seconds since boot, read from /proc/uptime by the adapter: no process's
+-- faked or stepped wall clock can move it); sessions of an earlier boot are forgotten.
+tasklocks_now()
+-- name: create_sessions
+CREATE TABLE IF NOT EXISTS {t}_sessions (id TEXT PRIMARY KEY, owner TEXT NOT NULL,
+    host TEXT NOT NULL, pid INTEGER, ttl REAL NOT NULL, expires REAL NOT NULL, boot TEXT);
+-- name: forget_sessions
+DELETE FROM {t}_sessions WHERE expires < {now} - 3600 OR boot IS NOT tasklocks_boot();
+-- name: open_session
+INSERT INTO {t}_sessions (id, owner, host, pid, ttl, expires, boot)
+    VALUES (?, ?, ?, ?, ?, {now} + ?, tasklocks_boot());
+-- name: renew_session
+-- A session renews only while it lives: once expired it stays expired, and its holder knows.
+UPDATE {t}_sessions SET expires = {now} + ttl WHERE id = ? AND expires > {now};
+-- name: sessions
+-- Seconds each session has left, by the database's clock (expired: zero or less).
+SELECT id, expires - {now} FROM {t}_sessions;
 -- name: task_types
 text:TEXT, json:TEXT, state:TEXT, float:REAL, int:INTEGER
 -- name: create_tasks

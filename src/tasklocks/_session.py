@@ -1,0 +1,103 @@
+"""Sessions: what keeps a process's locks, renewed in the background, expiring by the database's
+clock (etcd's session, ZooKeeper's; see docs/architecture.md).
+
+A :class:`Session` is one row of ``<table>_sessions``, opened with the first lock a process takes
+through a lock table. A thread renews it every ``ttl/3`` seconds: the database pushes its expiry to
+``ttl`` seconds from *its* now, and an expired session is never renewed again. The lock entries
+name the session; anyone may take them once it has expired (``Snapshot.sessions`` says so). A
+second thread, the watchdog, sets :attr:`Session.lost` when ``ttl`` seconds have passed since the
+last renewal that succeeded was *sent* (measured on this host's boot clock, whose rate is all that
+matters): the database cannot have expired it before then, so ``lost`` is set no later than the
+expiry, even if this process was paused, hung or cut off from the database meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+
+from tasklocks.errors import StoreError
+from tasklocks.owner import ProcessIdentity
+from tasklocks.store import Store
+
+__all__ = ["DEFAULT_TTL", "MIN_TTL", "Session", "clock"]
+
+DEFAULT_TTL = 30.0
+MIN_TTL = 1.0
+RETRY = 0.5  # seconds between renewals while the database does not answer
+
+
+def clock() -> float:
+    """Seconds on this host's boot clock (it runs on while the process or the machine sleeps)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+class Session:
+    """One session of this process in one store (see the module docstring)."""
+
+    def __init__(self, store: Store, ttl: float, owner: str, me: ProcessIdentity) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.id = secrets.token_hex(8)
+        self.pid = me.pid
+        self.lost = threading.Event()
+        sent = clock()
+        store.open_session(self.id, owner, me.host, me.pid, ttl)
+        self.deadline = sent + ttl  # the database cannot expire it before then
+        self._closed = threading.Event()
+        self._renewed = threading.Event()  # wakes the watchdog with a later deadline
+        self.on_lost: list[Callable[[], None]] = []
+        for target, name in ((self._renew, "renew"), (self._watch, "watch")):
+            thread = threading.Thread(target=target, name=f"tasklocks-{name}", daemon=True)
+            thread.start()
+
+    @property
+    def left(self) -> float:
+        """Seconds until the deadline (zero or less: lost)."""
+        return self.deadline - clock()
+
+    def alive(self) -> bool:
+        """Whether the session still holds (False: lost, or this process is a fork)."""
+        if self.left <= 0:
+            self._lose()
+        return not self.lost.is_set() and self.pid == os.getpid()
+
+    def _lose(self) -> None:
+        if not self.lost.is_set():
+            self.lost.set()
+            for callback in self.on_lost:
+                callback()
+
+    def _renew(self) -> None:
+        due = clock() + self.ttl / 3
+        while not self._closed.wait(max(0.0, due - clock())):
+            if self.lost.is_set():
+                return
+            sent = clock()
+            try:
+                kept = self.store.renew_session(self.id)
+            except StoreError:  # unreachable for now: try again soon, the watchdog keeps time
+                due = clock() + RETRY
+                continue
+            if not kept:  # expired by the database's clock: it never comes back
+                self._lose()
+                return
+            self.deadline = sent + self.ttl
+            self._renewed.set()
+            due = sent + self.ttl / 3
+
+    def _watch(self) -> None:
+        while True:
+            if self.left <= 0:
+                self._lose()
+                return
+            self._renewed.wait(self.left)
+            self._renewed.clear()
+
+    def close(self) -> None:
+        """Stop renewing: whatever the session still keeps stays kept until it expires (the
+        watchdog still sets :attr:`lost` then)."""
+        self._closed.set()

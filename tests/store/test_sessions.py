@@ -1,0 +1,210 @@
+"""Sessions, over every backend: a holder keeps its locks while it renews; once its session
+expires by the database's clock anyone may take them, and the old holder learns it lost them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+import tasklocks
+from tasklocks import LeaseLost, Liveness, LockHeld, LockTable
+
+TTL = 1.0  # the shortest ttl allowed: these tests wait for expiries
+WAIT = 20.0  # upper bound for anything that should happen "soon"; never the reason a test passes
+
+# A holder in a process of its own: acquires NAME with the given ttl, prints the token, then
+# waits for "report" on stdin and prints what it knows of its lease as JSON.
+_HOLDER = r"""
+import json, sys, time
+import tasklocks
+url, namespace, name, ttl = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+table = tasklocks.connect(url, namespace, ttl=ttl)
+lease = table.acquire(name)
+print(lease.token, flush=True)
+for line in sys.stdin:
+    if line.strip() == "report":
+        # after a pause, the watchdog thread notices within one renewal period
+        noticed = lease.lost.wait(ttl / 3 + 1.0)
+        try:
+            lease.check()
+            checked = "ok"
+        except tasklocks.LeaseLost as exc:
+            checked = "LeaseLost: " + str(exc)
+        try:
+            lease.release()
+            released = "ok"
+        except tasklocks.LeaseLost as exc:
+            released = "LeaseLost"
+        print(json.dumps({"lost": noticed, "check": checked, "release": released}), flush=True)
+"""
+
+
+@pytest.fixture
+def table(db_url: str, namespace: str) -> Iterator[LockTable]:
+    with tasklocks.connect(db_url, namespace=namespace, ttl=TTL) as t:
+        yield t
+
+
+@contextmanager
+def holder(db_url: str, namespace: str, name: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """A process that holds ``name`` with a ttl of TTL; killed (and continued) afterwards."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, db_url, namespace, name, str(TTL)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip().isdigit(), f"the holder could not take {name}: {line!r}"
+        yield proc, int(line)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def test_entries_name_the_session_and_held_says_how_long_it_has_left(table: LockTable) -> None:
+    lease = table.acquire("a")
+    [held] = table.held()
+    assert lease.session is not None
+    assert held.holder.session == lease.session.id
+    assert held.liveness is Liveness.ALIVE
+    assert held.expires_in is not None and 0.0 < held.expires_in <= TTL
+    assert not lease.lost.is_set()
+    lease.check()
+
+
+def test_a_live_holder_keeps_its_locks_across_many_ttls(
+    db_url: str, namespace: str, table: LockTable
+) -> None:
+    lease = table.acquire("a")
+    with tasklocks.connect(db_url, namespace=namespace, ttl=TTL) as other:
+        started = time.monotonic()
+        while time.monotonic() - started < 4 * TTL:  # renewed every ttl/3 meanwhile
+            with pytest.raises(LockHeld):
+                other.acquire("a", owner="task:other")
+            time.sleep(0.2)
+        assert [h.liveness for h in other.held()] == [Liveness.ALIVE]
+    assert not lease.lost.is_set()
+    lease.check()
+    lease.release()
+    assert table.held() == []
+
+
+def test_entries_without_a_process_have_no_session(table: LockTable) -> None:
+    lease = table.acquire("a", owner="cli:deploy", process=None)
+    [held] = table.held()
+    assert held.holder.session is None and held.expires_in is None
+    assert lease.session is None and not lease.lost.is_set()
+    lease.check()
+
+
+def test_closing_the_table_stops_renewing_its_session(db_url: str, namespace: str) -> None:
+    first = tasklocks.connect(db_url, namespace=namespace, ttl=TTL)
+    lease = first.acquire("a")
+    first.close()
+    with tasklocks.connect(db_url, namespace=namespace, ttl=TTL) as second:
+        assert [h.liveness for h in second.held()] == [Liveness.ALIVE]
+        taken = second.acquire("a", owner="task:next", wait=True, timeout=WAIT)
+        assert taken.token > lease.token
+    assert lease.lost.wait(WAIT)  # the watchdog still tells
+
+
+def test_a_paused_holder_loses_its_locks_and_learns_it(
+    db_url: str, namespace: str, table: LockTable
+) -> None:
+    with holder(db_url, namespace, "a") as (proc, old_token):
+        paused = time.monotonic()
+        proc.send_signal(signal.SIGSTOP)  # for 3 x ttl: it cannot renew
+        with pytest.raises(LockHeld):
+            table.acquire("a", owner="task:next")
+        lease = table.acquire("a", owner="task:next", wait=True, timeout=WAIT)
+        waited = time.monotonic() - paused
+        assert waited >= TTL - 0.35  # not before its session can have expired (< ttl/3 renewal)
+        assert lease.token > old_token
+        time.sleep(max(0.0, 3 * TTL - waited))
+        proc.send_signal(signal.SIGCONT)
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("report\n")
+        proc.stdin.flush()
+        report = json.loads(proc.stdout.readline())
+        assert report["lost"] is True
+        assert report["check"].startswith("LeaseLost: ") and "fencing token" in report["check"]
+        assert report["release"] == "LeaseLost"
+        [held] = table.held()  # the old holder's release left the new holder's lock alone
+        assert (held.holder.owner, held.holder.token) == ("task:next", lease.token)
+        assert held.liveness is Liveness.ALIVE
+
+
+def test_held_says_expired_before_anyone_takes_the_lock(
+    db_url: str, namespace: str, table: LockTable
+) -> None:
+    with holder(db_url, namespace, "a") as (proc, _token):
+        proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + WAIT
+        while (held := table.held())[0].liveness is not Liveness.EXPIRED:
+            assert held[0].liveness is Liveness.ALIVE
+            assert time.monotonic() < deadline, "the paused holder's session never expired"
+            time.sleep(0.05)
+        assert held[0].expires_in == 0.0
+        assert table.reap() == {"a": held[0].holder}  # expired entries are reaped too
+
+
+def test_a_lost_lease_is_given_back_and_raises(db_url: str, namespace: str) -> None:
+    table = tasklocks.connect(db_url, namespace=namespace, ttl=TTL)
+    try:
+        lease = table.acquire("a")
+        assert lease.session is not None
+        lease.session.deadline = 0.0  # as if this process had been paused past its ttl
+        with pytest.raises(LeaseLost) as info:
+            lease.check()
+        assert info.value.exit_code == 75 and info.value.token == lease.token
+        assert lease.lost.is_set()
+        with pytest.raises(LeaseLost):
+            lease.release()
+        assert table.held() == []  # what was left of it is given back
+        again = table.acquire("a")  # with a new session
+        assert again.session is not None and again.session is not lease.session
+        assert again.token > lease.token
+    finally:
+        table.close()
+
+
+def test_a_forked_child_opens_a_session_of_its_own(table: LockTable, tmp_path: Path) -> None:
+    mine = table.acquire("a")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through a file
+        code = 1
+        try:
+            theirs = table.acquire("b")
+            assert theirs.session is not None and mine.session is not None
+            ok = theirs.session.id != mine.session.id and theirs.session.pid == os.getpid()
+            (tmp_path / "child").write_text("ok" if ok else "same session")
+            theirs.release()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert (tmp_path / "child").read_text() == "ok"
+    assert not mine.lost.is_set()
+    assert [h.name for h in table.held()] == ["a"]
+
+
+def test_ttl_must_be_at_least_a_second(db_url: str) -> None:
+    with pytest.raises(ValueError, match="ttl"):
+        tasklocks.connect(db_url, ttl=0.1)
