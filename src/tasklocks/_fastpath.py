@@ -34,14 +34,11 @@ class FastPath:
         self, names: tuple[str, ...], claimant: Claimant, seen: Snapshot | None
     ) -> int | None:
         """Take ``names`` if they are all free: the new version (the token). None: use the full
-        path (also when the reply was lost: it re-reads and recognises the entry if written)."""
+        path. :raises OutcomeUnknown: the reply was lost (the entry may have been written)."""
         if not self._fits(seen):
             return None
-        try:
-            entry = _core.claim_json(claimant, time.time())
-            return self.store.fast_acquire(self.namespace, names, entry)
-        except OutcomeUnknown:
-            return None
+        entry = _core.claim_json(claimant, time.time())
+        return self.store.fast_acquire(self.namespace, names, entry)
 
     def release(self, names: tuple[str, ...], lease: str, seen: Snapshot | None) -> bool | None:
         """Release a lease's names. True: done; False: use the full path; None: the reply was

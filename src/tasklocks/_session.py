@@ -50,6 +50,8 @@ class Session:
         self._closed = threading.Event()
         self._renewed = threading.Event()  # wakes the watchdog with a later deadline
         self.on_lost: list[Callable[[], None]] = []
+        # (namespace, lease) -> give it back: what failed acquisitions may have left
+        self.orphans: dict[tuple[str, str], Callable[[str], None]] = {}
         for target, name in ((self._renew, "renew"), (self._watch, "watch")):
             thread = threading.Thread(target=target, name=f"tasklocks-{name}", daemon=True)
             thread.start()
@@ -88,6 +90,16 @@ class Session:
             self.deadline = sent + self.ttl
             self._renewed.set()
             due = sent + self.ttl / 3
+            self._settle()
+
+    def _settle(self) -> None:
+        """The database answers: give back what failed acquisitions may have left."""
+        for key, give_back in list(self.orphans.items()):
+            try:
+                give_back(key[1])
+            except StoreError:
+                return  # next time
+            self.orphans.pop(key, None)
 
     def _watch(self) -> None:
         while True:

@@ -13,12 +13,13 @@ from collections.abc import Callable, Mapping
 
 from tasklocks._core import Holder
 from tasklocks._wake import Waker
-from tasklocks.errors import LockTimeout
+from tasklocks.errors import LockTimeout, StoreUnavailable
 from tasklocks.store import Store
 
 __all__ = ["DEATH_CHECK_INTERVAL", "OnWait", "Wait"]
 
 DEATH_CHECK_INTERVAL = 1.0
+OUTAGE_PAUSE = 0.2  # seconds between tries while the database does not answer
 EXPIRY_SLACK = 0.02  # seconds past a session's expected expiry before reading it again
 OnWait = Callable[[Mapping[str, Holder]], None]
 
@@ -46,6 +47,16 @@ class Wait:
         if self.on_wait is not None:
             on_wait, self.on_wait = self.on_wait, None
             on_wait(blockers)
+
+    def outage(self, exc: StoreUnavailable) -> None:
+        """The database did not answer: pause, then let the caller try again; raise ``exc``
+        once the deadline has passed (the database was down longer than the wait's timeout)."""
+        pause = OUTAGE_PAUSE
+        if self.deadline is not None:
+            pause = min(pause, self.deadline - time.monotonic())
+            if pause <= 0:
+                raise exc
+        time.sleep(pause)
 
     def sleep(self, version: int, blockers: Mapping[str, Holder], expiry: float) -> None:
         """Return when the document may have moved on from ``version``, a blocker is proven

@@ -19,7 +19,7 @@ from tasklocks._fastpath import FastPath
 from tasklocks._session import DEFAULT_TTL, MIN_TTL, Session
 from tasklocks._waiting import OnWait, Wait
 from tasklocks._wake import Waker
-from tasklocks.errors import LeaseLost, LockHeld, NotHeld, StoreUnavailable
+from tasklocks.errors import LeaseLost, LockHeld, NotHeld, StoreUnavailable, TasklocksError
 from tasklocks.names import validate_name, validate_namespace, validate_owner
 from tasklocks.owner import (
     Liveness,
@@ -151,6 +151,8 @@ class LockTable:
         self.ttl = ttl
         self._session: Session | None = None
         self._seen: Mapping[str, float] | None = None  # the sessions as last read
+        self._unsure: set[str] = set()  # acquisitions in progress whose write may be applied
+        self._orphans: set[str] = set()  # leases of failed acquisitions, to give back
         self._owns_store = owns_store
         self._snap: Snapshot | None = None
         self._doc: Document = _core.EMPTY
@@ -209,9 +211,11 @@ class LockTable:
         step: Callable[[Document, int, bool], tuple[Document | None, bool, T]],
         *,
         after_lost_reply: bool = False,
+        unsure: str | None = None,
     ) -> T:
         """Run one transition through the store. ``step(doc, version, retrying)`` returns
-        (new document or None for no change, wake waiters?, result)."""
+        (new document or None for no change, wake waiters?, result). ``unsure``: the lease id
+        of an acquisition, noted in ``_unsure`` when the reply to its write is lost."""
         retrying = [after_lost_reply]
         box: list[tuple[Document | None, str | None, bool, T]] = []
 
@@ -226,6 +230,8 @@ class LockTable:
             try:
                 snap = self.store.transact(self.namespace, compute, self._snap)
             except OutcomeUnknown:
+                if unsure is not None:
+                    self._unsure.add(unsure)
                 if attempt == _LOST_REPLY_RETRIES:
                     raise
                 # The write may have been applied: the next attempt re-reads and the step
@@ -241,6 +247,11 @@ class LockTable:
                 self._waker.notify()
             return result
         raise StoreUnavailable("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _settle(self) -> None:
+        """Give back what acquisitions that failed may have left (see ``_give_back``)."""
+        for lease in list(self._orphans):
+            self._give_back(lease)
 
     def _claimant(
         self, owner: str | None, note: str | None, process: ProcessIdentity | _ThisProcess | None
@@ -277,7 +288,7 @@ class LockTable:
             )
             return (outcome.doc if outcome.changed else None), bool(outcome.reaped), outcome
 
-        outcome = self._change(step)
+        outcome = self._change(step, unsure=claimant.lease)
         for name, holder in outcome.reaped.items():
             log.warning(
                 "tasklocks: reclaimed %s in namespace %s from gone holder %s (pid %s on %s)",
@@ -324,34 +335,60 @@ class LockTable:
             return Lease(self, wanted, claimant.owner, token, claimant.lease, session)
 
         waiting = Wait(self.store, self.namespace, self._waker, self._is_dead, timeout, on_wait)
+        self._settle()
+        try:
+            return lease(self._acquire(wanted, claimant, waiting if wait else None))
+        except BaseException:
+            if claimant.lease in self._unsure:  # a write of ours may have been applied: undo it
+                with contextlib.suppress(TasklocksError):
+                    self._give_back(claimant.lease)
+            raise
+        finally:
+            self._unsure.discard(claimant.lease)
+
+    def _acquire(self, wanted: tuple[str, ...], claimant: Claimant, waiting: Wait | None) -> int:
+        """The token of the acquisition; with ``waiting``, wait for holders and go on waiting
+        while the database cannot be reached."""
         while True:
-            token = self._fast_acquire(wanted, claimant)
-            if token is not None:
-                return lease(token)
-            outcome = self._try_acquire(wanted, claimant)
-            if isinstance(outcome, _core.Granted):
-                return lease(outcome.token)
-            if not wait:
-                raise LockHeld(outcome.blockers)
-            waiting.begin(outcome.blockers)
-            blockers: Mapping[str, Holder] = outcome.blockers
-            while blockers:
-                expiry = min(self._left(h) for h in blockers.values())
-                waiting.sleep(self._snap.version if self._snap is not None else 0, blockers, expiry)
-                token = self._fast_acquire(wanted, claimant)  # one statement, where it can
+            try:
+                token = self._fast_acquire(wanted, claimant)
                 if token is not None:
-                    return lease(token)
-                # Look before the full path: with many waiters, each release wakes them all,
-                # and only a write (which queues for the write lock) could tell them no.
-                doc = self._decode(self.store.read(self.namespace))
-                blockers = {
-                    n: doc[n]
-                    for n in wanted
-                    if n in doc and doc[n].lease != claimant.lease and not self._is_dead(doc[n])
-                }
+                    return token
+                outcome = self._try_acquire(wanted, claimant)
+                if isinstance(outcome, _core.Granted):
+                    return outcome.token
+                if waiting is None:
+                    raise LockHeld(outcome.blockers)
+                waiting.begin(outcome.blockers)
+                blockers: Mapping[str, Holder] = outcome.blockers
+                while blockers:
+                    expiry = min(self._left(h) for h in blockers.values())
+                    version = self._snap.version if self._snap is not None else 0
+                    waiting.sleep(version, blockers, expiry)
+                    token = self._fast_acquire(wanted, claimant)  # one statement, where it can
+                    if token is not None:
+                        return token
+                    # Look before the full path: with many waiters, each release wakes them all,
+                    # and only a write (which queues for the write lock) could tell them no.
+                    doc = self._decode(self.store.read(self.namespace))
+                    blockers = {
+                        n: doc[n]
+                        for n in wanted
+                        if n in doc and doc[n].lease != claimant.lease and not self._is_dead(doc[n])
+                    }
+            except StoreUnavailable as exc:
+                if waiting is None or isinstance(exc, OutcomeUnknown):
+                    raise
+                waiting.outage(exc)  # raises LockTimeout (or this) once the time is up
 
     def _fast_acquire(self, names: tuple[str, ...], claimant: Claimant) -> int | None:
-        token = None if self._fast is None else self._fast.acquire(names, claimant, self._snap)
+        if self._fast is None:
+            return None
+        try:
+            token = self._fast.acquire(names, claimant, self._snap)
+        except OutcomeUnknown:  # the full path re-reads and recognises the entry if written
+            self._unsure.add(claimant.lease)
+            return None
         if token is not None:
             self._snap = None  # written by the database: our copy is old
         return token
@@ -375,6 +412,7 @@ class LockTable:
     # --- releasing ----------------------------------------------------------------------------
 
     def _release(self, names: tuple[str, ...], owner: str, lease: str | None) -> None:
+        self._settle()
         fast: bool | None = False  # None: the reply to the one-statement release was lost
         if self._fast is not None and lease is not None:
             fast = self._fast.release(names, lease, self._snap)
@@ -401,14 +439,28 @@ class LockTable:
         )
 
     def _give_back(self, lease: str) -> None:
-        """Remove whatever is left of a lost lease (entries of that lease only)."""
+        """Remove every entry of ``lease`` (a lost lease, or an acquisition that raised after
+        its write may have been applied). If the database does not answer, it is kept in
+        ``_orphans`` and given back on the next contact, by this table or its session's
+        renewals; meanwhile it expires with its session."""
 
         def step(doc: Document, version: int, retrying: bool) -> tuple[Document | None, bool, None]:
             new, freed = _core.release_lease(doc, lease)
             return (new if freed else None), True, None
 
-        with contextlib.suppress(StoreUnavailable):  # expired (or soon): free anyway
+        try:
             self._change(step)
+        except StoreUnavailable:
+            self._orphans.add(lease)
+            if self._session is not None:
+                self._session.orphans[self.namespace, lease] = self._give_back_later
+            return
+        self._orphans.discard(lease)
+
+    def _give_back_later(self, lease: str) -> None:
+        """From the session's thread, once the database answers again (no cache touched)."""
+        give_back(self.store, self.namespace, lease)
+        self._orphans.discard(lease)
 
     def release(self, *names: str, owner: str | None = None) -> None:
         """Release ``names`` held by ``owner`` (default: this process); all or none.
@@ -425,6 +477,7 @@ class LockTable:
     def release_owner(self, owner: str) -> list[str]:
         """Release everything ``owner`` holds; return the names released."""
         owner = validate_owner(owner)
+        self._settle()
 
         def step(
             doc: Document, version: int, retrying: bool
@@ -448,6 +501,7 @@ class LockTable:
     def reap(self, *, owner: str | None = None) -> dict[str, Holder]:
         """Release every lock whose holder is provably dead (of ``owner`` only, when given:
         a task's cleanup); return what was released."""
+        self._settle()
 
         def is_dead(holder: Holder) -> bool:
             return (owner is None or holder.owner == owner) and self._is_dead(holder)
@@ -478,6 +532,7 @@ class LockTable:
         """Every held lock, with its holder and whether that holder is ``alive``, ``dead``,
         ``unknown`` (on another host) or ``expired`` (its session, by the database's clock), and
         how long its session has left."""
+        self._settle()
         doc = self._decode(self.store.read(self.namespace))
         me = current_process()
         found = []
@@ -532,6 +587,16 @@ class LockTable:
         self.close()
 
 
+def give_back(store: Store, namespace: str, lease: str) -> None:
+    """Remove every entry of ``lease`` from a namespace (pure, no cache: any thread)."""
+
+    def compute(snap: Snapshot) -> tuple[str, bool] | None:
+        new, freed = _core.release_lease(_core.decode(snap.data, namespace), lease)
+        return (_core.encode(new), True) if freed else None
+
+    store.transact(namespace, compute, None)
+
+
 def _none_if_same(
     result: tuple[Document, bool, None], doc: Document
 ) -> tuple[Document | None, bool, None]:
@@ -540,16 +605,23 @@ def _none_if_same(
 
 
 def connect(
-    url: str | None = None, namespace: str = "default", *, ttl: float = DEFAULT_TTL
+    url: str | None = None,
+    namespace: str = "default",
+    *,
+    ttl: float = DEFAULT_TTL,
+    reconnect_timeout: float = 5.0,
 ) -> LockTable:
     """Open the lock table at ``url`` (default ``$TASKLOCKS_DB``, else the per-user SQLite file).
 
     :param ttl: seconds a process's locks outlive its last renewal (they are renewed every
         ``ttl/3``): how long a dead, hung or cut-off host keeps them at most.
+    :param reconnect_timeout: seconds each call keeps trying to reach a database server that
+        does not answer before it raises :class:`StoreUnavailable` (a waiting ``acquire`` goes on
+        waiting through an outage, until its own ``timeout``).
     :raises BadURL: the URL is malformed.
     :raises StoreUnavailable: the database cannot be reached or its driver is missing.
     """
-    store = open_store(url)
+    store = open_store(url, reconnect_timeout=reconnect_timeout)
     try:
         return LockTable(store, namespace, owns_store=True, ttl=ttl)
     except BaseException:

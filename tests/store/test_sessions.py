@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 import tasklocks
-from tasklocks import LeaseLost, Liveness, LockHeld, LockTable
+from tasklocks import LeaseLost, Liveness, LockHeld, LockTable, StoreUnavailable
+from tasklocks.store import Compute, OutcomeUnknown, Snapshot, Store, open_store
 
 TTL = 1.0  # the shortest ttl allowed: these tests wait for expiries
 WAIT = 20.0  # upper bound for anything that should happen "soon"; never the reason a test passes
@@ -208,3 +209,84 @@ def test_a_forked_child_opens_a_session_of_its_own(table: LockTable, tmp_path: P
 def test_ttl_must_be_at_least_a_second(db_url: str) -> None:
     with pytest.raises(ValueError, match="ttl"):
         tasklocks.connect(db_url, ttl=0.1)
+
+
+# --- a call that raises leaves nothing of itself behind -------------------------------------------
+
+
+class FlakyStore:
+    """A real store whose next write is applied but its reply lost, after which the database
+    "does not answer" until :meth:`up` (every call raises StoreUnavailable)."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.url, self.table, self.local = inner.url, inner.table, inner.local
+        self.lose_next_write = False
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreUnavailable("the database does not answer (test)")
+
+    def up(self) -> None:
+        self.down = False
+
+    def read(self, namespace: str) -> Snapshot:
+        self._check()
+        return self.inner.read(namespace)
+
+    def transact(self, namespace: str, compute: Compute, hint: Snapshot | None) -> Snapshot:
+        self._check()
+        snap = self.inner.transact(namespace, compute, hint)
+        if self.lose_next_write:
+            self.lose_next_write, self.down = False, True
+            raise OutcomeUnknown("the reply to the write was lost (test)")
+        return snap
+
+    def reset(self, namespace: str, data: str) -> Snapshot:
+        return self.inner.reset(namespace, data)
+
+    def wait_for_change(
+        self, namespace: str, version: int, timeout: float, wake_fd: int | None = None
+    ) -> bool:
+        self._check()
+        return self.inner.wait_for_change(namespace, version, timeout, wake_fd)
+
+    def namespaces(self) -> list[str]:
+        return self.inner.namespaces()
+
+    def open_session(
+        self, session: str, owner: str, host: str, pid: int | None, ttl: float
+    ) -> None:
+        self.inner.open_session(session, owner, host, pid, ttl)
+
+    def renew_session(self, session: str) -> bool:
+        self._check()
+        return self.inner.renew_session(session)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.parametrize("settled_by", ["next call", "session renewal"])
+def test_an_acquisition_that_raises_leaves_nothing_behind(
+    db_url: str, namespace: str, settled_by: str
+) -> None:
+    flaky = FlakyStore(open_store(db_url))
+    with LockTable(flaky, namespace, owns_store=True, ttl=TTL) as table:
+        table.held()  # the session opens with the first lock: fine while the database answers
+        flaky.lose_next_write = True
+        with pytest.raises(StoreUnavailable):
+            table.acquire("a", owner="task:mine")
+        with tasklocks.connect(db_url, namespace=namespace) as other:
+            # The write was applied: its entry is there while the database "does not answer".
+            assert [(h.name, h.holder.owner) for h in other.held()] == [("a", "task:mine")]
+            flaky.up()
+            if settled_by == "next call":
+                assert table.held() == []  # the next contact gives it back first
+            deadline = time.monotonic() + WAIT
+            while other.held():  # the session thread gives it back after its next renewal
+                assert time.monotonic() < deadline, "the orphan entry was never given back"
+                time.sleep(0.05)
+            lease = other.acquire("a", owner="task:other")  # free for anyone again
+            assert lease.token > 0

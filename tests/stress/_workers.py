@@ -188,9 +188,74 @@ def killable(cfg: dict[str, Any]) -> None:
     _emit({"done": os.getpid()})
 
 
+def outage(cfg: dict[str, Any]) -> None:
+    """Like ``occupancy``, for ``seconds``, while the test restarts the server or cuts the
+    connections: every error is counted and the work goes on. Reports the time of every success,
+    every error (type and message), and whether a lease was ever lost."""
+    table = _start(cfg)
+    rng = random.Random(cfg["seed"])
+    names: list[str] = cfg["names"]
+    directory: str = cfg["dir"]
+    me = tasklocks.current_process()
+    mine_prefix = f"pid:{me.host}:{me.pid}"
+    counts = dict.fromkeys(names, 0)
+    violations: list[str] = []
+    errors: list[tuple[float, str, str]] = []
+    successes: list[float] = []
+    lost = 0
+    stop_at = time.monotonic() + cfg["seconds"]
+    while time.monotonic() < stop_at:
+        wanted = rng.sample(names, rng.randint(1, 2))
+        try:
+            lease = table.acquire(*wanted, wait=True, timeout=cfg["timeout"])
+        except tasklocks.LockHeld as exc:  # only a wait that timed out, or a bug
+            if any(h.owner == mine_prefix for h in exc.held.values()):
+                violations.append(f"LockHeld names this process itself: {exc}")
+            errors.append((time.time(), type(exc).__name__, str(exc)))
+            continue
+        except (tasklocks.StoreUnavailable, tasklocks.LockTimeout) as exc:
+            errors.append((time.time(), type(exc).__name__, str(exc)))
+            time.sleep(0.05)
+            continue
+        successes.append(time.time())
+        mine = [name for name in wanted if create_marker(directory, name)]
+        violations += [f"marker of {n} exists while we hold it" for n in wanted if n not in mine]
+        for name in wanted:
+            count, last = read_counter(directory, name)
+            if last >= lease.token:
+                violations.append(f"{name} last written with token {last} >= ours {lease.token}")
+            time.sleep(cfg["pause"])
+            Path(counter_path(directory, name)).write_text(f"{count + 1} {lease.token}")
+            counts[name] += 1
+        for name in mine:
+            os.unlink(marker_path(directory, name))
+        while True:  # a release that fails is tried again: the lock is ours until then
+            try:
+                lease.release()
+                break
+            except tasklocks.LeaseLost as exc:
+                lost += 1
+                errors.append((time.time(), type(exc).__name__, str(exc)))
+                break
+            except tasklocks.StoreUnavailable as exc:
+                errors.append((time.time(), type(exc).__name__, str(exc)))
+                time.sleep(0.05)
+        lost += lease.lost.is_set()
+    table.close()
+    _emit(
+        {
+            "counts": counts,
+            "violations": violations,
+            "errors": errors,
+            "successes": successes,
+            "lost": lost,
+        }
+    )
+
+
 def main(argv: list[str]) -> None:
     mode, config = argv
-    {"occupancy": occupancy, "killable": killable}[mode](json.loads(config))
+    {"occupancy": occupancy, "killable": killable, "outage": outage}[mode](json.loads(config))
 
 
 if __name__ == "__main__":

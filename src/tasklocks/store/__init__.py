@@ -106,8 +106,11 @@ class FastPaths(Protocol):
 Backend = SQLStore  # a database adapter: lock documents (a Store), task records, FastPaths
 
 
-def open_store(url: str | None = None, *, table: str = DEFAULT_TABLE) -> Backend:
-    """Open the store a URL names (default: :func:`default_url`).
+def open_store(
+    url: str | None = None, *, table: str = DEFAULT_TABLE, reconnect_timeout: float = 5.0
+) -> Backend:
+    """Open the store a URL names (default: :func:`default_url`). A server that does not answer
+    is tried again for ``reconnect_timeout`` seconds in every call before StoreUnavailable.
 
     :raises BadURL: the URL is malformed.
     :raises StoreUnavailable: the database cannot be reached or its driver is missing.
@@ -117,13 +120,13 @@ def open_store(url: str | None = None, *, table: str = DEFAULT_TABLE) -> Backend
     if parsed.scheme == "sqlite":
         from tasklocks.store.sqlite import SQLiteStore
 
-        store = SQLiteStore(parsed, table=table)
+        store = SQLiteStore(parsed, table=table)  # a file: nothing to reconnect to
     elif parsed.scheme == "mysql":
         from tasklocks.store.mysql import MySQLStore
 
-        store = MySQLStore(parsed, table=table)
+        store = MySQLStore(parsed, table=table, reconnect_timeout=reconnect_timeout)
     else:
         from tasklocks.store.postgres import PostgresStore
 
-        store = PostgresStore(parsed, table=table)
+        store = PostgresStore(parsed, table=table, reconnect_timeout=reconnect_timeout)
     return store

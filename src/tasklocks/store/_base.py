@@ -109,13 +109,15 @@ class SQLStore(ABC):
     _where: str  # the database, for messages
     _driver_errors: tuple[type[BaseException], ...]  # every error the driver raises
     _parsed: ParsedURL
+    reconnect_timeout: float = 5.0
     _side: SQLStore | None = None  # the sessions' store (see _sessions_store)
     _tasks_ready = False
     _optimistic_ok = True  # was the last hint we could judge still the row?
 
     @abstractmethod
-    def __init__(self, parsed: ParsedURL, *, table: str) -> None:
-        """Open the store and check (or create) its schema."""
+    def __init__(self, parsed: ParsedURL, *, table: str, reconnect_timeout: float = 5.0) -> None:
+        """Open the store and check (or create) its schema; a server that does not answer is
+        tried again for ``reconnect_timeout`` seconds in every call."""
 
     def _load_sql(self, table: str, **values: object) -> None:
         self.table = check_table_name(table)
@@ -317,7 +319,9 @@ class SQLStore(ABC):
 
     def _sessions_store(self) -> SQLStore:
         if self._side is None:
-            self._side = type(self)(self._parsed, table=self.table)
+            self._side = type(self)(
+                self._parsed, table=self.table, reconnect_timeout=self.reconnect_timeout
+            )
             self._side._side = self._side
         return self._side
 

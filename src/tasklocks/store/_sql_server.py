@@ -28,6 +28,7 @@ __all__ = ["ServerStore"]
 T = TypeVar("T")
 IDLE_PING = 1.0  # seconds idle after which a connection is checked before a one-shot write
 RETRIES = 20  # deadlocks, or concurrent schema creation, retried this many times
+RECONNECT_TIMEOUT = 5.0  # seconds a call keeps trying to reach the server
 # The fields of a stored entry and their JSON types, as _core.decode checks them (an absent
 # nullable field reads as null there too): the fast paths check every entry the same way.
 _FIELDS = "owner:str pid:int? start:str? boot:str? host:str pidns:str? pgid:int? since:num"
@@ -35,7 +36,7 @@ ENTRY_FIELDS = [f.split(":") for f in (_FIELDS + " token:int lease:str note:str?
 
 
 class Lost(StoreUnavailable):
-    """The connection broke before a change was sent: safe to reconnect and retry once."""
+    """No connection (it broke before a change was sent, or cannot be had): safe to retry."""
 
 
 class Retry(StoreError):
@@ -72,8 +73,11 @@ class ServerStore(SQLStore):
     _driver_errors: tuple[type[BaseException], ...]  # every error the driver raises
     _bad_json: tuple[type[BaseException], ...] = ()  # the server could not parse a document
 
-    def __init__(self, parsed: ParsedURL, *, table: str) -> None:
+    def __init__(
+        self, parsed: ParsedURL, *, table: str, reconnect_timeout: float = RECONNECT_TIMEOUT
+    ) -> None:
         self._import_driver()
+        self.reconnect_timeout = reconnect_timeout
         self.url = parsed.display()
         self._parsed = parsed
         self._user = parsed.user or self.DEFAULT_USER
@@ -164,7 +168,7 @@ class ServerStore(SQLStore):
                 message = f"{where} refused user {self._user!r} ({reason}); {fix}"
                 raise StoreUnavailable(message) from exc
             fix = "check that the server is running and the host and port in the URL"
-            raise StoreUnavailable(f"cannot connect to {where} ({reason}); {fix}") from exc
+            raise Lost(f"cannot connect to {where} ({reason}); {fix}") from exc
         except (OSError, ValueError) as exc:
             raise StoreUnavailable(f"cannot connect to {where} ({exc}); check the URL") from exc
 
@@ -208,9 +212,11 @@ class ServerStore(SQLStore):
             raise self._failure(exc) from exc
 
     def _locked(self, body: Callable[[Any, Call], T]) -> T:
-        """Run ``body`` under the lock; reconnect and retry once if the connection was lost
-        before anything was sent, and retry deadlocks."""
-        lost = retries = 0
+        """Run ``body`` under the lock. A connection lost before anything was sent, or not to be
+        had, is reopened and the call run again, for ``reconnect_timeout`` seconds at most;
+        deadlocks are retried."""
+        deadline = time.monotonic() + self.reconnect_timeout
+        attempt = retries = 0
         with self._lock:
             while True:
                 call = Call()
@@ -225,10 +231,14 @@ class ServerStore(SQLStore):
                         result = body(conn, call)
                     self._used = time.monotonic()
                     return result
-                except Lost:
-                    if lost:
-                        raise
-                    lost += 1
+                except Lost as exc:
+                    attempt += 1
+                    pause = min(0.5, 0.02 * 2**attempt) * random.uniform(0.5, 1.0)
+                    if time.monotonic() + pause > deadline:
+                        raise StoreUnavailable(
+                            f"{self.url} did not answer for {self.reconnect_timeout:g}s ({exc})"
+                        ) from exc
+                    time.sleep(pause)
                 except Retry as exc:
                     retries += 1
                     if retries > RETRIES:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from tasklocks.errors import StoreUnavailable
@@ -24,6 +25,21 @@ from tasklocks.store._sql_server import ServerStore
 __all__ = ["PostgresStore"]
 
 LISTEN_WAIT = 2.0  # seconds a first waiter waits for the LISTEN connection before polling
+
+
+@contextmanager
+def _pipeline(conn: Any) -> Iterator[None]:
+    """``conn.pipeline()``, except that when the block fails, a failure to end the pipeline is
+    not logged to stderr ("error ignored terminating ... [BAD]"): the block's error tells."""
+    pipeline = conn.pipeline()
+    pipeline.__enter__()
+    try:
+        yield
+    except BaseException:
+        with suppress(Exception):
+            pipeline.__exit__(None, None, None)
+        raise
+    pipeline.__exit__(None, None, None)
 
 
 class PostgresStore(ServerStore):
@@ -100,7 +116,15 @@ class PostgresStore(ServerStore):
             conn.close()
 
     def _gone(self, exc: BaseException) -> bool:
-        return self._conn is None or bool(self._conn.closed)  # libpq lost the connection
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:  # libpq lost the connection
+            return True
+        # Connection exceptions (08), a server shutting down or starting up (57P01-57P03), and
+        # client-side failures (no SQLSTATE: a pipeline left busy, a failed send) end it too.
+        state = getattr(exc, "sqlstate", None)
+        return isinstance(exc, self._psycopg.OperationalError) and (
+            state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
+        )
 
     def _retryable(self, exc: BaseException) -> bool:
         return isinstance(exc, self._retry_errors)
@@ -138,20 +162,20 @@ class PostgresStore(ServerStore):
         return cur.fetchone() is not None if change[1] else bool(cur.rowcount == 1)
 
     def _lock_row(self, conn: Any, namespace: str) -> tuple[Any, Any]:
-        with conn.pipeline():
+        with _pipeline(conn):
             conn.execute(self._sql["begin"])
             row = conn.execute(self._sql["select_for_update"], (namespace,))
             times = conn.execute(self._sql["sessions"])  # after the row: none it names is missed
         return row.fetchone(), times.fetchall()
 
     def _read_row(self, conn: Any, namespace: str) -> tuple[Any, Any]:
-        with conn.pipeline():
+        with _pipeline(conn):
             row = conn.execute(self._sql["select"], (namespace,))
             times = conn.execute(self._sql["sessions"])
         return row.fetchone(), times.fetchall()
 
     def _write_and_commit(self, conn: Any, namespace: str, version: int, change: Change) -> None:
-        with conn.pipeline():
+        with _pipeline(conn):
             self._update(conn, namespace, version, change)
             conn.execute(self._sql["commit"])
 

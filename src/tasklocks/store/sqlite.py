@@ -58,7 +58,7 @@ class SQLiteStore(SQLStore):
     # polling is a fallback; without one it is the signal, polled briskly (a read is cheap).
     POLL = (0.0005, 0.004, 0.0, 0.004, 0.2, 0.2)
 
-    def __init__(self, parsed: ParsedURL, *, table: str) -> None:
+    def __init__(self, parsed: ParsedURL, *, table: str, reconnect_timeout: float = 5.0) -> None:
         self._load_sql(table)
         self._parsed = parsed
         self.path = self._where = parsed.path

@@ -1,0 +1,161 @@
+"""Database restarts and cut connections under load, on MariaDB and PostgreSQL.
+
+Eight worker processes take overlapping sets of names for a while, checking an occupancy marker
+and a read-modify-write counter for every name, while the test restarts the server twice (or cuts
+every connection through a TCP proxy, twice, once refusing new ones for a while). Nothing may be
+held twice, no increment lost, no worker hang or be refused by its own lock, nothing stay held at
+the end, no lease be lost (the outages are shorter than the ttl), and the first success after
+the server is back must come within 2 s.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _harness import Message, workers
+from _proxy import Proxy
+from _servers import can_restart, restartable, start, stop
+from conftest import SERVER_BACKENDS, require, server_url
+
+import tasklocks
+from tasklocks.store import parse_url
+
+pytestmark = pytest.mark.stress
+
+PROCESSES = 8
+NAMES = ["n0", "n1", "n2"]
+SECONDS = 16.0  # each worker's run
+BACK_WITHIN = 2.0  # seconds from "the server answers again" to the first success
+
+
+def _configs(url: str, namespace: str, directory: Path) -> list[dict[str, Any]]:
+    seed = random.randrange(2**32)
+    return [
+        {
+            "url": url,
+            "namespace": namespace,
+            "names": NAMES,
+            "dir": str(directory),
+            "seconds": SECONDS,
+            "timeout": 30.0,
+            "pause": 0.002,
+            "seed": seed + i,
+        }
+        for i in range(PROCESSES)
+    ]
+
+
+def _run(
+    url: str, namespace: str, directory: Path, faults: list[tuple[float, Any]]
+) -> tuple[list[Message], list[float]]:
+    """Run the workers; at each (second, fault) call fault(), which returns when the server
+    answers again (its time.time()) or None. Returns the reports and the times of return."""
+    results: list[Message] = []
+    back: list[float] = []
+    errs = directory / "stderr"
+    errs.mkdir()
+    with workers("outage", _configs(url, namespace, directory), stderr=errs) as w:
+        w.start()
+        started = time.monotonic()
+        for at, fault in faults:
+            time.sleep(max(0.0, started + at - time.monotonic()))
+            came_back = fault()
+            if came_back is not None:
+                back.append(came_back)
+        ended = 0
+        while ended < PROCESSES:
+            _index, msg = w.next()  # fails the test if a worker hangs past the deadline
+            if msg is None:
+                ended += 1
+            else:
+                results.append(msg)
+        assert [proc.wait() for proc in w.procs] == [0] * PROCESSES
+    noise = {f.name: f.read_text() for f in sorted(errs.iterdir()) if f.read_text()}
+    assert noise == {}, "a worker wrote to stderr (a traceback, or a driver's complaint)"
+    return results, back
+
+
+def _check(
+    results: list[Message], back: list[float], directory: Path, url: str, namespace: str
+) -> dict[str, Any]:
+    assert len(results) == PROCESSES
+    violations = [v for r in results for v in r["violations"]]
+    assert violations == []
+    assert sum(r["lost"] for r in results) == 0, "a lease was lost to an outage shorter than ttl"
+    expected: Counter[str] = Counter()
+    for r in results:
+        expected.update(r["counts"])
+    for name in NAMES:
+        path = directory / f"{name}.count"
+        count = int(path.read_text().split()[0]) if path.exists() else 0
+        assert count == expected[name], f"{name}: lost updates"
+        assert not (directory / f"{name}.held").exists()
+    successes = sorted(t for r in results for t in r["successes"])
+    firsts = []
+    for when in back:
+        after = [t for t in successes if t >= when]
+        assert after, "no success after the server came back"
+        firsts.append(after[0] - when)
+        assert after[0] - when <= BACK_WITHIN, f"first success {after[0] - when:.2f}s after"
+    with tasklocks.connect(url, namespace=namespace) as table:
+        assert table.held() == []
+    errors = Counter(kind for r in results for _t, kind, _m in r["errors"])
+    return {"successes": len(successes), "first_after_back": firsts, "errors": dict(errors)}
+
+
+@pytest.fixture(params=SERVER_BACKENDS)
+def server(request: pytest.FixtureRequest) -> str:
+    backend: str = request.param
+    require(backend)
+    return backend
+
+
+def test_server_restarts_lose_nothing(server: str, namespace: str, tmp_path: Path) -> None:
+    url = server_url(server)
+    why = can_restart(server, url)
+    if why is not None:
+        pytest.skip(why)
+
+    def restart() -> float:
+        stop(server)
+        time.sleep(1.0)  # down for a while, with every worker trying
+        return start(server)
+
+    try:
+        with restartable(server):
+            results, back = _run(url, namespace, tmp_path, [(3.0, restart), (10.0, restart)])
+        report = _check(results, back, tmp_path, url, namespace)
+    finally:
+        with tasklocks.connect(url, namespace=namespace) as table:
+            table.release_all()
+    print(f"{server} restarts: {report}")
+    assert report["successes"] > 0
+
+
+def test_cut_connections_lose_nothing(server: str, namespace: str, tmp_path: Path) -> None:
+    p = parse_url(server_url(server))
+    proxy = Proxy(p.host, p.port or (3306 if server == "mysql" else 5432))
+    user = p.user or ("root" if server == "mysql" else "postgres")
+    url = f"{p.scheme}://{user}@127.0.0.1:{proxy.port}/{p.database}"
+
+    def cut() -> None:
+        proxy.cut()
+
+    def down() -> float:
+        proxy.down(2.0)
+        time.sleep(2.0)
+        return time.time()
+
+    try:
+        faults = [(2.0, cut), (4.0, cut), (6.0, down), (11.0, cut)]
+        results, back = _run(url, namespace, tmp_path, faults)
+        report = _check(results, back, tmp_path, url, namespace)
+    finally:
+        proxy.close()
+    print(f"{server} cuts: {report}")
+    assert report["successes"] > 0
