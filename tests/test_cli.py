@@ -611,6 +611,49 @@ def test_run_killed_with_sigkill_leaves_the_locks_to_the_command(
     assert [lock["owner"] for lock in held(db_url, namespace)] == ["other"]
 
 
+def test_a_huge_bad_value_is_not_echoed_whole(sqlite_url: str, namespace: str) -> None:
+    result = cli(sqlite_url, namespace, "acquire", "x" * 10_000, "--owner", "me")
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert "bad lock name" in line and "10,000 characters" in line
+    assert len(line) < 250
+
+
+def test_a_killed_runs_keeper_keeps_the_locks_past_the_ttl(
+    db_url: str, namespace: str, tmp_path: Path
+) -> None:
+    run = start(
+        db_url,
+        namespace,
+        "--ttl",
+        "1",
+        "run",
+        "--lock",
+        "x",
+        "--",
+        PY,
+        "-c",
+        HOLD_UNTIL_STOP,
+        str(tmp_path),
+    )
+    try:
+        wait_until((tmp_path / "started").exists, "the command to start")
+        pid = int((tmp_path / "started").read_text())
+        run.kill()
+        assert finish(run)[0] == -signal.SIGKILL
+        time.sleep(3.0)  # three ttls: only the keeper can have renewed the command's session
+        [lock] = held(db_url, namespace)
+        assert (lock["pid"], lock["state"]) == (pid, "alive")
+        assert 0 < lock["expires_in"] <= 4 / 3
+        assert cli(db_url, namespace, "acquire", "x", "--owner", "other").returncode == 75
+    finally:
+        (tmp_path / "stop").touch()
+        stop(run)
+    wait_until(lambda: process_ended(pid), "the orphaned command to end")
+    taken = cli(db_url, namespace, "acquire", "x", "--owner", "other")
+    assert taken.returncode == 0, taken.stderr
+
+
 def test_run_reports_a_command_it_cannot_run(
     sqlite_url: str, namespace: str, tmp_path: Path
 ) -> None:

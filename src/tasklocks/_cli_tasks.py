@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from tasklocks.errors import EXIT_FAILURE, EXIT_LOCKED, EXIT_USAGE, TasklocksError, clock
+from tasklocks.errors import EXIT_FAILURE, EXIT_LOCKED, EXIT_USAGE, TasklocksError, clock, quote
 from tasklocks.tasks import TaskRecord, Tasks, TaskState, current_task_id
 
 __all__ = ["add_task_commands"]
@@ -285,15 +285,15 @@ def _positive(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {quote(text)}") from None
     if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than zero seconds: {text!r}")
+        raise argparse.ArgumentTypeError(f"must be more than zero seconds: {quote(text)}")
     return value
 
 
 def _task_id(text: str) -> int:
     if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"a task id is a whole number, not {text!r}")
+        raise argparse.ArgumentTypeError(f"a task id is a whole number, not {quote(text)}")
     return int(text)
 
 

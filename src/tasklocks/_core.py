@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from tasklocks.errors import CorruptLockTable, LockHeld, NotHeld
+from tasklocks.errors import CorruptLockTable, LockHeld, NotHeld, quote
 
 __all__ = [
     "EMPTY",
@@ -312,11 +312,11 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 def _holder_from_json(namespace: str, name: str, raw: Any) -> Holder:
     if not isinstance(raw, dict):
-        raise CorruptLockTable(namespace, f"entry {name!r} is not an object")
+        raise CorruptLockTable(namespace, f"entry {quote(name)} is not an object")
     for field in _FIELDS:
         value = raw.get(field)
         if not isinstance(value, _TYPES[field]) or isinstance(value, bool):
-            raise CorruptLockTable(namespace, f"entry {name!r} has a bad {field!r}")
+            raise CorruptLockTable(namespace, f"entry {quote(name)} has a bad {field!r}")
     return Holder(
         raw["owner"],
         raw["pid"],
@@ -354,7 +354,7 @@ def decode(text: str | bytes | None, namespace: str, previous: Document | None =
             raise CorruptLockTable(
                 namespace, f"format {fmt} was written by a newer tasklocks; upgrade tasklocks"
             )
-        raise CorruptLockTable(namespace, f"unknown format {fmt!r}")
+        raise CorruptLockTable(namespace, f"unknown format {quote(fmt)}")
     if not isinstance(raw.get("locks"), dict):
         raise CorruptLockTable(namespace, "no 'locks' object")
     known = previous or {}

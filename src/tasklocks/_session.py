@@ -3,12 +3,14 @@ clock (etcd's session, ZooKeeper's; see docs/architecture.md).
 
 A :class:`Session` is one row of ``<table>_sessions``, opened with the first lock a process takes
 through a lock table. A thread renews it every ``ttl/3`` seconds: the database pushes its expiry to
-``ttl`` seconds from *its* now, and an expired session is never renewed again. The lock entries
-name the session; anyone may take them once it has expired (``Snapshot.sessions`` says so). A
-second thread, the watchdog, sets :attr:`Session.lost` when ``ttl`` seconds have passed since the
-last renewal that succeeded was *sent* (measured on this host's boot clock, whose rate is all that
-matters): the database cannot have expired it before then, so ``lost`` is set no later than the
-expiry, even if this process was paused, hung or cut off from the database meanwhile.
+``ttl + ttl/3`` seconds (its :attr:`Session.lifetime`) from *its* now, so that a holder that dies
+at any moment keeps its locks for ``ttl`` at least and ``ttl + ttl/3`` at most; an expired session
+is never renewed again. The lock entries name the session; anyone may take them once it has
+expired (``Snapshot.sessions`` says so). A second thread, the watchdog, sets :attr:`Session.lost`
+when ``lifetime`` seconds have passed since the last renewal that succeeded was *sent* (measured
+on this host's boot clock, whose rate is all that matters): the database cannot have expired it
+before then, so ``lost`` is set no later than the expiry, even if this process was paused, hung
+or cut off from the database meanwhile.
 """
 
 from __future__ import annotations
@@ -16,23 +18,18 @@ from __future__ import annotations
 import os
 import secrets
 import threading
-import time
 from collections.abc import Callable
 
+from tasklocks._clock import clock
 from tasklocks.errors import StoreError
 from tasklocks.owner import ProcessIdentity
 from tasklocks.store import Store
 
-__all__ = ["DEFAULT_TTL", "MIN_TTL", "Session", "clock"]
+__all__ = ["DEFAULT_TTL", "MIN_TTL", "Session"]
 
 DEFAULT_TTL = 30.0
 MIN_TTL = 1.0
 RETRY = 0.5  # seconds between renewals while the database does not answer
-
-
-def clock() -> float:
-    """Seconds on this host's boot clock (it runs on while the process or the machine sleeps)."""
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 class Session:
@@ -41,12 +38,13 @@ class Session:
     def __init__(self, store: Store, ttl: float, owner: str, me: ProcessIdentity) -> None:
         self.store = store
         self.ttl = ttl
+        self.lifetime = ttl + ttl / 3  # from one renewal to the expiry
         self.id = secrets.token_hex(8)
         self.pid = me.pid
         self.lost = threading.Event()
         sent = clock()
-        store.open_session(self.id, owner, me.host, me.pid, ttl)
-        self.deadline = sent + ttl  # the database cannot expire it before then
+        store.open_session(self.id, owner, me.host, me.pid, self.lifetime)
+        self.deadline = sent + self.lifetime  # the database cannot expire it before then
         self._closed = threading.Event()
         self._renewed = threading.Event()  # wakes the watchdog with a later deadline
         self.on_lost: list[Callable[[], None]] = []
@@ -87,7 +85,7 @@ class Session:
             if not kept:  # expired by the database's clock: it never comes back
                 self._lose()
                 return
-            self.deadline = sent + self.ttl
+            self.deadline = sent + self.lifetime
             self._renewed.set()
             due = sent + self.ttl / 3
             self._settle()

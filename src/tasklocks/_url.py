@@ -9,7 +9,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasklocks.errors import BadURL
+from tasklocks.errors import BadURL, quote
 
 __all__ = ["ParsedURL", "check_table_name", "default_url", "parse_url"]
 
@@ -19,7 +19,9 @@ _TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,50}")
 def check_table_name(table: str) -> str:
     """Table names are spliced into SQL, so only plain identifiers are allowed."""
     if _TABLE.fullmatch(table) is None:
-        raise BadURL(f"bad table name {table!r}: use letters, digits and _ (not first a digit)")
+        raise BadURL(
+            f"bad table name {quote(table)}: use letters, digits and _ (not first a digit)"
+        )
     return table
 
 
@@ -64,14 +66,14 @@ def parse_url(url: str) -> ParsedURL:
     """Split a database URL; raise :class:`BadURL` (a usage error) if it is malformed."""
     if "://" not in url:
         raise BadURL(
-            f"bad database URL {url!r}: use sqlite:///path.db, mysql://user:pass@host:port/db "
+            f"bad database URL {quote(url)}: use sqlite:///path.db, mysql://user:pass@host:port/db "
             "or postgresql://user@host:port/db"
         )
     scheme_raw = url.split("://", 1)[0].lower()
     scheme = _SCHEMES.get(scheme_raw)
     if scheme is None:
         raise BadURL(
-            f"unsupported database URL scheme {scheme_raw!r}: use sqlite://, mysql://, "
+            f"unsupported database URL scheme {quote(scheme_raw)}: use sqlite://, mysql://, "
             "mariadb:// or postgresql://"
         )
     parts = urllib.parse.urlsplit(url)
@@ -80,16 +82,18 @@ def parse_url(url: str) -> ParsedURL:
         # sqlite:///relative.db and sqlite:////abs/path.db, as in SQLAlchemy.
         path = url.split("://", 1)[1].split("?", 1)[0]
         if not path.startswith("/") or len(path) < 2:
-            raise BadURL(f"bad SQLite URL {url!r}: use sqlite:///relative.db or sqlite:////abs.db")
+            raise BadURL(
+                f"bad SQLite URL {quote(url)}: use sqlite:///relative.db or sqlite:////abs.db"
+            )
         return ParsedURL("sqlite", path[1:], "", None, None, None, "", query)
     try:
         port = parts.port
     except ValueError as exc:
-        raise BadURL(f"bad port in database URL {url!r}: use host:port with a number") from exc
+        raise BadURL(f"bad port in database URL {quote(url)}: use host:port with a number") from exc
     database = parts.path.lstrip("/")
     if not parts.hostname or not database:
         raise BadURL(
-            f"bad database URL {url!r}: it needs a host and a database, {scheme}://host/db"
+            f"bad database URL {quote(url)}: it needs a host and a database, {scheme}://host/db"
         )
     return ParsedURL(
         scheme,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 
+from tasklocks._clock import pause
 from tasklocks._core import Holder
 from tasklocks._wake import Waker
 from tasklocks.errors import LockTimeout, StoreUnavailable
@@ -51,12 +52,12 @@ class Wait:
     def outage(self, exc: StoreUnavailable) -> None:
         """The database did not answer: pause, then let the caller try again; raise ``exc``
         once the deadline has passed (the database was down longer than the wait's timeout)."""
-        pause = OUTAGE_PAUSE
+        seconds = OUTAGE_PAUSE
         if self.deadline is not None:
-            pause = min(pause, self.deadline - time.monotonic())
-            if pause <= 0:
+            seconds = min(seconds, self.deadline - time.monotonic())
+            if seconds <= 0:
                 raise exc
-        time.sleep(pause)
+        pause(seconds)
 
     def sleep(self, version: int, blockers: Mapping[str, Holder], expiry: float) -> None:
         """Return when the document may have moved on from ``version``, a blocker is proven

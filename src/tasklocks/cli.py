@@ -38,6 +38,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import Any
@@ -45,6 +46,7 @@ from typing import Any
 from tasklocks import (
     HeldLock,
     Holder,
+    LeaseLost,
     LockHeld,
     LockTable,
     NotHeld,
@@ -54,6 +56,7 @@ from tasklocks import (
     process_identity,
 )
 from tasklocks._cli_tasks import add_task_commands
+from tasklocks._keeper import GRACE, fork_keeper
 from tasklocks._session import DEFAULT_TTL, MIN_TTL
 from tasklocks.errors import (
     EXIT_FAILURE,
@@ -62,7 +65,9 @@ from tasklocks.errors import (
     EXIT_USAGE,
     clock,
     describe_holder,
+    quote,
 )
+from tasklocks.store import DEFAULT_TABLE, default_url
 
 __all__ = ["build_parser", "main"]
 
@@ -115,9 +120,9 @@ def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {quote(text)}") from None
     if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or more seconds: {text!r}")
+        raise argparse.ArgumentTypeError(f"must be zero or more seconds: {quote(text)}")
     return value
 
 
@@ -125,7 +130,7 @@ def _ttl(text: str) -> float:
     """argparse type for --ttl: at least a second."""
     value = _seconds(text)
     if value < MIN_TTL:
-        raise argparse.ArgumentTypeError(f"must be at least {MIN_TTL:g} seconds: {text!r}")
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_TTL:g} seconds: {quote(text)}")
     return value
 
 
@@ -358,6 +363,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         _child(read_fd, command)
     os.close(read_fd)
 
+    # A keeper renews the command's locks if this process is killed while the command runs
+    # (forked now, before this process has threads or connections).
+    keeper = fork_keeper(args.db or default_url(), DEFAULT_TABLE, pid=pid)
+
     # From here on the parent alone opens the database.
     child = _Child(pid, write_fd)
     try:
@@ -376,24 +385,44 @@ def cmd_run(args: argparse.Namespace) -> int:
                 )
             except LockHeld as exc:
                 raise _with_hint(exc, owner, "drop --no-wait to wait for it") from None
+            if lease.session is not None:
+                keeper.keep(lease.session.id, lease.session.ttl)
+                lease.session.on_lost.append(lambda: _stop_child(pid))
             try:
                 previous = _forward_signals(pid)
                 try:
                     child.go()
-                    return child.wait()
+                    code = child.wait()
                 finally:
                     _restore_signals(previous)
             finally:
                 child.wait()  # never release while the command may still run
                 _release(lease.release, " ".join(lease.names))
+            lease.check()  # lost while the command ran: it was stopped; say so (exit 75)
+            return code
     finally:
         child.wait()  # it did not get the locks: it exits 75 without running the command
+        keeper.dismiss()
+
+
+def _stop_child(pid: int) -> None:
+    """The command's locks are lost (their session expired): stop it, SIGKILL after 10 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    timer = threading.Timer(GRACE, lambda: _kill_quietly(pid))
+    timer.daemon = True
+    timer.start()
+
+
+def _kill_quietly(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def _release(release: Callable[[], None], what: str) -> None:
     try:
         release()
-    except NotHeld:
+    except (NotHeld, LeaseLost):
         pass  # the command has ended and someone reclaimed its locks already
     except TasklocksError as exc:
         _error(f"could not release {what} ({exc}); the command has ended, so they are reclaimable")

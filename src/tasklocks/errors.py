@@ -28,6 +28,7 @@ __all__ = [
     "TasklocksError",
     "clock",
     "describe_holder",
+    "quote",
 ]
 
 # Exit codes of the command line (sysexits.h where one fits).
@@ -56,6 +57,17 @@ class TasklocksError(Exception):
     """Root of every error tasklocks raises."""
 
     exit_code: int = EXIT_FAILURE
+
+
+def quote(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for a message, cut to about ``limit`` characters: a bad value may be huge
+    (a 10,000-character lock name is not echoed whole)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    if isinstance(value, str):
+        return f"{value[: limit - 30]!r}... ({len(value):,} characters)"
+    return text[: limit - 3] + "..."
 
 
 def clock(epoch: float, *, now: float | None = None) -> str:

@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Final, TypeVar
 
 from tasklocks import _core
+from tasklocks._clock import pause
 from tasklocks._core import Claimant, Document, Holder
 from tasklocks._fastpath import FastPath
 from tasklocks._session import DEFAULT_TTL, MIN_TTL, Session
@@ -238,7 +239,7 @@ class LockTable:
                 # recognises its own work (acquisitions are idempotent by lease id).
                 retrying[0] = True
                 self._snap = None
-                time.sleep(min(0.05 * 2**attempt, 1.0) * (0.5 + secrets.randbelow(100) / 100))
+                pause(min(0.05 * 2**attempt, 1.0) * (0.5 + secrets.randbelow(100) / 100))
                 continue
             new, text, wake, result = box[-1]
             if new is not None and snap.data is text:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tasklocks.errors import BadLockName
+from tasklocks.errors import BadLockName, quote
 
 __all__ = [
     "ALLOWED",
@@ -23,7 +23,7 @@ _NAME = re.compile(r"[A-Za-z0-9._:/@-]{1,200}")
 
 def _check(kind: str, value: object) -> str:
     if not isinstance(value, str) or _NAME.fullmatch(value) is None:
-        raise BadLockName(f"bad {kind} {value!r}: use {ALLOWED}")
+        raise BadLockName(f"bad {kind} {quote(value)}: use {ALLOWED}")
     return value
 
 

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tasklocks._clock import pause
+
 if TYPE_CHECKING:
     from tasklocks._core import Holder
 
@@ -174,7 +176,7 @@ def _pid_is_gone(pid: int, start: str | None) -> bool:
                 return True
             if time.monotonic() > deadline:
                 return False
-            time.sleep(0.002)
+            pause(0.002)
     return start is not None and len(fields) > 19 and fields[19] != start
 
 

@@ -84,7 +84,7 @@ def test_entries_name_the_session_and_held_says_how_long_it_has_left(table: Lock
     assert lease.session is not None
     assert held.holder.session == lease.session.id
     assert held.liveness is Liveness.ALIVE
-    assert held.expires_in is not None and 0.0 < held.expires_in <= TTL
+    assert held.expires_in is not None and 0.0 < held.expires_in <= TTL * 4 / 3
     assert not lease.lost.is_set()
     lease.check()
 
@@ -135,7 +135,7 @@ def test_a_paused_holder_loses_its_locks_and_learns_it(
             table.acquire("a", owner="task:next")
         lease = table.acquire("a", owner="task:next", wait=True, timeout=WAIT)
         waited = time.monotonic() - paused
-        assert waited >= TTL - 0.35  # not before its session can have expired (< ttl/3 renewal)
+        assert waited >= TTL - 0.05  # a ttl at least, whenever it stopped renewing
         assert lease.token > old_token
         time.sleep(max(0.0, 3 * TTL - waited))
         proc.send_signal(signal.SIGCONT)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +11,14 @@ import pytest
 from tasklocks.tasks import Tasks
 
 from .test_tasks import ROOT, kill_everything
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Callable[[str], Path]:
+    """``files("go")``: a path in a scratch directory, for markers and go files."""
+    scratch = tmp_path / "files"
+    scratch.mkdir()
+    return lambda name: scratch / name
 
 
 @pytest.fixture

@@ -140,14 +140,6 @@ def ids(records: list[TaskRecord], namespace: str) -> list[int]:
     return [r.id for r in records if r.namespace == namespace]
 
 
-@pytest.fixture
-def files(tmp_path: Path) -> Callable[[str], Path]:
-    """``files("go")``: a path in a scratch directory, for markers and go files."""
-    scratch = tmp_path / "files"
-    scratch.mkdir()
-    return lambda name: scratch / name
-
-
 Files = Callable[[str], Path]
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, ClassVar, TypeVar
 
+from tasklocks._clock import pause
 from tasklocks._url import ParsedURL
 from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.names import validate_name
@@ -233,19 +234,19 @@ class ServerStore(SQLStore):
                     return result
                 except Lost as exc:
                     attempt += 1
-                    pause = min(0.5, 0.02 * 2**attempt) * random.uniform(0.5, 1.0)
-                    if time.monotonic() + pause > deadline:
+                    wait = min(0.5, 0.02 * 2**attempt) * random.uniform(0.5, 1.0)
+                    if time.monotonic() + wait > deadline:
                         raise StoreUnavailable(
                             f"{self.url} did not answer for {self.reconnect_timeout:g}s ({exc})"
                         ) from exc
-                    time.sleep(pause)
+                    pause(wait)
                 except Retry as exc:
                     retries += 1
                     if retries > RETRIES:
                         raise StoreUnavailable(
                             f"{self.LABEL} at {self._where} kept failing on {self.table}: {exc}"
                         ) from exc
-                    time.sleep(random.uniform(0, 0.001 * retries))
+                    pause(random.uniform(0, 0.001 * retries))
 
     def _outcome_known(self, exc: BaseException) -> bool:
         # A server error in UPDATE or COMMIT stops there: nothing was committed. A lost

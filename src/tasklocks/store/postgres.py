@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
+from tasklocks._clock import pause
 from tasklocks.errors import StoreUnavailable
 from tasklocks.store._base import Change
 from tasklocks.store._sql_server import ServerStore
@@ -252,7 +252,7 @@ class PostgresStore(ServerStore):
                 with suppress(Exception):
                     conn.close()
                 conn, lost = None, True
-                time.sleep(1.0)
+                pause(1.0)
         if conn is not None:
             conn.close()
 

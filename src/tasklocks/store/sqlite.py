@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tasklocks._clock import pause
 from tasklocks._url import ParsedURL
 from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.owner import boot_id
@@ -138,7 +139,7 @@ class SQLiteStore(SQLStore):
                     raise self._error(exc) from exc
             except sqlite3.Error as exc:
                 raise self._error(exc) from exc
-            time.sleep(random.uniform(0, delay))
+            pause(random.uniform(0, delay))
             delay = min(delay * 2, 0.002)
 
     def _error(self, exc: sqlite3.Error) -> StoreError:

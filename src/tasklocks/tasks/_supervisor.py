@@ -20,16 +20,26 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
-from tasklocks.errors import LockHeld, LockTimeout, NotHeld, describe_holder
+from tasklocks._keeper import Keeper, fork_keeper
+from tasklocks.errors import (
+    LeaseLost,
+    LockHeld,
+    LockTimeout,
+    NotHeld,
+    StoreUnavailable,
+    describe_holder,
+)
 from tasklocks.locks import Lease, LockTable
 from tasklocks.owner import ProcessIdentity, current_process, group_is_empty
 from tasklocks.tasks._record import TaskRecord, TaskState
 from tasklocks.tasks._taskdb import TaskDB
 
 GRACE = 10.0  # seconds between SIGTERM and SIGKILL when the supervisor itself stops a task
+PATIENCE = 1.0  # seconds between tries while the database does not answer
+T = TypeVar("T")
 _WAIT_SLICE = 0.25  # how often a supervisor waiting for locks looks at its task and stop requests
 
 
@@ -154,12 +164,17 @@ def _child(record: TaskRecord, url: str, table: str, gate: int, result_fd: int) 
 
 
 class Supervisor:
-    def __init__(self, url: str, table: str, task_id: int, log_path: str, wait: bool):
-        self.tasks = TaskDB(url, table=table)
+    def __init__(
+        self, url: str, table: str, task_id: int, log_path: str, wait: bool, ttl: float
+    ) -> None:
+        self.tasks = _patient(TaskDB, url, table=table)
         self.url, self.table, self.task_id = url, table, task_id
         self.log_path = log_path
         self.wait_for_locks = wait
+        self.ttl = ttl
         self.stop_reason: TaskState | None = None
+        self.lost: Lease | None = None  # the lease that was lost while the task ran
+        self.keeper: Keeper | None = None
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
 
@@ -169,8 +184,27 @@ class Supervisor:
         with contextlib.suppress(BlockingIOError):
             os.write(self.wake_w, b"s")
 
+    def _on_lost(self, lease: Lease) -> None:
+        """From the session's watchdog: the task's locks are lost; stop it."""
+        self.lost = lease
+        with contextlib.suppress(BlockingIOError):
+            os.write(self.wake_w, b"l")
+
+    def _get(self) -> TaskRecord:
+        return _patient(self.tasks.get, self.task_id)
+
+    def _update(self, **changes: Any) -> TaskRecord | None:
+        return _patient(self.tasks.update, self.task_id, **changes)
+
     def run(self) -> int:
-        record = self.tasks.get(self.task_id)
+        try:
+            return self._run()
+        finally:
+            if self.keeper is not None:
+                self.keeper.dismiss()
+
+    def _run(self) -> int:
+        record = self._get()
         if record.state is not TaskState.PENDING:
             return 0
         gate_r, gate_w = os.pipe()
@@ -191,8 +225,11 @@ class Supervisor:
         os.close(result_w)
         with contextlib.suppress(OSError):  # the child may have done it first
             os.setpgid(child, child)
+        # Forked before this process has threads or connections of its own: it keeps the
+        # task's locks if this supervisor is killed while the task runs.
+        self.keeper = fork_keeper(self.url, self.table, pgid=child)
         if local:
-            self.tasks = TaskDB(self.url, table=self.table)
+            self.tasks = _patient(TaskDB, self.url, table=self.table)
         self.child = child
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
@@ -208,7 +245,7 @@ class Supervisor:
             self._finish(TaskState.STOPPED, message="stopped before it ran")
             return 0
         record = claimed
-        table = LockTable(self.tasks.locks.store, record.namespace)
+        table = LockTable(self.tasks.locks.store, record.namespace, ttl=self.ttl)
         lease: Lease | None = None
         if record.locks:
             lease = self._take_locks(table, record, me, child)
@@ -216,9 +253,12 @@ class Supervisor:
                 os.close(gate_w)
                 _reap(child)
                 return 0
-        started = self.tasks.update(
-            self.task_id, state=TaskState.RUNNING, started=time.time(), message=None
-        )
+            if lease.session is not None:
+                self.keeper.keep(lease.session.id, lease.session.ttl)
+                lease.session.on_lost.append(lambda: self._on_lost(lease))
+                if lease.lost.is_set():
+                    self._on_lost(lease)
+        started = self._update(state=TaskState.RUNNING, started=time.time(), message=None)
         if started is None or started.stop_requested is not None or self.stop_reason:
             os.close(gate_w)
             _reap(child)
@@ -240,7 +280,9 @@ class Supervisor:
         supervisor has claimed (a caller that gave up on the zygote may have started a second
         one). Returns the claimed record, or None."""
         while True:
-            record = self.tasks.get(self.task_id)
+            record = self._get()
+            if record.pgid == child and record.pid == me.pid:
+                return record  # ours already: a retry after a lost reply
             if record.state is not TaskState.PENDING or record.pgid is not None:
                 return None
             cols = record.changed(
@@ -252,17 +294,17 @@ class Supervisor:
                 pgid=child,
                 log_path=self.log_path,
             )
-            if self.tasks.store.update_task(self.task_id, record.version, cols):
-                return self.tasks.get(self.task_id)
+            if _patient(self.tasks.store.update_task, self.task_id, record.version, cols):
+                return self._get()
 
     def _release(self, table: LockTable, lease: Lease | None) -> None:
         """Free the task's locks: the ones taken for it here, and those its processes took
         that are provably dead (all of them, once its group is empty). An entry of a process
         that left the task's group and still runs stays until that process ends."""
         if lease is not None:
-            with contextlib.suppress(NotHeld):
-                lease.release()
-        table.reap(owner=f"task:{self.task_id}")
+            with contextlib.suppress(NotHeld, LeaseLost):  # a lost one is given back, at least
+                _patient(lease.release)
+        _patient(table.reap, owner=f"task:{self.task_id}")
 
     def _take_locks(
         self, table: LockTable, record: TaskRecord, me: ProcessIdentity, child: int
@@ -308,8 +350,10 @@ class Supervisor:
                     if not told:
                         changes["state"] = TaskState.WAITING
                     told = True
-                    self.tasks.update(self.task_id, **changes)
-            current = self.tasks.get(self.task_id)
+                    self._update(**changes)
+            except StoreUnavailable:
+                time.sleep(PATIENCE)  # the database does not answer: the task waits meanwhile
+            current = self._get()
             stopped = self.stop_reason is not None or current.stop_requested is not None
             if stopped or current.state.is_final or os.waitpid(child, os.WNOHANG)[0] != 0:
                 self._finish(TaskState.STOPPED, message="stopped while waiting for locks")
@@ -329,6 +373,8 @@ class Supervisor:
             expired = timeout is not None and time.monotonic() - started >= timeout
             if self.stop_reason is None and expired:
                 self.stop_reason = TaskState.TIMED_OUT
+            if self.stop_reason is None and self.lost is not None:
+                self.stop_reason = TaskState.FAILED  # its locks are lost: it must not go on
             if self.stop_reason is not None and kill_at is None:
                 _killpg(child, signal.SIGTERM)
                 kill_at = time.monotonic() + GRACE
@@ -386,7 +432,7 @@ class Supervisor:
                 outcome = json.loads(payload)
             except ValueError:
                 outcome = {}
-        record = self.tasks.get(self.task_id)
+        record = self._get()
         reason = self.stop_reason
         if reason is None and record.stop_requested is not None:
             reason = TaskState.STOPPED
@@ -420,11 +466,27 @@ class Supervisor:
             fields["message"] = f"timed out after {record.timeout:g}s"
         elif state is TaskState.STOPPED:
             fields["message"] = "stopped"
+        if self.lost is not None and reason is TaskState.FAILED:
+            lost = self.lost
+            error = LeaseLost(lost.names, lost.owner, lost.token, self.ttl)
+            fields.update(error_code="LOCK_LOST", error_message=str(error))
+            fields["message"] = f"stopped: its lock {', '.join(lost.names)} was lost"
         self._finish(state, finished=ended, **fields)
 
     def _finish(self, state: TaskState, **fields: Any) -> None:
         fields.setdefault("finished", time.time())
-        self.tasks.update(self.task_id, state=state, **fields)
+        self._update(state=state, **fields)
+
+
+def _patient(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``call``, again and again while the database does not answer: a supervisor has nothing
+    better to do, and its task's record must end up final."""
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except StoreUnavailable as exc:  # a lost reply too: every call here may run again
+            print(f"tasklocks: {exc}; trying again", file=sys.stderr, flush=True)
+            time.sleep(PATIENCE)
 
 
 def _reap(child: int) -> None:
@@ -439,9 +501,9 @@ def _killpg(pgid: int, sig: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    url, table, task_id, log_path, *flags = argv
-    supervisor = Supervisor(url, table, int(task_id), log_path, "--no-wait" not in flags)
-    return supervisor.run()
+    url, table, task_id, log_path, ttl, *flags = argv
+    wait = "--no-wait" not in flags
+    return Supervisor(url, table, int(task_id), log_path, wait, float(ttl)).run()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tasklocks.errors import TasklocksError
+from tasklocks._session import DEFAULT_TTL, MIN_TTL
+from tasklocks.errors import TasklocksError, quote
 from tasklocks.locks import LockTable
 from tasklocks.names import validate_name
 from tasklocks.owner import (
@@ -67,7 +68,7 @@ def _check_target(target: str | Sequence[str]) -> str | list[str]:
         module, _, func = target.partition(":")
         if not module or not func or not all(p.isidentifier() for p in module.split(".")):
             raise BadTarget(
-                f"bad task target {target!r}: name a callable as 'package.module:function', "
+                f"bad task target {quote(target)}: name a callable as 'package.module:function', "
                 "or pass a command line as a list of arguments"
             )
         return target
@@ -93,6 +94,8 @@ class Tasks(TaskDB):
     :param url: the database (default ``$TASKLOCKS_DB``, else the per-user SQLite file).
     :param namespace: the lock namespace the tasks' locks live in.
     :param log_dir: where task logs go (default: next to an SQLite file, else the state dir).
+    :param ttl: the ttl of the sessions that keep the tasks' locks (see :func:`connect`): a
+        task whose supervisor cannot renew it in time is stopped (error code ``LOCK_LOST``).
     """
 
     def __init__(
@@ -102,8 +105,12 @@ class Tasks(TaskDB):
         *,
         table: str = "tasklocks",
         log_dir: str | os.PathLike[str] | None = None,
+        ttl: float = DEFAULT_TTL,
     ) -> None:
+        if not MIN_TTL <= ttl < float("inf"):
+            raise ValueError(f"ttl must be at least {MIN_TTL:g} seconds, not {ttl!r}")
         super().__init__(url, namespace, table=table)
+        self.ttl = ttl
         self.log_dir = Path(log_dir) if log_dir is not None else default_log_dir(self.url)
 
     # --- records ------------------------------------------------------------------------------
@@ -205,6 +212,7 @@ class Tasks(TaskDB):
             self.table,
             str(task_id),
             str(log_path),
+            repr(self.ttl),
             *([] if wait_for_locks else ["--no-wait"]),
         ]
         try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tasklocks import HeldLock, TaskRecord
-from tasklocks.errors import clock
+from tasklocks.errors import clock, quote
 
 __all__ = [
     "RANGES",
@@ -253,7 +253,7 @@ def _instant(text: str, name: str) -> float:
         when = dt.datetime.fromisoformat(text)
     except ValueError:
         raise BadRange(
-            f"{name}={text!r} is not a time: use 2026-11-01T10:00 (local time) or seconds "
+            f"{name}={quote(text)} is not a time: use 2026-11-01T10:00 (local time) or seconds "
             "since the epoch"
         ) from None
     return when.timestamp()  # a naive time is local time
@@ -275,7 +275,7 @@ def parse_range(params: Mapping[str, str], now: float) -> tuple[float, float]:
     else:
         match = _LAST.fullmatch(last or "1h")
         if match is None:
-            raise BadRange(f"last={last!r} is not a range: use 15m, 1h, 6h, 24h, 7d or fit")
+            raise BadRange(f"last={quote(last)} is not a range: use 15m, 1h, 6h, 24h, 7d or fit")
         end = now
         start = now - int(match.group(1)) * _UNIT[match.group(2)]
     if not (math.isfinite(start) and math.isfinite(end)) or end <= start:

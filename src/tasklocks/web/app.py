@@ -38,7 +38,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tasklocks import TasklocksError, TaskState
-from tasklocks.errors import clock
+from tasklocks.errors import clock, quote
 from tasklocks.tasks import TaskNotFound
 from tasklocks.web._source import CannotStop, Snapshot, Source, read_log
 from tasklocks.web._view import (
@@ -263,7 +263,8 @@ class Dashboard:
                 request,
                 400,
                 "No such state",
-                f"state={wanted!r} is not a task state; use one of: active, {', '.join(STATES)}",
+                f"state={quote(wanted)} is not a task state; use one of: active, "
+                + ", ".join(STATES),
             )
         held = snapshot.held
         now = time.time()
