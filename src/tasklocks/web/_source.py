@@ -26,6 +26,7 @@ from typing import TypeVar
 
 from tasklocks import HeldLock, StoreUnavailable, TasklocksError, TaskRecord, Tasks
 from tasklocks import current_process as _current_process
+from tasklocks.store import default_url, parse_url
 from tasklocks.tasks import TaskNotFound
 
 __all__ = ["CannotStop", "LogChunk", "Snapshot", "Source", "read_log", "sqlite_file"]
@@ -88,6 +89,9 @@ class Source:
 
     def __init__(self, url: str | None, namespace: str, *, stop_grace: float = 10.0) -> None:
         self.url = url
+        parsed = parse_url(url or default_url())
+        label = {"sqlite": "SQLite", "mysql": "MySQL", "postgresql": "PostgreSQL"}[parsed.scheme]
+        self._where = f"{label} at {parsed.display()}"  # for a banner while it does not answer
         self.namespace = namespace
         self.stop_grace = stop_grace
         self._sqlite = sqlite_file(url) if url else None
@@ -196,7 +200,7 @@ class Source:
             snapshot = self._snapshot
             if time.monotonic() - self._fresh_at > max_age:
                 stale = time.monotonic() - max(self._fresh_at, 0.0)
-                error = snapshot.error or f"the database has not answered for {stale:.0f}s"
+                error = snapshot.error or f"{self._where} has not answered for {stale:.0f}s"
                 snapshot = replace(
                     snapshot, error=error, error_since=snapshot.error_since or time.time()
                 )

@@ -78,7 +78,8 @@ class LockView:
     since_text: str
     held_for: str
     token: int
-    liveness: str  # whatever HeldLock.liveness.value is: alive, dead, unknown, ...
+    liveness: str  # whatever HeldLock.liveness.value is: alive, dead, unknown, expired
+    expires_in: float | None  # seconds its holder's session has left (None: no session)
     note: str | None
 
     @property
@@ -102,6 +103,7 @@ def lock_view(held: HeldLock, now: float) -> LockView:
         held_for=duration(max(0.0, now - h.since)),
         token=h.token,
         liveness=str(held.liveness.value),
+        expires_in=held.expires_in,
         note=h.note,
     )
 
