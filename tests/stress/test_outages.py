@@ -29,7 +29,7 @@ pytestmark = pytest.mark.stress
 
 PROCESSES = 8
 NAMES = ["n0", "n1", "n2"]
-SECONDS = 16.0  # each worker's run
+SECONDS = 11.0  # each worker's run
 BACK_WITHIN = 2.0  # seconds from "the server answers again" to the first success
 
 
@@ -128,7 +128,7 @@ def test_server_restarts_lose_nothing(server: str, namespace: str, tmp_path: Pat
 
     try:
         with restartable(server):
-            results, back = _run(url, namespace, tmp_path, [(3.0, restart), (10.0, restart)])
+            results, back = _run(url, namespace, tmp_path, [(2.0, restart), (6.0, restart)])
         report = _check(results, back, tmp_path, url, namespace)
     finally:
         with tasklocks.connect(url, namespace=namespace) as table:
@@ -152,7 +152,7 @@ def test_cut_connections_lose_nothing(server: str, namespace: str, tmp_path: Pat
         return time.time()
 
     try:
-        faults = [(2.0, cut), (4.0, cut), (6.0, down), (11.0, cut)]
+        faults = [(1.5, cut), (3.0, cut), (4.5, down), (8.5, cut)]
         results, back = _run(url, namespace, tmp_path, faults)
         report = _check(results, back, tmp_path, url, namespace)
     finally:

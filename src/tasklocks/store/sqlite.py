@@ -34,12 +34,17 @@ T = TypeVar("T")
 BUSY_DEADLINE = 60.0  # seconds a change may wait for SQLite's write lock before giving up
 
 
+_uptime = (0, -1)  # (pid, descriptor of /proc/uptime open in that process)
+
+
 def _host_clock() -> float:
     """Seconds since this host booted, from the kernel: the clock of an SQLite lock table, one
     that no process's faked (libfaketime) or stepped (NTP) wall clock moves."""
+    global _uptime
     try:
-        with open("/proc/uptime", "rb") as f:
-            return float(f.read().split()[0])
+        if _uptime[0] != os.getpid():  # a fork may have pointed ours at /dev/null
+            _uptime = (os.getpid(), os.open("/proc/uptime", os.O_RDONLY | os.O_CLOEXEC))
+        return float(os.pread(_uptime[1], 64, 0).split()[0])
     except (OSError, ValueError, IndexError):  # no /proc: this process's clock, then
         return time.clock_gettime(time.CLOCK_BOOTTIME)
 

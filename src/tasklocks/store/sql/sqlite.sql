@@ -34,8 +34,9 @@ UPDATE {t} SET data = ?, version = version + 1 WHERE namespace = ? AND version =
 SELECT namespace FROM {t};
 -- name: now
 -- The host's boot clock (seconds since boot, read from /proc/uptime by the adapter: no process's
--- faked or stepped wall clock can move it); sessions of an earlier boot are forgotten.
-tasklocks_now()
+-- faked or stepped wall clock can move it); sessions of an earlier boot are forgotten. A scalar
+-- subquery, so that a statement reads it once, not once per row.
+(SELECT tasklocks_now())
 -- name: create_sessions
 CREATE TABLE IF NOT EXISTS {t}_sessions (id TEXT PRIMARY KEY, owner TEXT NOT NULL,
     host TEXT NOT NULL, pid INTEGER, ttl REAL NOT NULL, expires REAL NOT NULL, boot TEXT);
