@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from tasklocks._clock import pause
 from tasklocks.errors import StoreError
-from tasklocks.owner import group_is_empty
+from tasklocks.owner import group_is_empty, pid_is_gone, process_start_token
 from tasklocks.store import open_store
 
 __all__ = ["Keeper", "fork_keeper"]
@@ -56,6 +56,7 @@ def fork_keeper(url: str, table: str, *, pid: int | None = None, pgid: int | Non
     has threads or database connections: it is a fork)."""
     read_end, write_end = os.pipe()
     owner = os.getpid()
+    start = None if pid is None else process_start_token(pid)
     child = os.fork()
     if child == 0:  # pragma: no cover - the keeper's own process; tests watch it from outside
         code = 0
@@ -63,7 +64,8 @@ def fork_keeper(url: str, table: str, *, pid: int | None = None, pgid: int | Non
             os.close(write_end)
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the command
             if pid is not None:
-                watch = _Watched(lambda: not _gone(pid), lambda sig: os.kill(pid, sig))
+                alive = (lambda: not pid_is_gone(pid, start)) if start else (lambda: False)
+                watch = _Watched(alive, lambda sig: os.kill(pid, sig))
             else:
                 assert pgid is not None
                 watch = _Watched(lambda: not group_is_empty(pgid), lambda sig: os.killpg(pgid, sig))
@@ -75,20 +77,6 @@ def fork_keeper(url: str, table: str, *, pid: int | None = None, pgid: int | Non
             os._exit(code)
     os.close(read_end)
     return Keeper(child, write_end)
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
 
 
 class _Watched:

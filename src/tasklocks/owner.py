@@ -33,6 +33,7 @@ __all__ = [
     "group_is_empty",
     "holder_liveness",
     "owner_is_dead",
+    "pid_is_gone",
     "pid_namespace",
     "process_identity",
     "process_liveness",
@@ -150,7 +151,8 @@ def default_owner(identity: ProcessIdentity) -> str:
     return f"pid:{identity.host}:{identity.pid}"
 
 
-def _pid_is_gone(pid: int, start: str | None) -> bool:
+def pid_is_gone(pid: int, start: str | None) -> bool:
+    """Is process ``pid`` (started at ``start``, if known) provably gone?"""
     fields = _stat_fields(pid)
     if fields is None:
         # No /proc entry we can read. /proc may hide other users' processes (hidepid), so
@@ -233,7 +235,7 @@ def process_liveness(
         return Liveness.DEAD if local_db else Liveness.UNKNOWN
     if pid == me.pid and start == me.start:
         return Liveness.ALIVE
-    if not _pid_is_gone(pid, start):
+    if not pid_is_gone(pid, start):
         return Liveness.ALIVE
     if pgid is not None and not group_is_empty(pgid):
         return Liveness.ALIVE

@@ -73,15 +73,17 @@ class Call:
 
 @functools.cache
 def load(dialect: str) -> dict[str, str]:
-    """The named statements of ``dialect`` (``sqlite``, ``mysql``, ``postgres``), as written."""
-    text = resources.files(__package__).joinpath("sql", f"{dialect}.sql").read_text("utf-8")
+    """The named statements of ``dialect`` (``sqlite``, ``mysql``, ``postgres``), as written:
+    those of ``sql/common.sql``, unless ``sql/<dialect>.sql`` names one too."""
     found: dict[str, list[str]] = {}
-    lines: list[str] | None = None
-    for line in text.splitlines():
-        if line.startswith("-- name:"):
-            lines = found.setdefault(line.removeprefix("-- name:").strip(), [])
-        elif lines is not None and not line.lstrip().startswith("--"):
-            lines.append(line.rstrip())
+    for name in ("common", dialect):
+        text = resources.files(__package__).joinpath("sql", f"{name}.sql").read_text("utf-8")
+        lines: list[str] | None = None
+        for line in text.splitlines():
+            if line.startswith("-- name:"):
+                lines = found[line.removeprefix("-- name:").strip()] = []
+            elif lines is not None and not line.lstrip().startswith("--"):
+                lines.append(line.rstrip())
     return {name: "\n".join(body).strip("\n").removesuffix(";") for name, body in found.items()}
 
 
@@ -126,7 +128,8 @@ class SQLStore(ABC):
         raw = load(self.DIALECT)
         types = dict(kind.split(":", 1) for kind in raw["task_types"].split(", "))
         columns = ", ".join(f"{self._column(n)} {types[kind]}" for n, kind in TASK_COLUMNS)
-        values = {**values, "now": raw["now"], "t": table, "task_columns": columns}
+        values = {**values, "now": raw["now"], "mark": self.MARK, "t": table}
+        values["task_columns"] = columns
         self._sql = {name: fill(text, **values) for name, text in raw.items()}
 
     # --- what a dialect supplies ----------------------------------------------------------------

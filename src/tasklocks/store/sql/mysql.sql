@@ -15,8 +15,6 @@ INSERT IGNORE INTO {t}_meta (`key`, value) VALUES ('schema_version', %s);
 SELECT value FROM {t}_meta WHERE `key` = 'schema_version';
 -- name: insert_row
 INSERT IGNORE INTO {t} (namespace, version, data) VALUES (%s, 0, %s);
--- name: select
-SELECT version, data FROM {t} WHERE namespace = %s;
 -- name: lock_row
 -- The pessimistic path: two round trips of several statements each (CLIENT.MULTI_STATEMENTS).
 -- The sessions are read after the row's lock is granted (REPEATABLE READ takes its snapshot at
@@ -25,8 +23,6 @@ START TRANSACTION; SELECT version, data FROM {t} WHERE namespace = %s FOR UPDATE
 SELECT id, expires - {now} FROM {t}_sessions;
 -- name: read_row
 SELECT version, data FROM {t} WHERE namespace = %s; SELECT id, expires - {now} FROM {t}_sessions;
--- name: select_version
-SELECT version FROM {t} WHERE namespace = %s;
 -- name: check
 -- Is the hint still the row? MD5 hashes the column's utf8mb4 bytes, which are the UTF-8 bytes
 -- Python hashes (https://dev.mysql.com/doc/refman/8.0/en/encryption-functions.html#function_md5).
@@ -39,8 +35,6 @@ UPDATE {t} SET data = %s, version = version + 1 WHERE namespace = %s AND version
 -- The optimistic swap also compares the data, so a hand edit that kept the version is noticed.
 UPDATE {t} SET data = %s, version = version + 1
     WHERE namespace = %s AND version = %s AND MD5(data) = %s;
--- name: namespaces
-SELECT namespace FROM {t};
 -- name: fast_acquire
 -- One-statement changes (FastPaths), under the row lock of the UPDATE alone. {sets}: a path and
 -- a value per name; {paths}: a path per name; {compact}: JSON_COMPACT on MariaDB. SET runs left to
@@ -88,16 +82,6 @@ f_{f} REGEXP '^-?[0-9]'
 CREATE TABLE IF NOT EXISTS {t}_sessions (id VARCHAR(64) NOT NULL PRIMARY KEY,
     owner VARCHAR(255) NOT NULL, host VARCHAR(255) NOT NULL, pid BIGINT, ttl DOUBLE NOT NULL,
     expires DOUBLE NOT NULL) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
--- name: forget_sessions
-DELETE FROM {t}_sessions WHERE expires < {now} - 3600;
--- name: open_session
-INSERT INTO {t}_sessions (id, owner, host, pid, ttl, expires) VALUES (%s, %s, %s, %s, %s, {now} + %s);
--- name: renew_session
--- A session renews only while it lives: once expired it stays expired, and its holder knows.
-UPDATE {t}_sessions SET expires = {now} + ttl WHERE id = %s AND expires > {now};
--- name: sessions
--- Seconds each session has left, by the database's clock (expired: zero or less).
-SELECT id, expires - {now} FROM {t}_sessions;
 -- name: task_types
 text:LONGTEXT, json:LONGTEXT, state:VARCHAR(32), float:DOUBLE, int:BIGINT
 -- name: create_tasks
@@ -105,11 +89,3 @@ text:LONGTEXT, json:LONGTEXT, state:VARCHAR(32), float:DOUBLE, int:BIGINT
 CREATE TABLE IF NOT EXISTS {t}_tasks (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
     version BIGINT NOT NULL, {task_columns}, INDEX {t}_tasks_state (state))
     ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
--- name: get_task
-SELECT * FROM {t}_tasks WHERE id = %s;
--- name: insert_task
-INSERT INTO {t}_tasks (version{columns}) VALUES (0{values});
--- name: update_task
-UPDATE {t}_tasks SET version = version + 1{sets} WHERE id = %s AND version = %s;
--- name: list_tasks
-SELECT * FROM {t}_tasks{where} ORDER BY id DESC{limit};

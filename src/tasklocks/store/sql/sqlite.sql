@@ -14,24 +14,12 @@ INSERT OR IGNORE INTO {t}_meta (key, value) VALUES ('schema_version', ?);
 SELECT value FROM {t}_meta WHERE key = 'schema_version';
 -- name: begin_immediate
 BEGIN IMMEDIATE;
--- name: commit
-COMMIT;
--- name: rollback
-ROLLBACK;
 -- name: insert_row
 INSERT OR IGNORE INTO {t} (namespace, version, data) VALUES (?, 0, ?);
--- name: select
-SELECT version, data FROM {t} WHERE namespace = ?;
--- name: select_version
-SELECT version FROM {t} WHERE namespace = ?;
 -- name: check
 SELECT version, data FROM {t} WHERE namespace = ?;
--- name: update
-UPDATE {t} SET data = ?, version = version + 1 WHERE namespace = ? AND version = ?;
 -- name: update_if
 UPDATE {t} SET data = ?, version = version + 1 WHERE namespace = ? AND version = ? AND data = ?;
--- name: namespaces
-SELECT namespace FROM {t};
 -- name: now
 -- The host's boot clock (seconds since boot, read from /proc/uptime by the adapter: no process's
 -- faked or stepped wall clock can move it); sessions of an earlier boot are forgotten. A scalar
@@ -45,12 +33,6 @@ DELETE FROM {t}_sessions WHERE expires < {now} - 3600 OR boot IS NOT tasklocks_b
 -- name: open_session
 INSERT INTO {t}_sessions (id, owner, host, pid, ttl, expires, boot)
     VALUES (?, ?, ?, ?, ?, {now} + ?, tasklocks_boot());
--- name: renew_session
--- A session renews only while it lives: once expired it stays expired, and its holder knows.
-UPDATE {t}_sessions SET expires = {now} + ttl WHERE id = ? AND expires > {now};
--- name: sessions
--- Seconds each session has left, by the database's clock (expired: zero or less).
-SELECT id, expires - {now} FROM {t}_sessions;
 -- name: task_types
 text:TEXT, json:TEXT, state:TEXT, float:REAL, int:INTEGER
 -- name: create_tasks
@@ -58,11 +40,3 @@ CREATE TABLE IF NOT EXISTS {t}_tasks (id INTEGER PRIMARY KEY AUTOINCREMENT,
     version INTEGER NOT NULL, {task_columns});
 -- name: create_tasks_index
 CREATE INDEX IF NOT EXISTS {t}_tasks_state ON {t}_tasks (state);
--- name: get_task
-SELECT * FROM {t}_tasks WHERE id = ?;
--- name: insert_task
-INSERT INTO {t}_tasks (version{columns}) VALUES (0{values});
--- name: update_task
-UPDATE {t}_tasks SET version = version + 1{sets} WHERE id = ? AND version = ?;
--- name: list_tasks
-SELECT * FROM {t}_tasks{where} ORDER BY id DESC{limit};

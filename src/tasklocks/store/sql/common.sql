@@ -1,0 +1,34 @@
+-- Statements every dialect runs alike (a dialect's own file may name one differently). {t} is the
+-- checked table name, {mark} the driver's placeholder, {now} the dialect's clock (its "now").
+-- name: select
+SELECT version, data FROM {t} WHERE namespace = {mark};
+-- name: select_version
+SELECT version FROM {t} WHERE namespace = {mark};
+-- name: namespaces
+SELECT namespace FROM {t};
+-- name: update
+UPDATE {t} SET data = {mark}, version = version + 1 WHERE namespace = {mark} AND version = {mark};
+-- name: commit
+COMMIT;
+-- name: rollback
+ROLLBACK;
+-- name: forget_sessions
+-- Sessions that expired an hour ago: their entries are free anyway (a missing one is expired).
+DELETE FROM {t}_sessions WHERE expires < {now} - 3600;
+-- name: open_session
+INSERT INTO {t}_sessions (id, owner, host, pid, ttl, expires)
+    VALUES ({mark}, {mark}, {mark}, {mark}, {mark}, {now} + {mark});
+-- name: renew_session
+-- A session renews only while it lives: once expired it stays expired, and its holder knows.
+UPDATE {t}_sessions SET expires = {now} + ttl WHERE id = {mark} AND expires > {now};
+-- name: sessions
+-- Seconds each session has left, by the database's clock (expired: zero or less).
+SELECT id, expires - {now} FROM {t}_sessions;
+-- name: get_task
+SELECT * FROM {t}_tasks WHERE id = {mark};
+-- name: insert_task
+INSERT INTO {t}_tasks (version{columns}) VALUES (0{values});
+-- name: update_task
+UPDATE {t}_tasks SET version = version + 1{sets} WHERE id = {mark} AND version = {mark};
+-- name: list_tasks
+SELECT * FROM {t}_tasks{where} ORDER BY id DESC{limit};
