@@ -692,3 +692,20 @@ def test_run_without_a_lock_is_an_argparse_usage_error(sqlite_url: str, namespac
     result = cli(sqlite_url, namespace, "run", "--", "true")
     assert result.returncode == 2
     assert "usage: tasklocks run" in result.stderr and "--lock" in result.stderr
+
+
+def test_a_run_killed_while_it_waits_leaves_no_keeper_behind(
+    sqlite_url: str, namespace: str, tmp_path: Path
+) -> None:
+    assert cli(sqlite_url, namespace, "acquire", "x", "--owner", "other").returncode == 0
+    run = start(sqlite_url, namespace, "run", "--lock", "x", "--", "true", stderr=tmp_path / "err")
+    try:
+        wait_until(lambda: "waiting for x" in (tmp_path / "err").read_text(), "run to wait")
+        children = Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()
+        assert children, "run forks its command and a keeper"
+        run.kill()
+        assert finish(run)[0] == -signal.SIGKILL
+        # The command gives up (its parent is gone), the keeper has nothing to keep.
+        wait_until(lambda: all(process_ended(int(p)) for p in children), "run's children to end")
+    finally:
+        stop(run)

@@ -12,6 +12,7 @@ from tasklocks.errors import (
     NotHeld,
     StoreError,
     StoreUnavailable,
+    StoreUnreachable,
     TasklocksError,
 )
 from tasklocks.locks import HeldLock, Lease, LockTable, connect
@@ -35,6 +36,7 @@ __all__ = [
     "ProcessIdentity",
     "StoreError",
     "StoreUnavailable",
+    "StoreUnreachable",
     "TaskRecord",
     "TaskState",
     "TasklocksError",

@@ -25,11 +25,17 @@ from tasklocks.errors import StoreError
 from tasklocks.owner import ProcessIdentity
 from tasklocks.store import Store
 
-__all__ = ["DEFAULT_TTL", "MIN_TTL", "Session"]
+__all__ = ["DEFAULT_TTL", "MIN_TTL", "Session", "margin"]
 
 DEFAULT_TTL = 30.0
 MIN_TTL = 1.0
 RETRY = 0.5  # seconds between renewals while the database does not answer
+
+
+def margin(lifetime: float) -> float:
+    """How much sooner than the database this process assumes its session expired: the
+    database's clock may run a little fast (NTP slews by 500 ppm) or be read coarsely."""
+    return max(0.05, lifetime / 100)
 
 
 class Session:
@@ -44,12 +50,16 @@ class Session:
         self.lost = threading.Event()
         sent = clock()
         store.open_session(self.id, owner, me.host, me.pid, self.lifetime)
-        self.deadline = sent + self.lifetime  # the database cannot expire it before then
+        # The database cannot expire it before sent + lifetime: give up a little sooner.
+        self.deadline = sent + self.lifetime - margin(self.lifetime)
         self._closed = threading.Event()
         self._renewed = threading.Event()  # wakes the watchdog with a later deadline
-        self.on_lost: list[Callable[[], None]] = []
+        self._losing = threading.Lock()
+        self.on_lost: list[Callable[[], None]] = []  # called once, from a thread of the session
+        self.on_renewed: list[Callable[[float], None]] = []  # with the new deadline
         # (namespace, lease) -> give it back: what failed acquisitions may have left
         self.orphans: dict[tuple[str, str], Callable[[str], None]] = {}
+        self._settling = threading.Lock()
         for target, name in ((self._renew, "renew"), (self._watch, "watch")):
             thread = threading.Thread(target=target, name=f"tasklocks-{name}", daemon=True)
             thread.start()
@@ -60,16 +70,20 @@ class Session:
         return self.deadline - clock()
 
     def alive(self) -> bool:
-        """Whether the session still holds (False: lost, or this process is a fork)."""
+        """Whether the session still holds (False: lost, or this process is a fork of its
+        owner). The session's own threads set :attr:`lost`; a deadline found passed here wakes
+        its watchdog at once."""
         if self.left <= 0:
-            self._lose()
-        return not self.lost.is_set() and self.pid == os.getpid()
+            self._renewed.set()
+        return not self.lost.is_set() and self.pid == os.getpid() and self.left > 0
 
     def _lose(self) -> None:
-        if not self.lost.is_set():
+        with self._losing:
+            if self.lost.is_set():
+                return
             self.lost.set()
-            for callback in self.on_lost:
-                callback()
+        for callback in self.on_lost:
+            callback()
 
     def _renew(self) -> None:
         due = clock() + self.ttl / 3
@@ -85,19 +99,23 @@ class Session:
             if not kept:  # expired by the database's clock: it never comes back
                 self._lose()
                 return
-            self.deadline = sent + self.lifetime
+            self.deadline = sent + self.lifetime - margin(self.lifetime)
             self._renewed.set()
+            for callback in self.on_renewed:
+                callback(self.deadline)
             due = sent + self.ttl / 3
-            self._settle()
+            if self.orphans and not self._settling.locked():  # never keeps renewals waiting
+                threading.Thread(target=self._settle, name="tasklocks-settle", daemon=True).start()
 
     def _settle(self) -> None:
         """The database answers: give back what failed acquisitions may have left."""
-        for key, give_back in list(self.orphans.items()):
-            try:
-                give_back(key[1])
-            except StoreError:
-                return  # next time
-            self.orphans.pop(key, None)
+        with self._settling:
+            for key, give_back in list(self.orphans.items()):
+                try:
+                    give_back(key[1])
+                except StoreError:
+                    return  # next time
+                self.orphans.pop(key, None)
 
     def _watch(self) -> None:
         while True:

@@ -385,9 +385,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 )
             except LockHeld as exc:
                 raise _with_hint(exc, owner, "drop --no-wait to wait for it") from None
+            stop_child = lambda: _stop_child(pid)  # noqa: E731
             if lease.session is not None:
-                keeper.keep(lease.session.id, lease.session.ttl)
-                lease.session.on_lost.append(lambda: _stop_child(pid))
+                keeper.keep(lease.session)
+                lease.session.on_lost.append(stop_child)
             try:
                 previous = _forward_signals(pid)
                 try:
@@ -397,6 +398,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     _restore_signals(previous)
             finally:
                 child.wait()  # never release while the command may still run
+                if lease.session is not None:  # its pid may be another process's from now on
+                    lease.session.on_lost.remove(stop_child)
                 _release(lease.release, " ".join(lease.names))
             lease.check()  # lost while the command ran: it was stopped; say so (exit 75)
             return code

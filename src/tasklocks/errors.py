@@ -25,6 +25,7 @@ __all__ = [
     "NotHeld",
     "StoreError",
     "StoreUnavailable",
+    "StoreUnreachable",
     "TasklocksError",
     "clock",
     "describe_holder",
@@ -176,6 +177,11 @@ class StoreUnavailable(StoreError):
     """The database cannot be reached, logged in to, or its driver is missing."""
 
     exit_code = EXIT_UNAVAILABLE
+
+
+class StoreUnreachable(StoreUnavailable):
+    """The database server did not answer (down, restarting, cut off): it may come back, and
+    whoever can wait may try again (a waiting acquire, a task's supervisor)."""
 
 
 class CorruptLockTable(StoreError):

@@ -4,23 +4,31 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Final, TypeVar
 
 from tasklocks import _core
-from tasklocks._clock import pause
+from tasklocks._clock import clock, pause
 from tasklocks._core import Claimant, Document, Holder
 from tasklocks._fastpath import FastPath
 from tasklocks._session import DEFAULT_TTL, MIN_TTL, Session
 from tasklocks._waiting import OnWait, Wait
 from tasklocks._wake import Waker
-from tasklocks.errors import LeaseLost, LockHeld, NotHeld, StoreUnavailable, TasklocksError
+from tasklocks.errors import (
+    LeaseLost,
+    LockHeld,
+    NotHeld,
+    StoreUnavailable,
+    StoreUnreachable,
+    TasklocksError,
+)
 from tasklocks.names import validate_name, validate_namespace, validate_owner
 from tasklocks.owner import (
     Liveness,
@@ -106,11 +114,21 @@ class Lease:
         holder's lock is never touched)."""
         if self.released:
             raise NotHeld(self.names[0], self.owner, None)
+        if self.session is not None and self.session.pid != os.getpid():
+            raise TasklocksError(
+                f"the lease on {', '.join(self.names)} belongs to process {self.session.pid}; "
+                "a forked child cannot release it (its parent does)"
+            )
         if self.session is not None and not self.session.alive():
             self.released = True
             self.table._give_back(self.lease_id)
             raise LeaseLost(self.names, self.owner, self.token, self.session.ttl)
-        self.table._release(self.names, self.owner, self.lease_id)
+        try:
+            self.table._release(self.names, self.owner, self.lease_id)
+        except StoreUnreachable:
+            self.released = True  # given back as soon as the database answers again
+            self.table._orphan(self.lease_id)
+            raise
         self.released = True
 
     def __enter__(self) -> Lease:
@@ -151,7 +169,8 @@ class LockTable:
         self.namespace = validate_namespace(namespace)
         self.ttl = ttl
         self._session: Session | None = None
-        self._seen: Mapping[str, float] | None = None  # the sessions as last read
+        self._seen: Mapping[str, float] | None = None  # the sessions as last read,
+        self._seen_at = 0.0  # when (the boot clock)
         self._unsure: set[str] = set()  # acquisitions in progress whose write may be applied
         self._orphans: set[str] = set()  # leases of failed acquisitions, to give back
         self._owns_store = owns_store
@@ -178,8 +197,10 @@ class LockTable:
         session = self._session
         if holder.session is None or self._seen is None:
             return float("inf")
-        if session is not None and holder.session == session.id:
+        if session is not None and holder.session == session.id and session.pid == os.getpid():
             return session.left if session.alive() else 0.0
+        # As the database said when it was read (a session renewed since is not judged by this
+        # host's clock: only an expiry the database has seen frees an entry).
         return self._seen.get(holder.session, 0.0)
 
     def _live_session(self) -> Session:
@@ -195,7 +216,7 @@ class LockTable:
 
     def _decode(self, snap: Snapshot) -> Document:
         if snap.sessions is not None:
-            self._seen = snap.sessions
+            self._seen, self._seen_at = snap.sessions, snap.read_at
         cached = self._snap
         if cached is not None and (
             cached is snap or (cached.version == snap.version and cached.data == snap.data)
@@ -228,11 +249,11 @@ class LockTable:
             return None if text is None else (text, wake)
 
         for attempt in range(_LOST_REPLY_RETRIES + 1):
+            if unsure is not None:
+                self._unsure.add(unsure)  # until the outcome is known
             try:
                 snap = self.store.transact(self.namespace, compute, self._snap)
             except OutcomeUnknown:
-                if unsure is not None:
-                    self._unsure.add(unsure)
                 if attempt == _LOST_REPLY_RETRIES:
                     raise
                 # The write may have been applied: the next attempt re-reads and the step
@@ -241,6 +262,8 @@ class LockTable:
                 self._snap = None
                 pause(min(0.05 * 2**attempt, 1.0) * (0.5 + secrets.randbelow(100) / 100))
                 continue
+            if unsure is not None:
+                self._unsure.discard(unsure)  # known now: a lost write of it would be seen here
             new, text, wake, result = box[-1]
             if new is not None and snap.data is text:
                 self._snap, self._doc = snap, new
@@ -253,6 +276,8 @@ class LockTable:
         """Give back what acquisitions that failed may have left (see ``_give_back``)."""
         for lease in list(self._orphans):
             self._give_back(lease)
+            if lease in self._orphans:
+                return  # the database does not answer: the others wait too
 
     def _claimant(
         self, owner: str | None, note: str | None, process: ProcessIdentity | _ThisProcess | None
@@ -267,11 +292,8 @@ class LockTable:
         lease = secrets.token_hex(8)
         if proc is None:  # kept until released: no session
             return Claimant(owner, None, None, None, me.host, None, None, lease, note)
-        session = self._live_session().id
-        p = proc
-        return Claimant(
-            owner, p.pid, p.start, p.boot, p.host, p.pidns, p.pgid, lease, note, session
-        )
+        p = proc  # its session is named on each attempt (see _acquire)
+        return Claimant(owner, p.pid, p.start, p.boot, p.host, p.pidns, p.pgid, lease, note, "")
 
     # --- acquiring ----------------------------------------------------------------------------
 
@@ -330,15 +352,11 @@ class LockTable:
             raise ValueError("acquire() needs at least one lock name")
         wanted = tuple(dict.fromkeys(validate_name(n) for n in names))
         claimant = self._claimant(owner, note, process)
-        session = None if claimant.session is None else self._session
-
-        def lease(token: int) -> Lease:
-            return Lease(self, wanted, claimant.owner, token, claimant.lease, session)
-
         waiting = Wait(self.store, self.namespace, self._waker, self._is_dead, timeout, on_wait)
         self._settle()
         try:
-            return lease(self._acquire(wanted, claimant, waiting if wait else None))
+            token, session = self._acquire(wanted, claimant, waiting if wait else None)
+            return Lease(self, wanted, claimant.owner, token, claimant.lease, session)
         except BaseException:
             if claimant.lease in self._unsure:  # a write of ours may have been applied: undo it
                 with contextlib.suppress(TasklocksError):
@@ -347,49 +365,72 @@ class LockTable:
         finally:
             self._unsure.discard(claimant.lease)
 
-    def _acquire(self, wanted: tuple[str, ...], claimant: Claimant, waiting: Wait | None) -> int:
-        """The token of the acquisition; with ``waiting``, wait for holders and go on waiting
-        while the database cannot be reached."""
+    def _acquire(
+        self, wanted: tuple[str, ...], claimant: Claimant, waiting: Wait | None
+    ) -> tuple[int, Session | None]:
+        """The token of the acquisition and the session that keeps it; with ``waiting``, wait
+        for holders and go on waiting while the database does not answer. Each attempt names
+        the session alive then: a wait may outlast one (paused, cut off)."""
+        session: Session | None = None
         while True:
             try:
+                if claimant.session is not None:
+                    session = self._live_session()
+                    claimant = replace(claimant, session=session.id)
                 token = self._fast_acquire(wanted, claimant)
+                if token is None:
+                    outcome = self._try_acquire(wanted, claimant)
+                    if isinstance(outcome, _core.Granted):
+                        token = outcome.token
+                    elif waiting is None:
+                        raise LockHeld(outcome.blockers)
+                    else:
+                        waiting.begin(outcome.blockers)
+                        token = self._wait_for(wanted, claimant, outcome.blockers, waiting)
                 if token is not None:
-                    return token
-                outcome = self._try_acquire(wanted, claimant)
-                if isinstance(outcome, _core.Granted):
-                    return outcome.token
-                if waiting is None:
-                    raise LockHeld(outcome.blockers)
-                waiting.begin(outcome.blockers)
-                blockers: Mapping[str, Holder] = outcome.blockers
-                while blockers:
-                    expiry = min(self._left(h) for h in blockers.values())
-                    version = self._snap.version if self._snap is not None else 0
-                    waiting.sleep(version, blockers, expiry)
-                    token = self._fast_acquire(wanted, claimant)  # one statement, where it can
-                    if token is not None:
-                        return token
-                    # Look before the full path: with many waiters, each release wakes them all,
-                    # and only a write (which queues for the write lock) could tell them no.
-                    doc = self._decode(self.store.read(self.namespace))
-                    blockers = {
-                        n: doc[n]
-                        for n in wanted
-                        if n in doc and doc[n].lease != claimant.lease and not self._is_dead(doc[n])
-                    }
-            except StoreUnavailable as exc:
+                    if session is None or session.alive():
+                        return token, session
+                    self._give_back(claimant.lease)  # written under a session lost meanwhile
+            except StoreUnreachable as exc:
                 if waiting is None or isinstance(exc, OutcomeUnknown):
                     raise
                 waiting.outage(exc)  # raises LockTimeout (or this) once the time is up
 
+    def _wait_for(
+        self,
+        wanted: tuple[str, ...],
+        claimant: Claimant,
+        blockers: Mapping[str, Holder],
+        waiting: Wait,
+    ) -> int | None:
+        """Sleep until the blockers may be gone. The token if the one-statement path took the
+        names meanwhile; None: try the full path."""
+        while blockers:
+            elapsed = clock() - self._seen_at  # (a guess of when to read again, nothing more)
+            expiry = min(self._left(h) for h in blockers.values()) - elapsed
+            waiting.sleep(self._snap.version if self._snap is not None else 0, blockers, expiry)
+            token = self._fast_acquire(wanted, claimant)  # one statement, where it can
+            if token is not None:
+                return token
+            # Look before the full path: with many waiters, each release wakes them all, and
+            # only a write (which queues for the write lock) could tell them no.
+            doc = self._decode(self.store.read(self.namespace))
+            blockers = {
+                n: doc[n]
+                for n in wanted
+                if n in doc and doc[n].lease != claimant.lease and not self._is_dead(doc[n])
+            }
+        return None
+
     def _fast_acquire(self, names: tuple[str, ...], claimant: Claimant) -> int | None:
         if self._fast is None:
             return None
+        self._unsure.add(claimant.lease)  # until the outcome is known (a reply, a refusal)
         try:
             token = self._fast.acquire(names, claimant, self._snap)
         except OutcomeUnknown:  # the full path re-reads and recognises the entry if written
-            self._unsure.add(claimant.lease)
             return None
+        self._unsure.discard(claimant.lease)
         if token is not None:
             self._snap = None  # written by the database: our copy is old
         return token
@@ -452,11 +493,16 @@ class LockTable:
         try:
             self._change(step)
         except StoreUnavailable:
-            self._orphans.add(lease)
-            if self._session is not None:
-                self._session.orphans[self.namespace, lease] = self._give_back_later
+            self._orphan(lease)
             return
         self._orphans.discard(lease)
+
+    def _orphan(self, lease: str) -> None:
+        """Give ``lease`` back on the next contact with the database (this table's next call,
+        or its session's next renewal)."""
+        self._orphans.add(lease)
+        if self._session is not None:
+            self._session.orphans[self.namespace, lease] = self._give_back_later
 
     def _give_back_later(self, lease: str) -> None:
         """From the session's thread, once the database answers again (no cache touched)."""

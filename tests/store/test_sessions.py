@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import tasklocks
-from tasklocks import LeaseLost, Liveness, LockHeld, LockTable, StoreUnavailable
+from tasklocks import LeaseLost, Liveness, LockHeld, LockTable, StoreUnreachable, TasklocksError
 from tasklocks.store import Compute, OutcomeUnknown, Snapshot, Store, open_store
 
 TTL = 1.0  # the shortest ttl allowed: these tests wait for expiries
@@ -174,7 +174,7 @@ def test_a_lost_lease_is_given_back_and_raises(db_url: str, namespace: str) -> N
         with pytest.raises(LeaseLost) as info:
             lease.check()
         assert info.value.exit_code == 75 and info.value.token == lease.token
-        assert lease.lost.is_set()
+        assert lease.lost.wait(WAIT)  # the watchdog, woken by check(), sets it
         with pytest.raises(LeaseLost):
             lease.release()
         assert table.held() == []  # what was left of it is given back
@@ -191,6 +191,14 @@ def test_a_forked_child_opens_a_session_of_its_own(table: LockTable, tmp_path: P
     if pid == 0:  # pragma: no cover - the child reports through a file
         code = 1
         try:
+            # The parent's session is not this process's, but it lives: its locks too.
+            assert [h.liveness for h in table.held()] == [Liveness.ALIVE]
+            assert table.reap() == {}
+            try:
+                mine.release()
+                raise AssertionError("a forked child released its parent's lease")
+            except TasklocksError as exc:
+                assert "forked child" in str(exc)
             theirs = table.acquire("b")
             assert theirs.session is not None and mine.session is not None
             ok = theirs.session.id != mine.session.id and theirs.session.pid == os.getpid()
@@ -226,7 +234,7 @@ class FlakyStore:
 
     def _check(self) -> None:
         if self.down:
-            raise StoreUnavailable("the database does not answer (test)")
+            raise StoreUnreachable("the database does not answer (test)")
 
     def up(self) -> None:
         self.down = False
@@ -276,7 +284,7 @@ def test_an_acquisition_that_raises_leaves_nothing_behind(
     with LockTable(flaky, namespace, owns_store=True, ttl=TTL) as table:
         table.held()  # the session opens with the first lock: fine while the database answers
         flaky.lose_next_write = True
-        with pytest.raises(StoreUnavailable):
+        with pytest.raises(StoreUnreachable):
             table.acquire("a", owner="task:mine")
         with tasklocks.connect(db_url, namespace=namespace) as other:
             # The write was applied: its entry is there while the database "does not answer".
@@ -290,3 +298,21 @@ def test_an_acquisition_that_raises_leaves_nothing_behind(
                 time.sleep(0.05)
             lease = other.acquire("a", owner="task:other")  # free for anyone again
             assert lease.token > 0
+
+
+def test_a_release_that_raises_is_completed_once_the_database_answers(
+    db_url: str, namespace: str
+) -> None:
+    flaky = FlakyStore(open_store(db_url))
+    with LockTable(flaky, namespace, owns_store=True, ttl=TTL) as table:
+        lease = table.acquire("a", owner="task:mine")
+        flaky.down = True
+        with pytest.raises(StoreUnreachable):
+            lease.release()
+        with tasklocks.connect(db_url, namespace=namespace) as other:
+            assert [h.holder.owner for h in other.held()] == ["task:mine"]  # still held
+            flaky.up()
+            deadline = time.monotonic() + WAIT
+            while other.held():  # given back after the session's next renewal
+                assert time.monotonic() < deadline, "the release was never completed"
+                time.sleep(0.05)

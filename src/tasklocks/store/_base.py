@@ -12,7 +12,9 @@ was still the row. A dialect supplies the methods marked abstract.
 from __future__ import annotations
 
 import functools
+import os
 import select
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, ClassVar, TypeVar
 
+from tasklocks._clock import clock
 from tasklocks._url import ParsedURL, check_table_name
 from tasklocks.errors import StoreError, StoreUnavailable
 
@@ -51,6 +54,7 @@ class Snapshot:
     version: int
     data: str
     sessions: Mapping[str, float] | None = field(default=None, compare=False)
+    read_at: float = field(default=0.0, compare=False)  # when, on this host's boot clock
 
 
 Change = tuple[str, bool]  # (new document text, wake waiters?)
@@ -113,6 +117,9 @@ class SQLStore(ABC):
     _parsed: ParsedURL
     reconnect_timeout: float = 5.0
     _side: SQLStore | None = None  # the sessions' store (see _sessions_store)
+    _idle_ping = 1.0  # seconds idle after which a server connection is checked first
+    REENTRANT: ClassVar[bool] = False  # does a call of this store call the store again?
+    _lock_pid = 0
     _tasks_ready = False
     _optimistic_ok = True  # was the last hint we could judge still the row?
 
@@ -131,6 +138,14 @@ class SQLStore(ABC):
         values = {**values, "now": raw["now"], "mark": self.MARK, "t": table}
         values["task_columns"] = columns
         self._sql = {name: fill(text, **values) for name, text in raw.items()}
+
+    def _mutex(self) -> Any:
+        """The store's lock. In a forked child, a new one: the parent's may be held by a thread
+        the child does not have."""
+        if self._lock_pid != os.getpid():
+            lock = threading.RLock() if self.REENTRANT else threading.Lock()
+            self._lock, self._lock_pid = lock, os.getpid()
+        return self._lock
 
     # --- what a dialect supplies ----------------------------------------------------------------
 
@@ -192,6 +207,9 @@ class SQLStore(ABC):
             side.close()
         self._disconnect()
 
+    def _abandon_connection(self) -> None:  # noqa: B027 (SQLite knows: it rolls back)
+        """Drop the connection after a change whose outcome is unknown (a new one next time)."""
+
     def _commit(self, conn: Any) -> None:
         self._execute(conn, self._sql["commit"])
 
@@ -246,7 +264,7 @@ class SQLStore(ABC):
             if row is None:
                 raise StoreError(f"the row of namespace {namespace!r} vanished; retry")
             self._known.add(namespace)
-            return Snapshot(int(row[0]), str(row[1]), _times(times))
+            return Snapshot(int(row[0]), str(row[1]), _times(times), clock())
 
         return self._locked(body)
 
@@ -280,7 +298,7 @@ class SQLStore(ABC):
         call.sent = True
         done = self._swap(conn, namespace, hint.version, change, digest)
         call.sent = False  # the reply came: the outcome is known
-        return Snapshot(hint.version + 1, change[0], hint.sessions) if done else None
+        return Snapshot(hint.version + 1, change[0], hint.sessions, hint.read_at) if done else None
 
     def _is_current(self, conn: Any, namespace: str, hint: Snapshot) -> bool:
         row = self._execute(conn, self._sql["check"], (namespace,)).fetchone()
@@ -301,7 +319,7 @@ class SQLStore(ABC):
             if row is None:
                 self._known.discard(namespace)
                 raise StoreError(f"the row of namespace {namespace!r} vanished; retry")
-            snap = Snapshot(int(row[0]), str(row[1]), _times(times))
+            snap = Snapshot(int(row[0]), str(row[1]), _times(times), clock())
             if hint is not None and hint.version == snap.version and hint.data == snap.data:
                 self._optimistic_ok = True  # nobody else wrote: try the short path again
             change = compute(snap)
@@ -310,11 +328,13 @@ class SQLStore(ABC):
             else:
                 call.sent = True  # the row is locked: the compare-and-swap cannot miss
                 self._write_and_commit(conn, namespace, snap.version, change)
-                snap = Snapshot(snap.version + 1, change[0], snap.sessions)
+                snap = Snapshot(snap.version + 1, change[0], snap.sessions, snap.read_at)
         except BaseException as exc:
             if not call.sent or self._outcome_known(exc):
                 call.sent = False
                 self._rollback(conn)
+            else:  # interrupted after sending: the connection's state is unknown
+                self._abandon_connection()
             raise
         return snap
 
@@ -322,15 +342,15 @@ class SQLStore(ABC):
 
     def _sessions_store(self) -> SQLStore:
         if self._side is None:
-            self._side = type(self)(
-                self._parsed, table=self.table, reconnect_timeout=self.reconnect_timeout
-            )
+            retry = self.reconnect_timeout
+            self._side = type(self)(self._parsed, table=self.table, reconnect_timeout=retry)
             self._side._side = self._side
+            self._side._idle_ping = float("inf")  # a renewal whose reply is lost is renewed again
         return self._side
 
     def _on_side(self, name: str, params: Sequence[Any]) -> int:
-        side = self._sessions_store()
-        return int(side._locked(lambda c, _: side._execute(c, side._sql[name], params).rowcount))
+        side = self._sessions_store()  # queued as changes are (SQLite's gate)
+        return int(side._changing(lambda c, _: side._execute(c, side._sql[name], params).rowcount))
 
     def open_session(
         self, session: str, owner: str, host: str, pid: int | None, ttl: float

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import threading
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -20,23 +19,24 @@ from typing import Any, ClassVar, TypeVar
 
 from tasklocks._clock import pause
 from tasklocks._url import ParsedURL
-from tasklocks.errors import StoreError, StoreUnavailable
+from tasklocks.errors import StoreError, StoreUnavailable, StoreUnreachable
 from tasklocks.names import validate_name
 from tasklocks.store._base import FAST_MAX_BYTES, Call, OutcomeUnknown, SQLStore, fill, load
 
 __all__ = ["ServerStore"]
 
 T = TypeVar("T")
-IDLE_PING = 1.0  # seconds idle after which a connection is checked before a one-shot write
 RETRIES = 20  # deadlocks, or concurrent schema creation, retried this many times
 RECONNECT_TIMEOUT = 5.0  # seconds a call keeps trying to reach the server
+CONNECT_TIMEOUT = 5  # seconds one connection attempt may take (the URL's connect_timeout=)
+IO_TIMEOUT = 30.0  # seconds a connection may stay silent while a statement runs
 # The fields of a stored entry and their JSON types, as _core.decode checks them (an absent
 # nullable field reads as null there too): the fast paths check every entry the same way.
 _FIELDS = "owner:str pid:int? start:str? boot:str? host:str pidns:str? pgid:int? since:num"
 ENTRY_FIELDS = [f.split(":") for f in (_FIELDS + " token:int lease:str note:str?").split()]
 
 
-class Lost(StoreUnavailable):
+class Lost(StoreUnreachable):
     """No connection (it broke before a change was sent, or cannot be had): safe to retry."""
 
 
@@ -86,7 +86,6 @@ class ServerStore(SQLStore):
         raw = load(self.DIALECT)
         checks = {"valid": raw.get("valid", ""), "entries": entries_check(raw)}
         self._load_sql(table, fast_max=FAST_MAX_BYTES, **checks)
-        self._lock = threading.Lock()
         self._conn: Any = None
         self._pid = 0
         self._used = 0.0  # monotonic time the connection last answered
@@ -218,13 +217,13 @@ class ServerStore(SQLStore):
         deadlocks are retried."""
         deadline = time.monotonic() + self.reconnect_timeout
         attempt = retries = 0
-        with self._lock:
+        with self._mutex():
             while True:
                 call = Call()
                 try:
                     conn = self._connection()
                     with self._errors(call):
-                        if time.monotonic() - self._used > IDLE_PING:
+                        if time.monotonic() - self._used > self._idle_ping:
                             self._ping(conn)  # find a dead idle connection before writing
                         if not self._schema_checked:
                             self._check_schema(conn)
@@ -236,7 +235,7 @@ class ServerStore(SQLStore):
                     attempt += 1
                     wait = min(0.5, 0.02 * 2**attempt) * random.uniform(0.5, 1.0)
                     if time.monotonic() + wait > deadline:
-                        raise StoreUnavailable(
+                        raise StoreUnreachable(
                             f"{self.url} did not answer for {self.reconnect_timeout:g}s ({exc})"
                         ) from exc
                     pause(wait)
@@ -247,6 +246,9 @@ class ServerStore(SQLStore):
                             f"{self.LABEL} at {self._where} kept failing on {self.table}: {exc}"
                         ) from exc
                     pause(random.uniform(0, 0.001 * retries))
+
+    def _abandon_connection(self) -> None:
+        self._drop()
 
     def _outcome_known(self, exc: BaseException) -> bool:
         # A server error in UPDATE or COMMIT stops there: nothing was committed. A lost
@@ -283,7 +285,7 @@ class ServerStore(SQLStore):
         return self._locked(body)
 
     def _disconnect(self) -> None:
-        with self._lock:
+        with self._mutex():
             if self._pid == os.getpid():
                 self._drop()
             self._conn = None

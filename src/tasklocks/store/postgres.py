@@ -20,7 +20,7 @@ from typing import Any
 from tasklocks._clock import pause
 from tasklocks.errors import StoreUnavailable
 from tasklocks.store._base import Change
-from tasklocks.store._sql_server import ServerStore
+from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, ServerStore
 
 __all__ = ["PostgresStore"]
 
@@ -90,7 +90,14 @@ class PostgresStore(ServerStore):
             password=p.password,
             dbname=p.database,
             autocommit=True,
-            connect_timeout=int(float(p.query.get("connect_timeout", 10))),
+            connect_timeout=int(float(p.query.get("connect_timeout", CONNECT_TIMEOUT))),
+            # A connection that went silent (a dropped link, a frozen server) fails within
+            # seconds, not after the kernel's quarter of an hour.
+            keepalives=1,
+            keepalives_idle=5,
+            keepalives_interval=2,
+            keepalives_count=3,
+            tcp_user_timeout=int(IO_TIMEOUT * 1000),
             application_name=options.get("application_name", "tasklocks"),
         )
 
@@ -209,6 +216,8 @@ class PostgresStore(ServerStore):
 
     def _register(self, namespace: str, fd: int, add: bool) -> None:
         """Tell ``fd`` of the namespace's notifications (or stop); start the reader if needed."""
+        if add and self._reader_pid != os.getpid():  # a fork: its parent's waiters are not ours
+            self._listeners_lock, self._listeners = threading.Lock(), {}
         with self._listeners_lock:
             fds = self._listeners.setdefault(namespace, set())
             if not add:

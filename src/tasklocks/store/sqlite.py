@@ -16,7 +16,6 @@ import fcntl
 import os
 import random
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +57,7 @@ class SQLiteStore(SQLStore):
 
     DIALECT = "sqlite"
     MARK = "?"
+    REENTRANT = True
     _driver_errors = (sqlite3.Error,)
     local = True  # every holder runs on this machine (see owner.process_liveness)
     # With a local wake-up channel every release on this host wakes a waiter at once, and
@@ -69,12 +69,11 @@ class SQLiteStore(SQLStore):
         self._parsed = parsed
         self.path = self._where = parsed.path
         self.url = "sqlite:///" + os.path.realpath(parsed.path)  # one name per file (wake-ups)
-        self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
         self._gate_fd: int | None = None
         self._gate_pid = 0
-        with self._lock:
+        with self._mutex():
             self._connect()
 
     # --- connection ---------------------------------------------------------------------------
@@ -156,12 +155,12 @@ class SQLiteStore(SQLStore):
         return StoreError(f"SQLite failed on {self.path!r}: {exc}")
 
     def _locked(self, body: Callable[[Any, Call], T]) -> T:
-        with self._lock:
+        with self._mutex():
             return self._retry(lambda conn: body(conn, Call()))
 
     def _changing(self, body: Callable[[Any, Call], T]) -> T:
         """Changes queue on the gate (see _open_gate)."""
-        with self._lock:
+        with self._mutex():
             self._connect()
             gate = self._gate_fd
             if gate is None:
@@ -206,7 +205,7 @@ class SQLiteStore(SQLStore):
         return self._poll(namespace, version, timeout, wake_fd)
 
     def _disconnect(self) -> None:
-        with self._lock:
+        with self._mutex():
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
             if self._gate_fd is not None and self._gate_pid == os.getpid():

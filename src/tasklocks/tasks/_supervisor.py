@@ -23,17 +23,19 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from tasklocks._keeper import Keeper, fork_keeper
+from tasklocks._clock import pause
+from tasklocks._keeper import Keeper, fork_keeper, point_at_devnull
 from tasklocks.errors import (
     LeaseLost,
     LockHeld,
     LockTimeout,
     NotHeld,
-    StoreUnavailable,
+    StoreUnreachable,
     describe_holder,
 )
 from tasklocks.locks import Lease, LockTable
 from tasklocks.owner import ProcessIdentity, current_process, group_is_empty
+from tasklocks.store import OutcomeUnknown
 from tasklocks.tasks._record import TaskRecord, TaskState
 from tasklocks.tasks._taskdb import TaskDB
 
@@ -114,32 +116,11 @@ def _run_target(record: TaskRecord, result_fd: int) -> int:
     return code
 
 
-def _neutralise_descriptors(keep: set[int]) -> None:
-    """Point every inherited descriptor but ``keep`` at /dev/null.
-
-    The task's process is a fork of the supervisor: it must not keep the supervisor's database
-    connections or the SQLite writers' lock file open (a descendant that outlived a killed
-    supervisor would hold its file lock forever). Their numbers stay taken, so the Python
-    objects that still refer to them can never close a descriptor opened later.
-    """
-    devnull = os.open(os.devnull, os.O_RDWR)
-    try:
-        for name in os.listdir("/proc/self/fd"):
-            fd = int(name)
-            if fd not in keep and fd != devnull:
-                with contextlib.suppress(OSError):
-                    os.dup2(devnull, fd, inheritable=False)
-    except OSError:
-        pass  # no /proc: nothing to do but hope
-    finally:
-        os.close(devnull)
-
-
 def _child(record: TaskRecord, url: str, table: str, gate: int, result_fd: int) -> None:
     """The task's process, right after the fork: wait for the go, then become the task."""
     try:
         os.setpgid(0, 0)
-        _neutralise_descriptors(keep={0, 1, 2, gate, result_fd})
+        point_at_devnull(keep={0, 1, 2, gate, result_fd})
         go = os.read(gate, 1)
         os.close(gate)
         if go != b"g":
@@ -225,8 +206,8 @@ class Supervisor:
         os.close(result_w)
         with contextlib.suppress(OSError):  # the child may have done it first
             os.setpgid(child, child)
-        # Forked before this process has threads or connections of its own: it keeps the
-        # task's locks if this supervisor is killed while the task runs.
+        # Forked while this process has no other thread: it keeps the task's locks if this
+        # supervisor is killed while the task runs.
         self.keeper = fork_keeper(self.url, self.table, pgid=child)
         if local:
             self.tasks = _patient(TaskDB, self.url, table=self.table)
@@ -254,7 +235,7 @@ class Supervisor:
                 _reap(child)
                 return 0
             if lease.session is not None:
-                self.keeper.keep(lease.session.id, lease.session.ttl)
+                self.keeper.keep(lease.session)
                 lease.session.on_lost.append(lambda: self._on_lost(lease))
                 if lease.lost.is_set():
                     self._on_lost(lease)
@@ -351,8 +332,8 @@ class Supervisor:
                         changes["state"] = TaskState.WAITING
                     told = True
                     self._update(**changes)
-            except StoreUnavailable:
-                time.sleep(PATIENCE)  # the database does not answer: the task waits meanwhile
+            except StoreUnreachable:
+                pause(PATIENCE)  # the database does not answer: the task waits meanwhile
             current = self._get()
             stopped = self.stop_reason is not None or current.stop_requested is not None
             if stopped or current.state.is_final or os.waitpid(child, os.WNOHANG)[0] != 0:
@@ -484,9 +465,9 @@ def _patient(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     while True:
         try:
             return call(*args, **kwargs)
-        except StoreUnavailable as exc:  # a lost reply too: every call here may run again
+        except (StoreUnreachable, OutcomeUnknown) as exc:  # every call here may run again
             print(f"tasklocks: {exc}; trying again", file=sys.stderr, flush=True)
-            time.sleep(PATIENCE)
+            pause(PATIENCE)
 
 
 def _reap(child: int) -> None:

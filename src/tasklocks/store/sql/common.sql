@@ -15,15 +15,12 @@ ROLLBACK;
 -- name: forget_sessions
 -- Sessions that expired an hour ago: their entries are free anyway (a missing one is expired).
 DELETE FROM {t}_sessions WHERE expires < {now} - 3600;
--- name: open_session
-INSERT INTO {t}_sessions (id, owner, host, pid, ttl, expires)
-    VALUES ({mark}, {mark}, {mark}, {mark}, {mark}, {now} + {mark});
 -- name: renew_session
 -- A session renews only while it lives: once expired it stays expired, and its holder knows.
 UPDATE {t}_sessions SET expires = {now} + ttl WHERE id = {mark} AND expires > {now};
 -- name: sessions
--- Seconds each session has left, by the database's clock (expired: zero or less).
-SELECT id, expires - {now} FROM {t}_sessions;
+-- Seconds each live session has left, by the database's clock (the others have expired).
+SELECT id, expires - {now} FROM {t}_sessions WHERE expires > {now};
 -- name: get_task
 SELECT * FROM {t}_tasks WHERE id = {mark};
 -- name: insert_task

@@ -20,9 +20,10 @@ INSERT IGNORE INTO {t} (namespace, version, data) VALUES (%s, 0, %s);
 -- The sessions are read after the row's lock is granted (REPEATABLE READ takes its snapshot at
 -- the first plain read): no session an entry of the row names can be missed.
 START TRANSACTION; SELECT version, data FROM {t} WHERE namespace = %s FOR UPDATE;
-SELECT id, expires - {now} FROM {t}_sessions;
+SELECT id, expires - {now} FROM {t}_sessions WHERE expires > {now};
 -- name: read_row
-SELECT version, data FROM {t} WHERE namespace = %s; SELECT id, expires - {now} FROM {t}_sessions;
+SELECT version, data FROM {t} WHERE namespace = %s;
+SELECT id, expires - {now} FROM {t}_sessions WHERE expires > {now};
 -- name: check
 -- Is the hint still the row? MD5 hashes the column's utf8mb4 bytes, which are the UTF-8 bytes
 -- Python hashes (https://dev.mysql.com/doc/refman/8.0/en/encryption-functions.html#function_md5).
@@ -82,6 +83,9 @@ f_{f} REGEXP '^-?[0-9]'
 CREATE TABLE IF NOT EXISTS {t}_sessions (id VARCHAR(64) NOT NULL PRIMARY KEY,
     owner VARCHAR(255) NOT NULL, host VARCHAR(255) NOT NULL, pid BIGINT, ttl DOUBLE NOT NULL,
     expires DOUBLE NOT NULL) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+-- name: open_session
+INSERT IGNORE INTO {t}_sessions (id, owner, host, pid, ttl, expires)
+    VALUES (%s, %s, %s, %s, %s, {now} + %s);
 -- name: task_types
 text:LONGTEXT, json:LONGTEXT, state:VARCHAR(32), float:DOUBLE, int:BIGINT
 -- name: create_tasks

@@ -91,6 +91,10 @@ extract(epoch FROM clock_timestamp())::float8
 CREATE TABLE IF NOT EXISTS {t}_sessions (id TEXT PRIMARY KEY, owner TEXT NOT NULL,
     host TEXT NOT NULL, pid BIGINT, ttl DOUBLE PRECISION NOT NULL,
     expires DOUBLE PRECISION NOT NULL);
+-- name: open_session
+-- A retry after a lost reply finds it there: nothing to do.
+INSERT INTO {t}_sessions (id, owner, host, pid, ttl, expires)
+    VALUES (%s, %s, %s, %s, %s, {now} + %s) ON CONFLICT (id) DO NOTHING;
 -- name: task_types
 text:TEXT, json:TEXT, state:TEXT, float:DOUBLE PRECISION, int:BIGINT
 -- name: create_tasks

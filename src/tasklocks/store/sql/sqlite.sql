@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS {t}_sessions (id TEXT PRIMARY KEY, owner TEXT NOT NUL
 -- name: forget_sessions
 DELETE FROM {t}_sessions WHERE expires < {now} - 3600 OR boot IS NOT tasklocks_boot();
 -- name: open_session
-INSERT INTO {t}_sessions (id, owner, host, pid, ttl, expires, boot)
+INSERT OR IGNORE INTO {t}_sessions (id, owner, host, pid, ttl, expires, boot)
     VALUES (?, ?, ?, ?, ?, {now} + ?, tasklocks_boot());
 -- name: task_types
 text:TEXT, json:TEXT, state:TEXT, float:REAL, int:INTEGER
