@@ -201,6 +201,17 @@ def test_without_a_token_only_loopback_host_names_are_served(sqlite_cli: Cli) ->
     assert rebound.status == 400 and "tasks" not in rebound.body.lower(), rebound
 
 
+def test_any_loopback_address_is_served_without_a_token(sqlite_cli: Cli) -> None:
+    # All of 127.0.0.0/8 is loopback: serve binds it without a token, so pages answer there.
+    server = sqlite_cli.serve("--host", "127.0.0.2")
+    assert server.netloc.startswith("127.0.0.2:"), server.url
+    page = request(server, "/tasks")  # Host: 127.0.0.2:PORT
+    assert page.status == 200 and "<h1>Tasks</h1>" in page.body, page
+    port = server.netloc.rsplit(":", 1)[1]
+    rebound = request(server, "/tasks", headers={"Host": f"attacker.example:{port}"})
+    assert rebound.status == 400, rebound
+
+
 def test_serving_beyond_loopback_needs_a_token(sqlite_cli: Cli) -> None:
     for host in ("0.0.0.0", "192.0.2.10", "example.org"):
         result = sqlite_cli.run("serve", "--host", host, "--port", "0")

@@ -40,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tasklocks import TasklocksError, TaskState
 from tasklocks.errors import clock, quote
 from tasklocks.tasks import TaskNotFound
+from tasklocks.web import is_loopback
 from tasklocks.web._source import CannotStop, Snapshot, Source, read_log
 from tasklocks.web._view import (
     RANGES,
@@ -58,7 +59,6 @@ log = logging.getLogger("tasklocks.web")
 HERE = Path(__file__).resolve().parent
 CSRF_COOKIE = "tasklocks_csrf"
 TOKEN_COOKIE = "tasklocks_token"
-LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 STATES = tuple(s.value for s in TaskState)
 MAX_FORM = 4096  # bytes of a POST body
 PAGE_ROWS = 100  # tasks on the tasks page (?more=1: all that were read)
@@ -119,9 +119,9 @@ class Guard:
             await send(message)
 
         if self.token is None:
-            if _hostname(headers.get("host", "")) not in LOOPBACK_NAMES:
-                # Without a token only this machine may look; a page reached under another
-                # name (DNS rebinding) gets nothing.
+            if not is_loopback(_hostname(headers.get("host", ""))):
+                # Without a token only this machine may look (the addresses `serve` binds
+                # without one); a page reached under another name (DNS rebinding) gets nothing.
                 await _plain(400, "400 Bad Request: unknown host\n")(scope, receive, send_secured)
                 return
         elif not self._authorised(scope, headers):
