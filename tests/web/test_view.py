@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 from tasklocks import HeldLock, Holder, Liveness
 from tasklocks.tasks import TaskRecord, TaskState
 from tasklocks.web import BadBind, check_bind, is_loopback, redact_url
-from tasklocks.web._source import read_log
+from tasklocks.web._source import LogChunk, read_log
 from tasklocks.web._view import (
     BadRange,
     build_timeline,
@@ -25,6 +26,8 @@ from tasklocks.web._view import (
     task_view,
     trim_partial_utf8,
 )
+
+from .conftest import DEADLINE
 
 NOW = 1_800_000_000.0
 
@@ -237,6 +240,28 @@ def test_read_log_reads_only_that_tasks_log(tmp_path: Path) -> None:
     assert chunk.text == "" and chunk.missing is not None
     assert read_log(record(6, log_path=str(link)), 0).missing is not None  # another task's name
     assert read_log(record(5, log_path=str(tmp_path / "x" / "task-5.log")), 0).missing
+
+
+def test_read_log_reads_only_a_regular_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "task-5.log"
+    os.mkfifo(fifo)
+    chunks: list[LogChunk] = []
+    reader = threading.Thread(
+        target=lambda: chunks.append(read_log(record(5, log_path=str(fifo)), None)), daemon=True
+    )
+    reader.start()
+    reader.join(timeout=DEADLINE)
+    if reader.is_alive():
+        with fifo.open("wb"):  # a writer lets the blocked open return
+            pass
+        pytest.fail("reading a FIFO named like a log blocked")
+    [chunk] = chunks
+    assert (chunk.text, chunk.missing) == ("", f"the log {fifo} is not a regular file")
+    directory = tmp_path / "logs" / "task-6.log"
+    directory.mkdir(parents=True)
+    for offset in (None, 0):
+        chunk = read_log(record(6, log_path=str(directory)), offset)
+        assert (chunk.text, chunk.missing) == ("", f"the log {directory} is not a regular file")
 
 
 # --- serve's options -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -308,13 +309,18 @@ def read_log(record: TaskRecord, offset: int | None, limit: int = LOG_CHUNK) -> 
     if path.name != f"task-{record.id}.log":
         return LogChunk("", offset or 0, f"the log path {path} is not this task's log")
     try:
+        # O_NONBLOCK: opening a FIFO put there must not wait for a writer.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return LogChunk("", offset or 0, f"the log {path} is gone")
     except OSError as exc:
         return LogChunk("", offset or 0, f"cannot read the log {path}: {exc.strerror}")
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode):  # a directory, a FIFO, a device...
+        os.close(fd)
+        return LogChunk("", offset or 0, f"the log {path} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+        size = status.st_size
         tail = offset is None
         start = max(0, size - limit) if offset is None else min(max(0, offset), size)
         f.seek(start)
