@@ -226,10 +226,11 @@ def sqlite_cli(tmp_path: Path, namespace: str, cli_factory: Callable[[str, str],
 
 
 @pytest.fixture(scope="session")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where screenshots go: ``$TASKLOCKS_TEST_ARTIFACTS``, else a temporary directory."""
+def artifacts() -> Path:
+    """Where screenshots go: ``$TASKLOCKS_TEST_ARTIFACTS``, else ``build/test-artifacts/`` in the
+    checkout (git ignores ``build/``), where a CI job can keep them after the run."""
     given = os.environ.get("TASKLOCKS_TEST_ARTIFACTS")
-    path = Path(given) if given else tmp_path_factory.mktemp("web-artifacts")
+    path = Path(given) if given else ROOT / "build" / "test-artifacts"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
