@@ -9,7 +9,7 @@ Guards, for every request: the ``Host`` header must name this machine's loopback
 set (against DNS rebinding); with a token, the request must carry it (``Authorization: Bearer``,
 the cookie set by visiting ``/?token=...``), else a bare 401. A POST must come from a page of this
 dashboard: no foreign ``Origin`` or ``Sec-Fetch-Site``, and a CSRF token bound to the browser's
-cookie.
+cookie. A websocket is closed at once: the dashboard has none.
 """
 
 from __future__ import annotations
@@ -106,9 +106,16 @@ class Guard:
         self.cookie = None if token is None else token_cookie_value(token)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":  # start-up and shutdown: no request to check
             await self.app(scope, receive, send)
             return
+        if scope["type"] == "websocket":
+            # The dashboard has no websocket: refuse before anything else (a close before the
+            # handshake is a 403 to the client), so no check is skipped for one.
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":
+            raise RuntimeError(f"the dashboard does not serve ASGI {scope['type']!r} connections")
         headers = Headers(scope=scope)
 
         async def send_secured(message: Message) -> None:
