@@ -41,6 +41,7 @@ IDLE = 5.0  # seconds without a request after which the refresher sleeps
 FRESH_WAIT = 2.0  # seconds a request waits for a fresh snapshot before it takes the last one
 TASK_LIMIT = 500  # the newest tasks read per refresh
 LOG_CHUNK = 64 * 1024  # bytes of a log sent at once
+CLOSE_WAIT = 5.0  # seconds close() waits for the refresher and a database call in progress
 
 
 def _one_line(text: str) -> str:
@@ -271,16 +272,24 @@ class Source:
                 self._stopping.discard(task_id)
             self.refresh_soon()
 
-    def close(self) -> None:
-        """Stop the refresher and close the connections."""
+    def close(self, timeout: float = CLOSE_WAIT) -> None:
+        """Stop the refresher and close the connections, waiting at most ``timeout`` seconds:
+        a database call that hangs keeps its connection (the process is ending) rather than
+        holding up the shutdown."""
+        deadline = time.monotonic() + timeout
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         thread = self._thread
         if thread is not None:
-            thread.join(timeout=5)
-        with self._io:
+            thread.join(timeout=timeout)
+        if not self._io.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            log.warning("tasklocks serve: a database call did not end; not closing its connection")
+            return
+        try:
             self._drop()
+        finally:
+            self._io.release()
 
 
 # --- logs ---------------------------------------------------------------------------------------

@@ -1,0 +1,49 @@
+"""The dashboard's :class:`Source` on an SQLite file of the test: shutdown, the default URL, and
+what it remembers about stop requests."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from tasklocks.tasks import Tasks
+from tasklocks.web._source import Source
+
+from .conftest import DEADLINE
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    """An SQLite database of this test, created."""
+    url = f"sqlite:///{tmp_path}/locks.db"
+    Tasks(url, "web").close()
+    return url
+
+
+def test_close_does_not_wait_for_a_database_call_that_hangs(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = Source(url, "web")
+    inside, release = threading.Event(), threading.Event()
+
+    def hang(tasks: Tasks) -> None:
+        inside.set()
+        release.wait(DEADLINE)
+
+    caller = threading.Thread(target=source.call, args=(hang,), daemon=True)
+    caller.start()
+    assert inside.wait(DEADLINE)
+    try:
+        closer = threading.Thread(target=source.close, kwargs={"timeout": 0.1}, daemon=True)
+        closer.start()
+        closer.join(DEADLINE)
+        assert not closer.is_alive(), "close() waited for the hung call"
+        assert "a database call did not end" in caplog.text
+    finally:
+        release.set()
+        caller.join(DEADLINE)
+    caplog.clear()
+    source.close()  # nothing in progress now: it closes the connection
+    assert "did not end" not in caplog.text
