@@ -7,10 +7,116 @@ by the test, so no database is needed.
 from __future__ import annotations
 
 import asyncio
+import re
+import time
+import urllib.parse
+from pathlib import Path
 
+from starlette.applications import Starlette
 from starlette.types import Message, Receive, Scope, Send
 
-from tasklocks.web.app import Guard
+from tasklocks import current_process
+from tasklocks.tasks import TaskRecord, TaskState
+from tasklocks.web._source import Snapshot, Source
+from tasklocks.web.app import Guard, Settings, create_app
+
+from .conftest import record
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+class FakeSource(Source):
+    """A :class:`Source` whose tasks are the test's (nothing is read from its absent database),
+    and whose stop requests are only recorded."""
+
+    def __init__(self, tmp_path: Path, records: list[TaskRecord]) -> None:
+        super().__init__(f"sqlite:///{tmp_path}/absent.db", "default")
+        self.records = records
+        self.snapshots = 0
+        self.stopped: list[int] = []
+
+    def snapshot(self, *, max_age: float = 1.0) -> Snapshot:
+        self.snapshots += 1
+        return Snapshot(tasks=list(self.records), taken=time.time())
+
+    def request_stop(self, task_id: int) -> TaskRecord:
+        found = self.task(task_id)
+        self.stopped.append(task_id)
+        return found
+
+
+class Reply:
+    """A response: status, headers (lower-case names) and body text."""
+
+    def __init__(self, status: int, headers: dict[str, str], body: str) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def __repr__(self) -> str:
+        return f"<Reply {self.status} {self.headers} {self.body[:300]!r}>"
+
+
+def call(
+    app: Starlette,
+    target: str,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    body: str = "",
+) -> Reply:
+    """One HTTP request to ``app`` over ASGI, as uvicorn would make it (Host: 127.0.0.1:8765)."""
+    path, _, query = target.partition("?")
+    fields = {"host": "127.0.0.1:8765", **{k.lower(): v for k, v in (headers or {}).items()}}
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8765),
+    }
+    pending = [{"type": "http.request", "body": body.encode(), "more_body": False}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return pending.pop() if pending else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start, *rest = sent
+    assert start["type"] == "http.response.start", sent
+    names = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in start["headers"]}
+    text = b"".join(m.get("body", b"") for m in rest).decode()
+    return Reply(start["status"], names, text)
+
+
+def running(task_id: int = 1, **fields: object) -> TaskRecord:
+    """A task running on this host (so it has a stop button)."""
+    now = time.time()
+    values: dict[str, object] = {
+        "state": TaskState.RUNNING,
+        "created": now - 5,
+        "started": now - 4,
+        "host": current_process().host,
+    }
+    return record(task_id, **{**values, **fields})
+
+
+def form_token(app: Starlette, page: str) -> tuple[str, str]:
+    """The CSRF cookie (``name=value``) a page sets, and the form token on it."""
+    reply = call(app, page)
+    match = re.search(r'name="csrf" value="([0-9a-f]+)"', reply.body)
+    assert reply.status == 200 and match is not None, reply
+    return reply.headers["set-cookie"].split(";", 1)[0], match.group(1)
 
 
 def websocket_scope(host: str = "127.0.0.1:8765") -> Scope:
@@ -52,3 +158,35 @@ def test_a_websocket_is_closed_before_anything_else() -> None:
             asyncio.run(Guard(inner, token=token)(websocket_scope(host), receive, send))
             assert sent == [{"type": "websocket.close", "code": 1008}], (token, host)
     assert reached == []  # the application never saw one
+
+
+# --- stopping -----------------------------------------------------------------------------------
+
+
+def test_stop_goes_back_only_to_a_path_of_the_dashboard(tmp_path: Path) -> None:
+    source = FakeSource(tmp_path, [running(1)])
+    app = create_app(Settings(url=source.url), source)
+    cookie, token = form_token(app, "/tasks/1")
+    for given, expected in [
+        ("/tasks?state=active", "/tasks?state=active"),
+        ("/timeline?last=6h", "/timeline?last=6h"),
+        ("/\t/attacker.example/", "/tasks/1"),  # a browser drops the tab: //attacker.example/
+        ("/\n/attacker.example/", "/tasks/1"),
+        ("/\r\n/attacker.example/", "/tasks/1"),
+        ("/\x00/attacker.example/", "/tasks/1"),
+        ("//attacker.example/", "/tasks/1"),
+        ("/\\attacker.example/", "/tasks/1"),
+        ("https://attacker.example/", "/tasks/1"),
+        ("javascript:alert(1)", "/tasks/1"),
+        ("tasks", "/tasks/1"),
+        ("", "/tasks/1"),
+    ]:
+        reply = call(
+            app,
+            "/tasks/1/stop",
+            method="POST",
+            headers={**FORM, "Cookie": cookie, "Origin": "http://127.0.0.1:8765"},
+            body=urllib.parse.urlencode({"csrf": token, "next": given}),
+        )
+        assert (reply.status, reply.headers.get("location")) == (303, expected), given
+    assert source.stopped == [1] * 12

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tasklocks import HeldLock, Holder, Liveness
-from tasklocks.tasks import TaskRecord, TaskState
+from tasklocks.tasks import TaskState
 from tasklocks.web import BadBind, check_bind, is_loopback, redact_url
 from tasklocks.web._source import LogChunk, read_log
 from tasklocks.web._view import (
@@ -27,45 +27,7 @@ from tasklocks.web._view import (
     trim_partial_utf8,
 )
 
-from .conftest import DEADLINE
-
-NOW = 1_800_000_000.0
-
-
-def record(task_id: int = 1, **fields: Any) -> TaskRecord:
-    """A task record with every field defaulted (created a minute before NOW, not started)."""
-    values: dict[str, Any] = {
-        "id": task_id,
-        "version": 0,
-        "kind": f"task {task_id}",
-        "target": ["sleep", "1"],
-        "args": None,
-        "locks": ["app_task:blog"],
-        "namespace": "default",
-        "state": TaskState.PENDING,
-        "percent": None,
-        "message": None,
-        "result": None,
-        "error_code": None,
-        "error_message": None,
-        "exit_code": None,
-        "signal": None,
-        "pid": 4711,
-        "pgid": None,
-        "host": "web-1",
-        "start_token": None,
-        "boot": None,
-        "pidns": None,
-        "created": NOW - 60,
-        "started": None,
-        "finished": None,
-        "log_path": None,
-        "timeout": None,
-        "stop_requested": None,
-        "waited_for": None,
-    }
-    values.update(fields)
-    return TaskRecord(**values)
+from .conftest import DEADLINE, NOW, record
 
 
 def holder(owner: str = "task:1", since: float = NOW - 50) -> Holder:

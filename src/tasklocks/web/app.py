@@ -407,7 +407,7 @@ class Dashboard:
         except CannotStop as exc:
             return self.error(request, 409, "Cannot stop it here", str(exc))
         target = form.get("next", [""])[0]
-        if not (target.startswith("/") and not target.startswith("//") and "\\" not in target):
+        if not _is_own_path(target):
             target = f"/tasks/{task_id}"
         return RedirectResponse(target, status_code=303)
 
@@ -465,6 +465,16 @@ def _with_query(request: Request, **extra: str) -> str:
     query = [(k, v) for k, v in request.query_params.multi_items() if k not in drop]
     query.extend(extra.items())
     return request.url.path + "?" + urllib.parse.urlencode(query)
+
+
+def _is_own_path(target: str) -> bool:
+    """Whether ``target`` (a form's ``next``) is a path of this dashboard, safe to redirect to: one
+    ``/`` first, no scheme, host, backslash or control character (browsers drop tabs and newlines
+    from a URL, so ``/``, a tab and ``/evil.example`` lead to another host)."""
+    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return False
+    parts = urllib.parse.urlsplit(target)
+    return target.isprintable() and not parts.scheme and not parts.netloc
 
 
 def _local_input(epoch: float) -> str:
