@@ -190,3 +190,24 @@ def test_stop_goes_back_only_to_a_path_of_the_dashboard(tmp_path: Path) -> None:
         )
         assert (reply.status, reply.headers.get("location")) == (303, expected), given
     assert source.stopped == [1] * 12
+
+
+# --- who may look -------------------------------------------------------------------------------
+
+
+def test_the_token_in_a_link_is_not_carried_into_the_urls_a_page_makes(tmp_path: Path) -> None:
+    now = time.time()
+    older = [record(n, state=TaskState.SUCCEEDED, created=now - 500 + n) for n in range(2, 102)]
+    source = FakeSource(tmp_path, [running(200), *older])  # 101 tasks: a "more" link
+    app = create_app(Settings(url=source.url, token="s3cret-token"), source)
+    bearer = {"Authorization": "Bearer s3cret-token"}
+    for target in ("/tasks?token=s3cret-token", "/tasks?token=s3cret-token&partial=1"):
+        reply = call(app, target, headers=bearer)  # authorised: no redirect to drop it
+        assert reply.status == 200, reply
+        assert 'href="/tasks?more=1"' in reply.body, target
+        assert 'name="next" value="/tasks"' in reply.body, target
+        assert "token=" not in reply.body and "s3cret" not in reply.body, target
+    page = call(app, "/tasks?state=active&token=s3cret-token", headers=bearer)
+    assert 'data-poll="/tasks?state=active&amp;partial=1"' in page.body, page
+    assert 'name="next" value="/tasks?state=active"' in page.body, page
+    assert "s3cret" not in page.body

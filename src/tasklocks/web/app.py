@@ -453,15 +453,21 @@ class Dashboard:
         return call
 
 
+# Query parameters the URLs a page makes do not carry over: ``partial`` is the poll's own, and
+# ``token`` has done its work once it is a cookie (or a header) and must not spread into links.
+NOT_CARRIED = frozenset({"partial", "token"})
+
+
 def _here(request: Request) -> str:
-    """This page's path and query, without ``partial`` (a safe ``next`` for forms)."""
-    query = [(k, v) for k, v in request.query_params.multi_items() if k != "partial"]
+    """This page's path and query, without ``partial`` or ``token`` (a safe ``next`` for forms)."""
+    query = [(k, v) for k, v in request.query_params.multi_items() if k not in NOT_CARRIED]
     return request.url.path + ("?" + urllib.parse.urlencode(query) if query else "")
 
 
 def _with_query(request: Request, **extra: str) -> str:
-    """This page's URL with ``extra`` query parameters (and without ``partial`` unless given)."""
-    drop = {"partial", *extra}
+    """This page's URL with ``extra`` query parameters, without ``token``, and without
+    ``partial`` unless given."""
+    drop = {*NOT_CARRIED, *extra}
     query = [(k, v) for k, v in request.query_params.multi_items() if k not in drop]
     query.extend(extra.items())
     return request.url.path + "?" + urllib.parse.urlencode(query)
