@@ -139,7 +139,7 @@ def test_the_tasks_page_shows_the_newest_hundred_then_more(sqlite_cli: Cli) -> N
         assert '<a href="/tasks?more=1">Show 5 older tasks</a>' in page.body, path
     assert request(server, "/tasks?more=1").body.count('<tr id="task-') == 105
     partial = request(server, "/tasks?state=succeeded&partial=1")
-    assert partial.status == 200 and "<html" not in partial.body and partial.headers["etag"]
+    assert partial.status == 200 and "<html" not in partial.body
 
 
 def test_the_log_is_read_from_an_offset(sqlite_cli: Cli, tmp_path: Path) -> None:

@@ -247,8 +247,6 @@ class Dashboard:
         body = self.env.get_template(template).render(values)
         response = Response(body, status_code=status, media_type="text/html; charset=utf-8")
         response.headers["cache-control"] = "no-cache"
-        if partial:
-            response.headers["etag"] = '"' + hashlib.sha256(body.encode()).hexdigest()[:32] + '"'
         if new_cookie is not None:
             response.set_cookie(CSRF_COOKIE, new_cookie, httponly=True, samesite="strict", path="/")
         return response
