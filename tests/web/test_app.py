@@ -12,6 +12,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+import pytest
 from starlette.applications import Starlette
 from starlette.types import Message, Receive, Scope, Send
 
@@ -211,3 +212,22 @@ def test_the_token_in_a_link_is_not_carried_into_the_urls_a_page_makes(tmp_path:
     assert 'data-poll="/tasks?state=active&amp;partial=1"' in page.body, page
     assert 'name="next" value="/tasks?state=active"' in page.body, page
     assert "s3cret" not in page.body
+
+
+# --- pages --------------------------------------------------------------------------------------
+
+
+def test_the_tasks_page_uses_the_one_task_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tasklocks.web.app.TASK_LIMIT", 120)  # the one the source reads by
+    now = time.time()
+    records = [record(n, state=TaskState.SUCCEEDED, created=now - n) for n in range(1, 121)]
+    source = FakeSource(tmp_path, records)
+    app = create_app(Settings(url=source.url), source)
+    first = call(app, "/tasks")
+    assert first.body.count('<tr id="task-') == 100 and "Show 20 older tasks" in first.body
+    assert "Only the newest 120 tasks are read." in first.body
+    assert call(app, "/tasks?more=1").body.count('<tr id="task-') == 120
+    source.records = records[:119]
+    assert "Only the newest" not in call(app, "/tasks").body

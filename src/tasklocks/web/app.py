@@ -41,7 +41,7 @@ from tasklocks import TasklocksError, TaskState
 from tasklocks.errors import clock, quote
 from tasklocks.tasks import TaskNotFound
 from tasklocks.web import is_loopback
-from tasklocks.web._source import CannotStop, Snapshot, Source, read_log
+from tasklocks.web._source import TASK_LIMIT, CannotStop, Snapshot, Source, read_log
 from tasklocks.web._view import (
     RANGES,
     BadRange,
@@ -195,7 +195,9 @@ class Dashboard:
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        self.env.globals.update(duration=duration, states=STATES, ranges=RANGES)
+        self.env.globals.update(
+            duration=duration, states=STATES, ranges=RANGES, task_limit=TASK_LIMIT
+        )
         self.env.filters["clock"] = clock
 
     # --- rendering -------------------------------------------------------------------------------
@@ -283,7 +285,7 @@ class Dashboard:
         counts: dict[str, int] = {}
         for r in snapshot.tasks:
             counts[r.state.value] = counts.get(r.state.value, 0) + 1
-        shown = records[: 500 if request.query_params.get("more") else PAGE_ROWS]
+        shown = records[: TASK_LIMIT if request.query_params.get("more") else PAGE_ROWS]
         rows = [(task_view(r, held, now), self.source.can_stop(r)) for r in shown]
         context = {
             "rows": rows,
