@@ -231,3 +231,13 @@ def test_the_tasks_page_uses_the_one_task_limit(
     assert call(app, "/tasks?more=1").body.count('<tr id="task-') == 120
     source.records = records[:119]
     assert "Only the newest" not in call(app, "/tasks").body
+
+
+def test_the_page_header_never_shows_a_password_or_the_query(tmp_path: Path) -> None:
+    source = FakeSource(tmp_path, [])
+    url = "mysql://root:hunter2@db.example:3306/test?ssl_ca=/etc/ca.pem&password=hunter3"
+    page = call(create_app(Settings(url=url), source), "/tasks")
+    assert ">mysql://root@db.example:3306/test · namespace" in page.body, page
+    assert "hunter" not in page.body and "ssl_ca" not in page.body
+    sqlite = call(create_app(Settings(url="sqlite:////var/x.db"), source), "/locks")
+    assert ">sqlite:////var/x.db · namespace" in sqlite.body, sqlite

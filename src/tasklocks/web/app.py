@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tasklocks import TasklocksError, TaskState
 from tasklocks.errors import clock, quote
+from tasklocks.store import default_url, parse_url
 from tasklocks.tasks import TaskNotFound
 from tasklocks.web import is_loopback
 from tasklocks.web._source import TASK_LIMIT, CannotStop, Snapshot, Source, read_log
@@ -81,14 +82,12 @@ class Settings:
     :param url: the database URL (None: ``$TASKLOCKS_DB``, else the default file).
     :param namespace: the lock namespace shown.
     :param token: required on every request when set (None: none, loopback only).
-    :param db_label: the database as shown in the page header (without a password).
     :param stop_grace: seconds between SIGTERM and SIGKILL for the stop button.
     """
 
     url: str | None
     namespace: str = "default"
     token: str | None = None
-    db_label: str = ""
     stop_grace: float = 10.0
 
 
@@ -188,6 +187,8 @@ class Dashboard:
         self.settings = settings
         self.source = source
         self.secret = secrets.token_bytes(32)  # CSRF tokens die with the server
+        # The page header's database: no password, no query string (as error messages show it).
+        self.db_label = parse_url(settings.url or default_url()).display()
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True,
@@ -238,7 +239,7 @@ class Dashboard:
             "snapshot": snapshot,
             "now": now,
             "namespace": self.settings.namespace,
-            "db_label": self.settings.db_label,
+            "db_label": self.db_label,
             "here": _here(request),
             "partial_url": _with_query(request, partial="1"),
             "live": live or reload,
