@@ -16,7 +16,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.types import Message, Receive, Scope, Send
 
-from tasklocks import current_process
+from tasklocks import CorruptLockTable, StoreUnavailable, current_process
 from tasklocks.tasks import TaskRecord, TaskState
 from tasklocks.web._source import Snapshot, Source
 from tasklocks.web.app import Guard, Settings, create_app
@@ -241,3 +241,37 @@ def test_the_page_header_never_shows_a_password_or_the_query(tmp_path: Path) -> 
     assert "hunter" not in page.body and "ssl_ca" not in page.body
     sqlite = call(create_app(Settings(url="sqlite:////var/x.db"), source), "/locks")
     assert ">sqlite:////var/x.db · namespace" in sqlite.body, sqlite
+
+
+class FailingSource(FakeSource):
+    """A source whose single-task reads raise ``error``."""
+
+    def __init__(self, tmp_path: Path, error: Exception) -> None:
+        super().__init__(tmp_path, [])
+        self.error = error
+
+    def task(self, task_id: int, snapshot: Snapshot | None = None) -> TaskRecord:
+        raise self.error
+
+
+def test_only_a_database_that_does_not_answer_is_a_503(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    down = StoreUnavailable("postgresql://db/test did not answer\nfor 5s")
+    corrupt = CorruptLockTable("x", "not\nJSON")
+    for error, status, title, line in [
+        (down, 503, "Database unavailable", "postgresql://db/test did not answer for 5s"),
+        (corrupt, 500, "Error", "is corrupt (not JSON); inspect it, then reset it"),
+    ]:
+        source = FailingSource(tmp_path, error)
+        page = call(create_app(Settings(url=source.url), source), "/tasks/7")
+        assert page.status == status, page
+        assert f"<h1>{status} · {title}</h1>" in page.body, page
+        assert line in page.body, page  # the message, on one line
+        assert "Traceback" not in page.body and "Traceback" not in caplog.text
+    assert "error on /tasks/7: the lock document of namespace 'x' is corrupt (not JSON)" in (
+        caplog.text
+    )
+    unexpected = FailingSource(tmp_path, KeyError("state"))
+    bare = call(create_app(Settings(url=unexpected.url), unexpected), "/tasks/7")
+    assert (bare.status, bare.body) == (500, "500 Internal Server Error: see the server's output\n")

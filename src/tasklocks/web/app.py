@@ -37,7 +37,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tasklocks import TasklocksError, TaskState
+from tasklocks import StoreUnavailable, TasklocksError, TaskState
 from tasklocks.errors import clock, quote
 from tasklocks.store import default_url, parse_url
 from tasklocks.tasks import TaskNotFound
@@ -431,17 +431,22 @@ class Dashboard:
         return response
 
     def guarded(self, endpoint: Endpoint) -> Endpoint:
-        """``endpoint``, answering a database failure with a 503 page and anything unexpected
-        with a bare 500 and one line in the server's output: never a traceback."""
+        """``endpoint``, answering a database that does not answer with a 503 page, another
+        error of tasklocks with a 500 page saying it in one line, and anything unexpected with a
+        bare 500; each also one line in the server's output, never a traceback."""
 
         async def call(request: Request) -> Response:
             try:
                 return await endpoint(request)
             except HTTPException:
                 raise
-            except TasklocksError as exc:  # the database failed under a single read
+            except StoreUnavailable as exc:  # the database failed under a single read
                 text = " ".join(str(exc).split())
                 return self.error(request, 503, "Database unavailable", text)
+            except TasklocksError as exc:  # such as a corrupt lock table: it will not pass
+                text = " ".join(str(exc).split())
+                log.error("tasklocks serve: error on %s: %s", request.url.path, text)
+                return self.error(request, 500, "Error", text)
             except Exception as exc:
                 log.error(
                     "tasklocks serve: unexpected error on %s: %s: %s",
