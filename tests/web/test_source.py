@@ -47,3 +47,18 @@ def test_close_does_not_wait_for_a_database_call_that_hangs(
     caplog.clear()
     source.close()  # nothing in progress now: it closes the connection
     assert "did not end" not in caplog.text
+
+
+def test_without_a_url_a_missing_default_file_is_reported_not_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "state" / "tasklocks" / "tasklocks.db"
+    monkeypatch.delenv("TASKLOCKS_DB", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # where the default file is
+    source = Source(None, "web")
+    try:
+        snapshot = source.snapshot()
+    finally:
+        source.close()
+    assert snapshot.error == f"the database file {db} is missing", snapshot
+    assert not db.exists() and not db.parent.exists()

@@ -96,7 +96,7 @@ class Source:
         self._where = f"{label} at {parsed.display()}"  # for a banner while it does not answer
         self.namespace = namespace
         self.stop_grace = stop_grace
-        self._sqlite = sqlite_file(url) if url else None
+        self._sqlite = sqlite_file(url or default_url())  # None: a server database
         self._tasks: Tasks | None = None
         self._io = threading.Lock()  # one caller of self._tasks at a time
         self._cond = threading.Condition()
