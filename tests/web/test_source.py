@@ -4,10 +4,12 @@ what it remembers about stop requests."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from tasklocks.store import TaskValue
 from tasklocks.tasks import Tasks
 from tasklocks.web._source import Source
 
@@ -62,3 +64,26 @@ def test_without_a_url_a_missing_default_file_is_reported_not_created(
         source.close()
     assert snapshot.error == f"the database file {db} is missing", snapshot
     assert not db.exists() and not db.parent.exists()
+
+
+def test_a_stop_error_is_forgotten_when_the_task_ends(url: str) -> None:
+    with Tasks(url, "web") as tasks:
+        now = time.time()
+        fields: dict[str, TaskValue] = {
+            "kind": "ended",
+            "target": '["true"]',
+            "locks": "[]",
+            "namespace": "web",
+            "created": now - 2,
+            "started": now - 2,
+        }
+        ended = tasks.store.create_task({**fields, "state": "succeeded", "finished": now - 1})
+        running = tasks.store.create_task({**fields, "state": "running"})
+    source = Source(url, "web")
+    source.stop_errors.update({ended: "permission denied", running: "permission denied"})
+    try:
+        snapshot = source.snapshot()  # the first read
+    finally:
+        source.close()
+    assert {r.id for r in snapshot.tasks} == {ended, running}
+    assert source.stop_errors == {running: "permission denied"}

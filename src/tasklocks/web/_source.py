@@ -107,6 +107,7 @@ class Source:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._stopping: set[int] = set()
+        # Why the latest stop of a task failed, until it ends or a later stop succeeds.
         self.stop_errors: dict[int, str] = {}
         self.host = _current_process().host
 
@@ -178,6 +179,9 @@ class Source:
             with self._cond:
                 self._snapshot = snapshot
                 self._fresh_at = time.monotonic()
+                for task in snapshot.tasks:
+                    if task.state.is_final:
+                        self.stop_errors.pop(task.id, None)
                 self._cond.notify_all()
                 pause = REFRESH if snapshot.error is None else RETRY
                 deadline = time.monotonic() + pause
@@ -265,8 +269,12 @@ class Source:
                 tasks.stop(task_id, grace=self.stop_grace)
         except Exception as exc:
             message = _one_line(str(exc) or type(exc).__name__)
-            self.stop_errors[task_id] = message
+            with self._cond:
+                self.stop_errors[task_id] = message
             log.warning("tasklocks serve: could not stop task %s: %s", task_id, message)
+        else:
+            with self._cond:
+                self.stop_errors.pop(task_id, None)
         finally:
             with self._cond:
                 self._stopping.discard(task_id)
