@@ -134,6 +134,30 @@ def test_the_timeline_leaves_out_tasks_outside_the_range_and_marks_crashes() -> 
     assert chart.rows[1].segments[0].title == "task 3 ran 50.0s, running"
 
 
+def test_the_waits_table_lists_only_waits_in_the_range() -> None:
+    # Both run in the last hour; the first did its waiting before it, the second in it.
+    early = record(
+        4,
+        state=TaskState.RUNNING,
+        created=NOW - 5000,
+        waited_for=[waited(NOW - 4900), waited(NOW - 4500, lock="app_task:wiki")],
+        started=NOW - 4000,
+    )
+    late = record(
+        5,
+        state=TaskState.RUNNING,
+        created=NOW - 700,
+        waited_for=[waited(NOW - 600)],
+        started=NOW - 500,
+    )
+    chart = build_timeline([early, late], NOW - 3600, NOW, NOW)
+    assert [(w["task_id"], w["since"]) for w in chart.waits] == [(5, NOW - 600)]
+    assert [[s.kind for s in row.segments] for row in chart.rows] == [
+        ["running"],
+        ["waiting", "running"],
+    ]
+
+
 def test_a_short_wait_keeps_its_lock_in_the_tooltip_only() -> None:
     waiter = record(2, state=TaskState.RUNNING, waited_for=[waited(NOW - 3.0)], started=NOW - 2.9)
     chart = build_timeline([waiter], NOW - 3600, NOW, NOW)
