@@ -275,3 +275,13 @@ def test_only_a_database_that_does_not_answer_is_a_503(
     unexpected = FailingSource(tmp_path, KeyError("state"))
     bare = call(create_app(Settings(url=unexpected.url), unexpected), "/tasks/7")
     assert (bare.status, bare.body) == (500, "500 Internal Server Error: see the server's output\n")
+
+
+def test_a_task_page_takes_one_snapshot(tmp_path: Path) -> None:
+    source = FakeSource(tmp_path, [running(3)])
+    app = create_app(Settings(url=source.url), source)
+    for target in ("/tasks/3", "/tasks/3?partial=1"):
+        before = source.snapshots
+        page = call(app, target)
+        assert page.status == 200 and "Task 3: task 3" in page.body, page
+        assert source.snapshots - before == 1, target

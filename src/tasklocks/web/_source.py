@@ -221,13 +221,14 @@ class Source:
 
     # --- single tasks ----------------------------------------------------------------------------
 
-    def task(self, task_id: int) -> TaskRecord:
-        """One task of this namespace, from the latest snapshot or else from the database.
+    def task(self, task_id: int, snapshot: Snapshot | None = None) -> TaskRecord:
+        """One task of this namespace, from ``snapshot`` (default: the latest) or else from the
+        database.
 
         :raises TaskNotFound: no task with that id in this namespace.
         :raises StoreUnavailable: the database cannot be reached.
         """
-        record = self.snapshot().task(task_id)
+        record = (snapshot or self.snapshot()).task(task_id)
         if record is None:
             if task_id >= 2**63:  # no database keeps such an id
                 raise TaskNotFound(task_id)

@@ -301,8 +301,9 @@ class Dashboard:
     async def task(self, request: Request) -> Response:
         """One task's page: record, locks, wait history and log; a 404 page if unknown."""
         task_id: int = request.path_params["task_id"]
+        snapshot = await run_in_threadpool(self.source.snapshot)
         try:
-            record = await run_in_threadpool(self.source.task, task_id)
+            record = await run_in_threadpool(self.source.task, task_id, snapshot)
         except TaskNotFound:
             return self.error(
                 request,
@@ -310,7 +311,6 @@ class Dashboard:
                 "No such task",
                 f"There is no task {task_id} in namespace {self.settings.namespace}.",
             )
-        snapshot = await run_in_threadpool(self.source.snapshot)
         now = time.time()
         owner = f"task:{task_id}"
         locks = [lock_view(h, now) for h in snapshot.locks if h.holder.owner == owner]
