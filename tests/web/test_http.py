@@ -465,8 +465,11 @@ def test_a_postgresql_server_that_goes_away_shows_a_banner_until_it_returns(
 ) -> None:
     real = server_url("postgresql")
     parts = urllib.parse.urlsplit(real)
+    login, at, _ = parts.netloc.rpartition("@")  # user and password as configured, if any
+    query = [*urllib.parse.parse_qsl(parts.query), ("connect_timeout", "2")]
     through = parts._replace(
-        netloc=f"{parts.username or 'postgres'}@127.0.0.1:{proxy.port}", query="connect_timeout=2"
+        netloc=f"{login if at else 'postgres'}@127.0.0.1:{proxy.port}",
+        query=urllib.parse.urlencode(query),
     ).geturl()
     cli = cli_factory(real, namespace)
     try:
