@@ -285,3 +285,20 @@ def test_a_task_page_takes_one_snapshot(tmp_path: Path) -> None:
         page = call(app, target)
         assert page.status == 200 and "Task 3: task 3" in page.body, page
         assert source.snapshots - before == 1, target
+
+
+def test_html_in_a_tasks_kind_and_message_is_shown_as_text(tmp_path: Path) -> None:
+    payload = "<script>alert(1)</script>"
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    source = FakeSource(tmp_path, [running(9, kind=payload, message=payload, percent=50.0)])
+    app = create_app(Settings(url=source.url), source)
+    for target, shown in [
+        ("/tasks", 2),  # the kind and the progress message
+        ("/tasks?partial=1", 2),
+        ("/tasks/9", 3),  # also the heading
+        ("/tasks/9?partial=1", 3),
+    ]:
+        page = call(app, target)
+        assert page.status == 200, page
+        assert "<script>alert" not in page.body, target
+        assert page.body.count(escaped) == shown, (target, page.body)
