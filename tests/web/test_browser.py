@@ -4,7 +4,8 @@ One scenario per backend, as a person would see it: a task started from the comm
 and its progress bar moves without a reload; a second task on the same lock shows the lock and
 its holder; the locks page shows the holder; the task's log follows live; the stop button stops
 the holder, so the waiter runs; the timeline draws the wait. Every request the browser makes goes
-to the dashboard itself. Screenshots of each page are saved (see the ``artifacts`` fixture).
+to the dashboard itself. Screenshots of each page are saved (see the ``artifacts`` fixture). Then,
+on SQLite: the pages without JavaScript, and a Stop click that live updates must not swallow.
 """
 
 from __future__ import annotations
