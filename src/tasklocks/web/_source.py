@@ -228,7 +228,7 @@ class Source:
         :raises TaskNotFound: no task with that id in this namespace.
         :raises StoreUnavailable: the database cannot be reached.
         """
-        record = (snapshot or self.snapshot()).task(task_id)
+        record = (snapshot if snapshot is not None else self.snapshot()).task(task_id)
         if record is None:
             if task_id >= 2**63:  # no database keeps such an id
                 raise TaskNotFound(task_id)

@@ -433,7 +433,7 @@ class Dashboard:
     def guarded(self, endpoint: Endpoint) -> Endpoint:
         """``endpoint``, answering a database that does not answer with a 503 page, another
         error of tasklocks with a 500 page saying it in one line, and anything unexpected with a
-        bare 500; each also one line in the server's output, never a traceback."""
+        bare 500; those two also with one line in the server's output. Never a traceback."""
 
         async def call(request: Request) -> Response:
             try:
