@@ -32,9 +32,12 @@
   var hoverSince = null;
   function released() { pressed = false; }
   if (live) {
-    live.addEventListener("pointerdown", function () { pressed = true; });
+    live.addEventListener("pointerdown", function (event) {
+      if (event.button === 0) pressed = true; // a right click opens a menu, not a click
+    });
     window.addEventListener("pointerup", released, true);
     window.addEventListener("pointercancel", released, true);
+    window.addEventListener("contextmenu", released, true);
     window.addEventListener("blur", released);
   }
 
