@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tasklocks.tasks import Tasks
+from tasklocks.tasks import TaskRecord, Tasks, TaskState
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +40,45 @@ CHROMIUM_ARGS = [
 # A shell snippet that blocks until the file "$1" exists (at most 60 s: no stray processes).
 BLOCK_UNTIL = 'i=0; while [ ! -e "$1" ] && [ "$i" -lt 6000 ]; do sleep 0.01; i=$((i+1)); done'
 T = TypeVar("T")
+
+
+NOW = 1_800_000_000.0  # the time of records made by record() in pure tests
+
+
+def record(task_id: int = 1, **fields: Any) -> TaskRecord:
+    """A task record with every field defaulted (created a minute before NOW, not started)."""
+    values: dict[str, Any] = {
+        "id": task_id,
+        "version": 0,
+        "kind": f"task {task_id}",
+        "target": ["sleep", "1"],
+        "args": None,
+        "locks": ["app_task:blog"],
+        "namespace": "default",
+        "state": TaskState.PENDING,
+        "percent": None,
+        "message": None,
+        "result": None,
+        "error_code": None,
+        "error_message": None,
+        "exit_code": None,
+        "signal": None,
+        "pid": 4711,
+        "pgid": None,
+        "host": "web-1",
+        "start_token": None,
+        "boot": None,
+        "pidns": None,
+        "created": NOW - 60,
+        "started": None,
+        "finished": None,
+        "log_path": None,
+        "timeout": None,
+        "stop_requested": None,
+        "waited_for": None,
+    }
+    values.update(fields)
+    return TaskRecord(**values)
 
 
 def _unavailable(why: str) -> None:
@@ -226,10 +265,11 @@ def sqlite_cli(tmp_path: Path, namespace: str, cli_factory: Callable[[str, str],
 
 
 @pytest.fixture(scope="session")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where screenshots go: ``$TASKLOCKS_TEST_ARTIFACTS``, else a temporary directory."""
+def artifacts() -> Path:
+    """Where screenshots go: ``$TASKLOCKS_TEST_ARTIFACTS``, else ``build/test-artifacts/`` in the
+    checkout (git ignores ``build/``), where a CI job can keep them after the run."""
     given = os.environ.get("TASKLOCKS_TEST_ARTIFACTS")
-    path = Path(given) if given else tmp_path_factory.mktemp("web-artifacts")
+    path = Path(given) if given else ROOT / "build" / "test-artifacts"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

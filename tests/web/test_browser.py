@@ -4,18 +4,22 @@ One scenario per backend, as a person would see it: a task started from the comm
 and its progress bar moves without a reload; a second task on the same lock shows the lock and
 its holder; the locks page shows the holder; the task's log follows live; the stop button stops
 the holder, so the waiter runs; the timeline draws the wait. Every request the browser makes goes
-to the dashboard itself. Screenshots of each page are saved (see the ``artifacts`` fixture).
+to the dashboard itself. Screenshots of each page are saved (see the ``artifacts`` fixture). Then,
+on SQLite: the pages without JavaScript, and a Stop click that live updates must not swallow.
 """
 
 from __future__ import annotations
 
 import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import DEADLINE, Cli
+from tasklocks.tasks import Tasks, TaskState
+
+from .conftest import DEADLINE, Cli, poll
 
 MS = int(DEADLINE * 1000)
 
@@ -138,3 +142,47 @@ def test_pages_work_without_javascript(
         assert requests and not foreign, foreign
     finally:
         context.close()
+
+
+def test_a_stop_click_is_not_lost_to_a_live_update(
+    sqlite_cli: Cli, page: Any, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=MS)
+    server = sqlite_cli.serve()
+    gates = tmp_path / "gates"
+    task_id = sqlite_cli.start_steps("click me", "app_task:click", gates)
+    page.goto(server.url + "tasks?state=active")
+    row = page.locator(f"#task-{task_id}")
+    expect(row.locator("progress")).to_have_attribute("value", "10.0")
+
+    # Press the Stop button, and keep it pressed while the task's row changes on the server.
+    button = row.locator("form.stop button")
+    box = button.bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    button.evaluate("b => { b.dataset.pressed = '1'; }")  # the element the press began on
+    (gates / "go1").touch()
+    partial = server.url + "tasks?state=active&partial=1"
+
+    def changed() -> bool | None:
+        with urllib.request.urlopen(partial, timeout=DEADLINE) as reply:
+            return 'value="40.0"' in reply.read().decode() or None
+
+    poll("the row to change on the server", changed)
+    # Polls run one after another: the second request starts after the check above, and the third
+    # only after the page handled the second's (changed) fragment.
+    for _ in range(3):
+        with page.expect_response(lambda r: "partial=1" in r.url):
+            pass
+    assert row.locator("progress").get_attribute("value") == "10.0"  # held back, not swapped
+    assert button.get_attribute("data-pressed") == "1"  # the very button that was pressed
+
+    # Releasing it clicks it: the form is sent, the task stops, and the page is live again.
+    with page.expect_navigation():
+        page.mouse.up()
+    with Tasks(sqlite_cli.url, sqlite_cli.namespace) as tasks:
+        poll("the task to stop", lambda: tasks.get(task_id).state is TaskState.STOPPED or None)
+    expect(page.locator(f"#task-{task_id}")).to_have_count(0)  # no longer active

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tasklocks import HeldLock, Holder, Liveness
-from tasklocks.tasks import TaskRecord, TaskState
-from tasklocks.web import BadBind, check_bind, is_loopback, redact_url
-from tasklocks.web._source import read_log
+from tasklocks.tasks import TaskState
+from tasklocks.web import BadBind, check_bind, is_loopback
+from tasklocks.web._source import LogChunk, read_log
 from tasklocks.web._view import (
     BadRange,
     build_timeline,
@@ -26,43 +27,7 @@ from tasklocks.web._view import (
     trim_partial_utf8,
 )
 
-NOW = 1_800_000_000.0
-
-
-def record(task_id: int = 1, **fields: Any) -> TaskRecord:
-    """A task record with every field defaulted (created a minute before NOW, not started)."""
-    values: dict[str, Any] = {
-        "id": task_id,
-        "version": 0,
-        "kind": f"task {task_id}",
-        "target": ["sleep", "1"],
-        "args": None,
-        "locks": ["app_task:blog"],
-        "namespace": "default",
-        "state": TaskState.PENDING,
-        "percent": None,
-        "message": None,
-        "result": None,
-        "error_code": None,
-        "error_message": None,
-        "exit_code": None,
-        "signal": None,
-        "pid": 4711,
-        "pgid": None,
-        "host": "web-1",
-        "start_token": None,
-        "boot": None,
-        "pidns": None,
-        "created": NOW - 60,
-        "started": None,
-        "finished": None,
-        "log_path": None,
-        "timeout": None,
-        "stop_requested": None,
-        "waited_for": None,
-    }
-    values.update(fields)
-    return TaskRecord(**values)
+from .conftest import DEADLINE, NOW, record
 
 
 def holder(owner: str = "task:1", since: float = NOW - 50) -> Holder:
@@ -169,6 +134,30 @@ def test_the_timeline_leaves_out_tasks_outside_the_range_and_marks_crashes() -> 
     assert chart.rows[1].segments[0].title == "task 3 ran 50.0s, running"
 
 
+def test_the_waits_table_lists_only_waits_in_the_range() -> None:
+    # Both run in the last hour; the first did its waiting before it, the second in it.
+    early = record(
+        4,
+        state=TaskState.RUNNING,
+        created=NOW - 5000,
+        waited_for=[waited(NOW - 4900), waited(NOW - 4500, lock="app_task:wiki")],
+        started=NOW - 4000,
+    )
+    late = record(
+        5,
+        state=TaskState.RUNNING,
+        created=NOW - 700,
+        waited_for=[waited(NOW - 600)],
+        started=NOW - 500,
+    )
+    chart = build_timeline([early, late], NOW - 3600, NOW, NOW)
+    assert [(w["task_id"], w["since"]) for w in chart.waits] == [(5, NOW - 600)]
+    assert [[s.kind for s in row.segments] for row in chart.rows] == [
+        ["running"],
+        ["waiting", "running"],
+    ]
+
+
 def test_a_short_wait_keeps_its_lock_in_the_tooltip_only() -> None:
     waiter = record(2, state=TaskState.RUNNING, waited_for=[waited(NOW - 3.0)], started=NOW - 2.9)
     chart = build_timeline([waiter], NOW - 3600, NOW, NOW)
@@ -239,6 +228,28 @@ def test_read_log_reads_only_that_tasks_log(tmp_path: Path) -> None:
     assert read_log(record(5, log_path=str(tmp_path / "x" / "task-5.log")), 0).missing
 
 
+def test_read_log_reads_only_a_regular_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "task-5.log"
+    os.mkfifo(fifo)
+    chunks: list[LogChunk] = []
+    reader = threading.Thread(
+        target=lambda: chunks.append(read_log(record(5, log_path=str(fifo)), None)), daemon=True
+    )
+    reader.start()
+    reader.join(timeout=DEADLINE)
+    if reader.is_alive():
+        with fifo.open("wb"):  # a writer lets the blocked open return
+            pass
+        pytest.fail("reading a FIFO named like a log blocked")
+    [chunk] = chunks
+    assert (chunk.text, chunk.missing) == ("", f"the log {fifo} is not a regular file")
+    directory = tmp_path / "logs" / "task-6.log"
+    directory.mkdir(parents=True)
+    for offset in (None, 0):
+        chunk = read_log(record(6, log_path=str(directory)), offset)
+        assert (chunk.text, chunk.missing) == ("", f"the log {directory} is not a regular file")
+
+
 # --- serve's options -----------------------------------------------------------------------------
 
 
@@ -253,9 +264,3 @@ def test_loopback_hosts_need_no_token_and_others_do() -> None:
         check_bind("0.0.0.0", 8765, " ")
     with pytest.raises(BadBind, match="not a port"):
         check_bind("127.0.0.1", 65536, None)
-
-
-def test_the_page_header_never_shows_a_password() -> None:
-    assert redact_url("mysql://root:hunter2@db:3306/test") == "mysql://root:***@db:3306/test"
-    assert redact_url("postgresql://app@db/test") == "postgresql://app@db/test"
-    assert redact_url("sqlite:////var/x.db") == "sqlite:////var/x.db"

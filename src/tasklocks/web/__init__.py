@@ -13,7 +13,6 @@ import logging
 import os
 import socket
 import sys
-import urllib.parse
 from typing import TextIO
 
 from tasklocks.errors import EXIT_UNAVAILABLE, EXIT_USAGE, TasklocksError
@@ -25,7 +24,6 @@ __all__ = [
     "MissingExtra",
     "check_bind",
     "is_loopback",
-    "redact_url",
     "serve",
     "token_from_env",
 ]
@@ -71,16 +69,6 @@ def check_bind(host: str, port: int, token: str | None) -> None:
             f"serving on {host} lets other machines in: add --token TOKEN (or set "
             f"TASKLOCKS_TOKEN), or serve on {DEFAULT_HOST}"
         )
-
-
-def redact_url(url: str) -> str:
-    """A database URL without its password, for the page header."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 def _require_extra() -> None:
@@ -140,7 +128,7 @@ def serve(
             Tasks(url, namespace).close()
         except StoreUnavailable as exc:
             _warn(" ".join(str(exc).split()))
-    settings = Settings(url=url, namespace=namespace, token=token, db_label=redact_url(url))
+    settings = Settings(url=url, namespace=namespace, token=token)
     app = create_app(settings)
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

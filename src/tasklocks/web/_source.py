@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +41,7 @@ IDLE = 5.0  # seconds without a request after which the refresher sleeps
 FRESH_WAIT = 2.0  # seconds a request waits for a fresh snapshot before it takes the last one
 TASK_LIMIT = 500  # the newest tasks read per refresh
 LOG_CHUNK = 64 * 1024  # bytes of a log sent at once
+CLOSE_WAIT = 5.0  # seconds close() waits for the refresher and a database call in progress
 
 
 def _one_line(text: str) -> str:
@@ -94,7 +96,7 @@ class Source:
         self._where = f"{label} at {parsed.display()}"  # for a banner while it does not answer
         self.namespace = namespace
         self.stop_grace = stop_grace
-        self._sqlite = sqlite_file(url) if url else None
+        self._sqlite = sqlite_file(url or default_url())  # None: a server database
         self._tasks: Tasks | None = None
         self._io = threading.Lock()  # one caller of self._tasks at a time
         self._cond = threading.Condition()
@@ -105,6 +107,7 @@ class Source:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._stopping: set[int] = set()
+        # Why the latest stop of a task failed, until it ends or a later stop succeeds.
         self.stop_errors: dict[int, str] = {}
         self.host = _current_process().host
 
@@ -176,6 +179,9 @@ class Source:
             with self._cond:
                 self._snapshot = snapshot
                 self._fresh_at = time.monotonic()
+                for task in snapshot.tasks:
+                    if task.state.is_final:
+                        self.stop_errors.pop(task.id, None)
                 self._cond.notify_all()
                 pause = REFRESH if snapshot.error is None else RETRY
                 deadline = time.monotonic() + pause
@@ -215,13 +221,14 @@ class Source:
 
     # --- single tasks ----------------------------------------------------------------------------
 
-    def task(self, task_id: int) -> TaskRecord:
-        """One task of this namespace, from the latest snapshot or else from the database.
+    def task(self, task_id: int, snapshot: Snapshot | None = None) -> TaskRecord:
+        """One task of this namespace, from ``snapshot`` (default: the latest) or else from the
+        database.
 
         :raises TaskNotFound: no task with that id in this namespace.
         :raises StoreUnavailable: the database cannot be reached.
         """
-        record = self.snapshot().task(task_id)
+        record = (snapshot if snapshot is not None else self.snapshot()).task(task_id)
         if record is None:
             if task_id >= 2**63:  # no database keeps such an id
                 raise TaskNotFound(task_id)
@@ -263,23 +270,35 @@ class Source:
                 tasks.stop(task_id, grace=self.stop_grace)
         except Exception as exc:
             message = _one_line(str(exc) or type(exc).__name__)
-            self.stop_errors[task_id] = message
+            with self._cond:
+                self.stop_errors[task_id] = message
             log.warning("tasklocks serve: could not stop task %s: %s", task_id, message)
+        else:
+            with self._cond:
+                self.stop_errors.pop(task_id, None)
         finally:
             with self._cond:
                 self._stopping.discard(task_id)
             self.refresh_soon()
 
-    def close(self) -> None:
-        """Stop the refresher and close the connections."""
+    def close(self, timeout: float = CLOSE_WAIT) -> None:
+        """Stop the refresher and close the connections, waiting at most ``timeout`` seconds:
+        a database call that hangs keeps its connection (the process is ending) rather than
+        holding up the shutdown."""
+        deadline = time.monotonic() + timeout
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         thread = self._thread
         if thread is not None:
-            thread.join(timeout=5)
-        with self._io:
+            thread.join(timeout=timeout)
+        if not self._io.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            log.warning("tasklocks serve: a database call did not end; not closing its connection")
+            return
+        try:
             self._drop()
+        finally:
+            self._io.release()
 
 
 # --- logs ---------------------------------------------------------------------------------------
@@ -308,13 +327,18 @@ def read_log(record: TaskRecord, offset: int | None, limit: int = LOG_CHUNK) -> 
     if path.name != f"task-{record.id}.log":
         return LogChunk("", offset or 0, f"the log path {path} is not this task's log")
     try:
+        # O_NONBLOCK: opening a FIFO put there must not wait for a writer.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return LogChunk("", offset or 0, f"the log {path} is gone")
     except OSError as exc:
         return LogChunk("", offset or 0, f"cannot read the log {path}: {exc.strerror}")
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode):  # a directory, a FIFO, a device...
+        os.close(fd)
+        return LogChunk("", offset or 0, f"the log {path} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+        size = status.st_size
         tail = offset is None
         start = max(0, size - limit) if offset is None else min(max(0, offset), size)
         f.seek(start)

@@ -421,6 +421,8 @@ def build_timeline(
             groups.setdefault((float(entry["since"]), entry["until"]), []).append(entry)
         for (since, until), entries in groups.items():
             stop = now if until is None else float(until)
+            if stop < start or since > end:  # neither drawn nor listed
+                continue
             timeline.waits.append(
                 {
                     "task_id": r.id,
@@ -431,8 +433,6 @@ def build_timeline(
                     "seconds": stop - since,
                 }
             )
-            if stop < start or since > end:
-                continue
             held_by = "; ".join(
                 f"{e['lock']} held by {e.get('owner')}"
                 + (f" ({e['note']})" if e.get("note") else "")

@@ -9,7 +9,7 @@ Guards, for every request: the ``Host`` header must name this machine's loopback
 set (against DNS rebinding); with a token, the request must carry it (``Authorization: Bearer``,
 the cookie set by visiting ``/?token=...``), else a bare 401. A POST must come from a page of this
 dashboard: no foreign ``Origin`` or ``Sec-Fetch-Site``, and a CSRF token bound to the browser's
-cookie.
+cookie. A websocket is closed at once: the dashboard has none.
 """
 
 from __future__ import annotations
@@ -37,10 +37,12 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tasklocks import TasklocksError, TaskState
+from tasklocks import StoreUnavailable, TasklocksError, TaskState
 from tasklocks.errors import clock, quote
+from tasklocks.store import default_url, parse_url
 from tasklocks.tasks import TaskNotFound
-from tasklocks.web._source import CannotStop, Snapshot, Source, read_log
+from tasklocks.web import is_loopback
+from tasklocks.web._source import TASK_LIMIT, CannotStop, Snapshot, Source, read_log
 from tasklocks.web._view import (
     RANGES,
     BadRange,
@@ -58,7 +60,6 @@ log = logging.getLogger("tasklocks.web")
 HERE = Path(__file__).resolve().parent
 CSRF_COOKIE = "tasklocks_csrf"
 TOKEN_COOKIE = "tasklocks_token"
-LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 STATES = tuple(s.value for s in TaskState)
 MAX_FORM = 4096  # bytes of a POST body
 PAGE_ROWS = 100  # tasks on the tasks page (?more=1: all that were read)
@@ -81,14 +82,12 @@ class Settings:
     :param url: the database URL (None: ``$TASKLOCKS_DB``, else the default file).
     :param namespace: the lock namespace shown.
     :param token: required on every request when set (None: none, loopback only).
-    :param db_label: the database as shown in the page header (without a password).
     :param stop_grace: seconds between SIGTERM and SIGKILL for the stop button.
     """
 
     url: str | None
     namespace: str = "default"
     token: str | None = None
-    db_label: str = ""
     stop_grace: float = 10.0
 
 
@@ -106,9 +105,16 @@ class Guard:
         self.cookie = None if token is None else token_cookie_value(token)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":  # start-up and shutdown: no request to check
             await self.app(scope, receive, send)
             return
+        if scope["type"] == "websocket":
+            # The dashboard has no websocket: refuse before anything else (a close before the
+            # handshake is a 403 to the client), so no check is skipped for one.
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":
+            raise RuntimeError(f"the dashboard does not serve ASGI {scope['type']!r} connections")
         headers = Headers(scope=scope)
 
         async def send_secured(message: Message) -> None:
@@ -119,9 +125,9 @@ class Guard:
             await send(message)
 
         if self.token is None:
-            if _hostname(headers.get("host", "")) not in LOOPBACK_NAMES:
-                # Without a token only this machine may look; a page reached under another
-                # name (DNS rebinding) gets nothing.
+            if not is_loopback(_hostname(headers.get("host", ""))):
+                # Without a token only this machine may look (the addresses `serve` binds
+                # without one); a page reached under another name (DNS rebinding) gets nothing.
                 await _plain(400, "400 Bad Request: unknown host\n")(scope, receive, send_secured)
                 return
         elif not self._authorised(scope, headers):
@@ -181,6 +187,8 @@ class Dashboard:
         self.settings = settings
         self.source = source
         self.secret = secrets.token_bytes(32)  # CSRF tokens die with the server
+        # The page header's database: no password, no query string (as error messages show it).
+        self.db_label = parse_url(settings.url or default_url()).display()
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True,
@@ -188,7 +196,9 @@ class Dashboard:
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        self.env.globals.update(duration=duration, states=STATES, ranges=RANGES)
+        self.env.globals.update(
+            duration=duration, states=STATES, ranges=RANGES, task_limit=TASK_LIMIT
+        )
         self.env.filters["clock"] = clock
 
     # --- rendering -------------------------------------------------------------------------------
@@ -229,7 +239,7 @@ class Dashboard:
             "snapshot": snapshot,
             "now": now,
             "namespace": self.settings.namespace,
-            "db_label": self.settings.db_label,
+            "db_label": self.db_label,
             "here": _here(request),
             "partial_url": _with_query(request, partial="1"),
             "live": live or reload,
@@ -240,8 +250,6 @@ class Dashboard:
         body = self.env.get_template(template).render(values)
         response = Response(body, status_code=status, media_type="text/html; charset=utf-8")
         response.headers["cache-control"] = "no-cache"
-        if partial:
-            response.headers["etag"] = '"' + hashlib.sha256(body.encode()).hexdigest()[:32] + '"'
         if new_cookie is not None:
             response.set_cookie(CSRF_COOKIE, new_cookie, httponly=True, samesite="strict", path="/")
         return response
@@ -278,7 +286,7 @@ class Dashboard:
         counts: dict[str, int] = {}
         for r in snapshot.tasks:
             counts[r.state.value] = counts.get(r.state.value, 0) + 1
-        shown = records[: 500 if request.query_params.get("more") else PAGE_ROWS]
+        shown = records[: TASK_LIMIT if request.query_params.get("more") else PAGE_ROWS]
         rows = [(task_view(r, held, now), self.source.can_stop(r)) for r in shown]
         context = {
             "rows": rows,
@@ -293,8 +301,9 @@ class Dashboard:
     async def task(self, request: Request) -> Response:
         """One task's page: record, locks, wait history and log; a 404 page if unknown."""
         task_id: int = request.path_params["task_id"]
+        snapshot = await run_in_threadpool(self.source.snapshot)
         try:
-            record = await run_in_threadpool(self.source.task, task_id)
+            record = await run_in_threadpool(self.source.task, task_id, snapshot)
         except TaskNotFound:
             return self.error(
                 request,
@@ -302,7 +311,6 @@ class Dashboard:
                 "No such task",
                 f"There is no task {task_id} in namespace {self.settings.namespace}.",
             )
-        snapshot = await run_in_threadpool(self.source.snapshot)
         now = time.time()
         owner = f"task:{task_id}"
         locks = [lock_view(h, now) for h in snapshot.locks if h.holder.owner == owner]
@@ -400,7 +408,7 @@ class Dashboard:
         except CannotStop as exc:
             return self.error(request, 409, "Cannot stop it here", str(exc))
         target = form.get("next", [""])[0]
-        if not (target.startswith("/") and not target.startswith("//") and "\\" not in target):
+        if not _is_own_path(target):
             target = f"/tasks/{task_id}"
         return RedirectResponse(target, status_code=303)
 
@@ -423,17 +431,22 @@ class Dashboard:
         return response
 
     def guarded(self, endpoint: Endpoint) -> Endpoint:
-        """``endpoint``, answering a database failure with a 503 page and anything unexpected
-        with a bare 500 and one line in the server's output: never a traceback."""
+        """``endpoint``, answering a database that does not answer with a 503 page, another
+        error of tasklocks with a 500 page saying it in one line, and anything unexpected with a
+        bare 500; those two also with one line in the server's output. Never a traceback."""
 
         async def call(request: Request) -> Response:
             try:
                 return await endpoint(request)
             except HTTPException:
                 raise
-            except TasklocksError as exc:  # the database failed under a single read
+            except StoreUnavailable as exc:  # the database failed under a single read
                 text = " ".join(str(exc).split())
                 return self.error(request, 503, "Database unavailable", text)
+            except TasklocksError as exc:  # such as a corrupt lock table: it will not pass
+                text = " ".join(str(exc).split())
+                log.error("tasklocks serve: error on %s: %s", request.url.path, text)
+                return self.error(request, 500, "Error", text)
             except Exception as exc:
                 log.error(
                     "tasklocks serve: unexpected error on %s: %s: %s",
@@ -446,18 +459,34 @@ class Dashboard:
         return call
 
 
+# Query parameters the URLs a page makes do not carry over: ``partial`` is the poll's own, and
+# ``token`` has done its work once it is a cookie (or a header) and must not spread into links.
+NOT_CARRIED = frozenset({"partial", "token"})
+
+
 def _here(request: Request) -> str:
-    """This page's path and query, without ``partial`` (a safe ``next`` for forms)."""
-    query = [(k, v) for k, v in request.query_params.multi_items() if k != "partial"]
+    """This page's path and query, without ``partial`` or ``token`` (a safe ``next`` for forms)."""
+    query = [(k, v) for k, v in request.query_params.multi_items() if k not in NOT_CARRIED]
     return request.url.path + ("?" + urllib.parse.urlencode(query) if query else "")
 
 
 def _with_query(request: Request, **extra: str) -> str:
-    """This page's URL with ``extra`` query parameters (and without ``partial`` unless given)."""
-    drop = {"partial", *extra}
+    """This page's URL with ``extra`` query parameters, without ``token``, and without
+    ``partial`` unless given."""
+    drop = {*NOT_CARRIED, *extra}
     query = [(k, v) for k, v in request.query_params.multi_items() if k not in drop]
     query.extend(extra.items())
     return request.url.path + "?" + urllib.parse.urlencode(query)
+
+
+def _is_own_path(target: str) -> bool:
+    """Whether ``target`` (a form's ``next``) is a path of this dashboard, safe to redirect to: one
+    ``/`` first, no scheme, host, backslash or control character (browsers drop tabs and newlines
+    from a URL, so ``/``, a tab and ``/evil.example`` lead to another host)."""
+    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return False
+    parts = urllib.parse.urlsplit(target)
+    return target.isprintable() and not parts.scheme and not parts.netloc
 
 
 def _local_input(epoch: float) -> str:

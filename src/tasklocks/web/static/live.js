@@ -23,6 +23,39 @@
     window.setTimeout(fn, document.hidden ? ms * 4 : ms);
   }
 
+  // A swap replaces every element of the live part. While someone is using one, the new fragment
+  // waits for the next poll: a button pressed when it is replaced never gets its click, a focused
+  // one loses focus, a selection is dropped, and rows could move under a pointer aiming at Stop
+  // (that wait is at most HOVER_HOLD_MS, so a pointer left there does not freeze the page).
+  var HOVER_HOLD_MS = 3000;
+  var pressed = false;
+  var hoverSince = null;
+  function released() { pressed = false; }
+  if (live) {
+    live.addEventListener("pointerdown", function (event) {
+      if (event.button === 0) pressed = true; // a right click opens a menu, not a click
+    });
+    window.addEventListener("pointerup", released, true);
+    window.addEventListener("pointercancel", released, true);
+    window.addEventListener("contextmenu", released, true);
+    window.addEventListener("blur", released);
+  }
+
+  function inUse() {
+    if (pressed) return true;
+    var focused = document.activeElement;
+    if (focused && live.contains(focused) && focused.closest("form")) return true;
+    var selection = window.getSelection();
+    if (selection && !selection.isCollapsed && selection.rangeCount &&
+        live.contains(selection.getRangeAt(0).commonAncestorContainer)) return true;
+    if (!live.querySelector("form:hover, button:hover")) {
+      hoverSince = null;
+      return false;
+    }
+    if (hoverSince === null) hoverSince = Date.now();
+    return Date.now() - hoverSince < HOVER_HOLD_MS;
+  }
+
   function poll() {
     fetch(pollUrl, { cache: "no-cache", credentials: "same-origin" })
       .then(function (response) {
@@ -36,7 +69,7 @@
           return response.text().then(function () { schedule(poll, POLL_MS * 2); });
         }
         return response.text().then(function (html) {
-          if (html !== last) {
+          if (html !== last && !inUse()) {
             live.innerHTML = html;
             last = html;
             document.dispatchEvent(new CustomEvent("tasklocks:updated"));

@@ -1,0 +1,304 @@
+"""The dashboard's ASGI application without a server: the test speaks the ASGI interface to it.
+
+Each request is one ``asyncio.run``; the data comes from a :class:`Source` whose snapshot is given
+by the test, so no database is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+from starlette.applications import Starlette
+from starlette.types import Message, Receive, Scope, Send
+
+from tasklocks import CorruptLockTable, StoreUnavailable, current_process
+from tasklocks.tasks import TaskRecord, TaskState
+from tasklocks.web._source import Snapshot, Source
+from tasklocks.web.app import Guard, Settings, create_app
+
+from .conftest import record
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+class FakeSource(Source):
+    """A :class:`Source` whose tasks are the test's (nothing is read from its absent database),
+    and whose stop requests are only recorded."""
+
+    def __init__(self, tmp_path: Path, records: list[TaskRecord]) -> None:
+        super().__init__(f"sqlite:///{tmp_path}/absent.db", "default")
+        self.records = records
+        self.snapshots = 0
+        self.stopped: list[int] = []
+
+    def snapshot(self, *, max_age: float = 1.0) -> Snapshot:
+        self.snapshots += 1
+        return Snapshot(tasks=list(self.records), taken=time.time())
+
+    def request_stop(self, task_id: int) -> TaskRecord:
+        found = self.task(task_id)
+        self.stopped.append(task_id)
+        return found
+
+
+class Reply:
+    """A response: status, headers (lower-case names) and body text."""
+
+    def __init__(self, status: int, headers: dict[str, str], body: str) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def __repr__(self) -> str:
+        return f"<Reply {self.status} {self.headers} {self.body[:300]!r}>"
+
+
+def call(
+    app: Starlette,
+    target: str,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    body: str = "",
+) -> Reply:
+    """One HTTP request to ``app`` over ASGI, as uvicorn would make it (Host: 127.0.0.1:8765)."""
+    path, _, query = target.partition("?")
+    fields = {"host": "127.0.0.1:8765", **{k.lower(): v for k, v in (headers or {}).items()}}
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8765),
+    }
+    pending = [{"type": "http.request", "body": body.encode(), "more_body": False}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return pending.pop() if pending else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start, *rest = sent
+    assert start["type"] == "http.response.start", sent
+    names = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in start["headers"]}
+    text = b"".join(m.get("body", b"") for m in rest).decode()
+    return Reply(start["status"], names, text)
+
+
+def running(task_id: int = 1, **fields: object) -> TaskRecord:
+    """A task running on this host (so it has a stop button)."""
+    now = time.time()
+    values: dict[str, object] = {
+        "state": TaskState.RUNNING,
+        "created": now - 5,
+        "started": now - 4,
+        "host": current_process().host,
+    }
+    return record(task_id, **{**values, **fields})
+
+
+def form_token(app: Starlette, page: str) -> tuple[str, str]:
+    """The CSRF cookie (``name=value``) a page sets, and the form token on it."""
+    reply = call(app, page)
+    match = re.search(r'name="csrf" value="([0-9a-f]+)"', reply.body)
+    assert reply.status == 200 and match is not None, reply
+    return reply.headers["set-cookie"].split(";", 1)[0], match.group(1)
+
+
+def websocket_scope(host: str = "127.0.0.1:8765") -> Scope:
+    return {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "scheme": "ws",
+        "path": "/tasks",
+        "raw_path": b"/tasks",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", host.encode())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8765),
+        "subprotocols": [],
+    }
+
+
+# --- the guard ----------------------------------------------------------------------------------
+
+
+def test_a_websocket_is_closed_before_anything_else() -> None:
+    reached: list[Scope] = []
+    sent: list[Message] = []
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        reached.append(scope)
+
+    async def receive() -> Message:
+        return {"type": "websocket.connect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    for token in (None, "s3cret"):
+        for host in ("127.0.0.1:8765", "attacker.example"):
+            sent.clear()
+            asyncio.run(Guard(inner, token=token)(websocket_scope(host), receive, send))
+            assert sent == [{"type": "websocket.close", "code": 1008}], (token, host)
+    assert reached == []  # the application never saw one
+
+
+# --- stopping -----------------------------------------------------------------------------------
+
+
+def test_stop_goes_back_only_to_a_path_of_the_dashboard(tmp_path: Path) -> None:
+    source = FakeSource(tmp_path, [running(1)])
+    app = create_app(Settings(url=source.url), source)
+    cookie, token = form_token(app, "/tasks/1")
+    for given, expected in [
+        ("/tasks?state=active", "/tasks?state=active"),
+        ("/timeline?last=6h", "/timeline?last=6h"),
+        ("/\t/attacker.example/", "/tasks/1"),  # a browser drops the tab: //attacker.example/
+        ("/\n/attacker.example/", "/tasks/1"),
+        ("/\r\n/attacker.example/", "/tasks/1"),
+        ("/\x00/attacker.example/", "/tasks/1"),
+        ("//attacker.example/", "/tasks/1"),
+        ("/\\attacker.example/", "/tasks/1"),
+        ("https://attacker.example/", "/tasks/1"),
+        ("javascript:alert(1)", "/tasks/1"),
+        ("tasks", "/tasks/1"),
+        ("", "/tasks/1"),
+    ]:
+        reply = call(
+            app,
+            "/tasks/1/stop",
+            method="POST",
+            headers={**FORM, "Cookie": cookie, "Origin": "http://127.0.0.1:8765"},
+            body=urllib.parse.urlencode({"csrf": token, "next": given}),
+        )
+        assert (reply.status, reply.headers.get("location")) == (303, expected), given
+    assert source.stopped == [1] * 12
+
+
+# --- who may look -------------------------------------------------------------------------------
+
+
+def test_the_token_in_a_link_is_not_carried_into_the_urls_a_page_makes(tmp_path: Path) -> None:
+    now = time.time()
+    older = [record(n, state=TaskState.SUCCEEDED, created=now - 500 + n) for n in range(2, 102)]
+    source = FakeSource(tmp_path, [running(200), *older])  # 101 tasks: a "more" link
+    app = create_app(Settings(url=source.url, token="s3cret-token"), source)
+    bearer = {"Authorization": "Bearer s3cret-token"}
+    for target in ("/tasks?token=s3cret-token", "/tasks?token=s3cret-token&partial=1"):
+        reply = call(app, target, headers=bearer)  # authorised: no redirect to drop it
+        assert reply.status == 200, reply
+        assert 'href="/tasks?more=1"' in reply.body, target
+        assert 'name="next" value="/tasks"' in reply.body, target
+        assert "token=" not in reply.body and "s3cret" not in reply.body, target
+    page = call(app, "/tasks?state=active&token=s3cret-token", headers=bearer)
+    assert 'data-poll="/tasks?state=active&amp;partial=1"' in page.body, page
+    assert 'name="next" value="/tasks?state=active"' in page.body, page
+    assert "s3cret" not in page.body
+
+
+# --- pages --------------------------------------------------------------------------------------
+
+
+def test_the_tasks_page_uses_the_one_task_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tasklocks.web.app.TASK_LIMIT", 120)  # the one the source reads by
+    now = time.time()
+    records = [record(n, state=TaskState.SUCCEEDED, created=now - n) for n in range(1, 121)]
+    source = FakeSource(tmp_path, records)
+    app = create_app(Settings(url=source.url), source)
+    first = call(app, "/tasks")
+    assert first.body.count('<tr id="task-') == 100 and "Show 20 older tasks" in first.body
+    assert "Only the newest 120 tasks are read." in first.body
+    assert call(app, "/tasks?more=1").body.count('<tr id="task-') == 120
+    source.records = records[:119]
+    assert "Only the newest" not in call(app, "/tasks").body
+
+
+def test_the_page_header_never_shows_a_password_or_the_query(tmp_path: Path) -> None:
+    source = FakeSource(tmp_path, [])
+    url = "mysql://root:hunter2@db.example:3306/test?ssl_ca=/etc/ca.pem&password=hunter3"
+    page = call(create_app(Settings(url=url), source), "/tasks")
+    assert ">mysql://root@db.example:3306/test · namespace" in page.body, page
+    assert "hunter" not in page.body and "ssl_ca" not in page.body
+    sqlite = call(create_app(Settings(url="sqlite:////var/x.db"), source), "/locks")
+    assert ">sqlite:////var/x.db · namespace" in sqlite.body, sqlite
+
+
+class FailingSource(FakeSource):
+    """A source whose single-task reads raise ``error``."""
+
+    def __init__(self, tmp_path: Path, error: Exception) -> None:
+        super().__init__(tmp_path, [])
+        self.error = error
+
+    def task(self, task_id: int, snapshot: Snapshot | None = None) -> TaskRecord:
+        raise self.error
+
+
+def test_only_a_database_that_does_not_answer_is_a_503(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    down = StoreUnavailable("postgresql://db/test did not answer\nfor 5s")
+    corrupt = CorruptLockTable("x", "not\nJSON")
+    for error, status, title, line in [
+        (down, 503, "Database unavailable", "postgresql://db/test did not answer for 5s"),
+        (corrupt, 500, "Error", "is corrupt (not JSON); inspect it, then reset it"),
+    ]:
+        source = FailingSource(tmp_path, error)
+        page = call(create_app(Settings(url=source.url), source), "/tasks/7")
+        assert page.status == status, page
+        assert f"<h1>{status} · {title}</h1>" in page.body, page
+        assert line in page.body, page  # the message, on one line
+        assert "Traceback" not in page.body and "Traceback" not in caplog.text
+    assert "error on /tasks/7: the lock document of namespace 'x' is corrupt (not JSON)" in (
+        caplog.text
+    )
+    unexpected = FailingSource(tmp_path, KeyError("state"))
+    bare = call(create_app(Settings(url=unexpected.url), unexpected), "/tasks/7")
+    assert (bare.status, bare.body) == (500, "500 Internal Server Error: see the server's output\n")
+
+
+def test_a_task_page_takes_one_snapshot(tmp_path: Path) -> None:
+    source = FakeSource(tmp_path, [running(3)])
+    app = create_app(Settings(url=source.url), source)
+    for target in ("/tasks/3", "/tasks/3?partial=1"):
+        before = source.snapshots
+        page = call(app, target)
+        assert page.status == 200 and "Task 3: task 3" in page.body, page
+        assert source.snapshots - before == 1, target
+
+
+def test_html_in_a_tasks_kind_and_message_is_shown_as_text(tmp_path: Path) -> None:
+    payload = "<script>alert(1)</script>"
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    source = FakeSource(tmp_path, [running(9, kind=payload, message=payload, percent=50.0)])
+    app = create_app(Settings(url=source.url), source)
+    for target, shown in [
+        ("/tasks", 2),  # the kind and the progress message
+        ("/tasks?partial=1", 2),
+        ("/tasks/9", 3),  # also the heading
+        ("/tasks/9?partial=1", 3),
+    ]:
+        page = call(app, target)
+        assert page.status == 200, page
+        assert "<script>alert" not in page.body, target
+        assert page.body.count(escaped) == shown, (target, page.body)
