@@ -2,11 +2,14 @@
 
 from tasklocks import names
 from tasklocks._core import Holder
+from tasklocks._waiting import WaitStatus
 from tasklocks.errors import (
     BadLockName,
     BadURL,
     CorruptLockTable,
+    Deadlock,
     LeaseLost,
+    LimitMismatch,
     LockHeld,
     LockTimeout,
     NotHeld,
@@ -15,7 +18,7 @@ from tasklocks.errors import (
     StoreUnreachable,
     TasklocksError,
 )
-from tasklocks.locks import HeldLock, Lease, LockTable, connect
+from tasklocks.locks import HeldLock, Lease, LockTable, QueuedWaiter, connect
 from tasklocks.owner import Liveness, ProcessIdentity, current_process, process_identity
 from tasklocks.store import default_url, open_store
 from tasklocks.tasks import TaskRecord, Tasks, TaskState, progress
@@ -24,16 +27,19 @@ __all__ = [
     "BadLockName",
     "BadURL",
     "CorruptLockTable",
+    "Deadlock",
     "HeldLock",
     "Holder",
     "Lease",
     "LeaseLost",
+    "LimitMismatch",
     "Liveness",
     "LockHeld",
     "LockTable",
     "LockTimeout",
     "NotHeld",
     "ProcessIdentity",
+    "QueuedWaiter",
     "StoreError",
     "StoreUnavailable",
     "StoreUnreachable",
@@ -41,6 +47,7 @@ __all__ = [
     "TaskState",
     "TasklocksError",
     "Tasks",
+    "WaitStatus",
     "connect",
     "current_process",
     "default_url",

@@ -1,8 +1,9 @@
 """Waiting for locks that others hold: one :class:`Wait` per waiting ``acquire``.
 
-A waiter sleeps until the namespace's document changes (the store watches the database), a
-release on this host wakes it (:mod:`tasklocks._wake`), or a holder it waits for is proven dead:
-a process that dies does not announce it, so that is checked, without any query, every
+A waiter has its place in the namespace's queue (see :mod:`tasklocks._core`). It sleeps until the
+namespace's document changes (the store watches the database), a release on this host wakes it
+(:mod:`tasklocks._wake`), or one in its way (a holder, a waiter ahead) is proven dead: a process
+that dies does not announce it, so that is checked, without any query, every
 :data:`DEATH_CHECK_INTERVAL` seconds.
 """
 
@@ -10,44 +11,108 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from itertools import chain
 
 from tasklocks._clock import pause
-from tasklocks._core import Holder
+from tasklocks._core import Blocked, Holder, Waiter
 from tasklocks._wake import Waker
-from tasklocks.errors import LockTimeout, StoreUnavailable
+from tasklocks.errors import LockTimeout, StoreUnavailable, describe_way, ordinal
 from tasklocks.store import Store
 
-__all__ = ["DEATH_CHECK_INTERVAL", "OnWait", "Wait"]
+__all__ = ["DEATH_CHECK_INTERVAL", "OnWait", "Wait", "WaitStatus", "Watch"]
 
 DEATH_CHECK_INTERVAL = 1.0
+WATCH_INTERVAL = 0.25  # a watch callback hears from a wait at least this often (seconds)
 OUTAGE_PAUSE = 0.2  # seconds between tries while the database does not answer
 EXPIRY_SLACK = 0.02  # seconds past a session's expected expiry before reading it again
 OnWait = Callable[[Mapping[str, Holder]], None]
 
 
+@dataclass(frozen=True, slots=True)
+class WaitStatus:
+    """Where a waiting ``acquire`` stands: its place in line (1: only holders are in its way),
+    the holders in its way per name, and the waiters ahead of it."""
+
+    names: tuple[str, ...]
+    position: int
+    holders: Mapping[str, tuple[Holder, ...]]
+    ahead: tuple[Waiter, ...]
+    since: float  # when it began waiting (epoch seconds)
+
+    def describe(self) -> str:
+        """``waiting for app_task:blog, 2nd in line; app_task:blog is held by task:12 (pid 4711
+        on web-1) since 10:02:11; 1 waiter is ahead in the queue: ...``"""
+        text = f"waiting for {', '.join(self.names)}, {ordinal(self.position)} in line"
+        way = describe_way(self.holders, self.ahead)
+        return f"{text}; {way}" if way else text
+
+
+Watch = Callable[[WaitStatus], None]
+
+
 class Wait:
     """The waiting of one ``acquire(wait=True)``: its deadline, its ``on_wait`` callback (called
-    once, when it starts waiting), and its sleeps."""
+    once, when it starts waiting), its ``watch`` callback (called when it starts waiting, when its
+    place or who is in its way changes, and at least every :data:`WATCH_INTERVAL` seconds; what it
+    raises ends the wait), and its sleeps."""
 
     def __init__(
         self,
         store: Store,
         namespace: str,
         waker: Waker,
-        is_dead: Callable[[Holder], bool],
+        is_dead: Callable[[Holder | Waiter], bool],
         timeout: float | None,
         on_wait: OnWait | None,
+        names: tuple[str, ...] = (),
+        watch: Watch | None = None,
     ) -> None:
         self.store, self.namespace, self.waker, self.is_dead = store, namespace, waker, is_dead
         self.timeout = timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.on_wait = on_wait
+        self.names = names
+        self.watch = watch
+        self.way = Blocked({}, ())
+        self.began: float | None = None
+        self._told: tuple[object, ...] | None = None
+        self._told_at = 0.0
 
-    def begin(self, blockers: Mapping[str, Holder]) -> None:
-        """The first refusal: tell ``on_wait`` who holds the locks (once)."""
+    def begin(self, way: Blocked) -> None:
+        """The acquisition is queued: tell ``on_wait`` who holds the locks (once), ``watch``
+        where it stands."""
+        if self.began is None:
+            self.began = time.time()
         if self.on_wait is not None:
             on_wait, self.on_wait = self.on_wait, None
-            on_wait(blockers)
+            on_wait(way.blockers)
+        self.update(way)
+
+    def update(self, way: Blocked) -> None:
+        """What is in the way now; ``watch`` hears of it if it changed."""
+        self.way = way
+        key = (
+            way.position,
+            tuple((n, tuple(h.lease for h in hs)) for n, hs in sorted(way.holders.items())),
+            tuple(w.lease for w in way.ahead),
+        )
+        if key != self._told:
+            self._told = key
+            self._tell()
+
+    def status(self) -> WaitStatus:
+        way = self.way
+        return WaitStatus(self.names, way.position, way.holders, way.ahead, self.began or 0.0)
+
+    def _tell(self) -> None:
+        self._told_at = time.monotonic()
+        if self.watch is not None:
+            self.watch(self.status())
+
+    def _tick(self) -> None:
+        if self.watch is not None and time.monotonic() - self._told_at >= WATCH_INTERVAL:
+            self._tell()
 
     def outage(self, exc: StoreUnavailable) -> None:
         """The database did not answer: pause, then let the caller try again; raise ``exc``
@@ -58,25 +123,37 @@ class Wait:
             if seconds <= 0:
                 raise exc
         pause(seconds)
+        self._tick()
 
-    def sleep(self, version: int, blockers: Mapping[str, Holder], expiry: float) -> None:
-        """Return when the document may have moved on from ``version``, a blocker is proven
-        dead, or the first blocker's session is due to expire (in ``expiry`` seconds, by the
-        database's clock when last read: the caller reads again, and the database decides).
+    def timed_out(self) -> LockTimeout:
+        way = self.way
+        return LockTimeout(self.timeout or 0.0, way.blockers, holders=way.holders, queue=way.ahead)
+
+    def sleep(self, version: int, expiry: float) -> None:
+        """Return when the document may have moved on from ``version``, one in the way is
+        proven dead, or the first session in the way is due to expire (in ``expiry`` seconds, by
+        the database's clock when last read: the caller reads again, and the database decides).
         :raises LockTimeout: the deadline passed."""
         wake_fd = self.waker.fileno()  # before wait_for_change checks the version: no lost wake
         expires_at = time.monotonic() + max(0.0, expiry) + EXPIRY_SLACK
+        in_way: list[Holder | Waiter] = [
+            *chain.from_iterable(self.way.holders.values()),
+            *self.way.ahead,
+        ]
         while True:
             now = time.monotonic()
             if self.deadline is not None and now >= self.deadline:
-                raise LockTimeout(self.timeout or 0.0, blockers)
+                raise self.timed_out()
             if now >= expires_at:
                 return
             chunk = min(DEATH_CHECK_INTERVAL, expires_at - now)
+            if self.watch is not None:
+                chunk = min(chunk, WATCH_INTERVAL)
             if self.deadline is not None:
                 chunk = min(chunk, self.deadline - now)
             happened = self.store.wait_for_change(self.namespace, version, chunk, wake_fd)
             if self.waker.drain() or happened:
                 return
-            if any(self.is_dead(h) for h in blockers.values()):
+            self._tick()
+            if any(self.is_dead(e) for e in in_way):
                 return

@@ -249,7 +249,7 @@ def cmd_reap(args: argparse.Namespace) -> int:
         reaped = table.reap()
     if not reaped:
         print("nothing to reap")
-    for name, holder in sorted(reaped.items()):
+    for name, holder in sorted(reaped, key=lambda r: r[0]):
         print(f"reaped {name} from {describe_holder(holder)}")
     return EXIT_OK
 

@@ -7,7 +7,7 @@ that says what to do next.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 __all__ = [
@@ -18,8 +18,10 @@ __all__ = [
     "BadLockName",
     "BadURL",
     "CorruptLockTable",
+    "Deadlock",
     "HolderInfo",
     "LeaseLost",
+    "LimitMismatch",
     "LockHeld",
     "LockTimeout",
     "NotHeld",
@@ -29,6 +31,7 @@ __all__ = [
     "TasklocksError",
     "clock",
     "describe_holder",
+    "ordinal",
     "quote",
 ]
 
@@ -91,17 +94,59 @@ def describe_holder(holder: HolderInfo) -> str:
     return text
 
 
+def ordinal(n: int) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``4th``, ... ``11th``, ``21st``."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def describe_way(
+    holders: Mapping[str, Sequence[HolderInfo]], queue: Sequence[HolderInfo], sep: str = "; "
+) -> str:
+    """Who is in the way, per name (``x is held by ...``), then the waiters ahead in the queue."""
+    parts = []
+    for name, hs in sorted(holders.items()):
+        if not hs:
+            continue
+        text = f"{name} is held by {describe_holder(hs[0])}"
+        if len(hs) > 1:
+            text += f" and {len(hs) - 1} other{'s' if len(hs) > 2 else ''}"
+        parts.append(text)
+    if queue:
+        first = describe_holder(queue[0])
+        if len(queue) == 1:
+            parts.append(f"1 waiter is ahead in the queue: {first}")
+        else:
+            parts.append(f"{len(queue)} waiters are ahead in the queue, first {first}")
+    return sep.join(parts)
+
+
 class LockHeld(TasklocksError):
-    """A lock is held by someone else (or by the same owner: locks are not re-entrant)."""
+    """A lock is held by someone else (or by the same owner: locks are not re-entrant), or
+    others wait for it first (a try never overtakes the queue).
+
+    ``held`` maps each name in the way of a holder to its (first) holder; ``holders`` to all of
+    them (a shared name has several); ``queue`` lists the waiters ahead, in order.
+    """
 
     exit_code = EXIT_LOCKED
 
     def __init__(
-        self, held: Mapping[str, HolderInfo], *, hint: str = "wait with wait=True"
+        self,
+        held: Mapping[str, HolderInfo],
+        *,
+        hint: str = "wait with wait=True",
+        holders: Mapping[str, Sequence[HolderInfo]] | None = None,
+        queue: Sequence[HolderInfo] = (),
     ) -> None:
         self.held = dict(held)
-        parts = [f"{name} is held by {describe_holder(h)}" for name, h in sorted(self.held.items())]
-        super().__init__("; ".join(parts) + f"; {hint}")
+        self.holders = (
+            {n: tuple(hs) for n, hs in holders.items() if hs}
+            if holders is not None
+            else {n: (h,) for n, h in self.held.items()}
+        )
+        self.queue = tuple(queue)
+        super().__init__(describe_way(self.holders, self.queue) + f"; {hint}")
 
 
 class LockTimeout(TasklocksError, TimeoutError):
@@ -109,13 +154,63 @@ class LockTimeout(TasklocksError, TimeoutError):
 
     exit_code = EXIT_LOCKED
 
-    def __init__(self, timeout: float, held: Mapping[str, HolderInfo]) -> None:
+    def __init__(
+        self,
+        timeout: float,
+        held: Mapping[str, HolderInfo],
+        *,
+        holders: Mapping[str, Sequence[HolderInfo]] | None = None,
+        queue: Sequence[HolderInfo] = (),
+    ) -> None:
         self.timeout = timeout
         self.held = dict(held)
-        parts = [f"{name} held by {describe_holder(h)}" for name, h in sorted(self.held.items())]
-        who = "; ".join(parts) if parts else "the locks"
+        self.holders = (
+            {n: tuple(hs) for n, hs in holders.items() if hs}
+            if holders is not None
+            else {n: (h,) for n, h in self.held.items()}
+        )
+        self.queue = tuple(queue)
+        way = describe_way(self.holders, self.queue, sep="; ")
+        who = f" ({way})" if way else ""
         super().__init__(
-            f"gave up after waiting {timeout:g}s for {who}; raise the timeout or stop the holder"
+            f"gave up after waiting {timeout:g}s for the locks{who}; "
+            "raise the timeout or stop the holder"
+        )
+
+
+class Deadlock(TasklocksError):
+    """Waiting would close a cycle of owners waiting for each other: the acquisition was refused
+    at once instead of queued. ``cycle`` says it, one phrase per owner (the refused one first),
+    ``owners`` lists them."""
+
+    exit_code = EXIT_LOCKED
+
+    def __init__(self, cycle: Sequence[str], owners: Sequence[str]) -> None:
+        self.cycle = tuple(cycle)
+        self.owners = tuple(owners)
+        super().__init__(
+            f"deadlock: {'; '.join(self.cycle)}; so {self.owners[0]} does not wait (it never "
+            "would get them): release what it holds, then try again"
+        )
+
+
+class LimitMismatch(TasklocksError, ValueError):
+    """A shared name was asked for with another limit than its holders' or waiters' (all who
+    share a name must agree on how many may hold it)."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, name: str, asked: int | None, theirs: int | None, who: HolderInfo) -> None:
+        self.name = name
+        self.asked = asked
+        self.theirs = theirs
+
+        def limit(n: int | None) -> str:
+            return "shared without a limit" if n is None else f"limit {n}"
+
+        super().__init__(
+            f"{name} is taken with {limit(theirs)} by {describe_holder(who)}, but this acquire "
+            f"asked for {limit(asked)}; use the same limit for every holder of {name}"
         )
 
 

@@ -8,7 +8,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from types import TracebackType
@@ -16,12 +16,13 @@ from typing import Final, TypeVar
 
 from tasklocks import _core
 from tasklocks._clock import clock, pause
-from tasklocks._core import Claimant, Document, Holder
+from tasklocks._core import EXCLUSIVE, SHARED, Claimant, Holder, LockDoc, Waiter, Want
 from tasklocks._fastpath import FastPath
 from tasklocks._session import DEFAULT_TTL, MIN_TTL, Session
-from tasklocks._waiting import OnWait, Wait
+from tasklocks._waiting import OnWait, Wait, Watch
 from tasklocks._wake import Waker
 from tasklocks.errors import (
+    Deadlock,
     LeaseLost,
     LockHeld,
     NotHeld,
@@ -40,7 +41,7 @@ from tasklocks.owner import (
 )
 from tasklocks.store import FastPaths, OutcomeUnknown, Snapshot, Store, open_store
 
-__all__ = ["THIS_PROCESS", "HeldLock", "Lease", "LockTable", "connect"]
+__all__ = ["THIS_PROCESS", "HeldLock", "Lease", "LockTable", "QueuedWaiter", "connect"]
 
 log = logging.getLogger("tasklocks")
 T = TypeVar("T")
@@ -67,6 +68,44 @@ class HeldLock:
     liveness: Liveness
     expires_in: float | None = None
 
+    @property
+    def shared(self) -> bool:
+        """Held shared (with ``limit`` holders at most, when that is not None)."""
+        return self.holder.mode == SHARED
+
+    @property
+    def limit(self) -> int | None:
+        return self.holder.limit
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedWaiter:
+    """A waiting acquisition as :meth:`LockTable.waiting` reports it: its place in the
+    namespace's queue (1: first), what it wants and how, and who is in its way."""
+
+    position: int
+    waiter: Waiter
+    liveness: Liveness
+    expires_in: float | None
+    holders: Mapping[str, tuple[Holder, ...]]  # per wanted name, the holders in its way
+    ahead: tuple[Waiter, ...]  # the waiters before it that it waits for
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.waiter.names
+
+    @property
+    def owner(self) -> str:
+        return self.waiter.owner
+
+    @property
+    def since(self) -> float:
+        return self.waiter.since
+
+    @property
+    def wants(self) -> tuple[Want, ...]:
+        return self.waiter.wants
+
 
 _NEVER_LOST = threading.Event()  # the lost event of entries without a session
 
@@ -87,9 +126,11 @@ class Lease:
         token: int,
         lease: str,
         session: Session | None = None,
+        wants: tuple[Want, ...] | None = None,
     ):
         self.table = table
         self.names = names
+        self.wants = wants if wants is not None else tuple(Want(n) for n in names)
         self.owner = owner
         self.token = token
         self.lease_id = lease
@@ -173,9 +214,10 @@ class LockTable:
         self._seen_at = 0.0  # when (the boot clock)
         self._unsure: set[str] = set()  # acquisitions in progress whose write may be applied
         self._orphans: set[str] = set()  # leases of failed acquisitions, to give back
+        self._queued: set[str] = set()  # leases of acquisitions waiting in the queue now
         self._owns_store = owns_store
         self._snap: Snapshot | None = None
-        self._doc: Document = _core.EMPTY
+        self._doc: LockDoc = _core.EMPTY
         self._encoder = _core.Encoder()
         self._fast = FastPath(store, self.namespace) if isinstance(store, FastPaths) else None
         self.local_db = store.local  # a local database (SQLite) proves more: see owner.py
@@ -183,16 +225,16 @@ class LockTable:
 
     # --- plumbing -----------------------------------------------------------------------------
 
-    def _is_dead(self, holder: Holder) -> bool:
+    def _is_dead(self, holder: Holder | Waiter) -> bool:
         """Is the holder gone: its session expired by the database's clock, or its process
         provably dead? A session missing from those read expired long ago, except this table's
         own (opened after them, maybe)."""
         return self._expired(holder) or owner_is_dead(holder, local_db=self.local_db)
 
-    def _expired(self, holder: Holder) -> bool:
+    def _expired(self, holder: Holder | Waiter) -> bool:
         return self._left(holder) <= 0.0
 
-    def _left(self, holder: Holder) -> float:
+    def _left(self, holder: Holder | Waiter) -> float:
         """Seconds left to the holder's session (infinite: no session, or none read)."""
         session = self._session
         if holder.session is None or self._seen is None:
@@ -214,7 +256,7 @@ class LockTable:
             self._session = session
         return session
 
-    def _decode(self, snap: Snapshot) -> Document:
+    def _decode(self, snap: Snapshot) -> LockDoc:
         if snap.sessions is not None:
             self._seen, self._seen_at = snap.sessions, snap.read_at
         cached = self._snap
@@ -230,20 +272,28 @@ class LockTable:
 
     def _change(
         self,
-        step: Callable[[Document, int, bool], tuple[Document | None, bool, T]],
+        step: Callable[[LockDoc, int, bool], tuple[LockDoc | None, bool, T]],
         *,
         after_lost_reply: bool = False,
         unsure: str | None = None,
+        promote: bool = True,
     ) -> T:
         """Run one transition through the store. ``step(doc, version, retrying)`` returns
-        (new document or None for no change, wake waiters?, result). ``unsure``: the lease id
-        of an acquisition, noted in ``_unsure`` when the reply to its write is lost."""
+        (new document or None for no change, wake waiters?, result). A changed document is
+        promoted (waiters that can be granted now are) unless ``promote`` is False (the step did
+        it). ``unsure``: the lease id of an acquisition, noted in ``_unsure`` when the reply to
+        its write is lost."""
         retrying = [after_lost_reply]
-        box: list[tuple[Document | None, str | None, bool, T]] = []
+        box: list[tuple[LockDoc | None, str | None, bool, T]] = []
 
         def compute(snap: Snapshot) -> tuple[str, bool] | None:
             box.clear()
             new, wake, result = step(self._decode(snap), snap.version, retrying[0])
+            if new is not None and promote and new.queue:
+                new, granted, _ = _core.promote(
+                    new, version=snap.version, now=time.time(), is_dead=self._is_dead
+                )
+                wake = wake or bool(granted)
             text = None if new is None else self._encoder.encode(new)
             box.append((new, text, wake, result))
             return None if text is None else (text, wake)
@@ -298,21 +348,34 @@ class LockTable:
     # --- acquiring ----------------------------------------------------------------------------
 
     def _try_acquire(
-        self, names: tuple[str, ...], claimant: Claimant
-    ) -> _core.Granted | _core.Refused:
+        self, wanted: tuple[Want, ...], claimant: Claimant, queue: bool
+    ) -> _core.Granted | _core.Refused | _core.Queued | _core.Deadlocked:
+        names = tuple(w.name for w in wanted)
+
         def step(
-            doc: Document, version: int, retrying: bool
-        ) -> tuple[Document | None, bool, _core.Granted | _core.Refused]:
+            doc: LockDoc, version: int, retrying: bool
+        ) -> tuple[
+            LockDoc | None, bool, _core.Granted | _core.Refused | _core.Queued | _core.Deadlocked
+        ]:
             _core.check_not_already_held(
                 doc, names, claimant.owner, lease=claimant.lease, is_dead=self._is_dead
             )
             outcome = _core.acquire(
-                doc, names, claimant, version=version, now=time.time(), is_dead=self._is_dead
+                doc,
+                wanted,
+                claimant,
+                version=version,
+                now=time.time(),
+                is_dead=self._is_dead,
+                queue=queue,
             )
-            return (outcome.doc if outcome.changed else None), bool(outcome.reaped), outcome
+            wake = bool(outcome.reaped or outcome.dropped) or (
+                isinstance(outcome, _core.Granted) and outcome.changed
+            )
+            return (outcome.doc if outcome.changed else None), wake, outcome
 
-        outcome = self._change(step, unsure=claimant.lease)
-        for name, holder in outcome.reaped.items():
+        outcome = self._change(step, unsure=claimant.lease, promote=False)
+        for name, holder in outcome.reaped:
             log.warning(
                 "tasklocks: reclaimed %s in namespace %s from gone holder %s (pid %s on %s)",
                 name,
@@ -320,6 +383,14 @@ class LockTable:
                 holder.owner,
                 holder.pid,
                 holder.host,
+            )
+        for waiter in outcome.dropped:
+            log.info(
+                "tasklocks: dropped gone waiter %s (pid %s on %s) from the queue of namespace %s",
+                waiter.owner,
+                waiter.pid,
+                waiter.host,
+                self.namespace,
             )
         return outcome
 
@@ -332,95 +403,163 @@ class LockTable:
         note: str | None = None,
         on_wait: OnWait | None = None,
         process: ProcessIdentity | _ThisProcess | None = THIS_PROCESS,
+        shared: bool | Iterable[str] = False,
+        limit: int | Mapping[str, int] | None = None,
+        watch: Watch | None = None,
     ) -> Lease:
         """Take every one of ``names``, or none of them, atomically.
 
+        Waiting is first come, first served: the call joins the namespace's queue and gets the
+        names when no holder and no earlier waiter that wants one of them is in its way.
+
         :param owner: who holds the locks (default: ``task:<id>`` inside a task, else
             ``pid:<host>:<pid>`` of ``process``).
-        :param wait: block until all are free; otherwise raise :class:`LockHeld` at once.
+        :param wait: queue up until all are free; otherwise raise :class:`LockHeld` at once (a
+            try never overtakes waiters: free names that others wait for are refused too).
         :param timeout: with ``wait``, give up after this many seconds (:class:`LockTimeout`).
         :param note: free text stored with the locks, shown to those who wait.
         :param on_wait: called once, with ``{name: holder}``, when the call starts waiting.
         :param process: the process the entries belong to: this process by default, another
             local process (:func:`tasklocks.owner.process_identity`), or ``None`` for entries
-            that no process death can release (they need an explicit ``owner``).
-        :raises LockHeld: a lock is held (also when ``owner`` already holds it: not re-entrant).
+            that no process death can release (they need an explicit ``owner``; while it waits,
+            its place in the queue belongs to this process).
+        :param shared: take all names (True) or these names shared: any number of shared
+            holders at once, or one exclusive holder. A waiting exclusive acquisition stops
+            later shared ones from overtaking it.
+        :param limit: take all names (an int) or these names (``{name: n}``) shared by at most
+            ``n`` holders at once (a counted semaphore). Everyone who shares a name must use the
+            same limit (:class:`LimitMismatch`).
+        :param watch: with ``wait``, called with a :class:`WaitStatus` (place in line, who is in
+            the way) when the wait begins, when that changes, and about 4 times a second; an
+            exception it raises ends the wait (the place in the queue is given up).
+        :raises LockHeld: a lock is held, or others wait for it first (also when ``owner``
+            already holds it: not re-entrant).
         :raises LockTimeout: waiting took longer than ``timeout``.
+        :raises Deadlock: waiting would never end: the owners it waits for wait for it.
         :raises BadLockName: a name, or the owner, is not allowed.
         """
         if not names:
             raise ValueError("acquire() needs at least one lock name")
-        wanted = tuple(dict.fromkeys(validate_name(n) for n in names))
+        wanted = _wants(names, shared, limit)
         claimant = self._claimant(owner, note, process)
-        waiting = Wait(self.store, self.namespace, self._waker, self._is_dead, timeout, on_wait)
+        waiting = None
+        if wait:
+            waiting = Wait(
+                self.store,
+                self.namespace,
+                self._waker,
+                self._is_dead,
+                timeout,
+                on_wait,
+                tuple(w.name for w in wanted),
+                watch,
+            )
         self._settle()
         try:
-            token, session = self._acquire(wanted, claimant, waiting if wait else None)
-            return Lease(self, wanted, claimant.owner, token, claimant.lease, session)
+            token, session = self._acquire(wanted, claimant, waiting)
+            names_ = tuple(w.name for w in wanted)
+            return Lease(self, names_, claimant.owner, token, claimant.lease, session, wanted)
         except BaseException:
-            if claimant.lease in self._unsure:  # a write of ours may have been applied: undo it
+            lease = claimant.lease
+            if lease in self._unsure or lease in self._queued:  # a write of ours may be there
                 with contextlib.suppress(TasklocksError):
-                    self._give_back(claimant.lease)
+                    self._give_back(lease)
             raise
         finally:
             self._unsure.discard(claimant.lease)
+            self._queued.discard(claimant.lease)
 
     def _acquire(
-        self, wanted: tuple[str, ...], claimant: Claimant, waiting: Wait | None
+        self, wanted: tuple[Want, ...], claimant: Claimant, waiting: Wait | None
     ) -> tuple[int, Session | None]:
-        """The token of the acquisition and the session that keeps it; with ``waiting``, wait
-        for holders and go on waiting while the database does not answer. Each attempt names
+        """The token of the acquisition and the session that keeps it; with ``waiting``, queue
+        up and wait, and go on waiting while the database does not answer. Each attempt names
         the session alive then: a wait may outlast one (paused, cut off)."""
         session: Session | None = None
+        fast = all(w.mode == EXCLUSIVE for w in wanted)
         while True:
             try:
                 if claimant.session is not None:
                     session = self._live_session()
                     claimant = replace(claimant, session=session.id)
-                token = self._fast_acquire(wanted, claimant)
+                elif waiting is not None:  # kept without a process, but waits as this one
+                    me, live = current_process(), self._live_session()
+                    claimant = replace(
+                        claimant,
+                        waiter_as=Claimant(
+                            owner=claimant.owner,
+                            pid=me.pid,
+                            start=me.start,
+                            boot=me.boot,
+                            host=me.host,
+                            pidns=me.pidns,
+                            pgid=None,
+                            lease=claimant.lease,
+                            note=claimant.note,
+                            session=live.id,
+                        ),
+                    )
+                token = None
+                if fast and self._doc.format == 1 and claimant.lease not in self._queued:
+                    token = self._fast_acquire(tuple(w.name for w in wanted), claimant)
                 if token is None:
-                    outcome = self._try_acquire(wanted, claimant)
-                    if isinstance(outcome, _core.Granted):
-                        token = outcome.token
-                    elif waiting is None:
-                        raise LockHeld(outcome.blockers)
-                    else:
-                        waiting.begin(outcome.blockers)
-                        token = self._wait_for(wanted, claimant, outcome.blockers, waiting)
+                    token = self._queue_up(wanted, claimant, waiting)
                 if token is not None:
                     if session is None or session.alive():
                         return token, session
                     self._give_back(claimant.lease)  # written under a session lost meanwhile
+                    self._queued.discard(claimant.lease)
             except StoreUnreachable as exc:
                 if waiting is None or isinstance(exc, OutcomeUnknown):
                     raise
                 waiting.outage(exc)  # raises LockTimeout (or this) once the time is up
 
-    def _wait_for(
-        self,
-        wanted: tuple[str, ...],
-        claimant: Claimant,
-        blockers: Mapping[str, Holder],
-        waiting: Wait,
+    def _queue_up(
+        self, wanted: tuple[Want, ...], claimant: Claimant, waiting: Wait | None
     ) -> int | None:
-        """Sleep until the blockers may be gone. The token if the one-statement path took the
-        names meanwhile; None: try the full path."""
-        while blockers:
+        """One full-path attempt: the token, or None if the caller must try again."""
+        outcome = self._try_acquire(wanted, claimant, queue=waiting is not None)
+        if isinstance(outcome, _core.Granted):
+            return outcome.token
+        if isinstance(outcome, _core.Deadlocked):
+            raise Deadlock(outcome.cycle, outcome.owners)
+        way = outcome.blocked
+        if isinstance(outcome, _core.Refused) or waiting is None:
+            raise LockHeld(way.blockers, holders=way.holders, queue=way.ahead)
+        self._queued.add(claimant.lease)
+        waiting.begin(way)
+        return self._wait_in_line(tuple(w.name for w in wanted), claimant, waiting)
+
+    def _wait_in_line(
+        self, names: tuple[str, ...], claimant: Claimant, waiting: Wait
+    ) -> int | None:
+        """Sleep until the queued acquisition is granted (by whichever write promoted it): its
+        token. None: the full path must run again (one in its way is gone, or its place in the
+        queue was lost)."""
+        while True:
+            way = waiting.way
+            in_way: list[Holder | Waiter] = [
+                *(h for hs in way.holders.values() for h in hs),
+                *way.ahead,
+            ]
             elapsed = clock() - self._seen_at  # (a guess of when to read again, nothing more)
-            expiry = min(self._left(h) for h in blockers.values()) - elapsed
-            waiting.sleep(self._snap.version if self._snap is not None else 0, blockers, expiry)
-            token = self._fast_acquire(wanted, claimant)  # one statement, where it can
+            expiry = min((self._left(e) for e in in_way), default=float("inf")) - elapsed
+            waiting.sleep(self._snap.version if self._snap is not None else 0, expiry)
+            doc = self._decode(self.store.read(self.namespace))
+            token = _core.held_token(doc, names, claimant.lease)
             if token is not None:
                 return token
-            # Look before the full path: with many waiters, each release wakes them all, and
-            # only a write (which queues for the write lock) could tell them no.
-            doc = self._decode(self.store.read(self.namespace))
-            blockers = {
-                n: doc[n]
-                for n in wanted
-                if n in doc and doc[n].lease != claimant.lease and not self._is_dead(doc[n])
-            }
-        return None
+            if doc.waiter(claimant.lease) is None:
+                self._queued.discard(claimant.lease)
+                return None  # dropped from the queue (its session lost, an administrator)
+            way = _core.blocked(doc, claimant.lease)
+            if not way.holders and not way.ahead:
+                return None
+            if any(self._is_dead(h) for hs in way.holders.values() for h in hs) or any(
+                self._is_dead(w) for w in way.ahead
+            ):
+                return None  # the full path drops them
+            waiting.update(way)
 
     def _fast_acquire(self, names: tuple[str, ...], claimant: Claimant) -> int | None:
         if self._fast is None:
@@ -443,10 +582,22 @@ class LockTable:
         owner: str | None = None,
         note: str | None = None,
         on_wait: OnWait | None = None,
+        shared: bool | Iterable[str] = False,
+        limit: int | Mapping[str, int] | None = None,
+        watch: Watch | None = None,
     ) -> Iterator[Lease]:
-        """Wait for ``names`` (up to ``timeout``), hold them in the ``with`` block, then release."""
+        """Wait for ``names`` (up to ``timeout``), hold them in the ``with`` block, then release
+        (``shared``, ``limit`` and ``watch`` as for :meth:`acquire`)."""
         lease = self.acquire(
-            *names, owner=owner, wait=True, timeout=timeout, note=note, on_wait=on_wait
+            *names,
+            owner=owner,
+            wait=True,
+            timeout=timeout,
+            note=note,
+            on_wait=on_wait,
+            shared=shared,
+            limit=limit,
+            watch=watch,
         )
         with lease:
             yield lease
@@ -463,14 +614,15 @@ class LockTable:
             self._waker.notify()
             return
 
-        def step(doc: Document, version: int, retrying: bool) -> tuple[Document, bool, None]:
+        def step(doc: LockDoc, version: int, retrying: bool) -> tuple[LockDoc, bool, None]:
             if retrying:  # a lost reply may have released them already
                 gone = [
                     n
                     for n in names
-                    if n not in doc
-                    or doc[n].owner != owner
-                    or (lease is not None and doc[n].lease != lease)
+                    if not any(
+                        h.owner == owner and (lease is None or h.lease == lease)
+                        for h in doc.holders(n)
+                    )
                 ]
                 if len(gone) == len(names):
                     return doc, False, None
@@ -486,9 +638,9 @@ class LockTable:
         ``_orphans`` and given back on the next contact, by this table or its session's
         renewals; meanwhile it expires with its session."""
 
-        def step(doc: Document, version: int, retrying: bool) -> tuple[Document | None, bool, None]:
-            new, freed = _core.release_lease(doc, lease)
-            return (new if freed else None), True, None
+        def step(doc: LockDoc, version: int, retrying: bool) -> tuple[LockDoc | None, bool, None]:
+            new, _ = _core.release_lease(doc, lease)
+            return (None if new is doc else new), True, None
 
         try:
             self._change(step)
@@ -522,46 +674,49 @@ class LockTable:
         self._release(wanted, validate_owner(owner), None)
 
     def release_owner(self, owner: str) -> list[str]:
-        """Release everything ``owner`` holds; return the names released."""
+        """Release everything ``owner`` holds and take its waiters out of the queue; return the
+        names released."""
         owner = validate_owner(owner)
         self._settle()
 
         def step(
-            doc: Document, version: int, retrying: bool
-        ) -> tuple[Document | None, bool, list[str]]:
+            doc: LockDoc, version: int, retrying: bool
+        ) -> tuple[LockDoc | None, bool, list[str]]:
             new, freed = _core.release_owner(doc, owner)
-            return (new if freed else None), True, freed
+            return (None if new is doc else new), True, freed
 
         return self._change(step)
 
     def release_all(self) -> list[str]:
-        """Release every lock in the namespace (for administrators); return the names."""
+        """Release every lock in the namespace and empty its queue (for administrators); return
+        the names released."""
 
         def step(
-            doc: Document, version: int, retrying: bool
-        ) -> tuple[Document | None, bool, list[str]]:
+            doc: LockDoc, version: int, retrying: bool
+        ) -> tuple[LockDoc | None, bool, list[str]]:
             new, freed = _core.release_all(doc)
-            return (new if freed else None), True, freed
+            return (new if freed or doc.queue else None), True, freed
 
         return self._change(step)
 
-    def reap(self, *, owner: str | None = None) -> dict[str, Holder]:
-        """Release every lock whose holder is provably dead (of ``owner`` only, when given:
-        a task's cleanup); return what was released."""
+    def reap(self, *, owner: str | None = None) -> list[tuple[str, Holder]]:
+        """Release every lock whose holder is provably dead, and drop such waiters from the queue
+        (of ``owner`` only, when given: a task's cleanup); return the (name, holder) pairs
+        released."""
         self._settle()
 
-        def is_dead(holder: Holder) -> bool:
-            return (owner is None or holder.owner == owner) and self._is_dead(holder)
+        def is_dead(entry: Holder | Waiter) -> bool:
+            return (owner is None or entry.owner == owner) and self._is_dead(entry)
 
         def step(
-            doc: Document, version: int, retrying: bool
-        ) -> tuple[Document | None, bool, dict[str, Holder]]:
+            doc: LockDoc, version: int, retrying: bool
+        ) -> tuple[LockDoc | None, bool, list[tuple[str, Holder]]]:
             new, reaped = _core.reap(doc, is_dead)
-            return (new if reaped else None), True, reaped
+            return (None if new is doc else new), True, list(reaped)
 
         reaped = self._change(step)
         level = logging.WARNING if owner is None else logging.INFO
-        for name, holder in reaped.items():
+        for name, holder in reaped:
             log.log(
                 level,
                 "tasklocks: reaped %s in namespace %s from dead holder %s (pid %s on %s)",
@@ -575,21 +730,39 @@ class LockTable:
 
     # --- looking ------------------------------------------------------------------------------
 
+    def _liveness(
+        self, entry: Holder | Waiter, me: ProcessIdentity
+    ) -> tuple[Liveness, float | None]:
+        liveness = holder_liveness(entry, me, local_db=self.local_db)
+        left = self._left(entry)
+        if liveness is not Liveness.DEAD and left <= 0.0:
+            liveness = Liveness.EXPIRED
+        return liveness, None if left == float("inf") else max(0.0, left)
+
     def held(self) -> list[HeldLock]:
-        """Every held lock, with its holder and whether that holder is ``alive``, ``dead``,
-        ``unknown`` (on another host) or ``expired`` (its session, by the database's clock), and
-        how long its session has left."""
+        """Every held lock (a shared name once per holder), with its holder and whether that
+        holder is ``alive``, ``dead``, ``unknown`` (on another host) or ``expired`` (its
+        session, by the database's clock), and how long its session has left."""
         self._settle()
         doc = self._decode(self.store.read(self.namespace))
         me = current_process()
         found = []
-        for name, holder in sorted(doc.items()):
-            liveness = holder_liveness(holder, me, local_db=self.local_db)
-            left = self._left(holder)
-            if liveness is not Liveness.DEAD and left <= 0.0:
-                liveness = Liveness.EXPIRED
-            expires_in = None if left == float("inf") else max(0.0, left)
+        for name, holder in sorted(doc.entries(), key=lambda e: (e[0], e[1].since)):
+            liveness, expires_in = self._liveness(holder, me)
             found.append(HeldLock(name, holder, liveness, expires_in))
+        return found
+
+    def waiting(self) -> list[QueuedWaiter]:
+        """The namespace's queue in order: each waiting acquisition with what it wants, its
+        liveness (as :meth:`held` judges holders), and who is in its way."""
+        self._settle()
+        doc = self._decode(self.store.read(self.namespace))
+        me = current_process()
+        found = []
+        for i, waiter in enumerate(doc.queue):
+            liveness, expires_in = self._liveness(waiter, me)
+            way = _core.blocked(doc, waiter.lease)
+            found.append(QueuedWaiter(i + 1, waiter, liveness, expires_in, way.holders, way.ahead))
         return found
 
     def raw(self) -> Snapshot:
@@ -634,19 +807,57 @@ class LockTable:
         self.close()
 
 
+def _wants(
+    names: tuple[str, ...],
+    shared: bool | Iterable[str],
+    limit: int | Mapping[str, int] | None,
+) -> tuple[Want, ...]:
+    """What ``acquire(*names, shared=..., limit=...)`` asks for, one :class:`Want` per name."""
+    wanted = tuple(dict.fromkeys(validate_name(n) for n in names))
+    if isinstance(shared, bool):
+        shared_names = set(wanted) if shared else set()
+    elif isinstance(shared, str):
+        shared_names = {validate_name(shared)}
+    else:
+        shared_names = {validate_name(n) for n in shared}
+    if limit is None:
+        limits: dict[str, int] = {}
+    elif isinstance(limit, Mapping):
+        limits = {validate_name(n): v for n, v in limit.items()}
+    else:
+        limits = dict.fromkeys(wanted, limit)
+    for value in limits.values():
+        if type(value) is not int or value < 1:
+            raise ValueError(f"a limit must be a whole number of at least 1, not {value!r}")
+    stray = sorted((shared_names | set(limits)) - set(wanted))
+    if stray:
+        raise ValueError(
+            f"shared= or limit= names {', '.join(stray)}, which is not among the lock names; "
+            "add it to the names"
+        )
+    return tuple(
+        Want(n, SHARED, limits.get(n)) if n in shared_names or n in limits else Want(n)
+        for n in wanted
+    )
+
+
 def give_back(store: Store, namespace: str, lease: str) -> None:
     """Remove every entry of ``lease`` from a namespace (pure, no cache: any thread)."""
 
     def compute(snap: Snapshot) -> tuple[str, bool] | None:
-        new, freed = _core.release_lease(_core.decode(snap.data, namespace), lease)
-        return (_core.encode(new), True) if freed else None
+        doc = _core.decode(snap.data, namespace)
+        new, _ = _core.release_lease(doc, lease)
+        if new is doc:
+            return None
+        new, _, _ = _core.promote(new, version=snap.version, now=time.time())
+        return _core.encode(new), True
 
     store.transact(namespace, compute, None)
 
 
 def _none_if_same(
-    result: tuple[Document, bool, None], doc: Document
-) -> tuple[Document | None, bool, None]:
+    result: tuple[LockDoc, bool, None], doc: LockDoc
+) -> tuple[LockDoc | None, bool, None]:
     new, wake, value = result
     return (None if new is doc else new), wake, value
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from tasklocks._clock import pause
 
 if TYPE_CHECKING:
-    from tasklocks._core import Holder
+    from tasklocks._doc import Holder, Waiter
 
 __all__ = [
     "Liveness",
@@ -243,9 +243,9 @@ def process_liveness(
 
 
 def holder_liveness(
-    holder: Holder, me: ProcessIdentity | None = None, *, local_db: bool = False
+    holder: Holder | Waiter, me: ProcessIdentity | None = None, *, local_db: bool = False
 ) -> Liveness:
-    """Judge a lock holder from this process's point of view (fail closed)."""
+    """Judge a lock holder (or a waiter) from this process's point of view (fail closed)."""
     return process_liveness(
         holder.pid,
         holder.start,
@@ -258,6 +258,6 @@ def holder_liveness(
     )
 
 
-def owner_is_dead(holder: Holder, *, local_db: bool = False) -> bool:
+def owner_is_dead(holder: Holder | Waiter, *, local_db: bool = False) -> bool:
     """True only with proof that the holder's process (and process group) is gone."""
     return holder_liveness(holder, local_db=local_db) is Liveness.DEAD

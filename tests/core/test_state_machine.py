@@ -24,6 +24,7 @@ from tasklocks._core import (
     Granted,
     Holder,
     Refused,
+    Waiter,
     acquire,
     decode,
     encode,
@@ -84,8 +85,8 @@ class LockMachine(RuleBasedStateMachine):
 
     # --- helpers ----------------------------------------------------------------------------------
 
-    def is_dead(self, holder: Holder) -> bool:
-        return holder.owner in self.dead
+    def is_dead(self, entry: Holder | Waiter) -> bool:
+        return entry.owner in self.dead
 
     def tick(self) -> float:
         self.clock += 1.0
@@ -137,12 +138,12 @@ class LockMachine(RuleBasedStateMachine):
             assert isinstance(result, Granted)
             assert result.changed is False
             assert result.token == self.model[wanted[0]].token
-            assert result.reaped == {}
+            assert result.reaped == ()
             self.commit(result.doc, False)
             return
 
-        assert set(result.reaped) == will_reap
-        for name, old in result.reaped.items():
+        assert {name for name, _ in result.reaped} == will_reap
+        for name, old in result.reaped:
             assert old == self.doc[name]
         self.check_removed_only(result.doc, allowed=self.dead)
         for name in will_reap:
@@ -225,9 +226,9 @@ class LockMachine(RuleBasedStateMachine):
     def reap(self) -> None:
         new, reaped = reap(self.doc, self.is_dead)
         expected = {n for n, e in self.model.items() if e.owner in self.dead}
-        assert set(reaped) == expected
+        assert {name for name, _ in reaped} == expected
         self.check_removed_only(new, allowed=self.dead)
-        for name in reaped:
+        for name, _ in reaped:
             del self.model[name]
         self.commit(new, bool(reaped))
 

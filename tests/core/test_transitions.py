@@ -6,7 +6,6 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -17,12 +16,17 @@ from tasklocks._core import (
     EMPTY,
     FORMAT,
     Claimant,
+    Deadlocked,
     Document,
     Encoder,
     Granted,
     Holder,
+    LockDoc,
+    Queued,
     Refused,
+    Waiter,
     acquire,
+    as_doc,
     check_not_already_held,
     decode,
     encode,
@@ -44,6 +48,7 @@ from tasklocks.errors import (
 from tasklocks.owner import Liveness
 
 NOW = 1_700_000_000.5
+Outcome = Granted | Refused | Queued | Deadlocked
 
 
 def claimant(
@@ -80,28 +85,28 @@ def holder(
     return claimant(owner, lease, pid=pid, host=host, note=note).holder(since, token)
 
 
-def doc_of(entries: Mapping[str, Holder]) -> Document:
-    return MappingProxyType(dict(entries))
+def doc_of(entries: Mapping[str, Holder]) -> LockDoc:
+    return as_doc(dict(entries))
 
 
-def never_dead(_: Holder) -> bool:
+def never_dead(_: Holder | Waiter) -> bool:
     return False
 
 
-def always_dead(_: Holder) -> bool:
+def always_dead(_: Holder | Waiter) -> bool:
     return True
 
 
-def dead_owners(*owners: str) -> Callable[[Holder], bool]:
+def dead_owners(*owners: str) -> Callable[[Holder | Waiter], bool]:
     return lambda h: h.owner in owners
 
 
-def granted(result: Granted | Refused) -> Granted:
+def granted(result: Outcome) -> Granted:
     assert isinstance(result, Granted), result
     return result
 
 
-def refused(result: Granted | Refused) -> Refused:
+def refused(result: Outcome) -> Refused:
     assert isinstance(result, Refused), result
     return result
 
@@ -113,7 +118,7 @@ def test_acquire_grants_free_names_to_claimant() -> None:
     me = claimant()
     result = granted(acquire(EMPTY, ["a", "b"], me, version=0, now=NOW, is_dead=never_dead))
     assert result.changed is True
-    assert result.reaped == {}
+    assert result.reaped == ()
     assert set(result.doc) == {"a", "b"}
     expected = me.holder(NOW, 1)
     assert result.doc["a"] == expected
@@ -148,7 +153,7 @@ def test_acquire_refused_when_live_holder() -> None:
     doc = doc_of({"a": other})
     result = refused(acquire(doc, ["a"], claimant(), version=3, now=NOW, is_dead=never_dead))
     assert result.blockers == {"a": other}
-    assert result.reaped == {}
+    assert result.reaped == ()
     assert result.changed is False
     assert result.doc is doc
 
@@ -185,7 +190,7 @@ def test_acquire_reaps_dead_holder_in_same_change() -> None:
     doc = doc_of({"a": dead})
     me = claimant()
     result = granted(acquire(doc, ["a"], me, version=7, now=NOW, is_dead=dead_owners("task:dead")))
-    assert result.reaped == {"a": dead}
+    assert result.reaped == (("a", dead),)
     assert result.doc == {"a": me.holder(NOW, 8)}
     assert result.changed is True
     assert doc["a"] is dead
@@ -199,7 +204,7 @@ def test_acquire_refused_still_reaps_dead_holders() -> None:
         acquire(doc, ["a", "b"], claimant(), version=7, now=NOW, is_dead=dead_owners("task:dead"))
     )
     assert result.blockers == {"b": live}
-    assert result.reaped == {"a": dead}
+    assert result.reaped == (("a", dead),)
     assert result.changed is True
     assert result.doc == {"b": live}
 
@@ -207,7 +212,7 @@ def test_acquire_refused_still_reaps_dead_holders() -> None:
 def test_acquire_judges_only_the_wanted_names() -> None:
     judged: list[str] = []
 
-    def is_dead(h: Holder) -> bool:
+    def is_dead(h: Holder | Waiter) -> bool:
         judged.append(h.owner)
         return True
 
@@ -217,7 +222,7 @@ def test_acquire_judges_only_the_wanted_names() -> None:
     result = granted(acquire(doc, ["a"], claimant(), version=1, now=NOW, is_dead=is_dead))
     assert judged == ["task:wanted"]
     assert result.doc["x"] is unrelated
-    assert result.reaped == {"a": wanted}
+    assert result.reaped == (("a", wanted),)
 
 
 def test_acquire_all_or_nothing() -> None:
@@ -249,7 +254,7 @@ def test_acquire_is_idempotent_by_lease() -> None:
     assert retry.changed is False
     assert retry.token == first.token == 10
     assert retry.doc is first.doc
-    assert retry.reaped == {}
+    assert retry.reaped == ()
 
 
 def test_acquire_retry_never_reaps_its_own_entries() -> None:
@@ -387,7 +392,7 @@ def test_reap_drops_dead_holders() -> None:
     doc = doc_of({"a": dead, "b": live, "c": dead})
     new, reaped = reap(doc, dead_owners("task:dead"))
     assert new == {"b": live}
-    assert reaped == {"a": dead, "c": dead}
+    assert reaped == (("a", dead), ("c", dead))
 
 
 def test_reap_keeps_unknown_and_live() -> None:
@@ -399,14 +404,14 @@ def test_reap_keeps_unknown_and_live() -> None:
     doc = doc_of({owner: holder(owner, f"lease-{owner}") for owner in liveness})
     new, reaped = reap(doc, lambda h: liveness[h.owner] is Liveness.DEAD)
     assert set(new) == {"task:alive", "task:unknown"}
-    assert set(reaped) == {"task:dead"}
+    assert [name for name, _ in reaped] == ["task:dead"]
 
 
 def test_reap_without_dead_holders_returns_same_document() -> None:
     doc = doc_of({"a": holder()})
     new, reaped = reap(doc, never_dead)
     assert new is doc
-    assert reaped == {}
+    assert reaped == ()
 
 
 # --- check_not_already_held -----------------------------------------------------------------------
@@ -510,7 +515,7 @@ def test_encode_is_compact_stable_json() -> None:
     text = encode(doc_of({"a": h}))
     assert " " not in text.replace("backup of café", "")
     assert "café" in text  # not \u-escaped
-    assert json.loads(text) == {"format": FORMAT, "locks": {"a": holder_to_json(h)}}
+    assert json.loads(text) == {"format": 1, "locks": {"a": holder_to_json(h)}}
 
 
 @pytest.mark.parametrize("text", [None, "", b""])
@@ -594,7 +599,7 @@ def test_decode_names_the_bad_entry_and_field() -> None:
 
 def test_decode_of_newer_format_says_upgrade() -> None:
     with pytest.raises(CorruptLockTable) as info:
-        decode('{"format":2,"locks":{}}', "billing")
+        decode(f'{{"format":{FORMAT + 1},"locks":{{}}}}', "billing")
     assert "'billing'" in str(info.value)
     assert "newer tasklocks" in str(info.value)
     assert "upgrade tasklocks" in str(info.value)
@@ -602,7 +607,7 @@ def test_decode_of_newer_format_says_upgrade() -> None:
 
 def test_decode_of_newer_format_without_locks_object_says_upgrade() -> None:
     with pytest.raises(CorruptLockTable) as info:
-        decode('{"format":2,"tables":{}}', "billing")
+        decode(f'{{"format":{FORMAT + 1},"tables":{{}}}}', "billing")
     assert "upgrade tasklocks" in str(info.value)
 
 
@@ -652,7 +657,9 @@ def test_lock_timeout_is_a_timeout_error() -> None:
     assert err.timeout == 2.5
     assert err.held == {"a": h}
     msg = str(err)
-    assert "gave up after waiting 2.5s for a held by task:12 (pid 4711 on web-1)" in msg
+    assert (
+        "gave up after waiting 2.5s for the locks (a is held by task:12 (pid 4711 on web-1)" in msg
+    )
     assert msg.endswith("raise the timeout or stop the holder")
     with pytest.raises(TimeoutError):
         raise err

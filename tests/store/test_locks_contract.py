@@ -445,7 +445,7 @@ def test_held_says_unknown_for_entries_without_a_process(table: LockTable) -> No
     [h] = table.held()
     assert h.holder.pid is None
     assert h.liveness is Liveness.UNKNOWN
-    assert table.reap() == {}
+    assert table.reap() == []
     with pytest.raises(LockHeld):
         table.acquire("a", owner="task:2")
 
@@ -537,17 +537,17 @@ def test_reap_removes_dead_entries_and_returns_them(
     caplog.set_level(logging.WARNING, logger="tasklocks")
     table.acquire("mine", owner="task:alive")
     with holder_process(db_url, namespace, "a", "b") as (proc, token):
-        assert table.reap() == {}  # alive: nothing to reap
+        assert table.reap() == []  # alive: nothing to reap
         proc.kill()
         proc.wait()
         reaped = table.reap()
-        assert sorted(reaped) == ["a", "b"]
-        for holder in reaped.values():
+        assert sorted(name for name, _ in reaped) == ["a", "b"]
+        for _, holder in reaped:
             assert holder.pid == proc.pid
             assert holder.owner == pid_owner(proc.pid)
             assert holder.token == token
         assert names_held(table) == {"mine": "task:alive"}
-        assert table.reap() == {}
+        assert table.reap() == []
     assert sum(r.name == "tasklocks" for r in caplog.records) == 2
 
 
@@ -575,7 +575,7 @@ def test_holder_on_another_host_is_never_reclaimed(table: LockTable) -> None:
     with pytest.raises(LockHeld) as info:
         table.acquire("a", owner="task:local")
     assert info.value.held["a"].owner == "task:remote"
-    assert table.reap() == {}
+    assert table.reap() == []
     assert names_held(table) == {"a": "task:remote"}
 
 
@@ -588,7 +588,7 @@ def test_holder_in_another_pid_namespace_is_never_reclaimed(table: LockTable) ->
     assert [h.liveness for h in table.held()] == [Liveness.UNKNOWN]
     with pytest.raises(LockHeld):
         table.acquire("a", owner="task:local")
-    assert table.reap() == {}
+    assert table.reap() == []
 
 
 def _dead_pid() -> int:

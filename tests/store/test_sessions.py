@@ -162,7 +162,7 @@ def test_held_says_expired_before_anyone_takes_the_lock(
             assert time.monotonic() < deadline, "the paused holder's session never expired"
             time.sleep(0.05)
         assert held[0].expires_in == 0.0
-        assert table.reap() == {"a": held[0].holder}  # expired entries are reaped too
+        assert table.reap() == [("a", held[0].holder)]  # expired entries are reaped too
 
 
 def test_a_lost_lease_is_given_back_and_raises(db_url: str, namespace: str) -> None:
@@ -193,7 +193,7 @@ def test_a_forked_child_opens_a_session_of_its_own(table: LockTable, tmp_path: P
         try:
             # The parent's session is not this process's, but it lives: its locks too.
             assert [h.liveness for h in table.held()] == [Liveness.ALIVE]
-            assert table.reap() == {}
+            assert table.reap() == []
             try:
                 mine.release()
                 raise AssertionError("a forked child released its parent's lease")

@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -253,9 +254,134 @@ def outage(cfg: dict[str, Any]) -> None:
     )
 
 
+def _stop_on_stdin() -> threading.Event:
+    """An event set once the test writes ``stop`` (or closes our stdin)."""
+    stop = threading.Event()
+
+    def read() -> None:
+        for line in sys.stdin:
+            if line.strip() == "stop":
+                break
+        stop.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return stop
+
+
+def turns(cfg: dict[str, Any]) -> None:
+    """Take ``name`` again and again (hold it ``hold`` seconds, then pause ``gap``) until the
+    test says ``stop``: a rival of the pair in the starvation test."""
+    table = _start(cfg)
+    stop = _stop_on_stdin()
+    time.sleep(cfg["offset"])
+    n = 0
+    while not stop.is_set():
+        with table.hold(cfg["name"], timeout=60):
+            time.sleep(cfg["hold"])
+        n += 1
+        time.sleep(cfg["gap"])
+    _emit({"turns": n})
+
+
+def pair(cfg: dict[str, Any]) -> None:
+    """``rounds`` times: pause, wait for all of ``names`` at once, hold them ``hold`` seconds.
+    Reports how long each wait took."""
+    table = _start(cfg)
+    waits = []
+    for _ in range(cfg["rounds"]):
+        time.sleep(cfg["pause"])
+        started = time.monotonic()
+        lease = table.acquire(*cfg["names"], wait=True, timeout=60)
+        waits.append(time.monotonic() - started)
+        time.sleep(cfg["hold"])
+        lease.release()
+    _emit({"waits": waits})
+
+
+def occupant(cfg: dict[str, Any]) -> None:
+    """``rounds`` times: take ``name`` as a ``slot`` (``limit``), a ``reader`` (shared) or a
+    ``writer`` (exclusive); while holding it, keep a marker file ``<kind>-<pid>`` in ``dir`` and
+    look at the others' markers. A marker is made after the lock is granted and removed before it
+    is released, so the markers present are a subset of the holders at every instant."""
+    table = _start(cfg)
+    kind: str = cfg["kind"]
+    directory: str = cfg["dir"]
+    marker = os.path.join(directory, f"{kind}-{os.getpid()}")
+    violations: list[str] = []
+    waits: list[float] = []
+    most = 0
+    for i in range(cfg["rounds"]):
+        started = time.monotonic()
+        lease = table.acquire(
+            cfg["name"],
+            wait=True,
+            timeout=60,
+            shared=kind == "reader",
+            limit=cfg.get("limit") if kind == "slot" else None,
+        )
+        waits.append(time.monotonic() - started)
+        with open(marker, "w"):
+            pass
+        present = sorted(os.listdir(directory))
+        same = [m for m in present if m.startswith(kind + "-")]
+        most = max(most, len(same))
+        if kind == "slot" and len(same) > cfg["limit"]:
+            violations.append(f"round {i}: {len(same)} slots taken at once: {present}")
+        if kind == "reader" and any(m.startswith("writer-") for m in present):
+            violations.append(f"round {i}: a reader next to a writer: {present}")
+        if kind == "writer" and present != [os.path.basename(marker)]:
+            violations.append(f"round {i}: a writer next to others: {present}")
+        time.sleep(cfg["hold"])
+        os.unlink(marker)
+        lease.release()
+        time.sleep(cfg["gap"])
+    _emit({"most": most, "violations": violations, "waits": waits})
+
+
+def scripted(cfg: dict[str, Any]) -> None:
+    """Do what the test says, one JSON command per line on stdin: ``acquire`` (names, owner,
+    wait, timeout, shared, limit; the lease is kept under ``key``), ``release`` (key). Reports
+    each outcome: ``granted`` (token, waited), ``error`` (type, message) or ``released``."""
+    table = tasklocks.connect(cfg["url"], namespace=cfg["namespace"])
+    table.held()
+    _emit({"ready": os.getpid()})
+    leases: dict[str, tasklocks.Lease] = {}
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "acquire":
+            started = time.monotonic()
+            try:
+                lease = table.acquire(
+                    *cmd["names"],
+                    owner=cmd.get("owner"),
+                    wait=cmd.get("wait", False),
+                    timeout=cmd.get("timeout"),
+                    shared=cmd.get("shared", False),
+                    limit=cmd.get("limit"),
+                )
+            except tasklocks.TasklocksError as exc:
+                _emit({"error": type(exc).__name__, "message": str(exc)})
+                continue
+            leases[cmd["key"]] = lease
+            _emit({"granted": lease.token, "waited": time.monotonic() - started})
+        elif cmd["op"] == "release":
+            leases.pop(cmd["key"]).release()
+            _emit({"released": cmd["key"]})
+    table.close()
+
+
 def main(argv: list[str]) -> None:
     mode, config = argv
-    {"occupancy": occupancy, "killable": killable, "outage": outage}[mode](json.loads(config))
+    modes = {
+        "occupancy": occupancy,
+        "killable": killable,
+        "outage": outage,
+        "turns": turns,
+        "pair": pair,
+        "occupant": occupant,
+        "scripted": scripted,
+    }
+    modes[mode](json.loads(config))
 
 
 if __name__ == "__main__":

@@ -388,10 +388,13 @@ def test_killed_supervisor_keeps_locks_while_the_task_runs(tasks: Tasks, files: 
     files("a.go").touch()  # the orphan ends
     after = finished(tasks, second)
     assert after.state is TaskState.SUCCEEDED, describe(tasks, after)
-    record = poll(
-        "reconcile to mark the orphan",
-        lambda: tasks.get(task_id) if task_id in tasks.reconcile() else None,
-    )
+
+    def marked() -> TaskRecord | None:  # by reconcile here, or by the one in tasks.wait()
+        marked_now = task_id in tasks.reconcile()
+        record = tasks.get(task_id)
+        return record if marked_now or record.state.is_final else None
+
+    record = poll("reconcile to mark the orphan", marked)
     assert record.state is TaskState.CRASHED
     assert held(tasks) == {}
 
@@ -512,32 +515,35 @@ def test_wait_time_counts_only_the_time_blocked_on_a_held_lock(tasks: Tasks, fil
     assert done.waited == done.started - done.wait_started
 
 
-def test_wait_history_names_each_new_holder(tasks: Tasks, files: Files) -> None:
+def test_wait_history_names_holders_and_the_waiters_ahead(tasks: Tasks, files: Files) -> None:
     tasks.locks.acquire("l1", owner="admin:x", process=None)
+    first = tasks.start(ref("blocked"), args=blocked_args(files, "a"), locks=["l1"])
+    until_state(tasks, first, TaskState.WAITING)
     waiter = tasks.start(ref("add"), args=[1, 2], locks=["l1", "l2"])
-    until_state(tasks, waiter, TaskState.WAITING)
-    tasks.locks.acquire("l2", owner="admin:y", process=None)  # another holder while it waits
-
-    def both() -> list[dict[str, Any]] | None:
-        history = tasks.get(waiter).waited_for or []
-        return history if len(history) == 2 else None
-
-    first, second = poll("the second holder in the wait history", both)
-    assert (first["lock"], first["owner"], second["lock"], second["owner"]) == (
-        "l1",
-        "admin:x",
-        "l2",
-        "admin:y",
-    )
-    assert first["since"] < second["since"]
-    message = tasks.get(waiter).message or ""
+    record = until_state(tasks, waiter, TaskState.WAITING)
+    history = record.waited_for or []
+    assert [(w["lock"], w["owner"]) for w in history] == [
+        ("l1", "admin:x"),
+        ("l1", f"task:{first}"),
+    ]
+    message = record.message or ""
     assert message.startswith("Waiting for l1 (held by admin:x "), message
-    assert "; l2 (held by admin:y " in message, message
-    tasks.locks.release_owner("admin:x")
-    tasks.locks.release_owner("admin:y")
+    assert f", 2nd in line after task {first}, tests.tasks.targets:blocked, since " in message
+
+    tasks.locks.release_owner("admin:x")  # the first task gets l1: the waiter is next in line
+    until_marked(tasks, first, files("a.marker"))
+
+    def moved_up() -> str | None:
+        text = tasks.get(waiter).message or ""
+        return text if "in line" not in text else None
+
+    text = poll("the waiter's message without a waiter ahead", moved_up)
+    assert text.startswith(f"Waiting for l1 (held by task {first}, tests.tasks.targets:blocked")
+    assert len(tasks.get(waiter).waited_for or []) == 2  # the same task, now holding l1
+    files("a.go").touch()
     done = finished(tasks, waiter)
     assert done.state is TaskState.SUCCEEDED, describe(tasks, done)
-    assert done.wait_started == first["since"]
+    assert done.wait_started == history[0]["since"]
 
 
 def test_waits_for_every_lock_it_needs(tasks: Tasks, files: Files) -> None:

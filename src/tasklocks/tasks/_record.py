@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from tasklocks.store import TaskRow, TaskValue
@@ -61,6 +61,27 @@ def can_move(old: TaskState, new: TaskState) -> bool:
 
 
 _JSON_FIELDS = frozenset({"target", "args", "locks", "result", "waited_for"})
+_IN_LOCKS = "shared"  # a field kept in the locks column, not a column of its own
+
+
+def split_locks(raw: list[Any]) -> tuple[list[str], dict[str, int | None]]:
+    """The locks column's list as (names, {shared name: its limit or None}): an exclusive lock
+    is its name, a shared one ``{"name": ..., "limit": n or null}``."""
+    names: list[str] = []
+    shared: dict[str, int | None] = {}
+    for item in raw:
+        if isinstance(item, dict):
+            names.append(str(item["name"]))
+            limit = item.get("limit")
+            shared[str(item["name"])] = None if limit is None else int(limit)
+        else:
+            names.append(str(item))
+    return names, shared
+
+
+def join_locks(names: list[str], shared: dict[str, int | None]) -> list[Any]:
+    """The locks column's list (see :func:`split_locks`)."""
+    return [n if n not in shared else {"name": n, "limit": shared[n]} for n in names]
 
 
 @dataclass(frozen=True)
@@ -97,26 +118,33 @@ class TaskRecord:
     # The wait history: every holder it was blocked by, in order, as {lock, owner, note, since}
     # where ``since`` is when it began waiting for that holder (None: it never waited).
     waited_for: list[dict[str, Any]] | None
+    # The locks taken shared: name -> the limit of holders (None: any number); the others of
+    # ``locks`` are exclusive. Stored in the locks column (see split_locks).
+    shared: dict[str, int | None] = field(default_factory=dict)
 
     @classmethod
     def from_row(cls, row: TaskRow) -> TaskRecord:
         values: dict[str, Any] = {}
         for f in fields(cls):
+            if f.name == _IN_LOCKS:
+                continue
             value = row.get(f.name)
             if f.name in _JSON_FIELDS:
                 value = None if value is None else json.loads(str(value))
             values[f.name] = value
         values["state"] = TaskState(str(values["state"]))
-        values["locks"] = list(values["locks"] or [])
+        values["locks"], values["shared"] = split_locks(list(values["locks"] or []))
         return cls(**values)
 
     def to_row(self) -> dict[str, TaskValue]:
         """Every column but id and version, ready for the store."""
         out: dict[str, TaskValue] = {}
         for f in fields(self):
-            if f.name in ("id", "version"):
+            if f.name in ("id", "version", _IN_LOCKS):
                 continue
             value = getattr(self, f.name)
+            if f.name == "locks":
+                value = join_locks(value, self.shared)
             if f.name in _JSON_FIELDS:
                 value = None if value is None else json.dumps(value, separators=(",", ":"))
             elif isinstance(value, TaskState):

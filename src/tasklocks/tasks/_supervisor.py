@@ -20,18 +20,22 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from tasklocks._clock import pause
+from tasklocks._core import Holder, Waiter
 from tasklocks._keeper import Keeper, fork_keeper, point_at_devnull
+from tasklocks._waiting import WaitStatus
 from tasklocks.errors import (
+    Deadlock,
     LeaseLost,
+    LimitMismatch,
     LockHeld,
-    LockTimeout,
     NotHeld,
     StoreUnreachable,
     describe_holder,
+    ordinal,
 )
 from tasklocks.locks import Lease, LockTable
 from tasklocks.owner import ProcessIdentity, current_process, group_is_empty
@@ -42,21 +46,38 @@ from tasklocks.tasks._taskdb import TaskDB
 GRACE = 10.0  # seconds between SIGTERM and SIGKILL when the supervisor itself stops a task
 PATIENCE = 1.0  # seconds between tries while the database does not answer
 T = TypeVar("T")
-_WAIT_SLICE = 0.25  # how often a supervisor waiting for locks looks at its task and stop requests
 
 
-def _describe_wait(blockers: dict[str, Any]) -> str:
+class _Stopped(Exception):
+    """Raised from the wait's watch: the task was stopped (or its process died) while waiting."""
+
+
+def _who(entry: Holder | Waiter) -> str:
+    if not entry.owner.startswith("task:"):
+        return describe_holder(entry)
+    who = f"task {entry.owner[5:]}"
+    if entry.note:
+        who += f", {entry.note}"
+    return who + f", since {time.strftime('%H:%M:%S', time.localtime(entry.since))}"
+
+
+def _describe_wait(
+    names: Sequence[str],
+    holders: Mapping[str, Sequence[Holder]],
+    ahead: Sequence[Waiter],
+) -> str:
+    """``Waiting for app_task:blog (held by task 12, update blog, since 10:02:11), 2nd in line
+    after task 13, restore blog, since 10:02:15``."""
     parts = []
-    for name, holder in sorted(blockers.items()):
-        who = describe_holder(holder)
-        if holder.owner.startswith("task:"):
-            since = time.strftime("%H:%M:%S", time.localtime(holder.since))
-            who = f"task {holder.owner[5:]}"
-            if holder.note:
-                who += f", {holder.note}"
-            who += f", since {since}"
-        parts.append(f"{name} (held by {who})")
-    return "Waiting for " + "; ".join(parts)
+    for name, hs in sorted(holders.items()):
+        if hs:
+            others = f" and {len(hs) - 1} more" if len(hs) > 1 else ""
+            parts.append(f"{name} (held by {_who(hs[0])}{others})")
+    text = "Waiting for " + ("; ".join(parts) if parts else ", ".join(names))
+    if ahead:
+        others = f" and {len(ahead) - 1} more" if len(ahead) > 1 else ""
+        text += f", {ordinal(len(ahead) + 1)} in line after {_who(ahead[0])}{others}"
+    return text
 
 
 def env_for_task(
@@ -290,55 +311,81 @@ class Supervisor:
     def _take_locks(
         self, table: LockTable, record: TaskRecord, me: ProcessIdentity, child: int
     ) -> Lease | None:
+        """Take the task's locks, waiting in the queue (state ``waiting``, a message with its
+        place in line) unless the task says not to wait. None: the task ended meanwhile."""
         identity = ProcessIdentity(me.pid, me.start, me.boot, me.host, me.pidns, child)
-        told = False
-        # The wait history: every (lock, holder) the task was blocked by, with when it began
-        # waiting for it. Only a refusal starts the clock, so a task whose locks were free
-        # records no wait at all (start-up is not waiting).
+        shared = [n for n, limit in record.shared.items() if limit is None]
+        limits = {n: limit for n, limit in record.shared.items() if limit is not None}
+        # The wait history: every (lock, holder or waiter ahead) the task was blocked by, with
+        # when it began waiting for it. Only a wait starts the clock, so a task whose locks were
+        # free records no wait at all (start-up is not waiting).
         history: list[dict[str, Any]] = []
+        told: list[str] = []  # the message last written
+
+        def watch(status: WaitStatus) -> None:
+            current = self._get()
+            stopped = self.stop_reason is not None or current.stop_requested is not None
+            if stopped or current.state.is_final or os.waitpid(child, os.WNOHANG)[0] != 0:
+                raise _Stopped
+            now = time.time()
+            seen = {(w["lock"], w["owner"]) for w in history}
+            blockers: list[tuple[str, Holder | Waiter]] = [
+                (n, h) for n, hs in sorted(status.holders.items()) for h in hs
+            ]
+            wanted = set(status.names)
+            blockers += [(next(n for n in w.names if n in wanted), w) for w in status.ahead]
+            new = [
+                {"lock": name, "owner": e.owner, "note": e.note, "since": now}
+                for name, e in blockers
+                if (name, e.owner) not in seen
+            ]
+            message = _describe_wait(status.names, status.holders, status.ahead)
+            if not told or new or message != told[-1]:
+                history.extend(new)
+                changes: dict[str, Any] = {"message": message, "waited_for": list(history)}
+                if not told:
+                    changes["state"] = TaskState.WAITING
+                told.append(message)
+                self._update(**changes)
+
         while True:
             try:
                 return table.acquire(
                     *record.locks,
                     owner=f"task:{record.id}",
-                    wait=told,  # the first try does not wait: the record says "waiting" first
-                    timeout=_WAIT_SLICE,
+                    wait=self.wait_for_locks,
                     note=record.title,
                     process=identity,
+                    shared=shared,
+                    limit=limits,
+                    watch=watch,
                 )
-            except (LockHeld, LockTimeout) as exc:
-                if not self.wait_for_locks:
-                    self._finish(
-                        TaskState.FAILED,
-                        error_code="LockHeld",
-                        error_message=str(exc),
-                        message=_describe_wait(exc.held),
-                    )
-                    return None
-                refused_at = time.time()
-                seen = {(w["lock"], w["owner"]) for w in history}
-                new = [
-                    {"lock": name, "owner": h.owner, "note": h.note, "since": refused_at}
-                    for name, h in sorted(exc.held.items())
-                    if (name, h.owner) not in seen
-                ]
-                if not told or new:  # the first refusal, or other holders since the last one
-                    history.extend(new)
-                    changes: dict[str, Any] = {
-                        "message": _describe_wait(exc.held),
-                        "waited_for": list(history),
-                    }
-                    if not told:
-                        changes["state"] = TaskState.WAITING
-                    told = True
-                    self._update(**changes)
-            except StoreUnreachable:
-                pause(PATIENCE)  # the database does not answer: the task waits meanwhile
-            current = self._get()
-            stopped = self.stop_reason is not None or current.stop_requested is not None
-            if stopped or current.state.is_final or os.waitpid(child, os.WNOHANG)[0] != 0:
+            except LockHeld as exc:  # only without waiting
+                self._finish(
+                    TaskState.FAILED,
+                    error_code="LockHeld",
+                    error_message=str(exc),
+                    message=_describe_wait(record.locks, exc.holders, exc.queue),  # type: ignore[arg-type]
+                )
+                return None
+            except (Deadlock, LimitMismatch) as exc:
+                self._finish(
+                    TaskState.FAILED,
+                    error_code=type(exc).__name__,
+                    error_message=str(exc),
+                    message=f"could not wait for its locks: {exc}",
+                )
+                return None
+            except _Stopped:
                 self._finish(TaskState.STOPPED, message="stopped while waiting for locks")
                 return None
+            except StoreUnreachable:
+                pause(PATIENCE)  # the database does not answer: the task waits meanwhile
+                current = self._get()
+                stopped = self.stop_reason is not None or current.stop_requested is not None
+                if stopped or current.state.is_final or os.waitpid(child, os.WNOHANG)[0] != 0:
+                    self._finish(TaskState.STOPPED, message="stopped while waiting for locks")
+                    return None
 
     def _watch(self, child: int, result_r: int, timeout: float | None) -> tuple[int, bytes]:
         """Wait for the task's process to end, stopping it on request or timeout."""

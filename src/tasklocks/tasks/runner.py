@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from tasklocks.owner import (
     process_start_token,
 )
 from tasklocks.store import parse_url
-from tasklocks.tasks._record import TaskRecord, TaskState
+from tasklocks.tasks._record import TaskRecord, TaskState, join_locks
 from tasklocks.tasks._taskdb import TaskDB, TaskNotFound
 from tasklocks.tasks._zygote import fork_supervisor
 
@@ -147,6 +147,8 @@ class Tasks(TaskDB):
         kind: str | None = None,
         timeout: float | None = None,
         wait_for_locks: bool = True,
+        shared: Sequence[str] = (),
+        limits: Mapping[str, int] | None = None,
     ) -> int:
         """Start a task in its own detached process and return its id at once.
 
@@ -154,7 +156,10 @@ class Tasks(TaskDB):
             arguments, a list as positional ones; its return value becomes the result), or a
             command line as a list of arguments (run without a shell).
         :param args: JSON-serialisable arguments for a callable target.
-        :param locks: lock names taken, all or none, before the target runs.
+        :param locks: lock names taken, all or none, before the target runs (exclusive).
+        :param shared: lock names taken shared (any number of tasks at once), with ``locks``.
+        :param limits: lock names taken by at most this many tasks at once, with ``locks``:
+            ``limits={"app_tasks": 3}`` runs at most 3 such tasks, the others wait in order.
         :param kind: a short description (``"update blog"``), shown to those who wait.
         :param timeout: seconds the target may run before it is stopped (``timed_out``).
         :param wait_for_locks: wait while the locks are held (state ``waiting``); if False, a
@@ -163,7 +168,13 @@ class Tasks(TaskDB):
         :raises BadLockName: a lock name is not allowed.
         """
         checked = _check_target(target)
-        lock_names = [validate_name(n) for n in dict.fromkeys(locks)]
+        limits = dict(limits or {})
+        for name, limit in limits.items():
+            if type(limit) is not int or limit < 1:
+                raise ValueError(f"the limit of {name} must be a whole number >= 1, not {limit!r}")
+        lock_names = [validate_name(n) for n in dict.fromkeys([*locks, *shared, *limits])]
+        modes: dict[str, int | None] = {n: None for n in shared}
+        modes.update(limits)
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
         try:
@@ -175,7 +186,7 @@ class Tasks(TaskDB):
             "kind": kind,
             "target": json.dumps(checked),
             "args": json.dumps(args),
-            "locks": json.dumps(lock_names),
+            "locks": json.dumps(join_locks(lock_names, modes)),
             "namespace": self.namespace,
             "state": TaskState.PENDING.value,
             "created": time.time(),

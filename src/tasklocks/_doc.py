@@ -1,0 +1,477 @@
+"""The lock document and its JSON: pure code, no I/O.
+
+A namespace's document holds, per lock name, its holders, and the queue of waiters in arrival
+order. A name has one *exclusive* holder, or any number of *shared* holders (at most ``limit`` of
+them when the name is counted).
+
+The stored JSON has two formats. Format 1 (what every version of tasklocks reads) maps each name
+to its one exclusive holder::
+
+    {"format":1,"locks":{"backup":{"owner":"task:12","pid":4711,...,"token":7,...}}}
+
+Format 2 is written only while the document needs it (a shared or counted name, or a queue): a
+name's value may then be an array of holders with a ``mode`` (and a ``limit``), and ``queue``
+lists the waiters. A document goes back to format 1 once its queue is empty and no name is
+shared, so the one-statement fast paths (which take only format 1, see ``store/sql``) never
+overtake a queue, and an older tasklocks refuses a format-2 document instead of misreading it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from tasklocks.errors import CorruptLockTable, quote
+
+__all__ = [
+    "EMPTY",
+    "EXCLUSIVE",
+    "FORMAT",
+    "SHARED",
+    "Claimant",
+    "Document",
+    "Encoder",
+    "Holder",
+    "LockDoc",
+    "Waiter",
+    "Want",
+    "as_doc",
+    "claim_json",
+    "decode",
+    "encode",
+    "holder_to_json",
+]
+
+FORMAT: Final = 2  # the newest format this version reads and writes
+EXCLUSIVE: Final = "x"
+SHARED: Final = "s"
+
+
+@dataclass(frozen=True, slots=True)
+class Want:
+    """One name an acquisition asks for: exclusive, or shared by any number of holders (at most
+    ``limit`` of them, when given)."""
+
+    name: str
+    mode: str = EXCLUSIVE
+    limit: int | None = None
+
+    @property
+    def shared(self) -> bool:
+        return self.mode == SHARED
+
+    def describe(self) -> str:
+        """``name``, ``name (shared)`` or ``name (limit 3)``."""
+        if self.limit is not None:
+            return f"{self.name} (limit {self.limit})"
+        return f"{self.name} (shared)" if self.shared else self.name
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """One held lock: who holds it, since when, its fencing token, and how (``mode``, ``limit``)."""
+
+    owner: str
+    pid: int | None
+    start: str | None
+    boot: str | None
+    host: str
+    pidns: str | None
+    pgid: int | None
+    since: float
+    token: int
+    lease: str
+    note: str | None
+    session: str | None = None  # the session that keeps it (None: kept until released)
+    mode: str = EXCLUSIVE
+    limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Waiter:
+    """One waiting acquisition in a namespace's queue: the process that waits (judged dead or
+    expired as a holder is), since when, and what it wants. ``detached``: the entries it gets are
+    kept until released (no process, no session), as ``acquire(process=None)`` asked."""
+
+    owner: str
+    pid: int | None
+    start: str | None
+    boot: str | None
+    host: str
+    pidns: str | None
+    pgid: int | None
+    since: float
+    lease: str
+    note: str | None
+    session: str | None
+    wants: tuple[Want, ...]
+    detached: bool = False
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(w.name for w in self.wants)
+
+    def holder(self, want: Want, token: int, since: float) -> Holder:
+        """The entry this waiter gets for ``want`` when it is granted."""
+        if self.detached:
+            return Holder(
+                self.owner, None, None, None, self.host, None, None, since, token, self.lease,
+                self.note, None, want.mode, want.limit,
+            )  # fmt: skip
+        return Holder(
+            self.owner, self.pid, self.start, self.boot, self.host, self.pidns, self.pgid, since,
+            token, self.lease, self.note, self.session, want.mode, want.limit,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Claimant:
+    """Who asks for locks: the holder fields that do not depend on the document. ``waiter``,
+    when given, is who waits in the queue instead (a claimant without a process still waits
+    as the calling process, so that a crashed waiter leaves the queue)."""
+
+    owner: str
+    pid: int | None
+    start: str | None
+    boot: str | None
+    host: str
+    pidns: str | None
+    pgid: int | None
+    lease: str
+    note: str | None
+    session: str | None = None
+    waiter_as: Claimant | None = None
+
+    def holder(self, since: float, token: int, want: Want | None = None) -> Holder:
+        mode, limit = (EXCLUSIVE, None) if want is None else (want.mode, want.limit)
+        return Holder(
+            self.owner, self.pid, self.start, self.boot, self.host, self.pidns, self.pgid, since,
+            token, self.lease, self.note, self.session, mode, limit,
+        )  # fmt: skip
+
+    def waiter(self, since: float, wants: tuple[Want, ...]) -> Waiter:
+        w = self.waiter_as or self
+        return Waiter(
+            self.owner, w.pid, w.start, w.boot, w.host, w.pidns, w.pgid, since, self.lease,
+            self.note, w.session, wants, detached=self.pid is None and w.pid is not None,
+        )  # fmt: skip
+
+
+Holders = tuple[Holder, ...]
+
+
+class LockDoc(Mapping[str, Holder]):
+    """An immutable lock document: per name its holders (``doc[name]`` is the first, the only one
+    unless the name is shared; :meth:`holders` gives all), and the queue. It keeps each name's
+    encoded JSON, so that a change re-encodes only what it changed: with many locks held,
+    encoding is one string join."""
+
+    __slots__ = ("_holders", "_parts", "_wide", "queue")
+
+    def __init__(
+        self,
+        holders: Mapping[str, Holders],
+        parts: dict[str, str] | None = None,
+        queue: tuple[Waiter, ...] = (),
+        wide: frozenset[str] | None = None,
+    ) -> None:
+        self._holders = dict(holders)
+        self._parts = parts
+        self.queue = queue
+        # The names whose value needs format 2 (shared, or more than one holder).
+        self._wide = (
+            frozenset(n for n, hs in self._holders.items() if _wide(hs)) if wide is None else wide
+        )
+
+    def __getitem__(self, name: str) -> Holder:
+        return self._holders[name][0]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._holders)
+
+    def __len__(self) -> int:
+        return len(self._holders)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, LockDoc):
+            return self._holders == other._holders and self.queue == other.queue
+        if isinstance(other, Mapping):
+            return not self.queue and not self._wide and dict(self.items()) == dict(other.items())
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        held = {n: hs[0] if len(hs) == 1 else hs for n, hs in self._holders.items()}
+        return f"LockDoc({held!r}, queue={self.queue!r})" if self.queue else f"LockDoc({held!r})"
+
+    def holders(self, name: str) -> Holders:
+        """Every holder of ``name`` (none: it is free)."""
+        return self._holders.get(name, ())
+
+    def entries(self) -> Iterator[tuple[str, Holder]]:
+        """Every (name, holder) pair: a shared name once per holder."""
+        for name, holders in self._holders.items():
+            for holder in holders:
+                yield name, holder
+
+    def waiter(self, lease: str) -> Waiter | None:
+        """The queued waiter of ``lease``, if any."""
+        return next((w for w in self.queue if w.lease == lease), None)
+
+    @property
+    def format(self) -> int:
+        """The format this document is stored in: 1 unless it needs 2."""
+        return 2 if self.queue or self._wide else 1
+
+    def parts(self) -> dict[str, str]:
+        """Each name's encoded ``"name":...`` text (computed once per name)."""
+        if self._parts is None:
+            self._parts = {n: _fragment(n, hs) for n, hs in self._holders.items()}
+        return self._parts
+
+    def derive(
+        self,
+        remove: Iterable[str] = (),
+        put: Mapping[str, Holders] | None = None,
+        queue: tuple[Waiter, ...] | None = None,
+    ) -> LockDoc:
+        """A new document: without the names in ``remove``, with the holders in ``put``
+        (an empty tuple frees the name), and with ``queue`` if given (keeps encoded names)."""
+        holders = self._holders.copy()
+        parts = None if self._parts is None else self._parts.copy()
+        wide = set(self._wide)
+        for name in remove:
+            del holders[name]
+            if parts is not None:
+                del parts[name]
+            wide.discard(name)
+        for name, new in (put or {}).items():
+            if new:
+                holders[name] = new
+                if parts is not None:
+                    parts[name] = _fragment(name, new)
+                if _wide(new):
+                    wide.add(name)
+                else:
+                    wide.discard(name)
+            elif name in holders:
+                del holders[name]
+                if parts is not None:
+                    del parts[name]
+                wide.discard(name)
+        return LockDoc(holders, parts, self.queue if queue is None else queue, frozenset(wide))
+
+
+def _wide(holders: Holders) -> bool:
+    return len(holders) != 1 or holders[0].mode != EXCLUSIVE
+
+
+Document = Mapping[str, Holder]
+EMPTY: Final[LockDoc] = LockDoc({}, {})
+
+
+def as_doc(doc: Document) -> LockDoc:
+    """``doc`` as a :class:`LockDoc` (a plain mapping of name to its one holder is accepted)."""
+    if isinstance(doc, LockDoc):
+        return doc
+    return LockDoc({name: (holder,) for name, holder in doc.items()})
+
+
+# --- encoding -------------------------------------------------------------------------------------
+
+_IDENTITY: Final[Mapping[str, tuple[type, ...]]] = {
+    "owner": (str,),
+    "pid": (int, type(None)),
+    "start": (str, type(None)),
+    "boot": (str, type(None)),
+    "host": (str,),
+    "pidns": (str, type(None)),
+    "pgid": (int, type(None)),
+    "since": (float, int),
+}
+_TYPES: Final[Mapping[str, tuple[type, ...]]] = {
+    **_IDENTITY,
+    "token": (int,),
+    "lease": (str,),
+    "note": (str, type(None)),
+    "session": (str, type(None)),
+}
+_FIELDS: Final = tuple(_TYPES)
+_WAITER_TYPES: Final[Mapping[str, tuple[type, ...]]] = {
+    k: v for k, v in _TYPES.items() if k != "token"
+}
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def holder_to_json(holder: Holder) -> dict[str, Any]:
+    """A holder as a JSON-ready dict (the stored field names; ``mode`` and ``limit`` only when
+    the holder shares the name)."""
+    out = {field: getattr(holder, field) for field in _FIELDS}
+    if holder.mode != EXCLUSIVE:
+        out["mode"] = holder.mode
+        out["limit"] = holder.limit
+    return out
+
+
+def waiter_to_json(waiter: Waiter) -> dict[str, Any]:
+    out: dict[str, Any] = {field: getattr(waiter, field) for field in _WAITER_TYPES}
+    out["wants"] = [[w.name, w.mode, w.limit] for w in waiter.wants]
+    if waiter.detached:
+        out["detached"] = True
+    return out
+
+
+def claim_json(claimant: Claimant, since: float) -> str:
+    """An exclusive entry for ``claimant`` without its token, for a database that adds the token
+    itself (the new version) in a one-statement acquisition."""
+    entry = holder_to_json(claimant.holder(since, 0))
+    del entry["token"]
+    return _dumps(entry)
+
+
+def _fragment(name: str, holders: Holders) -> str:
+    if not _wide(holders):
+        return _dumps(name) + ":" + _dumps(holder_to_json(holders[0]))
+    return _dumps(name) + ":" + _dumps([holder_to_json(h) for h in holders])
+
+
+class Encoder:
+    """Encodes documents (kept for callers that hold one; :func:`encode` is the same)."""
+
+    def encode(self, doc: Document) -> str:
+        return encode(doc)
+
+
+def encode(doc: Document) -> str:
+    """Serialize a document (stable, compact JSON) in the oldest format that holds it. A
+    :class:`LockDoc` reuses the encoded text of every name it did not change."""
+    d = as_doc(doc)
+    body = ",".join(d.parts().values())
+    if d.format == 1:
+        return '{"format":1,"locks":{' + body + "}}"
+    queue = ",".join(_dumps(waiter_to_json(w)) for w in d.queue)
+    return '{"format":2,"locks":{' + body + '},"queue":[' + queue + "]}"
+
+
+def _checked(namespace: str, what: str, raw: Any, types: Mapping[str, tuple[type, ...]]) -> None:
+    if not isinstance(raw, dict):
+        raise CorruptLockTable(namespace, f"{what} is not an object")
+    for field, allowed in types.items():
+        value = raw.get(field)
+        if not isinstance(value, allowed) or isinstance(value, bool):
+            raise CorruptLockTable(namespace, f"{what} has a bad {field!r}")
+
+
+def _mode(namespace: str, what: str, mode: Any, limit: Any) -> tuple[str, int | None]:
+    if mode not in (EXCLUSIVE, SHARED):
+        raise CorruptLockTable(namespace, f"{what} has a bad 'mode'")
+    if limit is not None and (type(limit) is not int or limit < 1 or mode != SHARED):
+        raise CorruptLockTable(namespace, f"{what} has a bad 'limit'")
+    return mode, limit
+
+
+def _holder_from_json(namespace: str, name: str, raw: Any, fmt: int) -> Holder:
+    what = f"entry {quote(name)}"
+    _checked(namespace, what, raw, _TYPES)
+    mode, limit = EXCLUSIVE, None
+    if fmt >= 2 and "mode" in raw:
+        mode, limit = _mode(namespace, what, raw["mode"], raw.get("limit"))
+    return Holder(
+        raw["owner"], raw["pid"], raw["start"], raw["boot"], raw["host"], raw["pidns"],
+        raw["pgid"], float(raw["since"]), raw["token"], raw["lease"], raw["note"],
+        raw.get("session"), mode, limit,
+    )  # fmt: skip
+
+
+def _holders_from_json(namespace: str, name: str, raw: Any, fmt: int) -> Holders:
+    if fmt < 2 or not isinstance(raw, list):
+        return (_holder_from_json(namespace, name, raw, fmt),)
+    holders = tuple(_holder_from_json(namespace, name, h, fmt) for h in raw)
+    if not holders:
+        raise CorruptLockTable(namespace, f"entry {quote(name)} is an empty list")
+    if len(holders) > 1 and any(h.mode == EXCLUSIVE for h in holders):
+        raise CorruptLockTable(namespace, f"entry {quote(name)} is exclusive but shared")
+    if len({h.limit for h in holders}) > 1:
+        raise CorruptLockTable(namespace, f"entry {quote(name)} has holders of different limits")
+    limit = holders[0].limit
+    if limit is not None and len(holders) > limit:
+        raise CorruptLockTable(namespace, f"entry {quote(name)} has more holders than its limit")
+    return holders
+
+
+def _waiter_from_json(namespace: str, i: int, raw: Any) -> Waiter:
+    what = f"waiter {i + 1}"
+    _checked(namespace, what, raw, _WAITER_TYPES)
+    wants_raw = raw.get("wants")
+    if not isinstance(wants_raw, list) or not wants_raw:
+        raise CorruptLockTable(namespace, f"{what} has a bad 'wants'")
+    wants = []
+    for item in wants_raw:
+        if not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], str):
+            raise CorruptLockTable(namespace, f"{what} has a bad 'wants'")
+        mode, limit = _mode(namespace, what, item[1], item[2])
+        wants.append(Want(item[0], mode, limit))
+    detached = raw.get("detached", False)
+    if type(detached) is not bool:
+        raise CorruptLockTable(namespace, f"{what} has a bad 'detached'")
+    return Waiter(
+        raw["owner"], raw["pid"], raw["start"], raw["boot"], raw["host"], raw["pidns"],
+        raw["pgid"], float(raw["since"]), raw["lease"], raw["note"], raw["session"],
+        tuple(wants), detached,
+    )  # fmt: skip
+
+
+def decode(text: str | bytes | None, namespace: str, previous: Document | None = None) -> LockDoc:
+    """Parse a stored document; raise :class:`CorruptLockTable` if it is not a valid one.
+
+    ``previous`` (the document this process saw last) saves work: a name held by one holder with
+    the same lease and token is the same acquisition, written once and never changed, so its
+    holder is reused instead of being checked and built again.
+    """
+    if text is None or text in ("", b""):
+        return EMPTY
+    try:
+        raw = json.loads(text)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise CorruptLockTable(namespace, f"not JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CorruptLockTable(namespace, "not a JSON object")
+    fmt = raw.get("format")
+    if type(fmt) is not int or not 1 <= fmt <= FORMAT:
+        if type(fmt) is int and fmt > FORMAT:
+            raise CorruptLockTable(
+                namespace, f"format {fmt} was written by a newer tasklocks; upgrade tasklocks"
+            )
+        raise CorruptLockTable(namespace, f"unknown format {quote(fmt)}")
+    if not isinstance(raw.get("locks"), dict):
+        raise CorruptLockTable(namespace, "no 'locks' object")
+    known = as_doc(previous) if previous is not None else EMPTY
+    known_parts = known.parts() if known._parts is not None else {}
+    out: dict[str, Holders] = {}
+    parts: dict[str, str] = {}
+    for name, entry in raw["locks"].items():
+        old = known._holders.get(name)
+        if (
+            old is None
+            or len(old) != 1
+            or type(entry) is not dict
+            or entry.get("lease") != old[0].lease
+            or entry.get("token") != old[0].token
+            or type(entry.get("token")) is not int
+            or "mode" in entry
+        ):
+            old = _holders_from_json(namespace, name, entry, fmt)
+            parts[name] = _fragment(name, old)
+        else:
+            parts[name] = known_parts.get(name) or _fragment(name, old)
+        out[name] = old
+    queue_raw = raw.get("queue", []) if fmt >= 2 else []
+    if not isinstance(queue_raw, list):
+        raise CorruptLockTable(namespace, "'queue' is not a list")
+    queue = tuple(_waiter_from_json(namespace, i, w) for i, w in enumerate(queue_raw))
+    if len({w.lease for w in queue}) != len(queue):
+        raise CorruptLockTable(namespace, "a lease waits twice in the queue")
+    return LockDoc(out, parts, queue)
