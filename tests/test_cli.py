@@ -30,7 +30,7 @@ ENV = {k: v for k, v in os.environ.items() if k != "TASKLOCKS_DB"}
 HOST = socket.gethostname()
 JSON_FIELDS = {
     *("name", "owner", "pid", "host", "since", "since_epoch", "token", "state", "expires_in"),
-    "note",
+    *("note", "mode", "limit"),
 }
 
 # Command snippets for `run`. Markers are written to a temporary name and renamed into place,
@@ -211,13 +211,15 @@ def test_acquire_prints_token_and_locks_show_it(db_url: str, namespace: str) -> 
     assert text.returncode == 0
     header, *rows = text.stdout.splitlines()
     assert header.split() == [
-        *("NAME", "OWNER", "PID", "HOST", "SINCE", "TOKEN", "STATE", "EXPIRES", "NOTE")
+        *("NAME", "OWNER", "PID", "HOST", "SINCE", "TOKEN", "MODE", "STATE", "EXPIRES", "NOTE")
     ]
     assert [row.split()[:4] for row in rows] == [
         ["a", "script:1", "-", HOST],
         ["b", "script:1", "-", HOST],
     ]
-    assert all(row.split()[-4:] == [str(token), "unknown", "-", "nightly"] for row in rows)
+    assert all(
+        row.split()[-5:] == [str(token), "exclusive", "unknown", "-", "nightly"] for row in rows
+    )
 
     locks = held(db_url, namespace)
     assert [lock["name"] for lock in locks] == ["a", "b"]
@@ -688,10 +690,12 @@ def test_run_usage_errors_exit_2_with_one_line(
     assert complaint in one_error_line(result)
 
 
-def test_run_without_a_lock_is_an_argparse_usage_error(sqlite_url: str, namespace: str) -> None:
+def test_run_without_a_lock_is_a_usage_error(sqlite_url: str, namespace: str) -> None:
     result = cli(sqlite_url, namespace, "run", "--", "true")
     assert result.returncode == 2
-    assert "usage: tasklocks run" in result.stderr and "--lock" in result.stderr
+    assert one_error_line(result) == (
+        "tasklocks: run needs a lock: --lock NAME, --shared NAME or --limit NAME=N"
+    )
 
 
 def test_a_run_killed_while_it_waits_leaves_no_keeper_behind(
@@ -709,3 +713,128 @@ def test_a_run_killed_while_it_waits_leaves_no_keeper_behind(
         wait_until(lambda: all(process_ended(int(p)) for p in children), "run's children to end")
     finally:
         stop(run)
+
+
+# --- queues, shared and counted locks -------------------------------------------------------------
+
+
+def test_shared_and_counted_locks_show_their_mode(db_url: str, namespace: str) -> None:
+    first = cli(
+        db_url, namespace, "acquire", "a", "--shared", "db", "--limit", "slots=2", "--owner", "o1"
+    )
+    assert first.returncode == 0, first.stderr
+    second = cli(
+        db_url, namespace, "acquire", "--shared", "db", "--limit", "slots=2", "--owner", "o2"
+    )
+    assert second.returncode == 0, second.stderr
+    modes = {
+        (lock["name"], lock["owner"]): (lock["mode"], lock["limit"])
+        for lock in held(db_url, namespace)
+    }
+    assert modes == {
+        ("a", "o1"): ("exclusive", None),
+        ("db", "o1"): ("shared", None),
+        ("db", "o2"): ("shared", None),
+        ("slots", "o1"): ("shared", 2),
+        ("slots", "o2"): ("shared", 2),
+    }
+    table = cli(db_url, namespace, "locks").stdout.splitlines()
+    assert [row.split()[6] for row in table[1:]] == [
+        "exclusive",
+        "shared",
+        "shared",
+        "limit",
+        "limit",
+    ]
+    full = cli(db_url, namespace, "acquire", "--limit", "slots=2", "--owner", "o3")
+    assert full.returncode == 75
+    assert "slots is held by o1" in one_error_line(full) and "and 1 other" in full.stderr
+    other = cli(db_url, namespace, "acquire", "--limit", "slots=3", "--owner", "o3")
+    assert other.returncode == 2
+    assert one_error_line(other) == (
+        f"tasklocks: slots is taken with limit 2 by o1 (on {HOST}) since "
+        f"{other.stderr.split(' since ')[1].split(',')[0]}, but this acquire asked for limit 3; "
+        "use the same limit for every holder of slots"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["--limit", "slots"], "expected NAME=N"),
+        (["--limit", "slots=x"], "is not a whole number"),
+        (["--limit", "slots=0"], "must be at least 1"),
+    ],
+)
+def test_bad_limit_options_exit_2(
+    sqlite_url: str, namespace: str, args: list[str], problem: str
+) -> None:
+    result = cli(sqlite_url, namespace, "acquire", *args, "--owner", "me")
+    assert result.returncode == 2
+    assert problem in result.stderr and "Traceback" not in result.stderr
+
+
+def test_two_limits_for_one_name_exit_2(sqlite_url: str, namespace: str) -> None:
+    result = cli(
+        sqlite_url, namespace, "acquire", "--limit", "s=2", "--limit", "s=3", "--owner", "me"
+    )
+    assert result.returncode == 2
+    assert one_error_line(result) == "tasklocks: --limit gives s two limits (2 and 3); give one"
+
+
+def test_waiters_are_listed_and_a_try_does_not_overtake_them(
+    db_url: str, namespace: str, tmp_path: Path
+) -> None:
+    assert cli(db_url, namespace, "acquire", "x", "--owner", "first").returncode == 0
+    err = tmp_path / "stderr"
+    waiter = start(
+        db_url, namespace, "acquire", "x", "y", "--owner", "second", "--wait", stderr=err
+    )
+    try:
+        wait_until(lambda: "waiting for x" in err.read_text(), "the waiting line")
+        assert err.read_text().startswith("waiting for x, held by first (on ")
+        queue = json.loads(cli(db_url, namespace, "waiting", "--json").stdout)
+        assert [(q["position"], q["owner"], [w["name"] for w in q["wants"]]) for q in queue] == [
+            (1, "second", ["x", "y"])
+        ]
+        assert queue[0]["state"] == "alive" and queue[0]["pid"] == waiter.pid
+        assert queue[0]["blocked_by"].startswith("x is held by first")
+        text = cli(db_url, namespace, "locks").stdout
+        assert "waiting (1, first come first served):" in text
+        assert "second" in text.split("waiting (1")[1]
+        late = cli(db_url, namespace, "acquire", "y", "--owner", "late")  # y is free, but queued
+        assert late.returncode == 75
+        assert "1 waiter is ahead in the queue: second" in one_error_line(late)
+        assert cli(db_url, namespace, "release", "x", "--owner", "first").returncode == 0
+        wait_until(lambda: waiter.poll() is not None, "the waiter to get x and y")
+    finally:
+        stop(waiter)
+    assert waiter.returncode == 0
+    assert cli(db_url, namespace, "waiting").stdout == "nobody waits\n"
+
+
+def test_a_deadlock_exits_75_naming_the_cycle(
+    sqlite_url: str, namespace: str, tmp_path: Path
+) -> None:
+    assert cli(sqlite_url, namespace, "acquire", "x", "--owner", "o1").returncode == 0
+    assert cli(sqlite_url, namespace, "acquire", "y", "--owner", "o2").returncode == 0
+    err = tmp_path / "stderr"
+    waiter = start(sqlite_url, namespace, "acquire", "y", "--owner", "o1", "--wait", stderr=err)
+    try:
+        wait_until(lambda: "waiting for y" in err.read_text(), "o1 to wait for y")
+        result = cli(sqlite_url, namespace, "acquire", "x", "--owner", "o2", "--wait")
+        assert result.returncode == 75
+        assert one_error_line(result).startswith(
+            "tasklocks: deadlock: o2 holds y and waits for x; o1 holds x and waits for y; "
+        )
+        assert cli(sqlite_url, namespace, "release", "y", "--owner", "o2").returncode == 0
+        wait_until(lambda: waiter.poll() is not None, "o1 to get y")
+    finally:
+        stop(waiter)
+    assert waiter.returncode == 0
+
+
+def test_run_takes_a_counted_lock(sqlite_url: str, namespace: str) -> None:
+    result = cli(sqlite_url, namespace, "run", "--limit", "slots=2", "--", "true")
+    assert result.returncode == 0, result.stderr
+    assert held(sqlite_url, namespace) == []

@@ -669,3 +669,17 @@ def test_tasks_watch_redraws_progress_bars_on_a_terminal(cli: Cli) -> None:
     assert f"task {task_id} [#########" in screen and "30%" in screen and "copying" in screen
     assert "\x1b[" in screen  # the list is redrawn in place
     assert "no active tasks" in screen  # ... until the task has ended
+
+
+def test_start_takes_shared_and_counted_locks(cli: Cli, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    first = cli.start("--limit", "app_tasks=1", "--shared", "db", *blocking_shell(go))
+    cli.until(first, "running")
+    second = cli.start("--limit", "app_tasks=1", "--shared", "db", "--", "true")
+    waiting = cli.until(second, "waiting")
+    assert waiting["locks"] == ["db", "app_tasks"]  # --lock, --shared, then --limit names
+    assert waiting["shared"] == {"app_tasks": 1, "db": None}
+    assert waiting["message"].startswith(f"Waiting for app_tasks (held by task {first}, sh")
+    go.touch()
+    assert cli.wait(second).returncode == 0
+    assert cli.wait(first).returncode == 0

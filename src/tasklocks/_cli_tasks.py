@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from tasklocks._cli_args import add_mode_options, lock_spec
 from tasklocks.errors import EXIT_FAILURE, EXIT_LOCKED, EXIT_USAGE, TasklocksError, clock, quote
 from tasklocks.tasks import TaskRecord, Tasks, TaskState, current_task_id
 
@@ -106,11 +107,14 @@ def cmd_start(args: argparse.Namespace) -> int:
             raise TaskUsageError(
                 f"--args is not valid JSON ({exc}); quote it: --args '{{...}}'"
             ) from None
+    spec = lock_spec(args.locks, args.shared, args.limits)
     with _open(args) as tasks:
         task_id = tasks.start(
             args.call if args.call is not None else command,
             args=call_args,
-            locks=args.locks or (),
+            locks=spec.names,
+            shared=spec.shared,
+            limits=spec.limits,
             kind=args.kind,
             timeout=args.timeout,
             wait_for_locks=not args.no_wait,
@@ -303,7 +307,8 @@ def add_task_commands(add: Callable[..., Any]) -> None:
         "start",
         cmd_start,
         help="start a task in its own process; print its id",
-        usage="tasklocks start [--lock NAME]... [--timeout S] [--kind K] [--no-wait] "
+        usage="tasklocks start [--lock NAME]... [--shared NAME]... [--limit NAME=N]... "
+        "[--timeout S] [--kind K] [--no-wait] "
         "(--call module:function [--args JSON] | -- CMD [ARG...])",
         description="Start a task: a Python callable ('package.module:function', called with "
         "--args) or a command (no shell). The task takes its locks (all or none) before it "
@@ -313,9 +318,11 @@ def add_task_commands(add: Callable[..., Any]) -> None:
         "--lock",
         dest="locks",
         action="append",
+        default=[],
         metavar="NAME",
-        help="a lock the task needs (repeat)",
+        help="a lock the task needs exclusively (repeat)",
     )
+    add_mode_options(p)
     p.add_argument(
         "--timeout", type=_positive, metavar="S", help="stop the task after S seconds of running"
     )

@@ -257,7 +257,8 @@ def _blocked_by(
     for want in waiter.wants:
         way = _in_the_way(doc.holders(want.name), ahead.get(want.name, []), want)
         if way is not None:
-            holders[want.name] = way[0]
+            if way[0]:
+                holders[want.name] = way[0]
             for w in way[1]:
                 before.setdefault(w.lease, w)
     order = {w.lease: i for i, w in enumerate(doc.queue)}

@@ -4,18 +4,20 @@ Usage::
 
     tasklocks [--db URL] [--namespace NS] COMMAND ...
 
-    locks [--json]                          every held lock and whether its holder is alive
-    acquire NAME... --owner OWNER [--wait] [--timeout S] [--note TEXT]
+    locks [--json]                          every held lock and the queue of waiters
+    waiting [--json]                        the queue of waiters alone
+    acquire NAME... --owner OWNER [--shared NAME]... [--limit NAME=N]... [--wait] [--timeout S]
     release NAME... --owner OWNER | release --owner OWNER | release --all --yes
     reap                                    release the locks of provably dead holders
     repair --yes                            print a namespace's raw document, then reset it
-    run [--lock NAME]... [--no-wait] [--timeout S] [--note TEXT] [--owner OWNER] -- CMD [ARG...]
+    run [--lock NAME]... [--shared NAME]... [--limit NAME=N]... [--no-wait] [--timeout S]
+        [--note TEXT] [--owner OWNER] -- CMD [ARG...]
     serve [--host H] [--port P] [--token T] the web dashboard (needs tasklocks[web])
 
 Exit codes:
 
     0   ok (``run``: the command's own status, 128+N if a signal N killed it)
-    75  a lock is held (without waiting) or waiting timed out
+    75  a lock is held (without waiting), waiting timed out, or it would deadlock
     2   usage error or bad input (bad lock name, bad URL, missing --yes)
     69  database unavailable (``serve``: also the web extra not installed)
     1   anything else (a lock not held by that owner, a corrupt lock table)
@@ -39,22 +41,24 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
 from tasklocks import (
     HeldLock,
-    Holder,
     LeaseLost,
     LockHeld,
     LockTable,
     NotHeld,
+    QueuedWaiter,
     TasklocksError,
+    WaitStatus,
     connect,
     names,
     process_identity,
 )
+from tasklocks._cli_args import add_mode_options, lock_spec
 from tasklocks._cli_tasks import add_task_commands
 from tasklocks._keeper import GRACE, fork_keeper
 from tasklocks._session import DEFAULT_TTL, MIN_TTL
@@ -65,6 +69,8 @@ from tasklocks.errors import (
     EXIT_USAGE,
     clock,
     describe_holder,
+    describe_way,
+    ordinal,
     quote,
 )
 from tasklocks.store import DEFAULT_TABLE, default_url
@@ -79,7 +85,8 @@ EXIT_CODES_HELP = f"""\
 exit codes:
   {EXIT_OK:<3} ok (run: the command's own exit status, 128+N if signal N killed it;
       wait: 0 the task succeeded, 1 it failed, 75 it was stopped, timed out or crashed)
-  {EXIT_LOCKED:<3} a lock is held (without --wait, or run --no-wait) or waiting timed out
+  {EXIT_LOCKED:<3} a lock is held (without --wait, or run --no-wait), waiting timed out,
+      or waiting would deadlock
   {EXIT_USAGE:<3} usage error or bad input (bad lock name, bad URL, missing --yes)
   {EXIT_UNAVAILABLE:<3} database unavailable (serve: also the web extra not installed)
   {EXIT_FAILURE:<3} anything else (e.g. a lock not held by that owner, a corrupt lock table)
@@ -109,10 +116,29 @@ def _error(message: str) -> None:
     print(f"{PROG}: {_one_line(message)}", file=sys.stderr, flush=True)
 
 
-def _print_waiting(blockers: Mapping[str, Holder]) -> None:
-    """The ``on_wait`` callback: say once, on stderr, who we are waiting for."""
-    parts = [f"{name}, held by {describe_holder(h)}" for name, h in sorted(blockers.items())]
-    print(f"waiting for {'; '.join(parts)}", file=sys.stderr, flush=True)
+class _Waiting:
+    """The ``watch`` callback: say on stderr who we are waiting for when the wait begins, and
+    again whenever that or our place in line changes."""
+
+    def __init__(self) -> None:
+        self.said = ""
+
+    def __call__(self, status: WaitStatus) -> None:
+        parts = [
+            f"{name}, held by {describe_holder(hs[0])}"
+            + (f" and {len(hs) - 1} more" if len(hs) > 1 else "")
+            for name, hs in sorted(status.holders.items())
+            if hs
+        ]
+        text = "; ".join(parts) if parts else ", ".join(status.names)
+        if status.ahead:
+            first = describe_holder(status.ahead[0])
+            more = f" and {len(status.ahead) - 1} more" if len(status.ahead) > 1 else ""
+            text += f"; {ordinal(status.position)} in line, after {first}{more}"
+        line = f"waiting for {text}"
+        if line != self.said:
+            self.said = line
+            print(line, file=sys.stderr, flush=True)
 
 
 def _seconds(text: str) -> float:
@@ -136,9 +162,9 @@ def _ttl(text: str) -> float:
 
 def _with_hint(exc: LockHeld, owner: str, hint: str) -> LockHeld:
     """The same refusal with a hint in command-line terms (unless it is our own lock)."""
-    if all(h.owner == owner for h in exc.held.values()):
+    if exc.held and all(h.owner == owner for h in exc.held.values()):
         return exc  # not re-entrant: the library's message already says so
-    return LockHeld(exc.held, hint=hint)
+    return LockHeld(exc.held, hint=hint, holders=exc.holders, queue=exc.queue)
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -148,70 +174,154 @@ def _open(args: argparse.Namespace) -> LockTable:
     return connect(args.db, args.namespace, ttl=args.ttl)
 
 
+def _iso(epoch: float) -> str:
+    since = dt.datetime.fromtimestamp(epoch, dt.UTC)
+    return since.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _mode(shared: bool, limit: int | None) -> str:
+    if limit is not None:
+        return f"limit {limit}"
+    return "shared" if shared else "exclusive"
+
+
 def _lock_record(lock: HeldLock) -> dict[str, Any]:
     holder = lock.holder
-    since = dt.datetime.fromtimestamp(holder.since, dt.UTC)
     return {
         "name": lock.name,
         "owner": holder.owner,
         "pid": holder.pid,
         "host": holder.host,
-        "since": since.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "since": _iso(holder.since),
         "since_epoch": holder.since,
         "token": holder.token,
+        "mode": "shared" if lock.shared else "exclusive",
+        "limit": lock.limit,
         "state": lock.liveness.value,
         "expires_in": None if lock.expires_in is None else round(lock.expires_in, 3),
         "note": holder.note,
     }
 
 
-def _expires(lock: HeldLock) -> str:
-    return "-" if lock.expires_in is None else f"{lock.expires_in:.0f}s"
+def _waiter_record(q: QueuedWaiter) -> dict[str, Any]:
+    w = q.waiter
+    return {
+        "position": q.position,
+        "owner": w.owner,
+        "wants": [
+            {"name": x.name, "mode": "shared" if x.shared else "exclusive", "limit": x.limit}
+            for x in w.wants
+        ],
+        "pid": w.pid,
+        "host": w.host,
+        "since": _iso(w.since),
+        "since_epoch": w.since,
+        "state": q.liveness.value,
+        "expires_in": None if q.expires_in is None else round(q.expires_in, 3),
+        "note": w.note,
+        "blocked_by": describe_way(q.holders, q.ahead),
+    }
+
+
+def _expires(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.0f}s"
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _print_held(held: list[HeldLock]) -> None:
+    header = ("NAME", "OWNER", "PID", "HOST", "SINCE", "TOKEN", "MODE", "STATE", "EXPIRES", "NOTE")
+    _table(
+        [header]
+        + [
+            (
+                h.name,
+                h.holder.owner,
+                "-" if h.holder.pid is None else str(h.holder.pid),
+                h.holder.host,
+                clock(h.holder.since),
+                str(h.holder.token),
+                _mode(h.shared, h.limit),
+                h.liveness.value,
+                _expires(h.expires_in),
+                _one_line(h.holder.note or ""),
+            )
+            for h in held
+        ]
+    )
+
+
+def _print_queue(queue: list[QueuedWaiter]) -> None:
+    header = ("POS", "OWNER", "WANTS", "PID", "HOST", "SINCE", "STATE", "EXPIRES", "NOTE")
+    _table(
+        [header]
+        + [
+            (
+                str(q.position),
+                q.owner,
+                ", ".join(x.describe() for x in q.wants),
+                "-" if q.waiter.pid is None else str(q.waiter.pid),
+                q.waiter.host,
+                clock(q.since),
+                q.liveness.value,
+                _expires(q.expires_in),
+                _one_line(q.waiter.note or ""),
+            )
+            for q in queue
+        ]
+    )
 
 
 def cmd_locks(args: argparse.Namespace) -> int:
     with _open(args) as table:
         held = table.held()
+        queue = table.waiting()
     if args.json:
-        records = [_lock_record(h) for h in held]
-        print(json.dumps(records, indent=2))
+        print(json.dumps([_lock_record(h) for h in held], indent=2))
         return EXIT_OK
     if not held:
         print("no locks held")
-        return EXIT_OK
-    header = ("NAME", "OWNER", "PID", "HOST", "SINCE", "TOKEN", "STATE", "EXPIRES", "NOTE")
-    rows = [header] + [
-        (
-            h.name,
-            h.holder.owner,
-            "-" if h.holder.pid is None else str(h.holder.pid),
-            h.holder.host,
-            clock(h.holder.since),
-            str(h.holder.token),
-            h.liveness.value,
-            _expires(h),
-            _one_line(h.holder.note or ""),
-        )
-        for h in held
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    else:
+        _print_held(held)
+    if queue:
+        print()
+        print(f"waiting ({len(queue)}, first come first served):")
+        _print_queue(queue)
+    return EXIT_OK
+
+
+def cmd_waiting(args: argparse.Namespace) -> int:
+    with _open(args) as table:
+        queue = table.waiting()
+    if args.json:
+        print(json.dumps([_waiter_record(q) for q in queue], indent=2))
+    elif not queue:
+        print("nobody waits")
+    else:
+        _print_queue(queue)
     return EXIT_OK
 
 
 def cmd_acquire(args: argparse.Namespace) -> int:
     wait = args.wait or args.timeout is not None
+    spec = lock_spec(args.names, args.shared, args.limits)
+    if not spec.names:
+        raise UsageError("acquire needs a lock: NAME, --shared NAME or --limit NAME=N")
     with _open(args) as table:
         try:
             lease = table.acquire(
-                *args.names,
+                *spec.names,
                 owner=args.owner,
                 wait=wait,
                 timeout=args.timeout,
                 note=args.note,
-                on_wait=_print_waiting,
+                watch=_Waiting(),
                 process=None,  # this process ends at once: the entries belong to OWNER only
+                **spec.kwargs(),
             )
         except LockHeld as exc:
             raise _with_hint(exc, args.owner, "add --wait to wait for it") from None
@@ -350,7 +460,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("run needs a command: tasklocks run --lock NAME -- CMD [ARG...]")
     if args.no_wait and args.timeout is not None:
         raise UsageError("run takes --no-wait or --timeout, not both")
-    locks = [names.validate_name(name) for name in args.locks]
+    spec = lock_spec(args.locks, args.shared, args.limits)
+    if not spec.names:
+        raise UsageError("run needs a lock: --lock NAME, --shared NAME or --limit NAME=N")
     if args.owner is not None:
         names.validate_owner(args.owner)
 
@@ -375,13 +487,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         with _open(args) as table:
             try:
                 lease = table.acquire(
-                    *locks,
+                    *spec.names,
                     owner=owner,
                     wait=not args.no_wait,
                     timeout=args.timeout,
                     note=args.note,
-                    on_wait=_print_waiting,
+                    watch=_Waiting(),
                     process=identity,  # the entries name the command's process, not this one
+                    **spec.kwargs(),
                 )
             except LockHeld as exc:
                 raise _with_hint(exc, owner, "drop --no-wait to wait for it") from None
@@ -506,7 +619,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         return sub
 
-    p = add("locks", cmd_locks, help="list every held lock")
+    p = add("locks", cmd_locks, help="list every held lock, and the queue of waiters")
+    p.add_argument("--json", action="store_true", help="print a JSON array of the held locks")
+
+    p = add("waiting", cmd_waiting, help="list the queue of waiters, first come first served")
     p.add_argument("--json", action="store_true", help="print a JSON array")
 
     owner_help = (
@@ -519,9 +635,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="take locks for an explicit owner; print the fencing token",
         description="Take every NAME, or none, for OWNER, and print the fencing token.",
     )
-    p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("names", nargs="*", metavar="NAME", help="a lock to take exclusively")
+    add_mode_options(p)
     p.add_argument("--owner", required=True, help=owner_help)
-    p.add_argument("--wait", action="store_true", help="wait until the locks are free")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="queue up until the locks are free (first come first served)",
+    )
     p.add_argument(
         "--timeout", type=_seconds, metavar="S", help="give up waiting after S seconds (waits)"
     )
@@ -555,8 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         cmd_run,
         help="run a command while holding locks (like flock(1), crash-safe)",
-        usage=f"{PROG} run [--lock NAME]... [--no-wait] [--timeout S] [--note TEXT] "
-        "[--owner OWNER] -- CMD [ARG...]",
+        usage=f"{PROG} run [--lock NAME]... [--shared NAME]... [--limit NAME=N]... [--no-wait] "
+        "[--timeout S] [--note TEXT] [--owner OWNER] -- CMD [ARG...]",
         description="Take the locks for the command's own process, run it without a shell, "
         "forward SIGINT, SIGTERM, SIGHUP and SIGQUIT to it, release the locks when it ends "
         "and exit with its status (128+N if signal N killed it). If run itself is killed, "
@@ -566,10 +687,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--lock",
         dest="locks",
         action="append",
-        required=True,
+        default=[],
         metavar="NAME",
-        help="a lock to hold (repeat for several; all are taken at once)",
+        help="a lock to hold exclusively (repeat for several; all are taken at once)",
     )
+    add_mode_options(p)
     p.add_argument("--no-wait", action="store_true", help="exit 75 at once if a lock is held")
     p.add_argument("--timeout", type=_seconds, metavar="S", help="give up waiting after S seconds")
     p.add_argument("--note", metavar="TEXT", help="shown to those who wait")

@@ -760,3 +760,37 @@ def test_zygote_forks_supervisors_in_their_own_session(
     assert os.getpgid(record.pgid) == record.pgid != record.pid  # the task has its own group
     files("a.go").touch()
     assert tasks.wait(task_id, timeout=60).state is TaskState.SUCCEEDED
+
+
+def test_limits_run_at_most_that_many_tasks_at_once_in_order(tasks: Tasks, files: Files) -> None:
+    """The seed's "at most 3 app tasks at once", with 2: the others wait, in line, visibly."""
+    ids = [
+        tasks.start(ref("blocked"), args=blocked_args(files, f"t{i}"), limits={"app_tasks": 2})
+        for i in range(4)
+    ]
+
+    def split() -> tuple[list[int], list[int]] | None:
+        running = [i for i in ids if files(f"t{ids.index(i)}.marker").exists()]
+        waiting = [i for i in ids if tasks.get(i).state is TaskState.WAITING]
+        return (running, waiting) if len(running) == 2 and len(waiting) == 2 else None
+
+    running, waiting = poll("two tasks running and two waiting", split)
+    holders = [h for h in tasks.locks.held() if h.name == "app_tasks"]
+    assert sorted(h.holder.owner for h in holders) == sorted(f"task:{i}" for i in running)
+    assert {h.limit for h in holders} == {2}
+    line = [int(q.owner[5:]) for q in tasks.locks.waiting()]
+    assert sorted(line) == sorted(waiting)
+    first, second = (tasks.get(i) for i in line)
+    assert (first.message or "").startswith("Waiting for app_tasks (held by task ")
+    assert "and 1 more" in (first.message or "") and "in line" not in (first.message or "")
+    assert f", 2nd in line after task {line[0]}" in (second.message or ""), second.message
+    assert first.shared == {"app_tasks": 2}
+
+    files(f"t{ids.index(running[0])}.go").touch()  # one slot frees: the first in line runs
+    until_marked(tasks, line[0], files(f"t{ids.index(line[0])}.marker"))
+    assert tasks.get(line[1]).state is TaskState.WAITING
+    for i in ids:
+        files(f"t{ids.index(i)}.go").touch()
+    for i in ids:
+        assert finished(tasks, i).state is TaskState.SUCCEEDED
+    assert tasks.locks.held() == [] and tasks.locks.waiting() == []

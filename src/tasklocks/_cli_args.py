@@ -1,0 +1,87 @@
+"""Command-line options shared by ``acquire``, ``run`` and ``start``: which locks, and how.
+
+``--lock NAME`` (or a positional NAME for ``acquire``) takes a lock exclusively, ``--shared NAME``
+shares it with other shared holders, ``--limit NAME=N`` shares it with at most N holders at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from tasklocks import names
+from tasklocks.errors import EXIT_USAGE, TasklocksError, quote
+
+__all__ = ["LockSpec", "OptionError", "add_mode_options", "limit_spec", "lock_spec"]
+
+
+class OptionError(TasklocksError):
+    """Lock options that contradict each other (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+def limit_spec(text: str) -> tuple[str, int]:
+    """argparse type for ``--limit NAME=N``."""
+    name, sep, count = text.rpartition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=N, e.g. app_tasks=3, not {quote(text)}")
+    try:
+        n = int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"the limit in {quote(text)} is not a whole number"
+        ) from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"the limit in {quote(text)} must be at least 1")
+    return name, n
+
+
+def add_mode_options(p: argparse.ArgumentParser) -> None:
+    """``--shared NAME`` and ``--limit NAME=N`` (repeatable)."""
+    p.add_argument(
+        "--shared",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a lock to share with other --shared holders (repeat for several)",
+    )
+    p.add_argument(
+        "--limit",
+        dest="limits",
+        action="append",
+        default=[],
+        type=limit_spec,
+        metavar="NAME=N",
+        help="a lock at most N holders may share at once, e.g. app_tasks=3 (repeat)",
+    )
+
+
+@dataclass(frozen=True)
+class LockSpec:
+    """The locks a command asked for: every name, the shared ones and the counted ones."""
+
+    names: list[str]
+    shared: list[str]
+    limits: dict[str, int]
+
+    def kwargs(self) -> dict[str, Any]:
+        """``shared=`` and ``limit=`` for :meth:`LockTable.acquire`."""
+        return {"shared": self.shared, "limit": self.limits}
+
+
+def lock_spec(exclusive: list[str], shared: list[str], limits: list[tuple[str, int]]) -> LockSpec:
+    """Every lock named by the options, validated; a name both --shared and --limit is counted.
+    :raises BadLockName: a name is not allowed. :raises OptionError: one name, two limits."""
+    counted: dict[str, int] = {}
+    for name, n in limits:
+        names.validate_name(name)
+        if counted.setdefault(name, n) != n:
+            raise OptionError(
+                f"--limit gives {name} two limits ({counted[name]} and {n}); give one"
+            )
+    for name in [*exclusive, *shared]:
+        names.validate_name(name)
+    all_names = list(dict.fromkeys([*exclusive, *shared, *counted]))
+    return LockSpec(all_names, [n for n in dict.fromkeys(shared) if n not in counted], counted)
