@@ -26,8 +26,8 @@ Invariants (checked by the Hypothesis state machine in ``tests/core``):
   queue the same ways, or when it is granted;
 * an acquisition of several names is all-or-nothing;
 * after every write no waiter could be granted: promotion runs with every change;
-* the fencing token of an acquisition is the version its write creates, so tokens strictly increase
-  across all acquisitions in a namespace (waiters granted by one write share its token);
+* the fencing token of an acquisition is the version its write creates, so a name's tokens
+  strictly increase (waiters granted by one write share its token);
 * acquisitions are idempotent by lease id: re-running an acquisition whose write succeeded but whose
   reply was lost finds its own entries and changes nothing (kazoo's lesson);
 * a waiter whose wait would close a cycle of owners waiting for each other is refused

@@ -113,8 +113,8 @@ _NEVER_LOST = threading.Event()  # the lost event of entries without a session
 class Lease:
     """Locks taken together by one :meth:`LockTable.acquire`; a context manager that releases them.
 
-    ``token`` is the fencing token: strictly increasing for each name (across all acquisitions in
-    the namespace). ``lost`` is set once the locks can no longer be trusted to be held: the
+    ``token`` is the fencing token: the version of the write that granted it, so strictly
+    increasing for each name (leases granted by one write share it). ``lost`` is set once the locks can no longer be trusted to be held: the
     session that keeps them could not be renewed before it expired (see :meth:`check`).
     """
 
