@@ -177,7 +177,7 @@ class LockDoc(Mapping[str, Holder]):
         queue: tuple[Waiter, ...] = (),
         wide: frozenset[str] | None = None,
     ) -> None:
-        self._holders = dict(holders)
+        self._holders = holders if type(holders) is dict else dict(holders)  # (derive's own copy)
         self._parts = parts
         self.queue = queue
         # The names whose value needs format 2 (shared, or more than one holder).
