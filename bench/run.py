@@ -1,7 +1,7 @@
 """tasklocks benchmarks: every speed target of the spec, as ratios measured in the same run.
 
 Usage: ``python bench/run.py [--quick] [--only NAME...]`` with NAME one of
-``uncontended``, ``throughput``, ``handoff``, ``waiting``, ``docsize``.
+``uncontended``, ``throughput``, ``handoff``, ``waiting``, ``docsize``, ``tasks``, ``fairness``.
 
 Sections run on every backend whose tasklocks adapter imports and whose server answers; the others
 print "skipped: reason". One table at the end shows tasklocks next to each baseline, the ratio, the
@@ -15,13 +15,14 @@ import math
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from bench_common import BACKENDS, Config, median, percentile, probe, query_counter
+from bench_common import BACKENDS, Config, median, percentile, pg_conninfo, probe, query_counter
 from bench_common import redis_skip as probe_redis
 from bench_crew import Crew, LoopResult, WaitResult, WorkerError
 from bench_pairs import (
@@ -38,7 +39,7 @@ from bench_pairs import (
 
 import tasklocks
 
-SECTIONS = ("uncontended", "throughput", "handoff", "waiting", "docsize", "tasks")
+SECTIONS = ("uncontended", "throughput", "handoff", "waiting", "docsize", "tasks", "fairness")
 LABEL = {"sqlite": "SQLite", "mysql": "MariaDB", "postgresql": "PostgreSQL"}
 THROUGHPUT_WORKERS = 32
 WAITERS = 20
@@ -499,6 +500,105 @@ def section_tasks(cfg: Config) -> None:
         )
 
 
+# --- 7. fairness: a waiter for {a, b} against rivals taking a and b in turn --------------------
+
+FAIR_PEERS = {"sqlite": "flock", "mysql": "GET_LOCK", "postgresql": "pg_advisory_lock"}
+
+
+def section_fairness(cfg: Config) -> None:
+    """Issue 9: the longest wait of a process that wants {a, b} while two others take a and b in
+    turn, next to the same scenario on the backend's own locks and on tasklocks before the queue."""
+    import bench_fairness as bf
+
+    rounds, budget, before_budget = (10, 10.0, 2.0) if cfg.quick else (30, 20.0, 4.0)
+    say(
+        f"\n== 7. fairness: a waiter for {{a, b}}, {rounds} rounds, against rivals taking a and b "
+        f"in turn ({bf.HOLD * 1e3:.0f} ms each, {bf.OFFSET * 1e3:.0f} ms apart, no pause) =="
+    )
+    before_src: str | None = None
+    before_reason: str | None = None
+    try:
+        repo = os.path.dirname(bf.HERE)
+        before_src = bf.extract_before(repo, os.path.join(cfg.tmpdir, "before-queue"))
+    except (OSError, subprocess.SubprocessError) as exc:
+        before_reason = f"no source of tasklocks {bf.BEFORE_QUEUE} ({type(exc).__name__})"
+
+    def scenario(
+        what: str, spec: dict[str, Any], reason: str | None, seconds: float, path: str | None = None
+    ) -> bf.Fairness | str:
+        got = reason or bf.run_scenario(
+            {"a": spec, "b": spec, "pair": spec}, rounds, seconds, cfg.tmpdir, path
+        )
+        if isinstance(got, str):
+            say(f"  {what}: skipped: {got}")
+        else:
+            cut = f", {got.timeouts} cut at {bf.WAIT_TIMEOUT:g} s" if got.timeouts else ""
+            say(
+                f"  {what}: {len(got.waits)} waits{cut}, max {ms(max(got.waits))}, "
+                f"p99 {ms(percentile(got.waits, 99))}, median {ms(median(got.waits))}; "
+                f"rivals took {got.turns[0]} and {got.turns[1]} turns meanwhile"
+            )
+        return got
+
+    for backend in BACKENDS:
+        lab, peer_name = LABEL[backend], FAIR_PEERS[backend]
+        t0 = time.monotonic()
+        before_url = cfg.url(backend)
+        peer_spec: dict[str, Any]
+        if backend == "sqlite":
+            peer_spec = {"kind": "flock", "path": os.path.join(cfg.tmpdir, "fairness-flock")}
+            before_url = "sqlite:///" + os.path.join(cfg.tmpdir, "tasklocks-before.db")
+        elif backend == "mysql":
+            peer_spec = {"kind": "getlock", "url": cfg.mysql_url, "prefix": f"bench_{cfg.run_id}_"}
+        else:
+            keys = {"a": advisory_key(cfg, 7001), "b": advisory_key(cfg, 7002)}
+            peer_spec = {"kind": "advisory", "conninfo": pg_conninfo(cfg.pg_url), "keys": keys}
+        tl = scenario(
+            f"{lab} tasklocks",
+            {"kind": "tasklocks", "url": cfg.url(backend), "namespace": cfg.namespace("fair")},
+            cfg.tasklocks_skip[backend],
+            budget,
+        )
+        peer = scenario(f"{lab} {peer_name}", peer_spec, cfg.server_skip[backend], budget)
+        before = scenario(
+            f"{lab} tasklocks {bf.BEFORE_QUEUE}",
+            {"kind": "tasklocks", "url": before_url, "namespace": cfg.namespace("fair-before")},
+            cfg.tasklocks_skip[backend] or before_reason,
+            before_budget,
+            before_src,
+        )
+        say(f"  ({time.monotonic() - t0:.0f} s)")
+        for label in ("max", "p99"):
+            tl_v, peer_v = _fair_stat(tl, label), _fair_stat(peer, label)
+            ROWS.append(
+                Row(
+                    f"7 fairness {{a,b}} wait {lab} {label}",
+                    f"skipped: {tl}" if isinstance(tl, str) else ms(tl_v),
+                    "skipped" if isinstance(peer, str) else f"{peer_name} {ms(peer_v)}",
+                    "" if math.isnan(tl_v / peer_v) else f"{tl_v / peer_v:.2f}x",
+                    "max < 1 s" if label == "max" else "",
+                    verdict(tl_v < 1.0 if label == "max" and not isinstance(tl, str) else None),
+                )
+            )
+        text = "skipped"
+        if not isinstance(before, str):
+            text = (
+                f"{bf.BEFORE_QUEUE}: max {ms(_fair_stat(before, 'max'))}, "
+                f"p99 {ms(_fair_stat(before, 'p99'))}"
+            )
+            if before.timeouts:
+                text += f", {before.timeouts}/{len(before.waits)} cut at {bf.WAIT_TIMEOUT:g} s"
+        ROWS.append(Row(f"7 fairness {{a,b}} {lab} before the queue (info)", "", text))
+
+
+def _fair_stat(result: Any, label: str) -> float:
+    """The longest or p99 wait of a fairness scenario's result; NaN if it was skipped."""
+    if isinstance(result, str):
+        return math.nan
+    waits: list[float] = result.waits
+    return max(waits) if label == "max" else percentile(waits, 99)
+
+
 def print_table() -> None:
     headers = Row("test", "tasklocks", "baseline", "ratio", "target", "result")
     rows = [headers, *ROWS]
@@ -570,6 +670,8 @@ def main(argv: list[str] | None = None) -> int:
             section_docsize(cfg)
         if "tasks" in only:
             section_tasks(cfg)
+        if "fairness" in only:
+            section_fairness(cfg)
     finally:
         if crew is not None:
             crew.close()
