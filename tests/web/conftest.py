@@ -8,11 +8,13 @@ are skipped with the reason, and both fail instead when ``CI=true``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import select
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +22,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+import tasklocks
+from tasklocks import Lease, current_process
 from tasklocks.tasks import TaskRecord, Tasks, TaskState
 
 PY = sys.executable
@@ -235,6 +239,102 @@ class Cli:
                     if not tasks.get(task_id).state.is_final:
                         tasks.stop(task_id, grace=2)
         assert not problems, "the server printed a traceback:\n" + "\n".join(problems)
+
+
+class LockScene:
+    """Real locks of one namespace, in this process: holders taken here, and waiters, each an
+    ``acquire(wait=True)`` in a thread of its own on a connection of its own, queued in the
+    order the test adds them. :meth:`close` releases the holders, so every waiter gets its
+    locks (and gives them back at once)."""
+
+    def __init__(self, url: str, namespace: str) -> None:
+        self.url = url
+        self.namespace = namespace
+        self.table = tasklocks.connect(url, namespace)
+        self.leases: list[Lease] = []
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+
+    def hold(self, *names: str, owner: str, **options: Any) -> Lease:
+        """Take ``names`` now (``shared=``, ``limit=``, ``note=`` as ``acquire`` takes them)."""
+        lease = self.table.acquire(*names, owner=owner, **options)
+        self.leases.append(lease)
+        return lease
+
+    def release(self, lease: Lease) -> None:
+        self.leases.remove(lease)
+        lease.release()
+
+    def wait(self, *names: str, owner: str, **options: Any) -> None:
+        """Queue up for ``names`` in a thread; return once the waiter is in the queue."""
+
+        def body() -> None:
+            try:
+                with tasklocks.connect(self.url, self.namespace) as table:
+                    lease = table.acquire(
+                        *names, owner=owner, wait=True, timeout=DEADLINE, **options
+                    )
+                    lease.release()
+            except BaseException as exc:  # the test fails in close()
+                self.errors.append(exc)
+
+        thread = threading.Thread(target=body, name=f"waiter {owner}", daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+        def queued() -> bool | None:
+            assert not self.errors, self.errors  # the waiter's acquire failed
+            return any(q.owner == owner for q in self.table.waiting()) or None
+
+        poll(f"{owner} to queue up", queued)
+
+    def create_task(self, state: TaskState, locks: list[Any], **fields: Any) -> int:
+        """A task record of this process, as a supervisor would have written it (``locks`` as
+        the column keeps them: a name, or ``{"name": ..., "limit": n or None}`` if shared)."""
+        me = current_process()
+        values: dict[str, Any] = {
+            "kind": "queued",
+            "target": '["true"]',
+            "locks": json.dumps(locks),
+            "namespace": self.namespace,
+            "state": state.value,
+            "created": time.time() - 1,
+            "pid": me.pid,
+            "host": me.host,
+            "start_token": me.start,
+            "boot": me.boot,
+            "pidns": me.pidns,
+            **fields,
+        }
+        if isinstance(values.get("waited_for"), list):
+            values["waited_for"] = json.dumps(values["waited_for"])
+        with Tasks(self.url, self.namespace) as tasks:
+            return tasks.store.create_task(values)
+
+    def close(self) -> None:
+        for lease in reversed(self.leases):
+            with contextlib.suppress(Exception):
+                lease.release()
+        for thread in self.threads:
+            thread.join(DEADLINE)
+        self.table.close()
+        assert not [t for t in self.threads if t.is_alive()], "a waiter did not get its locks"
+        assert not self.errors, self.errors
+
+
+@pytest.fixture
+def lock_scene() -> Iterator[Callable[[str, str], LockScene]]:
+    """Make a :class:`LockScene` on a URL and namespace; it is closed with the test."""
+    made: list[LockScene] = []
+
+    def make(url: str, namespace: str) -> LockScene:
+        scene = LockScene(url, namespace)
+        made.append(scene)
+        return scene
+
+    yield make
+    for scene in reversed(made):
+        scene.close()
 
 
 @pytest.fixture

@@ -1,19 +1,21 @@
-"""The dashboard's :class:`Source` on an SQLite file of the test: shutdown, the default URL, and
-what it remembers about stop requests."""
+"""The dashboard's :class:`Source` on an SQLite file of the test: shutdown, the default URL, what
+it remembers about stop requests, and the queue of waiters read with the held locks."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tasklocks import HeldLock, QueuedWaiter
 from tasklocks.store import TaskValue
 from tasklocks.tasks import Tasks
-from tasklocks.web._source import Source
+from tasklocks.web._source import Source, read_locks
 
-from .conftest import DEADLINE
+from .conftest import DEADLINE, LockScene
 
 
 @pytest.fixture
@@ -87,3 +89,63 @@ def test_a_stop_error_is_forgotten_when_the_task_ends(url: str) -> None:
         source.close()
     assert {r.id for r in snapshot.tasks} == {ended, running}
     assert source.stop_errors == {running: "permission denied"}
+
+
+def test_the_snapshot_has_the_queue_in_order_with_the_holders(
+    url: str, lock_scene: Callable[[str, str], LockScene]
+) -> None:
+    scene = lock_scene(url, "web")
+    scene.hold("a", owner="task:1")
+    scene.hold("db", owner="task:5", shared=True)
+    scene.hold("db", owner="task:6", shared=True)
+    scene.wait("a", owner="task:2")
+    scene.wait("db", owner="task:3")
+    scene.wait("a", "slots", owner="task:4", limit={"slots": 3})
+    source = Source(url, "web")
+    try:
+        snapshot = source.snapshot()
+    finally:
+        source.close()
+    assert snapshot.error is None, snapshot.error
+    assert [(h.name, h.holder.owner, h.shared) for h in snapshot.locks] == [
+        ("a", "task:1", False),
+        ("db", "task:5", True),
+        ("db", "task:6", True),
+    ]
+    assert [(q.position, q.owner) for q in snapshot.waiters] == [
+        (1, "task:2"),
+        (2, "task:3"),
+        (3, "task:4"),
+    ]
+    assert [x.describe() for x in snapshot.waiters[2].wants] == ["a", "slots (limit 3)"]
+    assert [w.owner for w in snapshot.waiters[2].ahead] == ["task:2"]
+
+
+class Reads:
+    """Two reads of a lock table: the queue, then the held locks (as :func:`read_locks` reads)."""
+
+    def __init__(self, waiters: list[QueuedWaiter], locks: list[HeldLock]) -> None:
+        self.waiters, self.locks = waiters, locks
+
+    def waiting(self) -> list[QueuedWaiter]:
+        return self.waiters
+
+    def held(self) -> list[HeldLock]:
+        return self.locks
+
+
+def test_a_waiter_granted_between_the_two_reads_is_shown_as_a_holder_only(
+    url: str, lock_scene: Callable[[str, str], LockScene]
+) -> None:
+    scene = lock_scene(url, "web")
+    scene.hold("a", owner="task:1")
+    scene.wait("a", owner="task:2")
+    scene.wait("a", "b", owner="task:3")
+    queue = scene.table.waiting()
+    # task:1 released "a" right after the queue was read, and task:2 got it: the held locks,
+    # read next, have task:2's entry (same lease), and task:3 is first in line now.
+    first = queue[0]
+    entry = first.waiter.holder(first.wants[0], token=2, since=time.time())
+    locks, waiters = read_locks(Reads(queue, [HeldLock("a", entry, first.liveness)]))
+    assert [h.holder.owner for h in locks] == ["task:2"]
+    assert [q.owner for q in waiters] == ["task:3"]

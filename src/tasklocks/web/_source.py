@@ -1,7 +1,7 @@
 """Where the dashboard's data comes from: the public API (:class:`Tasks`), read by one thread.
 
-Requests never talk to the database themselves. One refresher thread reads the namespace's tasks
-and held locks every :data:`REFRESH` seconds while someone looks (it sleeps after
+Requests never talk to the database themselves. One refresher thread reads the namespace's tasks,
+held locks and queue of waiters every :data:`REFRESH` seconds while someone looks (it sleeps after
 :data:`IDLE` seconds without a request), and every request renders the latest snapshot. So the
 database sees one reader however many browsers are open, and a database that hangs cannot tie
 up the server's threads: a request waits at most :data:`FRESH_WAIT` seconds for a snapshot, then
@@ -23,14 +23,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
-from tasklocks import HeldLock, StoreUnavailable, TasklocksError, TaskRecord, Tasks
+from tasklocks import HeldLock, QueuedWaiter, StoreUnavailable, TasklocksError, TaskRecord, Tasks
 from tasklocks import current_process as _current_process
 from tasklocks.store import default_url, parse_url
 from tasklocks.tasks import TaskNotFound
 
-__all__ = ["CannotStop", "LogChunk", "Snapshot", "Source", "read_log", "sqlite_file"]
+__all__ = [
+    "CannotStop",
+    "LogChunk",
+    "Snapshot",
+    "Source",
+    "read_locks",
+    "read_log",
+    "sqlite_file",
+]
 
 log = logging.getLogger("tasklocks.web")
 T = TypeVar("T")
@@ -53,7 +61,8 @@ class Snapshot:
     """What the database said at ``taken`` (the last good read), and what went wrong since."""
 
     tasks: list[TaskRecord] = field(default_factory=list)
-    locks: list[HeldLock] = field(default_factory=list)
+    locks: list[HeldLock] = field(default_factory=list)  # one per holder: shared names repeat
+    waiters: list[QueuedWaiter] = field(default_factory=list)  # the queue, in order
     taken: float | None = None  # epoch of the last good read; None: never read
     error: str | None = None  # why the latest read failed (None: it did not)
     error_since: float | None = None  # when reads started failing
@@ -70,6 +79,27 @@ class Snapshot:
 
 class CannotStop(TasklocksError):
     """The dashboard cannot stop that task (it runs on another host)."""
+
+
+class LockReader(Protocol):
+    """What :func:`read_locks` needs of a :class:`~tasklocks.LockTable`."""
+
+    def held(self) -> list[HeldLock]: ...
+
+    def waiting(self) -> list[QueuedWaiter]: ...
+
+
+def read_locks(table: LockReader) -> tuple[list[HeldLock], list[QueuedWaiter]]:
+    """The held locks and the queue of ``table``, as alike as two reads of the document allow.
+
+    ``waiting()`` and ``held()`` read the document once each, and a waiter may be granted in
+    between. The queue is read first, so such a waiter is in both reads (never in neither): it
+    is then left out of the queue, since its lease is among the holders'.
+    """
+    waiters = table.waiting()
+    locks = table.held()
+    leases = {h.holder.lease for h in locks}
+    return locks, [q for q in waiters if q.waiter.lease not in leases]
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -149,8 +179,8 @@ class Source:
     def _read(self) -> Snapshot:
         previous = self._snapshot
         try:
-            tasks, locks = self.call(
-                lambda t: (t.list(all=True, limit=TASK_LIMIT), t.locks.held()), timeout=30.0
+            tasks, (locks, waiters) = self.call(
+                lambda t: (t.list(all=True, limit=TASK_LIMIT), read_locks(t.locks)), timeout=30.0
             )
         except Exception as exc:  # every failure becomes the banner, never a dead thread
             why = str(exc) if isinstance(exc, TasklocksError) else f"{type(exc).__name__}: {exc}"
@@ -166,7 +196,7 @@ class Source:
             )
         if previous.error is not None:
             log.warning("tasklocks serve: the database is back")
-        return Snapshot(tasks=tasks, locks=locks, taken=time.time())
+        return Snapshot(tasks=tasks, locks=locks, waiters=waiters, taken=time.time())
 
     def _run(self) -> None:
         while True:
