@@ -1,7 +1,8 @@
 """The dashboard's ASGI application without a server: the test speaks the ASGI interface to it.
 
 Each request is one ``asyncio.run``; the data comes from a :class:`Source` whose snapshot is given
-by the test, so no database is needed.
+by the test, so no database is needed, or (for the queue of waiters) from a real :class:`Source`
+on an SQLite file whose locks and waiters the test takes in this process.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import re
 import time
 import urllib.parse
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ from tasklocks.tasks import TaskRecord, TaskState
 from tasklocks.web._source import Snapshot, Source
 from tasklocks.web.app import Guard, Settings, create_app
 
-from .conftest import record
+from .conftest import LockScene, record
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
@@ -302,3 +304,156 @@ def test_html_in_a_tasks_kind_and_message_is_shown_as_text(tmp_path: Path) -> No
         assert page.status == 200, page
         assert "<script>alert" not in page.body, target
         assert page.body.count(escaped) == shown, (target, page.body)
+
+
+# --- the queue ----------------------------------------------------------------------------------
+
+PAYLOAD = "<script>alert(1)</script>"
+ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
+
+
+@pytest.fixture
+def scene(tmp_path: Path, lock_scene: Callable[[str, str], LockScene]) -> LockScene:
+    """Real locks on an SQLite file, namespace ``web``: task:11 holds "a" (a note with HTML in
+    it), task:15 and task:16 share "db", worker:1 holds one of 3 "slots"; task:12 waits for "a"."""
+    scene = lock_scene(f"sqlite:///{tmp_path}/locks.db", "web")
+    scene.hold("a", owner="task:11", note=PAYLOAD)
+    scene.hold("db", owner="task:15", shared=True)
+    scene.hold("db", owner="task:16", shared=True)
+    scene.hold("slots", owner="worker:1", limit=3)
+    scene.wait("a", owner="task:12", note=PAYLOAD)
+    return scene
+
+
+@pytest.fixture
+def scene_app(scene: LockScene) -> Iterator[Starlette]:
+    """The dashboard over a real :class:`Source` on the scene's database."""
+    source = Source(scene.url, scene.namespace)
+    try:
+        yield create_app(Settings(url=scene.url, namespace=scene.namespace), source)
+    finally:
+        source.close()
+
+
+def tbody(body: str, lock: str) -> str:
+    """The ``<tbody>`` of one lock on the locks page."""
+    match = re.search(
+        rf'<tbody class="lock"[^>]* data-lock="{re.escape(lock)}".*?</tbody>', body, re.S
+    )
+    assert match is not None, body
+    return match.group(0)
+
+
+def row(body: str, row_id: str) -> str:
+    """The table row with that id."""
+    match = re.search(rf'<tr [^>]*id="{row_id}".*?</tr>', body, re.S)
+    assert match is not None, body
+    return match.group(0)
+
+
+def test_the_locks_page_shows_each_holder_with_its_mode_and_the_queue_in_order(
+    scene: LockScene, scene_app: Starlette
+) -> None:
+    scene.wait("db", owner="task:13")  # exclusive: behind both shared holders
+    scene.wait("a", "slots", owner="task:14", limit={"slots": 3})  # behind task:12 for "a"
+    for target in ("/locks", "/locks?partial=1"):
+        page = call(scene_app, target)
+        assert page.status == 200, page
+        body = page.body
+        assert "3 held (4 holders) · 3 waiting" in body, body
+        # The holders, by lock: a shared name has one row per holder.
+        db = tbody(body, "db")
+        assert 'data-mode="shared"' in db and "2 holders" in db
+        assert re.findall(r'<tr class="holder" data-owner="([^"]+)"', db) == ["task:15", "task:16"]
+        assert db.count('<span class="mode mode-shared">shared</span>') == 2
+        slots = tbody(body, "slots")
+        assert 'data-mode="limit 3"' in slots and "1 of 3" in slots and "worker:1" in slots
+        a = tbody(body, "a")
+        assert '<span class="mode mode-exclusive">exclusive</span>' in a
+        assert re.sub(r"\s+", " ", a).count('class="queue-ref"') == 2  # task:12 and task:14 want it
+        assert '<a href="#waiter-1" class="queue-ref">#1</a> <a href="/tasks/12">task:12</a>' in a
+        # The queue, in order, each with what it wants and how.
+        assert re.findall(
+            r'<tr class="waiter" id="waiter-(\d+)" [^>]*data-owner="([^"]+)"', body
+        ) == [
+            ("1", "task:12"),
+            ("2", "task:13"),
+            ("3", "task:14"),
+        ]
+        third = row(body, "waiter-3")
+        assert re.findall(r'<li data-lock="([^"]+)" data-mode="([^"]+)">', third) == [
+            ("a", "exclusive"),
+            ("slots", "limit 3"),
+        ]
+        assert '<a href="/tasks/14">task:14</a>' in third and "alive" in third
+        # Who is in its way: the holder of "a", and task:12 ahead of it (not the free slot).
+        assert 'held by <a href="/tasks/11">task:11</a>' in third
+        assert (
+            '<a href="#waiter-1" class="queue-ref">#1</a> <a href="/tasks/12">task:12</a> ahead'
+            in third
+        )
+        assert "worker:1" not in third
+        second = row(body, "waiter-2")
+        assert second.count("held by") == 2 and "task:15" in second and "task:16" in second
+        assert "<code>db</code> (shared)" in second
+        # Notes with HTML in them are text: the holder's (in its row and in two waiters' way)
+        # and task:12's (in its row and in task:14's way).
+        assert "<script>alert" not in body
+        assert body.count(ESCAPED) == 5, body
+
+
+def test_the_locks_page_says_nobody_waits(tmp_path: Path) -> None:
+    source = FakeSource(tmp_path, [])
+    page = call(create_app(Settings(url=source.url), source), "/locks")
+    assert page.status == 200, page
+    assert "No lock is held in namespace default." in page.body
+    assert (
+        '<p class="empty" id="nobody-waits">Nobody waits for a lock in namespace default.</p>'
+        in page.body
+    )
+    assert "0 held · 0 waiting" in page.body
+
+
+def test_a_waiting_task_shows_its_place_in_the_queue_and_its_locks_modes(
+    scene: LockScene, scene_app: Starlette
+) -> None:
+    now = time.time()
+    message = f"Waiting for a (held by task 11, {PAYLOAD}), 2nd in line after task 12"
+    task_id = scene.create_task(
+        TaskState.WAITING,
+        ["a", {"name": "db", "limit": None}, {"name": "slots", "limit": 3}],
+        message=message,
+        waited_for=[
+            {"lock": "a", "owner": "task:11", "note": PAYLOAD, "since": now},
+            {"lock": "a", "owner": "task:12", "note": PAYLOAD, "since": now},
+        ],
+    )
+    scene.wait("a", "db", "slots", owner=f"task:{task_id}", shared=["db"], limit={"slots": 3})
+    for target in (f"/tasks/{task_id}", f"/tasks/{task_id}?partial=1"):
+        page = call(scene_app, target)
+        assert page.status == 200, page
+        body = page.body
+        assert re.findall(r'<span class="want" data-lock="([^"]+)" data-mode="([^"]+)">', body) == [
+            ("a", "exclusive"),
+            ("db", "shared"),
+            ("slots", "limit 3"),
+        ]
+        place = re.search(r'<section class="queue-place".*?</section>', body, re.S)
+        assert place is not None, body
+        text = place.group(0)
+        assert 'data-position="2"' in text and "<strong>#2</strong> of 2</a>" in text
+        assert "2nd in line for its locks" in text
+        assert 'held by <a href="/tasks/11">task:11</a>' in text
+        ahead = '<a href="/tasks/12">task:12</a> ahead'
+        assert f'<a href="/locks#waiter-1" class="queue-ref">#1</a> {ahead}' in text
+        assert "task:15" not in text  # sharing "db" with them is no wait
+        # The wait history: task:11 holds "a"; task:12 waits ahead of it.
+        assert "(waiting ahead, #1 in the queue)" in body
+        assert "2nd in line after task 12" in body  # the supervisor's message, as written
+        assert "<script>alert" not in body
+    tasks = call(scene_app, "/tasks").body
+    task_row = row(tasks, f"task-{task_id}")
+    assert '<a href="/locks#waiter-2">#2 in the queue</a>, 2nd in line' in task_row
+    assert 'held by <a href="/tasks/11">task:11</a> (pid ' in task_row
+    assert 'behind <a href="/tasks/12">task:12</a> (#1 in the queue)' in task_row
+    assert "<script>alert" not in tasks

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from tasklocks import HeldLock, Holder, Liveness
+from tasklocks import HeldLock, Holder, Liveness, QueuedWaiter
+from tasklocks._core import Waiter, Want
 from tasklocks.tasks import TaskState
 from tasklocks.web import BadBind, check_bind, is_loopback
 from tasklocks.web._source import LogChunk, read_log
@@ -20,18 +21,46 @@ from tasklocks.web._view import (
     build_timeline,
     duration,
     fit_range,
+    lock_groups,
     lock_view,
+    mode_text,
     parse_range,
     signal_name,
     task_view,
     trim_partial_utf8,
+    waiter_views,
 )
 
 from .conftest import DEADLINE, NOW, record
 
 
-def holder(owner: str = "task:1", since: float = NOW - 50) -> Holder:
-    return Holder(owner, 4711, "s", "b", "web-1", None, 4711, since, 7, "lease", "update blog")
+def holder(
+    owner: str = "task:1",
+    since: float = NOW - 50,
+    *,
+    mode: str = "x",
+    limit: int | None = None,
+    lease: str = "lease",
+    token: int = 7,
+) -> Holder:
+    return Holder(
+        owner, 4711, "s", "b", "web-1", None, 4711, since, token, lease, "update blog", None,
+        mode, limit,
+    )  # fmt: skip
+
+
+def waiter(owner: str, *wants: Want, since: float = NOW - 10, note: str | None = None) -> Waiter:
+    lease = f"lease-{owner}"
+    return Waiter(owner, 4712, "s", "b", "web-1", None, None, since, lease, note, "sess", wants)
+
+
+def queued(
+    position: int,
+    w: Waiter,
+    holders: dict[str, tuple[Holder, ...]] | None = None,
+    ahead: tuple[Waiter, ...] = (),
+) -> QueuedWaiter:
+    return QueuedWaiter(position, w, Liveness.ALIVE, 25.0, holders or {}, ahead)
 
 
 def waited(since: float, lock: str = "app_task:blog", owner: str = "task:1") -> dict[str, Any]:
@@ -43,7 +72,7 @@ def waited(since: float, lock: str = "app_task:blog", owner: str = "task:1") -> 
 
 def test_a_task_whose_locks_were_free_waited_nothing() -> None:
     view = task_view(
-        record(state=TaskState.RUNNING, started=NOW - 30), {}, NOW
+        record(state=TaskState.RUNNING, started=NOW - 30), [], NOW
     )  # 30 s of start-up: not waiting
     assert (view.waited, view.waited_text, view.waits, view.waiting_for) == (0.0, "-", [], [])
     assert view.duration_text == "30.0s"
@@ -51,7 +80,7 @@ def test_a_task_whose_locks_were_free_waited_nothing() -> None:
 
 def test_a_waiting_task_names_the_lock_and_its_holder_now() -> None:
     rec = record(2, state=TaskState.WAITING, waited_for=[waited(NOW - 20)])
-    held = {"app_task:blog": HeldLock("app_task:blog", holder(), Liveness.ALIVE)}
+    held = [HeldLock("app_task:blog", holder(), Liveness.ALIVE)]
     view = task_view(rec, held, NOW)
     assert view.waited == 20.0 and view.waited_text == "20.0s"
     [reason] = view.waiting_for
@@ -68,16 +97,16 @@ def test_a_finished_wait_counts_from_the_refusal_to_the_start() -> None:
         finished=NOW - 5,
         exit_code=0,
     )
-    view = task_view(rec, {}, NOW)
+    view = task_view(rec, [], NOW)
     assert (view.waited, view.waited_locks, view.waiting_for) == (15.0, ["app_task:blog"], [])
     assert view.exit_text == "exit 0" and view.duration_text == "20.0s"
 
 
 def test_exit_by_signal_and_stop_requests() -> None:
     rec = record(state=TaskState.RUNNING, started=NOW - 5, stop_requested=NOW - 1)
-    assert task_view(rec, {}, NOW).stopping
+    assert task_view(rec, [], NOW).stopping
     killed = record(state=TaskState.STOPPED, started=NOW - 5, finished=NOW, signal=9)
-    assert task_view(killed, {}, NOW).exit_text == "SIGKILL (9)"
+    assert task_view(killed, [], NOW).exit_text == "SIGKILL (9)"
     assert signal_name(200) == "signal 200"
     assert [duration(s) for s in (None, 0.42, 62, 3700)] == ["-", "0.4s", "1m02s", "1h01m"]
 
@@ -88,6 +117,156 @@ def test_a_lock_row_shows_whatever_liveness_it_has() -> None:
         assert view.liveness == liveness.value and view.owner_task is None
     view = lock_view(HeldLock("db", holder("task:12"), Liveness.DEAD), NOW)
     assert (view.owner_task, view.held_for, view.token) == (12, "50.0s", 7)
+
+
+# --- modes and the queue -------------------------------------------------------------------------
+
+
+def test_a_lock_row_says_how_it_is_held() -> None:
+    assert [mode_text(False, None), mode_text(True, None), mode_text(True, 3)] == [
+        "exclusive",
+        "shared",
+        "limit 3",
+    ]
+    for h, expected in [
+        (holder(), "exclusive"),
+        (holder(mode="s"), "shared"),
+        (holder(mode="s", limit=3), "limit 3"),
+    ]:
+        view = lock_view(HeldLock("db", h, Liveness.ALIVE), NOW)
+        assert view.mode == expected
+
+
+# A namespace as LockTable.held() and .waiting() report it: task:1 holds "a"; task:5 and task:6
+# share "db"; task:7 holds one of 3 "slots". In the queue: task:2 wants "a"; task:3 wants "db"
+# exclusively; task:4 wants "a" and a slot, behind task:2.
+A = holder("task:1", NOW - 60, lease="l1", token=1)
+DB5 = holder("task:5", NOW - 50, mode="s", lease="l5", token=2)
+DB6 = holder("task:6", NOW - 40, mode="s", lease="l6", token=3)
+SLOT7 = holder("task:7", NOW - 30, mode="s", limit=3, lease="l7", token=4)
+HELD = [
+    HeldLock("a", A, Liveness.ALIVE),
+    HeldLock("db", DB5, Liveness.ALIVE),
+    HeldLock("db", DB6, Liveness.EXPIRED, 0.0),
+    HeldLock("slots", SLOT7, Liveness.ALIVE),
+]
+W2 = waiter("task:2", Want("a"), since=NOW - 20, note="<b>restore</b>")
+W3 = waiter("task:3", Want("db"), since=NOW - 15)
+W4 = waiter("task:4", Want("a"), Want("slots", "s", 3), since=NOW - 5)
+QUEUE = [
+    queued(1, W2, {"a": (A,)}),
+    queued(2, W3, {"db": (DB5, DB6)}),
+    queued(3, W4, {"a": (A,), "slots": ()}, ahead=(W2,)),
+]
+
+
+def test_the_queue_in_order_with_what_each_wants_and_who_is_in_its_way() -> None:
+    views = waiter_views(QUEUE, NOW)
+    assert [(v.position, v.owner, v.owner_task) for v in views] == [
+        (1, "task:2", 2),
+        (2, "task:3", 3),
+        (3, "task:4", 4),
+    ]
+    first, second, third = views
+    assert (first.waited_text, first.liveness, first.expires_in) == ("20.0s", "alive", 25.0)
+    assert first.note == "<b>restore</b>"  # escaped by the template, not here
+    assert [h.owner for h in first.holders] == ["task:1"] and first.ahead == []
+    assert first.line_text == "1st in line"
+    # Both shared holders of "db" are in task:3's way, each with how it holds it.
+    assert [(h.owner, [x.text for x in h.locks]) for h in second.holders] == [
+        ("task:5", ["db (shared)"]),
+        ("task:6", ["db (shared)"]),
+    ]
+    assert [x.text for x in third.wants] == ["a", "slots (limit 3)"]
+    assert [x.mode for x in third.wants] == ["exclusive", "limit 3"]
+    assert [h.owner for h in third.holders] == ["task:1"]  # a slot is free: only "a" blocks
+    [ahead] = third.ahead
+    assert (ahead.position, ahead.owner, ahead.owner_task) == (1, "task:2", 2)
+    assert [x.name for x in ahead.locks] == ["a"]
+    assert third.line_text == "2nd in line"
+
+
+def test_a_holder_in_the_way_of_two_names_is_named_once() -> None:
+    both = holder("pid:web-1:9", lease="l9")
+    w = waiter("task:8", Want("a"), Want("b"))
+    [view] = waiter_views([queued(1, w, {"a": (both,), "b": (both,)})], NOW)
+    [h] = view.holders
+    assert (h.owner, h.owner_task, [x.name for x in h.locks]) == ("pid:web-1:9", None, ["a", "b"])
+
+
+def test_shared_holders_are_grouped_under_their_lock_with_its_waiters() -> None:
+    groups = lock_groups(HELD, waiter_views(QUEUE, NOW), NOW)
+    assert [(g.name, g.mode, g.count_text) for g in groups] == [
+        ("a", "exclusive", "1 holder"),
+        ("db", "shared", "2 holders"),
+        ("slots", "limit 3", "1 of 3"),
+    ]
+    a, db, slots = groups
+    assert [h.owner for h in db.holders] == ["task:5", "task:6"]
+    assert [h.liveness for h in db.holders] == ["alive", "expired"]
+    assert [(w.position, want.mode) for w, want in a.waiters] == [
+        (1, "exclusive"),
+        (3, "exclusive"),
+    ]
+    assert [(w.position, want.mode) for w, want in db.waiters] == [(2, "exclusive")]
+    assert [(w.position, want.mode) for w, want in slots.waiters] == [(3, "limit 3")]
+    assert lock_groups([], [], NOW) == []
+
+
+def test_a_waiting_task_knows_its_place_and_its_locks_modes() -> None:
+    rec = record(
+        4,
+        state=TaskState.WAITING,
+        locks=["a", "slots", "db"],
+        shared={"slots": 3, "db": None},
+        waited_for=[waited(NOW - 5, "a", "task:1"), waited(NOW - 5, "a", "task:2")],
+    )
+    view = task_view(rec, HELD, NOW, waiter_views(QUEUE, NOW))
+    assert [(x.name, x.mode) for x in view.wants] == [
+        ("a", "exclusive"),
+        ("slots", "limit 3"),
+        ("db", "shared"),
+    ]
+    [place] = view.queued
+    assert (place.position, place.line_text) == (3, "2nd in line")
+    holder_entry, ahead_entry = view.waiting_for
+    assert holder_entry.holder is not None and holder_entry.holder.owner == "task:1"
+    assert holder_entry.ahead is None
+    assert ahead_entry.holder is None  # task:2 does not hold "a": it waits ahead for it
+    assert ahead_entry.ahead is not None and ahead_entry.ahead.position == 1
+    # Not in the queue (another task), or not waiting: no place.
+    assert task_view(record(9), HELD, NOW, waiter_views(QUEUE, NOW)).queued == []
+
+
+def test_a_waiting_task_names_each_holder_of_a_shared_lock() -> None:
+    rec = record(
+        3,
+        state=TaskState.WAITING,
+        locks=["db"],
+        waited_for=[waited(NOW - 9, "db", "task:5"), waited(NOW - 9, "db", "task:6")],
+    )
+    view = task_view(rec, HELD, NOW, waiter_views(QUEUE, NOW))
+    assert [w.holder.owner if w.holder else None for w in view.waiting_for] == [
+        "task:5",
+        "task:6",
+    ]
+    assert [w.holder.mode if w.holder else None for w in view.waiting_for] == ["shared"] * 2
+
+
+def test_a_blocker_that_left_is_no_longer_shown_while_others_remain() -> None:
+    # task:3 began waiting for "db" when task:0 and task:5 shared it; task:0 has released it.
+    rec = record(
+        3,
+        state=TaskState.WAITING,
+        locks=["db"],
+        waited_for=[waited(NOW - 9, "db", "task:0"), waited(NOW - 9, "db", "task:5")],
+    )
+    view = task_view(rec, HELD, NOW, waiter_views(QUEUE, NOW))
+    assert [w.owner for w in view.waiting_for] == ["task:5"]
+    assert [w.owner for w in view.waits] == ["task:0", "task:5"]  # the history keeps both
+    # With nobody of the record in its way any more (the history lags), it shows them all.
+    alone = task_view(rec, [], NOW)
+    assert [w.owner for w in alone.waiting_for] == ["task:0", "task:5"]
 
 
 # --- the timeline --------------------------------------------------------------------------------

@@ -67,11 +67,6 @@ class Snapshot:
     error: str | None = None  # why the latest read failed (None: it did not)
     error_since: float | None = None  # when reads started failing
 
-    @property
-    def held(self) -> dict[str, HeldLock]:
-        """The held locks by name."""
-        return {h.name: h for h in self.locks}
-
     def task(self, task_id: int) -> TaskRecord | None:
         """A task of this snapshot, or None if it is not among them."""
         return next((r for r in self.tasks if r.id == task_id), None)

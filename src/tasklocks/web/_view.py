@@ -14,24 +14,31 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tasklocks import HeldLock, TaskRecord
-from tasklocks.errors import clock, quote
+from tasklocks import HeldLock, Holder, QueuedWaiter, TaskRecord
+from tasklocks.errors import clock, ordinal, quote
 
 __all__ = [
     "RANGES",
     "BadRange",
+    "BlockerView",
+    "LockGroup",
     "LockView",
     "TaskView",
     "Timeline",
     "WaitView",
+    "WaiterView",
+    "WantView",
     "build_timeline",
     "duration",
     "fit_range",
+    "lock_groups",
     "lock_view",
+    "mode_text",
     "parse_range",
     "signal_name",
     "task_view",
     "trim_partial_utf8",
+    "waiter_views",
 ]
 
 # The ranges the timeline offers as links, as ``?last=`` values.
@@ -65,9 +72,20 @@ def owner_task_id(owner: str) -> int | None:
     return int(rest) if prefix == "task" and rest.isdigit() else None
 
 
+SHARED_MODE = "s"  # Holder.mode and Want.mode of a shared (or counted) lock; "x": exclusive
+
+
+def mode_text(shared: bool, limit: int | None) -> str:
+    """``exclusive``, ``shared``, or ``limit 3`` for a counted name (as ``tasklocks locks``
+    prints it)."""
+    if limit is not None:
+        return f"limit {limit}"
+    return "shared" if shared else "exclusive"
+
+
 @dataclass(frozen=True)
 class LockView:
-    """One held lock as a row of the locks table."""
+    """One holder of a lock as a row of the locks table (a shared name has several)."""
 
     name: str
     owner: str
@@ -81,6 +99,9 @@ class LockView:
     liveness: str  # whatever HeldLock.liveness.value is: alive, dead, unknown, expired
     expires_in: float | None  # seconds its holder's session has left (None: no session)
     note: str | None
+    shared: bool
+    limit: int | None
+    mode: str  # exclusive, shared or limit N (see mode_text)
 
     @property
     def holder_text(self) -> str:
@@ -90,7 +111,7 @@ class LockView:
 
 
 def lock_view(held: HeldLock, now: float) -> LockView:
-    """A held lock, ready for a template."""
+    """A held lock (one holder of it), ready for a template."""
     h = held.holder
     return LockView(
         name=held.name,
@@ -105,7 +126,193 @@ def lock_view(held: HeldLock, now: float) -> LockView:
         liveness=str(held.liveness.value),
         expires_in=held.expires_in,
         note=h.note,
+        shared=held.shared,
+        limit=held.limit,
+        mode=mode_text(held.shared, held.limit),
     )
+
+
+# --- the queue ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WantView:
+    """One name a waiter (or a task) asks for, and how."""
+
+    name: str
+    shared: bool
+    limit: int | None
+
+    @property
+    def mode(self) -> str:
+        """``exclusive``, ``shared`` or ``limit 3``."""
+        return mode_text(self.shared, self.limit)
+
+    @property
+    def text(self) -> str:
+        """``name``, ``name (shared)`` or ``name (limit 3)`` (as ``Want.describe()``)."""
+        return self.name if self.mode == "exclusive" else f"{self.name} ({self.mode})"
+
+
+@dataclass(frozen=True)
+class BlockerView:
+    """Who is in a waiter's way: a holder of names it wants (``position`` None), or a waiter
+    ahead of it in the queue (``position`` is its place there)."""
+
+    locks: list[WantView]  # the names in the way, each as this one holds or wants it
+    owner: str
+    owner_task: int | None
+    pid: int | None
+    host: str
+    since: float
+    note: str | None
+    position: int | None = None
+
+    @property
+    def holder_text(self) -> str:
+        """``task:12 (pid 4711 on web-1)``."""
+        where = f"pid {self.pid} on {self.host}" if self.pid is not None else f"on {self.host}"
+        return f"{self.owner} ({where})"
+
+
+@dataclass(frozen=True)
+class WaiterView:
+    """One waiting acquisition as a row of the queue: its place, what it wants and how, and
+    who is in its way."""
+
+    position: int  # 1: first in the namespace's queue
+    lease: str
+    owner: str
+    owner_task: int | None
+    pid: int | None
+    host: str
+    wants: list[WantView]
+    since: float
+    since_text: str
+    waited_text: str  # how long it has waited so far
+    liveness: str  # as LockView.liveness
+    expires_in: float | None  # seconds its session has left (None: no session)
+    note: str | None
+    holders: list[BlockerView]  # the holders in its way, by name
+    ahead: list[BlockerView]  # the waiters before it that it waits for, in queue order
+
+    @property
+    def holder_text(self) -> str:
+        """``task:12 (pid 4711 on web-1)``."""
+        where = f"pid {self.pid} on {self.host}" if self.pid is not None else f"on {self.host}"
+        return f"{self.owner} ({where})"
+
+    @property
+    def line_text(self) -> str:
+        """Its place among those it waits for: ``1st in line`` when no waiter is ahead of it."""
+        return f"{ordinal(len(self.ahead) + 1)} in line"
+
+    @property
+    def names(self) -> list[str]:
+        return [w.name for w in self.wants]
+
+
+def waiter_views(queue: Sequence[QueuedWaiter], now: float) -> list[WaiterView]:
+    """The namespace's queue (``LockTable.waiting()``, in order), ready for a template."""
+    positions = {q.waiter.lease: q.position for q in queue}
+    views = []
+    for q in queue:
+        w = q.waiter
+        wanted = {x.name for x in w.wants}
+        # One blocker per holder in its way, with every wanted name it holds (in wanted order).
+        held: dict[str, list[tuple[str, Holder]]] = {}
+        for name in w.names:
+            for h in q.holders.get(name, ()):
+                held.setdefault(h.lease, []).append((name, h))
+        holders = []
+        for entries in held.values():
+            h = entries[0][1]
+            holders.append(
+                BlockerView(
+                    locks=[WantView(n, e.mode == SHARED_MODE, e.limit) for n, e in entries],
+                    owner=h.owner,
+                    owner_task=owner_task_id(h.owner),
+                    pid=h.pid,
+                    host=h.host,
+                    since=h.since,
+                    note=h.note,
+                )
+            )
+        ahead = [
+            BlockerView(
+                locks=[WantView(x.name, x.shared, x.limit) for x in a.wants if x.name in wanted],
+                owner=a.owner,
+                owner_task=owner_task_id(a.owner),
+                pid=a.pid,
+                host=a.host,
+                since=a.since,
+                note=a.note,
+                position=positions.get(a.lease),
+            )
+            for a in q.ahead
+        ]
+        views.append(
+            WaiterView(
+                position=q.position,
+                lease=w.lease,
+                owner=w.owner,
+                owner_task=owner_task_id(w.owner),
+                pid=w.pid,
+                host=w.host,
+                wants=[WantView(x.name, x.shared, x.limit) for x in w.wants],
+                since=w.since,
+                since_text=clock(w.since, now=now),
+                waited_text=duration(max(0.0, now - w.since)),
+                liveness=str(q.liveness.value),
+                expires_in=q.expires_in,
+                note=w.note,
+                holders=holders,
+                ahead=ahead,
+            )
+        )
+    return views
+
+
+@dataclass(frozen=True)
+class LockGroup:
+    """One held name on the locks page: its holders (several when it is shared) and the
+    waiters that want it, in queue order."""
+
+    name: str
+    holders: list[LockView]
+    waiters: list[tuple[WaiterView, WantView]]  # each waiter wanting it, and how
+
+    @property
+    def mode(self) -> str:
+        """How it is held (every holder of a name holds it the same way)."""
+        return self.holders[0].mode
+
+    @property
+    def count_text(self) -> str:
+        """``1 holder``, ``2 holders``, or ``2 of 3`` for a counted name."""
+        n = len(self.holders)
+        limit = self.holders[0].limit
+        if limit is not None:
+            return f"{n} of {limit}"
+        return f"{n} holder{'s' if n != 1 else ''}"
+
+
+def lock_groups(
+    locks: Sequence[HeldLock], waiters: Sequence[WaiterView], now: float
+) -> list[LockGroup]:
+    """The held locks grouped by name (in the order ``LockTable.held()`` gives them), each
+    with the waiters that want it."""
+    holders: dict[str, list[LockView]] = {}
+    for held in locks:
+        holders.setdefault(held.name, []).append(lock_view(held, now))
+    return [
+        LockGroup(
+            name=name,
+            holders=views,
+            waiters=[(w, x) for w in waiters for x in w.wants if x.name == name],
+        )
+        for name, views in holders.items()
+    ]
 
 
 @dataclass(frozen=True)
@@ -119,7 +326,10 @@ class WaitView:
     since: float
     until: float | None  # None: it still waits
     seconds: float
-    holder: LockView | None  # who holds the lock now, while the task still waits for it
+    # While the task still waits: the entry's owner as it holds the lock now, or as a waiter
+    # ahead of the task in the queue (None: it is no longer in the way, or the wait ended).
+    holder: LockView | None
+    ahead: BlockerView | None = None
 
     @property
     def since_text(self) -> str:
@@ -149,6 +359,8 @@ class TaskView:
     waited_text: str
     waits: list[WaitView]
     waiting_for: list[WaitView]  # the entries it still waits for (only while waiting)
+    wants: list[WantView]  # the locks it asked for, and how
+    queued: list[WaiterView]  # its entries in the namespace's queue (one while it waits)
     created_text: str
     started_text: str
     finished_text: str
@@ -180,17 +392,38 @@ def _exit_text(record: TaskRecord) -> str:
     return "-"
 
 
-def task_view(record: TaskRecord, held: Mapping[str, HeldLock], now: float) -> TaskView:
-    """A task, ready for a template; ``held`` (by lock name) says who holds what it waits for."""
+def task_wants(record: TaskRecord) -> list[WantView]:
+    """The locks a task asked for, with how: ``record.shared`` names the shared ones (with
+    their limit, or None); the others are exclusive."""
+    return [WantView(name, name in record.shared, record.shared.get(name)) for name in record.locks]
+
+
+def task_view(
+    record: TaskRecord,
+    locks: Sequence[HeldLock],
+    now: float,
+    waiters: Sequence[WaiterView] = (),
+) -> TaskView:
+    """A task, ready for a template. ``locks`` (``LockTable.held()``) and ``waiters`` (the
+    queue, see :func:`waiter_views`) say who is in its way now and its place in the queue."""
+    owner_name = f"task:{record.id}"
+    queued = [w for w in waiters if w.owner == owner_name]
+    holders: dict[tuple[str, str], HeldLock] = {}
+    for held in locks:
+        holders.setdefault((held.name, held.holder.owner), held)
+    ahead = {(lock.name, a.owner): a for q in queued for a in q.ahead for lock in a.locks}
     waits = []
     for entry in record.wait_history():
         since = float(entry["since"])
         until = entry["until"]
-        holder = held.get(str(entry["lock"])) if until is None else None
+        lock = str(entry["lock"])
         owner = str(entry.get("owner") or "?")
+        # While it waits: is whom the entry names still in its way, as a holder of that lock or
+        # as a waiter ahead of it that wants it too?
+        holder = holders.get((lock, owner)) if until is None else None
         waits.append(
             WaitView(
-                lock=str(entry["lock"]),
+                lock=lock,
                 owner=owner,
                 owner_task=owner_task_id(owner),
                 note=entry.get("note"),
@@ -198,8 +431,16 @@ def task_view(record: TaskRecord, held: Mapping[str, HeldLock], now: float) -> T
                 until=until,
                 seconds=max(0.0, (now if until is None else float(until)) - since),
                 holder=None if holder is None else lock_view(holder, now),
+                ahead=ahead.get((lock, owner)) if until is None else None,
             )
         )
+    waiting_for: list[WaitView] = []
+    if record.state.value == "waiting":
+        waiting_for = [w for w in waits if w.until is None]
+        # An entry whose holder or waiter has left its way since stays open in the record
+        # until someone new comes in the way: show only those still there, if any are.
+        current = [w for w in waiting_for if w.holder is not None or w.ahead is not None]
+        waiting_for = current or waiting_for
     end = record.finished if record.finished is not None else now
     if record.wait_started is None:
         waited = 0.0
@@ -219,9 +460,9 @@ def task_view(record: TaskRecord, held: Mapping[str, HeldLock], now: float) -> T
         waited=waited,
         waited_text=duration(waited) if waits else "-",
         waits=waits,
-        waiting_for=[w for w in waits if w.until is None]
-        if record.state.value == "waiting"
-        else [],
+        waiting_for=waiting_for,
+        wants=task_wants(record),
+        queued=queued,
         created_text=clock(record.created, now=now),
         started_text="-" if record.started is None else clock(record.started, now=now),
         finished_text="-" if record.finished is None else clock(record.finished, now=now),

@@ -49,9 +49,11 @@ from tasklocks.web._view import (
     build_timeline,
     duration,
     fit_range,
+    lock_groups,
     lock_view,
     parse_range,
     task_view,
+    waiter_views,
 )
 
 __all__ = ["Settings", "create_app"]
@@ -274,8 +276,8 @@ class Dashboard:
                 f"state={quote(wanted)} is not a task state; use one of: active, "
                 + ", ".join(STATES),
             )
-        held = snapshot.held
         now = time.time()
+        waiters = waiter_views(snapshot.waiters, now)
         records = [
             r
             for r in snapshot.tasks
@@ -287,7 +289,9 @@ class Dashboard:
         for r in snapshot.tasks:
             counts[r.state.value] = counts.get(r.state.value, 0) + 1
         shown = records[: TASK_LIMIT if request.query_params.get("more") else PAGE_ROWS]
-        rows = [(task_view(r, held, now), self.source.can_stop(r)) for r in shown]
+        rows = [
+            (task_view(r, snapshot.locks, now, waiters), self.source.can_stop(r)) for r in shown
+        ]
         context = {
             "rows": rows,
             "wanted": wanted,
@@ -318,11 +322,12 @@ class Dashboard:
         if not request.query_params.get("partial"):
             log_chunk = await run_in_threadpool(read_log, record, None)
         context = {
-            "task": task_view(record, snapshot.held, now),
+            "task": task_view(record, snapshot.locks, now, waiter_views(snapshot.waiters, now)),
             "record": record,
             "args": None if record.args is None else json.dumps(record.args, indent=1),
             "result": None if record.result is None else json.dumps(record.result, indent=1),
             "locks": locks,
+            "queue_length": len(snapshot.waiters),
             "can_stop": self.source.can_stop(record),
             "stop_error": self.source.stop_errors.get(task_id),
             "log": log_chunk,
@@ -348,11 +353,16 @@ class Dashboard:
         )
 
     async def locks(self, request: Request) -> Response:
-        """The locks page: every held lock of the namespace and its holder."""
+        """The locks page: every held lock of the namespace with its holders, and the queue."""
         snapshot = await run_in_threadpool(self.source.snapshot)
         now = time.time()
-        locks = [lock_view(h, now) for h in snapshot.locks]
-        return self.render(request, "locks", {"locks": locks}, snapshot=snapshot)
+        waiters = waiter_views(snapshot.waiters, now)
+        context = {
+            "groups": lock_groups(snapshot.locks, waiters, now),
+            "holders": len(snapshot.locks),
+            "waiters": waiters,
+        }
+        return self.render(request, "locks", context, snapshot=snapshot)
 
     async def timeline(self, request: Request) -> Response:
         """The timeline page over ``?last=``, ``?from=&to=`` or ``?last=fit``."""
