@@ -2,16 +2,18 @@
 
 One scenario per backend, as a person would see it: a task started from the command line appears
 and its progress bar moves without a reload; a second task on the same lock shows the lock and
-its holder; the locks page shows the holder; the task's log follows live; the stop button stops
-the holder, so the waiter runs; the timeline draws the wait. Every request the browser makes goes
-to the dashboard itself. Screenshots of each page are saved (see the ``artifacts`` fixture). Then,
-on SQLite: the pages without JavaScript, and a Stop click that live updates must not swallow.
+its holder; the locks page shows the holder and the waiter in the queue; the task's log follows
+live; the stop button stops the holder, so the waiter runs; the timeline draws the wait. Every
+request the browser makes goes to the dashboard itself. Screenshots of each page are saved (see
+the ``artifacts`` fixture). Then, on SQLite: a queue behind shared holders, the pages without
+JavaScript, and a Stop click that live updates must not swallow.
 """
 
 from __future__ import annotations
 
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import pytest
 
 from tasklocks.tasks import Tasks, TaskState
 
-from .conftest import DEADLINE, Cli, poll
+from .conftest import DEADLINE, Cli, LockScene, poll
 
 MS = int(DEADLINE * 1000)
 
@@ -69,15 +71,23 @@ def test_dashboard_follows_tasks_locks_waits_and_stop(
     assert page.evaluate("window.notReloaded") is True  # all of that arrived live
     page.screenshot(path=artifacts / f"tasks-{backend}.png", full_page=True)
 
-    # The locks page: the holder, its pid and host, alive, and a fencing token.
+    # The locks page: the holder, its pid and host, alive, and a fencing token; the waiter is
+    # first in the queue, with the holder in its way.
     page.goto(server.url + "locks")
     lock = page.locator('tbody.lock[data-lock="app_task:blog"]')
-    expect(lock).to_contain_text(f"task:{holder}")
-    expect(lock.locator(".liveness")).to_have_text("alive")
+    expect(lock.locator("tr.holder")).to_contain_text(f"task:{holder}")
+    expect(lock.locator("tr.holder .liveness")).to_have_text("alive")
+    queued = page.locator("tr.waiter")
+    expect(queued).to_have_count(1)
+    expect(queued).to_have_attribute("data-owner", f"task:{waiter}")
+    expect(queued.locator(".wants")).to_contain_text("app_task:blog exclusive")
+    expect(queued.locator(".way-holder")).to_contain_text(f"held by task:{holder}")
     page.screenshot(path=artifacts / f"locks-{backend}.png", full_page=True)
 
-    # The waiter's page: its wait history names the lock and the holder.
+    # The waiter's page: its place in the queue, and its wait history names the lock and the
+    # holder.
     page.goto(server.url + f"tasks/{waiter}")
+    expect(page.locator("section.queue-place")).to_contain_text("#1 of 1")
     entry = page.locator("tr.wait-entry").first
     expect(entry).to_contain_text("app_task:blog")
     expect(entry).to_contain_text(f"task:{holder}")
@@ -111,6 +121,66 @@ def test_dashboard_follows_tasks_locks_waits_and_stop(
     # Nothing was asked of any other host.
     foreign = [u for u in requests if urllib.parse.urlsplit(u).netloc != server.netloc]
     assert requests and not foreign, foreign
+
+
+def test_the_locks_page_shows_shared_holders_and_the_queue_live(
+    sqlite_cli: Cli,
+    page: Any,
+    artifacts: Path,
+    lock_scene: Callable[[str, str], LockScene],
+) -> None:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=MS)
+    # Two holders share "db", and one of 2 "slots" is taken (locks of this process).
+    scene = lock_scene(sqlite_cli.url, sqlite_cli.namespace)
+    backup = scene.hold("db", owner="backup", shared=True, note="nightly backup")
+    report = scene.hold("db", owner="report", shared=True)
+    scene.hold("slots", owner="worker:1", limit=2)
+    server = sqlite_cli.serve()
+    # A task wants "db" exclusively: it waits for both. A reader that comes later waits behind
+    # it (first come, first served), though it could share "db" with the holders.
+    migrate = sqlite_cli.start("--lock", "db", "--kind", "migrate db", "--", "true")
+    poll(
+        "the task to queue up",
+        lambda: any(q.owner == f"task:{migrate}" for q in scene.table.waiting()) or None,
+    )
+    scene.wait("db", "slots", owner="reader:late", shared=["db"], limit={"slots": 2})
+
+    page.goto(server.url + "locks")
+    db = page.locator('tbody.lock[data-lock="db"]')
+    expect(db.locator("tr.holder")).to_have_count(2)
+    expect(db.locator("tr.holder .mode")).to_have_text(["shared", "shared"])
+    expect(db.locator("tr.queued")).to_contain_text(f"#1 task:{migrate} (exclusive)")
+    expect(page.locator('tbody.lock[data-lock="slots"]')).to_contain_text("1 of 2")
+    waiters = page.locator("tr.waiter")
+    expect(waiters).to_have_count(2)
+    first, second = waiters.nth(0), waiters.nth(1)
+    expect(first).to_have_attribute("data-owner", f"task:{migrate}")
+    expect(first.locator(".way-holder")).to_have_count(2)  # both shared holders
+    expect(second).to_have_attribute("data-owner", "reader:late")
+    expect(second.locator(".wants")).to_contain_text("db shared")
+    expect(second.locator(".wants")).to_contain_text("slots limit 2")
+    expect(second.locator(".way-ahead")).to_contain_text(f"#1 task:{migrate} ahead")
+    page.screenshot(path=artifacts / "locks-queue.png", full_page=True)
+
+    # The task's page: its place in the queue and how it wants its lock.
+    first.get_by_role("link", name=f"task:{migrate}").click()
+    expect(page.locator("section.queue-place")).to_contain_text("#1 of 2")
+    expect(page.locator('.want[data-lock="db"]')).to_contain_text("exclusive")
+    expect(page.locator(".detail-progress .message")).to_contain_text("Waiting for db")
+    page.screenshot(path=artifacts / "task-queued.png", full_page=True)
+
+    # The holders let go: the task runs, then the reader gets its turn; the page follows live.
+    page.goto(server.url + "locks")
+    page.evaluate("window.notReloaded = true")
+    scene.release(backup)
+    scene.release(report)
+    expect(page.locator("#nobody-waits")).to_be_visible()
+    expect(page.locator('tbody.lock[data-lock="db"]')).to_have_count(0)
+    assert page.evaluate("window.notReloaded") is True
+    with Tasks(sqlite_cli.url, sqlite_cli.namespace) as tasks:
+        assert tasks.wait(migrate, timeout=DEADLINE).state is TaskState.SUCCEEDED
 
 
 def test_pages_work_without_javascript(
