@@ -114,8 +114,9 @@ class Lease:
     """Locks taken together by one :meth:`LockTable.acquire`; a context manager that releases them.
 
     ``token`` is the fencing token: the version of the write that granted it, so strictly
-    increasing for each name (leases granted by one write share it). ``lost`` is set once the locks can no longer be trusted to be held: the
-    session that keeps them could not be renewed before it expired (see :meth:`check`).
+    increasing for each name (leases granted by one write share it). ``lost`` is set once the
+    locks can no longer be trusted to be held: the session that keeps them could not be renewed
+    before it expired (see :meth:`check`).
     """
 
     def __init__(
