@@ -144,8 +144,9 @@ class Granted:
 
 
 @dataclass(frozen=True, slots=True)
-class Refused:
-    """A try is blocked; ``doc`` may still drop gone holders and waiters (and grant waiters)."""
+class _NotGranted:
+    """What stands in the way (``blocked``); ``doc`` may still drop gone holders and waiters
+    (and grant waiters behind them)."""
 
     doc: LockDoc
     blocked: Blocked
@@ -159,18 +160,13 @@ class Refused:
 
 
 @dataclass(frozen=True, slots=True)
-class Queued:
+class Refused(_NotGranted):
+    """A try is blocked."""
+
+
+@dataclass(frozen=True, slots=True)
+class Queued(_NotGranted):
     """A waiting acquisition is in the queue (put there now, or earlier) and not granted yet."""
-
-    doc: LockDoc
-    blocked: Blocked
-    reaped: Reaped
-    changed: bool
-    dropped: tuple[Waiter, ...] = ()
-
-    @property
-    def blockers(self) -> dict[str, Holder]:
-        return self.blocked.blockers
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ __all__ = [
     "Encoder",
     "Holder",
     "LockDoc",
+    "Process",
     "Waiter",
     "Want",
     "as_doc",
@@ -70,8 +71,9 @@ class Want:
 
 
 @dataclass(frozen=True, slots=True)
-class Holder:
-    """One held lock: who holds it, since when, its fencing token, and how (``mode``, ``limit``)."""
+class Process:
+    """The process behind an entry (judged alive, dead or unknown by :mod:`tasklocks.owner`),
+    the owner it acts for, and since when the entry is there."""
 
     owner: str
     pid: int | None
@@ -81,6 +83,12 @@ class Holder:
     pidns: str | None
     pgid: int | None
     since: float
+
+
+@dataclass(frozen=True, slots=True)
+class Holder(Process):
+    """One held lock: who holds it, since when, its fencing token, and how (``mode``, ``limit``)."""
+
     token: int
     lease: str
     note: str | None
@@ -90,19 +98,11 @@ class Holder:
 
 
 @dataclass(frozen=True, slots=True)
-class Waiter:
+class Waiter(Process):
     """One waiting acquisition in a namespace's queue: the process that waits (judged dead or
     expired as a holder is), since when, and what it wants. ``detached``: the entries it gets are
     kept until released (no process, no session), as ``acquire(process=None)`` asked."""
 
-    owner: str
-    pid: int | None
-    start: str | None
-    boot: str | None
-    host: str
-    pidns: str | None
-    pgid: int | None
-    since: float
     lease: str
     note: str | None
     session: str | None
