@@ -77,6 +77,7 @@ class Wait:
         self.way = Blocked({}, ())
         self.began: float | None = None
         self._told: tuple[object, ...] | None = None
+        self._moved = True  # the holders in the way changed since the last sleep
         self._told_at = 0.0
 
     def begin(self, way: Blocked) -> None:
@@ -97,6 +98,8 @@ class Wait:
             tuple((n, tuple(h.lease for h in hs)) for n, hs in sorted(way.holders.items())),
             tuple(w.lease for w in way.ahead),
         )
+        if self._told is None or key[1] != self._told[1]:
+            self._moved = True  # new holders in the way: poll (where polled) fast again
         if key != self._told:
             self._told = key
             self._tell()
@@ -151,7 +154,10 @@ class Wait:
                 chunk = min(chunk, WATCH_INTERVAL)
             if self.deadline is not None:
                 chunk = min(chunk, self.deadline - now)
-            happened = self.store.wait_for_change(self.namespace, version, chunk, wake_fd)
+            happened = self.store.wait_for_change(
+                self.namespace, version, chunk, wake_fd, pace=not self._moved
+            )
+            self._moved = False
             if self.waker.drain() or happened:
                 return
             self._tick()

@@ -640,8 +640,8 @@ class LockTable:
         renewals; meanwhile it expires with its session."""
 
         def step(doc: LockDoc, version: int, retrying: bool) -> tuple[LockDoc | None, bool, None]:
-            new, _ = _core.release_lease(doc, lease)
-            return (None if new is doc else new), True, None
+            new, freed = _core.release_lease(doc, lease)  # a waiter leaving wakes no one, but
+            return (None if new is doc else new), bool(freed), None  # whom it lets in (promote)
 
         try:
             self._change(step)

@@ -734,9 +734,15 @@ class LosingStore:
         return self.inner.reset(namespace, data)
 
     def wait_for_change(
-        self, namespace: str, version: int, timeout: float, wake_fd: int | None = None
+        self,
+        namespace: str,
+        version: int,
+        timeout: float,
+        wake_fd: int | None = None,
+        *,
+        pace: bool = False,
     ) -> bool:
-        return self.inner.wait_for_change(namespace, version, timeout, wake_fd)
+        return self.inner.wait_for_change(namespace, version, timeout, wake_fd, pace=pace)
 
     def namespaces(self) -> list[str]:
         return self.inner.namespaces()

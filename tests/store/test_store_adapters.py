@@ -492,6 +492,44 @@ def test_missing_database_is_unavailable(server: str) -> None:
     _assert_one_clear_line(info.value, "no_such_db_", "database")
 
 
+def test_a_paced_wait_on_mysql_goes_on_at_the_pace_it_had_reached(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A waiter that saw a change that did not concern it (``pace``) polls at the pace it had
+    reached; one whose way changed starts fast again. MariaDB has no notifications: each poll
+    is a query, so 20 waiters that restart fast on every queue change cost twice the queries."""
+    require("mysql")
+    url = server_url("mysql")
+    waiter, writer = open_store(url), open_store(url)
+    polls = [0]
+    version_of = waiter._version
+
+    def counted(ns: str) -> int:
+        polls[0] += 1
+        return int(version_of(ns))
+
+    monkeypatch.setattr(waiter, "_version", counted)
+    try:
+        results = {}
+        for pace in (True, False):
+            version = waiter.read(namespace).version
+            timer = threading.Timer(1.5, lambda: writer.transact(namespace, increment(), None))
+            timer.start()
+            assert waiter.wait_for_change(namespace, version, 20.0) is True  # paced up by now
+            timer.join()
+            seen = waiter.read(namespace).version
+            polls[0] = 0
+            assert waiter.wait_for_change(namespace, seen, 0.3, pace=pace) is False
+            results[pace] = polls[0]
+        # Reached pace: a poll every 0.1 s at most (POLL[3]); from the start: 1 ms, x1.5 each.
+        assert results[True] <= 4, results
+        assert results[False] >= 8, results
+    finally:
+        waiter.close()
+        writer.close()
+        raw_sql(url, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
+
+
 # --- server adapters: quoting, the pessimistic path, wake fds --------------------------------
 
 # Characters SQL quoting must get right (PostgreSQL text cannot hold NUL; MySQL gets one too).

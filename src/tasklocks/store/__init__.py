@@ -68,10 +68,19 @@ class Store(Protocol):
         """Overwrite a namespace's document unconditionally (``repair``); bumps the version."""
 
     def wait_for_change(
-        self, namespace: str, version: int, timeout: float, wake_fd: int | None = None
+        self,
+        namespace: str,
+        version: int,
+        timeout: float,
+        wake_fd: int | None = None,
+        *,
+        pace: bool = False,
     ) -> bool:
         """Return soon after the row's version differs from ``version`` or ``wake_fd`` (a local
-        wake-up channel, not read here) becomes readable (True), or after ``timeout`` (False)."""
+        wake-up channel, not read here) becomes readable (True), or after ``timeout`` (False).
+        ``pace``: the caller read ``version`` after the last wait returned and found nothing that
+        concerns it (a waiter queued behind it): a backend that polls goes on at the pace it had
+        reached instead of starting fast again."""
 
     def namespaces(self) -> list[str]:
         """Every namespace that has a row."""

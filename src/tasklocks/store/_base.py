@@ -132,6 +132,7 @@ class SQLStore(ABC):
         self.table = check_table_name(table)
         self._known: set[str] = set()  # namespaces whose row exists
         self._backoff: dict[str, tuple[int, float, float, float]] = {}  # waits that timed out
+        self._saw: dict[str, tuple[int, float, float, float]] = {}  # waits that saw a change
         raw = load(self.DIALECT)
         types = dict(kind.split(":", 1) for kind in raw["task_types"].split(", "))
         columns = ", ".join(f"{self._column(n)} {types[kind]}" for n, kind in TASK_COLUMNS)
@@ -192,7 +193,13 @@ class SQLStore(ABC):
 
     @abstractmethod
     def wait_for_change(
-        self, namespace: str, version: int, timeout: float, wake_fd: int | None = None
+        self,
+        namespace: str,
+        version: int,
+        timeout: float,
+        wake_fd: int | None = None,
+        *,
+        pace: bool = False,
     ) -> bool:
         """See ``Store.wait_for_change``."""
 
@@ -375,18 +382,29 @@ class SQLStore(ABC):
         return sorted(str(r[0]) for r in rows)
 
     def _poll(
-        self, namespace: str, version: int, timeout: float, wake_fd: int | None, heard: int = -1
+        self,
+        namespace: str,
+        version: int,
+        timeout: float,
+        wake_fd: int | None,
+        heard: int = -1,
+        *,
+        pace: bool = False,
     ) -> bool:
         """Wait for the version to differ from ``version``, polling from every ``POLL[0]`` s, x1.5
         each time, up to ``POLL[1]``, later to ``POLL[2]`` of the time waited (``POLL[3]`` at
         most); with a ``wake_fd`` (it ends the wait) from ``POLL[4]`` to ``POLL[5]`` s. Waits in
-        slices go on where they stopped, unless ``heard`` (readable on a change) is given."""
+        slices go on where they stopped, unless ``heard`` (readable on a change) is given; so
+        does a wait with ``pace`` for the version the last one saw (see ``wait_for_change``)."""
         first, cap_young, share, cap_old, wake_first, wake_cap = self.POLL
         now = time.monotonic()
         deadline = now + timeout
         previous = self._backoff.pop(namespace, None)
+        saw = self._saw.pop(namespace, None)
         if previous is not None and previous[0] == version and heard < 0:
             _, start, last, delay = previous
+        elif pace and saw is not None and saw[0] == version and heard < 0:
+            _, start, last, delay = saw  # the change it saw concerned nobody here: go on
         elif self._version(namespace) != version:
             return True
         else:
@@ -402,7 +420,8 @@ class SQLStore(ABC):
                 return True  # drained by the caller, not here
             if not due <= time.monotonic() < deadline:
                 continue  # not due yet, or the time is up (the next call polls first)
-            if self._version(namespace) != version:
+            if (seen := self._version(namespace)) != version:
+                self._saw[namespace] = (seen, start, time.monotonic(), delay)
                 return True
             last = time.monotonic()
             cap = min(cap_old, max(cap_young, share * (last - start)))

@@ -225,6 +225,12 @@ class MySQLStore(ServerStore):
         return int(cursor.lastrowid) if cursor.rowcount == 1 else None
 
     def wait_for_change(
-        self, namespace: str, version: int, timeout: float, wake_fd: int | None = None
+        self,
+        namespace: str,
+        version: int,
+        timeout: float,
+        wake_fd: int | None = None,
+        *,
+        pace: bool = False,
     ) -> bool:
-        return self._poll(namespace, version, timeout, wake_fd)  # no LISTEN/NOTIFY in MySQL
+        return self._poll(namespace, version, timeout, wake_fd, pace=pace)  # no LISTEN/NOTIFY

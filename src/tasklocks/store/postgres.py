@@ -202,8 +202,15 @@ class PostgresStore(ServerStore):
     # --- waiting ------------------------------------------------------------------------------
 
     def wait_for_change(
-        self, namespace: str, version: int, timeout: float, wake_fd: int | None = None
+        self,
+        namespace: str,
+        version: int,
+        timeout: float,
+        wake_fd: int | None = None,
+        *,
+        pace: bool = False,
     ) -> bool:
+        del pace  # notified, and re-read at a flat pace: nothing to keep
         heard, tell = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._register(namespace, tell, True)
         try:  # listen first, then read: a change after the read is heard

@@ -200,9 +200,15 @@ class SQLiteStore(SQLStore):
             conn.execute(self._sql["rollback"])
 
     def wait_for_change(
-        self, namespace: str, version: int, timeout: float, wake_fd: int | None = None
+        self,
+        namespace: str,
+        version: int,
+        timeout: float,
+        wake_fd: int | None = None,
+        *,
+        pace: bool = False,
     ) -> bool:
-        return self._poll(namespace, version, timeout, wake_fd)
+        return self._poll(namespace, version, timeout, wake_fd, pace=pace)
 
     def _disconnect(self) -> None:
         with self._mutex():
