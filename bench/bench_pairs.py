@@ -32,6 +32,9 @@ BASELINE_NAMES = {
     "cas-sqlite": "BEGIN IMMEDIATE loop",
     "adv-pg": "pg_advisory_lock",
     "getlock-mysql": "GET_LOCK",
+    "upd-sqlite": "bare UPDATE SQLite",
+    "upd-mysql": "bare UPDATE MariaDB",
+    "upd-pg": "bare UPDATE PostgreSQL",
     "redis": "redis-py Lock",
 }
 BACKEND_OF = {
@@ -44,6 +47,9 @@ BACKEND_OF = {
     "cas-sqlite": "sqlite",
     "adv-pg": "postgresql",
     "getlock-mysql": "mysql",
+    "upd-sqlite": "sqlite",
+    "upd-mysql": "mysql",
+    "upd-pg": "postgresql",
     "redis": "redis",
 }
 SQLITE_BUSY_TIMEOUT = 30.0  # seconds, the baseline's busy handler (sqlite3 ``timeout=``)
@@ -281,7 +287,47 @@ class GetLockPair:
         self.conn.close()
 
 
+class BareUpdatePair:
+    """Two bare durable ``UPDATE ... SET version = version + 1`` of the spec's row, each its own
+    commit: the floor of any layout whose change is one statement on that row (issue 10)."""
+
+    def __init__(self, spec: PairSpec) -> None:
+        self.backend = BACKEND_OF[spec.kind]
+        table, mark = spec.cfg.cas_table, "?" if self.backend == "sqlite" else "%s"
+        self.sql = f"UPDATE {table} SET version = version + 1 WHERE namespace = {mark}"
+        self.params = (spec.namespace,)
+        self.conn: Any
+        if self.backend == "sqlite":
+            self.conn = sqlite3.connect(
+                spec.cfg.sqlite_baseline_path, timeout=SQLITE_BUSY_TIMEOUT, isolation_level=None
+            )
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+        elif self.backend == "mysql":
+            self.conn = mysql_connect(spec.cfg.mysql_url)
+        else:
+            import psycopg
+
+            self.conn = psycopg.connect(pg_conninfo(spec.cfg.pg_url), autocommit=True)
+
+    def _update(self) -> None:
+        if self.backend == "mysql":
+            with self.conn.cursor() as cur:
+                cur.execute(self.sql, self.params)
+        else:
+            self.conn.execute(self.sql, self.params)
+
+    def pair(self) -> None:
+        self._update()
+        self._update()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 _KINDS: dict[str, type[Pair]] = {
+    "upd-sqlite": BareUpdatePair,
+    "upd-mysql": BareUpdatePair,
+    "upd-pg": BareUpdatePair,
     "tl-sqlite": TasklocksPair,
     "tl-mysql": TasklocksPair,
     "tl-pg": TasklocksPair,
