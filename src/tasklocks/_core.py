@@ -325,6 +325,11 @@ def acquire(
         return Granted(d, token, (), changed=False)
     check_limits(d, wanted, claimant.lease)
 
+    if not d.queue:  # the common case, without the queue's machinery (same outcome)
+        granted_now = _grant_at_once(d, wanted, claimant, version=version, now=now)
+        if granted_now is not None:
+            return granted_now
+
     # Drop the gone: waiters, and holders of every name someone wants.
     interest = {w.name for w in wanted} | {w.name for q in d.queue for w in q.wants}
     reaped = tuple((n, h) for n in sorted(interest) for h in d.holders(n) if is_dead(h))
@@ -354,6 +359,18 @@ def acquire(
         owners, phrases = cycle
         return Deadlocked(without if touched else d, phrases, owners, reaped, touched, dropped)
     return Queued(promoted, way, reaped, touched or new_entry, dropped)
+
+
+def _grant_at_once(
+    d: LockDoc, wanted: tuple[Want, ...], claimant: Claimant, *, version: int, now: float
+) -> Granted | None:
+    """With nobody queued and none of the names held, what queueing and promoting would do:
+    the grant. None: otherwise (the full path decides)."""
+    if any(d.holders(w.name) for w in wanted):
+        return None
+    entry = claimant.waiter(now, wanted)
+    put = {w.name: (entry.holder(w, version + 1, now),) for w in wanted}
+    return Granted(d.derive(put=put), version + 1, (), True)
 
 
 def _unqueue(doc: LockDoc, lease: str) -> LockDoc:

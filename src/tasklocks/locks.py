@@ -370,8 +370,8 @@ class LockTable:
                 is_dead=self._is_dead,
                 queue=queue,
             )
-            wake = bool(outcome.reaped or outcome.dropped) or (
-                isinstance(outcome, _core.Granted) and outcome.changed
+            wake = bool(outcome.reaped or outcome.dropped) or (  # others may be granted too
+                isinstance(outcome, _core.Granted) and outcome.changed and bool(doc.queue)
             )
             return (outcome.doc if outcome.changed else None), wake, outcome
 
