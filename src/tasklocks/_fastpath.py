@@ -40,12 +40,16 @@ class FastPath:
         entry = _core.claim_json(claimant, time.time())
         return self.store.fast_acquire(self.namespace, names, entry)
 
-    def release(self, names: tuple[str, ...], lease: str, seen: Snapshot | None) -> bool | None:
+    def release(
+        self, names: tuple[str, ...], lease: str, seen: Snapshot | None
+    ) -> tuple[bool | None, Snapshot | None]:
         """Release a lease's names. True: done; False: use the full path; None: the reply was
-        lost, and the full path must allow for that."""
+        lost, and the full path must allow for that. With it, the row as read right after, where
+        the store reads it in the same round trip (a hint for the full path)."""
         if not self._fits(seen):
-            return False
+            return False, None
         try:
-            return self.store.fast_release(self.namespace, names, lease) is not None
+            version, row = self.store.fast_release_reading(self.namespace, names, lease)
         except OutcomeUnknown:
-            return None
+            return None, None
+        return version is not None, row

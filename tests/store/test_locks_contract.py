@@ -900,6 +900,11 @@ class LosingFastStore:
     def fast_release(self, namespace: str, names: tuple[str, ...], lease: str) -> int | None:
         return self._maybe_lose("fast_release", namespace, names, lease)
 
+    def fast_release_reading(
+        self, namespace: str, names: tuple[str, ...], lease: str
+    ) -> tuple[int | None, None]:
+        return self.fast_release(namespace, names, lease), None
+
 
 @pytest.fixture
 def losing_fast(db_url: str, namespace: str) -> Iterator[tuple[LockTable, LosingFastStore]]:

@@ -111,6 +111,13 @@ class FastPaths(Protocol):
         """If the document is valid and every one of ``names`` is held under ``lease``, remove
         them all and wake waiters; the new version."""
 
+    def fast_release_reading(
+        self, namespace: str, names: Sequence[str], lease: str
+    ) -> tuple[int | None, Snapshot | None]:
+        """``fast_release``, and the row as it is after it where the backend reads it in the
+        same round trip (else None): a release that did not apply (waiters queued) goes on to
+        the full path with a current snapshot instead of another round trip."""
+
 
 Backend = SQLStore  # a database adapter: lock documents (a Store), task records, FastPaths
 

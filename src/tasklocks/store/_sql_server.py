@@ -21,7 +21,15 @@ from tasklocks._clock import pause
 from tasklocks._url import ParsedURL
 from tasklocks.errors import StoreError, StoreUnavailable, StoreUnreachable
 from tasklocks.names import validate_name
-from tasklocks.store._base import FAST_MAX_BYTES, Call, OutcomeUnknown, SQLStore, fill, load
+from tasklocks.store._base import (
+    FAST_MAX_BYTES,
+    Call,
+    OutcomeUnknown,
+    Snapshot,
+    SQLStore,
+    fill,
+    load,
+)
 
 __all__ = ["ServerStore"]
 
@@ -268,6 +276,11 @@ class ServerStore(SQLStore):
 
     def fast_release(self, namespace: str, names: Sequence[str], lease: str) -> int | None:
         return self._fast(self._fast_statement(False, namespace, fast_names(names), lease))
+
+    def fast_release_reading(
+        self, namespace: str, names: Sequence[str], lease: str
+    ) -> tuple[int | None, Snapshot | None]:
+        return self.fast_release(namespace, names, lease), None  # no pipeline: no read
 
     def _fast(self, statement: tuple[str, Any]) -> int | None:
         def body(conn: Any, call: Call) -> int | None:

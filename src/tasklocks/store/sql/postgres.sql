@@ -30,29 +30,37 @@ WITH u AS (UPDATE {t} SET data = %s, version = version + 1 WHERE namespace = %s
 SELECT version, pg_notify(%s, %s) FROM u;
 -- name: fast_acquire
 -- One-statement changes (FastPaths), under the row lock of this statement alone. The CTE parses
--- the text once and locks the newest row version; the UPDATE's scan may see an older one, and
--- rechecks its conditions on the newest (READ COMMITTED), so no condition may compare t with s.
--- SET sees the row as it was: t.version + 1 is the new version. jsonb || needs an object (else
--- it builds an array); {valid} guards the rest in a CASE, as jsonb_each fails on a non-object.
-WITH s AS (SELECT version, data::jsonb AS d FROM {t} WHERE namespace = %(ns)s
-           AND octet_length(data) <= {fast_max} FOR NO KEY UPDATE)
-UPDATE {t} AS t SET version = t.version + 1, data = jsonb_set(s.d, '{locks}',
-    (s.d->'locks') || (SELECT jsonb_object_agg(n, %(entry)s::jsonb
+-- the text once (the LATERAL s) and locks the row only if the change applies to it: a row its
+-- WHERE rejects is not locked, so a change that does not apply writes nothing (no WAL, no flush).
+-- FOR NO KEY UPDATE rechecks that WHERE on the newest row version (READ COMMITTED), so the UPDATE
+-- computes on the row it locked; no condition of the UPDATE may compare t with r. SET sees the
+-- row as it was: t.version + 1 is the new version. jsonb || needs an object (else it builds an
+-- array); {valid} guards the rest in a CASE, as jsonb_each fails on a non-object.
+WITH r AS (SELECT s.d FROM {t} AS t0, LATERAL (SELECT t0.data::jsonb AS d) AS s
+           WHERE t0.namespace = %(ns)s AND octet_length(t0.data) <= {fast_max}
+               AND jsonb_typeof(%(entry)s::jsonb) = 'object'
+               AND CASE WHEN {valid} THEN NOT (s.d->'locks' ?| %(names)s::text[]) AND {entries}
+                   ELSE false END
+           FOR NO KEY UPDATE OF t0)
+UPDATE {t} AS t SET version = t.version + 1, data = jsonb_set(r.d, '{locks}',
+    (r.d->'locks') || (SELECT jsonb_object_agg(n, %(entry)s::jsonb
                                                || jsonb_build_object('token', t.version + 1))
                        FROM unnest(%(names)s::text[]) AS n))::text
-FROM s WHERE t.namespace = %(ns)s AND jsonb_typeof(%(entry)s::jsonb) = 'object'
-    AND CASE WHEN {valid} THEN NOT (s.d->'locks' ?| %(names)s::text[]) AND {entries} ELSE false END
+FROM r WHERE t.namespace = %(ns)s
 RETURNING t.version;
 -- name: fast_release
 -- A lease compares as jsonb: a missing name gives NULL, which NOT EXISTS counts as a mismatch.
-WITH s AS (SELECT version, data::jsonb AS d FROM {t} WHERE namespace = %(ns)s
-           AND octet_length(data) <= {fast_max} FOR NO KEY UPDATE),
+-- Locks only a row the release applies to, as fast_acquire does.
+WITH r AS (SELECT s.d FROM {t} AS t0, LATERAL (SELECT t0.data::jsonb AS d) AS s
+           WHERE t0.namespace = %(ns)s AND octet_length(t0.data) <= {fast_max}
+               AND CASE WHEN {valid} THEN NOT EXISTS (
+                   SELECT FROM unnest(%(names)s::text[]) AS n
+                   WHERE (s.d->'locks'->n->'lease') IS DISTINCT FROM to_jsonb(%(lease)s::text))
+                   AND {entries} ELSE false END
+           FOR NO KEY UPDATE OF t0),
 u AS (UPDATE {t} AS t SET version = t.version + 1,
-          data = jsonb_set(s.d, '{locks}', (s.d->'locks') - %(names)s::text[])::text
-      FROM s WHERE t.namespace = %(ns)s AND CASE WHEN {valid} THEN NOT EXISTS (
-          SELECT FROM unnest(%(names)s::text[]) AS n
-          WHERE (s.d->'locks'->n->'lease') IS DISTINCT FROM to_jsonb(%(lease)s::text))
-          AND {entries} ELSE false END
+          data = jsonb_set(r.d, '{locks}', (r.d->'locks') - %(names)s::text[])::text
+      FROM r WHERE t.namespace = %(ns)s
       RETURNING t.version)
 SELECT version, pg_notify(%(channel)s, %(ns)s) FROM u;
 -- name: valid
