@@ -248,7 +248,12 @@ class SQLStore(ABC):
             fix = f"newer than this tasklocks understands ({SCHEMA_VERSION}); upgrade tasklocks"
             raise StoreError(f"{where} has schema version {version}, {fix}")
         self._execute(conn, self._sql["create_sessions"])  # added after schema version 1
+        self._index_sessions(conn)
         self._after_schema(conn)
+
+    def _index_sessions(self, conn: Any) -> None:
+        """Index the sessions' expiry (a table made before the index was, too)."""
+        self._execute(conn, self._sql["index_sessions"])
 
     def _schema_row(self, conn: Any) -> Any:
         try:

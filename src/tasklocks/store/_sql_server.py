@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, ClassVar, TypeVar
 
-from tasklocks._clock import pause
+from tasklocks._clock import clock, pause
 from tasklocks._url import ParsedURL
 from tasklocks.errors import StoreError, StoreUnavailable, StoreUnreachable
 from tasklocks.names import validate_name
@@ -27,6 +27,7 @@ from tasklocks.store._base import (
     OutcomeUnknown,
     Snapshot,
     SQLStore,
+    _times,
     fill,
     load,
 )
@@ -280,7 +281,28 @@ class ServerStore(SQLStore):
     def fast_release_reading(
         self, namespace: str, names: Sequence[str], lease: str
     ) -> tuple[int | None, Snapshot | None]:
-        return self.fast_release(namespace, names, lease), None  # no pipeline: no read
+        statement = self._fast_statement(False, namespace, fast_names(names), lease)
+
+        def body(conn: Any, call: Call) -> tuple[int | None, Snapshot | None]:
+            call.sent = True
+            try:
+                version, row, times = self._fast_then_read(conn, statement, namespace)
+            except self._bad_json:  # as in _fast: the full path reports a bad document
+                call.sent = False
+                return None, None
+            call.sent = False  # the reply came: the outcome is known
+            if row is None:
+                return version, None
+            return version, Snapshot(int(row[0]), str(row[1]), _times(times), clock())
+
+        return self._locked(body)
+
+    @abstractmethod
+    def _fast_then_read(
+        self, conn: Any, statement: tuple[str, Any], namespace: str
+    ) -> tuple[int | None, Any, Any]:
+        """A one-statement change, then the row and the ``sessions`` rows, in one round trip:
+        the change's new version (None: not applied), the row, the sessions."""
 
     def _fast(self, statement: tuple[str, Any]) -> int | None:
         def body(conn: Any, call: Call) -> int | None:

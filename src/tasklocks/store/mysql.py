@@ -219,6 +219,22 @@ class MySQLStore(ServerStore):
         sql = fill(self._sql["fast_release"], leases=self._sql["fast_lease"] * len(names), **fills)
         return sql, [*paths, namespace, *(v for path in paths for v in (path + ".lease", arg))]
 
+    def _index_sessions(self, conn: Any) -> None:
+        if self._mariadb:  # (MySQL gets the index with new tables only)
+            self._execute(conn, self._sql["index_sessions"])
+
+    def _fast_then_read(
+        self, conn: Any, statement: tuple[str, Any], namespace: str
+    ) -> tuple[int | None, Any, Any]:
+        sql, params = statement  # CLIENT.MULTI_STATEMENTS: the change, then read_row's two
+        cur = self._execute(
+            conn, f"{sql.rstrip().rstrip(';')};\n{self._sql['read_row']}", [*params, namespace]
+        )
+        version = self._fast_version(cur)  # the UPDATE's result, before moving on
+        cur.nextset()
+        row, times = self._two_results(cur)
+        return version, row, times
+
     def _fast_version(self, cursor: Any) -> int | None:
         # Only a changed row counts (no CLIENT.FOUND_ROWS), and the version always changes:
         # 1 means written, and lastrowid is the LAST_INSERT_ID(version + 1).

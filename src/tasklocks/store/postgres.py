@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from tasklocks._clock import clock, pause
+from tasklocks._clock import pause
 from tasklocks.errors import StoreUnavailable
-from tasklocks.store._base import Call, Change, Snapshot, _times
-from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, ServerStore, fast_names
+from tasklocks.store._base import Change
+from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, ServerStore
 
 __all__ = ["PostgresStore"]
 
@@ -192,29 +192,14 @@ class PostgresStore(ServerStore):
         params = {"ns": namespace, "names": names, "lease": arg, "channel": self._channel}
         return self._sql["fast_release"], params
 
-    def fast_release_reading(
-        self, namespace: str, names: Sequence[str], lease: str
-    ) -> tuple[int | None, Snapshot | None]:
-        statement = self._fast_statement(False, namespace, fast_names(names), lease)
-
-        def body(conn: Any, call: Call) -> tuple[int | None, Snapshot | None]:
-            call.sent = True
-            try:
-                with _pipeline(conn):  # one round trip: the release, then the row as it is
-                    cursor = self._execute(conn, *statement)
-                    row = conn.execute(self._sql["select"], (namespace,))
-                    times = conn.execute(self._sql["sessions"])
-            except self._bad_json:  # as in _fast: the full path reports a bad document
-                call.sent = False
-                return None, None
-            call.sent = False  # the reply came: the outcome is known
-            got = row.fetchone()
-            seen = None
-            if got is not None:
-                seen = Snapshot(int(got[0]), str(got[1]), _times(times.fetchall()), clock())
-            return self._fast_version(cursor), seen
-
-        return self._locked(body)
+    def _fast_then_read(
+        self, conn: Any, statement: tuple[str, Any], namespace: str
+    ) -> tuple[int | None, Any, Any]:
+        with _pipeline(conn):
+            cursor = self._execute(conn, *statement)
+            row = conn.execute(self._sql["select"], (namespace,))
+            times = conn.execute(self._sql["sessions"])
+        return self._fast_version(cursor), row.fetchone(), times.fetchall()
 
     def _fast_version(self, cursor: Any) -> int | None:
         row = cursor.fetchone()

@@ -28,6 +28,9 @@ UPDATE {t} SET data = ?, version = version + 1 WHERE namespace = ? AND version =
 -- name: create_sessions
 CREATE TABLE IF NOT EXISTS {t}_sessions (id TEXT PRIMARY KEY, owner TEXT NOT NULL,
     host TEXT NOT NULL, pid INTEGER, ttl REAL NOT NULL, expires REAL NOT NULL, boot TEXT);
+-- name: index_sessions
+-- Reads ask for the live sessions; expired ones stay for an hour (see postgres.sql).
+CREATE INDEX IF NOT EXISTS {t}_sessions_expires ON {t}_sessions (expires);
 -- name: forget_sessions
 DELETE FROM {t}_sessions WHERE expires < {now} - 3600 OR boot IS NOT tasklocks_boot();
 -- name: open_session
