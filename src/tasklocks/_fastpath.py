@@ -24,6 +24,7 @@ class FastPath:
         self.store = store
         self.namespace = namespace
         self.size = 0  # bytes of the document when last seen
+        self.missed = False  # the last one-statement release did not apply (waiters queued)
 
     def _fits(self, seen: Snapshot | None) -> bool:
         if seen is not None:
@@ -44,12 +45,19 @@ class FastPath:
         self, names: tuple[str, ...], lease: str, seen: Snapshot | None
     ) -> tuple[bool | None, Snapshot | None]:
         """Release a lease's names. True: done; False: use the full path; None: the reply was
-        lost, and the full path must allow for that. With it, the row as read right after, where
-        the store reads it in the same round trip (a hint for the full path)."""
+        lost, and the full path must allow for that. With it, after a release that missed last
+        time (waiters queue here: likely to miss again), the row as read in the same round trip
+        where the store can (a hint for the full path); reading it every time would cost a
+        release without waiters two more statements."""
         if not self._fits(seen):
             return False, None
+        row = None
         try:
-            version, row = self.store.fast_release_reading(self.namespace, names, lease)
+            if self.missed:
+                version, row = self.store.fast_release_reading(self.namespace, names, lease)
+            else:
+                version = self.store.fast_release(self.namespace, names, lease)
         except OutcomeUnknown:
             return None, None
+        self.missed = version is None
         return version is not None, row
