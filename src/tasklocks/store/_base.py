@@ -191,7 +191,6 @@ class SQLStore(ABC):
     def _outcome_known(self, exc: BaseException) -> bool:
         """After ``exc``, is it certain that nothing sent in this transaction was committed?"""
 
-    @abstractmethod
     def wait_for_change(
         self,
         namespace: str,
@@ -201,7 +200,8 @@ class SQLStore(ABC):
         *,
         pace: bool = False,
     ) -> bool:
-        """See ``Store.wait_for_change``."""
+        """See ``Store.wait_for_change``: polling (a dialect with notifications overrides it)."""
+        return self._poll(namespace, version, timeout, wake_fd, pace=pace)
 
     @abstractmethod
     def _disconnect(self) -> None:

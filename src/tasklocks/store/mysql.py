@@ -239,14 +239,3 @@ class MySQLStore(ServerStore):
         # Only a changed row counts (no CLIENT.FOUND_ROWS), and the version always changes:
         # 1 means written, and lastrowid is the LAST_INSERT_ID(version + 1).
         return int(cursor.lastrowid) if cursor.rowcount == 1 else None
-
-    def wait_for_change(
-        self,
-        namespace: str,
-        version: int,
-        timeout: float,
-        wake_fd: int | None = None,
-        *,
-        pace: bool = False,
-    ) -> bool:
-        return self._poll(namespace, version, timeout, wake_fd, pace=pace)  # no LISTEN/NOTIFY

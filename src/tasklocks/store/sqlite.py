@@ -199,17 +199,6 @@ class SQLiteStore(SQLStore):
         if conn.in_transaction:
             conn.execute(self._sql["rollback"])
 
-    def wait_for_change(
-        self,
-        namespace: str,
-        version: int,
-        timeout: float,
-        wake_fd: int | None = None,
-        *,
-        pace: bool = False,
-    ) -> bool:
-        return self._poll(namespace, version, timeout, wake_fd, pace=pace)
-
     def _disconnect(self) -> None:
         with self._mutex():
             if self._conn is not None and self._pid == os.getpid():
