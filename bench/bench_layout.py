@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import zlib
-from collections.abc import Callable
 from typing import Any
 
 from bench_common import Config, mysql_connect, pg_conninfo
@@ -34,11 +33,6 @@ def shard_of(name: str) -> int:
 
 def one_row(cfg: Config) -> str:
     return cfg.namespace("layout-one")
-
-
-def one_row_of(cfg: Config) -> Callable[[str], str]:
-    """The row argument of a peer's pairs (they use none; any name will do)."""
-    return lambda _name: one_row(cfg)
 
 
 def shard_row(cfg: Config, shard: int) -> str:

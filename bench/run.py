@@ -510,7 +510,8 @@ def section_layout(cfg: Config, crew: Crew) -> None:
         ]
         runs += [(f"{label}, bare UPDATE", bl.BARE[backend], r) for label, r in layouts.items()]
         if backend in bl.PEER:
-            runs.append((BASELINE_NAMES[bl.PEER[backend]], bl.PEER[backend], bl.one_row_of(cfg)))
+            peer = bl.PEER[backend]  # (a peer's pairs name no row: any will do)
+            runs.append((BASELINE_NAMES[peer], peer, layouts["1 row"]))
         for label, k, row in runs:
             jobs: dict[int, tuple[str, tuple[Any, ...]]] = {
                 i: (

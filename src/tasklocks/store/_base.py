@@ -131,8 +131,9 @@ class SQLStore(ABC):
     def _load_sql(self, table: str, **values: object) -> None:
         self.table = check_table_name(table)
         self._known: set[str] = set()  # namespaces whose row exists
-        self._backoff: dict[str, tuple[int, float, float, float]] = {}  # waits that timed out
-        self._saw: dict[str, tuple[int, float, float, float]] = {}  # waits that saw a change
+        # Where the last wait of a namespace stopped: (version to go on from, start, last poll,
+        # delay, whether it timed out (else it saw that version appear)).
+        self._backoff: dict[str, tuple[int, float, float, float, bool]] = {}
         raw = load(self.DIALECT)
         types = dict(kind.split(":", 1) for kind in raw["task_types"].split(", "))
         columns = ", ".join(f"{self._column(n)} {types[kind]}" for n, kind in TASK_COLUMNS)
@@ -405,11 +406,10 @@ class SQLStore(ABC):
         now = time.monotonic()
         deadline = now + timeout
         previous = self._backoff.pop(namespace, None)
-        saw = self._saw.pop(namespace, None)
-        if previous is not None and previous[0] == version and heard < 0:
-            _, start, last, delay = previous
-        elif pace and saw is not None and saw[0] == version and heard < 0:
-            _, start, last, delay = saw  # the change it saw concerned nobody here: go on
+        # Go on where the last wait stopped if a slice of it timed out, or (``pace``) the change
+        # it saw concerned nobody here.
+        if previous is not None and previous[0] == version and heard < 0 and (previous[4] or pace):
+            _, start, last, delay, _ = previous
         elif self._version(namespace) != version:
             return True
         else:
@@ -418,7 +418,7 @@ class SQLStore(ABC):
         while True:
             now = time.monotonic()
             if now >= deadline:
-                self._backoff[namespace] = (version, start, last, delay)
+                self._backoff[namespace] = (version, start, last, delay, True)
                 return False
             due = last + delay
             if select.select(fds, [], [], max(0.0, min(due, deadline) - now))[0]:
@@ -426,7 +426,7 @@ class SQLStore(ABC):
             if not due <= time.monotonic() < deadline:
                 continue  # not due yet, or the time is up (the next call polls first)
             if (seen := self._version(namespace)) != version:
-                self._saw[namespace] = (seen, start, time.monotonic(), delay)
+                self._backoff[namespace] = (seen, start, time.monotonic(), delay, False)
                 return True
             last = time.monotonic()
             cap = min(cap_old, max(cap_young, share * (last - start)))

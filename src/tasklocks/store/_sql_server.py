@@ -273,29 +273,16 @@ class ServerStore(SQLStore):
     # --- FastPaths ------------------------------------------------------------------------------
 
     def fast_acquire(self, namespace: str, names: Sequence[str], entry: str) -> int | None:
-        return self._fast(self._fast_statement(True, namespace, fast_names(names), entry))
+        return self._fast(self._fast_statement(True, namespace, fast_names(names), entry))[0]
 
     def fast_release(self, namespace: str, names: Sequence[str], lease: str) -> int | None:
-        return self._fast(self._fast_statement(False, namespace, fast_names(names), lease))
+        return self._fast(self._fast_statement(False, namespace, fast_names(names), lease))[0]
 
     def fast_release_reading(
         self, namespace: str, names: Sequence[str], lease: str
     ) -> tuple[int | None, Snapshot | None]:
         statement = self._fast_statement(False, namespace, fast_names(names), lease)
-
-        def body(conn: Any, call: Call) -> tuple[int | None, Snapshot | None]:
-            call.sent = True
-            try:
-                version, row, times = self._fast_then_read(conn, statement, namespace)
-            except self._bad_json:  # as in _fast: the full path reports a bad document
-                call.sent = False
-                return None, None
-            call.sent = False  # the reply came: the outcome is known
-            if row is None:
-                return version, None
-            return version, Snapshot(int(row[0]), str(row[1]), _times(times), clock())
-
-        return self._locked(body)
+        return self._fast(statement, read=namespace)
 
     @abstractmethod
     def _fast_then_read(
@@ -304,18 +291,29 @@ class ServerStore(SQLStore):
         """A one-statement change, then the row and the ``sessions`` rows, in one round trip:
         the change's new version (None: not applied), the row, the sessions."""
 
-    def _fast(self, statement: tuple[str, Any]) -> int | None:
-        def body(conn: Any, call: Call) -> int | None:
+    def _fast(
+        self, statement: tuple[str, Any], read: str | None = None
+    ) -> tuple[int | None, Snapshot | None]:
+        """Run a one-statement change: the new version (None: not applied) and, with ``read``
+        (its namespace), the row as read right after it in the same round trip."""
+
+        def body(conn: Any, call: Call) -> tuple[int | None, Snapshot | None]:
             call.sent = True
+            row, times = None, ()
             try:
-                cursor = self._execute(conn, *statement)
+                if read is None:
+                    version = self._fast_version(self._execute(conn, *statement))
+                else:
+                    version, row, times = self._fast_then_read(conn, statement, read)
             except self._bad_json:
                 # The stored text (or the entry) is not JSON: the statement failed and, in
                 # autocommit, rolled back; the full path reports a bad document.
                 call.sent = False
-                return None
+                return None, None
             call.sent = False  # the reply came: the outcome is known
-            return self._fast_version(cursor)
+            if row is None:
+                return version, None
+            return version, Snapshot(int(row[0]), str(row[1]), _times(times), clock())
 
         return self._locked(body)
 

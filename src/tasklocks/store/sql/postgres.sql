@@ -93,8 +93,10 @@ BEGIN;
 -- name: ping
 SELECT 1;
 -- name: now
--- The server's clock (clock_timestamp: the time of the statement's execution, not its start).
-extract(epoch FROM clock_timestamp())::float8
+-- The server's clock (clock_timestamp: the time of the statement's execution, not its start). A
+-- scalar subquery, read once per statement (an InitPlan): clock_timestamp() is volatile, and a
+-- volatile comparison would be evaluated once per row.
+(SELECT extract(epoch FROM clock_timestamp())::float8)
 -- name: create_sessions
 CREATE TABLE IF NOT EXISTS {t}_sessions (id TEXT PRIMARY KEY, owner TEXT NOT NULL,
     host TEXT NOT NULL, pid BIGINT, ttl DOUBLE PRECISION NOT NULL,
@@ -107,10 +109,6 @@ DO $$ BEGIN
     CREATE INDEX IF NOT EXISTS {t}_sessions_expires ON {t}_sessions (expires);
 EXCEPTION WHEN OTHERS THEN NULL;
 END $$;
--- name: sessions
--- As common.sql's, with the clock read once (an InitPlan) so that the index on expires is used:
--- clock_timestamp() is volatile, and a volatile comparison is evaluated per row.
-SELECT id, expires - {now} FROM {t}_sessions WHERE expires > (SELECT {now});
 -- name: open_session
 -- A retry after a lost reply finds it there: nothing to do.
 INSERT INTO {t}_sessions (id, owner, host, pid, ttl, expires)
