@@ -450,15 +450,25 @@ def _deadlock(doc: LockDoc, lease: str) -> tuple[tuple[str, ...], tuple[str, ...
     if me is None:
         return None
     stuck_owners = {w.owner for w in stuck}
-    # Who each stuck owner waits for, and for which names, in the real document.
+    # Who each stuck owner waits for, and for which names, in the real document. Only the stuck
+    # count: the others finish, and one of them in the way may hide a stuck one (an exclusive
+    # holder of a counted name hides the waiters ahead that will fill its places).
     edges: dict[str, dict[str, set[str]]] = {}
     ahead: dict[str, list[tuple[Waiter, Want]]] = {}
     for waiter in doc.queue:
         if waiter in stuck:
             for want in waiter.wants:
                 way = _in_the_way(
-                    tuple(h for h in doc.holders(want.name) if h.owner != waiter.owner),
-                    [(e, x) for e, x in ahead.get(want.name, []) if e.owner != waiter.owner],
+                    tuple(
+                        h
+                        for h in doc.holders(want.name)
+                        if h.owner != waiter.owner and h.owner in stuck_owners
+                    ),
+                    [
+                        (e, x)
+                        for e, x in ahead.get(want.name, [])
+                        if e.owner != waiter.owner and e.owner in stuck_owners
+                    ],
                     want,
                 )
                 if way is None:

@@ -164,6 +164,24 @@ def test_a_cycle_through_a_waiter_ahead_says_it_is_in_line_first() -> None:
     )
 
 
+def test_a_cycle_hidden_behind_a_holder_that_will_finish_is_found() -> None:
+    """task:4 holds c and waits for a place of ``a`` (limit 2) behind task:2 and task:3, who
+    wait for c. task:1's exclusive hold of ``a`` hid them (it is the first in the way, and it
+    will finish): found by the Hypothesis machine."""
+    two = Want("a", SHARED, 2)
+    doc = take(EMPTY, ["a"], who("task:1"))
+    doc = take(doc, ["c"], who("task:4"), 1)
+    doc = queue_up(doc, [two, "c"], who("task:2"), 2)
+    doc = queue_up(doc, [two, "c"], who("task:3"), 3)
+    result = go(doc, [two], who("task:4", 1), 4, queue=True)
+    assert isinstance(result, Deadlocked)
+    assert result.owners == ("task:4", "task:2")
+    assert result.cycle == (
+        "task:4 holds c and waits for a",
+        "task:2 is in line for a first and waits for c",
+    )
+
+
 def test_waiting_behind_a_chain_that_ends_is_no_deadlock() -> None:
     doc = take(EMPTY, ["a"], who("task:1"))
     granted = go(doc, ["b"], who("task:1", 1), 0, queue=True)  # b is free: granted at once
