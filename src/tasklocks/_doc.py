@@ -4,7 +4,7 @@ A namespace's document holds, per lock name, its holders, and the queue of waite
 order. A name has one *exclusive* holder, or any number of *shared* holders (at most ``limit`` of
 them when the name is counted).
 
-The stored JSON has two formats. Format 1 (what every version of tasklocks reads) maps each name
+The stored JSON has three formats. Format 1 (what every version of tasklocks reads) maps each name
 to its one exclusive holder::
 
     {"format":1,"locks":{"backup":{"owner":"task:12","pid":4711,...,"token":7,...}}}
@@ -14,6 +14,19 @@ name's value may then be an array of holders with a ``mode`` (and a ``limit``), 
 lists the waiters. A document goes back to format 1 once its queue is empty and no name is
 shared, so the one-statement fast paths (which take only format 1, see ``store/sql``) never
 overtake a queue, and an older tasklocks refuses a format-2 document instead of misreading it.
+
+Format 3, the compact one, is written by the stores that say so (``Store.compact``: SQLite). It
+keeps who holds a lease once, in ``procs``, and per name only the lease and the token::
+
+    {"format":3,"procs":{"9f2c...":["task:12",4711,"...",...]},
+     "locks":{"backup":["9f2c...",7],"apps":[["9f2c...",7,3],["51ab...",9,3]]},"queue":[...]}
+
+A record lists owner, pid, start, boot, host, pidns, pgid, since, note and session; its key is
+the lease (an eleventh item names the lease when two records of one lease differ, which only a
+hand-made document has). A name's value is ``[lease, token]`` (held exclusively) or a list of
+``[lease, token, limit]`` (shared; ``limit`` null when not counted). ``queue``, when not empty,
+holds format 2's waiters. An entry costs about 30 bytes plus its name (format 1: about 270), so a
+change of a big namespace writes a fraction of it. Older versions refuse format 3 by its number.
 """
 
 from __future__ import annotations
@@ -45,7 +58,7 @@ __all__ = [
     "holder_to_json",
 ]
 
-FORMAT: Final = 2  # the newest format this version reads and writes
+FORMAT: Final = 3  # the newest format this version reads and writes
 EXCLUSIVE: Final = "x"
 SHARED: Final = "s"
 
@@ -168,7 +181,7 @@ class LockDoc(Mapping[str, Holder]):
     encoded JSON, so that a change re-encodes only what it changed: with many locks held,
     encoding is one string join."""
 
-    __slots__ = ("_holders", "_parts", "_wide", "queue")
+    __slots__ = ("_compact", "_holders", "_parts", "_wide", "queue")
 
     def __init__(
         self,
@@ -176,9 +189,11 @@ class LockDoc(Mapping[str, Holder]):
         parts: dict[str, str] | None = None,
         queue: tuple[Waiter, ...] = (),
         wide: frozenset[str] | None = None,
+        compact: _Compact | None = None,
     ) -> None:
         self._holders = holders if type(holders) is dict else dict(holders)  # (derive's own copy)
         self._parts = parts
+        self._compact = compact  # format 3's encoded parts, computed on first use
         self.queue = queue
         # The names whose value needs format 2 (shared, or more than one holder).
         self._wide = (
@@ -232,6 +247,12 @@ class LockDoc(Mapping[str, Holder]):
             self._parts = {n: _fragment(n, hs) for n, hs in self._holders.items()}
         return self._parts
 
+    def compact(self) -> _Compact:
+        """Format 3's encoded parts (computed once, then kept up to date by :meth:`derive`)."""
+        if self._compact is None:
+            self._compact = _Compact.of(self._holders)
+        return self._compact
+
     def derive(
         self,
         remove: Iterable[str] = (),
@@ -242,35 +263,113 @@ class LockDoc(Mapping[str, Holder]):
         (an empty tuple frees the name), and with ``queue`` if given (keeps encoded names)."""
         holders = self._holders.copy()
         parts = None if self._parts is None else self._parts.copy()
+        compact = None if self._compact is None else self._compact.copy()
         wide = set(self._wide)
         for name in remove:
-            del holders[name]
+            old = holders.pop(name)
             if parts is not None:
                 del parts[name]
+            if compact is not None:
+                compact.drop(name, old)
             wide.discard(name)
         for name, new in (put or {}).items():
+            old = holders.get(name, ())
+            if compact is not None and old:
+                compact.drop(name, old)
             if new:
                 holders[name] = new
                 if parts is not None:
                     parts[name] = _fragment(name, new)
+                if compact is not None:
+                    compact.add(name, new)
                 if _wide(new):
                     wide.add(name)
                 else:
                     wide.discard(name)
-            elif name in holders:
+            elif old:
                 del holders[name]
                 if parts is not None:
                     del parts[name]
                 wide.discard(name)
-        return LockDoc(holders, parts, self.queue if queue is None else queue, frozenset(wide))
+        return LockDoc(
+            holders, parts, self.queue if queue is None else queue, frozenset(wide), compact
+        )
 
 
 def _wide(holders: Holders) -> bool:
     return len(holders) != 1 or holders[0].mode != EXCLUSIVE
 
 
+Ident = tuple[Any, ...]  # a holder's record: the fields of format 3's ``procs``, in order
+
+
+def _ident(h: Holder) -> Ident:
+    return (h.owner, h.pid, h.start, h.boot, h.host, h.pidns, h.pgid, h.since, h.note, h.session)
+
+
+def _fragment3(name: str, holders: Holders) -> str:
+    if not _wide(holders):
+        return _dumps(name) + ":" + _dumps([holders[0].lease, holders[0].token])
+    return _dumps(name) + ":" + _dumps([[h.lease, h.token, h.limit] for h in holders])
+
+
+class _Compact:
+    """Format 3's parts of one document, kept up to date change by change: each name's encoded
+    text, each lease's record (and its encoded text) and how many entries use it. ``odd``: two
+    entries of one lease have different records (only a hand-made document has), so the
+    document is encoded the slow way, with a key per record."""
+
+    __slots__ = ("odd", "parts", "records", "texts", "uses")
+
+    def __init__(
+        self,
+        parts: dict[str, str],
+        records: dict[str, Ident],
+        texts: dict[str, str],
+        uses: dict[str, int],
+        odd: bool,
+    ) -> None:
+        self.parts, self.records, self.texts, self.uses, self.odd = (
+            parts, records, texts, uses, odd
+        )  # fmt: skip
+
+    @classmethod
+    def of(cls, holders: Mapping[str, Holders]) -> _Compact:
+        compact = cls({}, {}, {}, {}, False)
+        for name, hs in holders.items():
+            compact.add(name, hs)
+        return compact
+
+    def copy(self) -> _Compact:
+        return _Compact(
+            self.parts.copy(), self.records.copy(), self.texts.copy(), self.uses.copy(), self.odd
+        )
+
+    def add(self, name: str, holders: Holders) -> None:
+        self.parts[name] = _fragment3(name, holders)
+        for h in holders:
+            ident = _ident(h)
+            known = self.records.get(h.lease)
+            if known is None:
+                self.records[h.lease] = ident
+                self.texts[h.lease] = _dumps(h.lease) + ":" + _dumps(ident)
+                self.uses[h.lease] = 1
+            else:
+                self.uses[h.lease] += 1
+                self.odd = self.odd or known != ident
+
+    def drop(self, name: str, holders: Holders) -> None:
+        del self.parts[name]
+        for h in holders:
+            left = self.uses[h.lease] - 1
+            if left:
+                self.uses[h.lease] = left
+            else:
+                del self.uses[h.lease], self.records[h.lease], self.texts[h.lease]
+
+
 Document = Mapping[str, Holder]
-EMPTY: Final[LockDoc] = LockDoc({}, {})
+EMPTY: Final[LockDoc] = LockDoc({})  # no encoded parts yet: the encoder computes those it uses
 
 
 def as_doc(doc: Document) -> LockDoc:
@@ -339,21 +438,78 @@ def _fragment(name: str, holders: Holders) -> str:
 
 
 class Encoder:
-    """Encodes documents (kept for callers that hold one; :func:`encode` is the same)."""
+    """Encodes documents for one store: in format 3 if ``compact``, else in the oldest of
+    formats 1 and 2 that holds the document."""
+
+    def __init__(self, compact: bool = False) -> None:
+        self.compact = compact
 
     def encode(self, doc: Document) -> str:
-        return encode(doc)
+        return encode(doc, compact=self.compact)
 
 
-def encode(doc: Document) -> str:
-    """Serialize a document (stable, compact JSON) in the oldest format that holds it. A
-    :class:`LockDoc` reuses the encoded text of every name it did not change."""
+def encode(doc: Document, *, compact: bool = False) -> str:
+    """Serialize a document (stable, compact JSON): in format 3 if ``compact``, else in the
+    oldest of formats 1 and 2 that holds it. A :class:`LockDoc` reuses the encoded text of
+    every name it did not change."""
     d = as_doc(doc)
+    # Only the parts of the format written are kept up to date by the changes that follow.
+    if compact:
+        d._parts = None
+        return _encode3(d)
+    d._compact = None
     body = ",".join(d.parts().values())
     if d.format == 1:
         return '{"format":1,"locks":{' + body + "}}"
-    queue = ",".join(_dumps(waiter_to_json(w)) for w in d.queue)
-    return '{"format":2,"locks":{' + body + '},"queue":[' + queue + "]}"
+    return '{"format":2,"locks":{' + body + '},"queue":[' + _queue(d) + "]}"
+
+
+def _queue(d: LockDoc) -> str:
+    return ",".join(_dumps(waiter_to_json(w)) for w in d.queue)
+
+
+def _encode3(d: LockDoc) -> str:
+    c = d.compact()
+    if c.odd:
+        return _encode3_keyed(d)
+    queue = ',"queue":[' + _queue(d) + "]" if d.queue else ""
+    procs = ",".join(c.texts.values())
+    return (
+        '{"format":3,"procs":{'
+        + procs
+        + '},"locks":{'
+        + ",".join(c.parts.values())
+        + "}"
+        + (queue + "}")
+    )
+
+
+def _encode3_keyed(d: LockDoc) -> str:
+    """Format 3 for a document where one lease has several records: the first keeps the lease
+    as its key, the others get keys no lease has, and name their lease."""
+    first: dict[str, Ident] = {}
+    for _, h in d.entries():
+        first.setdefault(h.lease, _ident(h))
+    procs: dict[str, list[Any]] = {lease: list(ident) for lease, ident in first.items()}
+    keys: dict[tuple[str, Ident], str] = {(lease, i): lease for lease, i in first.items()}
+    locks: dict[str, Any] = {}
+    for name, holders in d._holders.items():
+        entries = []
+        for h in holders:
+            ident = _ident(h)
+            key = keys.get((h.lease, ident))
+            if key is None:
+                n = len(keys)
+                while f"{h.lease}~{n}" in procs:
+                    n += 1
+                key = keys[h.lease, ident] = f"{h.lease}~{n}"
+                procs[key] = [*ident, h.lease]
+            entries.append([key, h.token, h.limit])
+        locks[name] = entries[0][:2] if not _wide(holders) else entries
+    out: dict[str, Any] = {"format": 3, "procs": procs, "locks": locks}
+    if d.queue:
+        out["queue"] = [waiter_to_json(w) for w in d.queue]
+    return _dumps(out)
 
 
 def _checked(namespace: str, what: str, raw: Any, types: Mapping[str, tuple[type, ...]]) -> None:
@@ -392,6 +548,11 @@ def _holders_from_json(namespace: str, name: str, raw: Any, fmt: int) -> Holders
     holders = tuple(_holder_from_json(namespace, name, h, fmt) for h in raw)
     if not holders:
         raise CorruptLockTable(namespace, f"entry {quote(name)} is an empty list")
+    _check_shared(namespace, name, holders)
+    return holders
+
+
+def _check_shared(namespace: str, name: str, holders: Holders) -> None:
     if len(holders) > 1 and any(h.mode == EXCLUSIVE for h in holders):
         raise CorruptLockTable(namespace, f"entry {quote(name)} is exclusive but shared")
     if len({h.limit for h in holders}) > 1:
@@ -399,7 +560,6 @@ def _holders_from_json(namespace: str, name: str, raw: Any, fmt: int) -> Holders
     limit = holders[0].limit
     if limit is not None and len(holders) > limit:
         raise CorruptLockTable(namespace, f"entry {quote(name)} has more holders than its limit")
-    return holders
 
 
 def _waiter_from_json(namespace: str, i: int, raw: Any) -> Waiter:
@@ -449,6 +609,8 @@ def decode(text: str | bytes | None, namespace: str, previous: Document | None =
     if not isinstance(raw.get("locks"), dict):
         raise CorruptLockTable(namespace, "no 'locks' object")
     known = as_doc(previous) if previous is not None else EMPTY
+    if fmt == 3:
+        return _decode3(namespace, raw, known)
     known_parts = known.parts() if known._parts is not None else {}
     out: dict[str, Holders] = {}
     parts: dict[str, str] = {}
@@ -468,10 +630,108 @@ def decode(text: str | bytes | None, namespace: str, previous: Document | None =
         else:
             parts[name] = known_parts.get(name) or _fragment(name, old)
         out[name] = old
-    queue_raw = raw.get("queue", []) if fmt >= 2 else []
-    if not isinstance(queue_raw, list):
+    return LockDoc(
+        out, parts, _queue_from_json(namespace, raw.get("queue", []) if fmt >= 2 else [])
+    )
+
+
+def _queue_from_json(namespace: str, raw: Any) -> tuple[Waiter, ...]:
+    if not isinstance(raw, list):
         raise CorruptLockTable(namespace, "'queue' is not a list")
-    queue = tuple(_waiter_from_json(namespace, i, w) for i, w in enumerate(queue_raw))
+    queue = tuple(_waiter_from_json(namespace, i, w) for i, w in enumerate(raw))
     if len({w.lease for w in queue}) != len(queue):
         raise CorruptLockTable(namespace, "a lease waits twice in the queue")
-    return LockDoc(out, parts, queue)
+    return queue
+
+
+_RECORD: Final = (
+    *tuple(_IDENTITY.items())[:7],
+    ("since", (float, int)),
+    ("note", (str, type(None))),
+    ("session", (str, type(None))),
+)
+
+
+class _Records:
+    """Format 3's ``procs``, each record checked once, on first use."""
+
+    def __init__(self, namespace: str, raw: Any) -> None:
+        if not isinstance(raw, dict):
+            raise CorruptLockTable(namespace, "no 'procs' object")
+        self.namespace, self.raw = namespace, raw
+        self.checked: dict[str, tuple[str, Ident]] = {}  # key: (lease, record)
+
+    def __getitem__(self, key: Any) -> tuple[str, Ident]:
+        found = self.checked.get(key) if type(key) is str else None
+        if found is not None:
+            return found
+        rec = self.raw.get(key) if type(key) is str else None
+        what = f"record {quote(key)}"
+        if rec is None:
+            raise CorruptLockTable(self.namespace, f"{what} is missing from 'procs'")
+        if not isinstance(rec, list) or len(rec) not in (10, 11):
+            raise CorruptLockTable(self.namespace, f"{what} is not a list of 10 or 11 items")
+        for value, (field, allowed) in zip(rec, _RECORD, strict=False):
+            if not isinstance(value, allowed) or isinstance(value, bool):
+                raise CorruptLockTable(self.namespace, f"{what} has a bad {field!r}")
+        lease = key if len(rec) == 10 else rec[10]
+        if type(lease) is not str:
+            raise CorruptLockTable(self.namespace, f"{what} has a bad 'lease'")
+        ident = (*rec[:7], float(rec[7]), rec[8], rec[9])
+        self.checked[key] = found = (lease, ident)
+        return found
+
+
+def _holder3(records: _Records, name: str, item: Any, shared: bool) -> Holder:
+    what = f"entry {quote(name)}"
+    size = 3 if shared else 2
+    if not isinstance(item, list) or len(item) != size:
+        raise CorruptLockTable(records.namespace, f"{what} is not a list of {size} items")
+    lease, ident = records[item[0]]
+    token = item[1]
+    if type(token) is not int:
+        raise CorruptLockTable(records.namespace, f"{what} has a bad 'token'")
+    mode, limit = _mode(records.namespace, what, SHARED, item[2]) if shared else (EXCLUSIVE, None)
+    owner, pid, start, boot, host, pidns, pgid, since, note, session = ident
+    return Holder(
+        owner, pid, start, boot, host, pidns, pgid, since, token, lease, note, session, mode, limit
+    )
+
+
+def _decode3(namespace: str, raw: dict[str, Any], known: LockDoc) -> LockDoc:
+    records = _Records(namespace, raw.get("procs"))
+    out: dict[str, Holders] = {}
+    for name, value in raw["locks"].items():
+        if not isinstance(value, list) or not value:
+            raise CorruptLockTable(namespace, f"entry {quote(name)} is not a non-empty list")
+        if type(value[0]) is not list:  # one exclusive holder: [lease, token]
+            old = known._holders.get(name)
+            if (
+                old is not None
+                and len(old) == 1
+                and old[0].mode == EXCLUSIVE
+                and len(value) == 2
+                and value[0] == old[0].lease
+                and value[1] == old[0].token
+                and type(value[1]) is int
+                and len(records.raw.get(value[0]) or ()) == 10
+            ):
+                out[name] = old  # the same acquisition, written once and never changed
+            else:
+                out[name] = (_holder3(records, name, value, False),)
+            continue
+        holders = tuple(_holder3(records, name, item, True) for item in value)
+        _check_shared(namespace, name, holders)
+        out[name] = holders
+    queue = _queue_from_json(namespace, raw.get("queue", []))
+    # The encoded parts: those of the document before, changed where this one differs (a
+    # namespace of many locks re-encodes only what another process changed).
+    compact = None if known._compact is None else known._compact.copy()
+    if compact is not None:
+        for name, holders in known._holders.items():
+            if out.get(name) is not holders:
+                compact.drop(name, holders)
+        for name, holders in out.items():
+            if known._holders.get(name) is not holders:
+                compact.add(name, holders)
+    return LockDoc(out, None, queue, None, compact)

@@ -219,7 +219,7 @@ class LockTable:
         self._owns_store = owns_store
         self._snap: Snapshot | None = None
         self._doc: LockDoc = _core.EMPTY
-        self._encoder = _core.Encoder()
+        self._encoder = _core.Encoder(compact=store.compact)
         self._fast = FastPath(store, self.namespace) if isinstance(store, FastPaths) else None
         self.local_db = store.local  # a local database (SQLite) proves more: see owner.py
         self._waker = Waker(f"{store.url}|{store.table}|{self.namespace}")
@@ -780,7 +780,7 @@ class LockTable:
 
         def reset(snap: Snapshot) -> tuple[str, bool]:
             seen[:] = [snap]
-            return _core.encode(_core.EMPTY), True
+            return self._encoder.encode(_core.EMPTY), True
 
         self.store.transact(self.namespace, reset, None)
         self._snap = None
@@ -854,7 +854,7 @@ def give_back(store: Store, namespace: str, lease: str) -> None:
         if new is doc:
             return None
         new, _, _ = _core.promote(new, version=snap.version, now=time.time())
-        return _core.encode(new), True
+        return _core.encode(new, compact=store.compact), True
 
     store.transact(namespace, compute, None)
 

@@ -1,8 +1,9 @@
 """Truth-table tests of the queue: FIFO waiters, shared and counted names, deadlocks, and the
-document's two formats (the Hypothesis machine in ``test_queue_machine.py`` explores the rest)."""
+document's formats (the Hypothesis machine in ``test_queue_machine.py`` explores the rest)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -316,6 +317,91 @@ W = {k: v for k, v in H.items() if k != "token"} | {"wants": [["a", "x", None]]}
     ],
 )
 def test_decode_of_a_bad_format_2_document_names_the_problem(text: str, problem: str) -> None:
+    with pytest.raises(CorruptLockTable) as info:
+        decode(text, "ns")
+    assert info.value.problem == problem
+
+
+def test_format_3_keeps_a_lease_once_and_a_name_as_lease_and_token() -> None:
+    doc = take(EMPTY, ["a", "b"], who("task:1"))
+    doc = take(doc, [Want("db", SHARED, 3)], who("task:2"), 1)
+    doc = take(doc, [Want("db", SHARED, 3)], who("task:3"), 2)
+    doc = queue_up(doc, ["a"], who("task:4"), 3)
+    text = encode(doc, compact=True)
+    raw = json.loads(text)
+    assert raw["format"] == 3
+    assert raw["procs"] == {
+        "task:1/0": ["task:1", 100, "st", "boot", "web-1", "ns", None, NOW, None, "s"],
+        "task:2/0": ["task:2", 100, "st", "boot", "web-1", "ns", None, NOW + 1, None, "s"],
+        "task:3/0": ["task:3", 100, "st", "boot", "web-1", "ns", None, NOW + 2, None, "s"],
+    }
+    assert raw["locks"] == {
+        "a": ["task:1/0", 1],
+        "b": ["task:1/0", 1],
+        "db": [["task:2/0", 2, 3], ["task:3/0", 3, 3]],
+    }
+    assert raw["queue"][0]["owner"] == "task:4"
+    assert decode(text, "ns") == doc
+    # Changes keep the parts up to date: a lease's record goes with its last entry.
+    gone = release(release(doc, ["a", "b"], "task:1"), ["db"], "task:2")
+    raw = json.loads(encode(gone, compact=True))
+    assert sorted(raw["procs"]) == ["task:3/0"] and raw["locks"] == {"db": [["task:3/0", 3, 3]]}
+    fresh = encode(decode(encode(gone), "ns"), compact=True)
+    assert json.loads(encode(gone, compact=True)) == json.loads(fresh)
+    assert json.loads(encode(EMPTY, compact=True)) == {"format": 3, "procs": {}, "locks": {}}
+
+
+def test_format_3_is_a_fraction_of_format_1() -> None:
+    doc = EMPTY
+    for start in range(0, 1000, 100):
+        doc = take(doc, [f"held-{i}" for i in range(start, start + 100)], who(f"task:{start}"))
+    one, three = len(encode(doc)), len(encode(doc, compact=True))
+    assert three * 5 < one, (one, three)
+    assert (three - 10 * 80) / 1000 < 40  # per entry, past the ten records
+
+
+def test_format_3_of_a_lease_with_two_records_keeps_both() -> None:
+    """Only a hand-made document has two holders of one lease that differ: each keeps its own."""
+    a = who("task:1").holder(NOW, 1)
+    b = who("task:2").holder(NOW, 2)
+    b = dataclasses.replace(b, lease=a.lease)
+    doc = LockDoc({"a": (a,), "b": (b,), a.lease + "~1": (a,)})
+    text = encode(doc, compact=True)
+    assert len(json.loads(text)["procs"]) == 2
+    back = decode(text, "ns")
+    assert back == doc and back["b"].owner == "task:2" and back["b"].lease == a.lease
+    # The same after changes that went through the kept parts.
+    changed = doc.derive(remove=["a"])
+    assert decode(encode(changed, compact=True), "ns") == changed
+
+
+def _doc3(procs: object, locks: object, **more: object) -> str:
+    return json.dumps({"format": 3, "procs": procs, "locks": locks, **more})
+
+
+R = ["o", 1, "s", "b", "h", None, None, 1.0, None, None]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (json.dumps({"format": 3, "locks": {}}), "no 'procs' object"),
+        (_doc3({}, {"a": ["l", 1]}), "record 'l' is missing from 'procs'"),
+        (_doc3({"l": R[:9]}, {"a": ["l", 1]}), "record 'l' is not a list of 10 or 11 items"),
+        (_doc3({"l": [*R[:1], "1", *R[2:]]}, {"a": ["l", 1]}), "record 'l' has a bad 'pid'"),
+        (_doc3({"l": [*R, 5]}, {"a": ["l", 1]}), "record 'l' has a bad 'lease'"),
+        (_doc3({"l": R}, {"a": ["l", "1"]}), "entry 'a' has a bad 'token'"),
+        (_doc3({"l": R}, {"a": ["l", 1, 2]}), "entry 'a' is not a list of 2 items"),
+        (_doc3({"l": R}, {"a": []}), "entry 'a' is not a non-empty list"),
+        (_doc3({"l": R}, {"a": [["l", 1, 0]]}), "entry 'a' has a bad 'limit'"),
+        (
+            _doc3({"l": R}, {"a": [["l", 1, 1], ["l", 2, 1]]}),
+            "entry 'a' has more holders than its limit",
+        ),
+        (_doc3({"l": R}, {}, queue=[W, W]), "a lease waits twice in the queue"),
+    ],
+)
+def test_decode_of_a_bad_format_3_document_names_the_problem(text: str, problem: str) -> None:
     with pytest.raises(CorruptLockTable) as info:
         decode(text, "ns")
     assert info.value.problem == problem

@@ -21,6 +21,7 @@ here, independently of ``_core``, as the invariants:
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Sequence
 
 from hypothesis import HealthCheck, settings
@@ -124,6 +125,7 @@ class QueueMachine(RuleBasedStateMachine):
         self.leases = itertools.count()
         self.holding: dict[str, set[str]] = {o: set() for o in OWNERS}  # granted lease ids
         self.deadlocks = 0
+        self.stored: LockDoc | None = None  # the document as last stored in format 3
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -295,6 +297,16 @@ class QueueMachine(RuleBasedStateMachine):
         text = encode(self.doc)
         loaded = decode(text, "ns")
         assert loaded == self.doc
+        compact = encode(self.doc, compact=True)  # format 3: the same document
+        assert decode(compact, "ns") == self.doc
+        fresh = encode(decode(text, "ns"), compact=True)
+        assert json.loads(compact) == json.loads(fresh)  # the kept parts are the fresh ones
+        if self.stored is not None:  # read by a process that saw the document stored before
+            again = decode(compact, "ns", self.stored)
+            assert again == self.doc
+            assert json.loads(encode(again, compact=True)) == json.loads(compact)
+        self.stored = decode(compact, "ns")
+        encode(self.stored, compact=True)  # its parts are kept, for the next read
         assert ('"format":1' in text) == (not self.doc.queue and not any(
             h.mode != EXCLUSIVE or len(self.doc.holders(n)) > 1 for n, h in self.doc.entries()
         ))  # fmt: skip

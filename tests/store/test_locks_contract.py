@@ -704,6 +704,7 @@ class LosingStore:
     def __init__(self, inner: Store) -> None:
         self.inner = inner
         self.url, self.table, self.local = inner.url, inner.table, inner.local
+        self.compact = inner.compact
         self.lose = 0
         self.before = False
         self.lost = 0

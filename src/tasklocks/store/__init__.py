@@ -54,6 +54,7 @@ class Store(Protocol):
     url: str  # for messages, without a password
     table: str  # the lock table's name
     local: bool  # every holder runs on this machine (SQLite): see owner.process_liveness
+    compact: bool  # documents are written in the compact format 3 (see tasklocks._doc)
 
     def read(self, namespace: str) -> Snapshot:
         """The current row (created empty, version 0, on first use)."""

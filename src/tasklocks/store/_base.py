@@ -112,6 +112,9 @@ class SQLStore(ABC):
     url: str  # for messages, without a password
     table: str
     local: bool  # every holder runs on this machine (see owner.process_liveness)
+    # Documents are written in the compact format 3. Not yet on the servers: their one-statement
+    # fast paths (store/sql) edit format 1 in SQL.
+    compact = False
     _where: str  # the database, for messages
     _driver_errors: tuple[type[BaseException], ...]  # every error the driver raises
     _parsed: ParsedURL
