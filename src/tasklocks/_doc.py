@@ -4,19 +4,8 @@ A namespace's document holds, per lock name, its holders, and the queue of waite
 order. A name has one *exclusive* holder, or any number of *shared* holders (at most ``limit`` of
 them when the name is counted).
 
-The stored JSON has three formats. Format 1 (what every version of tasklocks reads) maps each name
-to its one exclusive holder::
-
-    {"format":1,"locks":{"backup":{"owner":"task:12","pid":4711,...,"token":7,...}}}
-
-Format 2 is written only while the document needs it (a shared or counted name, or a queue): a
-name's value may then be an array of holders with a ``mode`` (and a ``limit``), and ``queue``
-lists the waiters. A document goes back to format 1 once its queue is empty and no name is
-shared, so the one-statement fast paths (which take only format 1, see ``store/sql``) never
-overtake a queue, and an older tasklocks refuses a format-2 document instead of misreading it.
-
-Format 3, the compact one, is written by the stores that say so (``Store.compact``: SQLite). It
-keeps who holds a lease once, in ``procs``, and per name only the lease and the token::
+The stored JSON is format 3, the compact one. It keeps who holds a lease once, in ``procs``, and
+per name only the lease and the token::
 
     {"format":3,"procs":{"9f2c...":["task:12",4711,"...",...]},
      "locks":{"backup":["9f2c...",7],"apps":[["9f2c...",7,3],["51ab...",9,3]]},"queue":[...]}
@@ -25,8 +14,15 @@ A record lists owner, pid, start, boot, host, pidns, pgid, since, note and sessi
 the lease (an eleventh item names the lease when two records of one lease differ, which only a
 hand-made document has). A name's value is ``[lease, token]`` (held exclusively) or a list of
 ``[lease, token, limit]`` (shared; ``limit`` null when not counted). ``queue``, when not empty,
-holds format 2's waiters. An entry costs about 30 bytes plus its name (format 1: about 270), so a
-change of a big namespace writes a fraction of it. Older versions refuse format 3 by its number.
+lists the waiters. An entry costs about 30 bytes plus its name (format 1: about 270), so a change
+of a big namespace writes a fraction of it. The one-statement fast paths (``store/sql``) take
+only a document without a queue or a shared name, so they never overtake a queue.
+
+Earlier releases wrote formats 1 and 2, which are still read (and written by ``encode`` without
+``compact``, for tests): format 1 maps each name to its one exclusive holder with every field
+(``{"format":1,"locks":{"backup":{"owner":"task:12","pid":4711,...,"token":7,...}}}``), format 2
+adds holders with a ``mode`` (and a ``limit``) and the ``queue``. A release that reads only those
+refuses format 3 by its number ("upgrade tasklocks") instead of misreading it.
 """
 
 from __future__ import annotations
@@ -52,7 +48,7 @@ __all__ = [
     "Waiter",
     "Want",
     "as_doc",
-    "claim_json",
+    "claim_record",
     "decode",
     "encode",
     "holder_to_json",
@@ -237,9 +233,14 @@ class LockDoc(Mapping[str, Holder]):
         return next((w for w in self.queue if w.lease == lease), None)
 
     @property
+    def plain(self) -> bool:
+        """No queue and nothing shared: what the one-statement fast paths take."""
+        return not self.queue and not self._wide
+
+    @property
     def format(self) -> int:
-        """The format this document is stored in: 1 unless it needs 2."""
-        return 2 if self.queue or self._wide else 1
+        """The older format that holds this document: 1 if it is plain, else 2."""
+        return 1 if self.plain else 2
 
     def parts(self) -> dict[str, str]:
         """Each name's encoded ``"name":...`` text (computed once per name)."""
@@ -423,12 +424,10 @@ def waiter_to_json(waiter: Waiter) -> dict[str, Any]:
     return out
 
 
-def claim_json(claimant: Claimant, since: float) -> str:
-    """An exclusive entry for ``claimant`` without its token, for a database that adds the token
-    itself (the new version) in a one-statement acquisition."""
-    entry = holder_to_json(claimant.holder(since, 0))
-    del entry["token"]
-    return _dumps(entry)
+def claim_record(claimant: Claimant, since: float) -> str:
+    """The format-3 record of ``claimant``'s lease (a JSON array), for a database that writes an
+    exclusive acquisition in one statement (adding ``[lease, token]`` under each name)."""
+    return _dumps(_ident(claimant.holder(since, 0)))
 
 
 def _fragment(name: str, holders: Holders) -> str:

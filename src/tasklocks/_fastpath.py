@@ -38,8 +38,8 @@ class FastPath:
         path. :raises OutcomeUnknown: the reply was lost (the entry may have been written)."""
         if not self._fits(seen):
             return None
-        entry = _core.claim_json(claimant, time.time())
-        return self.store.fast_acquire(self.namespace, names, entry)
+        record = _core.claim_record(claimant, time.time())
+        return self.store.fast_acquire(self.namespace, names, claimant.lease, record)
 
     def release(
         self, names: tuple[str, ...], lease: str, seen: Snapshot | None

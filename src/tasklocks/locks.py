@@ -219,7 +219,7 @@ class LockTable:
         self._owns_store = owns_store
         self._snap: Snapshot | None = None
         self._doc: LockDoc = _core.EMPTY
-        self._encoder = _core.Encoder(compact=store.compact)
+        self._encoder = _core.Encoder(compact=True)
         self._fast = FastPath(store, self.namespace) if isinstance(store, FastPaths) else None
         self.local_db = store.local  # a local database (SQLite) proves more: see owner.py
         self._waker = Waker(f"{store.url}|{store.table}|{self.namespace}")
@@ -501,7 +501,7 @@ class LockTable:
                         ),
                     )
                 token = None
-                if fast and self._doc.format == 1 and claimant.lease not in self._queued:
+                if fast and self._doc.plain and claimant.lease not in self._queued:
                     token = self._fast_acquire(tuple(w.name for w in wanted), claimant)
                 if token is None:
                     token = self._queue_up(wanted, claimant, waiting)
@@ -854,7 +854,7 @@ def give_back(store: Store, namespace: str, lease: str) -> None:
         if new is doc:
             return None
         new, _, _ = _core.promote(new, version=snap.version, now=time.time())
-        return _core.encode(new, compact=store.compact), True
+        return _core.encode(new, compact=True), True
 
     store.transact(namespace, compute, None)
 

@@ -27,6 +27,11 @@ def _check(kind: str, value: object) -> str:
     return value
 
 
+def is_name(value: str) -> bool:
+    """Is ``value`` a valid lock name (letters, digits and ``._:/@-``, 1 to 200 of them)?"""
+    return _NAME.fullmatch(value) is not None
+
+
 def validate_name(name: object) -> str:
     """Return ``name`` if it is a valid lock name, else raise :class:`BadLockName`."""
     return _check("lock name", name)

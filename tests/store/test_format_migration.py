@@ -1,10 +1,9 @@
 """The move to the compact document format 3 (issue 10), while the previous release still runs.
 
-SQLite writes format 3 from this version on; the servers still write formats 1 and 2 (their
-one-statement fast paths edit those in SQL) and read format 3. A process of the previous release
-(its ``src/``, taken from git at ``BEFORE_FORMAT_3``) runs beside this one on the same table: it
-must never grant a lock the new document does not show, must fail clearly on its next call, and
-its held lock must stay held until it is gone.
+Every backend writes format 3 from this version on and still reads formats 1 and 2. A process of
+the previous release (its ``src/``, taken from git at ``BEFORE_FORMAT_3``) runs beside this one on
+the same table: it must never grant a lock the new document does not show, must fail clearly on
+its next call, and its held lock must stay held until it is gone.
 """
 
 from __future__ import annotations
@@ -22,11 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import raw_sql
 
 import tasklocks
 from tasklocks.errors import LockHeld
-from tasklocks.store import DEFAULT_TABLE
 
 BEFORE_FORMAT_3 = "29f5ff19ebbc7ee2dde204507e2eeaf8ad1859f5"  # stop 13: formats 1 and 2 only
 REPO = Path(__file__).resolve().parents[2]
@@ -119,37 +116,29 @@ def old(old_src: Path, db_url: str, namespace: str) -> Iterator[Old]:
         process.kill()
 
 
-def _format(url: str, namespace: str, table: tasklocks.LockTable) -> int:
+def _format(table: tasklocks.LockTable) -> int:
     return int(json.loads(table.raw().data)["format"])
 
 
 def test_the_previous_release_beside_this_one(old: Old, db_url: str, namespace: str) -> None:
     assert "token" in old("acquire", "kept")
     with tasklocks.connect(db_url, namespace=namespace) as table:
-        assert _format(db_url, namespace, table) == 1  # what the old release wrote
+        assert _format(table) == 1  # what the old release wrote
         assert [(e.name, e.holder.owner) for e in table.held()] == [("kept", "task:old")]
         with pytest.raises(LockHeld):
             table.acquire("kept", owner="task:new")
         mine = table.acquire("mine", owner="task:new")
-        if not table.store.compact:
-            # A server writes format 1 still: the two releases work side by side.
-            assert _format(db_url, namespace, table) == 1
-            assert old("held") == {"held": ["kept", "mine"]}
-            assert old("acquire", "mine").get("error") == "LockHeld"
-            assert old("release", "kept") == {"released": "kept"}
-            assert "token" in old("acquire", "kept")
-        else:
-            assert _format(db_url, namespace, table) == 3
-            before = table.raw()
-            # The old release fails clearly, and writes nothing.
-            for verb, name in [("acquire", "other"), ("acquire", "mine"), ("release", "kept")]:
-                answer = old(verb, name)
-                assert answer.get("error") == "CorruptLockTable", answer
-                assert (
-                    "format 3 was written by a newer tasklocks; upgrade tasklocks"
-                    in (answer["message"])
-                )
-            assert table.raw() == before
+        assert _format(table) == 3
+        before = table.raw()
+        # The old release fails clearly, and writes nothing.
+        for verb, name in [("acquire", "other"), ("acquire", "mine"), ("release", "kept")]:
+            answer = old(verb, name)
+            assert answer.get("error") == "CorruptLockTable", answer
+            assert (
+                "format 3 was written by a newer tasklocks; upgrade tasklocks"
+                in (answer["message"])
+            )
+        assert table.raw() == before
         # Its lock stays held while it lives, and is reclaimed by proof once it is gone.
         with pytest.raises(LockHeld):
             table.acquire("kept", owner="task:new")
@@ -159,30 +148,21 @@ def test_the_previous_release_beside_this_one(old: Old, db_url: str, namespace: 
         assert sorted(e.name for e in table.held()) == ["mine"]
 
 
-def test_a_format_3_document_is_read_and_changed_by_every_backend(
-    db_url: str, namespace: str
+def test_a_namespace_the_previous_release_left_is_taken_over(
+    old_src: Path, db_url: str, namespace: str
 ) -> None:
-    """A document in format 3 (as SQLite writes it) is read by each backend's full path; a
-    server goes on in the format its fast paths edit."""
+    """A document in format 1 or 2, as the previous release left it, is read, and the first
+    change writes it in format 3 (on the servers, the fast paths then apply)."""
+    old = Old(old_src, db_url, namespace)
+    try:
+        assert "token" in old("acquire", "a")
+        assert "token" in old("acquire", "b")
+        assert old("release", "b") == {"released": "b"}
+    finally:
+        old.kill()  # its lock of a is reclaimed by proof
     with tasklocks.connect(db_url, namespace=namespace) as table:
-        lease = table.acquire("a", "b", owner="task:1")
-        shared = table.acquire("db", owner="task:2", shared=True, limit=2)
-        doc = table.store.read(namespace)
-        from tasklocks._core import decode, encode
-
-        text = encode(decode(doc.data, namespace), compact=True)
-        if not table.store.compact:
-            sql = f"UPDATE {DEFAULT_TABLE} SET data = %s, version = version + 1"
-            assert raw_sql(db_url, sql + " WHERE namespace = %s", (text, namespace)) == 1
-        assert json.loads(table.raw().data)["format"] == 3
-        held = {(e.name, e.holder.owner, e.holder.token) for e in table.held()}
-        assert held == {
-            ("a", "task:1", lease.token),
-            ("b", "task:1", lease.token),
-            ("db", "task:2", shared.token),
-        }
-        lease.release()
-        assert {e.name for e in table.held()} == {"db"}
-        assert json.loads(table.raw().data)["format"] == (3 if table.store.compact else 2)
-        shared.release()
-        assert table.held() == []
+        assert _format(table) == 1
+        with table.acquire("a", "b", owner="task:new"):
+            assert _format(table) == 3
+            assert sorted(e.name for e in table.held()) == ["a", "b"]
+        assert json.loads(table.raw().data) == {"format": 3, "procs": {}, "locks": {}}

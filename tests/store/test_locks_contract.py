@@ -704,7 +704,6 @@ class LosingStore:
     def __init__(self, inner: Store) -> None:
         self.inner = inner
         self.url, self.table, self.local = inner.url, inner.table, inner.local
-        self.compact = inner.compact
         self.lose = 0
         self.before = False
         self.lost = 0
@@ -895,8 +894,10 @@ class LosingFastStore:
         result: int | None = method(*args)
         return result
 
-    def fast_acquire(self, namespace: str, names: tuple[str, ...], entry: str) -> int | None:
-        return self._maybe_lose("fast_acquire", namespace, names, entry)
+    def fast_acquire(
+        self, namespace: str, names: tuple[str, ...], lease: str, record: str
+    ) -> int | None:
+        return self._maybe_lose("fast_acquire", namespace, names, lease, record)
 
     def fast_release(self, namespace: str, names: tuple[str, ...], lease: str) -> int | None:
         return self._maybe_lose("fast_release", namespace, names, lease)

@@ -229,7 +229,6 @@ class FlakyStore:
     def __init__(self, inner: Store) -> None:
         self.inner = inner
         self.url, self.table, self.local = inner.url, inner.table, inner.local
-        self.compact = inner.compact
         self.lose_next_write = False
         self.down = False
 

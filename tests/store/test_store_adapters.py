@@ -722,24 +722,14 @@ def test_threads_with_their_own_wake_fds_wake_one_by_one(server: str, namespace:
 FAST_NAMES = ("app_task:blog", "a/b@c.d-e", "x.y", "Z-9")
 
 
-def _entry(lease: str, note: str | None = "n") -> str:
-    """An entry as ``_core.claim_json`` makes it: every field but the token."""
-    return json.dumps(
-        {
-            "owner": "pid:123@host",
-            "pid": 123,
-            "start": "4567",
-            "boot": "b00t",
-            "host": "host",
-            "pidns": None,
-            "pgid": 123,
-            "since": 1712345678.125,
-            "lease": lease,
-            "note": note,
-        },
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
+def _record(note: str | None = "n", session: str | None = None) -> list[Any]:
+    """A lease's record as ``_doc.claim_record`` makes it (format 3)."""
+    return ["pid:123@host", 123, "4567", "b00t", "host", None, 123, 1712345678.125, note, session]
+
+
+def _entry(lease: str, note: str | None = "n") -> tuple[str, str]:
+    """What fast_acquire takes: the lease, and its record's JSON."""
+    return lease, json.dumps(_record(note), ensure_ascii=False, separators=(",", ":"))
 
 
 @pytest.fixture
@@ -765,8 +755,8 @@ def test_fast_acquire_adds_the_entry_with_the_new_version_as_token(
     fast: Any, namespace: str
 ) -> None:
     tricky = "ü 漢 😀 \"dq\" 'q' back\\slash \n %s %% {}"
-    assert fast.fast_acquire(namespace, ["one"], _entry("L1", note=tricky)) == 2
-    assert fast.fast_acquire(namespace, list(FAST_NAMES), _entry("L2")) == 3
+    assert fast.fast_acquire(namespace, ["one"], *_entry("L1", note=tricky)) == 2
+    assert fast.fast_acquire(namespace, list(FAST_NAMES), *_entry("L2")) == 3
     snap = fast.read(namespace)
     assert snap.version == 3
     locks = _locks(fast, namespace)
@@ -775,30 +765,32 @@ def test_fast_acquire_adds_the_entry_with_the_new_version_as_token(
     assert (one.token, one.lease, one.note, one.pid, one.pidns) == (2, "L1", tricky, 123, None)
     assert one.since == 1712345678.125
     assert {locks[n].token for n in FAST_NAMES} == {3}
-    # The full path goes on from what the database wrote.
     doc = json.loads(snap.data)
-    del doc["locks"]["one"]
+    assert doc["format"] == 3 and sorted(doc["procs"]) == ["L1", "L2"]
+    assert doc["locks"]["one"] == ["L1", 2] and doc["procs"]["L1"] == _record(tricky)
+    # The full path goes on from what the database wrote.
+    del doc["locks"]["one"], doc["procs"]["L1"]
     after = fast.transact(namespace, lambda s: (json.dumps(doc), False), snap)
     assert after.version == 4
     assert sorted(_locks(fast, namespace)) == sorted(FAST_NAMES)
 
 
 def test_fast_acquire_of_a_held_name_writes_nothing(fast: Any, namespace: str) -> None:
-    assert fast.fast_acquire(namespace, ["a"], _entry("L1")) == 2
+    assert fast.fast_acquire(namespace, ["a"], *_entry("L1")) == 2
     before = fast.read(namespace)
-    assert fast.fast_acquire(namespace, ["a"], _entry("L2")) is None
+    assert fast.fast_acquire(namespace, ["a"], *_entry("L2")) is None
     # All or nothing: one held name among free ones.
-    assert fast.fast_acquire(namespace, ["b", "a", "c"], _entry("L2")) is None
+    assert fast.fast_acquire(namespace, ["b", "a", "c"], *_entry("L2")) is None
     assert fast.read(namespace) == before
     assert sorted(_locks(fast, namespace)) == ["a"]
     # Repeated names count once.
-    assert fast.fast_acquire(namespace, ["b", "b"], _entry("L3")) == 3
+    assert fast.fast_acquire(namespace, ["b", "b"], *_entry("L3")) == 3
     assert sorted(_locks(fast, namespace)) == ["a", "b"]
 
 
 def test_fast_release_removes_all_or_nothing(fast: Any, namespace: str) -> None:
-    assert fast.fast_acquire(namespace, ["a", "b:c", "d/e"], _entry("Lease-1")) == 2
-    assert fast.fast_acquire(namespace, ["keep"], _entry("Lease-2")) == 3
+    assert fast.fast_acquire(namespace, ["a", "b:c", "d/e"], *_entry("Lease-1")) == 2
+    assert fast.fast_acquire(namespace, ["keep"], *_entry("Lease-2")) == 3
     before = fast.read(namespace)
     for names, lease in [
         (["a"], "lease-1"),  # compared exactly: no case folding
@@ -812,9 +804,13 @@ def test_fast_release_removes_all_or_nothing(fast: Any, namespace: str) -> None:
         assert fast.read(namespace) == before
     assert fast.fast_release(namespace, ["d/e", "a"], "Lease-1") == 4
     assert sorted(_locks(fast, namespace)) == ["b:c", "keep"]
+    procs = json.loads(fast.read(namespace).data)["procs"]
+    assert sorted(procs) == ["Lease-1", "Lease-2"]  # Lease-1 still holds b:c
     assert fast.fast_release(namespace, ["b:c"], "Lease-1") == 5
+    assert sorted(json.loads(fast.read(namespace).data)["procs"]) == ["Lease-2"]
     assert fast.fast_release(namespace, ["keep"], "Lease-2") == 6
     assert _locks(fast, namespace) == {}
+    assert json.loads(fast.read(namespace).data) == {"format": 3, "procs": {}, "locks": {}}
     assert fast.read(namespace).version == 6
 
 
@@ -824,7 +820,7 @@ def test_fast_release_reading_returns_the_row_it_read_in_the_same_round_trip(
     """The release, then a read of the row (a pipeline on PostgreSQL, one multi-statement
     query on MariaDB): a release that did not apply (the document has a queue, say) hands the
     full path a current snapshot instead of costing it another round trip."""
-    assert fast.fast_acquire(namespace, ["a"], _entry("Lease-1")) == 2
+    assert fast.fast_acquire(namespace, ["a"], *_entry("Lease-1")) == 2
     version, seen = fast.fast_release_reading(namespace, ["a"], "Lease-2")
     assert version is None
     now = fast.read(namespace)
@@ -839,24 +835,42 @@ def test_fast_release_reading_returns_the_row_it_read_in_the_same_round_trip(
     assert fast.fast_release_reading(namespace, ["a"], "Lease-1")[0] is None
 
 
+def _doc3(procs: object, locks: object, **more: object) -> str:
+    return json.dumps({"format": 3, "procs": procs, "locks": locks, **more})
+
+
+R = _record()
 BAD_DOCUMENTS = [
-    '{"format":2,"locks":{}}',
-    '{"format":"1","locks":{}}',
-    '{"format":1.0,"locks":{}}',
-    '{"locks":{}}',
-    '{"format":1,"locks":[]}',
-    '{"format":1,"locks":{"a":{"lease":"L"}}} trailing',
-    '{"format":1,"locks":{"a":{"lease":"L"}}',
+    '{"format":1,"locks":{}}',  # an older format: the full path rewrites it
+    '{"format":2,"locks":{},"queue":[]}',
+    '{"format":"3","procs":{},"locks":{}}',
+    '{"format":3.0,"procs":{},"locks":{}}',
+    '{"procs":{},"locks":{}}',
+    '{"format":3,"locks":{}}',
+    '{"format":3,"procs":[],"locks":{}}',
+    '{"format":3,"procs":{},"locks":[]}',
+    '{"format":3,"procs":{},"locks":{"a":["L",1]}} trailing',
+    '{"format":3,"procs":{},"locks":{"a":["L",1]}',
     "not json at all",
     "[1]",
     "",
-    # Bad entries (as _core.decode judges them) stop the fast paths too.
-    '{"format":1,"locks":{"a":{"owner":12,"lease":"L"}}}',
-    '{"format":1,"locks":{"x":5}}',
-    '{"format":1,"locks":{"a":'
-    + _entry("L").replace('"pid":123', '"pid":1.5')[:-1]
-    + ',"token":2}}}',
-    '{"format":1,"locks":{"a":' + _entry("L") + "}}",  # no token
+    # A queue, or a shared name, is the full path's.
+    _doc3({"L": R}, {"a": ["L", 1]}, queue=[{"owner": "o"}]),
+    _doc3({"L": R}, {"a": ["L", 1], "s": [["L", 1, None]]}),
+    # Bad entries and records (as _doc.decode judges them) stop the fast paths too.
+    _doc3({"L": R}, {"a": ["L", 1, 2]}),
+    _doc3({"L": R}, {"a": ["L", "1"]}),
+    _doc3({"L": R}, {"a": ["L", 1.5]}),
+    _doc3({"L": R}, {"a": [7, 1]}),
+    _doc3({"L": R}, {"a": {"lease": "L"}}),
+    _doc3({"L": R}, {"x": 5}),
+    _doc3({"L": R[:9]}, {"a": ["L", 1]}),
+    _doc3({"L": [*R, "L"]}, {"a": ["L", 1]}),
+    _doc3({"L": [12, *R[1:]]}, {"a": ["L", 1]}),
+    _doc3({"L": [R[0], 1.5, *R[2:]]}, {"a": ["L", 1]}),
+    _doc3({"L": [*R[:7], "soon", *R[8:]]}, {"a": ["L", 1]}),
+    _doc3({"L": [*R[:9], 5]}, {"a": ["L", 1]}),
+    _doc3({"L": {"owner": "o"}}, {"a": ["L", 1]}),
 ]
 
 
@@ -867,27 +881,61 @@ def test_fast_paths_never_overwrite_a_document_they_do_not_understand(
     """Both adapters answer None (the full path then reports the document): no StoreError."""
     raw_sql(server, f"UPDATE {DEFAULT_TABLE} SET data = %s WHERE namespace = %s", (text, namespace))
     before = fast.read(namespace)
-    assert fast.fast_acquire(namespace, ["b"], _entry("L")) is None
+    assert fast.fast_acquire(namespace, ["b"], *_entry("L")) is None
     assert fast.fast_release(namespace, ["a"], "L") is None
     assert fast.read(namespace) == before
+
+
+GOOD_DOCUMENTS = [
+    _doc3({"L": R}, {"a": ["L", 1]}),
+    _doc3({"L": R, "M": _record(None, "sess-1")}, {"a": ["L", 1], "b": ["M", -2]}, queue=[]),
+    _doc3({"L": [R[0], None, None, None, *R[4:7], 5, *R[8:]]}, {"a": ["L", 1]}),
+    _doc3({"L": R, "unused": R}, {"a": ["L", 1]}),
+]
+
+
+@pytest.mark.parametrize("text", GOOD_DOCUMENTS)
+def test_fast_paths_take_every_valid_document(
+    fast: Any, server: str, namespace: str, text: str
+) -> None:
+    """The counterpart of the bad documents: the checks refuse only what decode refuses."""
+    raw_sql(server, f"UPDATE {DEFAULT_TABLE} SET data = %s WHERE namespace = %s", (text, namespace))
+    before = fast.read(namespace).version
+    assert fast.fast_acquire(namespace, ["z"], *_entry("N")) == before + 1
+    assert fast.fast_release(namespace, ["a"], "L") == before + 2
+    locks = _locks(fast, namespace)
+    assert sorted(locks) == sorted({"z", *json.loads(text)["locks"]} - {"a"})
 
 
 def test_fast_paths_on_a_missing_row_write_nothing(server: str, namespace: str) -> None:
     store = _server_store(server)
     try:
-        assert store.fast_acquire(namespace, ["a"], _entry("L")) is None
+        assert store.fast_acquire(namespace, ["a"], *_entry("L")) is None
         assert store.fast_release(namespace, ["a"], "L") is None
         assert store.namespaces().count(namespace) == 0
     finally:
         store.close()
 
 
-@pytest.mark.parametrize("entry", ["[1, 2]", '"text"', "not json", ""])
-def test_fast_acquire_refuses_an_entry_that_is_not_a_json_object(
-    fast: Any, namespace: str, entry: str
+@pytest.mark.parametrize("record", ['{"owner": "o"}', '"text"', "null", "not json", ""])
+def test_fast_acquire_refuses_a_record_that_is_not_a_json_array(
+    fast: Any, namespace: str, record: str
 ) -> None:
     before = fast.read(namespace)
-    assert fast.fast_acquire(namespace, ["a"], entry) is None
+    assert fast.fast_acquire(namespace, ["a"], "L", record) is None
+    assert fast.read(namespace) == before
+
+
+@pytest.mark.parametrize("lease", ["it's", 'a"b', "back\\slash", "sp ace", ""])
+def test_fast_paths_leave_a_lease_that_is_no_plain_name_to_the_full_path(
+    fast: Any, namespace: str, lease: str
+) -> None:
+    """The lease is a key of procs, written as a JSON path on MariaDB: tasklocks' own leases are
+    hex; any other one is written by the full path (None here, and nothing written)."""
+    before = fast.read(namespace)
+    assert fast.fast_acquire(namespace, ["a"], *_entry(lease)) is None
+    assert fast.fast_release(namespace, ["a"], lease) is None
+    assert fast.fast_release_reading(namespace, ["a"], lease) == (None, None)
     assert fast.read(namespace) == before
 
 
@@ -896,7 +944,7 @@ def test_fast_paths_check_the_names(fast: Any, namespace: str, names: list[str])
     from tasklocks.errors import BadLockName
 
     with pytest.raises((ValueError, BadLockName)):
-        fast.fast_acquire(namespace, names, _entry("L"))
+        fast.fast_acquire(namespace, names, *_entry("L"))
     with pytest.raises((ValueError, BadLockName)):
         fast.fast_release(namespace, names, "L")
 
@@ -910,9 +958,10 @@ def test_fast_paths_under_no_backslash_escapes(namespace: str) -> None:
         with store._conn.cursor() as cur:  # white-box: this session only
             cur.execute("SET SESSION sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES')")
         note = "back\\slash 'q' \"dq\" \n"
-        assert store.fast_acquire(namespace, ["a"], _entry("it's\\", note=note)) == 1
+        assert store.fast_acquire(namespace, ["a"], *_entry("L-1", note=note)) == 1
         assert _locks(store, namespace)["a"].note == note
-        assert store.fast_release(namespace, ["a"], "it's\\") == 2
+        assert store.fast_release(namespace, ["a"], "L-1") == 2
+        assert json.loads(store.read(namespace).data) == {"format": 3, "procs": {}, "locks": {}}
     finally:
         store.close()
         raw_sql(url, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
@@ -931,13 +980,13 @@ def test_concurrent_fast_acquire_and_release_lose_nothing(
         versions: list[int] = []
         try:
             # A lock kept throughout: a lost update would drop it.
-            kept = store.fast_acquire(namespace, [f"kept-{i}"], _entry(f"K{i}"))
+            kept = store.fast_acquire(namespace, [f"kept-{i}"], *_entry(f"K{i}"))
             if kept is None:
                 failures.append(f"thread {i}: kept lock refused")
                 return
             versions.append(kept)
             for r in range(rounds):
-                got = store.fast_acquire(namespace, [f"w-{i}", f"w-{i}.x"], _entry(f"L{i}.{r}"))
+                got = store.fast_acquire(namespace, [f"w-{i}", f"w-{i}.x"], *_entry(f"L{i}.{r}"))
                 if got is None:
                     failures.append(f"thread {i}: acquire {r} refused")
                     return
@@ -969,7 +1018,7 @@ def test_concurrent_fast_acquire_and_release_lose_nothing(
 def test_fast_release_wakes_waiters(fast: Any, server: str, namespace: str) -> None:
     waiter = _server_store(server)
     try:
-        assert fast.fast_acquire(namespace, ["a"], _entry("L")) == 2
+        assert fast.fast_acquire(namespace, ["a"], *_entry("L")) == 2
         # No acquisition to wait behind: the version alone would be noticed by a re-check
         # only after RECHECK (1 s) on PostgreSQL, so a prompt return means a notification.
         woke: list[float] = []
@@ -999,7 +1048,7 @@ def test_racing_fast_acquires_of_one_name_have_one_winner(
     def race(i: int, round_: int) -> None:
         barrier.wait()
         results[i] = racers[i].fast_acquire(
-            namespace, ["one", f"own-{round_}-{i}"], _entry(f"L{i}")
+            namespace, ["one", f"own-{round_}-{i}"], *_entry(f"L{i}")
         )
 
     try:

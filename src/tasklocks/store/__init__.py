@@ -54,7 +54,6 @@ class Store(Protocol):
     url: str  # for messages, without a password
     table: str  # the lock table's name
     local: bool  # every holder runs on this machine (SQLite): see owner.process_liveness
-    compact: bool  # documents are written in the compact format 3 (see tasklocks._doc)
 
     def read(self, namespace: str) -> Snapshot:
         """The current row (created empty, version 0, on first use)."""
@@ -104,13 +103,17 @@ class FastPaths(Protocol):
     statement alone. Both write nothing and return None when their condition does not hold, and
     raise :class:`OutcomeUnknown` if the connection failed after the statement was sent."""
 
-    def fast_acquire(self, namespace: str, names: Sequence[str], entry: str) -> int | None:
-        """If the document is valid and none of ``names`` is held, add ``entry`` (a JSON object
-        without "token") under every name, "token" set to the new version; that version."""
+    def fast_acquire(
+        self, namespace: str, names: Sequence[str], lease: str, record: str
+    ) -> int | None:
+        """If the document is a valid format-3 one without a queue and none of ``names`` is
+        held, add the lease's ``record`` (its JSON array, see ``tasklocks._doc``) and
+        ``[lease, token]`` under every name, the token being the new version; that version."""
 
     def fast_release(self, namespace: str, names: Sequence[str], lease: str) -> int | None:
-        """If the document is valid and every one of ``names`` is held under ``lease``, remove
-        them all and wake waiters; the new version."""
+        """If the document is a valid format-3 one without a queue and every one of ``names``
+        is held under ``lease``, remove them all (and the lease's record with its last entry)
+        and wake waiters; the new version."""
 
     def fast_release_reading(
         self, namespace: str, names: Sequence[str], lease: str

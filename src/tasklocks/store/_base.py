@@ -28,7 +28,7 @@ from tasklocks.errors import StoreError, StoreUnavailable
 
 T = TypeVar("T")
 SCHEMA_VERSION = 1
-EMPTY_DOCUMENT = '{"format":1,"locks":{}}'
+EMPTY_DOCUMENT = '{"format":3,"procs":{},"locks":{}}'  # encode(EMPTY, compact=True)
 # One-statement changes (FastPaths) make the server parse the whole document; past this size the
 # client's path, which re-encodes only what changed, is cheaper.
 FAST_MAX_BYTES = 64 * 1024
@@ -112,9 +112,6 @@ class SQLStore(ABC):
     url: str  # for messages, without a password
     table: str
     local: bool  # every holder runs on this machine (see owner.process_liveness)
-    # Documents are written in the compact format 3. Not yet on the servers: their one-statement
-    # fast paths (store/sql) edit format 1 in SQL.
-    compact = False
     _where: str  # the database, for messages
     _driver_errors: tuple[type[BaseException], ...]  # every error the driver raises
     _parsed: ParsedURL

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TypeVar
 from tasklocks._clock import clock, pause
 from tasklocks._url import ParsedURL
 from tasklocks.errors import StoreError, StoreUnavailable, StoreUnreachable
-from tasklocks.names import validate_name
+from tasklocks.names import is_name, validate_name
 from tasklocks.store._base import (
     FAST_MAX_BYTES,
     Call,
@@ -39,10 +39,10 @@ RETRIES = 20  # deadlocks, or concurrent schema creation, retried this many time
 RECONNECT_TIMEOUT = 5.0  # seconds a call keeps trying to reach the server
 CONNECT_TIMEOUT = 5  # seconds one connection attempt may take (the URL's connect_timeout=)
 IO_TIMEOUT = 30.0  # seconds a connection may stay silent while a statement runs
-# The fields of a stored entry and their JSON types, as _core.decode checks them (an absent
-# nullable field reads as null there too): the fast paths check every entry the same way.
+# The fields of a lease's record in a format-3 document, in order, and their JSON types, as
+# _doc.decode checks them: the fast paths check every record the same way.
 _FIELDS = "owner:str pid:int? start:str? boot:str? host:str pidns:str? pgid:int? since:num"
-ENTRY_FIELDS = [f.split(":") for f in (_FIELDS + " token:int lease:str note:str?").split()]
+RECORD_FIELDS = [f.split(":") for f in (_FIELDS + " note:str? session:str?").split()]
 
 
 class Lost(StoreUnreachable):
@@ -54,13 +54,14 @@ class Retry(StoreError):
 
 
 def entries_check(sql: Mapping[str, str]) -> str:
-    """The dialect's ``entries`` condition, one test per field of :data:`ENTRY_FIELDS` made of its
-    ``entry_<kind>`` fragments (and ``entry_column`` declarations, where it has them)."""
+    """The dialect's ``entries`` condition, one test per field of :data:`RECORD_FIELDS` (``{i}``:
+    its place in the record) made of its ``entry_<kind>`` fragments (and ``entry_column``
+    declarations, where it has them)."""
     tests, columns = [], []
-    for name, kind in ENTRY_FIELDS:
-        test = fill(sql["entry_" + kind.rstrip("?")], f=name)
-        tests.append(fill(sql["entry_nullable"], f=name, test=test) if "?" in kind else test)
-        columns.append(fill(sql.get("entry_column", ""), f=name))
+    for i, (_, kind) in enumerate(RECORD_FIELDS):
+        test = fill(sql["entry_" + kind.rstrip("?")], i=i)
+        tests.append(fill(sql["entry_nullable"], i=i, test=test) if "?" in kind else test)
+        columns.append(fill(sql.get("entry_column", ""), i=i))
     return fill(sql["entries"], tests=" AND ".join(tests), columns=", ".join(columns))
 
 
@@ -70,6 +71,12 @@ def fast_names(names: Sequence[str]) -> list[str]:
     if not unique:
         raise ValueError("no lock names given")
     return unique
+
+
+def plain_lease(lease: str) -> bool:
+    """Can ``lease`` be a JSON path's key as it is (tasklocks' own leases are hex)? Another one
+    takes the full path."""
+    return is_name(lease)
 
 
 class ServerStore(SQLStore):
@@ -140,9 +147,11 @@ class ServerStore(SQLStore):
         return StoreError(f"{self.LABEL} at {self._where} failed: {exc}")
 
     @abstractmethod
-    def _fast_statement(self, acquire: bool, namespace: str, names: list[str], arg: str) -> Any:
-        """The statement and parameters of fast_acquire (arg: the entry) or fast_release (arg:
-        the lease)."""
+    def _fast_statement(
+        self, acquire: bool, namespace: str, names: list[str], lease: str, record: str = ""
+    ) -> Any:
+        """The statement and parameters of fast_acquire (with the lease's record) or
+        fast_release."""
 
     @abstractmethod
     def _fast_version(self, cursor: Any) -> int | None:
@@ -272,17 +281,27 @@ class ServerStore(SQLStore):
 
     # --- FastPaths ------------------------------------------------------------------------------
 
-    def fast_acquire(self, namespace: str, names: Sequence[str], entry: str) -> int | None:
-        return self._fast(self._fast_statement(True, namespace, fast_names(names), entry))[0]
+    def fast_acquire(
+        self, namespace: str, names: Sequence[str], lease: str, record: str
+    ) -> int | None:
+        unique = fast_names(names)
+        if not plain_lease(lease):
+            return None
+        return self._fast(self._fast_statement(True, namespace, unique, lease, record))[0]
 
     def fast_release(self, namespace: str, names: Sequence[str], lease: str) -> int | None:
-        return self._fast(self._fast_statement(False, namespace, fast_names(names), lease))[0]
+        unique = fast_names(names)
+        if not plain_lease(lease):
+            return None
+        return self._fast(self._fast_statement(False, namespace, unique, lease))[0]
 
     def fast_release_reading(
         self, namespace: str, names: Sequence[str], lease: str
     ) -> tuple[int | None, Snapshot | None]:
-        statement = self._fast_statement(False, namespace, fast_names(names), lease)
-        return self._fast(statement, read=namespace)
+        unique = fast_names(names)
+        if not plain_lease(lease):
+            return None, None
+        return self._fast(self._fast_statement(False, namespace, unique, lease), read=namespace)
 
     @abstractmethod
     def _fast_then_read(

@@ -209,15 +209,21 @@ class MySQLStore(ServerStore):
         quoted = (_quote(conn, change[0]), conn.escape(namespace), int(version))
         self._execute(conn, self._sql["update_commit"] % quoted).nextset()
 
-    def _fast_statement(self, acquire: bool, namespace: str, names: list[str], arg: str) -> Any:
-        paths = ['$.locks."' + name + '"' for name in names]  # names are checked: no quotes
+    def _fast_statement(
+        self, acquire: bool, namespace: str, names: list[str], lease: str, record: str = ""
+    ) -> Any:
+        # Names and the lease are checked (plain names): no quotes in a path.
+        paths = ['$.locks."' + name + '"' for name in names]
+        proc = '$.procs."' + lease + '"'
         compact = "JSON_COMPACT" if self._mariadb else ""  # MariaDB's JSON_SET adds spaces
         fills = {"compact": compact, "paths": ", %s" * len(names)}
         if acquire:
             sql = fill(self._sql["fast_acquire"], sets=self._sql["fast_set"] * len(names), **fills)
-            return sql, [*(v for path in paths for v in (path, arg)), namespace, *paths, arg]
+            sets = (v for path in paths for v in (path, lease))
+            return sql, [proc, record, *sets, namespace, *paths, record]
         sql = fill(self._sql["fast_release"], leases=self._sql["fast_lease"] * len(names), **fills)
-        return sql, [*paths, namespace, *(v for path in paths for v in (path + ".lease", arg))]
+        tests = (v for path in paths for v in (path + "[0]", lease))
+        return sql, [*paths, lease, *paths, *paths, proc, namespace, *tests]
 
     def _index_sessions(self, conn: Any) -> None:
         if self._mariadb:  # (MySQL gets the index with new tables only)

@@ -186,11 +186,13 @@ class PostgresStore(ServerStore):
             self._update(conn, namespace, version, change)
             conn.execute(self._sql["commit"])
 
-    def _fast_statement(self, acquire: bool, namespace: str, names: list[str], arg: str) -> Any:
+    def _fast_statement(
+        self, acquire: bool, namespace: str, names: list[str], lease: str, record: str = ""
+    ) -> Any:
+        params = {"ns": namespace, "names": names, "lease": lease}
         if acquire:
-            return self._sql["fast_acquire"], {"ns": namespace, "names": names, "entry": arg}
-        params = {"ns": namespace, "names": names, "lease": arg, "channel": self._channel}
-        return self._sql["fast_release"], params
+            return self._sql["fast_acquire"], {**params, "record": record}
+        return self._sql["fast_release"], {**params, "channel": self._channel}
 
     def _fast_then_read(
         self, conn: Any, statement: tuple[str, Any], namespace: str

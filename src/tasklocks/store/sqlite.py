@@ -60,7 +60,6 @@ class SQLiteStore(SQLStore):
     REENTRANT = True
     _driver_errors = (sqlite3.Error,)
     local = True  # every holder runs on this machine (see owner.process_liveness)
-    compact = True  # no fast path edits the document in SQL: the full path writes format 3
     # With a local wake-up channel every release on this host wakes a waiter at once, and
     # polling is a fallback; without one it is the signal, polled briskly (a read is cheap).
     POLL = (0.0005, 0.004, 0.0, 0.004, 0.2, 0.2)

@@ -37,45 +37,64 @@ UPDATE {t} SET data = %s, version = version + 1 WHERE namespace = %s AND version
 UPDATE {t} SET data = %s, version = version + 1
     WHERE namespace = %s AND version = %s AND MD5(data) = %s;
 -- name: fast_acquire
--- One-statement changes (FastPaths), under the row lock of the UPDATE alone. {sets}: a path and
--- a value per name; {paths}: a path per name; {compact}: JSON_COMPACT on MariaDB. SET runs left to
--- right unless MariaDB's SIMULTANEOUS_ASSIGNMENT is set (https://mariadb.com/kb/en/update/): data
--- comes first, so its version + 1 is the new version either way; LAST_INSERT_ID(expr) hands it
--- back in the OK packet (cursor.lastrowid). The entry must be an object: a NULL must never reach
--- the NOT NULL data column.
-UPDATE {t} SET data = {compact}(JSON_SET(data{sets})), version = LAST_INSERT_ID(version + 1)
+-- One-statement changes (FastPaths) of a format-3 document, under the row lock of the UPDATE
+-- alone. {sets}: a path and a value per name; {paths}: a path per name; {compact}: JSON_COMPACT
+-- on MariaDB. The lease's record goes into procs (its path is checked: the lease is a plain
+-- name), and each name gets [lease, token]. SET runs left to right unless MariaDB's
+-- SIMULTANEOUS_ASSIGNMENT is set (https://mariadb.com/kb/en/update/): data comes first, so its
+-- version + 1 is the new version either way; LAST_INSERT_ID(expr) hands it back in the OK
+-- packet (cursor.lastrowid). The record must be an array: a NULL must never reach the NOT NULL
+-- data column.
+UPDATE {t} SET data = {compact}(JSON_SET(data, %s, JSON_EXTRACT(%s, '$'){sets})),
+    version = LAST_INSERT_ID(version + 1)
 WHERE namespace = %s AND LENGTH(data) <= {fast_max} AND {valid}
     AND JSON_CONTAINS_PATH(data, 'one'{paths}) = 0 AND {entries}
-    AND JSON_TYPE(JSON_EXTRACT(%s, '$')) = 'OBJECT';
+    AND JSON_TYPE(JSON_EXTRACT(%s, '$')) = 'ARRAY';
 -- name: fast_set
-, %s, JSON_SET(JSON_EXTRACT(%s, '$'), '$.token', version + 1)
+, %s, JSON_ARRAY(%s, version + 1)
 -- name: fast_release
--- {leases} holds one fast_lease test per name.
-UPDATE {t} SET data = {compact}(JSON_REMOVE(data{paths})), version = LAST_INSERT_ID(version + 1)
+-- {leases} holds one fast_lease test per name. The lease's record goes with its last entry:
+-- the names' removal, and the record's too unless an entry left names the lease.
+UPDATE {t} SET data = {compact}(IF(EXISTS(
+        SELECT 1 FROM JSON_TABLE(JSON_REMOVE(data{paths}), '$.locks.*'
+                                 COLUMNS (l VARCHAR(255) PATH '$[0]')) AS j
+        WHERE CAST(j.l AS BINARY) = CAST(%s AS BINARY)),
+    JSON_REMOVE(data{paths}), JSON_REMOVE(data{paths}, %s))),
+    version = LAST_INSERT_ID(version + 1)
 WHERE namespace = %s AND LENGTH(data) <= {fast_max} AND {valid}{leases} AND {entries};
 -- name: fast_lease
 -- Leases compare as bytes: the column's utf8mb4_bin collation would ignore trailing spaces.
  AND CAST(JSON_UNQUOTE(JSON_EXTRACT(data, %s)) AS BINARY) = CAST(%s AS BINARY)
 -- name: valid
 -- JSON_VALID first: MariaDB's other JSON functions scan lazily, and may miss trailing garbage.
+-- Format 3 without a queue (a queue, or a shared name, is the full path's).
 JSON_VALID(data) AND JSON_TYPE(JSON_EXTRACT(data, '$.format')) = 'INTEGER'
-    AND JSON_EXTRACT(data, '$.format') = 1 AND JSON_TYPE(JSON_EXTRACT(data, '$.locks')) = 'OBJECT'
+    AND JSON_EXTRACT(data, '$.format') = 3 AND JSON_TYPE(JSON_EXTRACT(data, '$.locks')) = 'OBJECT'
+    AND JSON_TYPE(JSON_EXTRACT(data, '$.procs')) = 'OBJECT'
+    AND COALESCE(JSON_LENGTH(data, '$.queue'), 0) = 0
 -- name: entries
--- Every entry is an object with the field types _core.decode wants (a hand-edited bad entry stops
--- the fast paths as it stops the full one); {columns} and {tests}, one per field, are built of the
--- entry_* fragments. A JSON column holds the value's JSON text: its first character tells the type.
-NOT EXISTS (SELECT 1 FROM JSON_TABLE(data, '$.locks.*' COLUMNS (e JSON PATH '$', {columns})) AS j
-            WHERE NOT COALESCE(LEFT(e, 1) = '{' AND {tests}, FALSE))
+-- Every entry is [lease, token] and every record has the field types _doc.decode wants (a
+-- hand-edited bad entry stops the fast paths as it stops the full one); {columns} and {tests},
+-- one per field of a record, are built of the entry_* fragments. A JSON column holds the value's
+-- JSON text: its first character tells the type. A record no entry names, or an entry whose
+-- record is missing, is left for the full path to report.
+NOT EXISTS (SELECT 1 FROM JSON_TABLE(data, '$.locks.*' COLUMNS (e JSON PATH '$',
+                l0 JSON PATH '$[0]', l1 JSON PATH '$[1]')) AS j
+            WHERE NOT COALESCE(LEFT(e, 1) = '[' AND JSON_LENGTH(e) = 2 AND LEFT(l0, 1) = '"'
+                               AND l1 REGEXP '^-?[0-9]+$', FALSE))
+AND NOT EXISTS (SELECT 1 FROM JSON_TABLE(data, '$.procs.*' COLUMNS (e JSON PATH '$', {columns}))
+                AS p WHERE NOT COALESCE(LEFT(e, 1) = '[' AND JSON_LENGTH(e) = 10 AND {tests},
+                                        FALSE))
 -- name: entry_column
-f_{f} JSON PATH '$.{f}'
+f_{i} JSON PATH '$[{i}]'
 -- name: entry_str
-LEFT(f_{f}, 1) = '"'
+LEFT(f_{i}, 1) = '"'
 -- name: entry_int
-f_{f} REGEXP '^-?[0-9]+$'
+f_{i} REGEXP '^-?[0-9]+$'
 -- name: entry_num
-f_{f} REGEXP '^-?[0-9]'
+f_{i} REGEXP '^-?[0-9]'
 -- name: entry_nullable
-(f_{f} IS NULL OR CAST(f_{f} AS CHAR) = 'null' OR {test})
+(f_{i} IS NULL OR CAST(f_{i} AS CHAR) = 'null' OR {test})
 -- name: now
 -- The server's clock, in seconds since 1970 whatever the session's time zone.
 (TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) / 1000000)

@@ -29,55 +29,72 @@ WITH u AS (UPDATE {t} SET data = %s, version = version + 1 WHERE namespace = %s
            AND version = %s AND md5(convert_to(data, 'UTF8')) = %s RETURNING version)
 SELECT version, pg_notify(%s, %s) FROM u;
 -- name: fast_acquire
--- One-statement changes (FastPaths), under the row lock of this statement alone. The CTE parses
--- the text once (the LATERAL s) and locks the row only if the change applies to it: a row its
--- WHERE rejects is not locked, so a change that does not apply writes nothing (no WAL, no flush).
--- FOR NO KEY UPDATE rechecks that WHERE on the newest row version (READ COMMITTED), so the UPDATE
--- computes on the row it locked; no condition of the UPDATE may compare t with r. SET sees the
--- row as it was: t.version + 1 is the new version. jsonb || needs an object (else it builds an
--- array); {valid} guards the rest in a CASE, as jsonb_each fails on a non-object.
+-- One-statement changes (FastPaths) of a format-3 document, under the row lock of this statement
+-- alone. The CTE parses the text once (the LATERAL s) and locks the row only if the change
+-- applies to it: a row its WHERE rejects is not locked, so a change that does not apply writes
+-- nothing (no WAL, no flush). FOR NO KEY UPDATE rechecks that WHERE on the newest row version
+-- (READ COMMITTED), so the UPDATE computes on the row it locked; no condition of the UPDATE may
+-- compare t with r. SET sees the row as it was: t.version + 1 is the new version. The lease's
+-- record goes into procs, and each name gets [lease, token]. {valid} guards the rest in a CASE,
+-- as jsonb_each fails on a non-object.
 WITH r AS (SELECT s.d FROM {t} AS t0, LATERAL (SELECT t0.data::jsonb AS d) AS s
            WHERE t0.namespace = %(ns)s AND octet_length(t0.data) <= {fast_max}
-               AND jsonb_typeof(%(entry)s::jsonb) = 'object'
+               AND jsonb_typeof(%(record)s::jsonb) = 'array'
                AND CASE WHEN {valid} THEN NOT (s.d->'locks' ?| %(names)s::text[]) AND {entries}
                    ELSE false END
            FOR NO KEY UPDATE OF t0)
-UPDATE {t} AS t SET version = t.version + 1, data = jsonb_set(r.d, '{locks}',
-    (r.d->'locks') || (SELECT jsonb_object_agg(n, %(entry)s::jsonb
-                                               || jsonb_build_object('token', t.version + 1))
-                       FROM unnest(%(names)s::text[]) AS n))::text
+UPDATE {t} AS t SET version = t.version + 1, data = (r.d || jsonb_build_object(
+    'procs', (r.d->'procs') || jsonb_build_object(%(lease)s::text, %(record)s::jsonb),
+    'locks', (r.d->'locks') || (SELECT jsonb_object_agg(n, jsonb_build_array(%(lease)s::text,
+                                                                             t.version + 1))
+                                FROM unnest(%(names)s::text[]) AS n)))::text
 FROM r WHERE t.namespace = %(ns)s
 RETURNING t.version;
 -- name: fast_release
 -- A lease compares as jsonb: a missing name gives NULL, which NOT EXISTS counts as a mismatch.
--- Locks only a row the release applies to, as fast_acquire does.
-WITH r AS (SELECT s.d FROM {t} AS t0, LATERAL (SELECT t0.data::jsonb AS d) AS s
+-- The lease's record goes with its last entry. Locks only a row the release applies to, as
+-- fast_acquire does.
+WITH r AS (SELECT s.d, (s.d->'locks') - %(names)s::text[] AS left
+           FROM {t} AS t0, LATERAL (SELECT t0.data::jsonb AS d) AS s
            WHERE t0.namespace = %(ns)s AND octet_length(t0.data) <= {fast_max}
                AND CASE WHEN {valid} THEN NOT EXISTS (
                    SELECT FROM unnest(%(names)s::text[]) AS n
-                   WHERE (s.d->'locks'->n->'lease') IS DISTINCT FROM to_jsonb(%(lease)s::text))
+                   WHERE (s.d->'locks'->n->0) IS DISTINCT FROM to_jsonb(%(lease)s::text))
                    AND {entries} ELSE false END
            FOR NO KEY UPDATE OF t0),
-u AS (UPDATE {t} AS t SET version = t.version + 1,
-          data = jsonb_set(r.d, '{locks}', (r.d->'locks') - %(names)s::text[])::text
+u AS (UPDATE {t} AS t SET version = t.version + 1, data = (r.d || jsonb_build_object(
+          'procs', CASE WHEN EXISTS (SELECT FROM jsonb_each(r.left) AS e(k, v)
+                                     WHERE e.v->0 = to_jsonb(%(lease)s::text))
+                   THEN r.d->'procs' ELSE (r.d->'procs') - %(lease)s::text END,
+          'locks', r.left))::text
       FROM r WHERE t.namespace = %(ns)s
       RETURNING t.version)
 SELECT version, pg_notify(%(channel)s, %(ns)s) FROM u;
 -- name: valid
-(s.d->'format')::text = '1' AND jsonb_typeof(s.d->'locks') = 'object'
+-- Format 3 without a queue (a queue, or a shared name, is the full path's).
+(s.d->'format')::text = '3' AND jsonb_typeof(s.d->'locks') = 'object'
+    AND jsonb_typeof(s.d->'procs') = 'object' AND coalesce(s.d->'queue', '[]') = '[]'
 -- name: entries
--- Every entry is an object with the field types _core.decode wants (a hand-edited bad entry stops
--- the fast paths as it stops the full one); {tests}, one per field, are built of entry_* fragments.
+-- Every entry is [lease, token] and every record has the field types _doc.decode wants (a
+-- hand-edited bad entry stops the fast paths as it stops the full one); {tests}, one per field
+-- of a record, are built of the entry_* fragments. A record no entry names, or an entry whose
+-- record is missing, is left for the full path to report.
 NOT EXISTS (SELECT FROM jsonb_each(s.d->'locks') AS e(k, v)
-            WHERE NOT coalesce(jsonb_typeof(e.v) = 'object' AND {tests}, false))
+            WHERE NOT coalesce(CASE WHEN jsonb_typeof(e.v) = 'array' THEN
+                jsonb_array_length(e.v) = 2 AND jsonb_typeof(e.v->0) = 'string'
+                AND jsonb_typeof(e.v->1) = 'number' AND (e.v->1)::text ~ '^-?[0-9]+$'
+                ELSE false END, false))
+AND NOT EXISTS (SELECT FROM jsonb_each(s.d->'procs') AS p(k, v)
+            WHERE NOT coalesce(CASE WHEN jsonb_typeof(p.v) = 'array' THEN
+                jsonb_array_length(p.v) = 10 AND {tests} ELSE false END, false))
 -- name: entry_str
-jsonb_typeof(e.v->'{f}') = 'string'
+jsonb_typeof(p.v->{i}) = 'string'
 -- name: entry_int
-jsonb_typeof(e.v->'{f}') = 'number' AND (e.v->'{f}')::text ~ '^-?[0-9]+$'
+jsonb_typeof(p.v->{i}) = 'number' AND (p.v->{i})::text ~ '^-?[0-9]+$'
 -- name: entry_num
-jsonb_typeof(e.v->'{f}') = 'number'
+jsonb_typeof(p.v->{i}) = 'number'
 -- name: entry_nullable
-(coalesce(jsonb_typeof(e.v->'{f}'), 'null') = 'null' OR {test})
+(jsonb_typeof(p.v->{i}) = 'null' OR {test})
 -- name: prefer_lz4
 -- attcompression 'l' is lz4; the column does not exist before PostgreSQL 14.
 DO $$ BEGIN
