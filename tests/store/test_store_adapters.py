@@ -907,6 +907,21 @@ def test_fast_paths_take_every_valid_document(
     assert sorted(locks) == sorted({"z", *json.loads(text)["locks"]} - {"a"})
 
 
+def test_fast_paths_leave_a_big_document_to_the_full_path(fast: Any, namespace: str) -> None:
+    """Past FAST_MAX_BYTES the server would parse and check more than the client's path costs:
+    the statement does not apply (and the client does not try it, see _fastpath)."""
+    from tasklocks.store import FAST_MAX_BYTES
+
+    n = 0
+    while len(fast.read(namespace).data) <= FAST_MAX_BYTES:
+        assert fast.fast_acquire(namespace, [f"n-{n}-{i}" for i in range(20)], *_entry(f"L{n}"))
+        n += 1
+    before = fast.read(namespace)
+    assert fast.fast_acquire(namespace, ["one-more"], *_entry("M")) is None
+    assert fast.fast_release(namespace, ["n-0-0"], "L0") is None
+    assert fast.read(namespace) == before
+
+
 def test_fast_paths_on_a_missing_row_write_nothing(server: str, namespace: str) -> None:
     store = _server_store(server)
     try:
