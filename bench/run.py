@@ -509,6 +509,15 @@ def section_layout(cfg: Config, crew: Crew) -> None:
             (label, kind, row) for label, row in layouts.items()
         ]
         runs += [(f"{label}, bare UPDATE", bl.BARE[backend], r) for label, r in layouts.items()]
+        # tasklocks itself, each name in the namespace of its shard: what sharded documents
+        # would reach with tasklocks' own statements (sessions, checks, the JSON), today.
+        runs.append(
+            (
+                f"{bl.SHARDS} namespaces, tasklocks",
+                TASKLOCKS[backend],
+                lambda name: cfg.namespace(f"layout-tl-s{bl.shard_of(name)}"),
+            )
+        )
         if backend in bl.PEER:
             peer = bl.PEER[backend]  # (a peer's pairs name no row: any will do)
             runs.append((BASELINE_NAMES[peer], peer, layouts["1 row"]))
