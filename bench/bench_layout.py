@@ -25,6 +25,7 @@ HELD = 10_000
 KIND = {"sqlite": "cas-sqlite", "mysql": "cas-mysql", "postgresql": "cas-pg"}
 BARE = {"sqlite": "upd-sqlite", "mysql": "upd-mysql", "postgresql": "upd-pg"}
 PEER = {"mysql": "getlock-mysql", "postgresql": "adv-pg"}
+ROWS = {"mysql": "row-mysql", "postgresql": "row-pg"}  # a row per lock name
 
 
 def shard_of(name: str) -> int:

@@ -35,6 +35,8 @@ BASELINE_NAMES = {
     "upd-sqlite": "bare UPDATE SQLite",
     "upd-mysql": "bare UPDATE MariaDB",
     "upd-pg": "bare UPDATE PostgreSQL",
+    "row-mysql": "row per name MariaDB",
+    "row-pg": "row per name PostgreSQL",
     "redis": "redis-py Lock",
 }
 BACKEND_OF = {
@@ -50,6 +52,8 @@ BACKEND_OF = {
     "upd-sqlite": "sqlite",
     "upd-mysql": "mysql",
     "upd-pg": "postgresql",
+    "row-mysql": "mysql",
+    "row-pg": "postgresql",
     "redis": "redis",
 }
 SQLITE_BUSY_TIMEOUT = 30.0  # seconds, the baseline's busy handler (sqlite3 ``timeout=``)
@@ -324,7 +328,44 @@ class BareUpdatePair:
         self.conn.close()
 
 
+class RowPerNamePair(BareUpdatePair):
+    """A row per lock name (issue 10's other layout): taking a free name is one upsert that
+    writes the lease and bumps the row's version (the name's fencing token) only if no lease is
+    there, and releasing is one UPDATE conditioned on the lease, each its own durable commit. The
+    floor of a layout where distinct names share no row, before any bookkeeping."""
+
+    def __init__(self, spec: PairSpec) -> None:
+        super().__init__(spec)
+        t = spec.cfg.cas_table
+        self.key = f"{spec.namespace}/{spec.name}"
+        self.lease = f"lease-{os.getpid()}"
+        if self.backend == "mysql":
+            self.take = (
+                f"INSERT INTO {t} (namespace, version, data) VALUES (%s, 1, %s) "
+                "ON DUPLICATE KEY UPDATE version = IF(data = '', LAST_INSERT_ID(version + 1), "
+                "version), data = IF(data = '', VALUES(data), data)"
+            )
+        else:
+            self.take = (
+                f"INSERT INTO {t} AS r (namespace, version, data) VALUES (%s, 1, %s) "
+                "ON CONFLICT (namespace) DO UPDATE SET version = r.version + 1, "
+                "data = EXCLUDED.data WHERE r.data = '' RETURNING version"
+            )
+        self.give = f"UPDATE {t} SET data = '' WHERE namespace = %s AND data = %s"
+
+    def pair(self) -> None:
+        for sql in (self.take, self.give):
+            if self.backend == "mysql":
+                with self.conn.cursor() as cur:
+                    if cur.execute(sql, (self.key, self.lease)) == 0:
+                        raise RuntimeError(f"{self.key}: not changed")
+            elif self.conn.execute(sql, (self.key, self.lease)).rowcount != 1:
+                raise RuntimeError(f"{self.key}: not changed")
+
+
 _KINDS: dict[str, type[Pair]] = {
+    "row-mysql": RowPerNamePair,
+    "row-pg": RowPerNamePair,
     "upd-sqlite": BareUpdatePair,
     "upd-mysql": BareUpdatePair,
     "upd-pg": BareUpdatePair,

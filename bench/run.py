@@ -518,6 +518,8 @@ def section_layout(cfg: Config, crew: Crew) -> None:
                 lambda name: cfg.namespace(f"layout-tl-s{bl.shard_of(name)}"),
             )
         )
+        if backend in bl.ROWS:  # (the kind makes a row per name under this prefix)
+            runs.append(("a row per name", bl.ROWS[backend], lambda _n: cfg.namespace("rows")))
         if backend in bl.PEER:
             peer = bl.PEER[backend]  # (a peer's pairs name no row: any will do)
             runs.append((BASELINE_NAMES[peer], peer, layouts["1 row"]))
