@@ -40,6 +40,7 @@ from tasklocks.owner import (
     owner_is_dead,
 )
 from tasklocks.store import FastPaths, OutcomeUnknown, Snapshot, Store, open_store
+from tasklocks.store._engine import Engine
 
 __all__ = ["THIS_PROCESS", "HeldLock", "Lease", "LockTable", "QueuedWaiter", "connect"]
 
@@ -867,13 +868,15 @@ def _none_if_same(
 
 
 def connect(
-    url: str | None = None,
+    url: str | Engine | None = None,
     namespace: str = "default",
     *,
     ttl: float = DEFAULT_TTL,
     reconnect_timeout: float = 5.0,
 ) -> LockTable:
-    """Open the lock table at ``url`` (default ``$TASKLOCKS_DB``, else the per-user SQLite file).
+    """Open the lock table at ``url`` (default ``$TASKLOCKS_DB``, else the per-user SQLite file),
+    or in the database of a SQLAlchemy ``Engine``, whose pool then lends tasklocks a connection
+    for each call (PostgreSQL through psycopg 3, MariaDB/MySQL through PyMySQL; see the README).
 
     :param ttl: seconds a process's locks outlive its last renewal (they are renewed every
         ``ttl/3``): how long a dead, hung or cut-off host keeps them at most.

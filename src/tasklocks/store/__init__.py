@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from tasklocks._url import default_url, parse_url
+from tasklocks.errors import BadURL
 from tasklocks.store._base import (
     EMPTY_DOCUMENT,
     FAST_MAX_BYTES,
@@ -26,6 +27,7 @@ from tasklocks.store._base import (
     TaskRow,
     TaskValue,
 )
+from tasklocks.store._engine import Engine, engine_url, is_engine
 
 __all__ = [
     "DEFAULT_TABLE",
@@ -127,16 +129,30 @@ Backend = SQLStore  # a database adapter: lock documents (a Store), task records
 
 
 def open_store(
-    url: str | None = None, *, table: str = DEFAULT_TABLE, reconnect_timeout: float = 5.0
+    url: str | Engine | None = None,
+    *,
+    table: str = DEFAULT_TABLE,
+    reconnect_timeout: float = 5.0,
 ) -> Backend:
-    """Open the store a URL names (default: :func:`default_url`). A server that does not answer
-    is tried again for ``reconnect_timeout`` seconds in every call before StoreUnavailable.
+    """Open the store a URL names (default: :func:`default_url`), or the database of a
+    SQLAlchemy ``Engine``, whose pool then lends the connections (see ``_engine.py``). A server
+    that does not answer is tried again for ``reconnect_timeout`` seconds in every call before
+    StoreUnavailable.
 
-    :raises BadURL: the URL is malformed.
+    :raises BadURL: the URL is malformed, or the engine's driver is not one tasklocks speaks.
     :raises StoreUnavailable: the database cannot be reached or its driver is missing.
     """
-    parsed = parse_url(url or default_url())
+    engine = None
+    if url is not None and not isinstance(url, str):
+        if not is_engine(url):
+            raise BadURL(
+                f"a database URL or a SQLAlchemy Engine was expected, not {type(url).__name__}"
+            )
+        engine, parsed = url, engine_url(url)
+    else:
+        parsed = parse_url(url or default_url())
     store: Backend
+    lender = {} if engine is None or parsed.scheme == "sqlite" else {"engine": engine}
     if parsed.scheme == "sqlite":
         from tasklocks.store.sqlite import SQLiteStore
 
@@ -144,9 +160,9 @@ def open_store(
     elif parsed.scheme == "mysql":
         from tasklocks.store.mysql import MySQLStore
 
-        store = MySQLStore(parsed, table=table, reconnect_timeout=reconnect_timeout)
+        store = MySQLStore(parsed, table=table, reconnect_timeout=reconnect_timeout, **lender)
     else:
         from tasklocks.store.postgres import PostgresStore
 
-        store = PostgresStore(parsed, table=table, reconnect_timeout=reconnect_timeout)
+        store = PostgresStore(parsed, table=table, reconnect_timeout=reconnect_timeout, **lender)
     return store

@@ -194,6 +194,11 @@ class SQLStore(ABC):
     def _outcome_known(self, exc: BaseException) -> bool:
         """After ``exc``, is it certain that nothing sent in this transaction was committed?"""
 
+    def _pace(self) -> tuple[float, float, float, float, float, float]:
+        """The polling pace of this store (see ``_poll``): ``POLL``, unless a dialect decides
+        per URL."""
+        return self.POLL
+
     def wait_for_change(
         self,
         namespace: str,
@@ -404,7 +409,7 @@ class SQLStore(ABC):
         most); with a ``wake_fd`` (it ends the wait) from ``POLL[4]`` to ``POLL[5]`` s. Waits in
         slices go on where they stopped, unless ``heard`` (readable on a change) is given; so
         does a wait with ``pace`` for the version the last one saw (see ``wait_for_change``)."""
-        first, cap_young, share, cap_old, wake_first, wake_cap = self.POLL
+        first, cap_young, share, cap_old, wake_first, wake_cap = self._pace()
         now = time.monotonic()
         deadline = now + timeout
         previous = self._backoff.pop(namespace, None)

@@ -91,9 +91,16 @@ class ServerStore(SQLStore):
     _bad_json: tuple[type[BaseException], ...] = ()  # the server could not parse a document
 
     def __init__(
-        self, parsed: ParsedURL, *, table: str, reconnect_timeout: float = RECONNECT_TIMEOUT
+        self,
+        parsed: ParsedURL,
+        *,
+        table: str,
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
+        engine: Any = None,
     ) -> None:
         self._import_driver()
+        self._engine = engine  # a SQLAlchemy Engine that lends its connections (see _engine.py)
+        self._lent: tuple[Any, Any] | None = None  # (the pool's connection, how it was)
         self.reconnect_timeout = reconnect_timeout
         self.url = parsed.display()
         self._parsed = parsed
@@ -169,6 +176,15 @@ class ServerStore(SQLStore):
     def _close_more(self) -> None:
         """Release the dialect's own resources (idempotent)."""
 
+    def _lend(self, conn: Any) -> Any:
+        """Make a driver connection lent by an engine's pool fit for tasklocks (autocommit);
+        return what :meth:`_unlend` needs to give it back as it was. :raises StoreUnavailable:
+        the engine's connections cannot serve (say how to configure them)."""
+        raise NotImplementedError
+
+    def _unlend(self, conn: Any, was: Any) -> None:
+        """Give a lent connection back its settings."""
+
     # --- connection and errors ----------------------------------------------------------------
 
     def _connect(self, **options: Any) -> Any:
@@ -191,6 +207,19 @@ class ServerStore(SQLStore):
             raise StoreUnavailable(f"cannot connect to {where} ({exc}); check the URL") from exc
 
     def _connection(self) -> Any:
+        if self._engine is not None:  # one of the engine's, for this call
+            try:
+                pooled = self._engine.raw_connection()
+            except Exception as exc:  # the pool's error: no connection to be had
+                raise Lost(f"{self.LABEL} at {self._where} lent no connection ({exc})") from exc
+            conn = pooled.driver_connection
+            try:
+                self._lent = (pooled, self._lend(conn))
+            except BaseException:
+                pooled.close()
+                raise
+            self._conn = conn
+            return conn
         if self._conn is not None and self._pid != os.getpid():
             self._abandon(self._conn)
             self._conn = None
@@ -201,7 +230,25 @@ class ServerStore(SQLStore):
             self._used = time.monotonic()
         return self._conn
 
+    def _give_back(self) -> None:
+        """The end of a call: a lent connection goes back to the engine's pool."""
+        lent, self._lent = self._lent, None
+        if lent is not None:
+            self._conn = None
+            pooled, was = lent
+            try:
+                self._unlend(pooled.driver_connection, was)
+            except Exception:  # broken meanwhile: the pool must not lend it again
+                pooled.invalidate()
+            pooled.close()
+
     def _drop(self) -> None:
+        if self._engine is not None:  # a broken lent connection: the pool must not lend it again
+            lent, self._lent, self._conn = self._lent, None, None
+            if lent is not None:
+                lent[0].invalidate()
+                lent[0].close()
+            return
         conn, self._conn = self._conn, None
         if conn is not None and self._pid == os.getpid():
             with suppress(Exception):  # already broken: close() only cleans up
@@ -239,14 +286,17 @@ class ServerStore(SQLStore):
             while True:
                 call = Call()
                 try:
-                    conn = self._connection()
-                    with self._errors(call):
-                        if time.monotonic() - self._used > self._idle_ping:
-                            self._ping(conn)  # find a dead idle connection before writing
-                        if not self._schema_checked:
-                            self._check_schema(conn)
-                            self._schema_checked = True
-                        result = body(conn, call)
+                    try:
+                        conn = self._connection()
+                        with self._errors(call):
+                            if time.monotonic() - self._used > self._idle_ping:
+                                self._ping(conn)  # find a dead idle connection before writing
+                            if not self._schema_checked:
+                                self._check_schema(conn)
+                                self._schema_checked = True
+                            result = body(conn, call)
+                    finally:
+                        self._give_back()
                     self._used = time.monotonic()
                     return result
                 except Lost as exc:

@@ -138,6 +138,26 @@ class MySQLStore(ServerStore):
         self._mariadb = "mariadb" in str(getattr(conn, "server_version", "")).lower()
         return conn
 
+    def _lend(self, conn: Any) -> Any:
+        fix = "create the engine with connect_args={'client_flag': CLIENT.MULTI_STATEMENTS}"
+        if not getattr(conn, "client_flag", 0) & MULTI_STATEMENTS:
+            raise StoreUnavailable(
+                "the engine's PyMySQL connections cannot send several statements in one query, "
+                f"which tasklocks does; {fix} (pymysql.constants.CLIENT)"
+            )
+        if not str(getattr(conn, "charset", "")).startswith("utf8mb4"):
+            raise StoreUnavailable(
+                f"the engine's PyMySQL connections use charset {conn.charset!r}; tasklocks needs "
+                "utf8mb4 (?charset=utf8mb4 in the engine's URL)"
+            )
+        self._mariadb = "mariadb" in str(getattr(conn, "server_version", "")).lower()
+        was = conn.get_autocommit()
+        conn.autocommit(True)
+        return was
+
+    def _unlend(self, conn: Any, was: Any) -> None:
+        conn.autocommit(was)
+
     def _why(self, exc: BaseException) -> tuple[str, str]:
         reason = " ".join(str(exc.args[1] if len(exc.args) > 1 else exc).split()).rstrip(".")
         problems = {ER_ACCESS_DENIED: "user", ER_DBACCESS_DENIED: "user", ER_BAD_DB: "database"}

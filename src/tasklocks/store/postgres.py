@@ -7,6 +7,13 @@
   thread that hands each notification to the waiters of its namespace (through a pipe each, which
   a waiter watches beside its ``wake_fd``). Waiters re-read the version every second anyway, in
   case a notification was missed (or the change did not ask to wake anyone).
+* ``?pool=transaction`` in the URL: the server is reached through a transaction-pooling proxy
+  (PgBouncer's ``pool_mode = transaction``), where consecutive statements of one connection may
+  run on different server connections. Every statement is pool-safe already (nothing is kept
+  between transactions), so two things change: no server-side prepared statements (psycopg
+  prepares a query run often, on one server connection, and the next run may land on another:
+  "prepared statement _pg3_0 does not exist"), and no LISTEN (its server connection goes back
+  to the pool): waiters poll, at MariaDB's pace.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 from tasklocks._clock import pause
-from tasklocks.errors import StoreUnavailable
+from tasklocks.errors import BadURL, StoreUnavailable
 from tasklocks.store._base import Change
 from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, ServerStore
 
@@ -51,6 +58,8 @@ class PostgresStore(ServerStore):
     DEFAULT_USER = "(default)"
     QUOTE = '"'
     POLL = (1.0, 1.0, 0.0, 1.0, 1.0, 1.0)  # a notification may be missed: re-read every second
+    POOLED_POLL = (0.001, 0.010, 0.05, 0.100, 0.005, 0.500)  # no notifications: MySQLStore's
+    POOLS = ("session", "transaction")  # the URL's pool= values
 
     # --- the driver -----------------------------------------------------------------------------
 
@@ -74,12 +83,30 @@ class PostgresStore(ServerStore):
         self._retry_errors = tuple(getattr(errors, name) for name in retry.split())
 
     def _setup(self) -> None:
+        pool = self._parsed.query.get("pool", "session")
+        if pool not in self.POOLS:
+            raise BadURL(
+                f"unknown pool={pool!r} in the PostgreSQL URL; use pool=transaction behind a "
+                "transaction-pooling proxy such as PgBouncer, or leave it out"
+            )
+        self._pooled = pool == "transaction"
         self._channel = f"{self.table}_changed"
         self._listeners: dict[str, set[int]] = {}  # namespace -> waiters' pipes
         self._listeners_lock = threading.Lock()
         self._listening = threading.Event()  # the reader's connection LISTENs
         self._reader_pid = 0
         self._closed = False
+
+    def _lend(self, conn: Any) -> Any:
+        was = conn.autocommit
+        conn.autocommit = True  # (the pool rolled it back when it was returned: it is idle)
+        return was
+
+    def _unlend(self, conn: Any, was: Any) -> None:
+        conn.autocommit = was
+
+    def _pace(self) -> tuple[float, float, float, float, float, float]:
+        return self.POOLED_POLL if self._pooled else self.POLL
 
     def _open(self, **options: Any) -> Any:
         p = self._parsed
@@ -99,6 +126,7 @@ class PostgresStore(ServerStore):
             keepalives_count=3,
             tcp_user_timeout=int(IO_TIMEOUT * 1000),
             application_name=options.get("application_name", "tasklocks"),
+            prepare_threshold=None if self._pooled else 5,  # 5: psycopg's default
         )
 
     def _why(self, exc: BaseException) -> tuple[str, str]:
@@ -221,6 +249,8 @@ class PostgresStore(ServerStore):
         *,
         pace: bool = False,
     ) -> bool:
+        if self._pooled:  # no LISTEN through the pool: poll
+            return super().wait_for_change(namespace, version, timeout, wake_fd, pace=pace)
         del pace  # notified, and re-read at a flat pace: nothing to keep
         heard, tell = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._register(namespace, tell, True)

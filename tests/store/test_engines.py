@@ -1,0 +1,211 @@
+"""``tasklocks.connect(engine)``: a SQLAlchemy Engine's pool lends tasklocks its connections.
+
+Each call borrows one connection and gives it back (autocommit as it was, no transaction open),
+so a small pool serves many waiting tables, and the application's own use of the pool is
+undisturbed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SERVER_BACKENDS, raw_sql, require, server_url
+
+import tasklocks
+from tasklocks import LockHeld
+from tasklocks.errors import BadURL, StoreUnavailable
+
+sa = pytest.importorskip("sqlalchemy")
+APP = "tasklocks-engine-test"  # the application_name of the engines' PostgreSQL connections
+WAIT = 20.0
+CHECKOUTS: dict[int, list[int]] = {}  # per engine: one item per connection its pool lent
+
+
+def _engine(backend: str, **pool: Any) -> Any:
+    url = server_url(backend)
+    if backend == "postgresql":
+        return sa.create_engine(
+            url.replace("postgresql://", "postgresql+psycopg://", 1),
+            connect_args={"application_name": APP},
+            **pool,
+        )
+    from pymysql.constants import CLIENT
+
+    sep = "&" if "?" in url else "?"
+    return sa.create_engine(
+        url.replace("mysql://", "mysql+pymysql://", 1) + f"{sep}charset=utf8mb4",
+        connect_args={"client_flag": CLIENT.MULTI_STATEMENTS},
+        **pool,
+    )
+
+
+@pytest.fixture(params=SERVER_BACKENDS)
+def engine(request: pytest.FixtureRequest) -> Iterator[Any]:
+    require(request.param)
+    eng = _engine(request.param, pool_size=2, max_overflow=0, pool_timeout=5)
+    checkouts = CHECKOUTS.setdefault(id(eng), [])
+    sa.event.listen(eng, "checkout", lambda *a: checkouts.append(1))
+    try:
+        yield eng
+    finally:
+        eng.dispose()
+
+
+def test_the_engines_pool_lends_every_connection(engine: Any, namespace: str) -> None:
+    with tasklocks.connect(engine, namespace=namespace) as table:
+        before = len(CHECKOUTS[id(engine)])
+        with table.acquire("a", owner="task:1") as lease:
+            assert [h.name for h in table.held()] == ["a"]
+            with pytest.raises(LockHeld):
+                table.acquire("a", owner="task:2")
+        assert lease.token >= 1
+        assert len(CHECKOUTS[id(engine)]) >= before + 4  # one per call
+        assert engine.pool.checkedout() == 0  # every one given back
+    with engine.connect() as conn:  # the application finds its pool as it left it
+        driver = conn.connection.driver_connection
+        on = driver.get_autocommit() if hasattr(driver, "get_autocommit") else driver.autocommit
+        assert on is False
+        assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+        conn.rollback()
+
+
+def _count_under_lock(engine: Any, namespace: str, counter: Path, worker: int) -> None:
+    with tasklocks.connect(engine, namespace=namespace) as table:
+        for i in range(25):
+            with table.hold(f"n{(worker + i) % 2}", owner=f"task:{worker}", timeout=WAIT):
+                path = counter.with_suffix(f".n{(worker + i) % 2}")
+                value = int(path.read_text())
+                time.sleep(0.001)
+                path.write_text(str(value + 1))
+
+
+def test_six_waiting_tables_share_a_pool_of_two(
+    engine: Any, namespace: str, tmp_path: Path
+) -> None:
+    """No connection is kept between calls, nor while waiting: six tables that wait for each
+    other's locks share two connections (a pool that ran out would raise after 5 s)."""
+    counter = tmp_path / "counter"
+    for n in ("n0", "n1"):
+        counter.with_suffix(f".{n}").write_text("0")
+    errors: list[BaseException] = []
+
+    def run(worker: int) -> None:
+        try:
+            _count_under_lock(engine, namespace, counter, worker)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    total = sum(int(counter.with_suffix(f".{n}").read_text()) for n in ("n0", "n1"))
+    assert total == 6 * 25
+    assert engine.pool.checkedout() == 0
+
+
+def test_a_connection_the_server_ended_is_dropped_from_the_pool(namespace: str) -> None:
+    """The server ends every connection of the engine between two calls: the next call finds
+    its connection dead, the pool forgets it, and the call goes on with a new one."""
+    require("postgresql")
+    engine = _engine("postgresql", pool_size=2, max_overflow=0)
+    try:
+        with tasklocks.connect(engine, namespace=namespace) as table:
+            table.acquire("a", owner="task:1").release()
+            ended = raw_sql(
+                server_url("postgresql"),
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s AND pid <> pg_backend_pid()",
+                (APP,),
+            )
+            assert ended >= 1
+            with table.acquire("a", owner="task:1") as lease:
+                assert lease.token > 0
+            assert engine.pool.checkedout() == 0
+    finally:
+        engine.dispose()
+
+
+def test_postgresql_waiters_are_still_notified(namespace: str) -> None:
+    require("postgresql")
+    engine = _engine("postgresql", pool_size=2, max_overflow=0)
+    try:
+        with (
+            tasklocks.connect(engine, namespace=namespace) as holder,
+            tasklocks.connect(engine, namespace=namespace) as waiter,
+        ):
+            lease = holder.acquire("a", owner="task:1")
+            got: list[float] = []
+            thread = threading.Thread(
+                target=lambda: got.append(
+                    time.monotonic()
+                    + 0 * waiter.acquire("a", owner="task:2", wait=True, timeout=WAIT).token
+                )
+            )
+            thread.start()
+            deadline = time.monotonic() + WAIT
+            while not holder.waiting() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            released = time.monotonic()
+            lease.release()
+            thread.join(WAIT)
+            assert got and got[0] - released < 0.5  # LISTEN, not the 1 s re-read
+    finally:
+        engine.dispose()
+
+
+def test_a_mariadb_engine_without_multi_statements_is_refused_with_the_fix() -> None:
+    require("mysql")
+    engine = sa.create_engine(
+        server_url("mysql").replace("mysql://", "mysql+pymysql://", 1) + "?charset=utf8mb4"
+    )
+    try:
+        with pytest.raises(StoreUnavailable, match=r"client_flag.*MULTI_STATEMENTS"):
+            tasklocks.connect(engine)
+        assert engine.pool.checkedout() == 0
+    finally:
+        engine.dispose()
+
+
+def test_an_sqlite_engine_names_the_file(tmp_path: Path) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/locks.db")
+    with tasklocks.connect(engine, namespace="n") as table, table.acquire("a"):
+        assert [h.name for h in table.held()] == ["a"]
+    assert (tmp_path / "locks.db").exists()
+
+
+class _FakeDialect:
+    def __init__(self, name: str, driver: str) -> None:
+        self.name, self.driver = name, driver
+
+
+class _FakeEngine:
+    def __init__(self, name: str, driver: str) -> None:
+        self.dialect, self.url = _FakeDialect(name, driver), None
+
+    def raw_connection(self) -> None:
+        raise AssertionError("never reached")
+
+
+@pytest.mark.parametrize(
+    ("engine", "problem"),
+    [
+        (
+            _FakeEngine("postgresql", "psycopg2"),
+            "needs the psycopg driver.*postgresql\\+psycopg://",
+        ),
+        (_FakeEngine("mysql", "mysqldb"), "needs the pymysql driver.*mysql\\+pymysql://"),
+        (_FakeEngine("oracle", "oracledb"), "cannot use a oracle engine"),
+        (object(), "a database URL or a SQLAlchemy Engine was expected, not object"),
+    ],
+)
+def test_an_engine_tasklocks_cannot_use_is_a_bad_url(engine: Any, problem: str) -> None:
+    with pytest.raises(BadURL, match=problem):
+        tasklocks.connect(engine)
