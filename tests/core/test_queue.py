@@ -373,6 +373,11 @@ def test_format_3_of_a_lease_with_two_records_keeps_both() -> None:
     # The same after changes that went through the kept parts.
     changed = doc.derive(remove=["a"])
     assert decode(encode(changed, compact=True), "ns") == changed
+    # Once the other record is gone, the document is encoded the quick way again.
+    plain = changed.derive(remove=["b"])
+    assert len(json.loads(encode(plain, compact=True))["procs"]) == 1
+    assert plain._compact is not None and not plain._compact.odd
+    assert decode(encode(plain, compact=True), "ns") == plain
 
 
 def _doc3(procs: object, locks: object, **more: object) -> str:

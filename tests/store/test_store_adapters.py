@@ -856,6 +856,8 @@ BAD_DOCUMENTS = [
     "",
     # A queue, or a shared name, is the full path's.
     _doc3({"L": R}, {"a": ["L", 1]}, queue=[{"owner": "o"}]),
+    _doc3({"L": R}, {"a": ["L", 1]}, queue={}),
+    _doc3({"L": R}, {"a": ["L", 1]}, queue=0),
     _doc3({"L": R}, {"a": ["L", 1], "s": [["L", 1, None]]}),
     # Bad entries and records (as _doc.decode judges them) stop the fast paths too.
     _doc3({"L": R}, {"a": ["L", 1, 2]}),
@@ -864,6 +866,8 @@ BAD_DOCUMENTS = [
     _doc3({"L": R}, {"a": [7, 1]}),
     _doc3({"L": R}, {"a": {"lease": "L"}}),
     _doc3({"L": R}, {"x": 5}),
+    _doc3({}, {"a": ["L", 1]}),  # its record is missing
+    _doc3({"M": R}, {"a": ["L", 1]}),
     _doc3({"L": R[:9]}, {"a": ["L", 1]}),
     _doc3({"L": [*R, "L"]}, {"a": ["L", 1]}),
     _doc3({"L": [12, *R[1:]]}, {"a": ["L", 1]}),
@@ -1025,6 +1029,8 @@ def test_concurrent_fast_acquire_and_release_lose_nothing(
     for versions in seen.values():
         assert versions == sorted(set(versions))  # strictly increasing per thread
     assert sorted(every) == list(range(start + 1, start + 1 + threads_n * (2 * rounds + 1)))
+    procs = json.loads(fast.read(namespace).data)["procs"]
+    assert sorted(procs) == sorted(f"K{i}" for i in range(threads_n))  # none left dangling
     locks = _locks(fast, namespace)
     assert sorted(locks) == sorted(f"kept-{i}" for i in range(threads_n))
     assert {locks[f"kept-{i}"].token for i in range(threads_n)} == {seen[i][0] for i in seen}

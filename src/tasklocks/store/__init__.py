@@ -151,6 +151,11 @@ def open_store(
         engine, parsed = url, engine_url(url)
     else:
         parsed = parse_url(url or default_url())
+        if "pool" in parsed.query and parsed.scheme != "postgresql":
+            raise BadURL(
+                f"pool= is for PostgreSQL URLs (behind PgBouncer); remove it from the "
+                f"{parsed.scheme} URL"
+            )
     store: Backend
     lender = {} if engine is None or parsed.scheme == "sqlite" else {"engine": engine}
     if parsed.scheme == "sqlite":

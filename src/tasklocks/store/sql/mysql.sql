@@ -71,17 +71,20 @@ WHERE namespace = %s AND LENGTH(data) <= {fast_max} AND {valid}{leases} AND {ent
 JSON_VALID(data) AND JSON_TYPE(JSON_EXTRACT(data, '$.format')) = 'INTEGER'
     AND JSON_EXTRACT(data, '$.format') = 3 AND JSON_TYPE(JSON_EXTRACT(data, '$.locks')) = 'OBJECT'
     AND JSON_TYPE(JSON_EXTRACT(data, '$.procs')) = 'OBJECT'
+    AND COALESCE(JSON_TYPE(JSON_EXTRACT(data, '$.queue')), 'ARRAY') = 'ARRAY'
     AND COALESCE(JSON_LENGTH(data, '$.queue'), 0) = 0
 -- name: entries
--- Every entry is [lease, token] and every record has the field types _doc.decode wants (a
--- hand-edited bad entry stops the fast paths as it stops the full one); {columns} and {tests},
--- one per field of a record, are built of the entry_* fragments. A JSON column holds the value's
--- JSON text: its first character tells the type. A record no entry names, or an entry whose
--- record is missing, is left for the full path to report.
+-- Every entry is [lease, token] with its lease's record in procs, and every record has the
+-- field types _doc.decode wants (a hand-edited bad entry stops the fast paths as it stops the
+-- full one); {columns} and {tests}, one per field of a record, are built of the entry_*
+-- fragments. A JSON column holds the value's JSON text: its first character tells the type.
+-- JSON_CONTAINS over the keys of procs compares JSON strings exactly (no path is built of a
+-- stored lease); the document is small (fast_max), so entries times records stays small too.
 NOT EXISTS (SELECT 1 FROM JSON_TABLE(data, '$.locks.*' COLUMNS (e JSON PATH '$',
                 l0 JSON PATH '$[0]', l1 JSON PATH '$[1]')) AS j
             WHERE NOT COALESCE(LEFT(e, 1) = '[' AND JSON_LENGTH(e) = 2 AND LEFT(l0, 1) = '"'
-                               AND l1 REGEXP '^-?[0-9]+$', FALSE))
+                               AND l1 REGEXP '^-?[0-9]+$'
+                               AND JSON_CONTAINS(JSON_KEYS(data, '$.procs'), l0), FALSE))
 AND NOT EXISTS (SELECT 1 FROM JSON_TABLE(data, '$.procs.*' COLUMNS (e JSON PATH '$', {columns}))
                 AS p WHERE NOT COALESCE(LEFT(e, 1) = '[' AND JSON_LENGTH(e) = 10 AND {tests},
                                         FALSE))

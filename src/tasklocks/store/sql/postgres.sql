@@ -75,14 +75,15 @@ SELECT version, pg_notify(%(channel)s, %(ns)s) FROM u;
 (s.d->'format')::text = '3' AND jsonb_typeof(s.d->'locks') = 'object'
     AND jsonb_typeof(s.d->'procs') = 'object' AND coalesce(s.d->'queue', '[]') = '[]'
 -- name: entries
--- Every entry is [lease, token] and every record has the field types _doc.decode wants (a
--- hand-edited bad entry stops the fast paths as it stops the full one); {tests}, one per field
--- of a record, are built of the entry_* fragments. A record no entry names, or an entry whose
--- record is missing, is left for the full path to report.
+-- Every entry is [lease, token] with its lease's record in procs, and every record has the
+-- field types _doc.decode wants (a hand-edited bad entry stops the fast paths as it stops the
+-- full one); {tests}, one per field of a record, are built of the entry_* fragments. (A record
+-- no entry names is harmless: decode ignores it, and the full path's next write drops it.)
 NOT EXISTS (SELECT FROM jsonb_each(s.d->'locks') AS e(k, v)
             WHERE NOT coalesce(CASE WHEN jsonb_typeof(e.v) = 'array' THEN
                 jsonb_array_length(e.v) = 2 AND jsonb_typeof(e.v->0) = 'string'
                 AND jsonb_typeof(e.v->1) = 'number' AND (e.v->1)::text ~ '^-?[0-9]+$'
+                AND (s.d->'procs') ? (e.v->>0)
                 ELSE false END, false))
 AND NOT EXISTS (SELECT FROM jsonb_each(s.d->'procs') AS p(k, v)
             WHERE NOT coalesce(CASE WHEN jsonb_typeof(p.v) = 'array' THEN
