@@ -233,9 +233,6 @@ class SQLStore(ABC):
     def _rollback(self, conn: Any) -> None:
         self._execute(conn, self._sql["rollback"])
 
-    def _after_schema(self, conn: Any) -> None:  # noqa: B027 (a hook)
-        """Once per store, after the schema is known to be there (the dialect's extras)."""
-
     # --- the schema -----------------------------------------------------------------------------
 
     def _check_schema(self, conn: Any) -> None:
@@ -257,9 +254,13 @@ class SQLStore(ABC):
         if version > SCHEMA_VERSION:
             fix = f"newer than this tasklocks understands ({SCHEMA_VERSION}); upgrade tasklocks"
             raise StoreError(f"{where} has schema version {version}, {fix}")
-        self._execute(conn, self._sql["create_sessions"])  # added after schema version 1
+        self._schema_extras(conn)
+
+    def _schema_extras(self, conn: Any) -> None:
+        """What is made idempotently at every open: the sessions table (added after schema
+        version 1) and its index (a dialect may add its extras, or send them in one go)."""
+        self._execute(conn, self._sql["create_sessions"])
         self._index_sessions(conn)
-        self._after_schema(conn)
 
     def _index_sessions(self, conn: Any) -> None:
         """Index the sessions' expiry (a table made before the index was, too)."""
