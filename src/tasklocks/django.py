@@ -1,0 +1,89 @@
+"""Django: tasklocks on the database a Django project already uses.
+
+::
+
+    from tasklocks.django import connect
+
+    locks = connect("default", namespace="myapp")   # settings.DATABASES["default"]
+
+Django's connection is per thread and lives inside the project's transactions (``atomic()``,
+``ATOMIC_REQUESTS``): a lock written through it would commit or roll back with the request's
+work, and a waiting ``acquire`` would keep a transaction open. So tasklocks takes the alias's
+database *settings* (engine, name, host, port, user, password) and keeps its own connection,
+outside every transaction of the project: a lock taken inside ``atomic()`` stays taken when the
+block rolls back. ``DISABLE_SERVER_SIDE_CURSORS`` (what Django asks for behind PgBouncer in
+transaction pooling) turns on ``?pool=transaction``. Django itself is imported only when these
+functions are called.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any
+
+from tasklocks._session import DEFAULT_TTL
+from tasklocks.errors import BadURL
+from tasklocks.locks import LockTable
+from tasklocks.locks import connect as _connect
+
+__all__ = ["connect", "url_for"]
+
+_SCHEMES = {
+    "django.db.backends.postgresql": "postgresql",
+    "django.db.backends.mysql": "mysql",
+    "django.db.backends.sqlite3": "sqlite",
+}
+
+
+def url_for(
+    alias: str = "default", databases: Mapping[str, Mapping[str, Any]] | None = None
+) -> str:
+    """The tasklocks URL of a Django database alias (``databases`` defaults to the project's
+    ``settings.DATABASES``). :raises BadURL: no such alias, or an engine tasklocks does not
+    speak."""
+    if databases is None:
+        databases = importlib.import_module("django.conf").settings.DATABASES
+    if alias not in databases:
+        raise BadURL(f"Django has no database {alias!r}; use one of {', '.join(databases)}")
+    db = databases[alias]
+    engine = str(db.get("ENGINE", ""))
+    scheme = _SCHEMES.get(engine)
+    if scheme is None:
+        raise BadURL(
+            f"tasklocks cannot use Django's {engine or 'empty'} ENGINE of database {alias!r}; "
+            "use PostgreSQL, MySQL/MariaDB or SQLite"
+        )
+    name = str(db.get("NAME") or "")
+    if scheme == "sqlite":
+        if not name or name == ":memory:" or name.startswith("file:"):
+            raise BadURL(f"Django's database {alias!r} is no SQLite file; tasklocks needs one")
+        return "sqlite:///" + os.path.abspath(name)
+    quote = urllib.parse.quote
+    user = quote(str(db.get("USER") or ""), safe="")
+    password = quote(str(db.get("PASSWORD") or ""), safe="")
+    auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
+    host = str(db.get("HOST") or "127.0.0.1")
+    port = f":{db['PORT']}" if db.get("PORT") else ""
+    query = {}
+    if scheme == "postgresql" and db.get("DISABLE_SERVER_SIDE_CURSORS"):
+        query["pool"] = "transaction"
+    timeout = (db.get("OPTIONS") or {}).get("connect_timeout")
+    if timeout is not None:
+        query["connect_timeout"] = str(timeout)
+    tail = "?" + urllib.parse.urlencode(query) if query else ""
+    return f"{scheme}://{auth}{host}{port}/{quote(name, safe='')}{tail}"
+
+
+def connect(
+    alias: str = "default",
+    namespace: str = "default",
+    *,
+    ttl: float = DEFAULT_TTL,
+    reconnect_timeout: float = 5.0,
+) -> LockTable:
+    """:func:`tasklocks.connect` on the database of Django's ``alias``, with a connection of
+    its own (see the module docstring)."""
+    return _connect(url_for(alias), namespace, ttl=ttl, reconnect_timeout=reconnect_timeout)

@@ -1,0 +1,134 @@
+"""``tasklocks.django``: the database of a Django alias, with a connection of tasklocks' own.
+
+The URL mapping is checked on settings dicts; a real Django project (settings configured in a
+child process, Django's own connection used beside ours) checks that a lock taken inside
+``atomic()`` stays taken when the block rolls back, on every backend.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import BACKENDS, require, server_url
+
+from tasklocks.django import url_for
+from tasklocks.errors import BadURL
+from tasklocks.store import parse_url
+
+pytest.importorskip("django")
+
+
+def _pg(**more: Any) -> dict[str, Any]:
+    return {"ENGINE": "django.db.backends.postgresql", "NAME": "app", **more}
+
+
+@pytest.mark.parametrize(
+    ("db", "url"),
+    [
+        (_pg(USER="web", HOST="db", PORT=5433), "postgresql://web@db:5433/app"),
+        (_pg(USER="web", PASSWORD="p@ss:w/rd"), "postgresql://web:p%40ss%3Aw%2Frd@127.0.0.1/app"),
+        (_pg(DISABLE_SERVER_SIDE_CURSORS=True), "postgresql://127.0.0.1/app?pool=transaction"),
+        (_pg(OPTIONS={"connect_timeout": 3}), "postgresql://127.0.0.1/app?connect_timeout=3"),
+        (
+            {"ENGINE": "django.db.backends.mysql", "NAME": "app", "USER": "root", "PORT": "3306"},
+            "mysql://root@127.0.0.1:3306/app",
+        ),
+        (
+            {"ENGINE": "django.db.backends.sqlite3", "NAME": "/srv/db.sqlite3"},
+            "sqlite:////srv/db.sqlite3",
+        ),
+    ],
+)
+def test_an_alias_becomes_a_tasklocks_url(db: dict[str, Any], url: str) -> None:
+    assert url_for("default", {"default": db}) == url
+    parsed = parse_url(url)  # and tasklocks reads it back as meant
+    if parsed.scheme != "sqlite":
+        assert parsed.database == "app"
+        assert parsed.password == db.get("PASSWORD")
+
+
+@pytest.mark.parametrize(
+    ("databases", "problem"),
+    [
+        ({"other": _pg()}, "Django has no database 'default'; use one of other"),
+        ({"default": {"ENGINE": "django.db.backends.oracle"}}, "cannot use Django's"),
+        (
+            {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+            "no SQLite file",
+        ),
+    ],
+)
+def test_an_alias_tasklocks_cannot_use_is_a_bad_url(
+    databases: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(BadURL, match=problem):
+        url_for("default", databases)
+
+
+PROJECT = textwrap.dedent(
+    """
+    import json, sys
+    db = json.loads(sys.argv[1])
+    if db["ENGINE"].endswith("mysql"):  # Django's MySQL backend on PyMySQL (no mysqlclient here)
+        import pymysql
+        pymysql.version_info = (2, 2, 7, "final", 0)
+        pymysql.install_as_MySQLdb()
+    import django
+    from django.conf import settings
+    settings.configure(DATABASES={"default": db})
+    django.setup()
+    from django.db import connection, transaction
+    from tasklocks.django import connect
+    locks = connect("default", namespace=sys.argv[2])
+    class Undo(Exception):
+        pass
+    try:
+        with transaction.atomic():
+            with connection.cursor() as cur:  # the project's own work, rolled back below
+                cur.execute("SELECT 1")
+            lease = locks.acquire("report", owner="task:1")
+            raise Undo
+    except Undo:
+        pass
+    held = [h.name for h in locks.held()]  # read through tasklocks' own connection
+    lease.release()
+    print(json.dumps({"held": held, "after": [h.name for h in locks.held()]}))
+    locks.close()
+    """
+)
+
+
+def _settings(backend: str, tmp_path: Path) -> dict[str, Any]:
+    if backend == "sqlite":
+        return {"ENGINE": "django.db.backends.sqlite3", "NAME": str(tmp_path / "db.sqlite3")}
+    p = parse_url(server_url(backend))
+    engine = "postgresql" if backend == "postgresql" else "mysql"
+    return {
+        "ENGINE": f"django.db.backends.{engine}",
+        "NAME": p.database,
+        "USER": p.user or ("postgres" if backend == "postgresql" else "root"),
+        "PASSWORD": p.password or "",
+        "HOST": p.host,
+        "PORT": p.port or "",
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_lock_taken_in_a_rolled_back_atomic_block_stays_taken(
+    backend: str, namespace: str, tmp_path: Path
+) -> None:
+    require(backend)
+    out = subprocess.run(
+        [sys.executable, "-c", PROJECT, json.dumps(_settings(backend, tmp_path)), namespace],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"held": ["report"], "after": []}
