@@ -30,7 +30,8 @@ refuses format 3 by its number ("upgrade tasklocks") instead of misreading it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+import operator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -306,10 +307,21 @@ def _wide(holders: Holders) -> bool:
 
 
 Ident = tuple[Any, ...]  # a holder's record: the fields of format 3's ``procs``, in order
+RECORD: Final = (
+    "owner",
+    "pid",
+    "start",
+    "boot",
+    "host",
+    "pidns",
+    "pgid",
+    "since",
+    "note",
+    "session",
+)
 
 
-def _ident(h: Holder) -> Ident:
-    return (h.owner, h.pid, h.start, h.boot, h.host, h.pidns, h.pgid, h.since, h.note, h.session)
+_ident: Final[Callable[[Holder], Ident]] = operator.attrgetter(*RECORD)  # (a tuple, in C)
 
 
 def _fragment3(name: str, holders: Holders) -> str:
@@ -647,12 +659,7 @@ def _queue_from_json(namespace: str, raw: Any) -> tuple[Waiter, ...]:
     return queue
 
 
-_RECORD: Final = (
-    *tuple(_IDENTITY.items())[:7],
-    ("since", (float, int)),
-    ("note", (str, type(None))),
-    ("session", (str, type(None))),
-)
+_RECORD: Final = tuple((field, _TYPES[field]) for field in RECORD)
 
 
 class _Records:

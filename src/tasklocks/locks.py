@@ -39,8 +39,7 @@ from tasklocks.owner import (
     holder_liveness,
     owner_is_dead,
 )
-from tasklocks.store import FastPaths, OutcomeUnknown, Snapshot, Store, open_store
-from tasklocks.store._engine import Engine
+from tasklocks.store import Engine, FastPaths, OutcomeUnknown, Snapshot, Store, open_store
 
 __all__ = ["THIS_PROCESS", "HeldLock", "Lease", "LockTable", "QueuedWaiter", "connect"]
 

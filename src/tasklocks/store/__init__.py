@@ -36,6 +36,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Backend",
     "Compute",
+    "Engine",
     "FastPaths",
     "OutcomeUnknown",
     "Snapshot",
@@ -151,10 +152,16 @@ def open_store(
         engine, parsed = url, engine_url(url)
     else:
         parsed = parse_url(url or default_url())
-        if "pool" in parsed.query and parsed.scheme != "postgresql":
+        pool = parsed.query.get("pool")
+        if pool is not None and parsed.scheme != "postgresql":
             raise BadURL(
                 f"pool= is for PostgreSQL URLs (behind PgBouncer); remove it from the "
                 f"{parsed.scheme} URL"
+            )
+        if pool not in (None, "session", "transaction"):
+            raise BadURL(
+                f"unknown pool={pool!r} in the PostgreSQL URL; use pool=transaction behind a "
+                "transaction-pooling proxy such as PgBouncer, or leave it out"
             )
     store: Backend
     lender = {} if engine is None or parsed.scheme == "sqlite" else {"engine": engine}

@@ -258,12 +258,9 @@ class SQLStore(ABC):
 
     def _schema_extras(self, conn: Any) -> None:
         """What is made idempotently at every open: the sessions table (added after schema
-        version 1) and its index (a dialect may add its extras, or send them in one go)."""
+        version 1) and the index of their expiry (for a table made before the index was, too);
+        a dialect may add its extras, or send them in one go."""
         self._execute(conn, self._sql["create_sessions"])
-        self._index_sessions(conn)
-
-    def _index_sessions(self, conn: Any) -> None:
-        """Index the sessions' expiry (a table made before the index was, too)."""
         self._execute(conn, self._sql["index_sessions"])
 
     def _schema_row(self, conn: Any) -> Any:

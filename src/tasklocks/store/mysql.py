@@ -15,7 +15,7 @@ from typing import Any
 
 from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.store._base import Change, fill
-from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, ServerStore
+from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, POLLED, ServerStore
 
 __all__ = ["MySQLStore", "preload"]
 
@@ -100,9 +100,7 @@ class MySQLStore(ServerStore):
     DIALECT = "mysql"
     DEFAULT_PORT = 3306
     DEFAULT_USER = "root"
-    # Measured on MariaDB 10.11 (2 cores): a poll costs a waiting process ~0.2-0.3 ms of CPU
-    # once it wakes, so a fixed 10 ms cap would cost ~2 % of a core per waiter.
-    POLL = (0.001, 0.010, 0.05, 0.100, 0.005, 0.500)
+    POLL = POLLED  # no notifications: waiters poll
     QUOTE = "`"
     _mariadb = True  # set from the server's version string on connecting
 
@@ -245,7 +243,8 @@ class MySQLStore(ServerStore):
         tests = (v for path in paths for v in (path + "[0]", lease))
         return sql, [*paths, lease, *paths, *paths, proc, namespace, *tests]
 
-    def _index_sessions(self, conn: Any) -> None:
+    def _schema_extras(self, conn: Any) -> None:
+        self._execute(conn, self._sql["create_sessions"])
         if self._mariadb:  # (MySQL gets the index with new tables only)
             self._execute(conn, self._sql["index_sessions"])
 

@@ -25,9 +25,9 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 from tasklocks._clock import pause
-from tasklocks.errors import BadURL, StoreUnavailable
+from tasklocks.errors import StoreUnavailable
 from tasklocks.store._base import Change
-from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, ServerStore
+from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, POLLED, ServerStore
 
 __all__ = ["PostgresStore"]
 
@@ -58,8 +58,6 @@ class PostgresStore(ServerStore):
     DEFAULT_USER = "(default)"
     QUOTE = '"'
     POLL = (1.0, 1.0, 0.0, 1.0, 1.0, 1.0)  # a notification may be missed: re-read every second
-    POOLED_POLL = (0.001, 0.010, 0.05, 0.100, 0.005, 0.500)  # no notifications: MySQLStore's
-    POOLS = ("session", "transaction")  # the URL's pool= values
 
     # --- the driver -----------------------------------------------------------------------------
 
@@ -83,13 +81,7 @@ class PostgresStore(ServerStore):
         self._retry_errors = tuple(getattr(errors, name) for name in retry.split())
 
     def _setup(self) -> None:
-        pool = self._parsed.query.get("pool", "session")
-        if pool not in self.POOLS:
-            raise BadURL(
-                f"unknown pool={pool!r} in the PostgreSQL URL; use pool=transaction behind a "
-                "transaction-pooling proxy such as PgBouncer, or leave it out"
-            )
-        self._pooled = pool == "transaction"
+        self._pooled = self._parsed.query.get("pool") == "transaction"  # (checked: open_store)
         self._channel = f"{self.table}_changed"
         self._listeners: dict[str, set[int]] = {}  # namespace -> waiters' pipes
         self._listeners_lock = threading.Lock()
@@ -106,7 +98,7 @@ class PostgresStore(ServerStore):
         conn.autocommit = was
 
     def _pace(self) -> tuple[float, float, float, float, float, float]:
-        return self.POOLED_POLL if self._pooled else self.POLL
+        return POLLED if self._pooled else self.POLL
 
     def _open(self, **options: Any) -> Any:
         p = self._parsed
