@@ -10,17 +10,26 @@ that dies does not announce it, so that is checked, without any query, every
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from itertools import chain
+from typing import TypeVar
 
-from tasklocks._clock import pause
 from tasklocks._core import Blocked, Holder, Waiter
 from tasklocks._wake import Waker
 from tasklocks.errors import LockTimeout, StoreUnavailable, describe_way, ordinal
-from tasklocks.store import Store
 
-__all__ = ["DEATH_CHECK_INTERVAL", "OnWait", "Wait", "WaitStatus", "Watch"]
+__all__ = [
+    "DEATH_CHECK_INTERVAL",
+    "Listen",
+    "OnWait",
+    "Pause",
+    "Request",
+    "Steps",
+    "Wait",
+    "WaitStatus",
+    "Watch",
+]
 
 DEATH_CHECK_INTERVAL = 1.0
 WATCH_INTERVAL = 0.25  # a watch callback hears from a wait at least this often (seconds)
@@ -51,16 +60,41 @@ class WaitStatus:
 Watch = Callable[[WaitStatus], None]
 
 
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """A waiting ``acquire`` asks its driver to sleep ``seconds`` (the database did not answer)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """A waiting ``acquire`` asks its driver to wait up to ``timeout`` seconds for the namespace
+    to move on from ``version`` (see ``Store.wait_for_change``) or for a local wake-up on
+    ``wake_fd``; the driver answers True if one came (it drains ``wake_fd`` itself)."""
+
+    version: int
+    timeout: float
+    wake_fd: int | None
+    pace: bool
+
+
+Request = Pause | Listen
+# An acquisition as a generator: it runs its database steps itself and yields where it would
+# sleep, so that one driver blocks (LockTable) and another awaits (tasklocks.aio).
+T = TypeVar("T")
+Steps = Generator[Request, bool, T]
+
+
 class Wait:
     """The waiting of one ``acquire(wait=True)``: its deadline, its ``on_wait`` callback (called
-    once, when it starts waiting), its ``watch`` callback (called when it starts waiting, when its
-    place or who is in its way changes, and at least every :data:`WATCH_INTERVAL` seconds; what it
-    raises ends the wait), and its sleeps."""
+        once, when it starts waiting), its ``watch`` callback (called when it starts waiting, when its
+        place or who is in its way changes, and at least every :data:`WATCH_INTERVAL` seconds; what it
+        raises ends the wait), and its sleeps: it yields a :class:`Listen` or :class:`Pause` where it
+    would sleep, and its driver sleeps (see ``LockTable._run``)."""
 
     def __init__(
         self,
-        store: Store,
-        namespace: str,
         waker: Waker,
         is_dead: Callable[[Holder | Waiter], bool],
         timeout: float | None,
@@ -68,7 +102,7 @@ class Wait:
         names: tuple[str, ...] = (),
         watch: Watch | None = None,
     ) -> None:
-        self.store, self.namespace, self.waker, self.is_dead = store, namespace, waker, is_dead
+        self.waker, self.is_dead = waker, is_dead
         self.timeout = timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.on_wait = on_wait
@@ -117,7 +151,7 @@ class Wait:
         if self.watch is not None and time.monotonic() - self._told_at >= WATCH_INTERVAL:
             self._tell()
 
-    def outage(self, exc: StoreUnavailable) -> None:
+    def outage(self, exc: StoreUnavailable) -> Generator[Request, bool, None]:
         """The database did not answer: pause, then let the caller try again; raise ``exc``
         once the deadline has passed (the database was down longer than the wait's timeout)."""
         seconds = OUTAGE_PAUSE
@@ -125,14 +159,14 @@ class Wait:
             seconds = min(seconds, self.deadline - time.monotonic())
             if seconds <= 0:
                 raise exc
-        pause(seconds)
+        yield Pause(seconds)
         self._tick()
 
     def timed_out(self) -> LockTimeout:
         way = self.way
         return LockTimeout(self.timeout or 0.0, way.blockers, holders=way.holders, queue=way.ahead)
 
-    def sleep(self, version: int, expiry: float) -> None:
+    def sleep(self, version: int, expiry: float) -> Generator[Request, bool, None]:
         """Return when the document may have moved on from ``version``, one in the way is
         proven dead, or the first session in the way is due to expire (in ``expiry`` seconds, by
         the database's clock when last read: the caller reads again, and the database decides).
@@ -154,11 +188,9 @@ class Wait:
                 chunk = min(chunk, WATCH_INTERVAL)
             if self.deadline is not None:
                 chunk = min(chunk, self.deadline - now)
-            happened = self.store.wait_for_change(
-                self.namespace, version, chunk, wake_fd, pace=not self._moved
-            )
+            happened = yield Listen(version, chunk, wake_fd, not self._moved)
             self._moved = False
-            if self.waker.drain() or happened:
+            if happened:
                 return
             self._tick()
             if any(self.is_dead(e) for e in in_way):

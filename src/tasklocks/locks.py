@@ -12,14 +12,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from tasklocks import _core
 from tasklocks._clock import clock, pause
 from tasklocks._core import EXCLUSIVE, SHARED, Claimant, Holder, LockDoc, Waiter, Want
 from tasklocks._fastpath import FastPath
 from tasklocks._session import DEFAULT_TTL, MIN_TTL, Session
-from tasklocks._waiting import OnWait, Wait, Watch
+from tasklocks._waiting import Listen, OnWait, Pause, Request, Steps, Wait, Watch
 from tasklocks._wake import Waker
 from tasklocks.errors import (
     Deadlock,
@@ -439,6 +439,52 @@ class LockTable:
         :raises Deadlock: waiting would never end: the owners it waits for wait for it.
         :raises BadLockName: a name, or the owner, is not allowed.
         """
+        return self._run(
+            self._acquiring(
+                names, owner, wait, timeout, note, on_wait, process, shared, limit, watch
+            )
+        )
+
+    def _run(self, steps: Steps[T]) -> T:
+        """Drive an acquisition's steps, sleeping where it asks to (``tasklocks.aio`` awaits
+        instead); what the sleep raises is raised inside the steps, which clean up."""
+        send: Callable[[Any], Request] = steps.send
+        reply: Any = None
+        while True:
+            try:
+                request = send(reply)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            send = steps.send
+            try:
+                if isinstance(request, Pause):
+                    pause(request.seconds)
+                    reply = False
+                else:
+                    reply = self._listen(request)
+            except BaseException as exc:
+                send, reply = steps.throw, exc
+
+    def _listen(self, request: Listen) -> bool:
+        happened = self.store.wait_for_change(
+            self.namespace, request.version, request.timeout, request.wake_fd, pace=request.pace
+        )
+        return self._waker.drain() or happened
+
+    def _acquiring(
+        self,
+        names: tuple[str, ...],
+        owner: str | None,
+        wait: bool,
+        timeout: float | None,
+        note: str | None,
+        on_wait: OnWait | None,
+        process: ProcessIdentity | _ThisProcess | None,
+        shared: bool | Iterable[str],
+        limit: int | Mapping[str, int] | None,
+        watch: Watch | None,
+    ) -> Steps[Lease]:
+        """``acquire`` as steps (see ``_run``)."""
         if not names:
             raise ValueError("acquire() needs at least one lock name")
         wanted = _wants(names, shared, limit)
@@ -446,8 +492,6 @@ class LockTable:
         waiting = None
         if wait:
             waiting = Wait(
-                self.store,
-                self.namespace,
                 self._waker,
                 self._is_dead,
                 timeout,
@@ -457,7 +501,7 @@ class LockTable:
             )
         self._settle()
         try:
-            token, session = self._acquire(wanted, claimant, waiting)
+            token, session = yield from self._acquire(wanted, claimant, waiting)
             names_ = tuple(w.name for w in wanted)
             return Lease(self, names_, claimant.owner, token, claimant.lease, session, wanted)
         except BaseException:
@@ -472,7 +516,7 @@ class LockTable:
 
     def _acquire(
         self, wanted: tuple[Want, ...], claimant: Claimant, waiting: Wait | None
-    ) -> tuple[int, Session | None]:
+    ) -> Steps[tuple[int, Session | None]]:
         """The token of the acquisition and the session that keeps it; with ``waiting``, queue
         up and wait, and go on waiting while the database does not answer. Each attempt names
         the session alive then: a wait may outlast one (paused, cut off)."""
@@ -504,7 +548,7 @@ class LockTable:
                 if fast and self._doc.plain and claimant.lease not in self._queued:
                     token = self._fast_acquire(tuple(w.name for w in wanted), claimant)
                 if token is None:
-                    token = self._queue_up(wanted, claimant, waiting)
+                    token = yield from self._queue_up(wanted, claimant, waiting)
                 if token is not None:
                     if session is None or session.alive():
                         return token, session
@@ -513,11 +557,11 @@ class LockTable:
             except StoreUnreachable as exc:
                 if waiting is None or isinstance(exc, OutcomeUnknown):
                     raise
-                waiting.outage(exc)  # raises LockTimeout (or this) once the time is up
+                yield from waiting.outage(exc)  # raises LockTimeout (or this) once time is up
 
     def _queue_up(
         self, wanted: tuple[Want, ...], claimant: Claimant, waiting: Wait | None
-    ) -> int | None:
+    ) -> Steps[int | None]:
         """One full-path attempt: the token, or None if the caller must try again."""
         outcome = self._try_acquire(wanted, claimant, queue=waiting is not None)
         if isinstance(outcome, _core.Granted):
@@ -529,11 +573,11 @@ class LockTable:
             raise LockHeld(way.blockers, holders=way.holders, queue=way.ahead)
         self._queued.add(claimant.lease)
         waiting.begin(way)
-        return self._wait_in_line(tuple(w.name for w in wanted), claimant, waiting)
+        return (yield from self._wait_in_line(tuple(w.name for w in wanted), claimant, waiting))
 
     def _wait_in_line(
         self, names: tuple[str, ...], claimant: Claimant, waiting: Wait
-    ) -> int | None:
+    ) -> Steps[int | None]:
         """Sleep until the queued acquisition is granted (by whichever write promoted it): its
         token. None: the full path must run again (one in its way is gone, or its place in the
         queue was lost)."""
@@ -545,7 +589,7 @@ class LockTable:
             ]
             elapsed = clock() - self._seen_at  # (a guess of when to read again, nothing more)
             expiry = min((self._left(e) for e in in_way), default=float("inf")) - elapsed
-            waiting.sleep(self._snap.version if self._snap is not None else 0, expiry)
+            yield from waiting.sleep(self._snap.version if self._snap is not None else 0, expiry)
             doc = self._decode(self.store.read(self.namespace))
             token = _core.held_token(doc, names, claimant.lease)
             if token is not None:
