@@ -88,9 +88,9 @@ Steps = Generator[Request, bool, T]
 
 class Wait:
     """The waiting of one ``acquire(wait=True)``: its deadline, its ``on_wait`` callback (called
-        once, when it starts waiting), its ``watch`` callback (called when it starts waiting, when its
-        place or who is in its way changes, and at least every :data:`WATCH_INTERVAL` seconds; what it
-        raises ends the wait), and its sleeps: it yields a :class:`Listen` or :class:`Pause` where it
+    once, when it starts waiting), its ``watch`` callback (called when it starts waiting, when its
+    place or who is in its way changes, and at least every :data:`WATCH_INTERVAL` seconds; what it
+    raises ends the wait), and its sleeps: it yields a :class:`Listen` or :class:`Pause` where it
     would sleep, and its driver sleeps (see ``LockTable._run``)."""
 
     def __init__(

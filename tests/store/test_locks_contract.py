@@ -17,8 +17,10 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import cast
 
 import pytest
+from blocking_aio import BlockingAio, BlockingLease
 from conftest import raw_sql
 
 import tasklocks
@@ -41,8 +43,13 @@ Popen = subprocess.Popen[str]
 WAIT = 20.0  # upper bound for anything that should happen "soon"; never the reason a test passes
 
 
-@pytest.fixture
-def table(db_url: str, namespace: str) -> Iterator[LockTable]:
+@pytest.fixture(params=["blocking", "aio"])
+def table(request: pytest.FixtureRequest, db_url: str, namespace: str) -> Iterator[LockTable]:
+    """The table under test: a LockTable, or the async API driven from here (blocking_aio)."""
+    if request.param == "aio":
+        with BlockingAio(db_url, namespace) as b:
+            yield cast(LockTable, b)  # the same methods, not the same class
+        return
     with tasklocks.connect(db_url, namespace=namespace) as t:
         yield t
 
@@ -233,7 +240,7 @@ def test_held_reports_the_token_of_the_lease(table: LockTable) -> None:
 
 def test_lease_is_a_context_manager(table: LockTable, other: LockTable) -> None:
     with table.acquire("a", "b") as lease:
-        assert isinstance(lease, Lease)
+        assert isinstance(lease, Lease | BlockingLease)
         assert set(names_held(other)) == {"a", "b"}
     assert lease.released
     assert other.held() == []

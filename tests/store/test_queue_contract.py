@@ -11,9 +11,10 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from blocking_aio import BlockingAio
 
 import tasklocks
 from tasklocks import (
@@ -28,8 +29,13 @@ from tasklocks import (
 WAIT = 20.0  # upper bound for anything that should happen "soon"; never the reason a test passes
 
 
-@pytest.fixture
-def table(db_url: str, namespace: str) -> Iterator[LockTable]:
+@pytest.fixture(params=["blocking", "aio"])
+def table(request: pytest.FixtureRequest, db_url: str, namespace: str) -> Iterator[LockTable]:
+    """The table under test: a LockTable, or the async API driven from here (blocking_aio)."""
+    if request.param == "aio":
+        with BlockingAio(db_url, namespace) as b:
+            yield cast(LockTable, b)  # the same methods, not the same class
+        return
     with tasklocks.connect(db_url, namespace=namespace) as t:
         yield t
 

@@ -502,13 +502,13 @@ def test_a_paced_wait_on_mysql_goes_on_at_the_pace_it_had_reached(
     url = server_url("mysql")
     waiter, writer = open_store(url), open_store(url)
     polls = [0]
-    version_of = waiter._version
+    version_of = waiter.version
 
     def counted(ns: str) -> int:
         polls[0] += 1
         return int(version_of(ns))
 
-    monkeypatch.setattr(waiter, "_version", counted)
+    monkeypatch.setattr(waiter, "version", counted)
     try:
         results = {}
         for pace in (True, False):

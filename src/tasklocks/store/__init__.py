@@ -11,7 +11,7 @@ is a protocol of its own (:class:`FastPaths`), which callers ask for by type.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from tasklocks._url import default_url, parse_url
@@ -34,6 +34,7 @@ __all__ = [
     "EMPTY_DOCUMENT",
     "FAST_MAX_BYTES",
     "SCHEMA_VERSION",
+    "AsyncNotifies",
     "Backend",
     "Compute",
     "Engine",
@@ -124,6 +125,22 @@ class FastPaths(Protocol):
         """``fast_release``, and the row as it is after it where the backend reads it in the
         same round trip (else None): a release that did not apply (waiters queued) goes on to
         the full path with a current snapshot instead of another round trip."""
+
+
+@runtime_checkable
+class AsyncNotifies(Protocol):
+    """A backend whose notifications an asyncio loop can hear (PostgreSQL's LISTEN, on a
+    connection of its own): ``tasklocks.aio``'s waiters wait on them instead of polling fast."""
+
+    def listens(self) -> bool:
+        """Whether there are notifications to hear (none behind a transaction pool)."""
+
+    async def listen_async(
+        self, heard: Callable[[str | None], None], ready: Callable[[bool], None]
+    ) -> None:
+        """Listen until cancelled: ``heard(namespace)`` for each change that asked to wake
+        waiters, ``heard(None)`` after a reconnection (what happened meanwhile went unheard);
+        ``ready(True)`` when listening, ``ready(False)`` when the connection is lost."""
 
 
 Backend = SQLStore  # a database adapter: lock documents (a Store), task records, FastPaths

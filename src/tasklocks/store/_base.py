@@ -196,7 +196,7 @@ class SQLStore(ABC):
     def _outcome_known(self, exc: BaseException) -> bool:
         """After ``exc``, is it certain that nothing sent in this transaction was committed?"""
 
-    def _pace(self) -> tuple[float, float, float, float, float, float]:
+    def pace(self) -> tuple[float, float, float, float, float, float]:
         """The polling pace of this store (see ``_poll``): ``POLL``, unless a dialect decides
         per URL."""
         return self.POLL
@@ -409,7 +409,7 @@ class SQLStore(ABC):
         most); with a ``wake_fd`` (it ends the wait) from ``POLL[4]`` to ``POLL[5]`` s. Waits in
         slices go on where they stopped, unless ``heard`` (readable on a change) is given; so
         does a wait with ``pace`` for the version the last one saw (see ``wait_for_change``)."""
-        first, cap_young, share, cap_old, wake_first, wake_cap = self._pace()
+        first, cap_young, share, cap_old, wake_first, wake_cap = self.pace()
         now = time.monotonic()
         deadline = now + timeout
         previous = self._backoff.pop(namespace, None)
@@ -417,7 +417,7 @@ class SQLStore(ABC):
         # it saw concerned nobody here.
         if previous is not None and previous[0] == version and heard < 0 and (previous[4] or pace):
             _, start, last, delay, _ = previous
-        elif self._version(namespace) != version:
+        elif self.version(namespace) != version:
             return True
         else:
             start, last, delay = now, now, first if wake_fd is None else wake_first
@@ -432,14 +432,16 @@ class SQLStore(ABC):
                 return True  # drained by the caller, not here
             if not due <= time.monotonic() < deadline:
                 continue  # not due yet, or the time is up (the next call polls first)
-            if (seen := self._version(namespace)) != version:
+            if (seen := self.version(namespace)) != version:
                 self._backoff[namespace] = (seen, start, time.monotonic(), delay, False)
                 return True
             last = time.monotonic()
             cap = min(cap_old, max(cap_young, share * (last - start)))
             delay = min(delay * 1.5, cap if wake_fd is None else wake_cap)
 
-    def _version(self, namespace: str) -> int:
+    def version(self, namespace: str) -> int:
+        """The namespace's version (0: no row yet), read alone: what a waiter polls."""
+
         def body(conn: Any, call: Call) -> int:
             row = self._execute(conn, self._sql["select_version"], (namespace,)).fetchone()
             return int(row[0]) if row is not None else 0

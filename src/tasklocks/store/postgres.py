@@ -18,9 +18,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -97,12 +98,15 @@ class PostgresStore(ServerStore):
     def _unlend(self, conn: Any, was: Any) -> None:
         conn.autocommit = was
 
-    def _pace(self) -> tuple[float, float, float, float, float, float]:
+    def pace(self) -> tuple[float, float, float, float, float, float]:
         return POLLED if self._pooled else self.POLL
 
     def _open(self, **options: Any) -> Any:
+        return self._psycopg.connect(**self._connect_args(**options))
+
+    def _connect_args(self, **options: Any) -> dict[str, Any]:
         p = self._parsed
-        return self._psycopg.connect(
+        return dict(
             host=p.host,
             port=p.port or self.DEFAULT_PORT,
             user=p.user,
@@ -307,6 +311,36 @@ class PostgresStore(ServerStore):
                 pause(1.0)
         if conn is not None:
             conn.close()
+
+    def listens(self) -> bool:
+        return not self._pooled
+
+    async def listen_async(
+        self, heard: Callable[[str | None], None], ready: Callable[[bool], None]
+    ) -> None:
+        """``_read`` for an asyncio loop (``tasklocks.aio``), on a psycopg ``AsyncConnection``
+        of its own, until cancelled."""
+        sql = self._psycopg.sql
+        lost = False
+        while True:
+            conn: Any = None
+            try:
+                args = self._connect_args(application_name="tasklocks-listen")
+                conn = await self._psycopg.AsyncConnection.connect(**args)
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                ready(True)
+                if lost:  # what happened while there was no connection went unheard
+                    heard(None)
+                async for notify in conn.notifies():
+                    heard(notify.payload)
+            except (OSError, self._psycopg.Error):
+                ready(False)
+                lost = True
+                await asyncio.sleep(1.0)
+            finally:
+                if conn is not None:
+                    with suppress(Exception):
+                        await conn.close()
 
     def _close_more(self) -> None:
         self._closed = True

@@ -1,0 +1,551 @@
+"""tasklocks for asyncio: ``await tasklocks.aio.connect(url, namespace=...)``.
+
+An :class:`AsyncLockTable` has the methods of :class:`tasklocks.LockTable` as coroutines, with the
+same arguments, results and errors; ``hold`` is an ``async with``, and so is a lease.
+
+How it waits without blocking the loop, and without a thread per waiter:
+
+* An acquisition is the same code as ``LockTable.acquire`` (``LockTable._acquiring``: steps that
+  yield where they would sleep). Its database steps run on the table's worker thread: one per
+  table however many coroutines use it, since the table's connection serves one statement at a
+  time. The drivers tasklocks speaks (psycopg, PyMySQL, sqlite3) block, so that bounded executor
+  is what keeps the loop free; it never sleeps, it only runs statements.
+* Where the acquisition would sleep, its coroutine awaits the table's :class:`_Changes`: a
+  PostgreSQL notification (LISTEN on a psycopg ``AsyncConnection`` of its own), a release on
+  this host (the inotify descriptor of :mod:`tasklocks._wake`, watched by the loop), or a poll
+  of the namespace's version that the table's waiters share (MariaDB and SQLite, and PostgreSQL
+  behind PgBouncer or as a safety net, at the sync waiters' pace).
+* Cancellation is safe: a statement that is running when the coroutine is cancelled runs to its
+  end (a thread cannot be stopped halfway, and its reply decides what was written), then the
+  acquisition gives back whatever it may have written, in the order the blocking API does when
+  it raises: nothing held, no place in the queue. The ``CancelledError`` comes after that.
+* ``on_wait`` and ``watch`` are called on the event loop's thread (plain functions).
+* The default owner is the calling asyncio task's, ``pid:<host>:<pid>:aio-<n>``
+  (``task:<id>:aio-<n>`` inside a tasklocks task), so that two coroutines of one process are two
+  holders, as two processes are: one waits for the other (a blocking table's default owner is
+  the process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import itertools
+import threading
+import time
+import weakref
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager, suppress
+from types import TracebackType
+from typing import Any, TypeVar
+
+from tasklocks._core import Holder, Want
+from tasklocks._session import DEFAULT_TTL
+from tasklocks._waiting import Listen, OnWait, Pause, Request, Steps, Watch
+from tasklocks.errors import TasklocksError
+from tasklocks.locks import THIS_PROCESS, HeldLock, Lease, LockTable, QueuedWaiter, _ThisProcess
+from tasklocks.locks import connect as _connect
+from tasklocks.owner import ProcessIdentity, current_process, default_owner
+from tasklocks.store import AsyncNotifies, Backend, Engine, Snapshot
+
+__all__ = ["AsyncLease", "AsyncLockTable", "connect", "task_owner"]
+
+T = TypeVar("T")
+LISTEN_WAIT = 2.0  # seconds a first waiter waits for the LISTEN connection before polling
+RETRY_POLL = 1.0  # seconds between polls while the database does not answer
+
+
+_numbers: weakref.WeakKeyDictionary[asyncio.Task[Any], int] = weakref.WeakKeyDictionary()
+_count = itertools.count(1)
+
+
+def task_owner() -> str:
+    """The default owner of locks taken by the calling asyncio task: the process's default
+    owner (see :func:`tasklocks.owner.default_owner`) and ``:aio-<n>``, numbered per process."""
+    task = asyncio.current_task()
+    if task is None:
+        raise RuntimeError("tasklocks.aio.task_owner() is for code running in an asyncio task")
+    number = _numbers.get(task)
+    if number is None:
+        number = _numbers[task] = next(_count)
+    return f"{default_owner(current_process())}:aio-{number}"
+
+
+class _Abandon(BaseException):
+    """Thrown into an acquisition's steps when its coroutine was cancelled: they give back what
+    they may have written, as for any exception, and raise it again."""
+
+
+async def _finish(future: asyncio.Future[T]) -> T:
+    """Await ``future`` (work on a thread, which cannot be stopped halfway) to its end even if
+    the caller is cancelled meanwhile; then raise that ``CancelledError``, or return."""
+    cancelled: asyncio.CancelledError | None = None
+    while not future.done():
+        try:
+            await asyncio.wait([future])
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if cancelled is not None:
+        if not future.cancelled():
+            future.exception()  # retrieved: the cancellation is what the caller hears of
+        raise cancelled
+    return future.result()
+
+
+def _advance(send: Callable[[Any], Request], reply: Any) -> tuple[bool, Any]:
+    """One step of an acquisition: (False, what it waits for) or (True, its result)."""
+    try:
+        return False, send(reply)
+    except StopIteration as stop:
+        return True, stop.value
+
+
+def _on_loop(
+    fn: Callable[[Any], None] | None, loop: asyncio.AbstractEventLoop
+) -> Callable[[Any], None] | None:
+    """``fn`` called on the loop's thread (from the worker, which waits for it to return)."""
+    if fn is None:
+        return None
+    callback = fn
+    thread = threading.get_ident()
+
+    def call(arg: Any) -> None:
+        if threading.get_ident() == thread:
+            callback(arg)
+            return
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                callback(arg)
+            except BaseException as exc:
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
+        loop.call_soon_threadsafe(run)
+        done.result()
+
+    return call
+
+
+class AsyncLease:
+    """:class:`tasklocks.Lease` for asyncio: ``await lease.release()``, ``async with lease``."""
+
+    def __init__(self, table: AsyncLockTable, lease: Lease) -> None:
+        self.table = table
+        self.lease = lease
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.lease.names
+
+    @property
+    def wants(self) -> tuple[Want, ...]:
+        return self.lease.wants
+
+    @property
+    def owner(self) -> str:
+        return self.lease.owner
+
+    @property
+    def token(self) -> int:
+        """The fencing token (see :class:`tasklocks.Lease`)."""
+        return self.lease.token
+
+    @property
+    def lease_id(self) -> str:
+        return self.lease.lease_id
+
+    @property
+    def released(self) -> bool:
+        return self.lease.released
+
+    @property
+    def lost(self) -> threading.Event:
+        """Set once the lease is lost (see :attr:`tasklocks.Lease.lost`)."""
+        return self.lease.lost
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` if the lease is lost (no I/O: it may be called anywhere)."""
+        self.lease.check()
+
+    async def release(self) -> None:
+        """Release every lock of this lease (see :meth:`tasklocks.Lease.release`); cancelled
+        meanwhile, the release still completes before ``CancelledError`` is raised."""
+        await self.table._call(self.lease.release)
+
+    async def __aenter__(self) -> AsyncLease:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self.lease.released:
+            await self.release()
+
+    def __repr__(self) -> str:
+        return "<Async" + repr(self.lease)[1:]
+
+
+class AsyncLockTable:
+    """The locks of one namespace, for asyncio: :class:`tasklocks.LockTable`'s methods as
+    coroutines. Open it with :func:`connect`; close it with ``await table.close()`` or
+    ``async with``."""
+
+    def __init__(self, table: LockTable, worker: concurrent.futures.ThreadPoolExecutor) -> None:
+        self.table = table  # the blocking table the steps run on (in the worker only)
+        self._worker = worker
+        self._changes = _Changes(self)
+        self._closed = False
+
+    @property
+    def namespace(self) -> str:
+        return self.table.namespace
+
+    @property
+    def ttl(self) -> float:
+        return self.table.ttl
+
+    def _submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+        if self._closed:
+            raise TasklocksError(
+                f"the async lock table of namespace {self.namespace} is closed; "
+                "open another with tasklocks.aio.connect()"
+            )
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(self._worker, functools.partial(fn, *args, **kwargs))
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn`` on the worker; if cancelled meanwhile, after it returns."""
+        return await _finish(self._submit(fn, *args, **kwargs))
+
+    # --- acquiring ----------------------------------------------------------------------------
+
+    async def acquire(
+        self,
+        *names: str,
+        owner: str | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+        note: str | None = None,
+        on_wait: OnWait | None = None,
+        process: ProcessIdentity | _ThisProcess | None = THIS_PROCESS,
+        shared: bool | Iterable[str] = False,
+        limit: int | Mapping[str, int] | None = None,
+        watch: Watch | None = None,
+    ) -> AsyncLease:
+        """Take every one of ``names``, or none of them: :meth:`tasklocks.LockTable.acquire`,
+        awaiting where it would block. A cancelled call leaves nothing held and no place in
+        the queue, whenever the cancellation lands."""
+        loop = asyncio.get_running_loop()
+        steps = self.table._acquiring(
+            names,
+            task_owner() if owner is None and process is THIS_PROCESS else owner,
+            wait,
+            timeout,
+            note,
+            _on_loop(on_wait, loop),
+            process,
+            shared,
+            limit,
+            _on_loop(watch, loop),
+        )
+        return AsyncLease(self, await self._drive(steps))
+
+    async def _drive(self, steps: Steps[Lease]) -> Lease:
+        """``LockTable._run`` for the loop: each step on the worker, each sleep awaited."""
+        send: Callable[[Any], Request] = steps.send
+        reply: Any = None
+        cancelled: asyncio.CancelledError | None = None
+        while True:
+            step = self._submit(_advance, send, reply)
+            try:
+                done, value = await _finish(step)
+            except asyncio.CancelledError as exc:  # the step ran to its end
+                cancelled = exc
+                if step.exception() is not None:
+                    raise  # the steps raised: they cleaned up as they do for any error
+                done, value = step.result()
+            except _Abandon:
+                assert cancelled is not None
+                raise cancelled from None  # the steps gave back what they had written
+            if done:
+                if cancelled is not None:  # granted just as the cancellation came
+                    await _finish(self._submit(_give_back, value))
+                    raise cancelled
+                return value  # type: ignore[no-any-return]
+            if cancelled is not None:
+                send, reply = steps.throw, _Abandon()
+                continue
+            try:
+                reply = await self._sleep(value)
+                send = steps.send
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+                send, reply = steps.throw, _Abandon()
+            except BaseException as exc:
+                send, reply = steps.throw, exc
+
+    async def _sleep(self, request: Request) -> bool:
+        if isinstance(request, Pause):
+            await asyncio.sleep(request.seconds)
+            return False
+        return await self._changes.wait(request)
+
+    @asynccontextmanager
+    async def hold(
+        self,
+        *names: str,
+        timeout: float | None = None,
+        owner: str | None = None,
+        note: str | None = None,
+        on_wait: OnWait | None = None,
+        shared: bool | Iterable[str] = False,
+        limit: int | Mapping[str, int] | None = None,
+        watch: Watch | None = None,
+    ) -> AsyncIterator[AsyncLease]:
+        """``async with table.hold(...) as lease``: wait for ``names`` (up to ``timeout``), hold
+        them in the block, then release (see :meth:`tasklocks.LockTable.hold`)."""
+        lease = await self.acquire(
+            *names,
+            owner=owner,
+            wait=True,
+            timeout=timeout,
+            note=note,
+            on_wait=on_wait,
+            shared=shared,
+            limit=limit,
+            watch=watch,
+        )
+        async with lease:
+            yield lease
+
+    # --- releasing and looking ------------------------------------------------------------------
+
+    async def release(self, *names: str, owner: str | None = None) -> None:
+        """See :meth:`tasklocks.LockTable.release` (``owner``: this task's by default)."""
+        owner = task_owner() if owner is None else owner
+        await self._call(self.table.release, *names, owner=owner)
+
+    async def release_owner(self, owner: str) -> list[str]:
+        """See :meth:`tasklocks.LockTable.release_owner`."""
+        return await self._call(self.table.release_owner, owner)
+
+    async def release_all(self) -> list[str]:
+        """See :meth:`tasklocks.LockTable.release_all`."""
+        return await self._call(self.table.release_all)
+
+    async def reap(self, *, owner: str | None = None) -> list[tuple[str, Holder]]:
+        """See :meth:`tasklocks.LockTable.reap`."""
+        return await self._call(self.table.reap, owner=owner)
+
+    async def held(self) -> list[HeldLock]:
+        """See :meth:`tasklocks.LockTable.held`."""
+        return await self._call(self.table.held)
+
+    async def waiting(self) -> list[QueuedWaiter]:
+        """See :meth:`tasklocks.LockTable.waiting`."""
+        return await self._call(self.table.waiting)
+
+    async def raw(self) -> Snapshot:
+        """See :meth:`tasklocks.LockTable.raw`."""
+        return await self._call(self.table.raw)
+
+    async def repair(self) -> Snapshot:
+        """See :meth:`tasklocks.LockTable.repair`."""
+        return await self._call(self.table.repair)
+
+    # --- lifetime -----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop waiting for changes, then close the table (see :meth:`LockTable.close`) once
+        the calls before this one have ended (idempotent)."""
+        if self._closed:
+            return
+        await self._changes.close()
+        closing = self._submit(self.table.close)
+        self._closed = True
+        try:
+            await _finish(closing)
+        finally:
+            self._worker.shutdown(wait=False)
+
+    async def __aenter__(self) -> AsyncLockTable:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<AsyncLockTable {self.table.store.url} namespace={self.namespace}>"
+
+
+def _give_back(lease: Lease) -> None:
+    """Release a lease granted to a cancelled acquisition (what is gone is gone)."""
+    with suppress(TasklocksError):
+        lease.release()
+
+
+class _Changes:
+    """What a table's waiting coroutines await: the namespace may have moved on from the version
+    they read. Three sources fire it, and every waiter then reads again (as a woken blocking
+    waiter does): a notification (PostgreSQL), a local wake-up (inotify, on the loop), and a
+    poll of the version, one per table whatever the number of waiters, at the store's pace."""
+
+    def __init__(self, table: AsyncLockTable) -> None:
+        self._table = table
+        store = table.table.store
+        assert isinstance(store, Backend)  # (tasklocks.aio.connect opens one)
+        self._store = store
+        self._namespace = table.namespace
+        self._event = asyncio.Event()  # set (and replaced) on each change
+        self._waiting: Counter[int] = Counter()  # the versions waiters wait to move on from
+        self._seen = 0  # the newest version polled
+        self._now = asyncio.Event()  # poll now (a waiter starts afresh)
+        self._poller: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._listening: asyncio.Event | None = None
+        self._fd: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _fire(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    def _heard(self, namespace: str | None) -> None:
+        if namespace is None or namespace == self._namespace:
+            self._fire()
+
+    def _ready(self, listening: bool) -> None:
+        if self._listening is not None:
+            (self._listening.set if listening else self._listening.clear)()
+
+    def _woken(self) -> None:
+        if self._table.table._waker.drain():
+            self._fire()
+
+    def _start(self, wake_fd: int | None) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+            store = self._store
+            if isinstance(store, AsyncNotifies) and store.listens():
+                self._listening = asyncio.Event()
+                self._listener = loop.create_task(store.listen_async(self._heard, self._ready))
+        if wake_fd is not None and wake_fd != self._fd:
+            if self._fd is not None:
+                loop.remove_reader(self._fd)
+            loop.add_reader(wake_fd, self._woken)
+            self._fd = wake_fd
+
+    async def wait(self, request: Listen) -> bool:
+        """True once the namespace may have moved on from ``request.version`` (a local wake-up
+        counts); False after ``request.timeout`` seconds."""
+        self._start(request.wake_fd)
+        event = self._event  # before the poll below: a change after it is not missed
+        if self._listening is not None and not self._listening.is_set():
+            with suppress(TimeoutError):  # listen first, then poll: a change after it is heard
+                async with asyncio.timeout(min(request.timeout, LISTEN_WAIT)):
+                    await self._listening.wait()
+        if self._seen > request.version:
+            return True
+        self._waiting[request.version] += 1
+        try:
+            if not request.pace:
+                self._now.set()
+            if self._poller is None:
+                self._poller = asyncio.get_running_loop().create_task(self._poll())
+            with suppress(TimeoutError):
+                async with asyncio.timeout(request.timeout):
+                    await event.wait()
+                    return True
+            return False
+        finally:
+            self._waiting[request.version] -= 1
+            if not self._waiting[request.version]:
+                del self._waiting[request.version]
+
+    async def _poll(self) -> None:
+        """Poll the version while anyone waits: fast after a waiter starts afresh or a change,
+        slower while nothing happens (``Store.pace``, as the blocking waiters poll)."""
+        first, cap_young, share, cap_old, wake_first, wake_cap = self._store.pace()
+        if self._fd is not None:  # a local release wakes them at once: poll slowly
+            first = wake_first
+        start = time.monotonic()
+        delay = 0.0
+        try:
+            while self._waiting:
+                if not self._now.is_set():
+                    with suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await self._now.wait()
+                    if not self._waiting:
+                        break
+                if self._now.is_set():
+                    self._now.clear()
+                    start, delay = time.monotonic(), first
+                try:
+                    seen = await self._table._call(self._store.version, self._namespace)
+                except TasklocksError:  # an outage: the waiters go on waiting
+                    delay = RETRY_POLL
+                    continue
+                self._seen = max(self._seen, seen)
+                if any(version < seen for version in self._waiting):
+                    self._fire()
+                    start, delay = time.monotonic(), first
+                    continue
+                cap = min(cap_old, max(cap_young, share * (time.monotonic() - start)))
+                delay = min(max(delay, first) * 1.5, wake_cap if self._fd is not None else cap)
+        finally:
+            self._poller = None
+
+    async def close(self) -> None:
+        for task in (self._poller, self._listener):
+            if task is not None:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
+        self._listener = None
+        if self._fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._fd = None
+
+
+async def connect(
+    url: str | Engine | None = None,
+    namespace: str = "default",
+    *,
+    ttl: float = DEFAULT_TTL,
+    reconnect_timeout: float = 5.0,
+) -> AsyncLockTable:
+    """Open the lock table at ``url`` for asyncio: :func:`tasklocks.connect`'s arguments and
+    errors; the table's statements run on a worker thread of its own (see the module's doc).
+
+    :raises BadURL: the URL is malformed.
+    :raises StoreUnavailable: the database cannot be reached or its driver is missing.
+    """
+    worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tasklocks-aio")
+    loop = asyncio.get_running_loop()
+    opening = loop.run_in_executor(
+        worker,
+        functools.partial(_connect, url, namespace, ttl=ttl, reconnect_timeout=reconnect_timeout),
+    )
+    try:
+        table = await _finish(opening)
+    except BaseException:
+        if opening.done() and not opening.cancelled() and opening.exception() is None:
+            await asyncio.shield(loop.run_in_executor(worker, opening.result().close))
+        worker.shutdown(wait=False)
+        raise
+    return AsyncLockTable(table, worker)
