@@ -1,0 +1,404 @@
+"""tasklocks.aio on every backend: what only the async API has to show.
+
+The lock and queue contract suites run over the async API too (``blocking_aio``); these tests
+are about the loop itself: many coroutines on one name, the loop's lag while they wait, the CPU
+idle waiters cost, cancellation at every await of an acquisition, and the task as the owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+import tasklocks
+import tasklocks.aio as aio
+from tasklocks import LockHeld, LockTable, LockTimeout, StoreUnreachable, WaitStatus
+from tasklocks.store import FastPaths
+
+T = TypeVar("T")
+WAIT = 20.0  # upper bound for what should happen "soon"; never the reason a test passes
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def other(db_url: str, namespace: str) -> Iterator[LockTable]:
+    """A blocking table on the same namespace: the view from outside the loop."""
+    with tasklocks.connect(db_url, namespace=namespace) as t:
+        yield t
+
+
+async def until(cond: Callable[[], Coroutine[Any, Any, bool]], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not await cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.002)
+
+
+async def flag(event: threading.Event) -> None:
+    """Await a flag that a worker thread sets."""
+    deadline = time.monotonic() + WAIT
+    while not event.is_set():
+        assert time.monotonic() < deadline, "the worker never got there"
+        await asyncio.sleep(0.001)
+
+
+def slow_reply(target: object, method: str, when: Callable[[Any], bool]) -> threading.Event:
+    """Make ``target.method`` sleep 0.3 s after it returned a result ``when`` accepts (the
+    write is done, its reply not yet given): a cancellation lands in between."""
+    real = getattr(target, method)
+    done = threading.Event()
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        if when(result) and not done.is_set():
+            done.set()
+            time.sleep(0.3)
+        return result
+
+    setattr(target, method, wrapper)
+    return done
+
+
+async def _any_set(events: list[threading.Event]) -> bool:
+    return any(e.is_set() for e in events)
+
+
+async def cancelled(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def nothing_left(other: LockTable) -> None:
+    assert other.held() == []
+    assert other.waiting() == []
+    other.acquire("a").release()  # free for anyone
+
+
+# --- many coroutines, one loop --------------------------------------------------------------------
+
+
+def test_fifty_coroutines_get_one_name_in_turn_and_the_loop_keeps_ticking(
+    db_url: str, namespace: str
+) -> None:
+    async def main() -> tuple[list[int], list[float]]:
+        loop = asyncio.get_running_loop()
+        order: list[int] = []
+        inside = [0]
+        lags: list[float] = []
+        stop = asyncio.Event()
+
+        async def ticker() -> None:  # every 5 ms: how late does it run?
+            due = loop.time()
+            while not stop.is_set():
+                due += 0.005
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                lags.append(loop.time() - due)
+                due = max(due, loop.time())
+
+        async def one(t: aio.AsyncLockTable, i: int) -> None:
+            async with t.hold("a", timeout=120) as lease:
+                inside[0] += 1
+                assert inside[0] == 1, "two coroutines held the name at once"
+                assert lease.owner.endswith(f":aio-{numbers[i]}")
+                order.append(i)
+                await asyncio.sleep(0)
+                inside[0] -= 1
+
+        async with await aio.connect(db_url, namespace) as t:
+            first = await t.acquire("a")
+            tick = asyncio.create_task(ticker())
+            tasks, numbers = [], {}
+            for i in range(50):
+                task = asyncio.create_task(one(t, i))
+                tasks.append(task)
+                await until(functools.partial(_queued, t, i + 1), f"waiter {i} to queue")
+                numbers[i] = int(await _owner_number(t, i))
+            await asyncio.sleep(1.0)  # all wait
+            await first.release()
+            await asyncio.wait_for(asyncio.gather(*tasks), 60)
+            stop.set()
+            await tick
+            assert await t.held() == [] and await t.waiting() == []
+        return order, lags
+
+    order, lags = run(main())
+    assert order == list(range(50))  # in the order they queued
+    lags.sort()
+    p99 = lags[int(len(lags) * 0.99)]
+    assert len(lags) > 100
+    assert p99 < 0.020, f"loop lag p99 {p99 * 1000:.1f} ms"
+
+
+async def _queued(t: aio.AsyncLockTable, n: int) -> bool:
+    return len(await t.waiting()) >= n
+
+
+async def _owner_number(t: aio.AsyncLockTable, i: int) -> str:
+    return (await t.waiting())[i].owner.rsplit("-", 1)[1]
+
+
+def test_twenty_idle_waiters_cost_little_cpu(db_url: str, namespace: str, other: LockTable) -> None:
+    holder = other.acquire("a")
+
+    async def main() -> float:
+        async with await aio.connect(db_url, namespace) as t:
+            tasks = [asyncio.create_task(t.acquire("a", wait=True)) for _ in range(20)]
+            await until(lambda: _queued(t, 20), "20 waiters")
+            await asyncio.sleep(1.0)  # settled: the polls have slowed to their pace
+            cpu, wall = time.process_time(), time.monotonic()
+            await asyncio.sleep(3.0)
+            share = (time.process_time() - cpu) / (time.monotonic() - wall)
+            for task in tasks:
+                await cancelled(task)
+            assert await t.waiting() == []
+        return share
+
+    share = run(main())
+    holder.release()
+    assert share < 0.05, f"20 idle waiters cost {share:.1%} of a core"
+
+
+# --- cancellation at every await of an acquisition --------------------------------------------
+
+
+def test_a_cancel_between_the_write_and_its_reply_leaves_nothing_held(
+    db_url: str, namespace: str, other: LockTable
+) -> None:
+    async def main() -> None:
+        async with await aio.connect(db_url, namespace) as t:
+            store = t.table.store
+            written = [slow_reply(store, "transact", lambda snap: '"a"' in snap.data)]
+            if isinstance(store, FastPaths):  # servers: the one-statement path, if a row exists
+                written.append(slow_reply(store, "fast_acquire", lambda token: token is not None))
+            task = asyncio.create_task(t.acquire("a"))
+            await until(lambda: _any_set(written), "the write")
+            assert [h.name for h in other.held()] == ["a"]  # written, not yet answered
+            await cancelled(task)
+
+    run(main())
+    nothing_left(other)
+
+
+def test_a_cancel_between_the_queueing_write_and_its_reply_leaves_no_waiter(
+    db_url: str, namespace: str, other: LockTable
+) -> None:
+    holder = other.acquire("a")
+
+    async def main() -> None:
+        async with await aio.connect(db_url, namespace) as t:
+            queued = slow_reply(t.table.store, "transact", lambda snap: '"queue"' in snap.data)
+            task = asyncio.create_task(t.acquire("a", wait=True))
+            await flag(queued)
+            assert len(other.waiting()) == 1
+            await cancelled(task)
+
+    run(main())
+    assert [h.name for h in other.held()] == ["a"]
+    holder.release()
+    nothing_left(other)
+
+
+def test_a_cancel_while_queued_leaves_the_queue(
+    db_url: str, namespace: str, other: LockTable
+) -> None:
+    holder = other.acquire("a")
+
+    async def main() -> None:
+        async with await aio.connect(db_url, namespace) as t:
+            task = asyncio.create_task(t.acquire("a", wait=True))
+            await until(lambda: _queued(t, 1), "the waiter to queue")
+            await asyncio.sleep(0.1)
+            await cancelled(task)
+            assert await t.waiting() == []
+
+    run(main())
+    holder.release()
+    nothing_left(other)
+
+
+def test_a_cancel_as_the_grant_is_read_gives_the_lock_back(
+    db_url: str, namespace: str, other: LockTable
+) -> None:
+    holder = other.acquire("a")
+
+    async def main() -> None:
+        async with await aio.connect(db_url, namespace) as t:
+            task = asyncio.create_task(t.acquire("a", wait=True))
+            await until(lambda: _queued(t, 1), "the waiter to queue")
+            mine = t.table
+            granted = slow_reply(
+                mine.store, "read", lambda snap: mine.namespace in snap.data or "procs" in snap.data
+            )
+            holder.release()  # promotes the waiter: its next read finds it granted
+            await flag(granted)
+            await cancelled(task)
+
+    run(main())
+    nothing_left(other)
+
+
+def test_a_cancel_during_an_outage_pause_leaves_the_queue(
+    db_url: str, namespace: str, other: LockTable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    holder = other.acquire("a")
+
+    async def main() -> None:
+        async with await aio.connect(db_url, namespace) as t:
+            task = asyncio.create_task(t.acquire("a", wait=True))
+            await until(lambda: _queued(t, 1), "the waiter to queue")
+            store, down, paused = t.table.store, threading.Event(), threading.Event()
+            real_read = store.read
+
+            def read(namespace: str) -> Any:
+                if down.is_set():
+                    paused.set()
+                    raise StoreUnreachable("the database went away (a test)")
+                return real_read(namespace)
+
+            monkeypatch.setattr(store, "read", read)
+            down.set()
+            other.acquire("b").release()  # a change: the waiter reads, fails, pauses
+            await flag(paused)
+            await asyncio.sleep(0.05)  # in the pause (0.2 s)
+            down.clear()  # back, so the cancelled wait can give its place back
+            await cancelled(task)
+
+    run(main())
+    holder.release()
+    nothing_left(other)
+
+
+def test_a_cancelled_release_still_releases(db_url: str, namespace: str, other: LockTable) -> None:
+    async def main() -> None:
+        async with await aio.connect(db_url, namespace) as t:
+            lease = await t.acquire("a")
+            slow_reply(t.table.store, "transact", lambda snap: True)
+            if isinstance(t.table.store, FastPaths):
+                slow_reply(t.table.store, "fast_release", lambda version: True)
+            task = asyncio.create_task(lease.release())
+            await asyncio.sleep(0.1)
+            await cancelled(task)
+            assert lease.released
+
+    run(main())
+    nothing_left(other)
+
+
+def test_a_timeout_around_a_wait_leaves_the_queue(
+    db_url: str, namespace: str, other: LockTable
+) -> None:
+    holder = other.acquire("a")
+
+    async def main() -> None:
+        async with await aio.connect(db_url, namespace) as t:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await t.acquire("a", wait=True)
+            with pytest.raises(LockTimeout) as timed_out:
+                await t.acquire("a", wait=True, timeout=0.2)
+            assert "a" in str(timed_out.value)
+            assert await t.waiting() == []
+
+    run(main())
+    holder.release()
+    nothing_left(other)
+
+
+# --- owners, callbacks, notifications ------------------------------------------------------------
+
+
+def test_each_task_is_an_owner_and_a_refusal_names_the_holder(
+    db_url: str, namespace: str, other: LockTable
+) -> None:
+    async def main() -> None:
+        async with await aio.connect(db_url, namespace) as t:
+            lease = await t.acquire("a", note="deploying")
+            with pytest.raises(LockHeld) as refused:
+                await asyncio.create_task(t.acquire("a"))  # another task
+            assert lease.owner in str(refused.value)
+            assert refused.value.holders["a"][0].note == "deploying"
+            with pytest.raises(tasklocks.NotHeld):
+                await asyncio.create_task(t.release("a"))  # not that task's
+            await t.release("a")  # this task's
+            assert await t.held() == []
+            async with t.hold("a", "b") as held:
+                assert {h.name for h in await t.held()} == {"a", "b"}
+                assert held.token > lease.token
+            assert held.released
+
+    run(main())
+    nothing_left(other)
+
+
+def test_on_wait_and_watch_run_on_the_loop_thread(
+    db_url: str, namespace: str, other: LockTable
+) -> None:
+    holder = other.acquire("a")
+    threads: list[str] = []
+    seen: list[WaitStatus] = []
+
+    async def main() -> None:
+        async with await aio.connect(db_url, namespace) as t:
+            loop_thread = threading.get_ident()
+
+            def on_wait(holders: Any) -> None:
+                threads.append("loop" if threading.get_ident() == loop_thread else "other")
+
+            def watch(status: WaitStatus) -> None:
+                threads.append("loop" if threading.get_ident() == loop_thread else "other")
+                seen.append(status)
+                if len(seen) == 3:
+                    raise RuntimeError("enough")  # ends the wait
+
+            with pytest.raises(RuntimeError, match="enough"):
+                await t.acquire("a", wait=True, on_wait=on_wait, watch=watch)
+            assert await t.waiting() == []
+
+    run(main())
+    holder.release()
+    assert threads and set(threads) == {"loop"}
+    assert seen[0].position == 1 and seen[0].holders["a"][0].owner == holder.owner
+
+
+def test_postgresql_waiters_hear_notifications_on_the_loop(
+    db_url: str, namespace: str, other: LockTable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not db_url.startswith("postgresql"):
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    holder = other.acquire("a")
+
+    async def main() -> float:
+        async with await aio.connect(db_url, namespace) as t:
+            monkeypatch.setattr(t.table._waker, "fileno", lambda: None)  # no local wake-up
+            heard: list[str | None] = []
+            changes = t._changes
+            real = changes._heard
+
+            def hear(ns: str | None) -> None:
+                heard.append(ns)
+                real(ns)
+
+            monkeypatch.setattr(changes, "_heard", hear)
+            task = asyncio.create_task(t.acquire("a", wait=True))
+            await until(lambda: _queued(t, 1), "the waiter to queue")
+            await asyncio.sleep(1.5)  # the version is polled once a second: now just done
+            start = time.monotonic()
+            holder.release()
+            lease = await asyncio.wait_for(task, WAIT)
+            took = time.monotonic() - start
+            assert namespace in heard
+            await lease.release()
+        return took
+
+    took = run(main())
+    assert took < 0.5, f"woken after {took:.2f} s: polled, not notified"
