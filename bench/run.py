@@ -2,7 +2,7 @@
 
 Usage: ``python bench/run.py [--quick] [--only NAME...]`` with NAME one of
 ``uncontended``, ``throughput``, ``handoff``, ``waiting``, ``docsize``, ``tasks``, ``fairness``,
-``layout``.
+``layout``, ``aio``.
 
 Sections run on every backend whose tasklocks adapter imports and whose server answers; the others
 print "skipped: reason". One table at the end shows tasklocks next to each baseline, the ratio, the
@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import bench_aio
 import bench_layout
 from bench_common import BACKENDS, Config, median, percentile, pg_conninfo, probe, query_counter
 from bench_common import redis_skip as probe_redis
@@ -51,6 +52,7 @@ SECTIONS = (
     "tasks",
     "fairness",
     "layout",
+    "aio",
 )
 LABEL = {"sqlite": "SQLite", "mysql": "MariaDB", "postgresql": "PostgreSQL"}
 THROUGHPUT_WORKERS = 32
@@ -717,6 +719,73 @@ def _fair_stat(result: Any, label: str) -> float:
     return max(waits) if label == "max" else percentile(waits, 99)
 
 
+# --- 9. asyncio ----------------------------------------------------------------------------------
+
+
+def section_aio(cfg: Config) -> None:
+    say("\n== 9. tasklocks.aio: async pair, the loop's lag, idle waiters ==")
+    n = 300 if cfg.quick else 2000
+    for backend in BACKENDS:
+        label = LABEL[backend]
+        reason = cfg.tasklocks_skip[backend]
+        if reason is not None:
+            say(f"  {label}: skipped: {reason}")
+            ROWS.append(Row(f"async pair {label} (median)", f"skipped: {reason}"))
+            continue
+        url, ns = cfg.url(backend), cfg.namespace(f"aio-{backend}")
+        lockfile = bench_aio.lockfile(cfg.tmpdir) if backend == "sqlite" else None
+        res = bench_aio.pairs(url, ns, n, lockfile)
+        for kind, lat in res.items():
+            say(f"  {label} {kind}: median {us(median(lat))}, p99 {us(percentile(lat, 99))}")
+        mine, blocking = median(res["async"]), median(res["blocking"])
+        ROWS.append(
+            Row(
+                f"async pair {label} (median)",
+                us(mine),
+                f"blocking pair {us(blocking)}",
+                f"{mine / blocking:.2f}x the time",
+            )
+        )
+        if "filelock" in res:
+            theirs = median(res["filelock"])
+            ROWS.append(
+                Row(
+                    "async pair SQLite vs AsyncFileLock",
+                    us(mine),
+                    f"filelock.AsyncFileLock {us(theirs)}",
+                    f"{theirs / mine:.2f}x faster",
+                )
+            )
+        lags, took = bench_aio.loop_lag(url, ns, 50, 1.0 if cfg.quick else 3.0)
+        p99 = percentile(lags, 99)
+        say(
+            f"  {label}: 50 coroutines took the name in turn in {took:.2f} s; "
+            f"ticker lag p99 {ms(p99)}"
+        )
+        ROWS.append(
+            Row(
+                f"loop lag p99, 50 waiters, {label}",
+                ms(p99),
+                "",
+                "",
+                "< 20 ms",
+                verdict(p99 < 0.020),
+            )
+        )
+        share = bench_aio.idle_cpu(url, ns, 20, 2.0 if cfg.quick else 5.0)
+        say(f"  {label}: 20 idle async waiters cost {share:.1%} of a core")
+        ROWS.append(
+            Row(
+                f"20 idle async waiters, {label}",
+                f"{share:.1%} of a core",
+                "",
+                "",
+                "< 5 %",
+                verdict(share < 0.05),
+            )
+        )
+
+
 def print_table() -> None:
     headers = Row("test", "tasklocks", "baseline", "ratio", "target", "result")
     rows = [headers, *ROWS]
@@ -793,6 +862,8 @@ def main(argv: list[str] | None = None) -> int:
             section_fairness(cfg)
         if crew is not None and "layout" in only:
             section_layout(cfg, crew)
+        if "aio" in only:
+            section_aio(cfg)
     finally:
         if crew is not None:
             crew.close()
