@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from tasklocks._core import Holder, Want
 from tasklocks._session import DEFAULT_TTL
@@ -49,6 +49,7 @@ from tasklocks.locks import THIS_PROCESS, HeldLock, Lease, LockTable, QueuedWait
 from tasklocks.locks import connect as _connect
 from tasklocks.owner import ProcessIdentity, current_process, default_owner
 from tasklocks.store import AsyncNotifies, Backend, Engine, Snapshot
+from tasklocks.store._loop_engine import AsyncEngine, is_async_engine, loop_engine
 
 __all__ = ["AsyncLease", "AsyncLockTable", "connect", "task_owner"]
 
@@ -523,7 +524,7 @@ class _Changes:
 
 
 async def connect(
-    url: str | Engine | None = None,
+    url: str | Engine | AsyncEngine | None = None,
     namespace: str = "default",
     *,
     ttl: float = DEFAULT_TTL,
@@ -531,15 +532,23 @@ async def connect(
 ) -> AsyncLockTable:
     """Open the lock table at ``url`` for asyncio: :func:`tasklocks.connect`'s arguments and
     errors; the table's statements run on a worker thread of its own (see the module's doc).
+    ``url`` may also be a SQLAlchemy ``AsyncEngine`` on psycopg (``postgresql+psycopg://``),
+    whose pool then lends a connection for each call, driven on this loop (see
+    ``store/_loop_engine.py``), or on aiosqlite (its file).
 
     :raises BadURL: the URL is malformed.
     :raises StoreUnavailable: the database cannot be reached or its driver is missing.
     """
-    worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tasklocks-aio")
     loop = asyncio.get_running_loop()
+    source: Any = url
+    if is_async_engine(url):
+        source = loop_engine(cast(AsyncEngine, url), loop)
+    worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tasklocks-aio")
     opening = loop.run_in_executor(
         worker,
-        functools.partial(_connect, url, namespace, ttl=ttl, reconnect_timeout=reconnect_timeout),
+        functools.partial(
+            _connect, source, namespace, ttl=ttl, reconnect_timeout=reconnect_timeout
+        ),
     )
     try:
         table = await _finish(opening)

@@ -28,6 +28,7 @@ from tasklocks.store._base import (
     TaskValue,
 )
 from tasklocks.store._engine import Engine, engine_url, is_engine
+from tasklocks.store._loop_engine import is_async_engine
 
 __all__ = [
     "DEFAULT_TABLE",
@@ -162,6 +163,11 @@ def open_store(
     """
     engine = None
     if url is not None and not isinstance(url, str):
+        if is_async_engine(url):
+            raise BadURL(
+                "an AsyncEngine is for tasklocks.aio.connect(); tasklocks.connect() takes a "
+                "SQLAlchemy Engine"
+            )
         if not is_engine(url):
             raise BadURL(
                 f"a database URL or a SQLAlchemy Engine was expected, not {type(url).__name__}"

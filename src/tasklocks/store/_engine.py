@@ -38,7 +38,8 @@ class Engine(Protocol):
 
 def is_engine(value: object) -> bool:
     """Is ``value`` a SQLAlchemy ``Engine`` (an ``AsyncEngine`` is not)?"""
-    return all(hasattr(value, attr) for attr in ("raw_connection", "dialect", "url"))
+    attrs = ("raw_connection", "dialect", "url")
+    return all(hasattr(value, a) for a in attrs) and not hasattr(value, "sync_engine")
 
 
 def engine_url(engine: Engine) -> ParsedURL:

@@ -1,0 +1,130 @@
+"""``tasklocks.aio.connect(engine)``: a SQLAlchemy AsyncEngine's pool lends its connections.
+
+With psycopg, every call of the async table borrows one connection of the pool and gives it back;
+the table's worker thread drives it through the engine's event loop (``store/_loop_engine.py``).
+An aiosqlite engine names a file. Other async drivers are refused with the fix named.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, TypeVar
+
+import pytest
+from conftest import raw_sql, require, server_url
+
+import tasklocks
+import tasklocks.aio as aio
+from tasklocks.errors import BadURL
+
+sa = pytest.importorskip("sqlalchemy")
+sa_async = pytest.importorskip("sqlalchemy.ext.asyncio")
+APP = "tasklocks-async-engine-test"
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def _engine(**pool: Any) -> Any:
+    url = server_url("postgresql").replace("postgresql://", "postgresql+psycopg://", 1)
+    return sa_async.create_async_engine(url, connect_args={"application_name": APP}, **pool)
+
+
+def test_the_async_engines_pool_lends_every_call_and_gets_it_back(namespace: str) -> None:
+    require("postgresql")
+
+    async def main() -> tuple[list[int], list[int]]:
+        engine = _engine(pool_size=2, max_overflow=0, pool_timeout=5)
+        out, back = [], []
+        sa.event.listen(engine.sync_engine, "checkout", lambda *a: out.append(1))
+        sa.event.listen(engine.sync_engine, "checkin", lambda *a: back.append(1))
+        tables: list[aio.AsyncLockTable] = []
+        try:
+            tables += [await aio.connect(engine, namespace) for _ in range(4)]
+            first = await tables[0].acquire("a")
+            assert engine.pool.checkedout() == 0
+            order: list[str] = []
+
+            async def one(t: aio.AsyncLockTable) -> None:
+                async with t.hold("a", timeout=20) as lease:
+                    order.append(lease.owner)
+
+            waiters = [asyncio.create_task(one(t)) for t in tables[1:]]
+            while len(await tables[0].waiting()) < 3:  # four tables on a pool of two
+                await asyncio.sleep(0.01)
+            samples = []
+            for _ in range(50):  # while they wait: a connection is out only during a call
+                samples.append(engine.pool.checkedout())
+                await asyncio.sleep(0.01)
+            assert samples.count(0) >= 25, samples
+            await first.release()
+            await asyncio.wait_for(asyncio.gather(*waiters), 20)
+            assert len(order) == 3
+            assert await tables[0].held() == []
+            # The server ends the pool's connections: the next call gets another.
+            ended = raw_sql(
+                server_url("postgresql"),
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (APP,),
+            )
+            assert ended >= 1
+            async with tables[0].hold("a") as lease:
+                assert lease.token > 0
+        finally:
+            for t in tables:
+                await t.close()
+            assert engine.pool.checkedout() == 0
+            await engine.dispose()
+        return out, back
+
+    out, back = run(main())
+    assert len(out) > 10 and len(out) == len(back)
+
+
+def test_an_aiosqlite_engine_names_its_file(tmp_path: Path, namespace: str) -> None:
+    pytest.importorskip("aiosqlite")
+    path = tmp_path / "locks.db"
+
+    async def main() -> None:
+        engine = sa_async.create_async_engine(f"sqlite+aiosqlite:///{path}")
+        try:
+            async with await aio.connect(engine, namespace) as t, t.hold("a"):
+                with tasklocks.connect(f"sqlite:///{path}", namespace) as other:
+                    assert [h.name for h in other.held()] == ["a"]
+        finally:
+            await engine.dispose()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("dialect", "driver", "fix"),
+    [
+        ("postgresql", "asyncpg", "create it with a postgresql+psycopg:// URL"),
+        ("mysql", "aiomysql", "pass tasklocks.aio.connect() the database URL instead"),
+        ("mysql", "asyncmy", "pass tasklocks.aio.connect() the database URL instead"),
+    ],
+)
+def test_other_async_drivers_are_refused_with_the_fix(dialect: str, driver: str, fix: str) -> None:
+    engine = SimpleNamespace(
+        sync_engine=None, url=None, dialect=SimpleNamespace(name=dialect, driver=driver)
+    )
+
+    async def main() -> None:
+        with pytest.raises(BadURL) as refused:
+            await aio.connect(engine)
+        assert driver in str(refused.value) and fix in str(refused.value)
+
+    run(main())
+
+
+def test_the_blocking_connect_refuses_an_async_engine() -> None:
+    engine = sa_async.create_async_engine("sqlite+aiosqlite:///unused.db")
+    with pytest.raises(BadURL, match=r"AsyncEngine is for tasklocks\.aio\.connect"):
+        tasklocks.connect(engine)
