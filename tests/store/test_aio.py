@@ -18,7 +18,7 @@ import pytest
 
 import tasklocks
 import tasklocks.aio as aio
-from tasklocks import LockHeld, LockTable, LockTimeout, StoreUnreachable, WaitStatus
+from tasklocks import LeaseLost, LockHeld, LockTable, LockTimeout, StoreUnreachable, WaitStatus
 from tasklocks.store import FastPaths
 
 T = TypeVar("T")
@@ -402,3 +402,25 @@ def test_postgresql_waiters_hear_notifications_on_the_loop(
 
     took = run(main())
     assert took < 0.5, f"woken after {took:.2f} s: polled, not notified"
+
+
+def test_a_lost_lease_is_told_and_its_release_raises(
+    db_url: str, namespace: str, other: LockTable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        async with await aio.connect(db_url, namespace, ttl=1.0) as t:
+            lease = await t.acquire("a")
+            lease.check()
+            monkeypatch.setattr(t.table.store, "renew_session", lambda session: False)  # expired
+            deadline = time.monotonic() + WAIT
+            while not lease.lost.is_set():
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            with pytest.raises(LeaseLost):
+                lease.check()
+            with pytest.raises(LeaseLost):
+                await lease.release()
+            assert lease.released
+
+    run(main())
+    nothing_left(other)
