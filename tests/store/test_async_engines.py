@@ -1,7 +1,8 @@
 """``tasklocks.aio.connect(engine)``: a SQLAlchemy AsyncEngine's pool lends its connections.
 
-With psycopg, every call of the async table borrows one connection of the pool and gives it back;
-the table's worker thread drives it through the engine's event loop (``store/_loop_engine.py``).
+With psycopg or aiomysql, every call of the async table borrows one connection of the pool and
+gives it back; the table's worker thread drives it through the engine's event loop
+(``store/_loop_engine.py``).
 An aiosqlite engine names a file. Other async drivers are refused with the fix named.
 """
 
@@ -30,16 +31,32 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-def _engine(**pool: Any) -> Any:
-    url = server_url("postgresql").replace("postgresql://", "postgresql+psycopg://", 1)
-    return sa_async.create_async_engine(url, connect_args={"application_name": APP}, **pool)
+def _engine(backend: str, **pool: Any) -> Any:
+    url = server_url(backend)
+    if backend == "postgresql":
+        url = url.replace("postgresql://", "postgresql+psycopg://", 1)
+        return sa_async.create_async_engine(url, connect_args={"application_name": APP}, **pool)
+    url = url.replace("mysql://", "mysql+aiomysql://", 1)
+    return sa_async.create_async_engine(url + "?charset=utf8mb4", **pool)
 
 
-def test_the_async_engines_pool_lends_every_call_and_gets_it_back(namespace: str) -> None:
-    require("postgresql")
+# per backend: the connection's id, and how to end it from outside
+ENDS = {
+    "postgresql": ("SELECT pg_backend_pid()", "SELECT pg_terminate_backend(%s)"),
+    "mysql": ("SELECT CONNECTION_ID()", "KILL %s"),
+}
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_the_async_engines_pool_lends_every_call_and_gets_it_back(
+    backend: str, namespace: str
+) -> None:
+    require(backend)
+    if backend == "mysql":
+        pytest.importorskip("aiomysql")
 
     async def main() -> tuple[list[int], list[int]]:
-        engine = _engine(pool_size=2, max_overflow=0, pool_timeout=5)
+        engine = _engine(backend, pool_size=2, max_overflow=0, pool_timeout=5)
         out, back = [], []
         sa.event.listen(engine.sync_engine, "checkout", lambda *a: out.append(1))
         sa.event.listen(engine.sync_engine, "checkin", lambda *a: back.append(1))
@@ -67,13 +84,11 @@ def test_the_async_engines_pool_lends_every_call_and_gets_it_back(namespace: str
             assert len(order) == 3
             assert await tables[0].held() == []
             # The server ends the pool's connections: the next call gets another.
-            ended = raw_sql(
-                server_url("postgresql"),
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = %s",
-                (APP,),
-            )
-            assert ended >= 1
+            ident, end = ENDS[backend]
+            async with engine.connect() as c1, engine.connect() as c2:
+                ids = [(await c.exec_driver_sql(ident)).scalar() for c in (c1, c2)]
+            for conn_id in ids:
+                raw_sql(server_url(backend), end, (conn_id,))
             async with tables[0].hold("a") as lease:
                 assert lease.token > 0
         finally:
@@ -107,8 +122,8 @@ def test_an_aiosqlite_engine_names_its_file(tmp_path: Path, namespace: str) -> N
     ("dialect", "driver", "fix"),
     [
         ("postgresql", "asyncpg", "create it with a postgresql+psycopg:// URL"),
-        ("mysql", "aiomysql", "pass tasklocks.aio.connect() the database URL instead"),
-        ("mysql", "asyncmy", "pass tasklocks.aio.connect() the database URL instead"),
+        ("mysql", "asyncmy", "create it with a mysql+aiomysql:// URL"),
+        ("oracle", "oracledb_async", "use PostgreSQL, MariaDB/MySQL or SQLite"),
     ],
 )
 def test_other_async_drivers_are_refused_with_the_fix(dialect: str, driver: str, fix: str) -> None:
@@ -120,6 +135,7 @@ def test_other_async_drivers_are_refused_with_the_fix(dialect: str, driver: str,
         with pytest.raises(BadURL) as refused:
             await aio.connect(engine)
         assert driver in str(refused.value) and fix in str(refused.value)
+        assert "pass tasklocks.aio.connect() the database URL" in str(refused.value)
 
     run(main())
 

@@ -111,21 +111,29 @@ def test_six_waiting_tables_share_a_pool_of_two(
     assert engine.pool.checkedout() == 0
 
 
-def test_a_connection_the_server_ended_is_dropped_from_the_pool(namespace: str) -> None:
+ENDS = {  # per backend: a connection's id, and how to end it from outside
+    "postgresql": ("SELECT pg_backend_pid()", "SELECT pg_terminate_backend(%s)"),
+    "mysql": ("SELECT CONNECTION_ID()", "KILL %s"),
+}
+
+
+@pytest.mark.parametrize("backend", SERVER_BACKENDS)
+def test_a_connection_the_server_ended_is_dropped_from_the_pool(
+    backend: str, namespace: str
+) -> None:
     """The server ends every connection of the engine between two calls: the next call finds
-    its connection dead, the pool forgets it, and the call goes on with a new one."""
-    require("postgresql")
-    engine = _engine("postgresql", pool_size=2, max_overflow=0)
+    its connection dead, the pool forgets it, and the call goes on with a new one (PyMySQL
+    finds it dead as tasklocks turns autocommit on, psycopg at the first statement)."""
+    require(backend)
+    engine = _engine(backend, pool_size=2, max_overflow=0)
     try:
         with tasklocks.connect(engine, namespace=namespace) as table:
             table.acquire("a", owner="task:1").release()
-            ended = raw_sql(
-                server_url("postgresql"),
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = %s AND pid <> pg_backend_pid()",
-                (APP,),
-            )
-            assert ended >= 1
+            ident, end = ENDS[backend]
+            with engine.connect() as c1, engine.connect() as c2:
+                ids = [c.exec_driver_sql(ident).scalar() for c in (c1, c2)]
+            for conn_id in ids:
+                raw_sql(server_url(backend), end, (conn_id,))
             with table.acquire("a", owner="task:1") as lease:
                 assert lease.token > 0
             assert engine.pool.checkedout() == 0

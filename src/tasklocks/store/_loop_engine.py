@@ -9,19 +9,22 @@ coroutine run on the loop while the worker waits for it. The loop never waits fo
 so this cannot deadlock; if the loop stops running (an application that ends without closing
 the table), a call fails after ``IO_TIMEOUT`` seconds as a lost connection would.
 
-Only psycopg 3 (``postgresql+psycopg://``) is bridged: the statements are psycopg's. An
-aiosqlite engine names a file, which tasklocks opens itself (as with a blocking engine). Other
-async drivers (asyncpg, aiomysql, asyncmy) speak other APIs: their engines are refused, and the
-error says to pass the database URL instead.
+The drivers bridged are the async forms of those tasklocks speaks: psycopg 3's
+``AsyncConnection`` (``postgresql+psycopg://``) and aiomysql, PyMySQL's port to asyncio
+(``mysql+aiomysql://``): the statements are psycopg's and PyMySQL's. An aiosqlite engine names a
+file, which tasklocks opens itself (as with a blocking engine). Other async drivers (asyncpg,
+asyncmy) speak other APIs: their engines are refused, and the error names the fix.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any, Protocol, TypeVar
 
 from tasklocks.errors import BadURL
@@ -60,24 +63,36 @@ def loop_engine(engine: AsyncEngine, loop: asyncio.AbstractEventLoop) -> LoopEng
         if not database or database == ":memory:":
             raise BadURL("an SQLite engine for tasklocks must name a file, not :memory:")
         return f"sqlite:///{database}"
-    if dialect == "postgresql" and driver == "psycopg":
+    if (dialect, driver) in (("postgresql", "psycopg"), ("mysql", "aiomysql")):
+        return LoopEngine(engine, loop)
+    if dialect == "mariadb" and driver == "aiomysql":
         return LoopEngine(engine, loop)
     fix = (
         "create it with a postgresql+psycopg:// URL"
         if dialect == "postgresql"
-        else "pass tasklocks.aio.connect() the database URL instead (tasklocks then opens a "
-        "connection of its own)"
+        else "create it with a mysql+aiomysql:// URL"
+        if dialect in ("mysql", "mariadb")
+        else "use PostgreSQL, MariaDB/MySQL or SQLite"
     )
     raise BadURL(
-        f"tasklocks.aio can borrow connections from an AsyncEngine on psycopg only, and this "
-        f"{dialect} engine uses {driver}; {fix}"
+        f"tasklocks.aio borrows connections from an AsyncEngine on psycopg or aiomysql, and this "
+        f"{dialect} engine uses {driver}; {fix}, or pass tasklocks.aio.connect() the database "
+        "URL (tasklocks then keeps a connection of its own)"
     )
+
+
+async def _awaited(value: Awaitable[T]) -> T:
+    return await value
+
+
+async def _no_warnings(conn: Any) -> None:
+    return None
 
 
 class _Loop:
     """Runs coroutines on the engine's loop for a thread that waits for them."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, error: type[Exception]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, error: Callable[[str], Exception]) -> None:
         self.loop = loop
         self.thread = threading.get_ident()  # the loop's (made on it)
         self.error = error  # the driver's error for a connection that is gone
@@ -160,12 +175,92 @@ class _Connection:
         self._loop.run(self._conn.close())
 
 
+class _MyCursor:
+    """An aiomysql ``Cursor`` as a blocking PyMySQL cursor (buffered: rows come with replies)."""
+
+    def __init__(self, loop: _Loop, cursor: Any) -> None:
+        self._loop, self._cursor = loop, cursor
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._cursor.rowcount)
+
+    @property
+    def lastrowid(self) -> Any:
+        return self._cursor.lastrowid
+
+    @property
+    def description(self) -> Any:
+        return self._cursor.description
+
+    def execute(self, query: str, args: Any = None) -> int:
+        return int(self._loop.run(self._cursor.execute(query, args)))
+
+    def fetchone(self) -> Any:
+        return self._loop.run(_awaited(self._cursor.fetchone()))
+
+    def fetchall(self) -> Any:
+        return self._loop.run(_awaited(self._cursor.fetchall()))
+
+    def nextset(self) -> Any:
+        return self._loop.run(self._cursor.nextset())
+
+
+class _MyConnection:
+    """An aiomysql ``Connection`` as the blocking PyMySQL connection that ``mysql.py`` uses."""
+
+    def __init__(self, loop: _Loop, conn: Any) -> None:
+        self._loop, self._conn = loop, conn
+        self.server_version = conn.get_server_info()
+
+    def cursor(self) -> _MyCursor:
+        cursor = self._loop.run(_awaited(self._conn.cursor()))
+        # aiomysql turns the server's notes ("Table ... already exists" after CREATE TABLE IF
+        # NOT EXISTS) into Python warnings, at one more round trip each; PyMySQL does not.
+        cursor._show_warnings = _no_warnings
+        return _MyCursor(self._loop, cursor)
+
+    def escape(self, value: Any) -> Any:  # no I/O: the session's charset and flags
+        return self._conn.escape(value)
+
+    @property
+    def server_status(self) -> int:
+        return int(self._conn.server_status)
+
+    @property
+    def charset(self) -> str:
+        return str(self._conn.charset)
+
+    @property
+    def client_flag(self) -> int:
+        return int(self._conn.client_flag)
+
+    def get_autocommit(self) -> bool:
+        return bool(self._conn.get_autocommit())
+
+    def autocommit(self, value: bool) -> None:
+        self._loop.run(self._conn.autocommit(value))
+
+    def ping(self, reconnect: bool = False) -> None:
+        self._loop.run(self._conn.ping(reconnect))
+
+    def commit(self) -> None:
+        self._loop.run(self._conn.commit())
+
+    def rollback(self) -> None:
+        self._loop.run(self._conn.rollback())
+
+    def close(self) -> None:
+        self._conn.close()
+
+
 class _Lent:
     """One connection of the engine's pool, lent for one call."""
 
-    def __init__(self, loop: _Loop, pooled: Any) -> None:
+    def __init__(self, loop: _Loop, pooled: Any, mysql: bool) -> None:
         self._loop, self._pooled = loop, pooled
-        self.driver_connection = _Connection(loop, pooled.driver_connection)
+        facade = _MyConnection if mysql else _Connection
+        self.driver_connection = facade(loop, pooled.driver_connection)
 
     def _in_greenlet(self, fn: Any) -> None:  # the pool's own code awaits the driver
         from sqlalchemy.util import greenlet_spawn
@@ -180,16 +275,27 @@ class _Lent:
 
 
 class LoopEngine:
-    """An ``AsyncEngine`` (psycopg) on ``loop``, as the blocking ``Engine`` of ``_engine.py``."""
+    """An ``AsyncEngine`` (psycopg, aiomysql) on ``loop``, as the blocking ``Engine`` of
+    ``_engine.py``."""
 
     def __init__(self, engine: AsyncEngine, loop: asyncio.AbstractEventLoop) -> None:
-        import psycopg
-
         self._engine = engine
-        self._loop = _Loop(loop, psycopg.OperationalError)
+        self._mysql = engine.dialect.name != "postgresql"
+        error: Callable[[str], Exception]
+        if self._mysql:
+            import pymysql
+
+            error = functools.partial(pymysql.err.OperationalError, 2013)  # lost connection
+        else:
+            import psycopg
+
+            error = psycopg.OperationalError
+        self._loop = _Loop(loop, error)
         self.url = engine.url
-        self.dialect = engine.dialect
+        # As ``_engine.py`` checks it: the statements are those of the blocking driver.
+        driver = "pymysql" if self._mysql else "psycopg"
+        self.dialect = SimpleNamespace(name=engine.dialect.name, driver=driver)
 
     def raw_connection(self) -> _Lent:
         engine: Any = self._engine
-        return _Lent(self._loop, self._loop.run(engine.raw_connection()))
+        return _Lent(self._loop, self._loop.run(engine.raw_connection()), self._mysql)

@@ -214,6 +214,12 @@ class ServerStore(SQLStore):
             conn = pooled.driver_connection
             try:
                 self._lent = (pooled, self._lend(conn))
+            except self._driver_errors as exc:  # the server ended it while it sat in the pool
+                pooled.invalidate()
+                pooled.close()
+                raise Lost(
+                    f"{self.LABEL} at {self._where} lent a broken connection ({exc})"
+                ) from exc
             except BaseException:
                 pooled.close()
                 raise
