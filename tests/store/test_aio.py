@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
+from conftest import delete_rows, require, server_url
 
 import tasklocks
 import tasklocks.aio as aio
@@ -371,10 +372,11 @@ def test_on_wait_and_watch_run_on_the_loop_thread(
 
 
 def test_postgresql_waiters_hear_notifications_on_the_loop(
-    db_url: str, namespace: str, other: LockTable, monkeypatch: pytest.MonkeyPatch
+    namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not db_url.startswith("postgresql"):
-        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    require("postgresql")  # LISTEN/NOTIFY is PostgreSQL's
+    db_url = server_url("postgresql")
+    other = tasklocks.connect(db_url, namespace)
     holder = other.acquire("a")
 
     async def main() -> float:
@@ -400,7 +402,11 @@ def test_postgresql_waiters_hear_notifications_on_the_loop(
             await lease.release()
         return took
 
-    took = run(main())
+    try:
+        took = run(main())
+    finally:
+        other.close()
+        delete_rows(db_url, namespace)
     assert took < 0.5, f"woken after {took:.2f} s: polled, not notified"
 
 
