@@ -7,6 +7,7 @@ of the test server, with a small server pool, so that real processes share serve
 
 from __future__ import annotations
 
+import asyncio
 import json
 import multiprocessing
 import os
@@ -24,6 +25,7 @@ import pytest
 from conftest import require, server_url
 
 import tasklocks
+import tasklocks.aio
 from tasklocks import LockHeld, LockTimeout
 from tasklocks.errors import BadURL
 from tasklocks.store import parse_url
@@ -191,6 +193,33 @@ def test_pooled_waiters_poll_and_never_listen(bouncer: str, namespace: str) -> N
             b.acquire("x", owner="task:2", wait=True, timeout=0.3)
         assert b.store._reader_pid == 0  # type: ignore[attr-defined]  # (white-box) never started
         lease.release()
+
+
+def test_async_waiters_go_through_the_pool_by_polling(bouncer: str, namespace: str) -> None:
+    """tasklocks.aio behind the pool: no LISTEN (its waiters poll), and 10 coroutines queued
+    on one name all get it in turn."""
+
+    async def main() -> list[int]:
+        async with await tasklocks.aio.connect(bouncer, namespace) as table:
+            first = await table.acquire("x")
+            order: list[int] = []
+
+            async def one(i: int) -> None:
+                async with table.hold("x", timeout=WAIT):
+                    order.append(i)
+
+            tasks = []
+            for i in range(10):
+                tasks.append(asyncio.create_task(one(i)))
+                while len(await table.waiting()) < i + 1:
+                    await asyncio.sleep(0.005)
+            assert table._changes._listener is None  # (white-box) never listened
+            await first.release()
+            await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+            assert await table.held() == []
+        return order
+
+    assert asyncio.run(main()) == list(range(10))
 
 
 def test_queues_modes_and_sessions_go_through_the_pool(bouncer: str, namespace: str) -> None:
