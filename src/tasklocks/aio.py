@@ -138,27 +138,11 @@ class AsyncLease:
     def __init__(self, table: AsyncLockTable, lease: Lease) -> None:
         self.table = table
         self.lease = lease
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return self.lease.names
-
-    @property
-    def wants(self) -> tuple[Want, ...]:
-        return self.lease.wants
-
-    @property
-    def owner(self) -> str:
-        return self.lease.owner
-
-    @property
-    def token(self) -> int:
-        """The fencing token (see :class:`tasklocks.Lease`)."""
-        return self.lease.token
-
-    @property
-    def lease_id(self) -> str:
-        return self.lease.lease_id
+        self.names: tuple[str, ...] = lease.names
+        self.wants: tuple[Want, ...] = lease.wants
+        self.owner: str = lease.owner
+        self.token: int = lease.token  # the fencing token (see tasklocks.Lease)
+        self.lease_id: str = lease.lease_id
 
     @property
     def released(self) -> bool:

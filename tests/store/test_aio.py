@@ -236,12 +236,12 @@ def test_a_cancel_as_the_grant_is_read_gives_the_lock_back(
         async with await aio.connect(db_url, namespace) as t:
             task = asyncio.create_task(t.acquire("a", wait=True))
             await until(lambda: _queued(t, 1), "the waiter to queue")
-            mine = t.table
-            granted = slow_reply(
-                mine.store, "read", lambda snap: mine.namespace in snap.data or "procs" in snap.data
-            )
+            task_n = await _owner_number(t, 0)
+            # The waiter reads only when woken: the next read is the one after the release.
+            granted = slow_reply(t.table.store, "read", lambda snap: True)
             holder.release()  # promotes the waiter: its next read finds it granted
             await flag(granted)
+            assert [h.holder.owner.rsplit(":", 1)[1] for h in other.held()] == ["aio-" + task_n]
             await cancelled(task)
 
     run(main())
