@@ -126,8 +126,18 @@ def _on_loop(
             else:
                 done.set_result(None)
 
+        if loop.is_closed():
+            raise TasklocksError("the event loop of this async lock table is closed")
         loop.call_soon_threadsafe(run)
-        done.result()
+        while True:
+            try:
+                done.result(timeout=1.0)
+                return
+            except concurrent.futures.TimeoutError:
+                if loop.is_closed():  # it will never run the callback
+                    raise TasklocksError(
+                        "the event loop of this async lock table closed during a callback"
+                    ) from None
 
     return call
 
@@ -187,7 +197,11 @@ class AsyncLockTable:
         self.table = table  # the blocking table the steps run on (in the worker only)
         self._worker = worker
         self._changes = _Changes(self)
-        self._closed = False
+        self._closed = False  # the worker takes no more calls
+        self._closing: asyncio.Future[None] | None = None  # close() began: no new acquisitions
+        self._driving = 0  # acquisitions in progress
+        self._idle = asyncio.Event()  # set while there are none
+        self._idle.set()
 
     @property
     def namespace(self) -> str:
@@ -199,10 +213,7 @@ class AsyncLockTable:
 
     def _submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
         if self._closed:
-            raise TasklocksError(
-                f"the async lock table of namespace {self.namespace} is closed; "
-                "open another with tasklocks.aio.connect()"
-            )
+            raise self._closed_error()
         loop = asyncio.get_running_loop()
         return loop.run_in_executor(self._worker, functools.partial(fn, *args, **kwargs))
 
@@ -244,11 +255,27 @@ class AsyncLockTable:
         return AsyncLease(self, await self._drive(steps))
 
     async def _drive(self, steps: Steps[Lease]) -> Lease:
-        """``LockTable._run`` for the loop: each step on the worker, each sleep awaited."""
+        """``LockTable._run`` for the loop: each step on the worker, each sleep awaited. A
+        cancellation, or the table's closing, is thrown into the steps (on the worker) so that
+        they give back what they wrote, as they do when anything else interrupts them."""
+        if self._closing is not None:
+            steps.close()  # not started: nothing to give back
+            raise self._closed_error()
+        self._driving += 1
+        self._idle.clear()
+        try:
+            return await self._steps(steps)
+        finally:
+            self._driving -= 1
+            if not self._driving:
+                self._idle.set()
+
+    async def _steps(self, steps: Steps[Lease]) -> Lease:
         send: Callable[[Any], Request] = steps.send
         reply: Any = None
         cancelled: asyncio.CancelledError | None = None
         while True:
+            changed = self._changes.event  # before the step: a change during it wakes the sleep
             step = self._submit(_advance, send, reply)
             try:
                 done, value = await _finish(step)
@@ -257,19 +284,20 @@ class AsyncLockTable:
                 if step.exception() is not None:
                     raise  # the steps raised: they cleaned up as they do for any error
                 done, value = step.result()
-            except _Abandon:
-                assert cancelled is not None
-                raise cancelled from None  # the steps gave back what they had written
+            except _Abandon:  # the steps gave back what they had written
+                if cancelled is not None:
+                    raise cancelled from None
+                raise self._closed_error() from None
             if done:
                 if cancelled is not None:  # granted just as the cancellation came
                     await _finish(self._submit(_give_back, value))
                     raise cancelled
                 return value  # type: ignore[no-any-return]
-            if cancelled is not None:
+            if cancelled is not None or self._closing is not None:
                 send, reply = steps.throw, _Abandon()
                 continue
             try:
-                reply = await self._sleep(value)
+                reply = await self._sleep(value, changed)
                 send = steps.send
             except asyncio.CancelledError as exc:
                 cancelled = exc
@@ -277,11 +305,17 @@ class AsyncLockTable:
             except BaseException as exc:
                 send, reply = steps.throw, exc
 
-    async def _sleep(self, request: Request) -> bool:
+    async def _sleep(self, request: Request, changed: asyncio.Event) -> bool:
         if isinstance(request, Pause):
             await asyncio.sleep(request.seconds)
             return False
-        return await self._changes.wait(request)
+        return await self._changes.wait(request, changed)
+
+    def _closed_error(self) -> TasklocksError:
+        return TasklocksError(
+            f"the async lock table of namespace {self.namespace} is closed; "
+            "open another with tasklocks.aio.connect()"
+        )
 
     @asynccontextmanager
     async def hold(
@@ -349,12 +383,18 @@ class AsyncLockTable:
     # --- lifetime -----------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Stop waiting for changes, then close the table (see :meth:`LockTable.close`) once
-        the calls before this one have ended (idempotent)."""
-        if self._closed:
-            return
+        """Close the table (see :meth:`LockTable.close`), once the calls before this one have
+        ended; acquisitions still waiting give up their place in the queue and raise
+        :class:`TasklocksError`. Idempotent: every caller returns when it is closed."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        self._changes.wake()  # every waiting acquisition sees _closing and gives up
+        await self._idle.wait()
         await self._changes.close()
-        closing = self._submit(self.table.close)
+        closing = self._submit(self.table.close)  # after the calls queued before it
         self._closed = True
         try:
             await _finish(closing)
@@ -403,24 +443,36 @@ class _Changes:
         self._listening: asyncio.Event | None = None
         self._fd: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    @property
+    def event(self) -> asyncio.Event:
+        """Set by the next change: take it before reading, wait on it after."""
+        return self._event
 
     def _fire(self) -> None:
         event, self._event = self._event, asyncio.Event()
         event.set()
+
+    def wake(self) -> None:
+        """Wake every waiter now (the table is closing)."""
+        self._fire()
 
     def _heard(self, namespace: str | None) -> None:
         if namespace is None or namespace == self._namespace:
             self._fire()
 
     def _ready(self, listening: bool) -> None:
-        if self._listening is not None:
-            (self._listening.set if listening else self._listening.clear)()
+        if self._listening is not None:  # the first attempt to LISTEN is over, either way
+            self._listening.set()
 
     def _woken(self) -> None:
         if self._table.table._waker.drain():
             self._fire()
 
     def _start(self, wake_fd: int | None) -> None:
+        if self._closed:
+            return
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
@@ -434,11 +486,13 @@ class _Changes:
             loop.add_reader(wake_fd, self._woken)
             self._fd = wake_fd
 
-    async def wait(self, request: Listen) -> bool:
+    async def wait(self, request: Listen, event: asyncio.Event) -> bool:
         """True once the namespace may have moved on from ``request.version`` (a local wake-up
-        counts); False after ``request.timeout`` seconds."""
+        counts) or ``event`` (taken before the read of that version) is set; False after
+        ``request.timeout`` seconds."""
+        if self._closed or event.is_set():
+            return True
         self._start(request.wake_fd)
-        event = self._event  # before the poll below: a change after it is not missed
         if self._listening is not None and not self._listening.is_set():
             with suppress(TimeoutError):  # listen first, then poll: a change after it is heard
                 async with asyncio.timeout(min(request.timeout, LISTEN_WAIT)):
@@ -496,6 +550,7 @@ class _Changes:
             self._poller = None
 
     async def close(self) -> None:
+        self._closed = True
         for task in (self._poller, self._listener):
             if task is not None:
                 task.cancel()

@@ -430,3 +430,70 @@ def test_a_lost_lease_is_told_and_its_release_raises(
 
     run(main())
     nothing_left(other)
+
+
+def test_closing_the_table_ends_its_waits_and_leaves_no_waiter(
+    db_url: str, namespace: str, other: LockTable
+) -> None:
+    holder = other.acquire("a")
+
+    async def main() -> None:
+        t = await aio.connect(db_url, namespace)
+        waiters = [asyncio.create_task(t.acquire("a", wait=True)) for _ in range(3)]
+        await until(lambda: _queued(t, 3), "3 waiters")
+        assert len(other.waiting()) == 3
+        await asyncio.gather(t.close(), t.close())  # idempotent, also at once
+        for waiter in waiters:
+            with pytest.raises(tasklocks.TasklocksError, match="is closed"):
+                await waiter
+        assert t._changes._fd is None  # (white-box) the loop watches no descriptor of it
+        with pytest.raises(tasklocks.TasklocksError, match="is closed"):
+            await t.acquire("b")
+
+    run(main())
+    assert other.waiting() == []
+    holder.release()
+    nothing_left(other)
+
+
+def test_a_release_during_the_waiters_read_wakes_it_at_once(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The change that a waiter's own read just missed must still wake it: on PostgreSQL the
+    next poll would come a second later."""
+    require("postgresql")
+    db_url = server_url("postgresql")
+    other = tasklocks.connect(db_url, namespace)
+    holder = other.acquire("a")
+
+    async def main() -> float:
+        async with await aio.connect(db_url, namespace) as t:
+            task = asyncio.create_task(t.acquire("a", wait=True))
+            await until(lambda: _queued(t, 1), "the waiter to queue")
+            await asyncio.sleep(1.2)  # its polls have slowed to their pace
+            store, reading = t.table.store, threading.Event()
+            real = store.read
+
+            def read(ns: str) -> Any:
+                snap = real(ns)
+                if not reading.is_set():
+                    reading.set()
+                    time.sleep(0.3)  # between this read and the wait that follows it
+                return snap
+
+            monkeypatch.setattr(store, "read", read)
+            other.acquire("b").release()  # a change: the waiter reads (slowly)
+            await flag(reading)
+            start = time.monotonic()
+            holder.release()  # during that read
+            lease = await asyncio.wait_for(task, WAIT)
+            took = time.monotonic() - start
+            await lease.release()
+        return took
+
+    try:
+        took = run(main())
+    finally:
+        other.close()
+        delete_rows(db_url, namespace)
+    assert took < 0.6, f"granted {took:.2f} s after the release"
