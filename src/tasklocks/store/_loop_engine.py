@@ -128,11 +128,11 @@ class _Cursor:
     def description(self) -> Any:
         return self._cursor.description
 
-    def fetchone(self) -> Any:
-        return self._loop.run(self._cursor.fetchone())
+    def fetchone(self) -> Any:  # (aiomysql's returns a future, psycopg's a coroutine)
+        return self._loop.run(_awaited(self._cursor.fetchone()))
 
     def fetchall(self) -> Any:
-        return self._loop.run(self._cursor.fetchall())
+        return self._loop.run(_awaited(self._cursor.fetchall()))
 
 
 class _Connection:
@@ -175,32 +175,15 @@ class _Connection:
         self._loop.run(self._conn.close())
 
 
-class _MyCursor:
+class _MyCursor(_Cursor):
     """An aiomysql ``Cursor`` as a blocking PyMySQL cursor (buffered: rows come with replies)."""
-
-    def __init__(self, loop: _Loop, cursor: Any) -> None:
-        self._loop, self._cursor = loop, cursor
-
-    @property
-    def rowcount(self) -> int:
-        return int(self._cursor.rowcount)
 
     @property
     def lastrowid(self) -> Any:
         return self._cursor.lastrowid
 
-    @property
-    def description(self) -> Any:
-        return self._cursor.description
-
     def execute(self, query: str, args: Any = None) -> int:
         return int(self._loop.run(self._cursor.execute(query, args)))
-
-    def fetchone(self) -> Any:
-        return self._loop.run(_awaited(self._cursor.fetchone()))
-
-    def fetchall(self) -> Any:
-        return self._loop.run(_awaited(self._cursor.fetchall()))
 
     def nextset(self) -> Any:
         return self._loop.run(self._cursor.nextset())
