@@ -49,6 +49,7 @@ from tasklocks.locks import THIS_PROCESS, HeldLock, Lease, LockTable, QueuedWait
 from tasklocks.locks import connect as _connect
 from tasklocks.owner import ProcessIdentity, current_process, default_owner
 from tasklocks.store import AsyncNotifies, Backend, Engine, Snapshot
+from tasklocks.store._base import first_delay, next_delay
 from tasklocks.store._loop_engine import AsyncEngine, is_async_engine, loop_engine
 
 __all__ = ["AsyncLease", "AsyncLockTable", "connect", "task_owner"]
@@ -75,8 +76,8 @@ def task_owner() -> str:
 
 
 class _Abandon(BaseException):
-    """Thrown into an acquisition's steps when its coroutine was cancelled: they give back what
-    they may have written, as for any exception, and raise it again."""
+    """Thrown into an acquisition's steps when its coroutine was cancelled or its table closes:
+    they give back what they may have written, as for any exception, and raise it again."""
 
 
 async def _finish(future: asyncio.Future[T]) -> T:
@@ -391,7 +392,7 @@ class AsyncLockTable:
         await asyncio.shield(self._closing)
 
     async def _close(self) -> None:
-        self._changes.wake()  # every waiting acquisition sees _closing and gives up
+        self._changes.fire()  # every waiting acquisition sees _closing and gives up
         await self._idle.wait()
         await self._changes.close()
         closing = self._submit(self.table.close)  # after the calls queued before it
@@ -450,17 +451,14 @@ class _Changes:
         """Set by the next change: take it before reading, wait on it after."""
         return self._event
 
-    def _fire(self) -> None:
+    def fire(self) -> None:
+        """Wake every waiter: it reads again (a change, or the table is closing)."""
         event, self._event = self._event, asyncio.Event()
         event.set()
 
-    def wake(self) -> None:
-        """Wake every waiter now (the table is closing)."""
-        self._fire()
-
     def _heard(self, namespace: str | None) -> None:
         if namespace is None or namespace == self._namespace:
-            self._fire()
+            self.fire()
 
     def _ready(self, listening: bool) -> None:
         if self._listening is not None:  # the first attempt to LISTEN is over, either way
@@ -468,7 +466,7 @@ class _Changes:
 
     def _woken(self) -> None:
         if self._table.table._waker.drain():
-            self._fire()
+            self.fire()
 
     def _start(self, wake_fd: int | None) -> None:
         if self._closed:
@@ -518,9 +516,9 @@ class _Changes:
     async def _poll(self) -> None:
         """Poll the version while anyone waits: fast after a waiter starts afresh or a change,
         slower while nothing happens (``Store.pace``, as the blocking waiters poll)."""
-        first, cap_young, share, cap_old, wake_first, wake_cap = self._store.pace()
-        if self._fd is not None:  # a local release wakes them at once: poll slowly
-            first = wake_first
+        pace = self._store.pace()
+        woken = self._fd is not None  # a local release wakes them at once: poll slowly
+        first = first_delay(pace, woken)
         start = time.monotonic()
         delay = 0.0
         try:
@@ -541,11 +539,11 @@ class _Changes:
                     continue
                 self._seen = max(self._seen, seen)
                 if any(version < seen for version in self._waiting):
-                    self._fire()
+                    self.fire()
                     start, delay = time.monotonic(), first
                     continue
-                cap = min(cap_old, max(cap_young, share * (time.monotonic() - start)))
-                delay = min(max(delay, first) * 1.5, wake_cap if self._fd is not None else cap)
+                waited = time.monotonic() - start
+                delay = next_delay(pace, max(delay, first), waited, woken)
         finally:
             self._poller = None
 
@@ -571,9 +569,9 @@ async def connect(
 ) -> AsyncLockTable:
     """Open the lock table at ``url`` for asyncio: :func:`tasklocks.connect`'s arguments and
     errors; the table's statements run on a worker thread of its own (see the module's doc).
-    ``url`` may also be a SQLAlchemy ``AsyncEngine`` on psycopg (``postgresql+psycopg://``),
-    whose pool then lends a connection for each call, driven on this loop (see
-    ``store/_loop_engine.py``), or on aiosqlite (its file).
+    ``url`` may also be a SQLAlchemy ``AsyncEngine`` on psycopg (``postgresql+psycopg://``) or
+    aiomysql (``mysql+aiomysql://``), whose pool then lends a connection for each call, driven on
+    this loop (see ``store/_loop_engine.py``), or on aiosqlite (its file).
 
     :raises BadURL: the URL is malformed.
     :raises StoreUnavailable: the database cannot be reached or its driver is missing.

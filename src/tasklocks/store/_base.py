@@ -106,13 +106,28 @@ def _times(rows: Sequence[Sequence[Any]]) -> dict[str, float]:
     return {str(session): float(left) for session, left in rows}
 
 
+Pace = tuple[float, float, float, float, float, float]  # see SQLStore._poll
+
+
+def first_delay(pace: Pace, woken: bool) -> float:
+    """The first pause between two polls of a wait (``woken``: a local wake-up may end it)."""
+    return pace[4] if woken else pace[0]
+
+
+def next_delay(pace: Pace, delay: float, waited: float, woken: bool) -> float:
+    """The pause after a poll that found nothing new, ``waited`` seconds into the wait."""
+    _, cap_young, share, cap_old, _, wake_cap = pace
+    cap = wake_cap if woken else min(cap_old, max(cap_young, share * waited))
+    return min(delay * 1.5, cap)
+
+
 class SQLStore(ABC):
     """An adapter (a ``Backend``): the parts written once; see the module docstring."""
 
     DIALECT: ClassVar[str]  # its statements are sql/<DIALECT>.sql
     QUOTE: ClassVar[str] = ""  # how the dialect quotes a column name
     MARK: ClassVar[str] = "%s"  # the driver's placeholder
-    POLL: ClassVar[tuple[float, float, float, float, float, float]]  # see _poll
+    POLL: ClassVar[Pace]  # see _poll
     url: str  # for messages, without a password
     table: str
     local: bool  # every holder runs on this machine (see owner.process_liveness)
@@ -196,7 +211,7 @@ class SQLStore(ABC):
     def _outcome_known(self, exc: BaseException) -> bool:
         """After ``exc``, is it certain that nothing sent in this transaction was committed?"""
 
-    def pace(self) -> tuple[float, float, float, float, float, float]:
+    def pace(self) -> Pace:
         """The polling pace of this store (see ``_poll``): ``POLL``, unless a dialect decides
         per URL."""
         return self.POLL
@@ -409,7 +424,7 @@ class SQLStore(ABC):
         most); with a ``wake_fd`` (it ends the wait) from ``POLL[4]`` to ``POLL[5]`` s. Waits in
         slices go on where they stopped, unless ``heard`` (readable on a change) is given; so
         does a wait with ``pace`` for the version the last one saw (see ``wait_for_change``)."""
-        first, cap_young, share, cap_old, wake_first, wake_cap = self.pace()
+        pace_ = self.pace()
         now = time.monotonic()
         deadline = now + timeout
         previous = self._backoff.pop(namespace, None)
@@ -420,7 +435,7 @@ class SQLStore(ABC):
         elif self.version(namespace) != version:
             return True
         else:
-            start, last, delay = now, now, first if wake_fd is None else wake_first
+            start, last, delay = now, now, first_delay(pace_, wake_fd is not None)
         fds = [fd for fd in (wake_fd, heard) if fd is not None and fd >= 0]
         while True:
             now = time.monotonic()
@@ -436,8 +451,7 @@ class SQLStore(ABC):
                 self._backoff[namespace] = (seen, start, time.monotonic(), delay, False)
                 return True
             last = time.monotonic()
-            cap = min(cap_old, max(cap_young, share * (last - start)))
-            delay = min(delay * 1.5, cap if wake_fd is None else wake_cap)
+            delay = next_delay(pace_, delay, last - start, wake_fd is not None)
 
     def version(self, namespace: str) -> int:
         """The namespace's version (0: no row yet), read alone: what a waiter polls."""

@@ -171,9 +171,6 @@ class _Connection:
     def broken(self) -> bool:
         return bool(self._conn.broken)
 
-    def close(self) -> None:
-        self._loop.run(self._conn.close())
-
 
 class _MyCursor(_Cursor):
     """An aiomysql ``Cursor`` as a blocking PyMySQL cursor (buffered: rows come with replies)."""
@@ -232,9 +229,6 @@ class _MyConnection:
 
     def rollback(self) -> None:
         self._loop.run(self._conn.rollback())
-
-    def close(self) -> None:
-        self._conn.close()
 
 
 class _Lent:

@@ -27,7 +27,7 @@ from typing import Any
 
 from tasklocks._clock import pause
 from tasklocks.errors import StoreUnavailable
-from tasklocks.store._base import Change
+from tasklocks.store._base import Change, Pace
 from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, POLLED, ServerStore
 
 __all__ = ["PostgresStore"]
@@ -98,7 +98,7 @@ class PostgresStore(ServerStore):
     def _unlend(self, conn: Any, was: Any) -> None:
         conn.autocommit = was
 
-    def pace(self) -> tuple[float, float, float, float, float, float]:
+    def pace(self) -> Pace:
         return POLLED if self._pooled else self.POLL
 
     def _open(self, **options: Any) -> Any:
