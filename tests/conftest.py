@@ -158,12 +158,13 @@ def raw_sql(url: str, statement: str, params: tuple[Any, ...] = ()) -> int:
 
 def delete_rows(url: str, prefix: str, table: str = DEFAULT_TABLE) -> None:
     """Delete a server table's rows whose namespace starts with ``prefix`` (test cleanup), and
-    the task records of those namespaces, if there is a tasks table."""
+    the name rows and task records of those namespaces, where those tables exist."""
     if parse_url(url).scheme == "sqlite":
         return
     raw_sql(url, f"DELETE FROM {table} WHERE namespace LIKE %s", (prefix + "%",))
-    with contextlib.suppress(Exception):  # no tasks table: nothing to delete
-        raw_sql(url, f"DELETE FROM {table}_tasks WHERE namespace LIKE %s", (prefix + "%",))
+    for more in ("_names", "_tasks"):
+        with contextlib.suppress(Exception):  # no such table: nothing to delete
+            raw_sql(url, f"DELETE FROM {table}{more} WHERE namespace LIKE %s", (prefix + "%",))
 
 
 @pytest.fixture

@@ -611,7 +611,7 @@ class LockTable:
             return None
         self._unsure.add(claimant.lease)  # until the outcome is known (a reply, a refusal)
         try:
-            token = self._fast.acquire(names, claimant, self._snap)
+            token = self._fast.acquire(names, claimant)
         except OutcomeUnknown:  # the full path re-reads and recognises the entry if written
             return None
         self._unsure.discard(claimant.lease)
@@ -654,7 +654,7 @@ class LockTable:
         fast: bool | None = False  # None: the reply to the one-statement release was lost
         row = None
         if self._fast is not None and lease is not None:
-            fast, row = self._fast.release(names, lease, self._snap)
+            fast, row = self._fast.release(names, lease)
         if fast:
             self._snap = None  # written by the database: our copy is old
             self._waker.notify()

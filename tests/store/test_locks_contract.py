@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import cast
 
@@ -649,14 +649,26 @@ def test_corrupt_document_is_refused_and_left_alone(
     bump: bool,
 ) -> None:
     before = corrupt(db_url, namespace, table, kind, bump=bump)
-    for attempt in (
+    takes: list[Callable[[], Lease]] = [
         lambda: table.acquire("b", owner="task:2"),
         lambda: table.acquire("b", owner="task:2", wait=True, timeout=1),
+    ]
+    if parse_url(db_url).scheme != "sqlite":
+        # On the servers a free name no document keeps is taken in its own row (store/_names.py),
+        # without reading the document; the names the document keeps stay marked, and every
+        # change through it is refused.
+        for take in takes:
+            taken: Lease = take()
+            taken.release()
+        takes = [lambda: table.acquire("a", "b", owner="task:2")]
+    attempts: list[Callable[[], object]] = [
+        *takes,
         lambda: table.release("a", owner="task:1"),
         table.release_all,
         table.reap,
         table.held,
-    ):
+    ]
+    for attempt in attempts:
         with pytest.raises(CorruptLockTable) as info:
             attempt()
         assert info.value.namespace == namespace

@@ -18,7 +18,6 @@ from tasklocks._url import default_url, parse_url
 from tasklocks.errors import BadURL
 from tasklocks.store._base import (
     EMPTY_DOCUMENT,
-    FAST_MAX_BYTES,
     SCHEMA_VERSION,
     Compute,
     OutcomeUnknown,
@@ -33,7 +32,6 @@ from tasklocks.store._loop_engine import is_async_engine
 __all__ = [
     "DEFAULT_TABLE",
     "EMPTY_DOCUMENT",
-    "FAST_MAX_BYTES",
     "SCHEMA_VERSION",
     "AsyncNotifies",
     "Backend",

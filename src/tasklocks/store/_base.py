@@ -1,12 +1,11 @@
-"""What every adapter shares: named statements, the schema, the compare-and-swap, the tasks table.
+"""What every adapter shares: named statements, the schema, the sessions, polling, the tasks table.
 
 Every statement of a dialect stands in ``sql/<dialect>.sql`` (as procrastinate's queries.sql):
 ``-- name: NAME`` starts a statement or fragment, other ``--`` lines are comments, a final ``;`` is
-dropped and ``{word}`` marks a place :func:`fill` fills in. A change with a fresh ``hint`` is one
-statement, an optimistic ``UPDATE ... WHERE version = <hint> AND data = <hint>`` (servers compare
-MD5s); else, or when that misses, a pessimistic ``BEGIN; SELECT ... FOR UPDATE`` then ``UPDATE;
-COMMIT``, which cannot miss. After a miss, hinted calls stay pessimistic until one finds its hint
-was still the row. A dialect supplies the methods marked abstract.
+dropped and ``{word}`` marks a place :func:`fill` fills in. How a namespace is kept in rows (its
+``read`` and ``transact``) is a layout's: the document alone (``_document.py``, SQLite), or the
+document and a row per name (``_sql_server.py`` and ``_names.py``, the servers). A dialect
+supplies the methods marked abstract.
 """
 
 from __future__ import annotations
@@ -22,20 +21,12 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, ClassVar, TypeVar
 
-from tasklocks._clock import clock
 from tasklocks._url import ParsedURL, check_table_name
 from tasklocks.errors import StoreError, StoreUnavailable
 
 T = TypeVar("T")
 SCHEMA_VERSION = 1
 EMPTY_DOCUMENT = '{"format":3,"procs":{},"locks":{}}'  # encode(EMPTY, compact=True)
-# One-statement changes (FastPaths) make the server parse and check the whole document: entries
-# and lease records. Past this size the client's path, which re-encodes only what changed, is
-# cheaper. 8 KB of format 3 is about 230 entries where leases hold many names, about 40 where each
-# holds one (a record is about 160 bytes). Measured here with one name per lease, a fast pair
-# costs 1.7 / 2.7 ms at 20 / 40 entries on PostgreSQL (1.8 / 2.6 ms on MariaDB), the client's
-# path 0.65 / 0.76 ms (0.78 / 0.85): the limit errs small, not large.
-FAST_MAX_BYTES = 8 * 1024
 # Every task column but ``id`` and ``version``, with its kind (the dialect's ``task_types`` maps
 # kinds to SQL types). ``json`` columns hold JSON text (the tasks layer encodes and decodes them).
 _COLUMNS = """kind:text target:json args:json locks:json namespace:text state:state percent:float
@@ -138,9 +129,9 @@ class SQLStore(ABC):
     _side: SQLStore | None = None  # the sessions' store (see _sessions_store)
     _idle_ping = 1.0  # seconds idle after which a server connection is checked first
     REENTRANT: ClassVar[bool] = False  # does a call of this store call the store again?
+    SCHEMA: ClassVar[int] = SCHEMA_VERSION  # the schema version this adapter writes
     _lock_pid = 0
     _tasks_ready = False
-    _optimistic_ok = True  # was the last hint we could judge still the row?
 
     @abstractmethod
     def __init__(self, parsed: ParsedURL, *, table: str, reconnect_timeout: float = 5.0) -> None:
@@ -184,28 +175,6 @@ class SQLStore(ABC):
     @abstractmethod
     def _missing_table(self, exc: BaseException) -> bool:
         """Did the statement fail because a table does not exist (yet)?"""
-
-    @abstractmethod
-    def _digest(self, text: str) -> str:
-        """What ``check`` and ``update_if`` compare a document by."""
-
-    @abstractmethod
-    def _swap(self, conn: Any, ns: str, version: int, change: Change, digest: str) -> bool:
-        """The optimistic compare-and-swap (see ``update_if``); True if it happened."""
-
-    @abstractmethod
-    def _lock_row(self, conn: Any, namespace: str) -> tuple[Any, Any]:
-        """Begin a transaction, lock the namespace's row, then read ``sessions`` (in one round
-        trip); the row and the sessions' rows."""
-
-    def _read_row(self, conn: Any, namespace: str) -> tuple[Any, Any]:
-        """The namespace's row, then the ``sessions`` rows (in one round trip where it can)."""
-        row = self._execute(conn, self._sql["select"], (namespace,)).fetchone()
-        return row, self._execute(conn, self._sql["sessions"]).fetchall()
-
-    @abstractmethod
-    def _write_and_commit(self, conn: Any, namespace: str, version: int, change: Change) -> None:
-        """Write the change to the locked row and commit (in one round trip)."""
 
     @abstractmethod
     def _outcome_known(self, exc: BaseException) -> bool:
@@ -256,7 +225,7 @@ class SQLStore(ABC):
         if row is None:  # concurrent creators may collide (PostgreSQL): dialects retry that
             self._execute(conn, self._sql["create_table"])
             self._execute(conn, self._sql["create_meta"])
-            self._execute(conn, self._sql["insert_meta"], (str(SCHEMA_VERSION),))
+            self._execute(conn, self._sql["insert_meta"], (str(self.SCHEMA),))
             row = self._schema_row(conn)
         try:
             version = int(row[0]) if row is not None else -1
@@ -266,10 +235,16 @@ class SQLStore(ABC):
         if version < 0:
             fix = f"fix or drop {self.table}_meta"
             raise StoreError(f"{where} has a bad schema version {row!r}; {fix}")
-        if version > SCHEMA_VERSION:
-            fix = f"newer than this tasklocks understands ({SCHEMA_VERSION}); upgrade tasklocks"
+        if version > self.SCHEMA:
+            fix = f"newer than this tasklocks understands ({self.SCHEMA}); upgrade tasklocks"
             raise StoreError(f"{where} has schema version {version}, {fix}")
         self._schema_extras(conn)
+        if version < self.SCHEMA:
+            self._upgrade(conn, version)
+
+    def _upgrade(self, conn: Any, version: int) -> None:  # noqa: B027 (SQLite has none)
+        """Move a table of an older schema ``version`` to ``SCHEMA`` (after ``_schema_extras``
+        made what the new one adds)."""
 
     def _schema_extras(self, conn: Any) -> None:
         """What is made idempotently at every open: the sessions table (added after schema
@@ -286,92 +261,15 @@ class SQLStore(ABC):
                 return None
             raise
 
-    # --- documents ----------------------------------------------------------------------------
+    # --- documents: a layout supplies them ------------------------------------------------
 
+    @abstractmethod
     def read(self, namespace: str) -> Snapshot:
-        """The current row (created empty, version 0, on first use)."""
+        """See ``Store.read``."""
 
-        def body(conn: Any, call: Call) -> Snapshot:
-            row, times = self._read_row(conn, namespace)
-            if row is None:
-                self._execute(conn, self._sql["insert_row"], (namespace, EMPTY_DOCUMENT))
-                row, times = self._read_row(conn, namespace)
-            if row is None:
-                raise StoreError(f"the row of namespace {namespace!r} vanished; retry")
-            self._known.add(namespace)
-            return Snapshot(int(row[0]), str(row[1]), _times(times), clock())
-
-        return self._locked(body)
-
+    @abstractmethod
     def transact(self, namespace: str, compute: Compute, hint: Snapshot | None) -> Snapshot:
         """See ``Store.transact``."""
-
-        def body(conn: Any, call: Call) -> Snapshot:
-            if hint is not None and self._optimistic_ok and namespace in self._known:
-                done = self._optimistic(conn, call, namespace, compute, hint)
-                if done is not None:
-                    return done
-                self._optimistic_ok = False  # contention: stay pessimistic for a while
-            return self._pessimistic(conn, call, namespace, compute, hint)
-
-        return self._changing(body)
-
-    def _optimistic(
-        self, conn: Any, call: Call, namespace: str, compute: Compute, hint: Snapshot
-    ) -> Snapshot | None:
-        """Compute on ``hint`` and write in one statement; None if the row had moved on.
-        A refusal (compute raising) or "no change" stands only if the hint is still the row."""
-        try:
-            change = compute(hint)
-        except Exception:
-            if self._is_current(conn, namespace, hint):
-                raise
-            return None
-        if change is None:
-            return hint if self._is_current(conn, namespace, hint) else None
-        digest = self._digest(hint.data)
-        call.sent = True
-        done = self._swap(conn, namespace, hint.version, change, digest)
-        call.sent = False  # the reply came: the outcome is known
-        return Snapshot(hint.version + 1, change[0], hint.sessions, hint.read_at) if done else None
-
-    def _is_current(self, conn: Any, namespace: str, hint: Snapshot) -> bool:
-        row = self._execute(conn, self._sql["check"], (namespace,)).fetchone()
-        return row is not None and (int(row[0]), row[1]) == (hint.version, self._digest(hint.data))
-
-    def _pessimistic(
-        self, conn: Any, call: Call, namespace: str, compute: Compute, hint: Snapshot | None
-    ) -> Snapshot:
-        if namespace not in self._known:
-            # Outside the transaction, so that it holds nothing but the one row lock (on MySQL
-            # an INSERT IGNORE that finds the row takes a shared lock on it, and two such
-            # transactions upgrading to FOR UPDATE deadlock:
-            # https://dev.mysql.com/doc/refman/8.0/en/innodb-locks-set.html).
-            self._execute(conn, self._sql["insert_row"], (namespace, EMPTY_DOCUMENT))
-            self._known.add(namespace)
-        try:
-            row, times = self._lock_row(conn, namespace)
-            if row is None:
-                self._known.discard(namespace)
-                raise StoreError(f"the row of namespace {namespace!r} vanished; retry")
-            snap = Snapshot(int(row[0]), str(row[1]), _times(times), clock())
-            if hint is not None and hint.version == snap.version and hint.data == snap.data:
-                self._optimistic_ok = True  # nobody else wrote: try the short path again
-            change = compute(snap)
-            if change is None:
-                self._commit(conn)
-            else:
-                call.sent = True  # the row is locked: the compare-and-swap cannot miss
-                self._write_and_commit(conn, namespace, snap.version, change)
-                snap = Snapshot(snap.version + 1, change[0], snap.sessions, snap.read_at)
-        except BaseException as exc:
-            if not call.sent or self._outcome_known(exc):
-                call.sent = False
-                self._rollback(conn)
-            else:  # interrupted after sending: the connection's state is unknown
-                self._abandon_connection()
-            raise
-        return snap
 
     # --- sessions: on a connection of their own, so that renewals never queue behind changes ---
 

@@ -8,7 +8,6 @@ races are retried. A forked child never touches its parent's connection.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import time
@@ -21,15 +20,16 @@ from tasklocks._clock import clock, pause
 from tasklocks._url import ParsedURL
 from tasklocks.errors import StoreError, StoreUnavailable, StoreUnreachable
 from tasklocks.names import is_name, validate_name
+from tasklocks.store import _names
 from tasklocks.store._base import (
-    FAST_MAX_BYTES,
+    EMPTY_DOCUMENT,
     Call,
+    Change,
+    Compute,
     OutcomeUnknown,
     Snapshot,
     SQLStore,
     _times,
-    fill,
-    load,
 )
 
 __all__ = ["ServerStore"]
@@ -44,10 +44,6 @@ IO_TIMEOUT = 30.0  # seconds a connection may stay silent while a statement runs
 # waiting process ~0.2-0.3 ms of CPU once it wakes, so a fixed 10 ms cap would cost ~2 % of a
 # core per waiter.
 POLLED = (0.001, 0.010, 0.05, 0.100, 0.005, 0.500)
-# The fields of a lease's record in a format-3 document, in order, and their JSON types, as
-# _doc.decode checks them: the fast paths check every record the same way.
-_FIELDS = "owner:str pid:int? start:str? boot:str? host:str pidns:str? pgid:int? since:num"
-RECORD_FIELDS = [f.split(":") for f in (_FIELDS + " note:str? session:str?").split()]
 
 
 class Lost(StoreUnreachable):
@@ -58,16 +54,13 @@ class Retry(StoreError):
     """A deadlock, or a race creating the schema: safe to run the call again."""
 
 
-def entries_check(sql: Mapping[str, str]) -> str:
-    """The dialect's ``entries`` condition, one test per field of :data:`RECORD_FIELDS` (``{i}``:
-    its place in the record) made of its ``entry_<kind>`` fragments (and ``entry_column``
-    declarations, where it has them)."""
-    tests, columns = [], []
-    for i, (_, kind) in enumerate(RECORD_FIELDS):
-        test = fill(sql["entry_" + kind.rstrip("?")], i=i)
-        tests.append(fill(sql["entry_nullable"], i=i, test=test) if "?" in kind else test)
-        columns.append(fill(sql.get("entry_column", ""), i=i))
-    return fill(sql["entries"], tests=" AND ".join(tests), columns=", ".join(columns))
+def text_of(value: Any) -> str:
+    """A column's text (MySQL returns a VARBINARY column as bytes)."""
+    return value.decode() if isinstance(value, bytes | bytearray) else str(value)
+
+
+def _held(name: Any, version: Any, lease: Any, record: Any) -> _names.HeldRow:
+    return text_of(name), int(version), text_of(lease), text_of(record)
 
 
 def fast_names(names: Sequence[str]) -> list[str]:
@@ -82,12 +75,12 @@ class ServerStore(SQLStore):
     """A lock table on an SQL server; a subclass is a dialect and supplies the methods marked
     abstract (the driver calls)."""
 
+    SCHEMA = 2  # 1: documents alone; 2: a row per name beside them (see _names.py)
     LABEL: ClassVar[str]  # for messages: "MySQL", "PostgreSQL"
     DEFAULT_PORT: ClassVar[int]
     DEFAULT_USER: ClassVar[str]
     local = False
     _driver_errors: tuple[type[BaseException], ...]  # every error the driver raises
-    _bad_json: tuple[type[BaseException], ...] = ()  # the server could not parse a document
 
     def __init__(
         self,
@@ -105,14 +98,11 @@ class ServerStore(SQLStore):
         self._parsed = parsed
         self._user = parsed.user or self.DEFAULT_USER
         self._where = f"{parsed.host}:{parsed.port or self.DEFAULT_PORT}"
-        raw = load(self.DIALECT)
-        checks = {"valid": raw.get("valid", ""), "entries": entries_check(raw)}
-        self._load_sql(table, fast_max=FAST_MAX_BYTES, **checks)
+        self._load_sql(table)
         self._conn: Any = None
         self._pid = 0
         self._used = 0.0  # monotonic time the connection last answered
         self._schema_checked = False
-        self._hashed: tuple[str, str] | None = None  # (text, its MD5): the last one hashed
         self._setup()
         try:
             self._locked(lambda conn, call: None)  # connect and check the schema now
@@ -151,17 +141,6 @@ class ServerStore(SQLStore):
 
     def _failure(self, exc: BaseException) -> StoreError:
         return StoreError(f"{self.LABEL} at {self._where} failed: {exc}")
-
-    @abstractmethod
-    def _fast_statement(
-        self, acquire: bool, namespace: str, names: list[str], lease: str, record: str = ""
-    ) -> Any:
-        """The statement and parameters of fast_acquire (with the lease's record) or
-        fast_release."""
-
-    @abstractmethod
-    def _fast_version(self, cursor: Any) -> int | None:
-        """The new version a one-statement change reports, or None if it wrote nothing."""
 
     def _ping(self, conn: Any) -> None:
         self._execute(conn, self._sql["ping"])
@@ -330,75 +309,141 @@ class ServerStore(SQLStore):
         # connection is OutcomeUnknown (see _errors).
         return isinstance(exc, self._driver_errors) and not self._gone(exc)
 
-    def _digest(self, text: str) -> str:
-        """The MD5 the server compares, computed once per text (the caller hands it back)."""
-        if self._hashed is None or self._hashed[0] != text:
-            self._hashed = (text, hashlib.md5(text.encode(), usedforsecurity=False).hexdigest())
-        return self._hashed[1]
+    # --- a row per name (see _names.py): the full path --------------------------------------
 
-    # --- FastPaths ------------------------------------------------------------------------------
+    def read(self, namespace: str) -> Snapshot:
+        """The document with the names held in their rows written into it, read in one
+        statement; its version is the document's (what waiters compare)."""
+
+        def body(conn: Any, call: Call) -> Snapshot:
+            rows, times = self._read_kept(conn, namespace)
+            if not rows or int(rows[0][0]) != 0:
+                self._execute(conn, self._sql["insert_row"], (namespace, EMPTY_DOCUMENT))
+                rows, times = self._read_kept(conn, namespace)
+            if not rows or int(rows[0][0]) != 0:
+                raise StoreError(f"the row of namespace {namespace!r} vanished; retry")
+            self._known.add(namespace)
+            held = [_held(r[2], r[1], r[3], r[4]) for r in rows[1:]]
+            text = _names.absorb(_names.shown(text_of(rows[0][2])), held)
+            return Snapshot(int(rows[0][1]), text, _times(times), clock())
+
+        return self._locked(body)
+
+    def transact(self, namespace: str, compute: Compute, hint: Snapshot | None) -> Snapshot:
+        """See ``Store.transact``. Always the pessimistic path (``hint`` is not used): a change
+        through the document must lock the names held in their rows, which it may take over."""
+        return self._changing(lambda conn, call: self._change_kept(conn, call, namespace, compute))
+
+    def _change_kept(self, conn: Any, call: Call, namespace: str, compute: Compute) -> Snapshot:
+        if namespace not in self._known:  # outside the transaction (see _base._pessimistic)
+            self._execute(conn, self._sql["insert_row"], (namespace, EMPTY_DOCUMENT))
+            self._known.add(namespace)
+        try:
+            row, held_rows, times = self._lock_kept(conn, namespace)
+            if row is None:
+                self._known.discard(namespace)
+                raise StoreError(f"the row of namespace {namespace!r} vanished; retry")
+            version, data = int(row[0]), str(row[1])
+            held = [_held(*r) for r in held_rows]
+            text = _names.shown(data)
+            merged = _names.absorb(text, held)
+            top = max([version, *(h[1] for h in held)])  # a token of theirs is to be exceeded
+            snap = Snapshot(top, merged, _times(times), clock())
+            change = compute(snap)
+            if change is None:
+                self._commit(conn)
+                return Snapshot(version, merged, snap.sessions, snap.read_at)
+            moved = _names.is_kept(data)
+            before = _names.kept(text) if moved else {}  # format 3: none marked yet
+            absorbed = {h[0] for h in held}
+            marks = _names.changes(before, _names.kept(change[0]), absorbed)
+            new = sorted(n for n in marks if n not in before and n not in absorbed)
+            if _names.is_kept(_names.stored(change[0])) != moved:  # moves (or, repaired, back)
+                marks[_names.LAYOUT] = not moved
+            if new and self._claim_names(conn, namespace, new):
+                raise Retry(f"a name of {namespace!r} was taken in its row meanwhile")
+            call.sent = True  # the rows are locked: nothing can miss
+            self._write_kept(conn, namespace, version, top + 1, change, marks)
+            return Snapshot(top + 1, change[0], snap.sessions, snap.read_at)
+        except BaseException as exc:
+            if not call.sent or self._outcome_known(exc):
+                call.sent = False
+                self._rollback(conn)
+            else:  # interrupted after sending: the connection's state is unknown
+                self._abandon_connection()
+            raise
+
+    def _upgrade(self, conn: Any, version: int) -> None:
+        """Schema 1 (documents alone) to 2 (a row per name beside them): the names table is
+        made by ``_schema_extras``; a document moves at its first change (see ``_names``)."""
+        self._execute(conn, self._sql["upgrade_meta"], (str(self.SCHEMA), str(version)))
+
+    @abstractmethod
+    def _read_kept(self, conn: Any, namespace: str) -> tuple[list[Any], Any]:
+        """``select_kept``'s rows (the document's first, if there is one), then the sessions."""
+
+    @abstractmethod
+    def _lock_kept(self, conn: Any, namespace: str) -> tuple[Any, list[Any], Any]:
+        """Begin, lock the document's row, then the names held in their rows, then read the
+        sessions (one round trip): the row, the names' rows, the sessions' rows."""
+
+    @abstractmethod
+    def _claim_names(self, conn: Any, namespace: str, names: list[str]) -> list[str]:
+        """Lock the rows of ``names`` (made free where missing): those held in their rows."""
+
+    @abstractmethod
+    def _write_kept(
+        self,
+        conn: Any,
+        namespace: str,
+        version: int,
+        new_version: int,
+        change: Change,
+        marks: Mapping[str, bool],
+    ) -> None:
+        """Set the rows of ``marks``, write the document at ``new_version`` and commit (one
+        round trip)."""
+
+    # --- FastPaths: a free name taken, and released, in its row -------------------------------
 
     def fast_acquire(
         self, namespace: str, names: Sequence[str], lease: str, record: str
     ) -> int | None:
-        return self._fast_change(True, namespace, names, lease, record)[0]
+        unique = fast_names(names)
+        if len(unique) != 1 or not is_name(lease):  # several names: the full path
+            return None
+        return self._fast(self._name_statement(True, namespace, unique[0], lease, record))
 
     def fast_release(self, namespace: str, names: Sequence[str], lease: str) -> int | None:
-        return self._fast_change(False, namespace, names, lease)[0]
+        unique = fast_names(names)
+        if len(unique) != 1 or not is_name(lease):
+            return None
+        return self._fast(self._name_statement(False, namespace, unique[0], lease))
 
     def fast_release_reading(
         self, namespace: str, names: Sequence[str], lease: str
     ) -> tuple[int | None, Snapshot | None]:
-        return self._fast_change(False, namespace, names, lease, read=True)
-
-    def _fast_change(
-        self,
-        acquire: bool,
-        namespace: str,
-        names: Sequence[str],
-        lease: str,
-        record: str = "",
-        *,
-        read: bool = False,
-    ) -> tuple[int | None, Snapshot | None]:
-        unique = fast_names(names)
-        # The lease is a key of procs, written as a JSON path on MariaDB: tasklocks' own are hex;
-        # any other one (not a plain name) takes the full path.
-        if not is_name(lease):
-            return None, None
-        statement = self._fast_statement(acquire, namespace, unique, lease, record)
-        return self._fast(statement, read=namespace if read else None)
+        return self.fast_release(namespace, names, lease), None  # the full path reads anyway
 
     @abstractmethod
-    def _fast_then_read(
-        self, conn: Any, statement: tuple[str, Any], namespace: str
-    ) -> tuple[int | None, Any, Any]:
-        """A one-statement change, then the row and the ``sessions`` rows, in one round trip:
-        the change's new version (None: not applied), the row, the sessions."""
+    def _name_statement(
+        self, acquire: bool, namespace: str, name: str, lease: str, record: str = ""
+    ) -> tuple[str, Any]:
+        """The statement and parameters of ``name_acquire`` or ``name_release``."""
 
-    def _fast(
-        self, statement: tuple[str, Any], read: str | None = None
-    ) -> tuple[int | None, Snapshot | None]:
-        """Run a one-statement change: the new version (None: not applied) and, with ``read``
-        (its namespace), the row as read right after it in the same round trip."""
+    @abstractmethod
+    def _name_version(self, cursor: Any, acquire: bool) -> int | None:
+        """The version (the token) a row statement reports, or None if it changed nothing."""
 
-        def body(conn: Any, call: Call) -> tuple[int | None, Snapshot | None]:
+    def _fast(self, statement: tuple[str, Any]) -> int | None:
+        """Run a one-statement change of a name's row: its version, or None if not applied."""
+        acquire = statement[0] is self._sql["name_acquire"]
+
+        def body(conn: Any, call: Call) -> int | None:
             call.sent = True
-            row, times = None, ()
-            try:
-                if read is None:
-                    version = self._fast_version(self._execute(conn, *statement))
-                else:
-                    version, row, times = self._fast_then_read(conn, statement, read)
-            except self._bad_json:
-                # The stored text (or the entry) is not JSON: the statement failed and, in
-                # autocommit, rolled back; the full path reports a bad document.
-                call.sent = False
-                return None, None
+            version = self._name_version(self._execute(conn, *statement), acquire)
             call.sent = False  # the reply came: the outcome is known
-            if row is None:
-                return version, None
-            return version, Snapshot(int(row[0]), str(row[1]), _times(times), clock())
+            return version
 
         return self._locked(body)
 

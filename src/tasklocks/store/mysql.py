@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Any
 
 from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.store._base import Change, fill
-from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, POLLED, ServerStore
+from tasklocks.store._names import stored
+from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, POLLED, ServerStore, text_of
 
 __all__ = ["MySQLStore", "preload"]
 
@@ -204,63 +206,68 @@ class MySQLStore(ServerStore):
 
     # --- changes --------------------------------------------------------------------------------
 
-    def _swap(self, conn: Any, namespace: str, version: int, change: Change, digest: str) -> bool:
-        quoted = (_quote(conn, change[0]), conn.escape(namespace), int(version))
-        sql = self._sql["update_if"] % (*quoted, conn.escape(digest))
-        return bool(self._execute(conn, sql).rowcount == 1)
-
-    def _lock_row(self, conn: Any, namespace: str) -> tuple[Any, Any]:
-        cur = self._execute(conn, self._sql["lock_row"], (namespace,))
-        cur.nextset()  # START TRANSACTION's result, then the SELECT's, then the sessions'
-        return self._two_results(cur)
-
-    def _read_row(self, conn: Any, namespace: str) -> tuple[Any, Any]:
-        return self._two_results(self._execute(conn, self._sql["read_row"], (namespace,)))
-
-    @staticmethod
-    def _two_results(cur: Any) -> tuple[Any, Any]:
-        row = cur.fetchone()
-        cur.nextset()
-        return row, cur.fetchall()
-
-    def _write_and_commit(self, conn: Any, namespace: str, version: int, change: Change) -> None:
-        quoted = (_quote(conn, change[0]), conn.escape(namespace), int(version))
-        self._execute(conn, self._sql["update_commit"] % quoted).nextset()
-
-    def _fast_statement(
-        self, acquire: bool, namespace: str, names: list[str], lease: str, record: str = ""
-    ) -> Any:
-        # Names and the lease are checked (plain names): no quotes in a path.
-        paths = ['$.locks."' + name + '"' for name in names]
-        proc = '$.procs."' + lease + '"'
-        compact = "JSON_COMPACT" if self._mariadb else ""  # MariaDB's JSON_SET adds spaces
-        fills = {"compact": compact, "paths": ", %s" * len(names)}
-        if acquire:
-            sql = fill(self._sql["fast_acquire"], sets=self._sql["fast_set"] * len(names), **fills)
-            sets = (v for path in paths for v in (path, lease))
-            return sql, [proc, record, *sets, namespace, *paths, record]
-        sql = fill(self._sql["fast_release"], leases=self._sql["fast_lease"] * len(names), **fills)
-        tests = (v for path in paths for v in (path + "[0]", lease))
-        return sql, [*paths, lease, *paths, *paths, proc, namespace, *tests]
-
     def _schema_extras(self, conn: Any) -> None:
         self._execute(conn, self._sql["create_sessions"])
+        self._execute(conn, self._sql["create_names"])
         if self._mariadb:  # (MySQL gets the index with new tables only)
             self._execute(conn, self._sql["index_sessions"])
 
-    def _fast_then_read(
-        self, conn: Any, statement: tuple[str, Any], namespace: str
-    ) -> tuple[int | None, Any, Any]:
-        sql, params = statement  # CLIENT.MULTI_STATEMENTS: the change, then read_row's two
-        cur = self._execute(
-            conn, f"{sql.rstrip().rstrip(';')};\n{self._sql['read_row']}", [*params, namespace]
-        )
-        version = self._fast_version(cur)  # the UPDATE's result, before moving on
+    def _read_kept(self, conn: Any, namespace: str) -> tuple[list[Any], Any]:
+        cur = self._execute(conn, self._sql["select_kept"], (namespace, namespace))
+        rows = list(cur.fetchall())
         cur.nextset()
-        row, times = self._two_results(cur)
-        return version, row, times
+        return rows, cur.fetchall()
 
-    def _fast_version(self, cursor: Any) -> int | None:
-        # Only a changed row counts (no CLIENT.FOUND_ROWS), and the version always changes:
-        # 1 means written, and lastrowid is the LAST_INSERT_ID(version + 1).
+    def _lock_kept(self, conn: Any, namespace: str) -> tuple[Any, list[Any], Any]:
+        cur = self._execute(conn, self._sql["lock_kept"], (namespace, namespace))
+        cur.nextset()  # START TRANSACTION's result, then the row, the names, the sessions
+        row = cur.fetchone()
+        cur.nextset()
+        held = list(cur.fetchall())
+        cur.nextset()
+        return row, held, cur.fetchall()
+
+    def _claim_names(self, conn: Any, namespace: str, names: list[str]) -> list[str]:
+        ns = conn.escape(namespace)
+        rows = ", ".join(f"({ns}, {conn.escape(n)}, 0, 0)" for n in names)
+        quoted = ", ".join(conn.escape(n) for n in names)
+        sql = fill(self._sql["claim_names"], rows=rows, names=quoted)
+        cur = self._execute(conn, sql, (namespace,))
+        cur.nextset()
+        return [text_of(r[0]) for r in cur.fetchall()]
+
+    def _write_kept(
+        self,
+        conn: Any,
+        namespace: str,
+        version: int,
+        new_version: int,
+        change: Change,
+        marks: Mapping[str, bool],
+    ) -> None:
+        ns = conn.escape(namespace)
+        quoted = (_quote(conn, stored(change[0])), int(new_version), ns, int(version))
+        if marks:
+            rows = ", ".join(
+                f"({ns}, {conn.escape(n)}, {int(new_version)}, {int(marks[n])})"
+                for n in sorted(marks)
+            )
+            sql = fill(self._sql["set_names_commit"], rows=rows) % quoted
+        else:
+            sql = self._sql["update_to_commit"] % quoted
+        cur = self._execute(conn, sql)
+        while cur.nextset():
+            pass
+
+    def _name_statement(
+        self, acquire: bool, namespace: str, name: str, lease: str, record: str = ""
+    ) -> tuple[str, Any]:
+        if acquire:
+            return self._sql["name_acquire"], (namespace, name, lease, record, namespace)
+        return self._sql["name_release"], (namespace, name, lease)
+
+    def _name_version(self, cursor: Any, acquire: bool) -> int | None:
+        # The token is in the OK packet (LAST_INSERT_ID(expr)), and only when the row changed.
+        if acquire:
+            return int(cursor.lastrowid) or None
         return int(cursor.lastrowid) if cursor.rowcount == 1 else None

@@ -21,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from typing import Any
 
 from tasklocks._clock import pause
 from tasklocks.errors import StoreUnavailable
 from tasklocks.store._base import Change, Pace
+from tasklocks.store._names import stored
 from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, POLLED, ServerStore
 
 __all__ = ["PostgresStore"]
@@ -74,7 +75,6 @@ class PostgresStore(ServerStore):
         self._psycopg = psycopg
         errors = psycopg.errors
         self._driver_errors = (psycopg.Error,)
-        self._bad_json = (errors.InvalidTextRepresentation,)
         # Concurrent CREATE TABLE IF NOT EXISTS can collide on the catalog's unique index instead
         # of skipping: the other creator won; retry (https://github.com/psycopg/psycopg2/issues/1036).
         retry = "DeadlockDetected SerializationFailure UniqueViolation DuplicateTable "
@@ -172,65 +172,72 @@ class PostgresStore(ServerStore):
         # (PostgreSQL 14+ with LZ4): pglz costs ~2 ms per write of a 200 KB document, LZ4 a
         # tenth; it gives up quietly where it cannot (no LZ4, not the owner, a busy table).
         with _pipeline(conn):
-            for name in ("create_sessions", "index_sessions", "prefer_lz4"):
+            for name in ("create_sessions", "index_sessions", "prefer_lz4", "create_names"):
+                conn.execute(self._sql[name])
+            for name in ("index_names",):
                 conn.execute(self._sql[name])
 
     # --- changes --------------------------------------------------------------------------------
 
-    def _update(
-        self, conn: Any, namespace: str, version: int, change: Change, digest: str = ""
-    ) -> Any:
-        """Execute (or, in a pipeline, queue) the compare-and-swap, of the data's ``digest`` too
-        if given, notifying waiters if the change asks to; its cursor."""
-        text, wake = change
-        params: tuple[Any, ...] = (text, namespace, version)
-        name = "update"
-        if digest:
-            name, params = "update_if", (*params, digest)
-        if wake:
-            return conn.execute(self._sql[name + "_notify"], (*params, self._channel, namespace))
-        return conn.execute(self._sql[name], params)
+    def _read_kept(self, conn: Any, namespace: str) -> tuple[list[Any], Any]:
+        with _pipeline(conn):
+            rows = conn.execute(self._sql["select_kept"], {"ns": namespace})
+            times = conn.execute(self._sql["sessions"])
+        return rows.fetchall(), times.fetchall()
 
-    def _swap(self, conn: Any, namespace: str, version: int, change: Change, digest: str) -> bool:
-        cur = self._update(conn, namespace, version, change, digest)
-        return cur.fetchone() is not None if change[1] else bool(cur.rowcount == 1)
-
-    def _lock_row(self, conn: Any, namespace: str) -> tuple[Any, Any]:
+    def _lock_kept(self, conn: Any, namespace: str) -> tuple[Any, list[Any], Any]:
         with _pipeline(conn):
             conn.execute(self._sql["begin"])
             row = conn.execute(self._sql["select_for_update"], (namespace,))
-            times = conn.execute(self._sql["sessions"])  # after the row: none it names is missed
-        return row.fetchone(), times.fetchall()
+            held = conn.execute(self._sql["lock_held_names"], (namespace,))
+            times = conn.execute(self._sql["sessions"])  # after the rows: none is missed
+        return row.fetchone(), held.fetchall(), times.fetchall()
 
-    def _read_row(self, conn: Any, namespace: str) -> tuple[Any, Any]:
+    def _claim_names(self, conn: Any, namespace: str, names: list[str]) -> list[str]:
+        params = {"ns": namespace, "names": names}
         with _pipeline(conn):
-            row = conn.execute(self._sql["select"], (namespace,))
-            times = conn.execute(self._sql["sessions"])
-        return row.fetchone(), times.fetchall()
+            conn.execute(self._sql["claim_names"], params)
+            taken = conn.execute(self._sql["claimed_names"], params)
+        return [str(r[0]) for r in taken.fetchall()]
 
-    def _write_and_commit(self, conn: Any, namespace: str, version: int, change: Change) -> None:
+    def _write_kept(
+        self,
+        conn: Any,
+        namespace: str,
+        version: int,
+        new_version: int,
+        change: Change,
+        marks: Mapping[str, bool],
+    ) -> None:
+        text, wake = change
+        params: tuple[Any, ...] = (stored(text), new_version, namespace, version)
         with _pipeline(conn):
-            self._update(conn, namespace, version, change)
+            if marks:
+                names = sorted(marks)
+                conn.execute(
+                    self._sql["set_names"],
+                    {
+                        "ns": namespace,
+                        "version": new_version,
+                        "names": names,
+                        "marks": [marks[n] for n in names],
+                    },
+                )
+            if wake:
+                conn.execute(self._sql["update_to_notify"], (*params, self._channel, namespace))
+            else:
+                conn.execute(self._sql["update_to"], params)
             conn.execute(self._sql["commit"])
 
-    def _fast_statement(
-        self, acquire: bool, namespace: str, names: list[str], lease: str, record: str = ""
-    ) -> Any:
-        params = {"ns": namespace, "names": names, "lease": lease}
+    def _name_statement(
+        self, acquire: bool, namespace: str, name: str, lease: str, record: str = ""
+    ) -> tuple[str, Any]:
+        params = {"ns": namespace, "name": name, "lease": lease}
         if acquire:
-            return self._sql["fast_acquire"], {**params, "record": record}
-        return self._sql["fast_release"], {**params, "channel": self._channel}
+            return self._sql["name_acquire"], {**params, "record": record}
+        return self._sql["name_release"], params
 
-    def _fast_then_read(
-        self, conn: Any, statement: tuple[str, Any], namespace: str
-    ) -> tuple[int | None, Any, Any]:
-        with _pipeline(conn):
-            cursor = self._execute(conn, *statement)
-            row = conn.execute(self._sql["select"], (namespace,))
-            times = conn.execute(self._sql["sessions"])
-        return self._fast_version(cursor), row.fetchone(), times.fetchall()
-
-    def _fast_version(self, cursor: Any) -> int | None:
+    def _name_version(self, cursor: Any, acquire: bool) -> int | None:
         row = cursor.fetchone()
         return None if row is None else int(row[0])
 

@@ -25,7 +25,8 @@ from tasklocks._clock import pause
 from tasklocks._url import ParsedURL
 from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.owner import boot_id
-from tasklocks.store._base import Call, Change, SQLStore
+from tasklocks.store._base import Call, Change
+from tasklocks.store._document import DocumentStore
 
 __all__ = ["SQLiteStore"]
 
@@ -52,7 +53,7 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-class SQLiteStore(SQLStore):
+class SQLiteStore(DocumentStore):
     """A lock table in one SQLite file."""
 
     DIALECT = "sqlite"

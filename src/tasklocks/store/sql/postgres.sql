@@ -12,90 +12,6 @@ SELECT value FROM {t}_meta WHERE key = 'schema_version';
 INSERT INTO {t} (namespace, version, data) VALUES (%s, 0, %s) ON CONFLICT DO NOTHING;
 -- name: select_for_update
 SELECT version, data FROM {t} WHERE namespace = %s FOR UPDATE;
--- name: check
--- Is the hint still the row? convert_to: hash UTF-8 bytes whatever the encoding, as Python does.
-SELECT version, md5(convert_to(data, 'UTF8')) FROM {t} WHERE namespace = %s;
--- name: update_notify
--- One row if the swap happened; pg_notify runs per updated row, and notifies at commit.
-WITH u AS (UPDATE {t} SET data = %s, version = version + 1
-           WHERE namespace = %s AND version = %s RETURNING version)
-SELECT version, pg_notify(%s, %s) FROM u;
--- name: update_if
--- The optimistic swaps also compare the data, so a hand edit that kept the version is noticed.
-UPDATE {t} SET data = %s, version = version + 1 WHERE namespace = %s AND version = %s
-    AND md5(convert_to(data, 'UTF8')) = %s;
--- name: update_if_notify
-WITH u AS (UPDATE {t} SET data = %s, version = version + 1 WHERE namespace = %s
-           AND version = %s AND md5(convert_to(data, 'UTF8')) = %s RETURNING version)
-SELECT version, pg_notify(%s, %s) FROM u;
--- name: fast_acquire
--- One-statement changes (FastPaths) of a format-3 document, under the row lock of this statement
--- alone. The CTE parses the text once (the LATERAL s) and locks the row only if the change
--- applies to it: a row its WHERE rejects is not locked, so a change that does not apply writes
--- nothing (no WAL, no flush). FOR NO KEY UPDATE rechecks that WHERE on the newest row version
--- (READ COMMITTED), so the UPDATE computes on the row it locked; no condition of the UPDATE may
--- compare t with r. SET sees the row as it was: t.version + 1 is the new version. The lease's
--- record goes into procs, and each name gets [lease, token]. {valid} guards the rest in a CASE,
--- as jsonb_each fails on a non-object.
-WITH r AS (SELECT s.d FROM {t} AS t0, LATERAL (SELECT t0.data::jsonb AS d) AS s
-           WHERE t0.namespace = %(ns)s AND octet_length(t0.data) <= {fast_max}
-               AND jsonb_typeof(%(record)s::jsonb) = 'array'
-               AND CASE WHEN {valid} THEN NOT (s.d->'locks' ?| %(names)s::text[]) AND {entries}
-                   ELSE false END
-           FOR NO KEY UPDATE OF t0)
-UPDATE {t} AS t SET version = t.version + 1, data = (r.d || jsonb_build_object(
-    'procs', (r.d->'procs') || jsonb_build_object(%(lease)s::text, %(record)s::jsonb),
-    'locks', (r.d->'locks') || (SELECT jsonb_object_agg(n, jsonb_build_array(%(lease)s::text,
-                                                                             t.version + 1))
-                                FROM unnest(%(names)s::text[]) AS n)))::text
-FROM r WHERE t.namespace = %(ns)s
-RETURNING t.version;
--- name: fast_release
--- A lease compares as jsonb: a missing name gives NULL, which NOT EXISTS counts as a mismatch.
--- The lease's record goes with its last entry. Locks only a row the release applies to, as
--- fast_acquire does.
-WITH r AS (SELECT s.d, (s.d->'locks') - %(names)s::text[] AS left
-           FROM {t} AS t0, LATERAL (SELECT t0.data::jsonb AS d) AS s
-           WHERE t0.namespace = %(ns)s AND octet_length(t0.data) <= {fast_max}
-               AND CASE WHEN {valid} THEN NOT EXISTS (
-                   SELECT FROM unnest(%(names)s::text[]) AS n
-                   WHERE (s.d->'locks'->n->0) IS DISTINCT FROM to_jsonb(%(lease)s::text))
-                   AND {entries} ELSE false END
-           FOR NO KEY UPDATE OF t0),
-u AS (UPDATE {t} AS t SET version = t.version + 1, data = (r.d || jsonb_build_object(
-          'procs', CASE WHEN EXISTS (SELECT FROM jsonb_each(r.left) AS e(k, v)
-                                     WHERE e.v->0 = to_jsonb(%(lease)s::text))
-                   THEN r.d->'procs' ELSE (r.d->'procs') - %(lease)s::text END,
-          'locks', r.left))::text
-      FROM r WHERE t.namespace = %(ns)s
-      RETURNING t.version)
-SELECT version, pg_notify(%(channel)s, %(ns)s) FROM u;
--- name: valid
--- Format 3 without a queue (a queue, or a shared name, is the full path's).
-(s.d->'format')::text = '3' AND jsonb_typeof(s.d->'locks') = 'object'
-    AND jsonb_typeof(s.d->'procs') = 'object' AND coalesce(s.d->'queue', '[]') = '[]'
--- name: entries
--- Every entry is [lease, token] with its lease's record in procs, and every record has the
--- field types _doc.decode wants (a hand-edited bad entry stops the fast paths as it stops the
--- full one); {tests}, one per field of a record, are built of the entry_* fragments. (A record
--- no entry names is harmless: decode ignores it, and the full path's next write drops it.)
-NOT EXISTS (SELECT FROM jsonb_each(s.d->'locks') AS e(k, v)
-            WHERE NOT coalesce(CASE WHEN jsonb_typeof(e.v) = 'array' THEN
-                jsonb_array_length(e.v) = 2 AND jsonb_typeof(e.v->0) = 'string'
-                AND jsonb_typeof(e.v->1) = 'number' AND (e.v->1)::text ~ '^-?[0-9]+$'
-                AND (s.d->'procs') ? (e.v->>0)
-                ELSE false END, false))
-AND NOT EXISTS (SELECT FROM jsonb_each(s.d->'procs') AS p(k, v)
-            WHERE NOT coalesce(CASE WHEN jsonb_typeof(p.v) = 'array' THEN
-                jsonb_array_length(p.v) = 10 AND {tests} ELSE false END, false))
--- name: entry_str
-jsonb_typeof(p.v->{i}) = 'string'
--- name: entry_int
-jsonb_typeof(p.v->{i}) = 'number' AND (p.v->{i})::text ~ '^-?[0-9]+$'
--- name: entry_num
-jsonb_typeof(p.v->{i}) = 'number'
--- name: entry_nullable
-(jsonb_typeof(p.v->{i}) = 'null' OR {test})
 -- name: prefer_lz4
 -- attcompression 'l' is lz4; the column does not exist before PostgreSQL 14.
 DO $$ BEGIN
@@ -140,3 +56,66 @@ CREATE TABLE IF NOT EXISTS {t}_tasks (id BIGINT GENERATED BY DEFAULT AS IDENTITY
 CREATE INDEX IF NOT EXISTS {t}_tasks_state ON {t}_tasks (state);
 -- name: insert_task
 INSERT INTO {t}_tasks (version{columns}) VALUES (0{values}) RETURNING id;
+-- name: create_names
+-- A row per lock name (see store/_names.py): held in its row (lease and record set), kept by
+-- the document (mark), or free. Every name that was ever held has a row: its version is the
+-- last fencing token handed out for it, which a new holder must exceed.
+CREATE TABLE IF NOT EXISTS {t}_names (namespace TEXT NOT NULL, name TEXT NOT NULL,
+    version BIGINT NOT NULL, lease TEXT, record TEXT, mark BOOLEAN NOT NULL DEFAULT false,
+    PRIMARY KEY (namespace, name));
+-- name: index_names
+-- The full path locks the names held in their rows: an index of those alone.
+DO $$ BEGIN
+    CREATE INDEX IF NOT EXISTS {t}_names_held ON {t}_names (namespace) WHERE lease IS NOT NULL;
+EXCEPTION WHEN OTHERS THEN NULL;
+END $$;
+-- name: upgrade_meta
+UPDATE {t}_meta SET value = %s WHERE key = 'schema_version' AND value = %s;
+-- name: name_acquire
+-- Take a free name: a new row (token 1), or a row with neither a lease nor the mark (its version
+-- + 1). Only in a namespace whose document moved to this layout: its row '' is marked (see
+-- store/_names.py). ON CONFLICT locks the row and checks the WHERE on its newest version.
+INSERT INTO {t}_names AS n (namespace, name, version, lease, record, mark)
+SELECT %(ns)s, %(name)s, 1, %(lease)s, %(record)s, false
+WHERE EXISTS (SELECT FROM {t}_names WHERE namespace = %(ns)s AND name = '' AND mark)
+ON CONFLICT (namespace, name) DO UPDATE SET version = n.version + 1, lease = excluded.lease,
+    record = excluded.record WHERE n.lease IS NULL AND NOT n.mark
+RETURNING n.version;
+-- name: name_release
+UPDATE {t}_names SET lease = NULL, record = NULL
+WHERE namespace = %(ns)s AND name = %(name)s AND lease = %(lease)s AND NOT mark
+RETURNING version;
+-- name: select_kept
+-- A namespace's document and the names held in their rows, in one statement (one snapshot).
+SELECT 0, version, data, NULL, NULL FROM {t} WHERE namespace = %(ns)s
+UNION ALL SELECT 1, version, name, lease, record FROM {t}_names
+    WHERE namespace = %(ns)s AND lease IS NOT NULL AND NOT mark
+ORDER BY 1, 3;
+-- name: lock_held_names
+SELECT name, version, lease, record FROM {t}_names
+WHERE namespace = %s AND lease IS NOT NULL AND NOT mark ORDER BY name FOR UPDATE;
+-- name: claim_names
+-- Names a change brings into the document that were in none of its rows when it locked them:
+-- each gets a row (free) and its lock; one taken meanwhile by its own statement is returned.
+INSERT INTO {t}_names (namespace, name, version, mark)
+SELECT %(ns)s, n, 0, false FROM unnest(%(names)s::text[]) AS n ORDER BY n
+ON CONFLICT (namespace, name) DO NOTHING;
+-- name: claimed_names
+SELECT name FROM {t}_names WHERE namespace = %(ns)s AND name = ANY(%(names)s::text[])
+    AND lease IS NOT NULL AND NOT mark ORDER BY name FOR UPDATE;
+-- name: set_names
+-- After a change through the document: marked while it keeps the name, free otherwise; the
+-- version rises to the new document version (the token of whatever it granted).
+INSERT INTO {t}_names AS n (namespace, name, version, mark)
+SELECT %(ns)s, u.name, %(version)s, u.mark
+FROM unnest(%(names)s::text[], %(marks)s::bool[]) AS u(name, mark) ORDER BY u.name
+ON CONFLICT (namespace, name) DO UPDATE SET version = GREATEST(n.version, excluded.version),
+    lease = NULL, record = NULL, mark = excluded.mark;
+-- name: update_to
+-- The document's change through the full path of this layout: the version is set, not bumped
+-- (the highest of the document's and of the names it took from their rows, + 1).
+UPDATE {t} SET data = %s, version = %s WHERE namespace = %s AND version = %s;
+-- name: update_to_notify
+WITH u AS (UPDATE {t} SET data = %s, version = %s WHERE namespace = %s AND version = %s
+           RETURNING version)
+SELECT version, pg_notify(%s, %s) FROM u;
