@@ -656,8 +656,9 @@ class LockTable:
         if self._fast is not None and lease is not None:
             fast, row = self._fast.release(names, lease)
         if fast:
+            # Released in the name's own row: no waiter wants it (queuing for a name moves it
+            # into the document, and its row release then misses), so there is no one to wake.
             self._snap = None  # written by the database: our copy is old
-            self._waker.notify()
             return
         if row is not None:
             self._decode(row)  # read with the attempt: the full path computes on it
