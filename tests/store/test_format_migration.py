@@ -2,13 +2,12 @@
 
 * **Format 3**, the compact document: every backend writes it and still reads formats 1 and 2. A
   process of the release before it (its ``src/``, taken from git at ``BEFORE_FORMAT_3``) shares
-  an SQLite table with this one. It must never grant a lock the new document does not show, must
-  fail clearly on its next call, and its held lock must stay held until it is gone. (On the
-  servers that release can no longer open the table, whose schema moved on: see below.)
-* **A row per name** (schema 2, document format 4, the SQL servers only; see
-  ``store/_names.py``): a process of the release before it (``BEFORE_NAMES``) keeps working until
-  this one changes its namespace, then fails clearly; a new process of it refuses the table; its
-  held locks move into the new layout. On SQLite nothing moved: both releases share a table.
+  a table of schema 1 with this one (its own table: this release moves every table it opens to
+  schema 2, which that release refuses at once). It must never grant a lock the new document does
+  not show, must fail clearly on its next call, and its held lock must stay held until it is gone.
+* **A row per name** (schema 2, document format 4; see ``store/_names.py``): a process of the
+  release before it (``BEFORE_NAMES``) keeps working until this one changes its namespace, then
+  fails clearly; a new process of it refuses the table; its held locks move into the new layout.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import io
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SERVER_BACKENDS, raw_sql, require, server_url
+from conftest import BACKENDS, raw_sql, require, server_url
 
 import tasklocks
 from tasklocks._url import parse_url
@@ -168,7 +168,7 @@ def test_the_release_before_format_3_beside_this_one(
             answer = old(verb, name)
             assert answer.get("error") == "CorruptLockTable", answer
             assert (
-                "format 3 was written by a newer tasklocks; upgrade tasklocks"
+                "format 4 was written by a newer tasklocks; upgrade tasklocks"
                 in (answer["message"])
             )
         assert table.raw() == before
@@ -204,13 +204,13 @@ def test_a_namespace_the_release_before_format_3_left_is_taken_over(
 # --- a row per name (schema 2, format 4): the SQL servers -----------------------------------------
 
 
-@pytest.fixture(params=SERVER_BACKENDS)
-def fresh_table(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
-    """A server URL and a lock table of its own (made by whoever opens it first), dropped
+@pytest.fixture(params=BACKENDS)
+def fresh_table(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A URL and a lock table of its own (made by whoever opens it first), dropped
     afterwards."""
     backend: str = request.param
     require(backend)
-    url = server_url(backend)
+    url = server_url(backend) if backend != "sqlite" else f"sqlite:///{tmp_path}/move.db"
     table = "tlmove_" + uuid.uuid4().hex[:8]
     try:
         yield url, table
@@ -230,14 +230,20 @@ def _stored(url: str, table: str, namespace: str) -> str:
 
 
 def _schema(url: str, table: str) -> str:
-    key = "`key`" if url.startswith("mysql") else "key"
+    key = "`key`" if url.startswith("mysql") else "key"  # (a word SQLite takes as a name)
     sql = f"SELECT value FROM {table}_meta WHERE {key} = %s"
     return str(_select_one(url, sql, ("schema_version",)))
 
 
 def _select_one(url: str, sql: str, params: tuple[Any, ...]) -> Any:
     p = parse_url(url)
-    if p.scheme == "mysql":
+    if p.scheme == "sqlite":
+        sconn = sqlite3.connect(p.path)
+        try:
+            row = sconn.execute(sql.replace("%s", "?"), params).fetchone()
+        finally:
+            sconn.close()
+    elif p.scheme == "mysql":
         import pymysql
 
         conn = pymysql.connect(host=p.host, port=p.port or 3306, user=p.user or "root",
@@ -311,25 +317,6 @@ def test_the_release_before_name_rows_beside_this_one(
                     )
                     == fresh.lease_id
                 )
-            assert table.held() == []
-    finally:
-        old.kill()
-
-
-def test_the_release_before_name_rows_shares_an_sqlite_table(
-    names_src: Path, sqlite_url: str, namespace: str
-) -> None:
-    """SQLite keeps the documents alone (schema 1, format 3): both releases share a table."""
-    old = Old(names_src, sqlite_url, namespace)
-    try:
-        assert "token" in old("acquire", "theirs")
-        with tasklocks.connect(sqlite_url, namespace=namespace) as table:
-            with pytest.raises(LockHeld):
-                table.acquire("theirs", owner="task:new")
-            with table.acquire("mine", owner="task:new"):
-                assert old("held") == {"held": ["mine", "theirs"]}
-                assert old("acquire", "mine").get("error") == "LockHeld"
-            assert old("release", "theirs") == {"released": "theirs"}
             assert table.held() == []
     finally:
         old.kill()

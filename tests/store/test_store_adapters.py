@@ -20,6 +20,7 @@ from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.store import (
     DEFAULT_TABLE,
     EMPTY_DOCUMENT,
+    SCHEMA_VERSION,
     OutcomeUnknown,
     Snapshot,
     Store,
@@ -413,7 +414,7 @@ def test_newer_schema_version_is_refused(db_url: str, fresh_table: str) -> None:
     with pytest.raises(StoreError, match="upgrade") as info:
         open_store(db_url, table=fresh_table).read("x")
     assert "999" in str(info.value)
-    assert f"({1 if db_url.startswith('sqlite') else 2})" in str(info.value)
+    assert f"({SCHEMA_VERSION})" in str(info.value)
 
 
 _FIRST_USE = textwrap.dedent(
@@ -632,31 +633,10 @@ def test_a_failed_pessimistic_write_leaves_no_transaction_open(server: str, name
         raw_sql(server, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
 
 
-def test_a_missed_hint_goes_pessimistic_until_a_hint_proves_fresh(
-    tmp_path: Any, namespace: str
-) -> None:
-    """SQLite's optimistic path (the servers always lock: see test_servers_ignore_the_hint)."""
-    url = f"sqlite:///{tmp_path}/locks.db"
-    store, other = open_store(url), open_store(url)
-    try:
-        stale = store.read(namespace)
-        other.transact(namespace, increment(), None)
-        snap = store.transact(namespace, increment(), stale)  # misses, then locks the row
-        assert counter(snap) == 2
-        assert getattr(store, "_optimistic_ok") is False  # noqa: B009 (SQLite's own)
-        snap = store.transact(namespace, increment(), snap)  # pessimistic: the hint was fresh
-        assert getattr(store, "_optimistic_ok") is True  # noqa: B009
-        assert store.transact(namespace, increment(), snap) == store.read(namespace)
-        assert counter(store.read(namespace)) == 4
-    finally:
-        store.close()
-        other.close()
-
-
-def test_servers_ignore_the_hint(server: str, namespace: str) -> None:
-    """A change through a server's document locks the names held in their rows too, which a
-    one-statement swap on the document cannot: the servers compute on the locked row alone."""
-    store, other = _server_store(server), _server_store(server)
+def test_the_hint_is_not_used(db_url: str, namespace: str) -> None:
+    """A change through the document locks the names held in their rows too, which a
+    one-statement swap on the document cannot: every adapter computes on the locked row alone."""
+    store, other = _server_store(db_url), _server_store(db_url)
     try:
         stale = store.read(namespace)
         other.transact(namespace, increment(), None)
@@ -672,7 +652,7 @@ def test_servers_ignore_the_hint(server: str, namespace: str) -> None:
     finally:
         store.close()
         other.close()
-        delete_rows(server, namespace)
+        delete_rows(db_url, namespace)
 
 
 def test_wait_for_change_returns_when_the_wake_fd_is_readable(server: str, namespace: str) -> None:
@@ -739,7 +719,7 @@ def test_threads_with_their_own_wake_fds_wake_one_by_one(server: str, namespace:
         raw_sql(server, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
 
 
-# --- a row per name (store/_names.py): the one-statement changes of the server adapters --------
+# --- a row per name (store/_names.py): the one-statement changes of the db_url adapters --------
 
 FAST_NAMES = ("app_task:blog", "a/b@c.d-e", "x.y", "Z-9")
 
@@ -755,16 +735,16 @@ def _entry(lease: str, note: str | None = "n") -> tuple[str, str]:
 
 
 @pytest.fixture
-def fast(server: str, namespace: str) -> Iterator[Any]:
-    """A server adapter whose document of ``namespace`` exists (version 1, format 4); its rows
+def fast(db_url: str, namespace: str) -> Iterator[Any]:
+    """An adapter whose document of ``namespace`` exists (version 1, format 4); its rows
     are deleted afterwards."""
-    store = _server_store(server)
+    store = _server_store(db_url)
     try:
         store.transact(namespace, lambda s: (EMPTY_DOCUMENT, False), None)
         yield store
     finally:
         store.close()
-        delete_rows(server, namespace)
+        delete_rows(db_url, namespace)
 
 
 def _locks(store: Any, namespace: str) -> dict[str, Any]:
@@ -773,16 +753,25 @@ def _locks(store: Any, namespace: str) -> dict[str, Any]:
     return dict(decode(store.read(namespace).data, namespace))
 
 
-def _stored(server: str, namespace: str) -> Any:
+def _stored(db_url: str, namespace: str) -> Any:
     """The document as stored, and the namespace's name rows (name, version, lease, mark)."""
+    import sqlite3
+
     import psycopg
     import pymysql
 
-    p = parse_url(server)
+    p = parse_url(db_url)
     doc_sql = f"SELECT version, data FROM {DEFAULT_TABLE} WHERE namespace = %s"
     names_sql = f"SELECT name, version, lease, mark FROM {DEFAULT_TABLE}_names "
     names_sql += "WHERE namespace = %s ORDER BY name"
-    if p.scheme == "mysql":
+    if p.scheme == "sqlite":
+        sconn = sqlite3.connect(p.path)
+        try:
+            doc = sconn.execute(doc_sql.replace("%s", "?"), (namespace,)).fetchone()
+            rows = sconn.execute(names_sql.replace("%s", "?"), (namespace,)).fetchall()
+        finally:
+            sconn.close()
+    elif p.scheme == "mysql":
         conn = pymysql.connect(host=p.host, port=p.port or 3306, user=p.user or "root",
                                password=p.password or "", database=p.database)  # fmt: skip
         try:
@@ -808,13 +797,13 @@ def _stored(server: str, namespace: str) -> Any:
     return (int(doc[0]), str(doc[1])) if doc else None, names
 
 
-def test_fast_acquire_takes_a_free_name_in_its_row(fast: Any, server: str, namespace: str) -> None:
+def test_fast_acquire_takes_a_free_name_in_its_row(fast: Any, db_url: str, namespace: str) -> None:
     tricky = "ü 漢 😀 \"dq\" 'q' back\\slash \n %s %% {}"
-    doc_before = _stored(server, namespace)[0]
+    doc_before = _stored(db_url, namespace)[0]
     assert json.loads(doc_before[1])["format"] == 4
     assert fast.fast_acquire(namespace, ["one"], *_entry("L1", note=tricky)) == 1  # a new row
     assert fast.fast_acquire(namespace, ["one"], *_entry("L2")) is None  # held
-    doc, names = _stored(server, namespace)
+    doc, names = _stored(db_url, namespace)
     assert doc == doc_before  # the document is not touched
     assert names == {"one": (1, "L1", False)}
     one = _locks(fast, namespace)["one"]  # one read shows it
@@ -828,7 +817,7 @@ def test_fast_acquire_takes_a_free_name_in_its_row(fast: Any, server: str, names
     assert fast.fast_release(namespace, ["one"], "L1") is None
     assert _locks(fast, namespace) == {}
     assert fast.fast_acquire(namespace, ["one"], *_entry("L3")) == 2
-    assert _stored(server, namespace)[1] == {"one": (2, "L3", False)}
+    assert _stored(db_url, namespace)[1] == {"one": (2, "L3", False)}
     # Distinct names are distinct rows.
     for i, name in enumerate(FAST_NAMES):
         assert fast.fast_acquire(namespace, [name], *_entry(f"M{i}")) == 1
@@ -871,7 +860,7 @@ def _drop(name: str) -> Callable[[Snapshot], tuple[str, bool] | None]:
 
 
 def test_the_full_path_takes_over_names_held_in_their_rows(
-    fast: Any, server: str, namespace: str
+    fast: Any, db_url: str, namespace: str
 ) -> None:
     for _i in range(5):
         fast.fast_acquire(namespace, ["a"], *_entry("L1"))
@@ -890,7 +879,7 @@ def test_the_full_path_takes_over_names_held_in_their_rows(
     assert seen[0].version == 6  # the highest token, to be exceeded by its grant
     assert after.version == 7 and json.loads(after.data)["locks"]["b"] == ["L2", 7]
     # ... and moves them into the document, which keeps them from then on (marked rows).
-    doc, names = _stored(server, namespace)
+    doc, names = _stored(db_url, namespace)
     assert doc[0] == 7 and json.loads(doc[1])["format"] == 4
     assert json.loads(doc[1])["locks"] == {"a": ["L1", 6], "b": ["L2", 7], "other": ["L9", 1]}
     assert names == {"a": (7, None, True), "b": (7, None, True), "other": (7, None, True)}
@@ -899,24 +888,24 @@ def test_the_full_path_takes_over_names_held_in_their_rows(
     assert fast.fast_acquire(namespace, ["free"], *_entry("L4")) == 1  # other names go on
     # A name the document lets go is free in its row again, its version past every token.
     fast.transact(namespace, _drop("a"), None)
-    assert _stored(server, namespace)[1]["a"] == (8, None, False)
+    assert _stored(db_url, namespace)[1]["a"] == (8, None, False)
     assert fast.fast_acquire(namespace, ["a"], *_entry("L5")) == 9
     # repair (an unconditional overwrite) frees every name, wherever it was held.
     fast.reset(namespace, EMPTY_DOCUMENT)
     assert _locks(fast, namespace) == {}
     assert all(
-        lease is None and not mark for _, lease, mark in _stored(server, namespace)[1].values()
+        lease is None and not mark for _, lease, mark in _stored(db_url, namespace)[1].values()
     )
 
 
 def test_a_name_taken_in_its_row_during_a_change_is_not_granted_twice(
-    fast: Any, server: str, namespace: str
+    fast: Any, db_url: str, namespace: str
 ) -> None:
     """A change computed while ``n`` had no row grants it; a one-statement acquisition of ``n``
     commits meanwhile. Either the change starts again and sees it (PostgreSQL), or the
     acquisition waits for the change and finds the name kept by the document (MariaDB, whose
     locking read also locks the gaps of the held names' index): never both."""
-    other = _server_store(server)
+    other = _server_store(db_url)
     results: list[int | None] = []
     try:
         calls: list[Snapshot] = []
@@ -948,36 +937,36 @@ def test_a_name_taken_in_its_row_during_a_change_is_not_granted_twice(
         other.close()
 
 
-def test_name_rows_wait_for_a_document_of_their_layout(server: str, namespace: str) -> None:
+def test_name_rows_wait_for_a_document_of_their_layout(db_url: str, namespace: str) -> None:
     """A document an older tasklocks keeps (format 3), or a new one: the first change through it
     moves it (format 4, and the namespace's layout row marked), then names take their rows."""
-    store = _server_store(server)
+    store = _server_store(db_url)
     try:
         raw_sql(
-            server,
+            db_url,
             f"INSERT INTO {DEFAULT_TABLE} (namespace, version, data) VALUES (%s, 5, %s)",
             (namespace, '{"format":3,"procs":{},"locks":{}}'),
         )
         assert store.fast_acquire(namespace, ["a"], *_entry("L")) is None
-        assert _stored(server, namespace)[1] == {}
+        assert _stored(db_url, namespace)[1] == {}
         assert store.read(namespace).version == 5  # read as it is: nothing moves on a read
         store.transact(namespace, _take("b", "L"), None)
-        doc, names = _stored(server, namespace)
+        doc, names = _stored(db_url, namespace)
         assert doc[0] == 6 and json.loads(doc[1])["format"] == 4
         assert names == {"b": (6, None, True)}
         assert store.fast_acquire(namespace, ["a"], *_entry("L")) == 1
     finally:
         store.close()
-        delete_rows(server, namespace)
+        delete_rows(db_url, namespace)
 
 
-def test_fast_paths_on_a_missing_row_write_nothing(server: str, namespace: str) -> None:
-    store = _server_store(server)
+def test_fast_paths_on_a_missing_row_write_nothing(db_url: str, namespace: str) -> None:
+    store = _server_store(db_url)
     try:
         assert store.fast_acquire(namespace, ["a"], *_entry("L")) is None
         assert store.fast_release(namespace, ["a"], "L") is None
         assert store.namespaces().count(namespace) == 0
-        assert _stored(server, namespace) == (None, {})
+        assert _stored(db_url, namespace) == (None, {})
     finally:
         store.close()
 
@@ -1026,7 +1015,7 @@ def test_fast_paths_under_no_backslash_escapes(namespace: str) -> None:
 
 
 def test_concurrent_fast_acquire_and_release_lose_nothing(
-    fast: Any, server: str, namespace: str
+    fast: Any, db_url: str, namespace: str
 ) -> None:
     """Threads, each on names of its own, take and release them in their rows: every token of a
     name follows the last, and the names kept throughout are all still there."""
@@ -1035,7 +1024,7 @@ def test_concurrent_fast_acquire_and_release_lose_nothing(
     failures: list[str] = []
 
     def worker(i: int) -> None:
-        store = _server_store(server)
+        store = _server_store(db_url)
         versions: list[int] = []
         try:
             kept = store.fast_acquire(namespace, [f"kept-{i}"], *_entry(f"K{i}"))
@@ -1067,9 +1056,9 @@ def test_concurrent_fast_acquire_and_release_lose_nothing(
 
 
 def test_racing_fast_acquires_of_one_name_have_one_winner(
-    fast: Any, server: str, namespace: str
+    fast: Any, db_url: str, namespace: str
 ) -> None:
-    racers = [_server_store(server) for _ in range(8)]
+    racers = [_server_store(db_url) for _ in range(8)]
     barrier = threading.Barrier(len(racers))
     results: dict[int, int | None] = {}
 

@@ -1,12 +1,13 @@
 """Database adapters: the only place SQL and drivers live.
 
-A store keeps one row per namespace, ``(namespace, version, data)``, and knows nothing of locks:
-it reads a row, and changes it atomically with :meth:`Store.transact`, which hands the current
-``Snapshot`` to a pure ``compute`` function and writes what it returns with ``version + 1``, only if
-the row still has the version the text was computed from. Nothing stays held between calls.
-Every adapter builds on ``_base.py``; ``mysql.py`` and ``postgres.py`` on ``_sql_server.py`` too.
-Each names its statements in ``sql/<dialect>.sql``. What a backend offers beyond :class:`Store`
-is a protocol of its own (:class:`FastPaths`), which callers ask for by type.
+A store keeps a namespace's document in one row, ``(namespace, version, data)``, and a row per lock
+name beside it (``_names.py``), and knows nothing of locks: it reads the document (with the holders
+of the names' rows written into it), and changes it atomically with :meth:`Store.transact`, which
+hands the current ``Snapshot`` to a pure ``compute`` function and writes what it returns under the
+row locks of that transaction. Nothing stays held between calls. Every adapter builds on
+``_base.py`` and ``_rows.py``; ``mysql.py`` and ``postgres.py`` on ``_sql_server.py`` too. Each
+names its statements in ``sql/<dialect>.sql``. What a backend offers beyond :class:`Store` is a
+protocol of its own (:class:`FastPaths`, :class:`AsyncNotifies`), which callers ask for by type.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from tasklocks.store._base import (
     Compute,
     OutcomeUnknown,
     Snapshot,
-    SQLStore,
     TaskRow,
     TaskValue,
 )
 from tasklocks.store._engine import Engine, engine_url, is_engine
 from tasklocks.store._loop_engine import is_async_engine
+from tasklocks.store._rows import RowsStore
 
 __all__ = [
     "DEFAULT_TABLE",
@@ -102,28 +103,25 @@ class Store(Protocol):
 
 @runtime_checkable
 class FastPaths(Protocol):
-    """One-statement changes a backend makes in the database itself, under the row lock of that
-    statement alone. Both write nothing and return None when their condition does not hold, and
-    raise :class:`OutcomeUnknown` if the connection failed after the statement was sent."""
+    """One-statement changes of a single name in its own row (``_names.py``). Both write nothing
+    and return None when their condition does not hold (several names, a name the document
+    keeps, a namespace whose document has not moved to this layout yet), and raise
+    :class:`OutcomeUnknown` if the connection failed after the statement was sent."""
 
     def fast_acquire(
         self, namespace: str, names: Sequence[str], lease: str, record: str
     ) -> int | None:
-        """If the document is a valid format-3 one without a queue and none of ``names`` is
-        held, add the lease's ``record`` (its JSON array, see ``tasklocks._doc``) and
-        ``[lease, token]`` under every name, the token being the new version; that version."""
+        """If ``names`` is one name, free in its row, write ``lease`` and its ``record`` (the
+        lease's JSON array, see ``tasklocks._doc``) there: the row's new version (the token)."""
 
     def fast_release(self, namespace: str, names: Sequence[str], lease: str) -> int | None:
-        """If the document is a valid format-3 one without a queue and every one of ``names``
-        is held under ``lease``, remove them all (and the lease's record with its last entry)
-        and wake waiters; the new version."""
+        """If ``names`` is one name held in its row by ``lease``, free it: the row's version."""
 
     def fast_release_reading(
         self, namespace: str, names: Sequence[str], lease: str
     ) -> tuple[int | None, Snapshot | None]:
-        """``fast_release``, and the row as it is after it where the backend reads it in the
-        same round trip (else None): a release that did not apply (waiters queued) goes on to
-        the full path with a current snapshot instead of another round trip."""
+        """``fast_release``, and the document as read in the same round trip where a backend
+        can (else None), for the full path that follows a release that did not apply."""
 
 
 @runtime_checkable
@@ -142,7 +140,7 @@ class AsyncNotifies(Protocol):
         ``ready(True)`` when listening, ``ready(False)`` when the connection is lost."""
 
 
-Backend = SQLStore  # a database adapter: lock documents (a Store), task records, FastPaths
+Backend = RowsStore  # a database adapter: lock documents (a Store), task records, FastPaths
 
 
 def open_store(

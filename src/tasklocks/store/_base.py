@@ -25,7 +25,7 @@ from tasklocks._url import ParsedURL, check_table_name
 from tasklocks.errors import StoreError, StoreUnavailable
 
 T = TypeVar("T")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: documents alone; 2: a row per name beside them (see _names.py)
 EMPTY_DOCUMENT = '{"format":3,"procs":{},"locks":{}}'  # encode(EMPTY, compact=True)
 # Every task column but ``id`` and ``version``, with its kind (the dialect's ``task_types`` maps
 # kinds to SQL types). ``json`` columns hold JSON text (the tasks layer encodes and decodes them).
@@ -59,6 +59,11 @@ Compute = Callable[[Snapshot], Change | None]  # None: change nothing
 class OutcomeUnknown(StoreUnavailable):
     """The connection failed after a write was sent: it may or may not have been applied.
     The caller re-reads and looks for what it may already have written before retrying."""
+
+
+class Retry(StoreError):
+    """A deadlock, a race creating the schema, or a name taken meanwhile: safe to run the call
+    again."""
 
 
 class Call:
@@ -242,7 +247,8 @@ class SQLStore(ABC):
         if version < self.SCHEMA:
             self._upgrade(conn, version)
 
-    def _upgrade(self, conn: Any, version: int) -> None:  # noqa: B027 (SQLite has none)
+    @abstractmethod
+    def _upgrade(self, conn: Any, version: int) -> None:
         """Move a table of an older schema ``version`` to ``SCHEMA`` (after ``_schema_extras``
         made what the new one adds)."""
 

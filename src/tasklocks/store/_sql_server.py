@@ -12,25 +12,15 @@ import os
 import random
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, ClassVar, TypeVar
 
-from tasklocks._clock import clock, pause
+from tasklocks._clock import pause
 from tasklocks._url import ParsedURL
 from tasklocks.errors import StoreError, StoreUnavailable, StoreUnreachable
-from tasklocks.names import is_name, validate_name
-from tasklocks.store import _names
-from tasklocks.store._base import (
-    EMPTY_DOCUMENT,
-    Call,
-    Change,
-    Compute,
-    OutcomeUnknown,
-    Snapshot,
-    SQLStore,
-    _times,
-)
+from tasklocks.store._base import Call, OutcomeUnknown, Retry
+from tasklocks.store._rows import RowsStore
 
 __all__ = ["ServerStore"]
 
@@ -50,32 +40,10 @@ class Lost(StoreUnreachable):
     """No connection (it broke before a change was sent, or cannot be had): safe to retry."""
 
 
-class Retry(StoreError):
-    """A deadlock, or a race creating the schema: safe to run the call again."""
-
-
-def text_of(value: Any) -> str:
-    """A column's text (MySQL returns a VARBINARY column as bytes)."""
-    return value.decode() if isinstance(value, bytes | bytearray) else str(value)
-
-
-def _held(name: Any, version: Any, lease: Any, record: Any) -> _names.HeldRow:
-    return text_of(name), int(version), text_of(lease), text_of(record)
-
-
-def fast_names(names: Sequence[str]) -> list[str]:
-    """``names`` without repeats, each checked (they may become JSON paths)."""
-    unique = list(dict.fromkeys(validate_name(name) for name in names))
-    if not unique:
-        raise ValueError("no lock names given")
-    return unique
-
-
-class ServerStore(SQLStore):
+class ServerStore(RowsStore):
     """A lock table on an SQL server; a subclass is a dialect and supplies the methods marked
     abstract (the driver calls)."""
 
-    SCHEMA = 2  # 1: documents alone; 2: a row per name beside them (see _names.py)
     LABEL: ClassVar[str]  # for messages: "MySQL", "PostgreSQL"
     DEFAULT_PORT: ClassVar[int]
     DEFAULT_USER: ClassVar[str]
@@ -308,144 +276,6 @@ class ServerStore(SQLStore):
         # A server error in UPDATE or COMMIT stops there: nothing was committed. A lost
         # connection is OutcomeUnknown (see _errors).
         return isinstance(exc, self._driver_errors) and not self._gone(exc)
-
-    # --- a row per name (see _names.py): the full path --------------------------------------
-
-    def read(self, namespace: str) -> Snapshot:
-        """The document with the names held in their rows written into it, read in one
-        statement; its version is the document's (what waiters compare)."""
-
-        def body(conn: Any, call: Call) -> Snapshot:
-            rows, times = self._read_kept(conn, namespace)
-            if not rows or int(rows[0][0]) != 0:
-                self._execute(conn, self._sql["insert_row"], (namespace, EMPTY_DOCUMENT))
-                rows, times = self._read_kept(conn, namespace)
-            if not rows or int(rows[0][0]) != 0:
-                raise StoreError(f"the row of namespace {namespace!r} vanished; retry")
-            self._known.add(namespace)
-            held = [_held(r[2], r[1], r[3], r[4]) for r in rows[1:]]
-            text = _names.absorb(_names.shown(text_of(rows[0][2])), held)
-            return Snapshot(int(rows[0][1]), text, _times(times), clock())
-
-        return self._locked(body)
-
-    def transact(self, namespace: str, compute: Compute, hint: Snapshot | None) -> Snapshot:
-        """See ``Store.transact``. Always the pessimistic path (``hint`` is not used): a change
-        through the document must lock the names held in their rows, which it may take over."""
-        return self._changing(lambda conn, call: self._change_kept(conn, call, namespace, compute))
-
-    def _change_kept(self, conn: Any, call: Call, namespace: str, compute: Compute) -> Snapshot:
-        if namespace not in self._known:  # outside the transaction (see _base._pessimistic)
-            self._execute(conn, self._sql["insert_row"], (namespace, EMPTY_DOCUMENT))
-            self._known.add(namespace)
-        try:
-            row, held_rows, times = self._lock_kept(conn, namespace)
-            if row is None:
-                self._known.discard(namespace)
-                raise StoreError(f"the row of namespace {namespace!r} vanished; retry")
-            version, data = int(row[0]), str(row[1])
-            held = [_held(*r) for r in held_rows]
-            text = _names.shown(data)
-            merged = _names.absorb(text, held)
-            top = max([version, *(h[1] for h in held)])  # a token of theirs is to be exceeded
-            snap = Snapshot(top, merged, _times(times), clock())
-            change = compute(snap)
-            if change is None:
-                self._commit(conn)
-                return Snapshot(version, merged, snap.sessions, snap.read_at)
-            moved = _names.is_kept(data)
-            before = _names.kept(text) if moved else {}  # format 3: none marked yet
-            absorbed = {h[0] for h in held}
-            marks = _names.changes(before, _names.kept(change[0]), absorbed)
-            new = sorted(n for n in marks if n not in before and n not in absorbed)
-            if _names.is_kept(_names.stored(change[0])) != moved:  # moves (or, repaired, back)
-                marks[_names.LAYOUT] = not moved
-            if new and self._claim_names(conn, namespace, new):
-                raise Retry(f"a name of {namespace!r} was taken in its row meanwhile")
-            call.sent = True  # the rows are locked: nothing can miss
-            self._write_kept(conn, namespace, version, top + 1, change, marks)
-            return Snapshot(top + 1, change[0], snap.sessions, snap.read_at)
-        except BaseException as exc:
-            if not call.sent or self._outcome_known(exc):
-                call.sent = False
-                self._rollback(conn)
-            else:  # interrupted after sending: the connection's state is unknown
-                self._abandon_connection()
-            raise
-
-    def _upgrade(self, conn: Any, version: int) -> None:
-        """Schema 1 (documents alone) to 2 (a row per name beside them): the names table is
-        made by ``_schema_extras``; a document moves at its first change (see ``_names``)."""
-        self._execute(conn, self._sql["upgrade_meta"], (str(self.SCHEMA), str(version)))
-
-    @abstractmethod
-    def _read_kept(self, conn: Any, namespace: str) -> tuple[list[Any], Any]:
-        """``select_kept``'s rows (the document's first, if there is one), then the sessions."""
-
-    @abstractmethod
-    def _lock_kept(self, conn: Any, namespace: str) -> tuple[Any, list[Any], Any]:
-        """Begin, lock the document's row, then the names held in their rows, then read the
-        sessions (one round trip): the row, the names' rows, the sessions' rows."""
-
-    @abstractmethod
-    def _claim_names(self, conn: Any, namespace: str, names: list[str]) -> list[str]:
-        """Lock the rows of ``names`` (made free where missing): those held in their rows."""
-
-    @abstractmethod
-    def _write_kept(
-        self,
-        conn: Any,
-        namespace: str,
-        version: int,
-        new_version: int,
-        change: Change,
-        marks: Mapping[str, bool],
-    ) -> None:
-        """Set the rows of ``marks``, write the document at ``new_version`` and commit (one
-        round trip)."""
-
-    # --- FastPaths: a free name taken, and released, in its row -------------------------------
-
-    def fast_acquire(
-        self, namespace: str, names: Sequence[str], lease: str, record: str
-    ) -> int | None:
-        unique = fast_names(names)
-        if len(unique) != 1 or not is_name(lease):  # several names: the full path
-            return None
-        return self._fast(self._name_statement(True, namespace, unique[0], lease, record))
-
-    def fast_release(self, namespace: str, names: Sequence[str], lease: str) -> int | None:
-        unique = fast_names(names)
-        if len(unique) != 1 or not is_name(lease):
-            return None
-        return self._fast(self._name_statement(False, namespace, unique[0], lease))
-
-    def fast_release_reading(
-        self, namespace: str, names: Sequence[str], lease: str
-    ) -> tuple[int | None, Snapshot | None]:
-        return self.fast_release(namespace, names, lease), None  # the full path reads anyway
-
-    @abstractmethod
-    def _name_statement(
-        self, acquire: bool, namespace: str, name: str, lease: str, record: str = ""
-    ) -> tuple[str, Any]:
-        """The statement and parameters of ``name_acquire`` or ``name_release``."""
-
-    @abstractmethod
-    def _name_version(self, cursor: Any, acquire: bool) -> int | None:
-        """The version (the token) a row statement reports, or None if it changed nothing."""
-
-    def _fast(self, statement: tuple[str, Any]) -> int | None:
-        """Run a one-statement change of a name's row: its version, or None if not applied."""
-        acquire = statement[0] is self._sql["name_acquire"]
-
-        def body(conn: Any, call: Call) -> int | None:
-            call.sent = True
-            version = self._name_version(self._execute(conn, *statement), acquire)
-            call.sent = False  # the reply came: the outcome is known
-            return version
-
-        return self._locked(body)
 
     def _disconnect(self) -> None:
         with self._mutex():

@@ -17,7 +17,8 @@ from typing import Any
 from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.store._base import Change, fill
 from tasklocks.store._names import stored
-from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, POLLED, ServerStore, text_of
+from tasklocks.store._rows import text_of
+from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, POLLED, ServerStore
 
 __all__ = ["MySQLStore", "preload"]
 

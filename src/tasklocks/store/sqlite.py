@@ -5,8 +5,10 @@
   only forget the last commits (https://www.sqlite.org/pragma.html#pragma_synchronous). Every
   holder lives on this host and dies with it; after the reboot its entries carry an old boot id,
   which proves them dead, so a forgotten change costs nothing. FULL would fsync every change.
-* The pessimistic path takes the write lock up front (``BEGIN IMMEDIATE``), so it never fails its
-  compare-and-swap. Writers queue on an flock (see ``_open_gate``); a busy database is retried
+* A change through the document takes the write lock up front (``BEGIN IMMEDIATE``), so it
+  never fails its compare-and-swap and no name can be taken in its row meanwhile; a free name
+  is taken and released in its row by one statement (``_rows.py``), the short write that most
+  changes are. Writers queue on an flock (see ``_open_gate``); a busy database is retried
   with short jittered sleeps rather than SQLite's 1, 2, 5, 10... ms, for sub-millisecond hand-offs.
 """
 
@@ -17,7 +19,7 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,7 +28,8 @@ from tasklocks._url import ParsedURL
 from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.owner import boot_id
 from tasklocks.store._base import Call, Change
-from tasklocks.store._document import DocumentStore
+from tasklocks.store._names import stored
+from tasklocks.store._rows import RowsStore
 
 __all__ = ["SQLiteStore"]
 
@@ -53,7 +56,7 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-class SQLiteStore(DocumentStore):
+class SQLiteStore(RowsStore):
     """A lock table in one SQLite file."""
 
     DIALECT = "sqlite"
@@ -178,20 +181,50 @@ class SQLiteStore(DocumentStore):
     def _missing_table(self, exc: BaseException) -> bool:
         return "no such table" in str(exc)
 
-    def _digest(self, text: str) -> str:
-        return text  # "check" and "update_if" compare the document itself
+    def _schema_extras(self, conn: Any) -> None:
+        for name in ("create_sessions", "index_sessions", "create_names", "index_names"):
+            conn.execute(self._sql[name])
 
-    def _swap(self, conn: Any, namespace: str, version: int, change: Change, digest: str) -> bool:
-        params = (change[0], namespace, version, digest)
-        return bool(conn.execute(self._sql["update_if"], params).rowcount == 1)
+    # --- the layout's round trips (rows.py): one connection, under the write lock -------------
 
-    def _lock_row(self, conn: Any, namespace: str) -> tuple[Any, Any]:
+    def _read_kept(self, conn: Any, namespace: str) -> tuple[list[Any], Any]:
+        rows = conn.execute(self._sql["select_kept"], {"ns": namespace}).fetchall()
+        return rows, conn.execute(self._sql["sessions"]).fetchall()
+
+    def _lock_kept(self, conn: Any, namespace: str) -> tuple[Any, list[Any], Any]:
         conn.execute(self._sql["begin_immediate"])  # the write lock, taken up front
-        return self._read_row(conn, namespace)
+        row = conn.execute(self._sql["select"], (namespace,)).fetchone()
+        held = conn.execute(self._sql["lock_held_names"], (namespace,)).fetchall()
+        return row, held, conn.execute(self._sql["sessions"]).fetchall()
 
-    def _write_and_commit(self, conn: Any, namespace: str, version: int, change: Change) -> None:
-        conn.execute(self._sql["update"], (change[0], namespace, version))
+    def _claim_names(self, conn: Any, namespace: str, names: list[str]) -> list[str]:
+        return []  # the transaction holds the database's one write lock: none was taken
+
+    def _write_kept(
+        self,
+        conn: Any,
+        namespace: str,
+        version: int,
+        new_version: int,
+        change: Change,
+        marks: Mapping[str, bool],
+    ) -> None:
+        rows = [(namespace, name, new_version, int(marks[name])) for name in sorted(marks)]
+        conn.executemany(self._sql["set_names"], rows)
+        conn.execute(self._sql["update_to"], (stored(change[0]), new_version, namespace, version))
         conn.execute(self._sql["commit"])
+
+    def _name_statement(
+        self, acquire: bool, namespace: str, name: str, lease: str, record: str = ""
+    ) -> tuple[str, Any]:
+        params = {"ns": namespace, "name": name, "lease": lease}
+        if acquire:
+            return self._sql["name_acquire"], {**params, "record": record}
+        return self._sql["name_release"], params
+
+    def _name_version(self, cursor: Any, acquire: bool) -> int | None:
+        rows = cursor.fetchall()  # RETURNING: the statement ends once its rows are read
+        return int(rows[0][0]) if rows else None
 
     def _outcome_known(self, exc: BaseException) -> bool:
         return True  # nothing is committed before COMMIT returns: roll back whatever happened

@@ -6,8 +6,6 @@ SELECT version, data FROM {t} WHERE namespace = {mark};
 SELECT version FROM {t} WHERE namespace = {mark};
 -- name: namespaces
 SELECT namespace FROM {t};
--- name: update
-UPDATE {t} SET data = {mark}, version = version + 1 WHERE namespace = {mark} AND version = {mark};
 -- name: commit
 COMMIT;
 -- name: rollback

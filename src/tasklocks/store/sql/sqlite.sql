@@ -16,10 +16,6 @@ SELECT value FROM {t}_meta WHERE key = 'schema_version';
 BEGIN IMMEDIATE;
 -- name: insert_row
 INSERT OR IGNORE INTO {t} (namespace, version, data) VALUES (?, 0, ?);
--- name: check
-SELECT version, data FROM {t} WHERE namespace = ?;
--- name: update_if
-UPDATE {t} SET data = ?, version = version + 1 WHERE namespace = ? AND version = ? AND data = ?;
 -- name: now
 -- The host's boot clock (seconds since boot, read from /proc/uptime by the adapter: no process's
 -- faked or stepped wall clock can move it); sessions of an earlier boot are forgotten. A scalar
@@ -43,3 +39,39 @@ CREATE TABLE IF NOT EXISTS {t}_tasks (id INTEGER PRIMARY KEY AUTOINCREMENT,
     version INTEGER NOT NULL, {task_columns});
 -- name: create_tasks_index
 CREATE INDEX IF NOT EXISTS {t}_tasks_state ON {t}_tasks (state);
+-- name: create_names
+-- A row per lock name (see store/_names.py and postgres.sql).
+CREATE TABLE IF NOT EXISTS {t}_names (namespace TEXT NOT NULL, name TEXT NOT NULL,
+    version INTEGER NOT NULL, lease TEXT, record TEXT, mark INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (namespace, name));
+-- name: index_names
+CREATE INDEX IF NOT EXISTS {t}_names_held ON {t}_names (namespace) WHERE lease IS NOT NULL;
+-- name: upgrade_meta
+UPDATE {t}_meta SET value = ? WHERE key = 'schema_version' AND value = ?;
+-- name: name_acquire
+-- Take a free name (see postgres.sql): one statement, its own transaction.
+INSERT INTO {t}_names AS n (namespace, name, version, lease, record, mark)
+SELECT :ns, :name, 1, :lease, :record, 0
+WHERE EXISTS (SELECT 1 FROM {t}_names WHERE namespace = :ns AND name = '' AND mark)
+ON CONFLICT (namespace, name) DO UPDATE SET version = n.version + 1, lease = excluded.lease,
+    record = excluded.record WHERE n.lease IS NULL AND NOT n.mark
+RETURNING version;
+-- name: name_release
+UPDATE {t}_names SET lease = NULL, record = NULL
+WHERE namespace = :ns AND name = :name AND lease = :lease AND NOT mark
+RETURNING version;
+-- name: select_kept
+SELECT 0, version, data, NULL, NULL FROM {t} WHERE namespace = :ns
+UNION ALL SELECT 1, version, name, lease, record FROM {t}_names
+    WHERE namespace = :ns AND lease IS NOT NULL AND NOT mark
+ORDER BY 1, 3;
+-- name: lock_held_names
+-- Inside BEGIN IMMEDIATE: the database's write lock is the lock of every row.
+SELECT name, version, lease, record FROM {t}_names
+WHERE namespace = ? AND lease IS NOT NULL AND NOT mark ORDER BY name;
+-- name: set_names
+INSERT INTO {t}_names AS n (namespace, name, version, mark) VALUES (?, ?, ?, ?)
+ON CONFLICT (namespace, name) DO UPDATE SET version = max(n.version, excluded.version),
+    lease = NULL, record = NULL, mark = excluded.mark;
+-- name: update_to
+UPDATE {t} SET data = ?, version = ? WHERE namespace = ? AND version = ?;
