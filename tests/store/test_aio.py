@@ -268,7 +268,8 @@ def test_a_cancel_during_an_outage_pause_leaves_the_queue(
 
             monkeypatch.setattr(store, "read", read)
             down.set()
-            other.acquire("b").release()  # a change: the waiter reads, fails, pauses
+            other.acquire("b", "c").release()  # a change of the document: the waiter reads, fails
+            # and pauses (two names: one would be taken in its own row, a change of no document)
             await flag(paused)
             await asyncio.sleep(0.05)  # in the pause (0.2 s)
             down.clear()  # back, so the cancelled wait can give its place back
@@ -482,7 +483,7 @@ def test_a_release_during_the_waiters_read_wakes_it_at_once(
                 return snap
 
             monkeypatch.setattr(store, "read", read)
-            other.acquire("b").release()  # a change: the waiter reads (slowly)
+            other.acquire("b", "c").release()  # a change of the document: the waiter reads
             await flag(reading)
             start = time.monotonic()
             holder.release()  # during that read
