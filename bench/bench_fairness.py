@@ -65,7 +65,13 @@ class TasklocksLocker:
         import tasklocks
 
         self.tasklocks = tasklocks
-        self.table = tasklocks.connect(spec["url"], spec["namespace"])
+        if "table" in spec:  # a lock table of its own (an older tree refuses a newer schema)
+            from tasklocks.store import open_store
+
+            store = open_store(spec["url"], table=spec["table"])
+            self.table = tasklocks.LockTable(store, spec["namespace"], owns_store=True)
+        else:
+            self.table = tasklocks.connect(spec["url"], spec["namespace"])
         self.lease: Any = None
 
     def take(self, names: list[str], timeout: float) -> bool:

@@ -682,7 +682,12 @@ def section_fairness(cfg: Config) -> None:
         peer = scenario(f"{lab} {peer_name}", peer_spec, cfg.server_skip[backend], budget)
         before = scenario(
             f"{lab} tasklocks {bf.BEFORE_QUEUE}",
-            {"kind": "tasklocks", "url": before_url, "namespace": cfg.namespace("fair-before")},
+            {
+                "kind": "tasklocks",
+                "url": before_url,
+                "namespace": cfg.namespace("fair-before"),
+                "table": "tasklocks_before_queue",  # schema 1: this tree moves its tables to 2
+            },
             cfg.tasklocks_skip[backend] or before_reason,
             before_budget,
             before_src,
