@@ -10,7 +10,7 @@ import contextlib
 import os
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,12 +119,28 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def raw_sql(url: str, statement: str, params: tuple[Any, ...] = ()) -> int:
     """Run one statement straight through the driver (``%s`` placeholders), autocommit, behind
     tasklocks' back; return the number of rows it changed."""
+    return int(_raw(url, statement, params, lambda cur: cur.rowcount))
+
+
+def raw_rows(url: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """``raw_sql`` for a query: its rows (bytes, as MySQL returns a VARBINARY, made text)."""
+
+    def fetch(cur: Any) -> list[tuple[Any, ...]]:
+        return [
+            tuple(v.decode() if isinstance(v, bytes) else v for v in row) for row in cur.fetchall()
+        ]
+
+    rows: list[tuple[Any, ...]] = _raw(url, statement, params, fetch)
+    return rows
+
+
+def _raw(url: str, statement: str, params: tuple[Any, ...], read: Callable[[Any], Any]) -> Any:
     p = parse_url(url)
     if p.scheme == "sqlite":
         conn = sqlite3.connect(p.path)
         try:
             with conn:
-                return conn.execute(statement.replace("%s", "?"), params).rowcount
+                return read(conn.execute(statement.replace("%s", "?"), params))
         finally:
             conn.close()
     if p.scheme == "mysql":
@@ -140,7 +156,8 @@ def raw_sql(url: str, statement: str, params: tuple[Any, ...] = ()) -> int:
         )
         try:
             with mconn.cursor() as cur:
-                return int(cur.execute(statement, params))
+                cur.execute(statement, params)
+                return read(cur)
         finally:
             mconn.close()
     import psycopg
@@ -153,7 +170,7 @@ def raw_sql(url: str, statement: str, params: tuple[Any, ...] = ()) -> int:
         dbname=p.database,
         autocommit=True,
     ) as pconn:
-        return pconn.execute(statement.encode(), params).rowcount
+        return read(pconn.execute(statement.encode(), params))
 
 
 def delete_rows(url: str, prefix: str, table: str = DEFAULT_TABLE) -> None:

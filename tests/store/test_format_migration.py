@@ -17,7 +17,6 @@ import io
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -28,10 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BACKENDS, raw_sql, require, server_url
+from conftest import BACKENDS, raw_rows, raw_sql, require, server_url
 
 import tasklocks
-from tasklocks._url import parse_url
 from tasklocks.errors import LockHeld
 from tasklocks.store import open_store
 
@@ -236,33 +234,9 @@ def _schema(url: str, table: str) -> str:
 
 
 def _select_one(url: str, sql: str, params: tuple[Any, ...]) -> Any:
-    p = parse_url(url)
-    if p.scheme == "sqlite":
-        sconn = sqlite3.connect(p.path)
-        try:
-            row = sconn.execute(sql.replace("%s", "?"), params).fetchone()
-        finally:
-            sconn.close()
-    elif p.scheme == "mysql":
-        import pymysql
-
-        conn = pymysql.connect(host=p.host, port=p.port or 3306, user=p.user or "root",
-                               password=p.password or "", database=p.database)  # fmt: skip
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql, params)
-                row = cur.fetchone()
-        finally:
-            conn.close()
-    else:
-        import psycopg
-
-        with psycopg.connect(host=p.host, port=p.port or 5432, user=p.user or "postgres",
-                             dbname=p.database, autocommit=True) as pconn:  # fmt: skip
-            row = pconn.execute(sql.encode(), params).fetchone()
-    assert row is not None
-    value = row[0]
-    return value.decode() if isinstance(value, bytes) else value
+    rows = raw_rows(url, sql, params)
+    assert rows
+    return rows[0][0]
 
 
 def test_the_release_before_name_rows_beside_this_one(

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import SERVER_BACKENDS, delete_rows, raw_sql, require, server_url
+from conftest import SERVER_BACKENDS, delete_rows, raw_rows, raw_sql, require, server_url
 
 from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.store import (
@@ -755,43 +755,16 @@ def _locks(store: Any, namespace: str) -> dict[str, Any]:
 
 def _stored(db_url: str, namespace: str) -> Any:
     """The document as stored, and the namespace's name rows (name, version, lease, mark)."""
-    import sqlite3
-
-    import psycopg
-    import pymysql
-
-    p = parse_url(db_url)
-    doc_sql = f"SELECT version, data FROM {DEFAULT_TABLE} WHERE namespace = %s"
-    names_sql = f"SELECT name, version, lease, mark FROM {DEFAULT_TABLE}_names "
-    names_sql += "WHERE namespace = %s ORDER BY name"
-    if p.scheme == "sqlite":
-        sconn = sqlite3.connect(p.path)
-        try:
-            doc = sconn.execute(doc_sql.replace("%s", "?"), (namespace,)).fetchone()
-            rows = sconn.execute(names_sql.replace("%s", "?"), (namespace,)).fetchall()
-        finally:
-            sconn.close()
-    elif p.scheme == "mysql":
-        conn = pymysql.connect(host=p.host, port=p.port or 3306, user=p.user or "root",
-                               password=p.password or "", database=p.database)  # fmt: skip
-        try:
-            with conn.cursor() as cur:
-                cur.execute(doc_sql, (namespace,))
-                doc = cur.fetchone()
-                cur.execute(names_sql, (namespace,))
-                rows = list(cur.fetchall())
-        finally:
-            conn.close()
-    else:
-        with psycopg.connect(host=p.host, port=p.port or 5432, user=p.user or "postgres",
-                             dbname=p.database, autocommit=True) as pconn:  # fmt: skip
-            doc = pconn.execute(doc_sql.encode(), (namespace,)).fetchone()
-            rows = pconn.execute(names_sql.encode(), (namespace,)).fetchall()
-
-    def text(v: Any) -> Any:
-        return v.decode() if isinstance(v, bytes) else v
-
-    names = {text(n): (int(v), text(lease), bool(mark)) for n, v, lease, mark in rows}
+    docs = raw_rows(
+        db_url, f"SELECT version, data FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,)
+    )
+    doc = docs[0] if docs else None
+    rows = raw_rows(
+        db_url,
+        f"SELECT name, version, lease, mark FROM {DEFAULT_TABLE}_names WHERE namespace = %s",
+        (namespace,),
+    )
+    names = {n: (int(v), lease, bool(mark)) for n, v, lease, mark in rows}
     moved = names.pop("", None)  # the namespace's layout row: marked once the document moved
     assert moved is None or moved[2] is (doc is not None and str(doc[1]).startswith('{"format":4,'))
     return (int(doc[0]), str(doc[1])) if doc else None, names

@@ -183,11 +183,15 @@ class RowsStore(SQLStore):
     ) -> tuple[int | None, Snapshot | None]:
         return self.fast_release(namespace, names, lease), None  # the full path reads anyway
 
-    @abstractmethod
     def _name_statement(
         self, acquire: bool, namespace: str, name: str, lease: str, record: str = ""
     ) -> tuple[str, Any]:
-        """The statement and parameters of ``name_acquire`` or ``name_release``."""
+        """The statement and parameters of ``name_acquire`` or ``name_release`` (named
+        parameters, unless a dialect's driver takes only positional ones)."""
+        params = {"ns": namespace, "name": name, "lease": lease}
+        if acquire:
+            return self._sql["name_acquire"], {**params, "record": record}
+        return self._sql["name_release"], params
 
     @abstractmethod
     def _name_version(self, cursor: Any, acquire: bool) -> int | None:

@@ -229,14 +229,6 @@ class PostgresStore(ServerStore):
                 conn.execute(self._sql["update_to"], params)
             conn.execute(self._sql["commit"])
 
-    def _name_statement(
-        self, acquire: bool, namespace: str, name: str, lease: str, record: str = ""
-    ) -> tuple[str, Any]:
-        params = {"ns": namespace, "name": name, "lease": lease}
-        if acquire:
-            return self._sql["name_acquire"], {**params, "record": record}
-        return self._sql["name_release"], params
-
     def _name_version(self, cursor: Any, acquire: bool) -> int | None:
         row = cursor.fetchone()
         return None if row is None else int(row[0])

@@ -214,14 +214,6 @@ class SQLiteStore(RowsStore):
         conn.execute(self._sql["update_to"], (stored(change[0]), new_version, namespace, version))
         conn.execute(self._sql["commit"])
 
-    def _name_statement(
-        self, acquire: bool, namespace: str, name: str, lease: str, record: str = ""
-    ) -> tuple[str, Any]:
-        params = {"ns": namespace, "name": name, "lease": lease}
-        if acquire:
-            return self._sql["name_acquire"], {**params, "record": record}
-        return self._sql["name_release"], params
-
     def _name_version(self, cursor: Any, acquire: bool) -> int | None:
         rows = cursor.fetchall()  # RETURNING: the statement ends once its rows are read
         return int(rows[0][0]) if rows else None
