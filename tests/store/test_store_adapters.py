@@ -1057,3 +1057,83 @@ def test_racing_fast_acquires_of_one_name_have_one_winner(
     finally:
         for racer in racers:
             racer.close()
+
+
+def test_a_name_claimed_by_a_change_is_locked_until_it_commits(db_url: str, namespace: str) -> None:
+    """A name the change brings into the document, whose row exists and is free, is locked from
+    its claim to the commit: a one-statement acquisition of it meanwhile waits, then finds it
+    kept by the document (never both granted)."""
+    store, other = _server_store(db_url), _server_store(db_url)
+    try:
+        store.transact(namespace, lambda s: (EMPTY_DOCUMENT, False), None)  # moves the namespace
+        assert other.fast_acquire(namespace, ["n"], *_entry("F0")) == 1  # the row exists ...
+        assert other.fast_release(namespace, ["n"], "F0") == 1  # ... and is free
+        real_claim = store._claim_names
+        results: list[int | None] = []
+        thread = threading.Thread(
+            target=lambda: results.append(other.fast_acquire(namespace, ["n"], *_entry("F")))
+        )
+
+        def claim(conn: Any, ns: str, names: list[str]) -> Any:
+            rows = real_claim(conn, ns, names)
+            thread.start()  # between the claim and the commit
+            thread.join(0.5)
+            return rows
+
+        store._claim_names = claim
+        store.transact(namespace, _take("n", "D"), None)
+        thread.join(10)
+        assert results == [None]  # it waited for the change, then found the name kept
+        holders = _locks(store, namespace)
+        assert list(holders) == ["n"] and holders["n"].lease == "D"
+        assert holders["n"].token > 1  # past the token its row handed out
+    finally:
+        store.close()
+        other.close()
+        delete_rows(db_url, namespace)
+
+
+def test_a_name_back_in_the_document_gets_a_token_past_its_rows(fast: Any, namespace: str) -> None:
+    """Taken in its row many times since it left the document, a name that comes back into it
+    is granted past every token its row handed out."""
+    tokens = []
+    for i in range(10):
+        tokens.append(fast.fast_acquire(namespace, ["x"], *_entry(f"L{i}")))
+        assert fast.fast_release(namespace, ["x"], f"L{i}") is not None
+    after = fast.transact(namespace, _take("x", "D"), None)
+    tokens.append(json.loads(after.data)["locks"]["x"][1])
+    assert tokens == sorted(set(tokens)) and tokens[-1] > 10, tokens
+
+
+def test_a_change_through_the_document_does_not_stop_other_names(
+    server: str, namespace: str
+) -> None:
+    """While a change through the document is in progress, names it does not concern are taken
+    in their rows at once (on MariaDB a locking read at REPEATABLE READ would lock the gaps of
+    the held names' index, and every such acquisition would wait for the change)."""
+    store, other = _server_store(server), _server_store(server)
+    try:
+        store.transact(namespace, lambda s: (EMPTY_DOCUMENT, False), None)
+        assert other.fast_acquire(namespace, ["held"], *_entry("H")) == 1
+        took: dict[str, float] = {}
+
+        def take(name: str) -> None:
+            start = time.monotonic()
+            assert other.fast_acquire(namespace, [name], *_entry(f"T-{name}")) == 1
+            took[name] = time.monotonic() - start
+
+        def compute(snap: Snapshot) -> tuple[str, bool] | None:
+            if not took:
+                threads = [threading.Thread(target=take, args=(n,)) for n in ("aaa", "zzz")]
+                for thread in threads:  # names on both sides of the held one
+                    thread.start()
+                for thread in threads:
+                    thread.join(3.0)  # a wait for this change would outlast it
+            return _take("m", "D")(snap)
+
+        store.transact(namespace, compute, None)
+        assert set(took) == {"aaa", "zzz"} and max(took.values()) < 2.0, took
+    finally:
+        store.close()
+        other.close()
+        delete_rows(server, namespace)

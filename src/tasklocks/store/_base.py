@@ -3,9 +3,8 @@
 Every statement of a dialect stands in ``sql/<dialect>.sql`` (as procrastinate's queries.sql):
 ``-- name: NAME`` starts a statement or fragment, other ``--`` lines are comments, a final ``;`` is
 dropped and ``{word}`` marks a place :func:`fill` fills in. How a namespace is kept in rows (its
-``read`` and ``transact``) is a layout's: the document alone (``_document.py``, SQLite), or the
-document and a row per name (``_sql_server.py`` and ``_names.py``, the servers). A dialect
-supplies the methods marked abstract.
+``read`` and ``transact``: the document and a row per name) is ``_rows.py``'s, on every adapter.
+A dialect supplies the methods marked abstract.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ driver's batching: PostgreSQL pipelines, MariaDB multi-statement queries, SQLite
 * ``read``: the document and the names held in their rows, in one statement (one snapshot).
 * ``transact``: lock the document's row, then the names held in their rows, and read the sessions
   (one round trip); compute on the document with those holders written into it; claim the names
-  the change brings into the document that were in no row it locked (a round trip, only then);
-  set the rows of every name it changed (marked while the document keeps it, else free, their
+  the change brings into the document that were in no row it locked (a round trip, only then:
+  lock their rows and read their versions; the compute runs again if one handed out a token past
+  the version it computed at, so that a name's tokens only grow); set the rows of every name it changed (marked while the document keeps it, else free, their
   version raised to the new document version), write the document, commit (one round trip).
   The caller's ``hint`` is not used: a one-statement swap of the document could not lock the
   names' rows.
@@ -106,20 +107,32 @@ class RowsStore(SQLStore):
             text = shown(data)
             merged = absorb(text, held)
             top = max([version, *(h[1] for h in held)])  # a token of theirs is to be exceeded
-            snap = Snapshot(top, merged, _times(times), clock())
-            change = compute(snap)
-            if change is None:
-                self._commit(conn)
-                return Snapshot(version, merged, snap.sessions, snap.read_at)
             moved = is_kept(data)
             before = kept(text) if moved else {}  # format 3: none marked yet
             absorbed = {h[0] for h in held}
-            marks = changes(before, kept(change[0]), absorbed)
-            new = sorted(n for n in marks if n not in before and n not in absorbed)
-            if is_kept(stored(change[0])) != moved:  # moves (or, repaired, back)
-                marks[LAYOUT] = not moved
-            if new and self._claim_names(conn, namespace, new):
-                raise Retry(f"a name of {namespace!r} was taken in its row meanwhile")
+            claimed: set[str] = set()
+            while True:
+                snap = Snapshot(top, merged, _times(times), clock())
+                change = compute(snap)
+                if change is None:
+                    self._commit(conn)
+                    return Snapshot(version, merged, snap.sessions, snap.read_at)
+                marks = changes(before, kept(change[0]), absorbed)
+                new = sorted(set(marks) - before.keys() - absorbed - claimed)
+                if is_kept(stored(change[0])) != moved:  # moves (or, repaired, back)
+                    marks[LAYOUT] = not moved
+                if not new:
+                    break
+                rows = self._claim_names(conn, namespace, new)
+                if any(held_now for _, _, held_now in rows):
+                    raise Retry(f"a name of {namespace!r} was taken in its row meanwhile")
+                claimed.update(new)
+                highest = max((v for _, v, _ in rows), default=0)
+                if highest <= top:
+                    break
+                # A name coming back into the document was taken in its row since it left:
+                # its tokens went past the document's. Compute again, to grant past them.
+                top = highest
             call.sent = True  # the rows are locked: nothing can miss
             self._write_kept(conn, namespace, version, top + 1, change, marks)
             return Snapshot(top + 1, change[0], snap.sessions, snap.read_at)
@@ -146,8 +159,11 @@ class RowsStore(SQLStore):
         sessions (one round trip): the row, the names' rows, the sessions' rows."""
 
     @abstractmethod
-    def _claim_names(self, conn: Any, namespace: str, names: list[str]) -> list[str]:
-        """Lock the rows of ``names`` (made free where missing): those held in their rows."""
+    def _claim_names(
+        self, conn: Any, namespace: str, names: list[str]
+    ) -> list[tuple[str, int, bool]]:
+        """Lock the rows of ``names`` (made free where missing): each one's name, version (the
+        last token it handed out) and whether it is held in its row."""
 
     @abstractmethod
     def _write_kept(

@@ -221,21 +221,24 @@ class MySQLStore(ServerStore):
 
     def _lock_kept(self, conn: Any, namespace: str) -> tuple[Any, list[Any], Any]:
         cur = self._execute(conn, self._sql["lock_kept"], (namespace, namespace))
-        cur.nextset()  # START TRANSACTION's result, then the row, the names, the sessions
+        cur.nextset()  # SET TRANSACTION's and START TRANSACTION's results, then the row,
+        cur.nextset()  # the names, the sessions
         row = cur.fetchone()
         cur.nextset()
         held = list(cur.fetchall())
         cur.nextset()
         return row, held, cur.fetchall()
 
-    def _claim_names(self, conn: Any, namespace: str, names: list[str]) -> list[str]:
+    def _claim_names(
+        self, conn: Any, namespace: str, names: list[str]
+    ) -> list[tuple[str, int, bool]]:
         ns = conn.escape(namespace)
         rows = ", ".join(f"({ns}, {conn.escape(n)}, 0, 0)" for n in names)
         quoted = ", ".join(conn.escape(n) for n in names)
         sql = fill(self._sql["claim_names"], rows=rows, names=quoted)
         cur = self._execute(conn, sql, (namespace,))
         cur.nextset()
-        return [text_of(r[0]) for r in cur.fetchall()]
+        return [(text_of(n), int(v), bool(held)) for n, v, held in cur.fetchall()]
 
     def _write_kept(
         self,

@@ -193,12 +193,14 @@ class PostgresStore(ServerStore):
             times = conn.execute(self._sql["sessions"])  # after the rows: none is missed
         return row.fetchone(), held.fetchall(), times.fetchall()
 
-    def _claim_names(self, conn: Any, namespace: str, names: list[str]) -> list[str]:
+    def _claim_names(
+        self, conn: Any, namespace: str, names: list[str]
+    ) -> list[tuple[str, int, bool]]:
         params = {"ns": namespace, "names": names}
         with _pipeline(conn):
             conn.execute(self._sql["claim_names"], params)
-            taken = conn.execute(self._sql["claimed_names"], params)
-        return [str(r[0]) for r in taken.fetchall()]
+            rows = conn.execute(self._sql["claimed_names"], params)
+        return [(str(n), int(v), bool(held)) for n, v, held in rows.fetchall()]
 
     def _write_kept(
         self,

@@ -27,7 +27,7 @@ from tasklocks._clock import pause
 from tasklocks._url import ParsedURL
 from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.owner import boot_id
-from tasklocks.store._base import Call, Change
+from tasklocks.store._base import Call, Change, fill
 from tasklocks.store._names import stored
 from tasklocks.store._rows import RowsStore
 
@@ -197,8 +197,13 @@ class SQLiteStore(RowsStore):
         held = conn.execute(self._sql["lock_held_names"], (namespace,)).fetchall()
         return row, held, conn.execute(self._sql["sessions"]).fetchall()
 
-    def _claim_names(self, conn: Any, namespace: str, names: list[str]) -> list[str]:
-        return []  # the transaction holds the database's one write lock: none was taken
+    def _claim_names(
+        self, conn: Any, namespace: str, names: list[str]
+    ) -> list[tuple[str, int, bool]]:
+        # The transaction holds the database's one write lock: the rows only need reading.
+        sql = fill(self._sql["claimed_names"], names=", ".join("?" * len(names)))
+        rows = conn.execute(sql, (namespace, *names)).fetchall()
+        return [(str(n), int(v), bool(held)) for n, v, held in rows]
 
     def _write_kept(
         self,

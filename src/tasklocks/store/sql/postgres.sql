@@ -96,13 +96,15 @@ SELECT name, version, lease, record FROM {t}_names
 WHERE namespace = %s AND lease IS NOT NULL AND NOT mark ORDER BY name FOR UPDATE;
 -- name: claim_names
 -- Names a change brings into the document that were in none of its rows when it locked them:
--- each gets a row (free) and its lock; one taken meanwhile by its own statement is returned.
+-- each gets a row (free) where it has none, then claimed_names locks them all.
 INSERT INTO {t}_names (namespace, name, version, mark)
 SELECT %(ns)s, n, 0, false FROM unnest(%(names)s::text[]) AS n ORDER BY n
 ON CONFLICT (namespace, name) DO NOTHING;
 -- name: claimed_names
-SELECT name FROM {t}_names WHERE namespace = %(ns)s AND name = ANY(%(names)s::text[])
-    AND lease IS NOT NULL AND NOT mark ORDER BY name FOR UPDATE;
+-- Every claimed row, locked (a free one too: else it could be taken in its row before the change
+-- commits), with its version (the change's grants must exceed it) and whether it is held.
+SELECT name, version, lease IS NOT NULL AND NOT mark FROM {t}_names
+WHERE namespace = %(ns)s AND name = ANY(%(names)s::text[]) ORDER BY name FOR UPDATE;
 -- name: set_names
 -- After a change through the document: marked while it keeps the name, free otherwise; the
 -- version rises to the new document version (the token of whatever it granted).

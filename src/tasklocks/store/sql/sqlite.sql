@@ -69,6 +69,10 @@ ORDER BY 1, 3;
 -- Inside BEGIN IMMEDIATE: the database's write lock is the lock of every row.
 SELECT name, version, lease, record FROM {t}_names
 WHERE namespace = ? AND lease IS NOT NULL AND NOT mark ORDER BY name;
+-- name: claimed_names
+-- {names}: a placeholder per name. Inside BEGIN IMMEDIATE: read, not locked (see postgres.sql).
+SELECT name, version, lease IS NOT NULL AND NOT mark FROM {t}_names
+WHERE namespace = ? AND name IN ({names});
 -- name: set_names
 INSERT INTO {t}_names AS n (namespace, name, version, mark) VALUES (?, ?, ?, ?)
 ON CONFLICT (namespace, name) DO UPDATE SET version = max(n.version, excluded.version),
