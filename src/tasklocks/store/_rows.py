@@ -8,8 +8,9 @@ driver's batching: PostgreSQL pipelines, MariaDB multi-statement queries, SQLite
   (one round trip); compute on the document with those holders written into it; claim the names
   the change brings into the document that were in no row it locked (a round trip, only then:
   lock their rows and read their versions; the compute runs again if one handed out a token past
-  the version it computed at, so that a name's tokens only grow); set the rows of every name it changed (marked while the document keeps it, else free, their
-  version raised to the new document version), write the document, commit (one round trip).
+  the version it computed at, so that a name's tokens only grow); set the rows of every name it
+  changed (marked while the document keeps it, else free, their version raised to the new
+  document version), write the document, commit (one round trip).
   The caller's ``hint`` is not used: a one-statement swap of the document could not lock the
   names' rows.
 * ``fast_acquire``/``fast_release`` (``FastPaths``): one name, one statement on its row.
