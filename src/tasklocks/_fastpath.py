@@ -12,7 +12,7 @@ import time
 
 from tasklocks import _core
 from tasklocks._core import Claimant
-from tasklocks.store import FastPaths, OutcomeUnknown, Snapshot
+from tasklocks.store import FastPaths, OutcomeUnknown
 
 __all__ = ["FastPath"]
 
@@ -23,7 +23,6 @@ class FastPath:
     def __init__(self, store: FastPaths, namespace: str) -> None:
         self.store = store
         self.namespace = namespace
-        self.missed = False  # the last one-statement release did not apply (waiters queued)
 
     def acquire(self, names: tuple[str, ...], claimant: Claimant) -> int | None:
         """Take ``names`` if they are all free: the token. None: use the full path.
@@ -31,19 +30,11 @@ class FastPath:
         record = _core.claim_record(claimant, time.time())
         return self.store.fast_acquire(self.namespace, names, claimant.lease, record)
 
-    def release(self, names: tuple[str, ...], lease: str) -> tuple[bool | None, Snapshot | None]:
-        """Release a lease's names. True: done; False: use the full path; None: the reply was
-        lost, and the full path must allow for that. With it, after a release that missed last
-        time (waiters queue here: likely to miss again), the row as read in the same round trip
-        where the store can (a hint for the full path); reading it every time would cost a
-        release without waiters two more statements."""
-        row = None
+    def release(self, names: tuple[str, ...], lease: str) -> bool | None:
+        """Release a lease's names. True: done; False: use the full path (the document keeps
+        them); None: the reply was lost, and the full path must allow for that."""
         try:
-            if self.missed:
-                version, row = self.store.fast_release_reading(self.namespace, names, lease)
-            else:
-                version = self.store.fast_release(self.namespace, names, lease)
+            version = self.store.fast_release(self.namespace, names, lease)
         except OutcomeUnknown:
-            return None, None
-        self.missed = version is None
-        return version is not None, row
+            return None
+        return version is not None

@@ -652,16 +652,13 @@ class LockTable:
     def _release(self, names: tuple[str, ...], owner: str, lease: str | None) -> None:
         self._settle()
         fast: bool | None = False  # None: the reply to the one-statement release was lost
-        row = None
         if self._fast is not None and lease is not None:
-            fast, row = self._fast.release(names, lease)
+            fast = self._fast.release(names, lease)
         if fast:
             # Released in the name's own row: no waiter wants it (queuing for a name moves it
             # into the document, and its row release then misses), so there is no one to wake.
             self._snap = None  # written by the database: our copy is old
             return
-        if row is not None:
-            self._decode(row)  # read with the attempt: the full path computes on it
 
         def step(doc: LockDoc, version: int, retrying: bool) -> tuple[LockDoc, bool, None]:
             if retrying:  # a lost reply may have released them already

@@ -948,12 +948,11 @@ def test_fast_paths_on_a_missing_row_write_nothing(db_url: str, namespace: str) 
 def test_fast_paths_leave_a_lease_that_is_no_plain_name_to_the_full_path(
     fast: Any, namespace: str, lease: str
 ) -> None:
-    """The lease is a key of procs, written as a JSON path on MariaDB: tasklocks' own leases are
-    hex; any other one is written by the full path (None here, and nothing written)."""
+    """tasklocks' own leases are hex; any other one is left to the full path (None here, and
+    nothing written)."""
     before = fast.read(namespace)
     assert fast.fast_acquire(namespace, ["a"], *_entry(lease)) is None
     assert fast.fast_release(namespace, ["a"], lease) is None
-    assert fast.fast_release_reading(namespace, ["a"], lease) == (None, None)
     assert fast.read(namespace) == before
 
 

@@ -117,12 +117,6 @@ class FastPaths(Protocol):
     def fast_release(self, namespace: str, names: Sequence[str], lease: str) -> int | None:
         """If ``names`` is one name held in its row by ``lease``, free it: the row's version."""
 
-    def fast_release_reading(
-        self, namespace: str, names: Sequence[str], lease: str
-    ) -> tuple[int | None, Snapshot | None]:
-        """``fast_release``, and the document as read in the same round trip where a backend
-        can (else None), for the full path that follows a release that did not apply."""
-
 
 @runtime_checkable
 class AsyncNotifies(Protocol):

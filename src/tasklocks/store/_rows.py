@@ -195,11 +195,6 @@ class RowsStore(SQLStore):
             return None
         return self._fast(self._name_statement(False, namespace, unique[0], lease))
 
-    def fast_release_reading(
-        self, namespace: str, names: Sequence[str], lease: str
-    ) -> tuple[int | None, Snapshot | None]:
-        return self.fast_release(namespace, names, lease), None  # the full path reads anyway
-
     def _name_statement(
         self, acquire: bool, namespace: str, name: str, lease: str, record: str = ""
     ) -> tuple[str, Any]:
