@@ -278,12 +278,14 @@ class LockTable:
         after_lost_reply: bool = False,
         unsure: str | None = None,
         promote: bool = True,
+        names: tuple[str, ...] | None = None,
     ) -> T:
         """Run one transition through the store. ``step(doc, version, retrying)`` returns
         (new document or None for no change, wake waiters?, result). A changed document is
         promoted (waiters that can be granted now are) unless ``promote`` is False (the step did
         it). ``unsure``: the lease id of an acquisition, noted in ``_unsure`` when the reply to
-        its write is lost."""
+        its write is lost. ``names``: the only names the step concerns beside those the document
+        keeps (the store then locks only their rows: ``Store.transact``); None: any."""
         retrying = [after_lost_reply]
         box: list[tuple[LockDoc | None, str | None, bool, T]] = []
 
@@ -303,7 +305,7 @@ class LockTable:
             if unsure is not None:
                 self._unsure.add(unsure)  # until the outcome is known
             try:
-                snap = self.store.transact(self.namespace, compute, self._snap)
+                snap = self.store.transact(self.namespace, compute, self._snap, names)
             except OutcomeUnknown:
                 if attempt == _LOST_REPLY_RETRIES:
                     raise
@@ -375,7 +377,7 @@ class LockTable:
             )
             return (outcome.doc if outcome.changed else None), wake, outcome
 
-        outcome = self._change(step, unsure=claimant.lease, promote=False)
+        outcome = self._change(step, unsure=claimant.lease, promote=False, names=names)
         for name, holder in outcome.reaped:
             log.warning(
                 "tasklocks: reclaimed %s in namespace %s from gone holder %s (pid %s on %s)",
@@ -675,7 +677,9 @@ class LockTable:
             return _core.release(doc, names, owner, lease=lease), True, None
 
         self._change(
-            lambda doc, v, r: _none_if_same(step(doc, v, r), doc), after_lost_reply=fast is None
+            lambda doc, v, r: _none_if_same(step(doc, v, r), doc),
+            after_lost_reply=fast is None,
+            names=names,
         )
 
     def _give_back(self, lease: str) -> None:

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -243,9 +243,15 @@ class FlakyStore:
         self._check()
         return self.inner.read(namespace)
 
-    def transact(self, namespace: str, compute: Compute, hint: Snapshot | None) -> Snapshot:
+    def transact(
+        self,
+        namespace: str,
+        compute: Compute,
+        hint: Snapshot | None,
+        names: Sequence[str] | None = None,
+    ) -> Snapshot:
         self._check()
-        snap = self.inner.transact(namespace, compute, hint)
+        snap = self.inner.transact(namespace, compute, hint, names)
         if self.lose_next_write:
             self.lose_next_write, self.down = False, True
             raise OutcomeUnknown("the reply to the write was lost (test)")

@@ -1136,3 +1136,41 @@ def test_a_change_through_the_document_does_not_stop_other_names(
         store.close()
         other.close()
         delete_rows(server, namespace)
+
+
+def test_a_change_takes_over_only_the_names_it_concerns(db_url: str, namespace: str) -> None:
+    """A change of some names locks and moves into the document only their rows: the other
+    names held in their rows stay there, and are still released in one statement."""
+    import tasklocks
+
+    with tasklocks.connect(db_url, namespace=namespace) as table:
+        table.acquire("warm").release()  # moves the namespace: names now take their rows
+        alone = table.acquire("alone", owner="task:1")
+        both = table.acquire("a", "b", owner="task:2")  # the document's
+        assert sorted(h.name for h in table.held()) == ["a", "alone", "b"]  # one read
+        names = _stored(db_url, namespace)[1]
+        assert names["alone"][1:] == (alone.lease_id, False)  # still in its own row
+        assert names["a"][2] and names["b"][2]  # kept by the document
+        seen: list[Snapshot] = []
+        real = table.store.transact
+
+        def spy(*args: Any) -> Snapshot:
+            def compute(snap: Snapshot) -> tuple[str, bool] | None:
+                seen.append(snap)
+                return args[1](snap)  # type: ignore[no-any-return]
+
+            return real(args[0], compute, *args[2:])
+
+        setattr(table.store, "transact", spy)  # noqa: B010 (the one method, for this call)
+        both.release()  # through the document: it sees a and b, not alone
+        assert seen and all('"alone"' not in snap.data for snap in seen)
+        setattr(table.store, "transact", real)  # noqa: B010
+        assert _stored(db_url, namespace)[1]["alone"][1:] == (alone.lease_id, False)
+        alone.release()
+        assert table.held() == []
+        # Everything (reap, release_owner, repair) still sees every name.
+        kept = table.acquire("kept", owner="task:3")
+        assert [h.name for h in table.held()] == ["kept"]
+        assert table.release_owner("task:3") == ["kept"]
+        del kept
+    delete_rows(db_url, namespace)

@@ -62,10 +62,18 @@ class Store(Protocol):
     def read(self, namespace: str) -> Snapshot:
         """The current row (created empty, version 0, on first use)."""
 
-    def transact(self, namespace: str, compute: Compute, hint: Snapshot | None) -> Snapshot:
+    def transact(
+        self,
+        namespace: str,
+        compute: Compute,
+        hint: Snapshot | None,
+        names: Sequence[str] | None = None,
+    ) -> Snapshot:
         """Apply ``compute`` atomically; return the row as it is after the call. ``hint`` (the
         caller's last snapshot) may be computed on and written without a read, if the row still
-        is that. ``compute`` may be called more than once and may raise (nothing is written then).
+        is that. ``names``: the only names the change concerns beside those the document keeps
+        (None: any); a holder of another name held in its own row need not be shown to it.
+        ``compute`` may be called more than once and may raise (nothing is written then).
         Raises :class:`OutcomeUnknown` if the reply to a write was lost."""
 
     def reset(self, namespace: str, data: str) -> Snapshot:

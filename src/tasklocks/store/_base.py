@@ -61,8 +61,7 @@ class OutcomeUnknown(StoreUnavailable):
 
 
 class Retry(StoreError):
-    """A deadlock, a race creating the schema, or a name taken meanwhile: safe to run the call
-    again."""
+    """A deadlock, or a race creating the schema: safe to run the call again."""
 
 
 class Call:
@@ -273,7 +272,13 @@ class SQLStore(ABC):
         """See ``Store.read``."""
 
     @abstractmethod
-    def transact(self, namespace: str, compute: Compute, hint: Snapshot | None) -> Snapshot:
+    def transact(
+        self,
+        namespace: str,
+        compute: Compute,
+        hint: Snapshot | None,
+        names: Sequence[str] | None = None,
+    ) -> Snapshot:
         """See ``Store.transact``."""
 
     # --- sessions: on a connection of their own, so that renewals never queue behind changes ---

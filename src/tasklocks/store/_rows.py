@@ -30,7 +30,6 @@ from tasklocks.store._base import (
     Call,
     Change,
     Compute,
-    Retry,
     Snapshot,
     SQLStore,
     _times,
@@ -89,30 +88,49 @@ class RowsStore(SQLStore):
 
         return self._locked(body)
 
-    def transact(self, namespace: str, compute: Compute, hint: Snapshot | None) -> Snapshot:
-        """See ``Store.transact``. Always the pessimistic path (``hint`` is not used): a change
-        through the document must lock the names held in their rows, which it may take over."""
-        return self._changing(lambda conn, call: self._change_kept(conn, call, namespace, compute))
+    def transact(
+        self,
+        namespace: str,
+        compute: Compute,
+        hint: Snapshot | None,
+        names: Sequence[str] | None = None,
+    ) -> Snapshot:
+        """See ``Store.transact``. Always the locking path (``hint`` is not used): a change
+        through the document must lock the names held in their rows, which it may take over.
+        With ``names``, only theirs (a name the compute brings in beside them is locked and
+        taken over when it claims it)."""
+        return self._changing(
+            lambda conn, call: self._change_kept(conn, call, namespace, compute, names)
+        )
 
-    def _change_kept(self, conn: Any, call: Call, namespace: str, compute: Compute) -> Snapshot:
+    def _change_kept(
+        self,
+        conn: Any,
+        call: Call,
+        namespace: str,
+        compute: Compute,
+        names: Sequence[str] | None,
+    ) -> Snapshot:
         if namespace not in self._known:  # outside the transaction (see _base._pessimistic)
             self._execute(conn, self._sql["insert_row"], (namespace, EMPTY_DOCUMENT))
             self._known.add(namespace)
         try:
-            row, held_rows, times = self._lock_kept(conn, namespace)
+            only = None if names is None else sorted(set(names))
+            row, held_rows, times = self._lock_kept(conn, namespace, only)
             if row is None:
                 self._known.discard(namespace)
                 raise StoreError(f"the row of namespace {namespace!r} vanished; retry")
             version, data = int(row[0]), str(row[1])
             held = [_held(*r) for r in held_rows]
             text = shown(data)
-            merged = absorb(text, held)
-            top = max([version, *(h[1] for h in held)])  # a token of theirs is to be exceeded
             moved = is_kept(data)
             before = kept(text) if moved else {}  # format 3: none marked yet
-            absorbed = {h[0] for h in held}
+            floor = version  # the grants' token must exceed it
             claimed: set[str] = set()
             while True:
+                merged = absorb(text, held)
+                absorbed = {h[0] for h in held}
+                top = max([floor, *(h[1] for h in held)])  # a token of theirs is to be exceeded
                 snap = Snapshot(top, merged, _times(times), clock())
                 change = compute(snap)
                 if change is None:
@@ -125,15 +143,15 @@ class RowsStore(SQLStore):
                 if not new:
                     break
                 rows = self._claim_names(conn, namespace, new)
-                if any(held_now for _, _, held_now in rows):
-                    raise Retry(f"a name of {namespace!r} was taken in its row meanwhile")
                 claimed.update(new)
-                highest = max((v for _, v, _ in rows), default=0)
-                if highest <= top:
+                # Compute again, on the claimed rows now locked, if one is held in its row (the
+                # change did not lock it first, or it was taken since), or if one handed out a
+                # token past ``top`` (it left the document and was taken in its row since).
+                taken = [_held(*r[:4]) for r in rows if r[2] is not None and not r[4]]
+                floor = max([floor, *(int(r[1]) for r in rows)])
+                if not taken and floor <= top:
                     break
-                # A name coming back into the document was taken in its row since it left:
-                # its tokens went past the document's. Compute again, to grant past them.
-                top = highest
+                held = [*held, *taken]
             call.sent = True  # the rows are locked: nothing can miss
             self._write_kept(conn, namespace, version, top + 1, change, marks)
             return Snapshot(top + 1, change[0], snap.sessions, snap.read_at)
@@ -155,16 +173,17 @@ class RowsStore(SQLStore):
         """``select_kept``'s rows (the document's first, if there is one), then the sessions."""
 
     @abstractmethod
-    def _lock_kept(self, conn: Any, namespace: str) -> tuple[Any, list[Any], Any]:
-        """Begin, lock the document's row, then the names held in their rows, then read the
-        sessions (one round trip): the row, the names' rows, the sessions' rows."""
+    def _lock_kept(
+        self, conn: Any, namespace: str, names: list[str] | None
+    ) -> tuple[Any, list[Any], Any]:
+        """Begin, lock the document's row, then the names held in their rows (of ``names`` only,
+        unless None), then read the sessions (one round trip): the row, the names' rows (name,
+        version, lease, record), the sessions' rows."""
 
     @abstractmethod
-    def _claim_names(
-        self, conn: Any, namespace: str, names: list[str]
-    ) -> list[tuple[str, int, bool]]:
+    def _claim_names(self, conn: Any, namespace: str, names: list[str]) -> list[Any]:
         """Lock the rows of ``names`` (made free where missing): each one's name, version (the
-        last token it handed out) and whether it is held in its row."""
+        last token it handed out), lease, record and mark."""
 
     @abstractmethod
     def _write_kept(

@@ -219,8 +219,16 @@ class MySQLStore(ServerStore):
         cur.nextset()
         return rows, cur.fetchall()
 
-    def _lock_kept(self, conn: Any, namespace: str) -> tuple[Any, list[Any], Any]:
-        cur = self._execute(conn, self._sql["lock_kept"], (namespace, namespace))
+    def _lock_kept(
+        self, conn: Any, namespace: str, names: list[str] | None
+    ) -> tuple[Any, list[Any], Any]:
+        only = ""
+        if names is not None:
+            only = (
+                f" AND name IN ({', '.join(conn.escape(n) for n in names)})" if names else " AND 0"
+            )
+        sql = fill(self._sql["lock_kept"], only=only)
+        cur = self._execute(conn, sql, (namespace, namespace))
         cur.nextset()  # SET TRANSACTION's and START TRANSACTION's results, then the row,
         cur.nextset()  # the names, the sessions
         row = cur.fetchone()
@@ -229,16 +237,15 @@ class MySQLStore(ServerStore):
         cur.nextset()
         return row, held, cur.fetchall()
 
-    def _claim_names(
-        self, conn: Any, namespace: str, names: list[str]
-    ) -> list[tuple[str, int, bool]]:
+    def _claim_names(self, conn: Any, namespace: str, names: list[str]) -> list[Any]:
         ns = conn.escape(namespace)
         rows = ", ".join(f"({ns}, {conn.escape(n)}, 0, 0)" for n in names)
         quoted = ", ".join(conn.escape(n) for n in names)
         sql = fill(self._sql["claim_names"], rows=rows, names=quoted)
         cur = self._execute(conn, sql, (namespace,))
         cur.nextset()
-        return [(text_of(n), int(v), bool(held)) for n, v, held in cur.fetchall()]
+        return [(text_of(n), v, None if lease is None else text_of(lease), record, mark)
+                for n, v, lease, record, mark in cur.fetchall()]  # fmt: skip
 
     def _write_kept(
         self,

@@ -185,22 +185,25 @@ class PostgresStore(ServerStore):
             times = conn.execute(self._sql["sessions"])
         return rows.fetchall(), times.fetchall()
 
-    def _lock_kept(self, conn: Any, namespace: str) -> tuple[Any, list[Any], Any]:
+    def _lock_kept(
+        self, conn: Any, namespace: str, names: list[str] | None
+    ) -> tuple[Any, list[Any], Any]:
         with _pipeline(conn):
             conn.execute(self._sql["begin"])
             row = conn.execute(self._sql["select_for_update"], (namespace,))
-            held = conn.execute(self._sql["lock_held_names"], (namespace,))
+            if names is None:
+                held = conn.execute(self._sql["lock_held_names"], (namespace,))
+            else:
+                held = conn.execute(self._sql["lock_held_names_of"], (namespace, names))
             times = conn.execute(self._sql["sessions"])  # after the rows: none is missed
         return row.fetchone(), held.fetchall(), times.fetchall()
 
-    def _claim_names(
-        self, conn: Any, namespace: str, names: list[str]
-    ) -> list[tuple[str, int, bool]]:
+    def _claim_names(self, conn: Any, namespace: str, names: list[str]) -> list[Any]:
         params = {"ns": namespace, "names": names}
         with _pipeline(conn):
             conn.execute(self._sql["claim_names"], params)
             rows = conn.execute(self._sql["claimed_names"], params)
-        return [(str(n), int(v), bool(held)) for n, v, held in rows.fetchall()]
+        return list(rows.fetchall())
 
     def _write_kept(
         self,

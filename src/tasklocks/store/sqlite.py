@@ -191,19 +191,21 @@ class SQLiteStore(RowsStore):
         rows = conn.execute(self._sql["select_kept"], {"ns": namespace}).fetchall()
         return rows, conn.execute(self._sql["sessions"]).fetchall()
 
-    def _lock_kept(self, conn: Any, namespace: str) -> tuple[Any, list[Any], Any]:
+    def _lock_kept(
+        self, conn: Any, namespace: str, names: list[str] | None
+    ) -> tuple[Any, list[Any], Any]:
         conn.execute(self._sql["begin_immediate"])  # the write lock, taken up front
         row = conn.execute(self._sql["select"], (namespace,)).fetchone()
-        held = conn.execute(self._sql["lock_held_names"], (namespace,)).fetchall()
+        only = "" if names is None else f" AND name IN ({', '.join('?' * len(names))})"
+        sql = fill(self._sql["lock_held_names"], only=only if names != [] else " AND 0")
+        held = conn.execute(sql, (namespace, *(names or ()))).fetchall()
         return row, held, conn.execute(self._sql["sessions"]).fetchall()
 
-    def _claim_names(
-        self, conn: Any, namespace: str, names: list[str]
-    ) -> list[tuple[str, int, bool]]:
+    def _claim_names(self, conn: Any, namespace: str, names: list[str]) -> list[Any]:
         # The transaction holds the database's one write lock: the rows only need reading.
         sql = fill(self._sql["claimed_names"], names=", ".join("?" * len(names)))
         rows = conn.execute(sql, (namespace, *names)).fetchall()
-        return [(str(n), int(v), bool(held)) for n, v, held in rows]
+        return list(rows)
 
     def _write_kept(
         self,

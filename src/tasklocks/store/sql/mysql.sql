@@ -73,18 +73,18 @@ ORDER BY 1, 3;
 SELECT id, expires - {now} FROM {t}_sessions WHERE expires > {now};
 -- name: lock_kept
 -- The full path of this layout, its first round trip: the document's row, then the names held
--- in their rows, locked, then the sessions. READ COMMITTED: a locking read at REPEATABLE READ
+-- in their rows ({only}: of some names only), locked, then the sessions. READ COMMITTED: a locking read at REPEATABLE READ
 -- would also lock the gaps of the held names' index, and every name taken in its row in the
 -- namespace would wait for this transaction (claim_names locks the rows it needs itself).
 SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION; SELECT version, data FROM {t} WHERE namespace = %s FOR UPDATE;
 SELECT name, version, lease, record FROM {t}_names
-WHERE namespace = %s AND lease IS NOT NULL AND mark = 0 ORDER BY name FOR UPDATE;
+WHERE namespace = %s AND lease IS NOT NULL AND mark = 0{only} ORDER BY name FOR UPDATE;
 SELECT id, expires - {now} FROM {t}_sessions WHERE expires > {now};
 -- name: claim_names
 -- Names a change brings into the document that were in none of its rows when it locked them
 -- (see postgres.sql): {rows} is a (namespace, name, 0, 0) per name, {names} the names again.
 INSERT IGNORE INTO {t}_names (namespace, name, version, mark) VALUES {rows};
-SELECT name, version, lease IS NOT NULL AND mark = 0 FROM {t}_names
+SELECT name, version, lease, record, mark FROM {t}_names
 WHERE namespace = %s AND name IN ({names}) ORDER BY name FOR UPDATE;
 -- name: set_names_commit
 -- {rows}: a (namespace, name, version, mark) per name, quoted by the adapter; then the document,

@@ -94,6 +94,11 @@ ORDER BY 1, 3;
 -- name: lock_held_names
 SELECT name, version, lease, record FROM {t}_names
 WHERE namespace = %s AND lease IS NOT NULL AND NOT mark ORDER BY name FOR UPDATE;
+-- name: lock_held_names_of
+-- Those of some names only: what a change of those names must see of the rows.
+SELECT name, version, lease, record FROM {t}_names
+WHERE namespace = %s AND name = ANY(%s::text[]) AND lease IS NOT NULL AND NOT mark
+ORDER BY name FOR UPDATE;
 -- name: claim_names
 -- Names a change brings into the document that were in none of its rows when it locked them:
 -- each gets a row (free) where it has none, then claimed_names locks them all.
@@ -102,8 +107,8 @@ SELECT %(ns)s, n, 0, false FROM unnest(%(names)s::text[]) AS n ORDER BY n
 ON CONFLICT (namespace, name) DO NOTHING;
 -- name: claimed_names
 -- Every claimed row, locked (a free one too: else it could be taken in its row before the change
--- commits), with its version (the change's grants must exceed it) and whether it is held.
-SELECT name, version, lease IS NOT NULL AND NOT mark FROM {t}_names
+-- commits), with its version (the change's grants must exceed it) and its holder, if any.
+SELECT name, version, lease, record, mark FROM {t}_names
 WHERE namespace = %(ns)s AND name = ANY(%(names)s::text[]) ORDER BY name FOR UPDATE;
 -- name: set_names
 -- After a change through the document: marked while it keeps the name, free otherwise; the

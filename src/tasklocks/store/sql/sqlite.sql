@@ -66,12 +66,13 @@ UNION ALL SELECT 1, version, name, lease, record FROM {t}_names
     WHERE namespace = :ns AND lease IS NOT NULL AND NOT mark
 ORDER BY 1, 3;
 -- name: lock_held_names
--- Inside BEGIN IMMEDIATE: the database's write lock is the lock of every row.
+-- Inside BEGIN IMMEDIATE: the database's write lock is the lock of every row. {only}: of some
+-- names only (a placeholder each), or nothing.
 SELECT name, version, lease, record FROM {t}_names
-WHERE namespace = ? AND lease IS NOT NULL AND NOT mark ORDER BY name;
+WHERE namespace = ? AND lease IS NOT NULL AND NOT mark{only} ORDER BY name;
 -- name: claimed_names
 -- {names}: a placeholder per name. Inside BEGIN IMMEDIATE: read, not locked (see postgres.sql).
-SELECT name, version, lease IS NOT NULL AND NOT mark FROM {t}_names
+SELECT name, version, lease, record, mark FROM {t}_names
 WHERE namespace = ? AND name IN ({names});
 -- name: set_names
 INSERT INTO {t}_names AS n (namespace, name, version, mark) VALUES (?, ?, ?, ?)
