@@ -216,6 +216,7 @@ class LockTable:
         self._unsure: set[str] = set()  # acquisitions in progress whose write may be applied
         self._orphans: set[str] = set()  # leases of failed acquisitions, to give back
         self._queued: set[str] = set()  # leases of acquisitions waiting in the queue now
+        self._in_rows: set[str] = set()  # leases taken in their name's own row (FastPaths)
         self._owns_store = owns_store
         self._snap: Snapshot | None = None
         self._doc: LockDoc = _core.EMPTY
@@ -619,6 +620,7 @@ class LockTable:
         self._unsure.discard(claimant.lease)
         if token is not None:
             self._snap = None  # written by the database: our copy is old
+            self._in_rows.add(claimant.lease)
         return token
 
     @contextmanager
@@ -654,7 +656,10 @@ class LockTable:
     def _release(self, names: tuple[str, ...], owner: str, lease: str | None) -> None:
         self._settle()
         fast: bool | None = False  # None: the reply to the one-statement release was lost
-        if self._fast is not None and lease is not None:
+        if self._fast is not None and lease in self._in_rows:
+            # Only a lease taken in its row tries its row first: one the document granted is
+            # the document's (a try would cost a round trip to miss).
+            self._in_rows.discard(lease)
             fast = self._fast.release(names, lease)
         if fast:
             # Released in the name's own row: no waiter wants it (queuing for a name moves it
@@ -687,6 +692,8 @@ class LockTable:
         its write may have been applied). If the database does not answer, it is kept in
         ``_orphans`` and given back on the next contact, by this table or its session's
         renewals; meanwhile it expires with its session."""
+
+        self._in_rows.discard(lease)
 
         def step(doc: LockDoc, version: int, retrying: bool) -> tuple[LockDoc | None, bool, None]:
             new, freed = _core.release_lease(doc, lease)  # a waiter leaving wakes no one, but

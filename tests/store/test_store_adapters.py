@@ -1174,3 +1174,26 @@ def test_a_change_takes_over_only_the_names_it_concerns(db_url: str, namespace: 
         assert table.release_owner("task:3") == ["kept"]
         del kept
     delete_rows(db_url, namespace)
+
+
+def test_only_a_lease_taken_in_its_row_tries_its_row_first(db_url: str, namespace: str) -> None:
+    """A release of a lease the document granted goes straight to the document: a try of the
+    name's row would cost a round trip to miss (the hand-off's releaser pays it otherwise)."""
+    import tasklocks
+
+    with tasklocks.connect(db_url, namespace=namespace) as table:
+        table.acquire("warm").release()  # moves the namespace: names now take their rows
+        tries: list[tuple[str, ...]] = []
+        real = table.store.fast_release  # type: ignore[attr-defined]
+
+        def spy(ns: str, names: Any, lease: str) -> int | None:
+            tries.append(tuple(names))
+            result: int | None = real(ns, names, lease)
+            return result
+
+        setattr(table.store, "fast_release", spy)  # noqa: B010
+        table.acquire("row", owner="task:1").release()  # taken and released in its row
+        table.acquire("doc", owner="task:2", shared=True).release()  # the document's
+        assert tries == [("row",)]
+        assert table.held() == []
+    delete_rows(db_url, namespace)
