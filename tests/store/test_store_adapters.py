@@ -1197,3 +1197,41 @@ def test_only_a_lease_taken_in_its_row_tries_its_row_first(db_url: str, namespac
         assert tries == [("row",)]
         assert table.held() == []
     delete_rows(db_url, namespace)
+
+
+def test_a_holder_taken_over_by_a_claim_is_judged_by_its_own_session(
+    server: str, namespace: str
+) -> None:
+    """A name taken in its row by a process whose session opened after the change read the
+    sessions, and found held when the change claims it, is judged by that session (read again):
+    never as expired, so never reclaimed from its living holder. (SQLite has one writer: no
+    name is taken during a change.)"""
+    import tasklocks
+
+    with tasklocks.connect(server, namespace=namespace) as table:
+        table.acquire("warm").release()  # moves the namespace: names now take their rows
+        store = table.store
+        real_claim = store._claim_names  # type: ignore[attr-defined]
+        late: list[tasklocks.Lease] = []
+
+        def claim(conn: Any, ns: str, names: list[str]) -> Any:
+            if not late:  # a new process (a new session) takes "n" in its row meanwhile
+                done = threading.Event()
+
+                def take() -> None:
+                    other = tasklocks.connect(server, namespace=namespace)
+                    late.append(other.acquire("n", owner="task:late"))
+                    done.set()
+
+                threading.Thread(target=take, daemon=True).start()
+                assert done.wait(10)
+            return real_claim(conn, ns, names)
+
+        setattr(store, "_claim_names", claim)  # noqa: B010
+        with pytest.raises(tasklocks.LockHeld) as info:
+            table.acquire("m", "n", owner="task:both")  # through the document: claims m and n
+        assert "task:late" in str(info.value)
+        assert [(h.name, h.holder.owner) for h in table.held()] == [("n", "task:late")]
+        late[0].release()
+        late[0].table.close()
+    delete_rows(server, namespace)

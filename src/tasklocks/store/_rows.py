@@ -152,6 +152,8 @@ class RowsStore(SQLStore):
                 if not taken and floor <= top:
                     break
                 held = [*held, *taken]
+                if taken:  # their sessions may be younger than those read: read them again
+                    times = self._execute(conn, self._sql["sessions"]).fetchall()
             call.sent = True  # the rows are locked: nothing can miss
             self._write_kept(conn, namespace, version, top + 1, change, marks)
             return Snapshot(top + 1, change[0], snap.sessions, snap.read_at)
