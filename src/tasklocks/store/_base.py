@@ -132,7 +132,6 @@ class SQLStore(ABC):
     _side: SQLStore | None = None  # the sessions' store (see _sessions_store)
     _idle_ping = 1.0  # seconds idle after which a server connection is checked first
     REENTRANT: ClassVar[bool] = False  # does a call of this store call the store again?
-    SCHEMA: ClassVar[int] = SCHEMA_VERSION  # the schema version this adapter writes
     _lock_pid = 0
     _tasks_ready = False
 
@@ -228,7 +227,7 @@ class SQLStore(ABC):
         if row is None:  # concurrent creators may collide (PostgreSQL): dialects retry that
             self._execute(conn, self._sql["create_table"])
             self._execute(conn, self._sql["create_meta"])
-            self._execute(conn, self._sql["insert_meta"], (str(self.SCHEMA),))
+            self._execute(conn, self._sql["insert_meta"], (str(SCHEMA_VERSION),))
             row = self._schema_row(conn)
         try:
             version = int(row[0]) if row is not None else -1
@@ -238,11 +237,11 @@ class SQLStore(ABC):
         if version < 0:
             fix = f"fix or drop {self.table}_meta"
             raise StoreError(f"{where} has a bad schema version {row!r}; {fix}")
-        if version > self.SCHEMA:
-            fix = f"newer than this tasklocks understands ({self.SCHEMA}); upgrade tasklocks"
+        if version > SCHEMA_VERSION:
+            fix = f"newer than this tasklocks understands ({SCHEMA_VERSION}); upgrade tasklocks"
             raise StoreError(f"{where} has schema version {version}, {fix}")
         self._schema_extras(conn)
-        if version < self.SCHEMA:
+        if version < SCHEMA_VERSION:
             self._upgrade(conn, version)
 
     @abstractmethod

@@ -31,6 +31,7 @@ row named ``""`` (:data:`LAYOUT`, no lock's name), which the one-statement acqui
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -88,9 +89,12 @@ def absorb(text: str, rows: Sequence[HeldRow]) -> str:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
 
 
-def kept(text: str) -> dict[str, str]:
+@functools.lru_cache(maxsize=4)
+def kept(text: str) -> Mapping[str, str]:
     """The names a document (as shown) keeps, each with its entries and waits as text: what
-    must change in their rows when it changes. A document that is not an object keeps none."""
+    must change in their rows when it changes. A document that is not an object keeps none.
+    Remembered for a few texts (read only): what one change writes is what the next one reads,
+    and a big document is not parsed twice."""
     doc = _parse(text)
     if doc is None:
         return {}

@@ -27,6 +27,7 @@ from tasklocks.errors import StoreError
 from tasklocks.names import is_name, validate_name
 from tasklocks.store._base import (
     EMPTY_DOCUMENT,
+    SCHEMA_VERSION,
     Call,
     Change,
     Compute,
@@ -58,7 +59,7 @@ def _held(name: Any, version: Any, lease: Any, record: Any) -> HeldRow:
 
 
 def fast_names(names: Sequence[str]) -> list[str]:
-    """``names`` without repeats, each checked (they may become JSON paths)."""
+    """``names`` without repeats, each checked."""
     unique = list(dict.fromkeys(validate_name(name) for name in names))
     if not unique:
         raise ValueError("no lock names given")
@@ -168,7 +169,7 @@ class RowsStore(SQLStore):
     def _upgrade(self, conn: Any, version: int) -> None:
         """Schema 1 (documents alone) to 2 (a row per name beside them): the names table is
         made by ``_schema_extras``; a document moves at its first change (see ``_names``)."""
-        self._execute(conn, self._sql["upgrade_meta"], (str(self.SCHEMA), str(version)))
+        self._execute(conn, self._sql["upgrade_meta"], (str(SCHEMA_VERSION), str(version)))
 
     @abstractmethod
     def _read_kept(self, conn: Any, namespace: str) -> tuple[list[Any], Any]:
@@ -208,13 +209,13 @@ class RowsStore(SQLStore):
         unique = fast_names(names)
         if len(unique) != 1 or not is_name(lease):  # several names: the full path
             return None
-        return self._fast(self._name_statement(True, namespace, unique[0], lease, record))
+        return self._fast(True, self._name_statement(True, namespace, unique[0], lease, record))
 
     def fast_release(self, namespace: str, names: Sequence[str], lease: str) -> int | None:
         unique = fast_names(names)
         if len(unique) != 1 or not is_name(lease):
             return None
-        return self._fast(self._name_statement(False, namespace, unique[0], lease))
+        return self._fast(False, self._name_statement(False, namespace, unique[0], lease))
 
     def _name_statement(
         self, acquire: bool, namespace: str, name: str, lease: str, record: str = ""
@@ -230,9 +231,8 @@ class RowsStore(SQLStore):
     def _name_version(self, cursor: Any, acquire: bool) -> int | None:
         """The version (the token) a row statement reports, or None if it changed nothing."""
 
-    def _fast(self, statement: tuple[str, Any]) -> int | None:
+    def _fast(self, acquire: bool, statement: tuple[str, Any]) -> int | None:
         """Run a one-statement change of a name's row: its version, or None if not applied."""
-        acquire = statement[0] is self._sql["name_acquire"]
 
         def body(conn: Any, call: Call) -> int | None:
             call.sent = True
