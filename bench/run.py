@@ -2,7 +2,7 @@
 
 Usage: ``python bench/run.py [--quick] [--only NAME...]`` with NAME one of
 ``uncontended``, ``throughput``, ``handoff``, ``waiting``, ``docsize``, ``tasks``, ``fairness``,
-``layout``, ``aio``.
+``layout``, ``aio``, ``floor``.
 
 Sections run on every backend whose tasklocks adapter imports and whose server answers; the others
 print "skipped: reason". One table at the end shows tasklocks next to each baseline, the ratio, the
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import bench_aio
+import bench_floor
 import bench_layout
 from bench_common import BACKENDS, Config, median, percentile, pg_conninfo, probe, query_counter
 from bench_common import redis_skip as probe_redis
@@ -53,6 +54,7 @@ SECTIONS = (
     "fairness",
     "layout",
     "aio",
+    "floor",
 )
 LABEL = {"sqlite": "SQLite", "mysql": "MariaDB", "postgresql": "PostgreSQL"}
 THROUGHPUT_WORKERS = 32
@@ -574,6 +576,40 @@ def section_layout(cfg: Config, crew: Crew) -> None:
             )
 
 
+def section_floor(cfg: Config) -> None:
+    seconds = 2.0 if cfg.quick else 5.0
+    pairs_each = 300 if cfg.quick else 1000
+    say(
+        f"\n== 9. the servers' floor: tasklocks' two statements against the advisory locks, "
+        f"{THROUGHPUT_WORKERS} clients of the server's own C client on distinct names =="
+    )
+    for backend, tool, peer in (
+        ("postgresql", "pgbench", "pg_advisory_lock"),
+        ("mysql", "mariadb-slap", "GET_LOCK"),
+    ):
+        lab = LABEL[backend]
+        reason = cfg.server_skip[backend]
+        if reason is None:
+            if backend == "postgresql":
+                got = bench_floor.pgbench(cfg, THROUGHPUT_WORKERS, seconds)
+            else:
+                got = bench_floor.slap(cfg, THROUGHPUT_WORKERS, pairs_each)
+            reason = got if isinstance(got, str) else None
+        if reason is not None or isinstance(got, str):
+            say(f"  {lab}: skipped: {reason}")
+            ROWS.append(Row(f"9 {THROUGHPUT_WORKERS} C clients {lab} (info)", f"skipped: {reason}"))
+            continue
+        say(f"  {lab} ({tool}): {got['rows']:,.0f} pairs/s, {peer} {got['advisory']:,.0f} pairs/s")
+        ROWS.append(
+            Row(
+                f"9 {THROUGHPUT_WORKERS} C clients {lab} (info)",
+                f"{got['rows']:,.0f}/s ({tool})",
+                f"{peer} {got['advisory']:,.0f}/s",
+                f"{got['rows'] / got['advisory']:.2f}x",
+            )
+        )
+
+
 # --- the table -----------------------------------------------------------------------------------
 
 
@@ -869,6 +905,8 @@ def main(argv: list[str] | None = None) -> int:
             section_layout(cfg, crew)
         if "aio" in only:
             section_aio(cfg)
+        if "floor" in only:
+            section_floor(cfg)
     finally:
         if crew is not None:
             crew.close()

@@ -1,0 +1,145 @@
+"""The servers' own floor (issue 10): tasklocks' two statements of a pair against the advisory
+locks, each run by the server's C benchmark client (``pgbench``, ``mariadb-slap``), so that no
+Python client cost is in either figure.
+
+Each client takes and releases a name of its own (``:client_id``, ``CONNECTION_ID()``) with the
+very statements tasklocks sends (``name_acquire``, ``name_release`` from its SQL files, the
+parameters written in), each its own durable commit; the peers do the same with
+``pg_advisory_lock``/``pg_advisory_unlock`` and ``GET_LOCK``/``RELEASE_LOCK``, which write
+nothing. What the ratio of the two says: how far the server's durable write path lets the
+one-statement layout go against the advisory locks on this machine, whatever the client.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+from bench_common import Config
+
+from tasklocks._url import parse_url
+from tasklocks.store._base import fill, load
+
+TABLE = "tasklocks"  # the table the bench's tasklocks pairs use
+RECORD = "x" * 200  # about a real record's size (the text is not read)
+
+
+def _statements(dialect: str, ns: str, name: str, lease: str) -> tuple[str, str]:
+    sql = load(dialect)
+    acquire = fill(sql["name_acquire"], t=TABLE)
+    release = fill(sql["name_release"], t=TABLE)
+    record = f"'{RECORD}'"
+    if dialect == "postgres":
+        values = {"ns": f"'{ns}'", "name": name, "lease": lease, "record": record}
+        for key, value in values.items():
+            acquire = acquire.replace(f"%({key})s", value)
+            release = release.replace(f"%({key})s", value)
+    else:
+        for value in (f"'{ns}'", name, lease, record, f"'{ns}'"):
+            acquire = acquire.replace("%s", value, 1)
+        for value in (f"'{ns}'", name, lease):
+            release = release.replace("%s", value, 1)
+    return _one_line(acquire), _one_line(release)
+
+
+def _one_line(sql: str) -> str:
+    lines = [line for line in sql.splitlines() if not line.lstrip().startswith("--")]
+    return " ".join(" ".join(lines).split()).rstrip(";") + ";"
+
+
+def pgbench(cfg: Config, clients: int, seconds: float) -> dict[str, float] | str:
+    """Pairs/s of tasklocks' statements and of the advisory locks, ``clients`` at once."""
+    tool = shutil.which("pgbench")
+    if tool is None:
+        return "no pgbench (Debian: postgresql-client)"
+    url = parse_url(cfg.pg_url)
+    ns = cfg.namespace("floor")
+    acquire, release = _statements(
+        "postgres", ns, "'w' || :client_id", f"'{cfg.run_id}' || :client_id"
+    )
+    scripts = {
+        "rows": f"{acquire}\n{release}\n",
+        "advisory": "SELECT pg_advisory_lock(:client_id + 900000);\n"
+        "SELECT pg_advisory_unlock(:client_id + 900000);\n",
+    }
+    layout = f"INSERT INTO {TABLE}_names VALUES ('{ns}', '', 1, NULL, NULL, true) "
+    layout += "ON CONFLICT DO NOTHING;"
+    args = ["-h", url.host, "-p", str(url.port or 5432), "-U", url.user or "postgres"]
+    cleanup = f"DELETE FROM {TABLE}_names WHERE namespace = '{ns}'"
+    env = {**os.environ, "PGPASSWORD": url.password or ""}
+    how = ["-n", "-M", "prepared", "-c", str(clients), "-j", "2", "-T", str(max(1, round(seconds)))]
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, script in scripts.items():
+            path = os.path.join(tmp, f"{kind}.sql")
+            with open(path, "w") as f:
+                f.write(script)
+            if kind == "rows":
+                subprocess.run(
+                    ["psql", *args, "-d", url.database, "-qc", layout],
+                    check=True,
+                    env=env,
+                    capture_output=True,
+                )
+            run = subprocess.run(
+                [tool, *args, *how, "-f", path, url.database],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            found = re.search(r"^tps = ([0-9.]+)", run.stdout, re.M)
+            if run.returncode != 0 or found is None:
+                return f"pgbench failed: {(run.stderr or run.stdout).strip().splitlines()[-1]}"
+            out[kind] = float(found.group(1))
+        subprocess.run(
+            ["psql", *args, "-d", url.database, "-qc", cleanup],
+            env=env,
+            capture_output=True,
+        )
+    return out
+
+
+def slap(cfg: Config, clients: int, pairs_each: int) -> dict[str, float] | str:
+    """The same on MariaDB with ``mariadb-slap`` (``pairs_each`` pairs per client)."""
+    tool = shutil.which("mariadb-slap") or shutil.which("mysqlslap")
+    if tool is None:
+        return "no mariadb-slap (Debian: mariadb-client)"
+    url = parse_url(cfg.mysql_url)
+    ns = cfg.namespace("floor")
+    me = "CONNECTION_ID()"
+    acquire, release = _statements(
+        "mysql", ns, f"CONCAT('w', {me})", f"CONCAT('{cfg.run_id}', {me})"
+    )
+    scripts = {
+        "rows": f"{acquire}\n{release}\n",
+        "advisory": f"SELECT GET_LOCK(CONCAT('floor{cfg.run_id}', {me}), 10);\n"
+        f"SELECT RELEASE_LOCK(CONCAT('floor{cfg.run_id}', {me}));\n",
+    }
+    args = ["-h", url.host, "-P", str(url.port or 3306), "-u", url.user or "root"]
+    if url.password:
+        args.append(f"-p{url.password}")
+    table = f"`{url.database}`.{TABLE}_names"
+    layout = f"INSERT IGNORE INTO {table} VALUES ('{ns}', '', 1, NULL, NULL, 1)"
+    cleanup = f"DELETE FROM {table} WHERE namespace = '{ns}'"
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, script in scripts.items():
+            path = os.path.join(tmp, f"{kind}.sql")
+            with open(path, "w") as f:
+                f.write(script)
+            run = subprocess.run(
+                [tool, *args, f"--create-schema={url.database}", f"--concurrency={clients}"]
+                + ["--iterations=1", f"--number-of-queries={2 * pairs_each * clients}"]
+                + [f"--query={path}", "--delimiter=\n"]
+                + ([f"--pre-query={layout}", f"--post-query={cleanup}"] if kind == "rows" else []),
+                capture_output=True,
+                text=True,
+            )
+            found = re.search(r"run all queries: ([0-9.]+) seconds", run.stdout)
+            if run.returncode != 0 or found is None:
+                return f"mariadb-slap failed: {(run.stderr or run.stdout).strip()[-200:]}"
+            out[kind] = pairs_each * clients / float(found.group(1))
+    return out
