@@ -580,7 +580,7 @@ def section_floor(cfg: Config) -> None:
     seconds = 2.0 if cfg.quick else 5.0
     pairs_each = 300 if cfg.quick else 1000
     say(
-        f"\n== 9. the servers' floor: tasklocks' two statements against the advisory locks, "
+        f"\n== 10. the servers' floor: tasklocks' two statements against the advisory locks, "
         f"{THROUGHPUT_WORKERS} clients of the server's own C client on distinct names =="
     )
     for backend, tool, peer in (
@@ -597,12 +597,14 @@ def section_floor(cfg: Config) -> None:
             reason = got if isinstance(got, str) else None
         if reason is not None or isinstance(got, str):
             say(f"  {lab}: skipped: {reason}")
-            ROWS.append(Row(f"9 {THROUGHPUT_WORKERS} C clients {lab} (info)", f"skipped: {reason}"))
+            ROWS.append(
+                Row(f"10 {THROUGHPUT_WORKERS} C clients {lab} (info)", f"skipped: {reason}")
+            )
             continue
         say(f"  {lab} ({tool}): {got['rows']:,.0f} pairs/s, {peer} {got['advisory']:,.0f} pairs/s")
         ROWS.append(
             Row(
-                f"9 {THROUGHPUT_WORKERS} C clients {lab} (info)",
+                f"10 {THROUGHPUT_WORKERS} C clients {lab} (info)",
                 f"{got['rows']:,.0f}/s ({tool})",
                 f"{peer} {got['advisory']:,.0f}/s",
                 f"{got['rows'] / got['advisory']:.2f}x",
