@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SERVER_BACKENDS, raw_sql, require, server_url
+from conftest import SERVER_BACKENDS, raw_rows, raw_sql, require, server_url
 
 import tasklocks
 from tasklocks import LockHeld
@@ -165,6 +165,81 @@ def test_postgresql_waiters_are_still_notified(namespace: str) -> None:
             lease.release()
             thread.join(WAIT)
             assert got and got[0] - released < 0.5  # LISTEN, not the 1 s re-read
+    finally:
+        engine.dispose()
+
+
+def _made_engine(backend: str) -> Any:
+    """An engine whose URL reaches no server: its connections come from ``creator`` alone (as
+    for one whose password, TLS or host is only in ``connect_args`` or a creator)."""
+    url = server_url(backend)
+    if backend == "postgresql":
+        import psycopg
+
+        return sa.create_engine(
+            "postgresql+psycopg://nobody@tasklocks-nowhere.invalid:1/nothing",
+            creator=lambda: psycopg.connect(url, application_name=APP),
+            pool_size=2,
+            max_overflow=0,
+        )
+    import pymysql
+    from pymysql.constants import CLIENT
+
+    p = sa.engine.make_url(url)
+    return sa.create_engine(
+        "mysql+pymysql://nobody@tasklocks-nowhere.invalid:1/nothing?charset=utf8mb4",
+        creator=lambda: pymysql.connect(
+            host=p.host,
+            port=p.port or 3306,
+            user=p.username,
+            password=p.password or "",
+            database=p.database,
+            charset="utf8mb4",
+            client_flag=CLIENT.MULTI_STATEMENTS,
+        ),
+        pool_size=2,
+        max_overflow=0,
+    )
+
+
+@pytest.mark.parametrize("backend", SERVER_BACKENDS)
+def test_the_sessions_and_listen_connections_are_made_by_the_engine(
+    backend: str, namespace: str
+) -> None:
+    """tasklocks' own connections (the sessions', PostgreSQL's LISTEN) are made by the engine,
+    as it makes its pool's, then detached from the pool: not from the engine's URL, which here
+    reaches nothing. The pool lends them to no one else."""
+    require(backend)
+    engine = _made_engine(backend)
+    try:
+        with (
+            tasklocks.connect(engine, namespace=namespace) as holder,
+            tasklocks.connect(engine, namespace=namespace) as waiter,
+        ):
+            lease = holder.acquire("a", owner="task:1")  # opens this process's session
+            assert lease.session is not None and lease.session.alive()
+            got: list[int] = []
+            thread = threading.Thread(
+                target=lambda: got.append(
+                    waiter.acquire("a", owner="task:2", wait=True, timeout=WAIT).token
+                )
+            )
+            thread.start()
+            deadline = time.monotonic() + WAIT
+            while not holder.waiting() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if backend == "postgresql":  # the waiter listens on a connection the engine made
+                listening = raw_rows(
+                    server_url(backend),
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE application_name = %s AND query LIKE 'LISTEN%%'",
+                    (APP,),
+                )
+                assert listening[0][0] >= 1
+            lease.release()
+            thread.join(WAIT)
+            assert got and got[0] > lease.token
+            assert engine.pool.checkedout() == 0  # the pool lent its own back, kept none
     finally:
         engine.dispose()
 

@@ -285,10 +285,16 @@ class SQLStore(ABC):
     def _sessions_store(self) -> SQLStore:
         if self._side is None:
             retry = self.reconnect_timeout
-            self._side = type(self)(self._parsed, table=self.table, reconnect_timeout=retry)
+            self._side = type(self)(
+                self._parsed, table=self.table, reconnect_timeout=retry, **self._side_options()
+            )
             self._side._side = self._side
             self._side._idle_ping = float("inf")  # a renewal whose reply is lost is renewed again
         return self._side
+
+    def _side_options(self) -> dict[str, Any]:
+        """What the sessions' store is made with besides the URL and the table."""
+        return {}
 
     def _on_side(self, name: str, params: Sequence[Any]) -> int:
         side = self._sessions_store()  # queued as changes are (SQLite's gate)

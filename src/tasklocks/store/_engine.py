@@ -6,8 +6,10 @@ connection it made: psycopg 3 (``postgresql+psycopg://``) or PyMySQL (``mysql+py
 ``mariadb+pymysql://``). Every call is pool-safe (no state is kept on a connection between calls),
 so the pool may hand the connection to anyone afterwards. While it is lent, tasklocks turns the
 connection's autocommit on (its statements are one-statement changes or explicit transactions)
-and gives it back as it found it. PostgreSQL's LISTEN connection is tasklocks' own: a pool's
-connection cannot listen between calls. An SQLite engine names a file: tasklocks opens it itself
+and gives it back as it found it. tasklocks' own connections, the sessions' (renewals never wait
+for the pool) and PostgreSQL's LISTEN (a pool's connection cannot listen between calls), are made
+by the engine as it makes its pool's (URL, ``connect_args``, ``creator``) and detached from the
+pool (``ServerStore._made_by_engine``). An SQLite engine names a file: tasklocks opens it itself
 (its lock gate is per file), so nothing is shared there but the file.
 """
 

@@ -255,6 +255,10 @@ class LoopEngine:
     """An ``AsyncEngine`` (psycopg, aiomysql) on ``loop``, as the blocking ``Engine`` of
     ``_engine.py``."""
 
+    # tasklocks' own connections (the sessions', LISTEN) are opened from the engine's URL: its
+    # connections live on the loop, and a renewal must not wait for the loop.
+    makes_own_connections = False
+
     def __init__(self, engine: AsyncEngine, loop: asyncio.AbstractEventLoop) -> None:
         self._engine = engine
         self._mysql = engine.dialect.name != "postgresql"

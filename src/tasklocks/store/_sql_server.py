@@ -57,9 +57,16 @@ class ServerStore(RowsStore):
         table: str,
         reconnect_timeout: float = RECONNECT_TIMEOUT,
         engine: Any = None,
+        maker: Any = None,
     ) -> None:
         self._import_driver()
         self._engine = engine  # a SQLAlchemy Engine that lends its connections (see _engine.py)
+        # The engine that makes this store's own connections (its URL, connect_args, creator):
+        # the engine's, or the one whose sessions' store this is.
+        # (An engine whose connections live on an event loop says so: see _loop_engine.py.)
+        self._maker = engine if maker is None else maker
+        if not getattr(self._maker, "makes_own_connections", True):
+            self._maker = None
         self._lent: tuple[Any, Any] | None = None  # (the pool's connection, how it was)
         self.reconnect_timeout = reconnect_timeout
         self.url = parsed.display()
@@ -136,6 +143,8 @@ class ServerStore(RowsStore):
     def _connect(self, **options: Any) -> Any:
         """A new connection; StoreUnavailable, saying why and what to check, if there is none."""
         where = f"{self.LABEL} at {self._where}"
+        if self._maker is not None:
+            return self._made_by_engine(where)
         try:
             return self._open(**options)
         except self._driver_errors as exc:
@@ -151,6 +160,29 @@ class ServerStore(RowsStore):
             raise Lost(f"cannot connect to {where} ({reason}); {fix}") from exc
         except (OSError, ValueError) as exc:
             raise StoreUnavailable(f"cannot connect to {where} ({exc}); check the URL") from exc
+
+    def _side_options(self) -> dict[str, Any]:
+        return {"maker": self._maker}  # an engine's sessions' store: connections as it makes them
+
+    def _made_by_engine(self, where: str) -> Any:
+        """A connection of tasklocks' own (the sessions', PostgreSQL's LISTEN) made by the
+        application's engine, as the engine makes them, then detached from its pool: it is
+        never lent to anyone else, and closing it closes it."""
+        try:
+            pooled = self._maker.raw_connection()
+        except Exception as exc:  # the pool's error: no connection to be had
+            raise Lost(f"{where}: the engine made no connection ({exc})") from exc
+        try:
+            conn = pooled.driver_connection  # (before detach(), which forgets it)
+            pooled.detach()
+            self._lend(conn)  # autocommit on, for good
+        except self._driver_errors as exc:
+            pooled.close()
+            raise Lost(f"{where}: the engine made a broken connection ({exc})") from exc
+        except BaseException:
+            pooled.close()
+            raise
+        return conn
 
     def _connection(self) -> Any:
         if self._engine is not None:  # one of the engine's, for this call
