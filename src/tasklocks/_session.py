@@ -73,9 +73,10 @@ class Session:
         """Whether the session still holds (False: lost, or this process is a fork of its
         owner). The session's own threads set :attr:`lost`; a deadline found passed here wakes
         its watchdog at once."""
-        if self.left <= 0:
+        if self.deadline - clock() <= 0:
             self._renewed.set()
-        return not self.lost.is_set() and self.pid == os.getpid() and self.left > 0
+            return False
+        return not self.lost.is_set() and self.pid == os.getpid()
 
     def _lose(self) -> None:
         with self._losing:

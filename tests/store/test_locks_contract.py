@@ -36,6 +36,7 @@ from tasklocks import (
     ProcessIdentity,
     current_process,
 )
+from tasklocks.errors import StoreUnreachable
 from tasklocks.store import Compute, OutcomeUnknown, Snapshot, Store, open_store, parse_url
 
 TABLE = "tasklocks"
@@ -966,3 +967,68 @@ def test_one_statement_acquire_and_release_survive_a_lost_reply(
     assert [h.name for h in other.held()] == ["a"]
     lease.release()
     assert other.held() == []
+
+
+class CountingFastStore(LosingFastStore):
+    """A :class:`LosingFastStore` that counts its one-statement acquisitions, and can make the
+    next ones fail before anything is sent (``unreachable``), as a server that is down does."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.tries = 0
+        self.unreachable = 0
+
+    def fast_acquire(
+        self, namespace: str, names: tuple[str, ...], lease: str, record: str
+    ) -> int | None:
+        self.tries += 1
+        if self.unreachable:
+            self.unreachable -= 1
+            raise StoreUnreachable("the server does not answer (test)")
+        return super().fast_acquire(namespace, names, lease, record)
+
+
+@pytest.fixture
+def counting_fast(db_url: str, namespace: str) -> Iterator[tuple[LockTable, CountingFastStore]]:
+    store = CountingFastStore(open_store(db_url))
+    with LockTable(store, namespace, owns_store=True) as t:  # type: ignore[arg-type]
+        t.acquire("warm", owner="task:0").release()  # moves the namespace: names take rows
+        yield t, store
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "mysql", "postgresql"], indirect=True)
+def test_a_refused_try_in_the_row_is_not_made_again(
+    counting_fast: tuple[LockTable, CountingFastStore], other: LockTable
+) -> None:
+    """acquire(name) tries the name's row once (``_quick_acquire``); refused there, the steps
+    find out why through the document without trying the row again."""
+    table, store = counting_fast
+    held = other.acquire("a", owner="task:9")
+    store.tries = 0
+    with pytest.raises(LockHeld) as info:
+        table.acquire("a", owner="task:1")
+    assert store.tries == 1
+    assert [h.owner for h in info.value.holders["a"]] == ["task:9"]
+    held.release()
+    store.tries = 0
+    with table.acquire("a", owner="task:1") as lease:  # free again: taken in its row
+        assert store.tries == 1 and lease.token > held.token
+    assert not table._unsure
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "mysql", "postgresql"], indirect=True)
+def test_a_try_in_the_row_that_finds_the_server_down(
+    counting_fast: tuple[LockTable, CountingFastStore], other: LockTable
+) -> None:
+    """Nothing was sent: without ``wait`` the error is raised and nothing is kept; with it, the
+    steps go on (they wait through an outage) and take the name through the document."""
+    table, store = counting_fast
+    store.unreachable = 1
+    with pytest.raises(StoreUnreachable):
+        table.acquire("a", owner="task:1")
+    assert other.held() == [] and not table._unsure
+    store.unreachable, store.tries = 1, 0
+    with table.acquire("a", owner="task:1", wait=True, timeout=WAIT) as lease:
+        assert store.tries == 1  # the steps took it through the document
+        assert [(h.name, h.holder.lease) for h in other.held()] == [("a", lease.lease_id)]
+    assert other.held() == [] and not table._unsure

@@ -60,6 +60,8 @@ def _held(name: Any, version: Any, lease: Any, record: Any) -> HeldRow:
 
 def fast_names(names: Sequence[str]) -> list[str]:
     """``names`` without repeats, each checked."""
+    if len(names) == 1:  # the common call
+        return [validate_name(names[0])]
     unique = list(dict.fromkeys(validate_name(name) for name in names))
     if not unique:
         raise ValueError("no lock names given")

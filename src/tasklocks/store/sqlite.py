@@ -136,14 +136,17 @@ class SQLiteStore(RowsStore):
 
     def _retry(self, body: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``body`` on the connection, again while SQLite says the database is locked."""
-        deadline = time.monotonic() + BUSY_DEADLINE
+        deadline = 0.0  # set at the first busy answer
         delay = 0.00005
         while True:
             conn = self._connect()
             try:
                 return body(conn)
             except sqlite3.OperationalError as exc:
-                if not _is_busy(exc) or time.monotonic() > deadline:
+                if not _is_busy(exc):
+                    raise self._error(exc) from exc
+                deadline = deadline or time.monotonic() + BUSY_DEADLINE
+                if time.monotonic() > deadline:
                     raise self._error(exc) from exc
             except sqlite3.Error as exc:
                 raise self._error(exc) from exc
@@ -168,10 +171,10 @@ class SQLiteStore(RowsStore):
             self._connect()
             gate = self._gate_fd
             if gate is None:
-                return self._locked(body)
+                return self._retry(lambda conn: body(conn, Call()))
             fcntl.flock(gate, fcntl.LOCK_EX)
             try:
-                return self._locked(body)
+                return self._retry(lambda conn: body(conn, Call()))
             finally:
                 fcntl.flock(gate, fcntl.LOCK_UN)
 
