@@ -15,11 +15,11 @@ or cut off from the database meanwhile.
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 from collections.abc import Callable
 
+from tasklocks import _pid
 from tasklocks._clock import clock
 from tasklocks.errors import StoreError
 from tasklocks.owner import ProcessIdentity
@@ -76,7 +76,7 @@ class Session:
         if self.deadline - clock() <= 0:
             self._renewed.set()
             return False
-        return not self.lost.is_set() and self.pid == os.getpid()
+        return not self.lost.is_set() and self.pid == _pid.pid()
 
     def _lose(self) -> None:
         with self._losing:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import secrets
 import threading
 import time
@@ -14,7 +13,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
-from tasklocks import _core
+from tasklocks import _core, _pid
 from tasklocks._clock import clock, pause
 from tasklocks._core import EXCLUSIVE, SHARED, Claimant, Holder, LockDoc, Waiter, Want
 from tasklocks._fastpath import FastPath
@@ -156,7 +155,7 @@ class Lease:
         holder's lock is never touched)."""
         if self.released:
             raise NotHeld(self.names[0], self.owner, None)
-        if self.session is not None and self.session.pid != os.getpid():
+        if self.session is not None and self.session.pid != _pid.pid():
             raise TasklocksError(
                 f"the lease on {', '.join(self.names)} belongs to process {self.session.pid}; "
                 "a forked child cannot release it (its parent does)"
@@ -241,7 +240,7 @@ class LockTable:
         session = self._session
         if holder.session is None or self._seen is None:
             return float("inf")
-        if session is not None and holder.session == session.id and session.pid == os.getpid():
+        if session is not None and holder.session == session.id and session.pid == _pid.pid():
             return session.left if session.alive() else 0.0
         # As the database said when it was read (a session renewed since is not judged by this
         # host's clock: only an expiry the database has seen frees an entry).

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tasklocks import _pid
 from tasklocks._clock import pause
 
 if TYPE_CHECKING:
@@ -121,7 +122,7 @@ _current: ProcessIdentity | None = None
 def current_process() -> ProcessIdentity:
     """This process's identity (recomputed after a fork)."""
     global _current
-    pid = os.getpid()
+    pid = _pid.pid()
     if _current is None or _current.pid != pid:
         _current = ProcessIdentity(
             pid=pid,

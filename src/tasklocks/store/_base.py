@@ -10,7 +10,6 @@ A dialect supplies the methods marked abstract.
 from __future__ import annotations
 
 import functools
-import os
 import select
 import threading
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, ClassVar, TypeVar
 
+from tasklocks import _pid
 from tasklocks._url import ParsedURL, check_table_name
 from tasklocks.errors import StoreError, StoreUnavailable
 
@@ -156,9 +156,9 @@ class SQLStore(ABC):
     def _mutex(self) -> Any:
         """The store's lock. In a forked child, a new one: the parent's may be held by a thread
         the child does not have."""
-        if self._lock_pid != os.getpid():
+        if self._lock_pid != _pid.pid():
             lock = threading.RLock() if self.REENTRANT else threading.Lock()
-            self._lock, self._lock_pid = lock, os.getpid()
+            self._lock, self._lock_pid = lock, _pid.pid()
         return self._lock
 
     # --- what a dialect supplies ----------------------------------------------------------------

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tasklocks import _pid
 from tasklocks._clock import pause
 from tasklocks._url import ParsedURL
 from tasklocks.errors import StoreError, StoreUnavailable
@@ -83,7 +84,7 @@ class SQLiteStore(RowsStore):
     # --- connection ---------------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        if self._conn is not None and self._pid == os.getpid():
+        if self._conn is not None and self._pid == _pid.pid():
             return self._conn
         path = Path(self.path)
         try:
@@ -125,7 +126,7 @@ class SQLiteStore(RowsStore):
         answer to a busy write lock is to retry, a storm of sleeps with many processes; a kernel
         lock queues them and wakes the next at once. It is held inside one call and dies with its
         process. Without the file (no permission), changes still work, by retrying."""
-        if self._gate_fd is not None and self._gate_pid == os.getpid():
+        if self._gate_fd is not None and self._gate_pid == _pid.pid():
             return self._gate_fd
         try:  # never reuse a descriptor inherited over fork: it would share the parent's lock
             fd = os.open(self.path + "-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
