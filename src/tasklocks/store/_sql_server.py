@@ -12,10 +12,11 @@ import os
 import random
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Callable
+from contextlib import suppress
+from typing import Any, ClassVar, NoReturn, TypeVar
 
+from tasklocks import _pid
 from tasklocks._clock import pause
 from tasklocks._url import ParsedURL
 from tasklocks.errors import StoreError, StoreUnavailable, StoreUnreachable
@@ -204,7 +205,7 @@ class ServerStore(RowsStore):
                 raise
             self._conn = conn
             return conn
-        if self._conn is not None and self._pid != os.getpid():
+        if self._conn is not None and self._pid != _pid.pid():
             self._abandon(self._conn)
             self._conn = None
             self._known = set()
@@ -240,27 +241,25 @@ class ServerStore(RowsStore):
             with suppress(Exception):  # already broken: close() only cleans up
                 conn.close()
 
-    @contextmanager
-    def _errors(self, call: Call) -> Iterator[None]:
-        """Turn driver errors into tasklocks errors (the original kept as ``__cause__``)."""
-        try:
-            yield
-        except self._driver_errors as exc:
-            where = f"{self.LABEL} at {self._where}"
-            if self._gone(exc):
-                self._drop()
-                if call.sent:
-                    raise OutcomeUnknown(
-                        f"lost the connection to {where} after sending a change, which may or "
-                        "may not have been applied; re-read before retrying"
-                    ) from exc
-                raise Lost(
-                    f"lost the connection to {where} ({' '.join(str(exc).split())}); "
-                    "check that the server is running"
+    def _raise_for(self, exc: BaseException, call: Call) -> NoReturn:
+        """Raise the tasklocks error for driver error ``exc``, the original kept as
+        ``__cause__``: ``Lost`` (or ``OutcomeUnknown`` once a change was sent) for a connection
+        gone, ``Retry`` for a deadlock, else the dialect's failure."""
+        where = f"{self.LABEL} at {self._where}"
+        if self._gone(exc):
+            self._drop()
+            if call.sent:
+                raise OutcomeUnknown(
+                    f"lost the connection to {where} after sending a change, which may or "
+                    "may not have been applied; re-read before retrying"
                 ) from exc
-            if self._retryable(exc):
-                raise Retry(str(exc)) from exc
-            raise self._failure(exc) from exc
+            raise Lost(
+                f"lost the connection to {where} ({' '.join(str(exc).split())}); "
+                "check that the server is running"
+            ) from exc
+        if self._retryable(exc):
+            raise Retry(str(exc)) from exc
+        raise self._failure(exc) from exc
 
     def _locked(self, body: Callable[[Any, Call], T]) -> T:
         """Run ``body`` under the lock. A connection lost before anything was sent, or not to be
@@ -274,15 +273,18 @@ class ServerStore(RowsStore):
                 try:
                     try:
                         conn = self._connection()
-                        with self._errors(call):
+                        try:
                             if time.monotonic() - self._used > self._idle_ping:
                                 self._ping(conn)  # find a dead idle connection before writing
                             if not self._schema_checked:
                                 self._check_schema(conn)
                                 self._schema_checked = True
                             result = body(conn, call)
+                        except self._driver_errors as exc:
+                            self._raise_for(exc, call)
                     finally:
-                        self._give_back()
+                        if self._lent is not None:
+                            self._give_back()
                     self._used = time.monotonic()
                     return result
                 except Lost as exc:
