@@ -50,6 +50,17 @@ def _one_line(sql: str) -> str:
     return " ".join(" ".join(lines).split()).rstrip(";") + ";"
 
 
+def _written(tmp: str, scripts: dict[str, str]) -> list[tuple[str, str]]:
+    """Each script in a file of ``tmp``: (its kind, the file's path)."""
+    paths = []
+    for kind, script in scripts.items():
+        path = os.path.join(tmp, f"{kind}.sql")
+        with open(path, "w") as f:
+            f.write(script)
+        paths.append((kind, path))
+    return paths
+
+
 def pgbench(cfg: Config, clients: int, seconds: float) -> dict[str, float] | str:
     """Pairs/s of tasklocks' statements and of the advisory locks, ``clients`` at once."""
     tool = shutil.which("pgbench")
@@ -73,10 +84,7 @@ def pgbench(cfg: Config, clients: int, seconds: float) -> dict[str, float] | str
     how = ["-n", "-M", "prepared", "-c", str(clients), "-j", "2", "-T", str(max(1, round(seconds)))]
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind, script in scripts.items():
-            path = os.path.join(tmp, f"{kind}.sql")
-            with open(path, "w") as f:
-                f.write(script)
+        for kind, path in _written(tmp, scripts):
             if kind == "rows":
                 subprocess.run(
                     ["psql", *args, "-d", url.database, "-qc", layout],
@@ -126,10 +134,7 @@ def slap(cfg: Config, clients: int, pairs_each: int) -> dict[str, float] | str:
     cleanup = f"DELETE FROM {table} WHERE namespace = '{ns}'"
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind, script in scripts.items():
-            path = os.path.join(tmp, f"{kind}.sql")
-            with open(path, "w") as f:
-                f.write(script)
+        for kind, path in _written(tmp, scripts):
             run = subprocess.run(
                 [tool, *args, f"--create-schema={url.database}", f"--concurrency={clients}"]
                 + ["--iterations=1", f"--number-of-queries={2 * pairs_each * clients}"]
