@@ -333,8 +333,14 @@ class LockTable:
                 return  # the database does not answer: the others wait too
 
     def _claimant(
-        self, owner: str | None, note: str | None, process: ProcessIdentity | _ThisProcess | None
+        self,
+        owner: str | None,
+        note: str | None,
+        process: ProcessIdentity | _ThisProcess | None,
+        session: str = "",
     ) -> Claimant:
+        """Who asks: with a process, its ``session`` ("" until an attempt names the live one:
+        see ``_acquire``)."""
         me = current_process()
         proc = me if isinstance(process, _ThisProcess) else process
         if owner is None:
@@ -345,8 +351,10 @@ class LockTable:
         lease = secrets.token_hex(8)
         if proc is None:  # kept until released: no session
             return Claimant(owner, None, None, None, me.host, None, None, lease, note)
-        p = proc  # its session is named on each attempt (see _acquire)
-        return Claimant(owner, p.pid, p.start, p.boot, p.host, p.pidns, p.pgid, lease, note, "")
+        p = proc
+        return Claimant(
+            owner, p.pid, p.start, p.boot, p.host, p.pidns, p.pgid, lease, note, session
+        )
 
     # --- acquiring ----------------------------------------------------------------------------
 
@@ -467,42 +475,28 @@ class LockTable:
         counts when many processes share a machine's cores. A Claimant: its try in the row did
         not take the name (refused, or the reply was lost), and the steps go on with it without
         trying the row again. None: the steps do it all."""
-        assert self._fast is not None
         if self._orphans or not self._doc.plain:
             return None  # (the steps give back the orphans first)
         name = validate_name(name)
-        me = current_process()
-        owner = validate_owner(default_owner(me) if owner is None else owner)
         session = self._live_session()
-        lease = secrets.token_hex(8)
-        claimant = Claimant(
-            owner, me.pid, me.start, me.boot, me.host, me.pidns, me.pgid, lease, note, session.id
-        )
-        self._unsure.add(lease)  # until the outcome is known (a reply, a refusal)
+        claimant = self._claimant(owner, note, THIS_PROCESS, session.id)
         try:
-            token = self._fast.acquire((name,), claimant)
-        except OutcomeUnknown:
-            return claimant  # the steps' full path re-reads and recognises the entry if written
+            token = self._fast_acquire((name,), claimant)  # (a lost reply: None, kept unsure)
         except StoreUnreachable:
-            self._unsure.discard(lease)  # not sent: nothing written
+            self._unsure.discard(claimant.lease)  # not sent: nothing written
             if wait:
                 return claimant  # the steps wait through the outage
             raise
         except BaseException:
-            if lease in self._unsure:  # a write of ours may be there
-                with contextlib.suppress(TasklocksError):
-                    self._give_back(lease)
-            self._unsure.discard(lease)
+            self._undo(claimant.lease)
+            self._unsure.discard(claimant.lease)
             raise
-        self._unsure.discard(lease)
         if token is None:
-            return claimant  # the name is the document's, or held: the steps find out
+            return claimant  # refused, or unknown: the steps find out (the full path re-reads)
         if not session.alive():  # written under a session lost meanwhile
-            self._give_back(lease)
+            self._give_back(claimant.lease)
             return None
-        self._snap = None  # written by the database: our copy is old
-        self._in_rows.add(lease)
-        return Lease(self, (name,), owner, token, lease, session, (Want(name),))
+        return Lease(self, (name,), claimant.owner, token, claimant.lease, session, (Want(name),))
 
     def _run(self, steps: Steps[T]) -> T:
         """Drive an acquisition's steps, sleeping where it asks to (``tasklocks.aio`` awaits
@@ -566,14 +560,17 @@ class LockTable:
             names_ = tuple(w.name for w in wanted)
             return Lease(self, names_, claimant.owner, token, claimant.lease, session, wanted)
         except BaseException:
-            lease = claimant.lease
-            if lease in self._unsure or lease in self._queued:  # a write of ours may be there
-                with contextlib.suppress(TasklocksError):
-                    self._give_back(lease)
+            self._undo(claimant.lease)
             raise
         finally:
             self._unsure.discard(claimant.lease)
             self._queued.discard(claimant.lease)
+
+    def _undo(self, lease: str) -> None:
+        """An acquisition that raised: give back what a write of it may have left."""
+        if lease in self._unsure or lease in self._queued:
+            with contextlib.suppress(TasklocksError):
+                self._give_back(lease)
 
     def _acquire(
         self,

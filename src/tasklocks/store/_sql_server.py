@@ -283,8 +283,7 @@ class ServerStore(RowsStore):
                         except self._driver_errors as exc:
                             self._raise_for(exc, call)
                     finally:
-                        if self._lent is not None:
-                            self._give_back()
+                        self._give_back()
                     self._used = time.monotonic()
                     return result
                 except Lost as exc:

@@ -171,13 +171,13 @@ class SQLiteStore(RowsStore):
         with self._mutex():
             self._connect()
             gate = self._gate_fd
-            if gate is None:
-                return self._retry(lambda conn: body(conn, Call()))
-            fcntl.flock(gate, fcntl.LOCK_EX)
-            try:
+            if gate is not None:
+                fcntl.flock(gate, fcntl.LOCK_EX)
+            try:  # (under the mutex _locked would take: _retry at once)
                 return self._retry(lambda conn: body(conn, Call()))
             finally:
-                fcntl.flock(gate, fcntl.LOCK_UN)
+                if gate is not None:
+                    fcntl.flock(gate, fcntl.LOCK_UN)
 
     def _execute(self, conn: Any, sql: str, params: Any = None) -> Any:
         return conn.execute(sql, params or ())
@@ -208,8 +208,7 @@ class SQLiteStore(RowsStore):
     def _claim_names(self, conn: Any, namespace: str, names: list[str]) -> list[Any]:
         # The transaction holds the database's one write lock: the rows only need reading.
         sql = fill(self._sql["claimed_names"], names=", ".join("?" * len(names)))
-        rows = conn.execute(sql, (namespace, *names)).fetchall()
-        return list(rows)
+        return conn.execute(sql, (namespace, *names)).fetchall()  # type: ignore[no-any-return]
 
     def _write_kept(
         self,
