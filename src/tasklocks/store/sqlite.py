@@ -57,6 +57,20 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
+class _Token:
+    """``tasklocks_token(v)`` of one connection: keeps ``v`` for the adapter, and returns it (a
+    plain object, so that the connection holds no reference back to its store)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: int | None = None
+
+    def __call__(self, version: int) -> int:
+        self.value = version
+        return version
+
+
 class SQLiteStore(RowsStore):
     """A lock table in one SQLite file."""
 
@@ -78,6 +92,7 @@ class SQLiteStore(RowsStore):
         self._pid = 0
         self._gate_fd: int | None = None
         self._gate_pid = 0
+        self._token = _Token()
         with self._mutex():
             self._connect()
 
@@ -101,12 +116,14 @@ class SQLiteStore(RowsStore):
             ) from exc
         conn.create_function("tasklocks_now", 0, _host_clock)
         conn.create_function("tasklocks_boot", 0, boot_id)
+        conn.create_function("tasklocks_token", 1, self._token)
         self._conn = conn
         self._pid = os.getpid()
         self._gate_fd = self._open_gate()
         self._known = set()
         self._tasks_ready = False
         try:
+            conn.execute(self._sql["page_size"])  # before WAL mode writes a new file's header
             mode = self._retry(lambda c: c.execute(self._sql["journal_wal"]).fetchone()[0])
             if str(mode).lower() != "wal":
                 raise StoreUnavailable(
@@ -225,8 +242,18 @@ class SQLiteStore(RowsStore):
         conn.execute(self._sql["commit"])
 
     def _name_version(self, cursor: Any, acquire: bool) -> int | None:
-        rows = cursor.fetchall()  # RETURNING: the statement ends once its rows are read
-        return int(rows[0][0]) if rows else None
+        # The statement set the row's version through tasklocks_token (see sqlite.sql); a call
+        # made before it found the row taken may have set it too, so only a changed row counts.
+        # (Under the mutex of the call: each statement's token is taken once.)
+        token, self._token.value = self._token.value, None
+        if cursor.rowcount != 1:
+            return None
+        if token is None:
+            raise StoreError(
+                f"the SQLite lock table {self.path!r} changed a name's row "
+                "without reporting its token; is tasklocks_token redefined?"
+            )
+        return token
 
     def _outcome_known(self, exc: BaseException) -> bool:
         return True  # nothing is committed before COMMIT returns: roll back whatever happened
