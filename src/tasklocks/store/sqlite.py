@@ -37,7 +37,8 @@ __all__ = ["SQLiteStore"]
 
 T = TypeVar("T")
 BUSY_DEADLINE = 60.0  # seconds a change may wait for SQLite's write lock before giving up
-SPINS = 10  # tries of a change, each after a sched_yield, before it queues on the gate
+AT_ONCE = 1  # tries of a busy change again at once (its holder may be running on another core)
+SPINS = 10  # then tries, each after a sched_yield, before it queues on the gate
 
 
 _uptime = (0, -1)  # (pid, descriptor of /proc/uptime open in that process)
@@ -187,13 +188,15 @@ class SQLiteStore(RowsStore):
             return self._retry(lambda conn: body(conn, Call()))
 
     def _changing(self, body: Callable[[Any, Call], T]) -> T:
-        """A change is tried at once. While SQLite's write lock is busy it gives up the CPU
-        (``sched_yield``) and tries again, ``SPINS`` times: on a host with more busy processes
-        than cores the holder is most often one that was preempted, and yielding lets it finish
-        in microseconds. Only then does the change queue on the gate (see ``_open_gate``), where
-        the first in line retries with short sleeps and the others sleep in the kernel."""
+        """A change is tried at once. If SQLite's write lock is busy it is tried again at once
+        (``AT_ONCE``: a holder running on another core is done within microseconds), then after
+        giving up the CPU (``sched_yield``), ``SPINS`` times: on a host with more busy processes
+        than cores the holder is most often one that was preempted, and yielding lets it finish.
+        Only then does the change queue on the gate (see ``_open_gate``), where the first in line
+        retries with short sleeps and the others sleep in the kernel. (Measured in
+        docs/design.md, "SQLite: what a statement and a wait cost".)"""
         with self._mutex():
-            for _ in range(SPINS):
+            for spin in range(AT_ONCE + SPINS):
                 conn = self._connect()
                 try:
                     return body(conn, Call())
@@ -202,7 +205,8 @@ class SQLiteStore(RowsStore):
                         raise self._error(exc) from exc
                 except sqlite3.Error as exc:
                     raise self._error(exc) from exc
-                os.sched_yield()
+                if spin >= AT_ONCE:
+                    os.sched_yield()
             gate = self._gate_fd
             if gate is not None:
                 fcntl.flock(gate, fcntl.LOCK_EX)
