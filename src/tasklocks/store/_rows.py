@@ -238,8 +238,14 @@ class RowsStore(SQLStore):
 
         def body(conn: Any, call: Call) -> int | None:
             call.sent = True
-            version = self._name_version(self._execute(conn, *statement), acquire)
+            version = self._run_name_statement(conn, acquire, statement)
             call.sent = False  # the reply came: the outcome is known
             return version
 
         return self._changing(body)
+
+    def _run_name_statement(
+        self, conn: Any, acquire: bool, statement: tuple[str, Any]
+    ) -> int | None:
+        """Send a row statement and read its version (a dialect may take a shorter road)."""
+        return self._name_version(self._execute(conn, *statement), acquire)

@@ -1,0 +1,104 @@
+"""What only the PostgreSQL adapter does: a name's row statements go through libpq itself,
+prepared once per connection, and fall back to psycopg's cursor where that is not safe."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import delete_rows, require, server_url
+
+import tasklocks
+from tasklocks.store import postgres
+
+
+@pytest.fixture
+def url(namespace: str) -> Iterator[str]:
+    require("postgresql")
+    yield server_url("postgresql")
+    delete_rows(server_url("postgresql"), namespace)
+
+
+def _on_the_connection(table: tasklocks.LockTable, sql: str) -> list[Any]:
+    """Run ``sql`` on the store's own connection (the one the row statements use)."""
+    store = table.store
+    assert isinstance(store, postgres.PostgresStore)
+    conn = store._connection()
+    try:
+        cursor = conn.execute(sql)
+        return list(cursor.fetchall()) if cursor.description else []
+    finally:
+        store._give_back()
+
+
+def _prepared(table: tasklocks.LockTable) -> set[str]:
+    rows = _on_the_connection(table, "SELECT name FROM pg_prepared_statements")
+    return {r[0] for r in rows if r[0].startswith("tasklocks_")}
+
+
+def test_the_row_statements_are_prepared_once_and_again_after_a_deallocate(
+    url: str, namespace: str
+) -> None:
+    table = tasklocks.connect(url, namespace)
+    table.acquire("warm").release()  # the namespace's first change moves it to the row layout
+    tokens = []
+    lease = table.acquire("job")
+    tokens.append(lease.token)
+    lease.release()
+    assert len(_prepared(table)) == 2  # name_acquire and name_release, by libpq's own name
+    _on_the_connection(table, "DEALLOCATE ALL")  # as a pooler's reset would
+    assert _prepared(table) == set()
+    for _ in range(2):  # "does not exist": prepared again, and the change is made once
+        lease = table.acquire("job")
+        tokens.append(lease.token)
+        lease.release()
+    assert tokens == [tokens[0], tokens[0] + 1, tokens[0] + 2]
+    assert len(_prepared(table)) == 2
+    assert table.held() == []
+    table.close()
+
+
+def test_a_server_error_in_a_row_statement_is_the_drivers_error(
+    url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = tasklocks.connect(url, namespace)
+    table.acquire("warm").release()
+    store = table.store
+    assert isinstance(store, postgres.PostgresStore)
+    # A statement the server refuses, sent the way the row statements are: the error is
+    # psycopg's (what the adapter translates), with its SQLSTATE, and the connection stays usable.
+    conn = store._connection()
+    try:
+        with pytest.raises(store._psycopg.errors.DivisionByZero):
+            store._run_name_statement(conn, True, ("SELECT 1 / %(zero)s", {"zero": 0}))
+        assert store._run_name_statement(conn, True, ("SELECT %(v)s::int", {"v": 7})) == 7
+        assert store._run_name_statement(conn, True, ("SELECT 1 WHERE false", {})) is None
+    finally:
+        store._give_back()
+    lease = table.acquire("job")
+    lease.release()
+    table.close()
+
+
+def test_inside_a_transaction_the_row_statement_takes_the_cursor(url: str, namespace: str) -> None:
+    table = tasklocks.connect(url, namespace)
+    table.acquire("warm").release()
+    store = table.store
+    assert isinstance(store, postgres.PostgresStore)
+    conn = store._connection()
+    try:
+        conn.execute("BEGIN")
+        # libpq's prepared name would be new on this connection; the cursor's path needs none
+        before = _prepared_here(conn)
+        assert store._run_name_statement(conn, True, ("SELECT %(v)s::int", {"v": 3})) == 3
+        assert _prepared_here(conn) == before
+        conn.execute("ROLLBACK")
+    finally:
+        store._give_back()
+    table.close()
+
+
+def _prepared_here(conn: Any) -> set[str]:
+    rows = conn.execute("SELECT name FROM pg_prepared_statements").fetchall()
+    return {r[0] for r in rows if r[0].startswith("tasklocks_")}
