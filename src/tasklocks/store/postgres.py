@@ -26,6 +26,7 @@ import hashlib
 import os
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -101,6 +102,10 @@ class PostgresStore(ServerStore):
             ) from exc
         self._psycopg = psycopg
         self._numbered: dict[str, _Numbered] = {}
+        # per connection: the row statements run on it, and whether each is prepared there
+        self._prepared: weakref.WeakKeyDictionary[Any, dict[bytes, bool]] = (
+            weakref.WeakKeyDictionary()
+        )
         # Connection.wait and psycopg.generators are psycopg's own machinery (3.0 to 3.3 at
         # least), not its documented API: without them, the cursor.
         self._libpq_rows = callable(getattr(psycopg.Connection, "wait", None)) and callable(
@@ -279,8 +284,9 @@ class PostgresStore(ServerStore):
         and CPU is what 32 processes on a small host wait for. The connection's own ``wait`` still
         runs the round trip (a Ctrl-C cancels it; a lost connection raises OperationalError).
         Anything but a plain idle connection of this driver (a transaction, a pipeline, an async
-        engine's facade) takes the cursor. Prepared once per connection (on its first "does not
-        exist"), unless a transaction-pooling proxy is in between."""
+        engine's facade) takes the cursor. A statement's first run on a connection is unnamed;
+        the second prepares it (again after a ``DEALLOCATE``), unless a transaction-pooling
+        proxy is in between."""
         pq = self._psycopg.pq
         pgconn = getattr(conn, "pgconn", None)
         if (
@@ -297,30 +303,35 @@ class PostgresStore(ServerStore):
             numbered = self._numbered[sql] = _Numbered(sql)
         encoding = conn.info.encoding
         values = [str(params[key]).encode(encoding) for key in numbered.keys]
-        if self._pooled:
+        uses = self._prepared.get(conn)
+        if uses is None:
+            uses = self._prepared[conn] = {}
+        prepared = uses.get(numbered.name)
+        result = None
+        if prepared is not None and not self._pooled:  # its second use on this connection
+            if not prepared:
+                pgconn.send_prepare(numbered.name, numbered.sql)
+                self._result(conn, missing="42P05")  # 42P05: this session has it already
+                uses[numbered.name] = True
+            pgconn.send_query_prepared(numbered.name, values)
+            result = self._result(conn, missing="26000")  # 26000: deallocated meanwhile
+        if result is None:  # first use (a short-lived process prepares nothing), or pooled
+            uses[numbered.name] = False
             pgconn.send_query_params(numbered.sql, values)
             result = self._result(conn)
-        else:
-            pgconn.send_query_prepared(numbered.name, values)
-            result = self._result(conn, unprepared=True)
-            if result is None:  # not prepared on this connection yet
-                pgconn.send_prepare(numbered.name, numbered.sql)
-                self._result(conn)
-                pgconn.send_query_prepared(numbered.name, values)
-                result = self._result(conn)
         assert result is not None
         return int(result.get_value(0, 0)) if result.ntuples else None
 
-    def _result(self, conn: Any, unprepared: bool = False) -> Any:
-        """The last result of what was sent on ``conn``'s libpq connection; the server's error
-        as psycopg raises it; None for "prepared statement does not exist" if ``unprepared``."""
+    def _result(self, conn: Any, missing: str = "") -> Any:
+        """The last result of what was sent on ``conn``'s libpq connection, the server's error
+        as psycopg raises it, or None for the error whose SQLSTATE is ``missing``."""
         results = conn.wait(self._psycopg.generators.execute(conn.pgconn))
         result = results[-1]
         ok = self._psycopg.pq.ExecStatus
         if result.status in (ok.TUPLES_OK, ok.COMMAND_OK):
             return result
         error = self._psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
-        if unprepared and error.sqlstate == "26000":
+        if missing and error.sqlstate == missing:
             return None
         raise error
 
