@@ -63,13 +63,21 @@ def test_the_row_statements_are_prepared_at_their_second_run_and_again_after_a_d
     table.close()
 
 
-def test_a_server_error_in_a_row_statement_is_the_drivers_error(
-    url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def warm(url: str, namespace: str) -> Iterator[tuple[tasklocks.LockTable, Any]]:
+    """A table whose namespace has moved to the row layout, and its store."""
     table = tasklocks.connect(url, namespace)
     table.acquire("warm").release()
     store = table.store
     assert isinstance(store, postgres.PostgresStore)
+    yield table, store
+    table.close()
+
+
+def test_a_server_error_in_a_row_statement_is_the_drivers_error(
+    warm: tuple[tasklocks.LockTable, Any],
+) -> None:
+    table, store = warm
     # A statement the server refuses, sent the way the row statements are: the error is
     # psycopg's (what the adapter translates), with its SQLSTATE, and the connection stays usable.
     conn = store._connection()
@@ -80,29 +88,29 @@ def test_a_server_error_in_a_row_statement_is_the_drivers_error(
         assert store._run_name_statement(conn, True, ("SELECT 1 WHERE false", {})) is None
     finally:
         store._give_back()
-    lease = table.acquire("job")
-    lease.release()
-    table.close()
+    table.acquire("job").release()
 
 
-def test_inside_a_transaction_the_row_statement_takes_the_cursor(url: str, namespace: str) -> None:
-    table = tasklocks.connect(url, namespace)
-    table.acquire("warm").release()
-    store = table.store
-    assert isinstance(store, postgres.PostgresStore)
+def test_inside_a_transaction_the_row_statement_takes_the_cursor(
+    warm: tuple[tasklocks.LockTable, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _table, store = warm
+    sent: list[str] = []
+    through_libpq = store._result
+
+    def counted(conn: Any, missing: str = "") -> Any:
+        sent.append(missing)
+        return through_libpq(conn, missing)
+
+    monkeypatch.setattr(store, "_result", counted)
+    statement = ("SELECT %(v)s::int", {"v": 3})
     conn = store._connection()
     try:
+        assert store._run_name_statement(conn, True, statement) == 3
+        assert len(sent) == 1  # an idle connection: libpq
         conn.execute("BEGIN")
-        # libpq's prepared name would be new on this connection; the cursor's path needs none
-        before = _prepared_here(conn)
-        assert store._run_name_statement(conn, True, ("SELECT %(v)s::int", {"v": 3})) == 3
-        assert _prepared_here(conn) == before
+        assert store._run_name_statement(conn, True, statement) == 3
+        assert len(sent) == 1  # in a transaction: psycopg's cursor
         conn.execute("ROLLBACK")
     finally:
         store._give_back()
-    table.close()
-
-
-def _prepared_here(conn: Any) -> set[str]:
-    rows = conn.execute("SELECT name FROM pg_prepared_statements").fetchall()
-    return {r[0] for r in rows if r[0].startswith("tasklocks_")}
