@@ -328,3 +328,28 @@ def test_a_release_that_raises_is_completed_once_the_database_answers(
             while other.held():  # given back after the session's next renewal
                 assert time.monotonic() < deadline, "the release was never completed"
                 time.sleep(0.05)
+
+
+@pytest.mark.parametrize("db_url", ["mysql", "postgresql"], indirect=True)
+def test_the_sessions_connection_does_not_check_the_schema_again(
+    db_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process's start opens the table's connection and then the sessions' one: the schema,
+    checked by the first, is not checked again by the second (round trips a task's start pays)."""
+    from tasklocks.store._base import SQLStore
+
+    checked: list[str] = []
+    check = SQLStore._check_schema
+
+    def counted(self: SQLStore, conn: object) -> None:
+        checked.append(type(self).__name__)
+        check(self, conn)
+
+    monkeypatch.setattr(SQLStore, "_check_schema", counted)
+    table = tasklocks.connect(db_url, namespace)
+    lease = table.acquire("job")  # opens the session, on the sessions' own connection
+    assert lease.session is not None
+    assert isinstance(table.store, SQLStore) and table.store._side is not None
+    lease.release()
+    table.close()
+    assert len(checked) == 1

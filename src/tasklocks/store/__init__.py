@@ -13,7 +13,7 @@ protocol of its own (:class:`FastPaths`, :class:`AsyncNotifies`), which callers 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from tasklocks._url import default_url, parse_url
 from tasklocks.errors import BadURL
@@ -185,7 +185,9 @@ def open_store(
                 "transaction-pooling proxy such as PgBouncer, or leave it out"
             )
     store: Backend
-    lender = {} if engine is None or parsed.scheme == "sqlite" else {"engine": engine}
+    lender: dict[str, Any] = (
+        {} if engine is None or parsed.scheme == "sqlite" else {"engine": engine}
+    )
     if parsed.scheme == "sqlite":
         from tasklocks.store.sqlite import SQLiteStore
 

@@ -59,6 +59,7 @@ class ServerStore(RowsStore):
         reconnect_timeout: float = RECONNECT_TIMEOUT,
         engine: Any = None,
         maker: Any = None,
+        checked: bool = False,
     ) -> None:
         self._import_driver()
         self._engine = engine  # a SQLAlchemy Engine that lends its connections (see _engine.py)
@@ -78,7 +79,7 @@ class ServerStore(RowsStore):
         self._conn: Any = None
         self._pid = 0
         self._used = 0.0  # monotonic time the connection last answered
-        self._schema_checked = False
+        self._schema_checked = checked  # by the store whose sessions' store this is
         self._setup()
         try:
             self._locked(lambda conn, call: None)  # connect and check the schema now
@@ -163,7 +164,9 @@ class ServerStore(RowsStore):
             raise StoreUnavailable(f"cannot connect to {where} ({exc}); check the URL") from exc
 
     def _side_options(self) -> dict[str, Any]:
-        return {"maker": self._maker}  # an engine's sessions' store: connections as it makes them
+        # An engine's sessions' store makes its connections as the engine makes them; the
+        # schema was checked when this store opened (a task's start saves the round trips).
+        return {"maker": self._maker, "checked": self._schema_checked}
 
     def _made_by_engine(self, where: str) -> Any:
         """A connection of tasklocks' own (the sessions', PostgreSQL's LISTEN) made by the
