@@ -55,7 +55,10 @@ def state_of(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
             text = f.read()
-    except FileNotFoundError:
+    except (
+        FileNotFoundError,
+        ProcessLookupError,
+    ):  # gone before the open, or between it and the read
         return None
     return text[text.rfind(")") + 2 :].split()[0]
 
