@@ -15,8 +15,8 @@
   "prepared statement _pg3_0 does not exist"), and no LISTEN (its server connection goes back
   to the pool): waiters poll, at MariaDB's pace.
 * A name's row statements, the common change, skip psycopg's cursor and go through libpq on the
-  same connection (``_run_name_statement``), prepared once per connection under a name of their
-  own: a third less CPU a pair, which 32 processes on a small host queue for.
+  same connection (``_run_name_statement``), prepared at their second run on a connection under
+  a name of their own: a third less CPU a pair, which 32 processes on a small host queue for.
 """
 
 from __future__ import annotations
@@ -101,16 +101,6 @@ class PostgresStore(ServerStore):
                 "the postgresql backend needs psycopg 3: pip install 'tasklocks[postgres]'"
             ) from exc
         self._psycopg = psycopg
-        self._numbered: dict[str, _Numbered] = {}
-        # per connection: the row statements run on it, and whether each is prepared there
-        self._prepared: weakref.WeakKeyDictionary[Any, dict[bytes, bool]] = (
-            weakref.WeakKeyDictionary()
-        )
-        # Connection.wait and psycopg.generators are psycopg's own machinery (3.0 to 3.3 at
-        # least), not its documented API: without them, the cursor.
-        self._libpq_rows = callable(getattr(psycopg.Connection, "wait", None)) and callable(
-            getattr(psycopg.generators, "execute", None)
-        )
         errors = psycopg.errors
         self._driver_errors = (psycopg.Error,)
         # Concurrent CREATE TABLE IF NOT EXISTS can collide on the catalog's unique index instead
@@ -127,6 +117,17 @@ class PostgresStore(ServerStore):
         self._listening = threading.Event()  # the reader's connection LISTENs
         self._reader_pid = 0
         self._closed = False
+        # The row statements through libpq (_run_name_statement): each as libpq takes it, and
+        # per connection, the ones run on it and whether each is prepared there.
+        self._numbered: dict[str, _Numbered] = {}
+        self._prepared: weakref.WeakKeyDictionary[Any, dict[bytes, bool]] = (
+            weakref.WeakKeyDictionary()
+        )
+        # Connection.wait and psycopg.generators are psycopg's own machinery (3.0 to 3.3 at
+        # least), not its documented API: without them, the cursor.
+        self._libpq_rows = callable(getattr(self._psycopg.Connection, "wait", None)) and callable(
+            getattr(self._psycopg.generators, "execute", None)
+        )
 
     def _lend(self, conn: Any) -> Any:
         was = conn.autocommit

@@ -156,24 +156,44 @@ class SQLiteStore(RowsStore):
         self._gate_pid = os.getpid()
         return fd
 
-    def _retry(self, body: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``body`` on the connection, again while SQLite says the database is locked."""
-        deadline = 0.0  # set at the first busy answer
+    def _retry(self, body: Callable[[sqlite3.Connection], T], queue: bool = False) -> T:
+        """Run ``body`` on the connection, again while SQLite says the database is locked: with
+        ``queue`` (a change, see ``_changing``) first at once and after ``sched_yield``, then
+        queued on the gate; then with short jittered sleeps."""
+        deadline = 0.0  # set at the first busy answer that sleeps
         delay = 0.00005
-        while True:
-            conn = self._connect()
-            try:
-                return body(conn)
-            except sqlite3.OperationalError as exc:
-                if not _is_busy(exc):
+        spins = AT_ONCE + SPINS if queue else 0
+        queued = not queue
+        gate: int | None = None  # held while queued (None without the file)
+        try:
+            while True:
+                conn = self._connect()
+                try:
+                    return body(conn)
+                except sqlite3.OperationalError as exc:
+                    if not _is_busy(exc):
+                        raise self._error(exc) from exc
+                    if spins:
+                        spins -= 1
+                        if spins < SPINS:
+                            os.sched_yield()
+                        if spins:
+                            continue
+                    if not queued:  # the spins are spent: try again once queued
+                        queued, gate = True, self._gate_fd
+                        if gate is not None:
+                            fcntl.flock(gate, fcntl.LOCK_EX)
+                        continue
+                    deadline = deadline or time.monotonic() + BUSY_DEADLINE
+                    if time.monotonic() > deadline:
+                        raise self._error(exc) from exc
+                except sqlite3.Error as exc:
                     raise self._error(exc) from exc
-                deadline = deadline or time.monotonic() + BUSY_DEADLINE
-                if time.monotonic() > deadline:
-                    raise self._error(exc) from exc
-            except sqlite3.Error as exc:
-                raise self._error(exc) from exc
-            pause(random.uniform(0, delay))
-            delay = min(delay * 2, 0.002)
+                pause(random.uniform(0, delay))
+                delay = min(delay * 2, 0.002)
+        finally:
+            if gate is not None:
+                fcntl.flock(gate, fcntl.LOCK_UN)
 
     def _error(self, exc: sqlite3.Error) -> StoreError:
         if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
@@ -196,25 +216,7 @@ class SQLiteStore(RowsStore):
         retries with short sleeps and the others sleep in the kernel. (Measured in
         docs/design.md, "SQLite: what a statement and a wait cost".)"""
         with self._mutex():
-            for spin in range(AT_ONCE + SPINS):
-                conn = self._connect()
-                try:
-                    return body(conn, Call())
-                except sqlite3.OperationalError as exc:
-                    if not _is_busy(exc):
-                        raise self._error(exc) from exc
-                except sqlite3.Error as exc:
-                    raise self._error(exc) from exc
-                if spin >= AT_ONCE:
-                    os.sched_yield()
-            gate = self._gate_fd
-            if gate is not None:
-                fcntl.flock(gate, fcntl.LOCK_EX)
-            try:  # (under the mutex _locked would take: _retry at once)
-                return self._retry(lambda conn: body(conn, Call()))
-            finally:
-                if gate is not None:
-                    fcntl.flock(gate, fcntl.LOCK_UN)
+            return self._retry(lambda conn: body(conn, Call()), queue=True)
 
     def _execute(self, conn: Any, sql: str, params: Any = None) -> Any:
         return conn.execute(sql, params or ())
