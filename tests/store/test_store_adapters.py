@@ -455,6 +455,35 @@ def test_concurrent_first_use_by_8_processes_creates_the_schema_once(
         store.close()
 
 
+_PRELOADED_OPEN = textwrap.dedent(
+    """
+    import sys
+    from tasklocks import store
+    store.preload()
+    before = set(sys.modules)
+    opened = store.open_store(sys.argv[1])
+    opened.read("preload")
+    opened.close()
+    print(" ".join(sorted(set(sys.modules) - before)))
+    """
+)
+
+
+def test_a_preloaded_process_opens_a_store_without_importing(db_url: str, namespace: str) -> None:
+    """store.preload() (the task zygote calls it before it forks supervisors) imports every
+    adapter and driver, and reads their statements: a store's open then imports nothing."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PRELOADED_OPEN, db_url],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    imported = out.stdout.split()
+    assert [m for m in imported if m.split(".")[0] in ("tasklocks", "psycopg", "pymysql")] == []
+    assert [m for m in imported if m.startswith("importlib.")] == []  # no statement file read
+
+
 # --- unreachable servers ---------------------------------------------------------------------
 
 

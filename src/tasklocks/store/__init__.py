@@ -47,6 +47,7 @@ __all__ = [
     "default_url",
     "open_store",
     "parse_url",
+    "preload",
 ]
 
 DEFAULT_TABLE = "tasklocks"
@@ -201,3 +202,19 @@ def open_store(
 
         store = PostgresStore(parsed, table=table, reconnect_timeout=reconnect_timeout, **lender)
     return store
+
+
+def preload() -> None:
+    """Import every adapter, its driver where installed, and its named statements, now: for a
+    process that forks others (the task zygote), so that a fork opens a store without importing
+    or reading a file (without bytecode caches, the PostgreSQL adapter alone compiles in 6 ms)."""
+    import contextlib
+
+    from tasklocks.store import _base, mysql, postgres, sqlite
+
+    for adapter in (sqlite.SQLiteStore, mysql.MySQLStore, postgres.PostgresStore):
+        _base.load(adapter.DIALECT)
+    for driver in ("psycopg", "pymysql"):
+        with contextlib.suppress(ImportError):
+            __import__(driver)
+    mysql.preload()

@@ -193,13 +193,9 @@ def _serve(path: Path) -> int:
     # Preload what supervisors need, so that a fork finds it imported; only then listen, so
     # that no caller waits for a zygote that is still booting (it starts its task itself).
     import tasklocks.tasks._supervisor  # noqa: F401
+    from tasklocks import store
 
-    for driver in ("psycopg", "pymysql"):
-        with contextlib.suppress(ImportError):
-            __import__(driver)
-    from tasklocks.store import mysql
-
-    mysql.preload()
+    store.preload()
     base_path = [p for p in sys.path[1:] if p not in _our_path_entries()]
     _zygote_roots.update(_our_path_entries())
     with contextlib.suppress(FileNotFoundError):
