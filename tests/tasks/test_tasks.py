@@ -711,6 +711,41 @@ def test_unknown_task(tasks: Tasks) -> None:
         tasks.get(10**9)
 
 
+def test_an_update_returns_the_record_a_read_returns(tasks: Tasks) -> None:
+    """update() and update_from() build the new record from the compare-and-swap they made,
+    without reading it back (a supervisor's start saves those round trips): it must be what a
+    read returns, on every backend (its column types, JSON columns and floats)."""
+    now = time.time()
+    fields: dict[str, str | int | float | None] = {
+        "target": '"tests.tasks.targets:add"',
+        "args": "[1, 2]",
+        "locks": '["a"]',
+        "namespace": tasks.namespace,
+        "state": TaskState.PENDING.value,
+        "created": now,
+        "timeout": 5,
+    }
+    task_id = tasks.store.create_task(fields)
+    first = tasks.get(task_id)
+    dead = subprocess.Popen(["true"])  # a pid of nothing (the fixture kills tasks' pids)
+    dead.wait()
+    claimed = tasks.update_from(first, pid=dead.pid, pgid=dead.pid, log_path="/tmp/x")
+    assert claimed == tasks.get(task_id)
+    assert claimed is not None and claimed.version == first.version + 1
+    waited = [{"lock": "a", "owner": "pid:h:1", "note": "backup", "since": now + 0.25}]
+    waiting = tasks.update_from(claimed, state=TaskState.WAITING, waited_for=waited, message="m")
+    assert waiting == tasks.get(task_id)
+    # From a record that is no longer the stored one: the swap fails, the record is read again,
+    # and the change is made over it.
+    running = tasks.update_from(claimed, state=TaskState.RUNNING, started=now + 0.5, message=None)
+    assert running == tasks.get(task_id)
+    assert running is not None and running.version == first.version + 3
+    assert running.waited_for == waited and running.started == now + 0.5
+    done = tasks.update(task_id, state=TaskState.SUCCEEDED, result={"x": [1, 2.5]}, percent=100)
+    assert done == tasks.get(task_id)
+    assert tasks.update_from(running, message="late") is None  # final now: never changes
+
+
 # --- how the supervisor is started: forked by the zygote, or exec'd ------------------------------
 
 

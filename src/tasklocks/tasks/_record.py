@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -163,6 +164,13 @@ class TaskRecord:
             raise ValueError(f"task {self.id} cannot go from {self.state} to {new_state}")
         row = replace(self, **changes).to_row()
         return {name: row[name] for name in changes}
+
+    def updated(self, cols: Mapping[str, TaskValue]) -> TaskRecord:
+        """The record as the store holds it once ``cols`` (from :meth:`changed`) were written over
+        this version by a compare-and-swap that succeeded: what a read would return, unread."""
+        return TaskRecord.from_row(
+            {**self.to_row(), **cols, "id": self.id, "version": self.version + 1}
+        )
 
     @property
     def title(self) -> str:

@@ -198,6 +198,9 @@ class Supervisor:
     def _update(self, **changes: Any) -> TaskRecord | None:
         return _patient(self.tasks.update, self.task_id, **changes)
 
+    def _update_from(self, record: TaskRecord, **changes: Any) -> TaskRecord | None:
+        return _patient(self.tasks.update_from, record, **changes)
+
     def run(self) -> int:
         try:
             return self._run()
@@ -236,7 +239,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         me = current_process()
-        claimed = self._claim(me, child)
+        claimed = self._claim(record, me, child)
         if claimed is None:  # another supervisor has this task (or it ended): leave it alone
             os.close(gate_w)  # the task's process exits without running anything
             _reap(child)
@@ -260,7 +263,11 @@ class Supervisor:
                 lease.session.on_lost.append(lambda: self._on_lost(lease))
                 if lease.lost.is_set():
                     self._on_lost(lease)
-        started = self._update(state=TaskState.RUNNING, started=time.time(), message=None)
+        # From the claimed record: one round trip, unless the record changed meanwhile (a
+        # wait's messages, a stop asked for), which reads it again.
+        started = self._update_from(
+            record, state=TaskState.RUNNING, started=time.time(), message=None
+        )
         if started is None or started.stop_requested is not None or self.stop_reason:
             os.close(gate_w)
             _reap(child)
@@ -277,12 +284,11 @@ class Supervisor:
         self._record_outcome(status, payload, ended)
         return 0
 
-    def _claim(self, me: ProcessIdentity, child: int) -> TaskRecord | None:
-        """Make the task ours in one compare-and-swap: only a pending task that no other
-        supervisor has claimed (a caller that gave up on the zygote may have started a second
-        one). Returns the claimed record, or None."""
+    def _claim(self, record: TaskRecord, me: ProcessIdentity, child: int) -> TaskRecord | None:
+        """Make the task ours in one compare-and-swap over ``record`` as last read: only a
+        pending task that no other supervisor has claimed (a caller that gave up on the zygote
+        may have started a second one). Returns the claimed record, or None."""
         while True:
-            record = self._get()
             if record.pgid == child and record.pid == me.pid:
                 return record  # ours already: a retry after a lost reply
             if record.state is not TaskState.PENDING or record.pgid is not None:
@@ -297,7 +303,8 @@ class Supervisor:
                 log_path=self.log_path,
             )
             if _patient(self.tasks.store.update_task, self.task_id, record.version, cols):
-                return self._get()
+                return record.updated(cols)
+            record = self._get()
 
     def _release(self, table: LockTable, lease: Lease | None) -> None:
         """Free the task's locks: the ones taken for it here, and those its processes took

@@ -54,16 +54,21 @@ class TaskDB:
         Returns the new record, or None if the record is already final (finished tasks never
         change) or the change is not a valid transition.
         """
+        return self.update_from(self.get(task_id), **changes)
+
+    def update_from(self, record: TaskRecord, **changes: Any) -> TaskRecord | None:
+        """:meth:`update`, starting from ``record`` as last read: one round trip while it is
+        still the stored version (a conflict reads the record again)."""
         while True:
-            record = self.get(task_id)
             if record.state.is_final:
                 return None
             try:
                 cols = record.changed(**changes)
             except ValueError:
                 return None
-            if self.store.update_task(task_id, record.version, cols):
-                return self.get(task_id)
+            if self.store.update_task(record.id, record.version, cols):
+                return record.updated(cols)
+            record = self.get(record.id)
 
     def close(self) -> None:
         self.locks.close()
