@@ -1,16 +1,18 @@
 """What only the PostgreSQL adapter does: a name's row statements go through libpq itself,
-prepared once per connection, and fall back to psycopg's cursor where that is not safe."""
+prepared once per connection, and fall back to psycopg's cursor where that is not safe; an open
+checks the schema in one statement."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import delete_rows, require, server_url
+from conftest import delete_rows, raw_rows, raw_sql, require, server_url
 
 import tasklocks
-from tasklocks.store import postgres
+from tasklocks.store import open_store, postgres
 
 
 @pytest.fixture
@@ -114,3 +116,51 @@ def test_inside_a_transaction_the_row_statement_takes_the_cursor(
         conn.execute("ROLLBACK")
     finally:
         store._give_back()
+
+
+def test_an_open_that_finds_the_schema_made_makes_nothing_and_a_missing_part_is_made_again(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """schema_version says in the same round trip whether the extras and the tasks table exist:
+    an open that finds them all sends no DDL (a task's start opens a store), and one that finds
+    an index dropped makes it again."""
+    table = "tl_" + uuid.uuid4().hex[:12]
+    extras: list[str] = []
+    made = postgres.PostgresStore._schema_extras
+
+    def counted(self: postgres.PostgresStore, conn: Any) -> None:
+        extras.append(self.table)
+        made(self, conn)
+
+    monkeypatch.setattr(postgres.PostgresStore, "_schema_extras", counted)
+
+    def exists(name: str) -> bool:
+        return raw_rows(url, "SELECT to_regclass(%s) IS NOT NULL", (name,)) == [(True,)]
+
+    def opened() -> postgres.PostgresStore:
+        store = open_store(url, table=table)
+        assert isinstance(store, postgres.PostgresStore)
+        return store
+
+    try:
+        first = opened()
+        assert extras == [table] and not first._tasks_ready  # created: extras made
+        assert first.get_task(1) is None  # the tasks table, made on first use
+        first.close()
+        again = opened()
+        assert extras == [table] and again._tasks_ready  # all there: one statement, no DDL
+        again.close()
+        for index in (f"{table}_sessions_expires", f"{table}_names_held"):
+            raw_sql(url, f"DROP INDEX {index}")
+            opened().close()
+            assert exists(index)
+        assert extras == [table, table, table]
+        raw_sql(url, f"DROP INDEX {table}_tasks_state")
+        last = opened()
+        assert not last._tasks_ready
+        assert last.get_task(1) is None
+        assert exists(f"{table}_tasks_state")
+        last.close()
+    finally:
+        for suffix in ("", "_meta", "_sessions", "_names", "_tasks"):
+            raw_sql(url, f"DROP TABLE IF EXISTS {table}{suffix}")

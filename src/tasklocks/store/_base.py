@@ -240,6 +240,12 @@ class SQLStore(ABC):
         if version > SCHEMA_VERSION:
             fix = f"newer than this tasklocks understands ({SCHEMA_VERSION}); upgrade tasklocks"
             raise StoreError(f"{where} has schema version {version}, {fix}")
+        # A dialect's schema_version may say more, in the same round trip: whether everything
+        # _schema_extras makes exists already, and whether the tasks table does.
+        if len(row) > 2 and row[2]:
+            self._tasks_ready = True
+        if version == SCHEMA_VERSION and len(row) > 1 and row[1]:
+            return
         self._schema_extras(conn)
         if version < SCHEMA_VERSION:
             self._upgrade(conn, version)

@@ -7,7 +7,16 @@ CREATE TABLE IF NOT EXISTS {t}_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- name: insert_meta
 INSERT INTO {t}_meta (key, value) VALUES ('schema_version', %s) ON CONFLICT DO NOTHING;
 -- name: schema_version
-SELECT value FROM {t}_meta WHERE key = 'schema_version';
+-- The version, then, so that an open that finds everything made (as nearly every open does) takes
+-- one round trip: whether the tables and indexes _schema_extras makes exist, and whether the
+-- tasks table and its index do. LZ4 is not looked at (pg_attribute alone costs a new connection
+-- 1 ms of cold catalog caches): it is asked for wherever the extras are made, at the table's
+-- creation and upgrade among them.
+SELECT value,
+    to_regclass('{t}_sessions') IS NOT NULL AND to_regclass('{t}_sessions_expires') IS NOT NULL
+    AND to_regclass('{t}_names') IS NOT NULL AND to_regclass('{t}_names_held') IS NOT NULL,
+    to_regclass('{t}_tasks') IS NOT NULL AND to_regclass('{t}_tasks_state') IS NOT NULL
+FROM {t}_meta WHERE key = 'schema_version';
 -- name: insert_row
 INSERT INTO {t} (namespace, version, data) VALUES (%s, 0, %s) ON CONFLICT DO NOTHING;
 -- name: select_for_update
