@@ -1,6 +1,6 @@
 """What only the SQLite adapter does: its write lock is one for the whole file, so a change that
 finds it busy spins briefly and then queues on the gate; the row statements report their token
-without RETURNING; new files get small pages."""
+without RETURNING; new files get small pages; the WAL is cut back once it can start over."""
 
 from __future__ import annotations
 
@@ -121,3 +121,27 @@ def test_a_new_file_gets_1_kb_pages_and_an_old_file_keeps_its_own(tmp_path: Path
         assert check.execute("PRAGMA page_size").fetchone() == (size,)
         assert check.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         check.close()
+
+
+def test_the_wal_is_cut_back_once_it_can_start_over(tmp_path: Path) -> None:
+    """A reader that stays in the WAL keeps SQLite from starting it over, so it grows (as under
+    a steady load of many processes); once it can start over, the file is cut back to
+    journal_size_limit (4 MiB) instead of keeping its largest size."""
+    path = tmp_path / "locks.db"
+    table = tasklocks.connect(f"sqlite:///{path}", "wal")
+    table.acquire("first").release()
+    reader = sqlite3.connect(str(path), isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM tasklocks_names").fetchall()  # holds its snapshot
+    for i in range(1500):
+        table.acquire(f"name-{i}").release()
+    wal = Path(str(path) + "-wal")
+    grown = wal.stat().st_size
+    assert grown > 6 << 20
+    reader.execute("COMMIT")
+    reader.close()
+    for _ in range(3):  # a checkpoint copies it all, then the next change starts it over
+        table.acquire("again").release()
+    assert wal.stat().st_size <= 4 << 20
+    assert table.held() == []
+    table.close()

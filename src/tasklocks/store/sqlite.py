@@ -5,6 +5,8 @@
   only forget the last commits (https://www.sqlite.org/pragma.html#pragma_synchronous). Every
   holder lives on this host and dies with it; after the reboot its entries carry an old boot id,
   which proves them dead, so a forgotten change costs nothing. FULL would fsync every change.
+  The WAL is cut back to 4 MiB whenever it starts over (``journal_size_limit``): a steady load
+  of many processes, during which it cannot start over, leaves no file of hundreds of MB behind.
 * A change through the document takes the write lock up front (``BEGIN IMMEDIATE``), so it
   never fails its compare-and-swap and no name can be taken in its row meanwhile; a free name
   is taken and released in its row by one statement (``_rows.py``), the short write that most
@@ -134,6 +136,7 @@ class SQLiteStore(RowsStore):
                     "put the lock table on a local filesystem"
                 )
             conn.execute(self._sql["synchronous_normal"])
+            conn.execute(self._sql["journal_size_limit"])
             self._retry(self._check_schema)
         except BaseException:
             self._conn = None
