@@ -164,3 +164,37 @@ def test_an_open_that_finds_the_schema_made_makes_nothing_and_a_missing_part_is_
     finally:
         for suffix in ("", "_meta", "_sessions", "_names", "_tasks"):
             raw_sql(url, f"DROP TABLE IF EXISTS {table}{suffix}")
+
+
+def test_a_change_through_the_document_is_one_simple_query_a_round_trip_quoted_by_psycopg(
+    warm: tuple[tasklocks.LockTable, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several names change the document: its statements go as one query a round trip, not
+    through psycopg's pipeline (whose machinery cost more CPU than the statements); a note with
+    quotes, backslashes, a semicolon and a line break comes back as it was."""
+    import psycopg
+
+    table, _store = warm
+
+    def no_pipeline(self: Any) -> Any:
+        raise AssertionError("a pipeline was opened")
+
+    monkeypatch.setattr(psycopg.Connection, "pipeline", no_pipeline)
+    sent: list[str] = []
+    execute = psycopg.ClientCursor.execute
+
+    def counted(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(str(query))
+        return execute(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.ClientCursor, "execute", counted)
+    note = "it's a \\ back'slash; \"quoted\" -- no SQL; \u00fcn\u00efcode \u2713\nline two $$ %s"
+    lease = table.acquire("a", "b", note=note)
+    assert len(sent) == 3  # lock the document and the rows; claim the names; write and commit
+    held = table.held()
+    assert sorted(h.name for h in held) == ["a", "b"]
+    assert {h.holder.note for h in held} == {note}
+    assert len(sent) == 4  # the read: the document, the rows and the sessions at once
+    lease.release()
+    assert len(sent) == 6  # lock the document and the rows; write and commit
+    assert table.held() == []
