@@ -170,8 +170,9 @@ def test_a_change_through_the_document_is_one_simple_query_a_round_trip_quoted_b
     warm: tuple[tasklocks.LockTable, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Several names change the document: its statements go as one query a round trip, not
-    through psycopg's pipeline (whose machinery cost more CPU than the statements); a note with
-    quotes, backslashes, a semicolon and a line break comes back as it was."""
+    through psycopg's pipeline (whose machinery cost more CPU than the statements), and the
+    names' rows are claimed in the first (two round trips a change); a note with quotes,
+    backslashes, a semicolon and a line break comes back as it was."""
     import psycopg
 
     table, _store = warm
@@ -190,11 +191,12 @@ def test_a_change_through_the_document_is_one_simple_query_a_round_trip_quoted_b
     monkeypatch.setattr(psycopg.ClientCursor, "execute", counted)
     note = "it's a \\ back'slash; \"quoted\" -- no SQL; \u00fcn\u00efcode \u2713\nline two $$ %s"
     lease = table.acquire("a", "b", note=note)
-    assert len(sent) == 3  # lock the document and the rows; claim the names; write and commit
+    # Lock the document, claim and lock the names' rows, read the sessions; write and commit.
+    assert len(sent) == 2
     held = table.held()
     assert sorted(h.name for h in held) == ["a", "b"]
     assert {h.holder.note for h in held} == {note}
-    assert len(sent) == 4  # the read: the document, the rows and the sessions at once
+    assert len(sent) == 3  # the read: the document, the rows and the sessions at once
     lease.release()
-    assert len(sent) == 6  # lock the document and the rows; write and commit
+    assert len(sent) == 5  # the same two round trips
     assert table.held() == []

@@ -119,7 +119,12 @@ class RowsStore(SQLStore):
             self._known.add(namespace)
         try:
             only = None if names is None else sorted(set(names))
-            row, held_rows, times = self._lock_kept(conn, namespace, only)
+            locked = self._lock_and_claim(conn, namespace, only) if only else None
+            if locked is None:
+                row, held_rows, times = self._lock_kept(conn, namespace, only)
+                claimed_rows: list[Any] = []
+            else:
+                row, held_rows, times, claimed_rows = locked
             if row is None:
                 self._known.discard(namespace)
                 raise StoreError(f"the row of namespace {namespace!r} vanished; retry")
@@ -128,8 +133,9 @@ class RowsStore(SQLStore):
             text = shown(data)
             moved = is_kept(data)
             before = kept(text) if moved else {}  # format 3: none marked yet
-            floor = version  # the grants' token must exceed it
-            claimed: set[str] = set()
+            # The grants' token must exceed it, and the last token of every claimed name.
+            floor = max([version, *(int(r[1]) for r in claimed_rows)])
+            claimed: set[str] = set(only or ()) if locked is not None else set()
             while True:
                 merged = absorb(text, held)
                 absorbed = {h[0] for h in held}
@@ -184,6 +190,15 @@ class RowsStore(SQLStore):
         """Begin, lock the document's row, then the names held in their rows (of ``names`` only,
         unless None), then read the sessions (one round trip): the row, the names' rows (name,
         version, lease, record), the sessions' rows."""
+
+    def _lock_and_claim(
+        self, conn: Any, namespace: str, names: list[str]
+    ) -> tuple[Any, list[Any], Any, list[Any]] | None:
+        """``_lock_kept`` of ``names`` and ``_claim_names`` of all of them, where a dialect can do
+        both in one round trip: the row, the held rows (as ``_lock_kept``), the sessions (read
+        after every row is locked) and the claimed rows. None: it cannot (two round trips would
+        cost a change that claims no name one more)."""
+        return None
 
     @abstractmethod
     def _claim_names(self, conn: Any, namespace: str, names: list[str]) -> list[Any]:

@@ -1,8 +1,9 @@
 """PostgreSQL adapter (psycopg 3): the driver calls; statements in ``sql/postgres.sql``.
 
-* A change through the document takes two or three round trips (``BEGIN`` + ``SELECT ... FOR
-  UPDATE`` of the document and the rows + the sessions; the names it claims; the rows, the
-  ``UPDATE`` and ``COMMIT``), each one query of several statements (``_batch``: quoted by
+* A change through the document takes two round trips (``BEGIN`` + ``SELECT ... FOR UPDATE`` of
+  the document and of the rows of the names it names, made where missing + the sessions; the
+  rows, the ``UPDATE`` and ``COMMIT``), three if it brings in a name it did not name (a waiter
+  it grants), each one query of several statements (``_batch``: quoted by
   psycopg's ``ClientCursor``, results read with ``nextset``; psycopg's pipeline mode cost more
   CPU than the statements). A change that should wake waiters notifies in the same statement
   (``pg_notify`` in a CTE over the ``UPDATE``), delivered at commit.
@@ -262,6 +263,21 @@ class PostgresStore(ServerStore):
             ("sessions", None),  # after the rows: none is missed
         )
         return (row[0] if row else None), held_rows, times
+
+    def _lock_and_claim(
+        self, conn: Any, namespace: str, names: list[str]
+    ) -> tuple[Any, list[Any], Any, list[Any]] | None:
+        params = {"ns": namespace, "names": names}
+        _, row, _, claimed, times = self._batch(
+            conn,
+            ("begin", None),
+            ("select_for_update", (namespace,)),
+            ("claim_names", params),
+            ("claimed_names", params),
+            ("sessions", None),  # after the rows: none is missed
+        )
+        held = [r[:4] for r in claimed if r[2] is not None and not r[4]]
+        return (row[0] if row else None), held, times, claimed
 
     def _claim_names(self, conn: Any, namespace: str, names: list[str]) -> list[Any]:
         params = {"ns": namespace, "names": names}
