@@ -1127,7 +1127,7 @@ def test_a_name_back_in_the_document_gets_a_token_past_its_rows(
 ) -> None:
     """Taken in its row many times since it left the document, a name that comes back into it
     is granted past every token its row handed out: whether the change claims its row after a
-    first computation, or (naming it, on PostgreSQL) with the document's lock."""
+    first computation, or (naming it, on the servers) with the document's lock."""
     tokens = []
     for i in range(10):
         tokens.append(fast.fast_acquire(namespace, ["x"], *_entry(f"L{i}")))
@@ -1261,7 +1261,7 @@ def test_a_holder_taken_over_by_a_claim_is_judged_by_its_own_session(
             return real_claim(conn, ns, names)
 
         setattr(store, "_claim_names", claim)  # noqa: B010
-        # PostgreSQL claims the names a change names in its first round trip, with the rows
+        # The servers claim the names a change names in its first round trip, with the rows
         # locked before the sessions are read, where this cannot happen; the names a change
         # brings in beside them (a waiter it grants) are claimed as here: take that road.
         setattr(store, "_lock_and_claim", lambda *args: None)  # noqa: B010

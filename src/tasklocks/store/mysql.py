@@ -1,7 +1,9 @@
 """MySQL / MariaDB adapter (PyMySQL): the driver calls; statements in ``sql/mysql.sql``.
 
-* The connection allows multi-statements: the pessimistic path's two round trips are
-  ``START TRANSACTION; SELECT ... FOR UPDATE``, then ``UPDATE ...; COMMIT``.
+* The connection allows multi-statements: a change through the document takes two round trips,
+  ``START TRANSACTION; SELECT ... FOR UPDATE`` (the document, then the rows of the names it names,
+  made where missing, then the sessions), then ``UPDATE ...; COMMIT``; three if it brings in a
+  name it did not name (a waiter it grants).
 * The document is quoted into the SQL here with ``str.replace`` (PyMySQL's ``str.translate``
   escaping costs milliseconds for a large document), unless the session has
   ``NO_BACKSLASH_ESCAPES``, where the driver's own (fast) quoting is used.
@@ -237,15 +239,38 @@ class MySQLStore(ServerStore):
         cur.nextset()
         return row, held, cur.fetchall()
 
+    def _lock_and_claim(
+        self, conn: Any, namespace: str, names: list[str]
+    ) -> tuple[Any, list[Any], Any, list[Any]] | None:
+        cur = self._execute(conn, self._claiming(conn, "lock_and_claim", namespace, names),
+                            (namespace, namespace))  # fmt: skip
+        cur.nextset()  # SET TRANSACTION's and START TRANSACTION's results, then the row,
+        cur.nextset()  # the INSERT's, the names' rows, the sessions
+        row = cur.fetchone()
+        cur.nextset()
+        cur.nextset()
+        claimed = self._claimed(cur.fetchall())
+        cur.nextset()
+        held = [r[:4] for r in claimed if r[2] is not None and not r[4]]
+        return row, held, cur.fetchall(), claimed
+
     def _claim_names(self, conn: Any, namespace: str, names: list[str]) -> list[Any]:
+        cur = self._execute(conn, self._claiming(conn, "claim_names", namespace, names),
+                            (namespace,))  # fmt: skip
+        cur.nextset()
+        return self._claimed(cur.fetchall())
+
+    def _claiming(self, conn: Any, statement: str, namespace: str, names: list[str]) -> str:
+        """``statement`` with its rows to make and its names quoted."""
         ns = conn.escape(namespace)
         rows = ", ".join(f"({ns}, {conn.escape(n)}, 0, 0)" for n in names)
         quoted = ", ".join(conn.escape(n) for n in names)
-        sql = fill(self._sql["claim_names"], rows=rows, names=quoted)
-        cur = self._execute(conn, sql, (namespace,))
-        cur.nextset()
+        return fill(self._sql[statement], rows=rows, names=quoted)
+
+    @staticmethod
+    def _claimed(rows: Any) -> list[Any]:
         return [(text_of(n), v, None if lease is None else text_of(lease), record, mark)
-                for n, v, lease, record, mark in cur.fetchall()]  # fmt: skip
+                for n, v, lease, record, mark in rows]  # fmt: skip
 
     def _write_kept(
         self,

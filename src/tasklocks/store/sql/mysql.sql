@@ -80,6 +80,15 @@ SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION; SELECT versio
 SELECT name, version, lease, record FROM {t}_names
 WHERE namespace = %s AND lease IS NOT NULL AND mark = 0{only} ORDER BY name FOR UPDATE;
 SELECT id, expires - {now} FROM {t}_sessions WHERE expires > {now};
+-- name: lock_and_claim
+-- lock_kept of the names a change names, and claim_names of them all, in one round trip: the
+-- document's row, the names' rows made where missing ({rows}, {names} as in claim_names) and
+-- locked, then the sessions.
+SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION; SELECT version, data FROM {t} WHERE namespace = %s FOR UPDATE;
+INSERT IGNORE INTO {t}_names (namespace, name, version, mark) VALUES {rows};
+SELECT name, version, lease, record, mark FROM {t}_names
+WHERE namespace = %s AND name IN ({names}) ORDER BY name FOR UPDATE;
+SELECT id, expires - {now} FROM {t}_sessions WHERE expires > {now};
 -- name: claim_names
 -- Names a change brings into the document that were in none of its rows when it locked them
 -- (see postgres.sql): {rows} is a (namespace, name, 0, 0) per name, {names} the names again.
