@@ -231,14 +231,14 @@ class PostgresStore(ServerStore):
         round trip in its own machinery, more than the statements. An async engine's facade
         takes the pipeline."""
         if type(conn) is self._psycopg.Connection:
-            cursor = self._psycopg.ClientCursor(conn)
-            text = ";\n".join(cursor.mogrify(self._sql[name], p) for name, p in statements)
-            cursor.execute(text)
-            out: list[list[Any]] = []
-            while True:
-                out.append(cursor.fetchall() if cursor.description else [])
-                if not cursor.nextset():
-                    return out
+            with self._psycopg.ClientCursor(conn) as cursor:
+                text = ";\n".join(cursor.mogrify(self._sql[name], p) for name, p in statements)
+                cursor.execute(text)
+                out: list[list[Any]] = []
+                while True:
+                    out.append(cursor.fetchall() if cursor.description else [])
+                    if not cursor.nextset():
+                        return out
         with _pipeline(conn):
             cursors = [conn.execute(self._sql[name], p) for name, p in statements]
         return [c.fetchall() if c.description else [] for c in cursors]
@@ -298,8 +298,8 @@ class PostgresStore(ServerStore):
         if marks:
             names = sorted(marks)
             marked = [marks[n] for n in names]
-            kinds = {"ns": namespace, "version": new_version, "names": names, "marks": marked}
-            statements.append(("set_names", kinds))
+            rows = {"ns": namespace, "version": new_version, "names": names, "marks": marked}
+            statements.append(("set_names", rows))
         if wake:
             statements.append(("update_to_notify", (*params, self._channel, namespace)))
         else:
