@@ -58,6 +58,11 @@ def _held(name: Any, version: Any, lease: Any, record: Any) -> HeldRow:
     return text_of(name), int(version), text_of(lease), text_of(record)
 
 
+def _taken(claimed: Sequence[Any]) -> list[HeldRow]:
+    """The claimed rows (as ``_claim_names`` returns them) held in their row: a lease, no mark."""
+    return [_held(*r[:4]) for r in claimed if r[2] is not None and not r[4]]
+
+
 def fast_names(names: Sequence[str]) -> list[str]:
     """``names`` without repeats, each checked."""
     if len(names) == 1:  # the common call
@@ -122,14 +127,15 @@ class RowsStore(SQLStore):
             locked = self._lock_and_claim(conn, namespace, only) if only else None
             if locked is None:
                 row, held_rows, times = self._lock_kept(conn, namespace, only)
-                claimed_rows: list[Any] = []
+                held = [_held(*r) for r in held_rows]
+                claimed_rows: Sequence[Any] = []
             else:
-                row, held_rows, times, claimed_rows = locked
+                row, claimed_rows, times = locked
+                held = _taken(claimed_rows)
             if row is None:
                 self._known.discard(namespace)
                 raise StoreError(f"the row of namespace {namespace!r} vanished; retry")
             version, data = int(row[0]), str(row[1])
-            held = [_held(*r) for r in held_rows]
             text = shown(data)
             moved = is_kept(data)
             before = kept(text) if moved else {}  # format 3: none marked yet
@@ -156,7 +162,7 @@ class RowsStore(SQLStore):
                 # Compute again, on the claimed rows now locked, if one is held in its row (the
                 # change did not lock it first, or it was taken since), or if one handed out a
                 # token past ``top`` (it left the document and was taken in its row since).
-                taken = [_held(*r[:4]) for r in rows if r[2] is not None and not r[4]]
+                taken = _taken(rows)
                 floor = max([floor, *(int(r[1]) for r in rows)])
                 if not taken and floor <= top:
                     break
@@ -193,10 +199,10 @@ class RowsStore(SQLStore):
 
     def _lock_and_claim(
         self, conn: Any, namespace: str, names: list[str]
-    ) -> tuple[Any, list[Any], Any, list[Any]] | None:
-        """``_lock_kept`` of ``names`` and ``_claim_names`` of all of them, where a dialect can do
-        both in one round trip: the row, the held rows (as ``_lock_kept``), the sessions (read
-        after every row is locked) and the claimed rows. None: it cannot (two round trips would
+    ) -> tuple[Any, list[Any], Any] | None:
+        """Begin, lock the document's row, then claim the rows of ``names`` (as
+        ``_claim_names``), then read the sessions, where a dialect can do it in one round trip:
+        the row, the claimed rows, the sessions' rows. None: it cannot (two round trips would
         cost a change that claims no name one more)."""
         return None
 

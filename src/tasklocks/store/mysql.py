@@ -241,7 +241,7 @@ class MySQLStore(ServerStore):
 
     def _lock_and_claim(
         self, conn: Any, namespace: str, names: list[str]
-    ) -> tuple[Any, list[Any], Any, list[Any]] | None:
+    ) -> tuple[Any, list[Any], Any] | None:
         cur = self._execute(conn, self._claiming(conn, "lock_and_claim", namespace, names),
                             (namespace, namespace))  # fmt: skip
         cur.nextset()  # SET TRANSACTION's and START TRANSACTION's results, then the row,
@@ -251,8 +251,7 @@ class MySQLStore(ServerStore):
         cur.nextset()
         claimed = self._claimed(cur.fetchall())
         cur.nextset()
-        held = [r[:4] for r in claimed if r[2] is not None and not r[4]]
-        return row, held, cur.fetchall(), claimed
+        return row, claimed, cur.fetchall()
 
     def _claim_names(self, conn: Any, namespace: str, names: list[str]) -> list[Any]:
         cur = self._execute(conn, self._claiming(conn, "claim_names", namespace, names),

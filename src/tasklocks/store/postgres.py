@@ -266,7 +266,7 @@ class PostgresStore(ServerStore):
 
     def _lock_and_claim(
         self, conn: Any, namespace: str, names: list[str]
-    ) -> tuple[Any, list[Any], Any, list[Any]] | None:
+    ) -> tuple[Any, list[Any], Any] | None:
         params = {"ns": namespace, "names": names}
         _, row, _, claimed, times = self._batch(
             conn,
@@ -276,8 +276,7 @@ class PostgresStore(ServerStore):
             ("claimed_names", params),
             ("sessions", None),  # after the rows: none is missed
         )
-        held = [r[:4] for r in claimed if r[2] is not None and not r[4]]
-        return (row[0] if row else None), held, times, claimed
+        return (row[0] if row else None), claimed, times
 
     def _claim_names(self, conn: Any, namespace: str, names: list[str]) -> list[Any]:
         params = {"ns": namespace, "names": names}
