@@ -18,6 +18,8 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Callable
+from time import CLOCK_BOOTTIME
+from time import clock_gettime as _boot_clock
 
 from tasklocks import _pid
 from tasklocks._clock import clock
@@ -73,10 +75,10 @@ class Session:
         """Whether the session still holds (False: lost, or this process is a fork of its
         owner). The session's own threads set :attr:`lost`; a deadline found passed here wakes
         its watchdog at once."""
-        if self.deadline - clock() <= 0:
+        if self.deadline - _boot_clock(CLOCK_BOOTTIME) <= 0:  # (clock(), without its call)
             self._renewed.set()
             return False
-        return not self.lost.is_set() and self.pid == _pid.pid()
+        return not self.lost.is_set() and self.pid == _pid._pid
 
     def _lose(self) -> None:
         with self._losing:

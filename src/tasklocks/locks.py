@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import threading
 import time
@@ -327,6 +328,8 @@ class LockTable:
 
     def _settle(self) -> None:
         """Give back what acquisitions that failed may have left (see ``_give_back``)."""
+        if not self._orphans:
+            return
         for lease in list(self._orphans):
             self._give_back(lease)
             if lease in self._orphans:
@@ -348,7 +351,7 @@ class LockTable:
                 raise ValueError("an entry without a process needs an explicit owner")
             owner = default_owner(proc)
         owner = validate_owner(owner)
-        lease = secrets.token_hex(8)
+        lease = os.urandom(8).hex()  # (secrets.token_hex(8), without its three calls)
         if proc is None:  # kept until released: no session
             return Claimant(owner, None, None, None, me.host, None, None, lease, note)
         p = proc

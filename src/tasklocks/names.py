@@ -19,6 +19,7 @@ __all__ = [
 
 ALLOWED = "1-200 characters of letters, digits and ._:/@-"
 _NAME = re.compile(r"[A-Za-z0-9._:/@-]{1,200}")
+_FULLMATCH = _NAME.fullmatch
 
 
 def _check(kind: str, value: object) -> str:
@@ -29,11 +30,13 @@ def _check(kind: str, value: object) -> str:
 
 def is_name(value: str) -> bool:
     """Is ``value`` a valid lock name (letters, digits and ``._:/@-``, 1 to 200 of them)?"""
-    return _NAME.fullmatch(value) is not None
+    return _FULLMATCH(value) is not None
 
 
 def validate_name(name: object) -> str:
     """Return ``name`` if it is a valid lock name, else raise :class:`BadLockName`."""
+    if type(name) is str and _FULLMATCH(name) is not None:  # the common call, without _check's
+        return name
     return _check("lock name", name)
 
 
@@ -44,6 +47,8 @@ def validate_namespace(namespace: object) -> str:
 
 def validate_owner(owner: object) -> str:
     """Return ``owner`` if valid (same alphabet as lock names), else raise :class:`BadLockName`."""
+    if type(owner) is str and _FULLMATCH(owner) is not None:
+        return owner
     return _check("owner", owner)
 
 

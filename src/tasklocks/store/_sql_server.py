@@ -270,12 +270,14 @@ class ServerStore(RowsStore):
         deadlocks are retried."""
         deadline = time.monotonic() + self.reconnect_timeout
         attempt = retries = 0
-        with self._mutex():
+        with self._lock if self._lock_pid == _pid._pid else self._mutex():
             while True:
                 call = Call()
                 try:
                     try:
-                        conn = self._connection()
+                        conn = self._conn
+                        if conn is None or self._engine is not None or self._pid != _pid._pid:
+                            conn = self._connection()
                         try:
                             if time.monotonic() - self._used > self._idle_ping:
                                 self._ping(conn)  # find a dead idle connection before writing
@@ -286,7 +288,8 @@ class ServerStore(RowsStore):
                         except self._driver_errors as exc:
                             self._raise_for(exc, call)
                     finally:
-                        self._give_back()
+                        if self._lent is not None:
+                            self._give_back()
                     self._used = time.monotonic()
                     return result
                 except Lost as exc:
@@ -304,6 +307,8 @@ class ServerStore(RowsStore):
                             f"{self.LABEL} at {self._where} kept failing on {self.table}: {exc}"
                         ) from exc
                     pause(random.uniform(0, 0.001 * retries))
+
+    _changing = _locked  # (SQLStore._changing, without its call)
 
     def _abandon_connection(self) -> None:
         self._drop()

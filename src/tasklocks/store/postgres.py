@@ -127,6 +127,8 @@ class PostgresStore(ServerStore):
         self._prepared: weakref.WeakKeyDictionary[Any, dict[bytes, bool]] = (
             weakref.WeakKeyDictionary()
         )
+        self._last_conn: Any = None  # the connection of the last one, its encoding and _prepared
+        self._last_known: tuple[str, dict[bytes, bool]] = ("", {})
         # Connection.wait and psycopg.generators are psycopg's own machinery (3.0 to 3.3 at
         # least), not its documented API: without them, the cursor.
         self._libpq_rows = callable(getattr(self._psycopg.Connection, "wait", None)) and callable(
@@ -335,11 +337,14 @@ class PostgresStore(ServerStore):
         numbered = self._numbered.get(sql)
         if numbered is None:
             numbered = self._numbered[sql] = _Numbered(sql)
-        encoding = conn.info.encoding
+        if conn is self._last_conn:  # the connection of the last call: what it knows, kept
+            encoding, uses = self._last_known
+        else:
+            encoding = conn.info.encoding
+            uses = self._prepared.setdefault(conn, {})
+            if self._engine is None:  # ours: nothing else sets its client_encoding
+                self._last_conn, self._last_known = conn, (encoding, uses)
         values = [str(params[key]).encode(encoding) for key in numbered.keys]
-        uses = self._prepared.get(conn)
-        if uses is None:
-            uses = self._prepared[conn] = {}
         prepared = uses.get(numbered.name)
         result = None
         if prepared is not None and not self._pooled:  # its second use on this connection
