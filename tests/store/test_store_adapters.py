@@ -834,6 +834,49 @@ def test_several_names_are_the_full_paths(fast: Any, namespace: str) -> None:
     assert fast.fast_release(namespace, ["b", "b"], "L1") == 1
 
 
+def test_a_name_taken_in_its_row_before_is_taken_again_by_its_update_alone(
+    fast: Any, db_url: str, namespace: str
+) -> None:
+    """name_retake: once this process took a name in its row, the next take is the row's
+    UPDATE alone (no insert, no look at the layout row). It refuses what name_acquire refuses
+    (held; kept by the document), and a row gone behind its back is left to the full path."""
+    sent: list[str] = []
+    run = fast._run_name_statement
+
+    def spy(conn: Any, acquire: bool, statement: tuple[str, Any]) -> Any:
+        if acquire:
+            sent.append(statement[0])
+        return run(conn, acquire, statement)
+
+    fast._run_name_statement = spy  # white-box: which statement each take sends
+    first, again = fast._sql["name_acquire"], fast._sql["name_retake"]
+    assert fast.fast_acquire(namespace, ["r"], *_entry("L1")) == 1
+    assert fast.fast_release(namespace, ["r"], "L1") == 1
+    assert fast.fast_acquire(namespace, ["r"], *_entry("L2", note="two")) == 2
+    assert fast.fast_acquire(namespace, ["r"], *_entry("L3")) is None  # held: refused
+    assert sent == [first, again, again]
+    r = _locks(fast, namespace)["r"]
+    assert (r.token, r.lease, r.note) == (2, "L2", "two")  # its record written too
+    assert fast.fast_release(namespace, ["r"], "L2") == 2
+    # Kept by the document (a change through it took the name): refused, as by name_acquire.
+    fast.transact(namespace, _take("r", "D1"), None)
+    assert fast.fast_acquire(namespace, ["r"], *_entry("L4")) is None
+    assert sent[-1] == again
+    # Let go by the document: free in its row again, the next token past its version.
+    fast.transact(namespace, _drop("r"), None)
+    version = _stored(db_url, namespace)[1]["r"][0]
+    assert fast.fast_acquire(namespace, ["r"], *_entry("L5")) == version + 1
+    assert fast.fast_release(namespace, ["r"], "L5") == version + 1
+    # A row deleted behind tasklocks' back (it never deletes one): nothing taken, no token.
+    raw_sql(
+        db_url,
+        f"DELETE FROM {DEFAULT_TABLE}_names WHERE namespace = %s AND name = %s",
+        (namespace, "r"),
+    )
+    assert fast.fast_acquire(namespace, ["r"], *_entry("L6")) is None
+    assert sent[-1] == again and "r" not in _stored(db_url, namespace)[1]
+
+
 def _take(
     name: str, lease: str, note: str | None = "n"
 ) -> Callable[[Snapshot], tuple[str, bool] | None]:

@@ -6,9 +6,10 @@ mark)`` beside the documents. A name is in one of three states:
 * **free**: no row, or a row with neither a lease nor the mark;
 * **held in its row**: ``lease`` and the lease's ``record`` (its format-3 record, a JSON array)
   are set, and ``version`` is the holder's fencing token. Taking a free name exclusively and
-  releasing it are one small statement on that row alone (``name_acquire``, ``name_release``):
-  no two processes on distinct names queue on one row, and the cost does not grow with the
-  number of locks held;
+  releasing it are one small statement on that row alone (``name_acquire``, ``name_release``;
+  ``name_retake``, the row's UPDATE alone, for a name whose row the process has taken before:
+  rows are never deleted): no two processes on distinct names queue on one row, and the cost
+  does not grow with the number of locks held;
 * **kept by the document** (``mark`` set): the name has entries or waiters in the document, and
   every change of it goes through the document (the full path: queues, shared and counted
   names, several names at once, deadlock detection).

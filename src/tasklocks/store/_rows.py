@@ -63,6 +63,9 @@ def _taken(claimed: Sequence[Any]) -> list[HeldRow]:
     return [_held(*r[:4]) for r in claimed if r[2] is not None and not r[4]]
 
 
+ROWS_SEEN = 10_000
+
+
 def fast_names(names: Sequence[str]) -> list[str]:
     """``names`` without repeats, each checked."""
     if len(names) == 1:  # the common call
@@ -75,6 +78,10 @@ def fast_names(names: Sequence[str]) -> list[str]:
 
 class RowsStore(SQLStore):
     """An adapter of this layout (see the module docstring)."""
+
+    # (namespace, name) of the rows this process took a name in: taken again by their UPDATE
+    # alone (name_retake), at most ROWS_SEEN of them remembered (forgotten all at once).
+    _rows_seen: set[tuple[str, str]] | None = None
 
     # --- the full path ------------------------------------------------------------------------
 
@@ -232,7 +239,17 @@ class RowsStore(SQLStore):
         unique = fast_names(names)
         if len(unique) != 1 or not is_name(lease):  # several names: the full path
             return None
-        return self._fast(True, self._name_statement(True, namespace, unique[0], lease, record))
+        seen, key = self._rows_seen, (namespace, unique[0])
+        if seen is None:
+            seen = self._rows_seen = set()
+        retake = key in seen
+        statement = self._name_statement(True, namespace, unique[0], lease, record, retake)
+        token = self._fast(True, statement)
+        if token is not None and not retake:  # its row exists now, and rows are never deleted
+            if len(seen) >= ROWS_SEEN:
+                seen.clear()
+            seen.add(key)
+        return token
 
     def fast_release(self, namespace: str, names: Sequence[str], lease: str) -> int | None:
         unique = fast_names(names)
@@ -241,13 +258,21 @@ class RowsStore(SQLStore):
         return self._fast(False, self._name_statement(False, namespace, unique[0], lease))
 
     def _name_statement(
-        self, acquire: bool, namespace: str, name: str, lease: str, record: str = ""
+        self,
+        acquire: bool,
+        namespace: str,
+        name: str,
+        lease: str,
+        record: str = "",
+        retake: bool = False,
     ) -> tuple[str, Any]:
-        """The statement and parameters of ``name_acquire`` or ``name_release`` (named
-        parameters, unless a dialect's driver takes only positional ones)."""
+        """The statement and parameters of ``name_acquire`` (``name_retake`` for a name whose
+        row was seen) or ``name_release`` (named parameters, unless a dialect's driver takes
+        only positional ones)."""
         params = {"ns": namespace, "name": name, "lease": lease}
         if acquire:
-            return self._sql["name_acquire"], {**params, "record": record}
+            sql = self._sql["name_retake" if retake else "name_acquire"]
+            return sql, {**params, "record": record}
         return self._sql["name_release"], params
 
     @abstractmethod

@@ -295,8 +295,16 @@ class MySQLStore(ServerStore):
             pass
 
     def _name_statement(
-        self, acquire: bool, namespace: str, name: str, lease: str, record: str = ""
+        self,
+        acquire: bool,
+        namespace: str,
+        name: str,
+        lease: str,
+        record: str = "",
+        retake: bool = False,
     ) -> tuple[str, Any]:
+        if retake:
+            return self._sql["name_retake"], (lease, record, namespace, name)
         if acquire:
             return self._sql["name_acquire"], (namespace, name, lease, record, namespace)
         return self._sql["name_release"], (namespace, name, lease)

@@ -60,6 +60,14 @@ ON DUPLICATE KEY UPDATE
                  version + LAST_INSERT_ID(0)),
     record = IF(lease IS NULL AND mark = 0, VALUES(record), record),
     lease = IF(lease IS NULL AND mark = 0, VALUES(lease), lease);
+-- name: name_retake
+-- name_acquire of a name whose row this process has seen (rows are never deleted): the row's
+-- UPDATE alone, without the insert and its look at the layout row, which cost MariaDB a
+-- temporary table each time. It changes nothing if the row is held, kept by the document or
+-- (against expectation) gone: the full path decides then.
+-- (version is set first: its LAST_INSERT_ID is the token in the OK packet, 0 if nothing changed.)
+UPDATE {t}_names SET version = LAST_INSERT_ID(version + 1), lease = %s, record = %s
+WHERE namespace = %s AND name = %s AND lease IS NULL AND mark = 0;
 -- name: name_release
 UPDATE {t}_names SET lease = NULL, record = NULL, version = LAST_INSERT_ID(version)
 WHERE namespace = %s AND name = %s AND lease = %s AND mark = 0;

@@ -90,6 +90,14 @@ WHERE EXISTS (SELECT FROM {t}_names WHERE namespace = %(ns)s AND name = '' AND m
 ON CONFLICT (namespace, name) DO UPDATE SET version = n.version + 1, lease = excluded.lease,
     record = excluded.record WHERE n.lease IS NULL AND NOT n.mark
 RETURNING n.version;
+-- name: name_retake
+-- name_acquire of a name whose row this process has seen (rows are never deleted): the row's
+-- UPDATE alone, without the insert and its look at the layout row, which cost MariaDB a
+-- temporary table each time. It changes nothing if the row is held, kept by the document or
+-- (against expectation) gone: the full path decides then.
+UPDATE {t}_names SET version = version + 1, lease = %(lease)s, record = %(record)s
+WHERE namespace = %(ns)s AND name = %(name)s AND lease IS NULL AND NOT mark
+RETURNING version;
 -- name: name_release
 UPDATE {t}_names SET lease = NULL, record = NULL
 WHERE namespace = %(ns)s AND name = %(name)s AND lease = %(lease)s AND NOT mark

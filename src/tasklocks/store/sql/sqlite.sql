@@ -72,6 +72,13 @@ SELECT :ns, :name, tasklocks_token(1), :lease, :record, 0
 WHERE EXISTS (SELECT 1 FROM {t}_names WHERE namespace = :ns AND name = '' AND mark)
 ON CONFLICT (namespace, name) DO UPDATE SET version = tasklocks_token(n.version + 1),
     lease = excluded.lease, record = excluded.record WHERE n.lease IS NULL AND NOT n.mark;
+-- name: name_retake
+-- name_acquire of a name whose row this process has seen (rows are never deleted): the row's
+-- UPDATE alone, without the insert and its look at the layout row, which cost MariaDB a
+-- temporary table each time. It changes nothing if the row is held, kept by the document or
+-- (against expectation) gone: the full path decides then.
+UPDATE {t}_names SET version = tasklocks_token(version + 1), lease = :lease, record = :record
+WHERE namespace = :ns AND name = :name AND lease IS NULL AND NOT mark;
 -- name: name_release
 UPDATE {t}_names SET lease = NULL, record = NULL, version = tasklocks_token(version)
 WHERE namespace = :ns AND name = :name AND lease = :lease AND NOT mark;
