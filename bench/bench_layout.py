@@ -26,6 +26,7 @@ KIND = {"sqlite": "cas-sqlite", "mysql": "cas-mysql", "postgresql": "cas-pg"}
 BARE = {"sqlite": "upd-sqlite", "mysql": "upd-mysql", "postgresql": "upd-pg"}
 PEER = {"mysql": "getlock-mysql", "postgresql": "adv-pg"}
 ROWS = {"mysql": "row-mysql", "postgresql": "row-pg"}  # a row per lock name
+STATEMENTS = {"mysql": "stmt-mysql", "postgresql": "stmt-pg"}  # tasklocks' own, nothing else
 
 
 def shard_of(name: str) -> int:

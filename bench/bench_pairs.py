@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -37,6 +38,8 @@ BASELINE_NAMES = {
     "upd-pg": "bare UPDATE PostgreSQL",
     "row-mysql": "row per name MariaDB",
     "row-pg": "row per name PostgreSQL",
+    "stmt-mysql": "tasklocks' statements MariaDB",
+    "stmt-pg": "tasklocks' statements PostgreSQL",
     "redis": "redis-py Lock",
 }
 BACKEND_OF = {
@@ -54,6 +57,8 @@ BACKEND_OF = {
     "upd-pg": "postgresql",
     "row-mysql": "mysql",
     "row-pg": "postgresql",
+    "stmt-mysql": "mysql",
+    "stmt-pg": "postgresql",
     "redis": "redis",
 }
 SQLITE_BUSY_TIMEOUT = 30.0  # seconds, the baseline's busy handler (sqlite3 ``timeout=``)
@@ -363,7 +368,91 @@ class RowPerNamePair(BareUpdatePair):
                 raise RuntimeError(f"{self.key}: not changed")
 
 
+class StatementsPair:
+    """tasklocks' own two statements of a one-name pair, from its SQL files, with a fresh lease
+    and a record of a real one's size: ``name_acquire`` the first time, ``name_retake`` (the row
+    is known) after it, as tasklocks sends them, and ``name_release``; from a client that does
+    nothing else: on PostgreSQL through libpq's prepared statements, the road tasklocks' adapter
+    takes; on MariaDB through PyMySQL's cursor, as tasklocks does. What tasklocks' Python adds to
+    a pair is the difference between this and tasklocks itself (issue 10)."""
+
+    def __init__(self, spec: PairSpec) -> None:
+        from tasklocks.store._base import fill, load
+
+        self.backend = BACKEND_OF[spec.kind]
+        dialect = "mysql" if self.backend == "mysql" else "postgres"
+        sql = load(dialect)
+        table = "tasklocks"  # the table the bench's tasklocks pairs use
+        self.ns, self.name = spec.namespace, spec.name
+        self.acquire = fill(sql["name_acquire"], t=table)
+        self.retake = fill(sql["name_retake"], t=table)
+        self.seen = False  # the row exists: name_retake
+        self.release = fill(sql["name_release"], t=table)
+        self.record = "x" * 130  # about a real record's size (the text is not read)
+        layout = f"INSERT INTO {table}_names (namespace, name, version, mark) VALUES (%s, '', 1, "
+        self.conn: Any
+        if self.backend == "mysql":
+            self.conn = mysql_connect(spec.cfg.mysql_url)
+            with self.conn.cursor() as cur:
+                cur.execute(layout.replace("INSERT", "INSERT IGNORE") + "1)", (self.ns,))
+            return
+        import psycopg
+        import psycopg.generators
+
+        self.conn = psycopg.connect(pg_conninfo(spec.cfg.pg_url), autocommit=True)
+        self.conn.execute(layout + "true) ON CONFLICT DO NOTHING", (self.ns,))
+        self.execute = psycopg.generators.execute
+        self.pg = self.conn.pgconn
+        self.order: dict[bytes, tuple[str, ...]] = {}
+        texts = {b"bench_acquire": self.acquire, b"bench_retake": self.retake}
+        for key, text in {**texts, b"bench_release": self.release}.items():
+            numbered, self.order[key] = _numbered(text)
+            self.pg.prepare(key, numbered.encode())
+
+    def _pg(self, statement: bytes, params: dict[str, str]) -> None:
+        self.pg.send_query_prepared(statement, [params[k].encode() for k in self.order[statement]])
+        result = self.conn.wait(self.execute(self.pg))[-1]
+        if result.ntuples != 1:
+            raise RuntimeError(f"{self.name}: not changed ({result.error_message!r})")
+
+    def pair(self) -> None:
+        lease = os.urandom(8).hex()
+        if self.backend == "mysql":
+            with self.conn.cursor() as cur:
+                if self.seen:
+                    cur.execute(self.retake, (lease, self.record, self.ns, self.name))
+                else:
+                    cur.execute(self.acquire, (self.ns, self.name, lease, self.record, self.ns))
+                if not cur.lastrowid:
+                    raise RuntimeError(f"{self.name}: not taken")
+                if cur.execute(self.release, (self.ns, self.name, lease)) != 1:
+                    raise RuntimeError(f"{self.name}: not released")
+            self.seen = True
+            return
+        params = {"ns": self.ns, "name": self.name, "lease": lease, "record": self.record}
+        self._pg(b"bench_retake" if self.seen else b"bench_acquire", params)
+        self._pg(b"bench_release", params)
+        self.seen = True
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _numbered(sql: str) -> tuple[str, tuple[str, ...]]:
+    """``%(key)s`` parameters as libpq's ``$n``, and the keys in their order."""
+    keys: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match.group(1) not in keys:
+            keys.append(match.group(1))
+        return f"${keys.index(match.group(1)) + 1}"
+
+    return re.sub(r"%\((\w+)\)s", number, sql), tuple(keys)
+
+
 _KINDS: dict[str, type[Pair]] = {
+    "stmt-mysql": StatementsPair,
+    "stmt-pg": StatementsPair,
     "row-mysql": RowPerNamePair,
     "row-pg": RowPerNamePair,
     "upd-sqlite": BareUpdatePair,

@@ -524,6 +524,14 @@ def section_layout(cfg: Config, crew: Crew) -> None:
         )
         if backend in bl.ROWS:  # (the kind makes a row per name under this prefix)
             runs.append(("a row per name", bl.ROWS[backend], lambda _n: cfg.namespace("rows")))
+        if backend in bl.STATEMENTS:  # tasklocks' two statements from a client doing nothing else
+            runs.append(
+                (
+                    "tasklocks' statements, bare client",
+                    bl.STATEMENTS[backend],
+                    lambda _n: cfg.namespace("statements"),
+                )
+            )
         if backend in bl.PEER:
             peer = bl.PEER[backend]  # (a peer's pairs name no row: any will do)
             runs.append((BASELINE_NAMES[peer], peer, layouts["1 row"]))
