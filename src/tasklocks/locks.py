@@ -156,7 +156,7 @@ class Lease:
         holder's lock is never touched)."""
         if self.released:
             raise NotHeld(self.names[0], self.owner, None)
-        if self.session is not None and self.session.pid != _pid.pid():
+        if self.session is not None and self.session.pid != _pid._pid:
             raise TasklocksError(
                 f"the lease on {', '.join(self.names)} belongs to process {self.session.pid}; "
                 "a forked child cannot release it (its parent does)"

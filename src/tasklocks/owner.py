@@ -122,7 +122,7 @@ _current: ProcessIdentity | None = None
 def current_process() -> ProcessIdentity:
     """This process's identity (recomputed after a fork)."""
     global _current
-    pid = _pid.pid()
+    pid = _pid._pid
     if _current is None or _current.pid != pid:
         _current = ProcessIdentity(
             pid=pid,

@@ -67,10 +67,7 @@ class Retry(StoreError):
 class Call:
     """Per-attempt bookkeeping: has a change that may be applied been sent?"""
 
-    __slots__ = ("sent",)
-
-    def __init__(self) -> None:
-        self.sent = False
+    sent = False  # (a class default: a Call is made without a Python call of its own)
 
 
 @functools.cache

@@ -236,7 +236,7 @@ class RowsStore(SQLStore):
     def fast_acquire(
         self, namespace: str, names: Sequence[str], lease: str, record: str
     ) -> int | None:
-        unique = fast_names(names)
+        unique = [validate_name(names[0])] if len(names) == 1 else fast_names(names)
         if len(unique) != 1 or not is_name(lease):  # several names: the full path
             return None
         seen, key = self._rows_seen, (namespace, unique[0])
@@ -252,7 +252,7 @@ class RowsStore(SQLStore):
         return token
 
     def fast_release(self, namespace: str, names: Sequence[str], lease: str) -> int | None:
-        unique = fast_names(names)
+        unique = [validate_name(names[0])] if len(names) == 1 else fast_names(names)
         if len(unique) != 1 or not is_name(lease):
             return None
         return self._fast(False, self._name_statement(False, namespace, unique[0], lease))
