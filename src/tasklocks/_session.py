@@ -50,6 +50,7 @@ class Session:
         self.id = secrets.token_hex(8)
         self.pid = me.pid
         self.lost = threading.Event()
+        self._lost = False  # lost.is_set(), read without a call: only _lose sets either
         sent = clock()
         store.open_session(self.id, owner, me.host, me.pid, self.lifetime)
         # The database cannot expire it before sent + lifetime: give up a little sooner.
@@ -78,12 +79,13 @@ class Session:
         if self.deadline - _boot_clock(CLOCK_BOOTTIME) <= 0:  # (clock(), without its call)
             self._renewed.set()
             return False
-        return not self.lost.is_set() and self.pid == _pid._pid
+        return not self._lost and self.pid == _pid._pid
 
     def _lose(self) -> None:
         with self._losing:
             if self.lost.is_set():
                 return
+            self._lost = True
             self.lost.set()
         for callback in self.on_lost:
             callback()

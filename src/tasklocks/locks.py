@@ -328,8 +328,6 @@ class LockTable:
 
     def _settle(self) -> None:
         """Give back what acquisitions that failed may have left (see ``_give_back``)."""
-        if not self._orphans:
-            return
         for lease in list(self._orphans):
             self._give_back(lease)
             if lease in self._orphans:
@@ -717,7 +715,8 @@ class LockTable:
     # --- releasing ----------------------------------------------------------------------------
 
     def _release(self, names: tuple[str, ...], owner: str, lease: str | None) -> None:
-        self._settle()
+        if self._orphans:
+            self._settle()
         fast: bool | None = False  # None: the reply to the one-statement release was lost
         if self._fast is not None and lease in self._in_rows:
             # Only a lease taken in its row tries its row first: one the document granted is

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import operator
 import os
 import re
 import threading
@@ -51,7 +52,7 @@ class _Numbered:
     """A statement with named parameters (``%(ns)s``) as libpq takes it (``$1``), and the name
     it is prepared under on a connection (one per text: the table name is in it)."""
 
-    __slots__ = ("keys", "name", "sql")
+    __slots__ = ("keys", "name", "sql", "values")
 
     def __init__(self, sql: str) -> None:
         keys: list[str] = []
@@ -63,6 +64,11 @@ class _Numbered:
 
         self.sql = _PARAM.sub(number, sql).encode()
         self.keys = tuple(keys)
+        # The parameters' values in $n order, from the statement's mapping, without a Python call
+        # (itemgetter of several keys returns a tuple; the row statements have three or four).
+        self.values: Callable[[Mapping[str, Any]], tuple[Any, ...]] = (
+            operator.itemgetter(*keys) if len(keys) > 1 else lambda p: tuple(p[k] for k in keys)
+        )
         self.name = b"tasklocks_" + hashlib.sha1(self.sql).hexdigest()[:16].encode()
 
 
@@ -129,6 +135,8 @@ class PostgresStore(ServerStore):
         )
         self._last_conn: Any = None  # the connection of the last one, its encoding and _prepared
         self._last_known: tuple[str, dict[bytes, bool]] = ("", {})
+        status = self._psycopg.pq.ExecStatus
+        self._ok = (status.TUPLES_OK, status.COMMAND_OK)  # what a statement that went well gives
         # Connection.wait and psycopg.generators are psycopg's own machinery (3.0 to 3.3 at
         # least), not its documented API: without them, the cursor.
         self._libpq_rows = callable(getattr(self._psycopg.Connection, "wait", None)) and callable(
@@ -344,7 +352,14 @@ class PostgresStore(ServerStore):
             uses = self._prepared.setdefault(conn, {})
             if self._engine is None:  # ours: nothing else sets its client_encoding
                 self._last_conn, self._last_known = conn, (encoding, uses)
-        values = [str(params[key]).encode(encoding) for key in numbered.keys]
+        given = numbered.values(params)
+        values: list[bytes] | None
+        try:  # text in UTF-8, the common case, encoded without a Python call
+            values = list(map(str.encode, given)) if encoding == "utf-8" else None
+        except TypeError:  # a value that is not text
+            values = None
+        if values is None:
+            values = [str(v).encode(encoding) for v in given]
         prepared = uses.get(numbered.name)
         result = None
         if prepared is not None and not self._pooled:  # its second use on this connection
@@ -353,7 +368,9 @@ class PostgresStore(ServerStore):
                 self._result(conn, missing="42P05")  # 42P05: this session has it already
                 uses[numbered.name] = True
             pgconn.send_query_prepared(numbered.name, values)
-            result = self._result(conn, missing="26000")  # 26000: deallocated meanwhile
+            result = conn.wait(self._psycopg.generators.execute(pgconn))[-1]
+            if result.status not in self._ok:  # (_result, without its call when it went well)
+                result = self._failed(conn, result, missing="26000")  # 26000: deallocated
         if result is None:  # first use (a short-lived process prepares nothing), or pooled
             uses[numbered.name] = False
             pgconn.send_query_params(numbered.sql, values)
@@ -364,11 +381,12 @@ class PostgresStore(ServerStore):
     def _result(self, conn: Any, missing: str = "") -> Any:
         """The last result of what was sent on ``conn``'s libpq connection, the server's error
         as psycopg raises it, or None for the error whose SQLSTATE is ``missing``."""
-        results = conn.wait(self._psycopg.generators.execute(conn.pgconn))
-        result = results[-1]
-        ok = self._psycopg.pq.ExecStatus
-        if result.status in (ok.TUPLES_OK, ok.COMMAND_OK):
-            return result
+        result = conn.wait(self._psycopg.generators.execute(conn.pgconn))[-1]
+        return result if result.status in self._ok else self._failed(conn, result, missing)
+
+    def _failed(self, conn: Any, result: Any, missing: str) -> Any:
+        """The server's error of ``result`` as psycopg raises it, or None if its SQLSTATE is
+        ``missing``."""
         error = self._psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
         if missing and error.sqlstate == missing:
             return None
