@@ -59,10 +59,10 @@ def counting_queries() -> Iterator[list[int]]:
     """Count what this process sends to MariaDB and PostgreSQL while the block runs.
 
     Client-side, so other clients of the same servers (test suites running meanwhile) do not
-    pollute the count: every PyMySQL command (queries, BEGIN, COMMIT, pings), every psycopg
-    ``execute``/``executemany`` (``Connection.execute`` goes through ``Cursor.execute``), and
-    every statement tasklocks' PostgreSQL adapter sends through libpq itself (its name rows'
-    statements, and their preparation: ``PostgresStore._result``).
+    pollute the count: every PyMySQL command (queries, BEGIN, COMMIT, pings), and every round
+    trip psycopg waits for (``Connection.wait``: a cursor's ``execute``, and each statement
+    tasklocks' PostgreSQL adapter sends through libpq itself, its name rows' statements and
+    their preparation).
     """
     box = [0]
     undo: list[tuple[Any, str, Any]] = []
@@ -82,12 +82,7 @@ def counting_queries() -> Iterator[list[int]]:
     if "psycopg" in sys.modules:
         import psycopg
 
-        wrap(psycopg.Cursor, "execute")
-        wrap(psycopg.Cursor, "executemany")
-    if "tasklocks.store.postgres" in sys.modules:
-        from tasklocks.store.postgres import PostgresStore
-
-        wrap(PostgresStore, "_result")
+        wrap(psycopg.Connection, "wait")
     if "pymysql" in sys.modules:
         import pymysql.connections
 
