@@ -31,17 +31,10 @@ def _statements(dialect: str, ns: str, name: str, lease: str) -> tuple[str, str]
     sql = load(dialect)
     acquire = fill(sql["name_acquire"], t=TABLE)
     release = fill(sql["name_release"], t=TABLE)
-    record = f"'{RECORD}'"
-    if dialect == "postgres":
-        values = {"ns": f"'{ns}'", "name": name, "lease": lease, "record": record}
-        for key, value in values.items():
-            acquire = acquire.replace(f"%({key})s", value)
-            release = release.replace(f"%({key})s", value)
-    else:
-        for value in (f"'{ns}'", name, lease, record, f"'{ns}'"):
-            acquire = acquire.replace("%s", value, 1)
-        for value in (f"'{ns}'", name, lease):
-            release = release.replace("%s", value, 1)
+    values = {"ns": f"'{ns}'", "name": name, "lease": lease, "record": f"'{RECORD}'"}
+    for key, value in values.items():  # (named parameters, in both dialects)
+        acquire = acquire.replace(f"%({key})s", value)
+        release = release.replace(f"%({key})s", value)
     return _one_line(acquire), _one_line(release)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import sqlite3
 import time
@@ -378,6 +377,7 @@ class StatementsPair:
 
     def __init__(self, spec: PairSpec) -> None:
         from tasklocks.store._base import fill, load
+        from tasklocks.store.postgres import _Numbered
 
         self.backend = BACKEND_OF[spec.kind]
         dialect = "mysql" if self.backend == "mysql" else "postgres"
@@ -403,51 +403,36 @@ class StatementsPair:
         self.conn.execute(layout + "true) ON CONFLICT DO NOTHING", (self.ns,))
         self.execute = psycopg.generators.execute
         self.pg = self.conn.pgconn
-        self.order: dict[bytes, tuple[str, ...]] = {}
+        self.numbered: dict[bytes, Any] = {}  # $n parameters, as the adapter numbers them
         texts = {b"bench_acquire": self.acquire, b"bench_retake": self.retake}
         for key, text in {**texts, b"bench_release": self.release}.items():
-            numbered, self.order[key] = _numbered(text)
-            self.pg.prepare(key, numbered.encode())
+            self.numbered[key] = _Numbered(text)
+            self.pg.prepare(key, self.numbered[key].sql)
 
     def _pg(self, statement: bytes, params: dict[str, str]) -> None:
-        self.pg.send_query_prepared(statement, [params[k].encode() for k in self.order[statement]])
+        given = self.numbered[statement].values(params)
+        self.pg.send_query_prepared(statement, [v.encode() for v in given])
         result = self.conn.wait(self.execute(self.pg))[-1]
         if result.ntuples != 1:
             raise RuntimeError(f"{self.name}: not changed ({result.error_message!r})")
 
     def pair(self) -> None:
         lease = os.urandom(8).hex()
+        params = {"ns": self.ns, "name": self.name, "lease": lease, "record": self.record}
         if self.backend == "mysql":
             with self.conn.cursor() as cur:
-                if self.seen:
-                    cur.execute(self.retake, (lease, self.record, self.ns, self.name))
-                else:
-                    cur.execute(self.acquire, (self.ns, self.name, lease, self.record, self.ns))
+                cur.execute(self.retake if self.seen else self.acquire, params)
                 if not cur.lastrowid:
                     raise RuntimeError(f"{self.name}: not taken")
-                if cur.execute(self.release, (self.ns, self.name, lease)) != 1:
+                if cur.execute(self.release, params) != 1:
                     raise RuntimeError(f"{self.name}: not released")
-            self.seen = True
-            return
-        params = {"ns": self.ns, "name": self.name, "lease": lease, "record": self.record}
-        self._pg(b"bench_retake" if self.seen else b"bench_acquire", params)
-        self._pg(b"bench_release", params)
+        else:
+            self._pg(b"bench_retake" if self.seen else b"bench_acquire", params)
+            self._pg(b"bench_release", params)
         self.seen = True
 
     def close(self) -> None:
         self.conn.close()
-
-
-def _numbered(sql: str) -> tuple[str, tuple[str, ...]]:
-    """``%(key)s`` parameters as libpq's ``$n``, and the keys in their order."""
-    keys: list[str] = []
-
-    def number(match: re.Match[str]) -> str:
-        if match.group(1) not in keys:
-            keys.append(match.group(1))
-        return f"${keys.index(match.group(1)) + 1}"
-
-    return re.sub(r"%\((\w+)\)s", number, sql), tuple(keys)
 
 
 _KINDS: dict[str, type[Pair]] = {

@@ -214,7 +214,6 @@ def preload() -> None:
 
     for adapter in (sqlite.SQLiteStore, mysql.MySQLStore, postgres.PostgresStore):
         _base.load(adapter.DIALECT)
-    for driver in ("psycopg", "pymysql"):
-        with contextlib.suppress(ImportError):
-            __import__(driver)
-    mysql.preload()
+    with contextlib.suppress(ImportError):
+        import psycopg  # noqa: F401
+    mysql.preload()  # (imports PyMySQL too)

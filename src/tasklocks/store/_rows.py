@@ -236,7 +236,7 @@ class RowsStore(SQLStore):
     def fast_acquire(
         self, namespace: str, names: Sequence[str], lease: str, record: str
     ) -> int | None:
-        unique = [validate_name(names[0])] if len(names) == 1 else fast_names(names)
+        unique = fast_names(names)
         if len(unique) != 1 or not is_name(lease):  # several names: the full path
             return None
         seen, key = self._rows_seen, (namespace, unique[0])
@@ -252,7 +252,7 @@ class RowsStore(SQLStore):
         return token
 
     def fast_release(self, namespace: str, names: Sequence[str], lease: str) -> int | None:
-        unique = [validate_name(names[0])] if len(names) == 1 else fast_names(names)
+        unique = fast_names(names)
         if len(unique) != 1 or not is_name(lease):
             return None
         return self._fast(False, self._name_statement(False, namespace, unique[0], lease))
@@ -266,9 +266,8 @@ class RowsStore(SQLStore):
         record: str = "",
         retake: bool = False,
     ) -> tuple[str, Any]:
-        """The statement and parameters of ``name_acquire`` (``name_retake`` for a name whose
-        row was seen) or ``name_release`` (named parameters, unless a dialect's driver takes
-        only positional ones)."""
+        """The statement and (named) parameters of ``name_acquire`` (``name_retake`` for a name
+        whose row was seen) or ``name_release``."""
         params = {"ns": namespace, "name": name, "lease": lease}
         if acquire:
             sql = self._sql["name_retake" if retake else "name_acquire"]

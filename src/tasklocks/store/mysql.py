@@ -294,21 +294,6 @@ class MySQLStore(ServerStore):
         while cur.nextset():
             pass
 
-    def _name_statement(
-        self,
-        acquire: bool,
-        namespace: str,
-        name: str,
-        lease: str,
-        record: str = "",
-        retake: bool = False,
-    ) -> tuple[str, Any]:
-        if retake:
-            return self._sql["name_retake"], (lease, record, namespace, name)
-        if acquire:
-            return self._sql["name_acquire"], (namespace, name, lease, record, namespace)
-        return self._sql["name_release"], (namespace, name, lease)
-
     def _name_version(self, cursor: Any, acquire: bool) -> int | None:
         # The token is in the OK packet (LAST_INSERT_ID(expr)), and only when the row changed.
         if acquire:

@@ -47,14 +47,14 @@ CREATE TABLE IF NOT EXISTS {t}_names (namespace VARCHAR(191) NOT NULL, name VARB
 -- name: upgrade_meta
 UPDATE {t}_meta SET value = %s WHERE `key` = 'schema_version' AND value = %s;
 -- name: name_acquire
--- Take a free name (see postgres.sql). MySQL reads the row '' into a temporary table first (it
+-- Take a free name (see postgres.sql; the row statements take named parameters, as there). MySQL reads the row '' into a temporary table first (it
 -- is the table written: https://dev.mysql.com/doc/refman/8.0/en/insert-select.html). SET runs left to right: version and record test the lease
 -- before it is set. LAST_INSERT_ID(expr) hands the token back in the OK packet (lastrowid): 1 for
 -- a new row, the version + 1 for a free one, and 0 when the name was not taken (the SELECT set 1
 -- before the row was found; the affected-row count cannot tell, as CLIENT.FOUND_ROWS changes it).
 INSERT INTO {t}_names (namespace, name, version, lease, record, mark)
-SELECT %s, %s, LAST_INSERT_ID(1), %s, %s, 0 FROM DUAL
-WHERE EXISTS (SELECT 1 FROM {t}_names WHERE namespace = %s AND name = '' AND mark = 1)
+SELECT %(ns)s, %(name)s, LAST_INSERT_ID(1), %(lease)s, %(record)s, 0 FROM DUAL
+WHERE EXISTS (SELECT 1 FROM {t}_names WHERE namespace = %(ns)s AND name = '' AND mark = 1)
 ON DUPLICATE KEY UPDATE
     version = IF(lease IS NULL AND mark = 0, LAST_INSERT_ID(version + 1),
                  version + LAST_INSERT_ID(0)),
@@ -66,11 +66,12 @@ ON DUPLICATE KEY UPDATE
 -- temporary table each time. It changes nothing if the row is held, kept by the document or
 -- (against expectation) gone: the full path decides then.
 -- (version is set first: its LAST_INSERT_ID is the token in the OK packet, 0 if nothing changed.)
-UPDATE {t}_names SET version = LAST_INSERT_ID(version + 1), lease = %s, record = %s
-WHERE namespace = %s AND name = %s AND lease IS NULL AND mark = 0;
+UPDATE {t}_names SET version = LAST_INSERT_ID(version + 1), lease = %(lease)s,
+    record = %(record)s
+WHERE namespace = %(ns)s AND name = %(name)s AND lease IS NULL AND mark = 0;
 -- name: name_release
 UPDATE {t}_names SET lease = NULL, record = NULL, version = LAST_INSERT_ID(version)
-WHERE namespace = %s AND name = %s AND lease = %s AND mark = 0;
+WHERE namespace = %(ns)s AND name = %(name)s AND lease = %(lease)s AND mark = 0;
 -- name: select_kept
 -- A namespace's document and the names held in their rows, in one statement (one snapshot),
 -- then the sessions.
