@@ -34,7 +34,7 @@ import json
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from tasklocks.errors import CorruptLockTable, quote
 
@@ -139,11 +139,11 @@ class Waiter(Process):
         )  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
-class Claimant:
+class Claimant(NamedTuple):
     """Who asks for locks: the holder fields that do not depend on the document. ``waiter``,
     when given, is who waits in the queue instead (a claimant without a process still waits
-    as the calling process, so that a crashed waiter leaves the queue)."""
+    as the calling process, so that a crashed waiter leaves the queue). A named tuple: one is
+    made for every acquisition, and a frozen dataclass's ``__init__`` costs a call per field."""
 
     owner: str
     pid: int | None

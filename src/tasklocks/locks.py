@@ -10,14 +10,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
 from tasklocks import _core, _pid
 from tasklocks._clock import clock, pause
 from tasklocks._core import EXCLUSIVE, SHARED, Claimant, Holder, LockDoc, Waiter, Want
-from tasklocks._fastpath import FastPath
 from tasklocks._session import DEFAULT_TTL, MIN_TTL, Session
 from tasklocks._waiting import Listen, OnWait, Pause, Request, Steps, Wait, Watch
 from tasklocks._wake import Waker
@@ -131,12 +130,20 @@ class Lease:
     ):
         self.table = table
         self.names = names
-        self.wants = wants if wants is not None else tuple(Want(n) for n in names)
+        self._wants = wants  # (None: each name exclusive, made when first asked for)
         self.owner = owner
         self.token = token
         self.lease_id = lease
         self.session = session
         self.released = False
+
+    @property
+    def wants(self) -> tuple[Want, ...]:
+        """What was taken, name by name, and how (exclusive, shared, a limit)."""
+        wants = self._wants
+        if wants is None:
+            wants = self._wants = tuple(Want(n) for n in self.names)
+        return wants
 
     @property
     def lost(self) -> threading.Event:
@@ -221,7 +228,9 @@ class LockTable:
         self._snap: Snapshot | None = None
         self._doc: LockDoc = _core.EMPTY
         self._encoder = _core.Encoder(compact=True)
-        self._fast = FastPath(store, self.namespace) if isinstance(store, FastPaths) else None
+        # The one-statement changes in a name's own row (see store/_names.py): taking a free
+        # name, and releasing it, without the full path's transaction over the document.
+        self._fast: FastPaths | None = store if isinstance(store, FastPaths) else None
         self.local_db = store.local  # a local database (SQLite) proves more: see owner.py
         self._waker = Waker(f"{store.url}|{store.table}|{self.namespace}")
 
@@ -497,7 +506,7 @@ class LockTable:
         if not session.alive():  # written under a session lost meanwhile
             self._give_back(claimant.lease)
             return None
-        return Lease(self, (name,), claimant.owner, token, claimant.lease, session, (Want(name),))
+        return Lease(self, (name,), claimant.owner, token, claimant.lease, session)
 
     def _run(self, steps: Steps[T]) -> T:
         """Drive an acquisition's steps, sleeping where it asks to (``tasklocks.aio`` awaits
@@ -589,11 +598,10 @@ class LockTable:
             try:
                 if claimant.session is not None:
                     session = self._live_session()
-                    claimant = replace(claimant, session=session.id)
+                    claimant = claimant._replace(session=session.id)
                 elif waiting is not None:  # kept without a process, but waits as this one
                     me, live = current_process(), self._live_session()
-                    claimant = replace(
-                        claimant,
+                    claimant = claimant._replace(
                         waiter_as=Claimant(
                             owner=claimant.owner,
                             pid=me.pid,
@@ -674,8 +682,9 @@ class LockTable:
         if self._fast is None:
             return None
         self._unsure.add(claimant.lease)  # until the outcome is known (a reply, a refusal)
-        try:
-            token = self._fast.acquire(names, claimant)
+        record = _core.claim_record(claimant, time.time())
+        try:  # all of them if all are free: the token; None: the full path decides
+            token = self._fast.fast_acquire(self.namespace, names, claimant.lease, record)
         except OutcomeUnknown:  # the full path re-reads and recognises the entry if written
             return None
         self._unsure.discard(claimant.lease)
@@ -722,7 +731,10 @@ class LockTable:
             # Only a lease taken in its row tries its row first: one the document granted is
             # the document's (a try would cost a round trip to miss).
             self._in_rows.discard(lease)
-            fast = self._fast.release(names, lease)
+            try:  # False: the document keeps them (the full path releases them)
+                fast = self._fast.fast_release(self.namespace, names, lease) is not None
+            except OutcomeUnknown:
+                fast = None
         if fast:
             # Released in the name's own row: no waiter wants it (queuing for a name moves it
             # into the document, and its row release then misses), so there is no one to wake.

@@ -335,6 +335,33 @@ def test_a_write_on_a_killed_session_succeeds_or_says_outcome_unknown(
         raw_sql(server, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
 
 
+def test_a_row_statement_on_a_killed_session_says_outcome_unknown(
+    server: str, namespace: str
+) -> None:
+    """The warm road of a row statement (no ``_locked`` loop) fails as the loop does: the
+    statement was sent, so a connection found gone is an unknown outcome, said in one line;
+    the next call reconnects, and the name's row tells what happened."""
+    store: Any = open_store(server)
+    lease, record = _entry("K-1")
+    try:
+        store.transact(namespace, lambda s: (EMPTY_DOCUMENT, False), None)  # the rows layout
+        assert store.fast_acquire(namespace, ["w"], "K-0", record) == 1
+        assert store.fast_release(namespace, ["w"], "K-0") == 1
+        _kill_session(server, store)
+        try:
+            taken = store.fast_acquire(namespace, ["w"], lease, record)
+        except OutcomeUnknown as exc:
+            _assert_one_clear_line(exc, "may or may not")
+            taken = None
+        assert taken is None  # the server ended the session before the statement ran
+        assert "w" not in _locks(store, namespace)  # reconnected: nothing was written
+        assert store.fast_acquire(namespace, ["w"], lease, record) == 2
+        assert store.fast_release(namespace, ["w"], lease) == 2
+    finally:
+        store.close()
+        delete_rows(server, namespace)
+
+
 # --- waiting ---------------------------------------------------------------------------------
 
 

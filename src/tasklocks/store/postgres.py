@@ -133,10 +133,15 @@ class PostgresStore(ServerStore):
         self._prepared: weakref.WeakKeyDictionary[Any, dict[bytes, bool]] = (
             weakref.WeakKeyDictionary()
         )
-        self._last_conn: Any = None  # the connection of the last one, its encoding and _prepared
-        self._last_known: tuple[str, dict[bytes, bool]] = ("", {})
-        status = self._psycopg.pq.ExecStatus
-        self._ok = (status.TUPLES_OK, status.COMMAND_OK)  # what a statement that went well gives
+        # The connection of the last one (this store's own), its libpq connection, encoding and
+        # _prepared entry.
+        self._last_conn: Any = None
+        self._last_known: tuple[Any, str, dict[bytes, bool]] = (None, "", {})
+        pq = self._psycopg.pq
+        self._ok = (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)  # a statement went well
+        # (libpq's PQTRANS_IDLE and PQ_PIPELINE_OFF are 0: a connection whose two are false is
+        # idle, outside a pipeline.)
+        assert pq.TransactionStatus.IDLE == 0 and pq.PipelineStatus.OFF == 0
         # Connection.wait and psycopg.generators are psycopg's own machinery (3.0 to 3.3 at
         # least), not its documented API: without them, the cursor.
         self._libpq_rows = callable(getattr(self._psycopg.Connection, "wait", None)) and callable(
@@ -331,27 +336,22 @@ class PostgresStore(ServerStore):
         engine's facade) takes the cursor. A statement's first run on a connection is unnamed;
         the second prepares it (again after a ``DEALLOCATE``), unless a transaction-pooling
         proxy is in between."""
-        pq = self._psycopg.pq
-        pgconn = getattr(conn, "pgconn", None)
-        if (
-            not self._libpq_rows
-            or type(conn) is not self._psycopg.Connection
-            or pgconn is None
-            or pgconn.transaction_status != pq.TransactionStatus.IDLE
-            or pgconn.pipeline_status != pq.PipelineStatus.OFF
-        ):
-            return super()._run_name_statement(conn, acquire, statement)
         sql, params = statement
-        numbered = self._numbered.get(sql)
-        if numbered is None:
-            numbered = self._numbered[sql] = _Numbered(sql)
-        if conn is self._last_conn:  # the connection of the last call: what it knows, kept
-            encoding, uses = self._last_known
+        if conn is self._last_conn:  # this store's own connection, as the last call found it
+            pgconn, encoding, uses = self._last_known
         else:
+            pgconn = getattr(conn, "pgconn", None)
+            if not self._libpq_rows or type(conn) is not self._psycopg.Connection or pgconn is None:
+                return super()._run_name_statement(conn, acquire, statement)
             encoding = conn.info.encoding
             uses = self._prepared.setdefault(conn, {})
             if self._engine is None:  # ours: nothing else sets its client_encoding
-                self._last_conn, self._last_known = conn, (encoding, uses)
+                self._last_conn, self._last_known = conn, (pgconn, encoding, uses)
+        if pgconn.transaction_status or pgconn.pipeline_status:  # not idle, or a pipeline
+            return super()._run_name_statement(conn, acquire, statement)
+        numbered = self._numbered.get(sql)
+        if numbered is None:
+            numbered = self._numbered[sql] = _Numbered(sql)
         given = numbered.values(params)
         values: list[bytes] | None
         try:  # text in UTF-8, the common case, encoded without a Python call
