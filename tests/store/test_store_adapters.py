@@ -1085,6 +1085,40 @@ def test_fast_paths_under_no_backslash_escapes(namespace: str) -> None:
         delete_rows(url, namespace)
 
 
+def test_row_statements_keep_tricky_notes_without_a_cursor(
+    fast: Any, db_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-name acquisition and its release go to a server without a driver cursor on a
+    store's own connection (MariaDB: ``Connection.query``; PostgreSQL: libpq), and on every
+    backend a note of quotes, backslashes, control characters, ``%`` and non-ASCII text comes
+    back as written."""
+    import psycopg
+    import pymysql
+
+    note = TRICKY + ("\0" if db_url.startswith("mysql") else "")
+
+    def no_cursor(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a row statement made a cursor")
+
+    assert fast.fast_acquire(namespace, ["warm"], *_entry("W-1")) == 1  # (prepared on PostgreSQL)
+    assert fast.fast_release(namespace, ["warm"], "W-1") == 1
+    with monkeypatch.context() as m:
+        m.setattr(pymysql.connections.Connection, "cursor", no_cursor)
+        m.setattr(psycopg.Connection, "cursor", no_cursor)
+        assert fast.fast_acquire(namespace, ["t"], *_entry("L-1", note=note)) == 1
+        assert fast.fast_acquire(namespace, ["t"], *_entry("L-2")) is None  # held
+    assert _locks(fast, namespace)["t"].note == note
+    with monkeypatch.context() as m:
+        m.setattr(pymysql.connections.Connection, "cursor", no_cursor)
+        m.setattr(psycopg.Connection, "cursor", no_cursor)
+        assert fast.fast_release(namespace, ["t"], "L-2") is None  # not its lease
+        assert fast.fast_release(namespace, ["t"], "L-1") == 1
+        assert fast.fast_acquire(namespace, ["t"], *_entry("L-3", note=note)) == 2
+    assert _locks(fast, namespace)["t"].note == note
+    assert fast.fast_release(namespace, ["t"], "L-3") == 2
+    assert "t" not in _locks(fast, namespace)
+
+
 def test_concurrent_fast_acquire_and_release_lose_nothing(
     fast: Any, db_url: str, namespace: str
 ) -> None:
