@@ -362,6 +362,46 @@ def test_a_row_statement_on_a_killed_session_says_outcome_unknown(
         delete_rows(server, namespace)
 
 
+def test_a_row_statement_that_deadlocks_on_the_warm_road_runs_again(
+    server: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deadlock on the warm road (the server rolled the statement back) goes back to
+    ``_locked``'s loop, which runs the statement again: the name is taken once, with the next
+    token."""
+    store: Any = open_store(server)
+    try:
+        store.transact(namespace, lambda s: (EMPTY_DOCUMENT, False), None)  # the rows layout
+        assert store.fast_acquire(namespace, ["d"], *_entry("D-0")) == 1
+        assert store.fast_release(namespace, ["d"], "D-0") == 1
+        deadlock: Exception
+        if server.startswith("mysql"):
+            import pymysql
+
+            deadlock = pymysql.err.OperationalError(1213, "Deadlock found (test)")
+        else:
+            import psycopg
+
+            deadlock = psycopg.errors.DeadlockDetected("deadlock detected (test)")
+        real = type(store)._run_name_statement
+        calls: list[bool] = []
+
+        def deadlocks_once(self: Any, conn: Any, acquire: bool, statement: Any) -> Any:
+            calls.append(acquire)
+            if len(calls) == 1:
+                raise deadlock
+            return real(self, conn, acquire, statement)
+
+        with monkeypatch.context() as m:
+            m.setattr(type(store), "_run_name_statement", deadlocks_once)
+            assert store.fast_acquire(namespace, ["d"], *_entry("D-1")) == 2
+        assert calls == [True, True]
+        assert _locks(store, namespace)["d"].lease == "D-1"
+        assert store.fast_release(namespace, ["d"], "D-1") == 2
+    finally:
+        store.close()
+        delete_rows(server, namespace)
+
+
 # --- waiting ---------------------------------------------------------------------------------
 
 
