@@ -273,9 +273,13 @@ def section_throughput(cfg: Config, crew: Crew, redis_reason: str | None) -> Non
     ]
     for backend, base, target, note in pairs:
         tl_kind = TASKLOCKS[backend]
-        skipped = {k: skip_reason(cfg, k, redis_reason) for k in (tl_kind, base)}
         runs: dict[str, list[list[LoopResult]]] = {tl_kind: [], base: []}
-        failed: dict[str, str] = {k: v for k, v in skipped.items() if v is not None}
+        rates: dict[str, list[float]] = {tl_kind: [], base: []}  # pairs/s, round by round
+        failed: dict[str, str] = {}
+        for kind in (tl_kind, base):
+            reason = skip_reason(cfg, kind, redis_reason)
+            if reason is not None:
+                failed[kind] = reason
         for r in range(rounds):
             order = (tl_kind, base) if r % 2 == 0 else (base, tl_kind)
             for kind in order:
@@ -287,6 +291,7 @@ def section_throughput(cfg: Config, crew: Crew, redis_reason: str | None) -> Non
                     continue
                 runs[kind].append(v)
                 rate, p50, p99, p999, worst, fewest, per_pair = summarise_loop(v)
+                rates[kind].append(rate)
                 say(
                     f"  round {r + 1} {BASELINE_NAMES[kind]}: {rate:,.0f} pairs/s, p50 {ms(p50)}, "
                     f"p99 {ms(p99)}, p99.9 {ms(p999)}, max {ms(worst)}, slowest process did "
@@ -294,15 +299,12 @@ def section_throughput(cfg: Config, crew: Crew, redis_reason: str | None) -> Non
                 )
         for kind, why in failed.items():
             say(f"  {BASELINE_NAMES[kind]}: skipped: {why}")
-        tl_s = _rounds(runs[tl_kind]) if tl_kind not in failed else None
-        bl_s = _rounds(runs[base]) if base not in failed else None
+        tl_s = _rounds(runs[tl_kind], rates[tl_kind]) if tl_kind not in failed else None
+        bl_s = _rounds(runs[base], rates[base]) if base not in failed else None
         lab = LABEL[backend]
         ratio, ok = "", None
         if tl_s and bl_s:
-            ratios = [
-                summarise_loop(t).rate / summarise_loop(b).rate
-                for t, b in zip(runs[tl_kind], runs[base], strict=True)
-            ]
+            ratios = [t / b for t, b in zip(rates[tl_kind], rates[base], strict=True)]
             mid = median(ratios)
             ratio, ok = f"{mid:.2f}x", mid >= target
             if len(ratios) > 1:
@@ -336,11 +338,11 @@ def section_throughput(cfg: Config, crew: Crew, redis_reason: str | None) -> Non
             )
 
 
-def _rounds(runs: list[list[LoopResult]]) -> LoopSummary:
-    """Rounds of one loop as one: the median round's rate, the latencies of all their pairs."""
+def _rounds(runs: list[list[LoopResult]], rates: list[float]) -> LoopSummary:
+    """Rounds of one loop as one: the median of their ``rates``, the latencies of all their
+    pairs."""
     pooled = summarise_loop([r for results in runs for r in results])
-    rate = median([summarise_loop(results).rate for results in runs])
-    return pooled._replace(rate=rate)
+    return pooled._replace(rate=median(rates))
 
 
 _FIELD = {"p50": "p50", "p99": "p99", "p99.9": "p999"}

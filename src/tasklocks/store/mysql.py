@@ -92,6 +92,8 @@ def _code(exc: BaseException) -> int:
 
 def _quote(conn: Any, text: str) -> str:
     """``text`` as an SQL string literal for this session."""
+    if _PLAIN(text):  # names, leases, most records: nothing to escape in either mode
+        return "'" + text + "'"
     status: int = getattr(conn, "server_status", 0)  # updated by every OK packet
     if status & NO_BACKSLASH_ESCAPES:
         return str(conn.escape(text))  # only doubles quotes: already fast
@@ -315,8 +317,7 @@ class MySQLStore(ServerStore):
         if type(conn) is not _CONNECTION_CLASS:
             return super()._run_name_statement(conn, acquire, statement)
         sql, params = statement
-        literals = {k: "'" + v + "'" if _PLAIN(v) else _quote(conn, v) for k, v in params.items()}
-        rows = conn.query(sql % literals)
+        rows = conn.query(sql % {key: _quote(conn, value) for key, value in params.items()})
         token = int(conn.insert_id())
         if acquire:
             return token or None
