@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -264,8 +265,27 @@ class LockTable:
                 session.close()
             me = current_process()
             session = Session(self.store, self.ttl, default_owner(me), me)
+            if self._fast is not None:
+                session.on_renewed.append(functools.partial(self._after_renewal, session))
             self._session = session
         return session
+
+    def _after_renewal(self, session: Session, deadline: float) -> None:
+        self._regive(session)
+
+    def _regive(self, session: Session) -> bool:
+        """Row releases that a crash of the server undid (``FastPaths.lost_releases``, which a
+        renewal or a reconnection finds) are given back again, as failed acquisitions' leases
+        are: by the session, after this renewal and later ones until the database answers, and
+        by this table's next call for its own namespace. Whether there were any. (Called from
+        the session's thread after each renewal, and by ``_settle``.)"""
+        assert self._fast is not None
+        lost = self._fast.lost_releases()
+        for namespace, lease in lost:
+            if namespace == self.namespace:
+                self._orphans.add(lease)
+            session.orphans[namespace, lease] = functools.partial(give_back, self.store, namespace)
+        return bool(lost)
 
     def _decode(self, snap: Snapshot) -> LockDoc:
         if snap.sessions is not None:
@@ -336,7 +356,10 @@ class LockTable:
         raise StoreUnavailable("unreachable")  # pragma: no cover - the loop returns or raises
 
     def _settle(self) -> None:
-        """Give back what acquisitions that failed may have left (see ``_give_back``)."""
+        """Give back what acquisitions that failed may have left (see ``_give_back``), and
+        releases that a crash of the server undid (``_regive``)."""
+        if self._fast is not None and self._session is not None:
+            self._regive(self._session)
         for lease in list(self._orphans):
             self._give_back(lease)
             if lease in self._orphans:
@@ -566,7 +589,15 @@ class LockTable:
             )
         self._settle()
         try:
-            token, session = yield from self._acquire(wanted, claimant, waiting, tried is None)
+            try:
+                token, session = yield from self._acquire(wanted, claimant, waiting, tried is None)
+            except LockHeld:
+                # This process's own release of a name, undone by a crash of the server that
+                # the acquisition's reconnection found: given back, the name may be free.
+                if self._fast is None or self._session is None or not self._regive(self._session):
+                    raise
+                self._settle()
+                token, session = yield from self._acquire(wanted, claimant, waiting, False)
             names_ = tuple(w.name for w in wanted)
             return Lease(self, names_, claimant.owner, token, claimant.lease, session, wanted)
         except BaseException:

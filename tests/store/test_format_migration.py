@@ -213,7 +213,7 @@ def fresh_table(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tupl
     try:
         yield url, table
     finally:
-        for suffix in ("", "_meta", "_sessions", "_names", "_tasks"):
+        for suffix in ("", "_meta", "_sessions", "_names", "_tasks", "_epoch"):
             with contextlib.suppress(Exception):
                 raw_sql(url, f"DROP TABLE IF EXISTS {table}{suffix}")
 

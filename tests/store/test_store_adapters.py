@@ -32,7 +32,7 @@ from tasklocks.store import (
 
 
 def drop_tables(url: str, table: str) -> None:
-    for suffix in ("", "_meta", "_sessions", "_names", "_tasks"):
+    for suffix in ("", "_meta", "_sessions", "_names", "_tasks", "_epoch"):
         raw_sql(url, f"DROP TABLE IF EXISTS {table}{suffix}")
 
 

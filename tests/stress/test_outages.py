@@ -10,7 +10,9 @@ the server is back must come within 2 s.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,7 +22,7 @@ import pytest
 from _harness import Message, workers
 from _proxy import Proxy
 from _servers import can_restart, restartable, start, stop
-from conftest import SERVER_BACKENDS, require, server_url
+from conftest import SERVER_BACKENDS, raw_rows, require, server_url
 
 import tasklocks
 from tasklocks.store import parse_url
@@ -159,3 +161,67 @@ def test_cut_connections_lose_nothing(server: str, namespace: str, tmp_path: Pat
         proxy.close()
     print(f"{server} cuts: {report}")
     assert report["successes"] > 0
+
+
+def _answers_again(url: str) -> None:
+    deadline = time.monotonic() + 60.0
+    while True:
+        try:
+            raw_rows(url, "SELECT 1")
+            return
+        except Exception:
+            assert time.monotonic() < deadline, "PostgreSQL did not come back after its crash"
+            time.sleep(0.05)
+
+
+def test_a_release_that_a_crash_of_postgresql_undid_is_given_back(namespace: str) -> None:
+    """PostgreSQL's row releases commit without waiting for the WAL's flush. Here the WAL
+    writer is stopped (SIGSTOP) before a release and killed (SIGKILL) after it: the postmaster
+    takes that for a crash, ends every session and recovers from the WAL on disk, without the
+    release. The name is then held by a lease its process let go of. The process's session
+    renewal finds the crash (the unlogged epoch row is gone) and gives the lease back: another
+    owner takes the name while that session lives on, renewed (so no expiry freed it)."""
+    url = server_url("postgresql")
+    require("postgresql")
+    why = can_restart("postgresql", url)
+    if why is not None:
+        pytest.skip(why)
+    table = tasklocks.connect(url, namespace, ttl=6.0)  # renewed every 2 s, 8 s to expire
+    other = tasklocks.connect(url, namespace)
+    undone = 0
+    try:
+        with restartable("postgresql"):
+            table.acquire("warm").release()  # the namespace's first change moves it to the rows
+            for _attempt in range(3):  # a durable commit by another may flush it first: again
+                (writer,) = raw_rows(
+                    url, "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'"
+                )[0]
+                os.kill(writer, signal.SIGSTOP)
+                try:
+                    lease = table.acquire("job")
+                    lease.release()
+                finally:
+                    os.kill(writer, signal.SIGKILL)
+                time.sleep(0.5)  # the postmaster ends every session, then recovers
+                _answers_again(url)
+                rows = raw_rows(
+                    url,
+                    "SELECT lease FROM tasklocks_names WHERE namespace = %s AND name = %s",
+                    (namespace, "job"),
+                )
+                if rows == [(lease.lease_id,)]:
+                    undone += 1
+                    break
+                assert rows == [(None,)]
+            assert undone == 1, "the crash never undid a release: nothing was tested"
+            session = table._session
+            assert session is not None
+            taken = other.acquire("job", owner="other", wait=True, timeout=6.0)
+            taken.release()
+            assert session.alive() and not session.lost.is_set() and table._session is session
+            again = table.acquire("job", timeout=5.0)  # and this process takes it again
+            assert again.token > lease.token
+            again.release()
+    finally:
+        other.close()
+        table.close()

@@ -126,6 +126,12 @@ class FastPaths(Protocol):
     def fast_release(self, namespace: str, names: Sequence[str], lease: str) -> int | None:
         """If ``names`` is one name held in its row by ``lease``, free it: the row's version."""
 
+    def lost_releases(self) -> list[tuple[str, str]]:
+        """``(namespace, lease)`` of row releases that a crash of the server may have undone
+        since they were reported done, each said once (PostgreSQL's row releases commit without
+        waiting for the flush; its session renewals find the crash): their holder must give
+        them back again. Other backends never lose one."""
+
 
 @runtime_checkable
 class AsyncNotifies(Protocol):

@@ -257,6 +257,10 @@ class RowsStore(SQLStore):
             return None
         return self._fast(False, self._name_statement(False, namespace, unique[0], lease))
 
+    def lost_releases(self) -> list[tuple[str, str]]:
+        """None here: every row release commits durably (PostgreSQL's do not: see there)."""
+        return []
+
     def _name_statement(
         self,
         acquire: bool,

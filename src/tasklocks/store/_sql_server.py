@@ -218,7 +218,11 @@ class ServerStore(RowsStore):
             self._conn = self._connect()
             self._pid = os.getpid()
             self._used = time.monotonic()
+            self._connected()
         return self._conn
+
+    def _connected(self) -> None:
+        """This store's own connection was (re)opened (a dialect may look at the server)."""
 
     def _give_back(self, broken: bool = False) -> None:
         """The end of a call: a lent connection goes back to the engine's pool, as it was; a

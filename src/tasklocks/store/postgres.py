@@ -18,6 +18,11 @@
   prepares a query run often, on one server connection, and the next run may land on another:
   "prepared statement _pg3_0 does not exist"), and no LISTEN (its server connection goes back
   to the pool): waiters poll, at MariaDB's pace.
+* A name's row release commits without waiting for the WAL's flush (``name_release``): a crash
+  can undo only a release that nobody built on, and the releasing process learns of the crash at
+  its next session renewal (an unlogged table's row, which crash recovery empties:
+  ``release_epoch``) and gives back again what it released in the crash's reach
+  (``lost_releases``).
 * A name's row statements, the common change, skip psycopg's cursor and go through libpq on the
   same connection (``_run_name_statement``), prepared at their second run on a connection under
   a name of their own: a third less CPU a pair, which 32 processes on a small host queue for.
@@ -32,12 +37,12 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from tasklocks._clock import pause
-from tasklocks.errors import StoreUnavailable
+from tasklocks._clock import clock, pause
+from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.store._base import Change, Pace
 from tasklocks.store._names import stored
 from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, POLLED, ServerStore
@@ -45,6 +50,7 @@ from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, POLLED, Ser
 __all__ = ["PostgresStore"]
 
 LISTEN_WAIT = 2.0  # seconds a first waiter waits for the LISTEN connection before polling
+FLUSH_SLACK = 2.0  # seconds added to the server's own bound on an unflushed commit
 _PARAM = re.compile(r"%\((\w+)\)s")
 
 
@@ -127,6 +133,15 @@ class PostgresStore(ServerStore):
         self._listening = threading.Event()  # the reader's connection LISTENs
         self._reader_pid = 0
         self._closed = False
+        # Row releases that a crash may undo, (namespace, name) -> lease: those since the last
+        # session renewal that found the server's epoch unchanged long enough after them, in
+        # two generations (see _check_epoch); what a crash undid, for lost_releases.
+        self._released: dict[tuple[str, str], str] = {}
+        self._older: dict[tuple[str, str], str] = {}
+        self._older_at = clock()
+        self._epoch: str | None = None
+        self._epoch_lock = threading.Lock()
+        self._lost: list[tuple[str, str]] = []
         # The row statements through libpq (_run_name_statement): each as libpq takes it, and
         # per connection, the ones run on it and whether each is prepared there.
         self._numbered: dict[str, _Numbered] = {}
@@ -230,7 +245,8 @@ class PostgresStore(ServerStore):
         # (PostgreSQL 14+ with LZ4): pglz costs ~2 ms per write of a 200 KB document, LZ4 a
         # tenth; it gives up quietly where it cannot (no LZ4, not the owner, a busy table).
         with _pipeline(conn):
-            for name in ("create_sessions", "index_sessions", "prefer_lz4", "create_names"):
+            names = ("create_sessions", "index_sessions", "prefer_lz4", "create_names")
+            for name in (*names, "create_epoch"):
                 conn.execute(self._sql[name])
             for name in ("index_names",):
                 conn.execute(self._sql[name])
@@ -320,6 +336,65 @@ class PostgresStore(ServerStore):
             statements.append(("update_to", params))
         statements.append(("commit", None))
         self._batch(conn, *statements)
+
+    # --- row releases without the flush, and the crashes that may undo them ------------------
+
+    def fast_release(self, namespace: str, names: Sequence[str], lease: str) -> int | None:
+        version = super().fast_release(namespace, names, lease)
+        if version is not None:  # one name (names[0]), released without the flush
+            self._released[namespace, names[0]] = lease
+        return version
+
+    def open_session(
+        self, session: str, owner: str, host: str, pid: int | None, ttl: float
+    ) -> None:
+        super().open_session(session, owner, host, pid, ttl)
+        if self._epoch is None:  # the epoch this process's releases are made in
+            with suppress(StoreError):  # (asked again at the first renewal)
+                self._check_epoch()
+
+    def renew_session(self, session: str) -> bool:
+        kept = super().renew_session(session)
+        with suppress(StoreError):  # the next renewal asks again; the releases are kept
+            self._check_epoch()
+        return kept
+
+    def _connected(self) -> None:
+        # A new connection after others: the server may have crashed since the last renewal,
+        # undoing releases that this process is about to build on (take the name again).
+        if self._epoch is not None and self._side is not self:
+            with suppress(StoreError):
+                self._check_epoch()
+
+    def lost_releases(self) -> list[tuple[str, str]]:
+        with self._epoch_lock:
+            lost, self._lost = self._lost, []
+        return lost
+
+    def _check_epoch(self) -> None:
+        """Compare the server's epoch with the one this process's releases were made in. The
+        same, and long enough after the older generation's releases began that the server has
+        flushed them: forget those. Another (a crash took the row), or none known while there
+        are releases: every release kept may be undone, and is said by ``lost_releases``."""
+        sent = clock()
+        side, sql = self._sessions_store(), self._sql["release_epoch"]
+        for _ in range(3):  # no row: a concurrent statement was making it
+            rows = side._locked(lambda c, _: side._execute(c, sql).fetchall())
+            if rows:
+                break
+        else:
+            raise StoreUnavailable(f"{self.table}_epoch has no row; retry")
+        epoch, window = str(rows[0][0]), float(rows[0][1]) / 1000 + FLUSH_SLACK
+        with self._epoch_lock:
+            if epoch != self._epoch and (self._epoch is not None or self._released or self._older):
+                older, self._older = self._older, {}
+                recent, self._released = self._released, {}
+                lost = {(key[0], lease) for key, lease in [*older.items(), *recent.items()]}
+                self._lost.extend(sorted(lost))
+                self._older_at = sent
+            elif sent >= self._older_at + window:
+                self._older, self._released, self._older_at = self._released, {}, clock()
+            self._epoch = epoch
 
     def _name_version(self, cursor: Any, acquire: bool) -> int | None:
         row = cursor.fetchone()

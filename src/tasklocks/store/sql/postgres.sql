@@ -14,7 +14,8 @@ INSERT INTO {t}_meta (key, value) VALUES ('schema_version', %s) ON CONFLICT DO N
 -- creation and upgrade among them.
 SELECT value,
     to_regclass('{t}_sessions') IS NOT NULL AND to_regclass('{t}_sessions_expires') IS NOT NULL
-    AND to_regclass('{t}_names') IS NOT NULL AND to_regclass('{t}_names_held') IS NOT NULL,
+    AND to_regclass('{t}_names') IS NOT NULL AND to_regclass('{t}_names_held') IS NOT NULL
+    AND to_regclass('{t}_epoch') IS NOT NULL,
     to_regclass('{t}_tasks') IS NOT NULL AND to_regclass('{t}_tasks_state') IS NOT NULL
 FROM {t}_meta WHERE key = 'schema_version';
 -- name: insert_row
@@ -72,6 +73,20 @@ INSERT INTO {t}_tasks (version{columns}) VALUES (0{values}) RETURNING id;
 CREATE TABLE IF NOT EXISTS {t}_names (namespace TEXT NOT NULL, name TEXT NOT NULL,
     version BIGINT NOT NULL, lease TEXT, record TEXT, mark BOOLEAN NOT NULL DEFAULT false,
     PRIMARY KEY (namespace, name));
+-- name: create_epoch
+-- One row that only a crash takes away: crash recovery empties an unlogged table, as does the
+-- promotion of a standby; a clean shutdown, which flushes every commit first, keeps it. Its
+-- epoch changes exactly when row releases committed without the flush may have been lost.
+CREATE UNLOGGED TABLE IF NOT EXISTS {t}_epoch (one BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
+    epoch TEXT NOT NULL);
+-- name: release_epoch
+-- The server's epoch (a new one made where a crash took it; no row if a concurrent statement was
+-- making it: ask again), and how long it may keep a commit unflushed: three times
+-- wal_writer_delay, in milliseconds (https://www.postgresql.org/docs/current/wal-async-commit.html).
+WITH made AS (INSERT INTO {t}_epoch (epoch) VALUES (md5(random()::text || clock_timestamp()::text))
+    ON CONFLICT DO NOTHING RETURNING epoch)
+SELECT e.epoch, 3 * (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_writer_delay')
+FROM (SELECT epoch FROM made UNION ALL SELECT epoch FROM {t}_epoch) AS e;
 -- name: index_names
 -- The full path locks the names held in their rows: an index of those alone.
 DO $$ BEGIN
@@ -99,8 +114,13 @@ UPDATE {t}_names SET version = version + 1, lease = %(lease)s, record = %(record
 WHERE namespace = %(ns)s AND name = %(name)s AND lease IS NULL AND NOT mark
 RETURNING version;
 -- name: name_release
+-- Committed without waiting for the WAL's flush (synchronous_commit off for this transaction
+-- alone): the release of a name that nobody takes after it is all that a crash of the server can
+-- undo (whoever takes the name next commits durably, which flushes the release before it), and
+-- the releasing process gives it back again once it learns of the crash (release_epoch).
 UPDATE {t}_names SET lease = NULL, record = NULL
 WHERE namespace = %(ns)s AND name = %(name)s AND lease = %(lease)s AND NOT mark
+    AND set_config('synchronous_commit', 'off', true) = 'off'
 RETURNING version;
 -- name: select_kept
 -- A namespace's document and the names held in their rows, in one statement (one snapshot).
