@@ -3,8 +3,9 @@ locks, each run by the server's C benchmark client (``pgbench``, ``mariadb-slap`
 Python client cost is in either figure.
 
 Each client takes and releases a name of its own (``:client_id``, ``CONNECTION_ID()``) with the
-very statements tasklocks sends (``name_acquire``, ``name_release`` from its SQL files, the
-parameters written in), each its own durable commit; the peers do the same with
+very statements tasklocks sends (``name_acquire``, and ``name_release_unflushed`` where the
+dialect has it, else ``name_release``, from its SQL files, the parameters written in), each its
+own commit (durable but PostgreSQL's release); the peers do the same with
 ``pg_advisory_lock``/``pg_advisory_unlock`` and ``GET_LOCK``/``RELEASE_LOCK``, which write
 nothing. What the ratio of the two says: how far the server's durable write path lets the
 one-statement layout go against the advisory locks on this machine, whatever the client.
@@ -30,7 +31,8 @@ RECORD = "x" * 200  # about a real record's size (the text is not read)
 def _statements(dialect: str, ns: str, name: str, lease: str) -> tuple[str, str]:
     sql = load(dialect)
     acquire = fill(sql["name_acquire"], t=TABLE)
-    release = fill(sql["name_release"], t=TABLE)
+    # What a session's lease releases with (PostgreSQL: without waiting for the flush).
+    release = fill(sql.get("name_release_unflushed", sql["name_release"]), t=TABLE)
     values = {"ns": f"'{ns}'", "name": name, "lease": lease, "record": f"'{RECORD}'"}
     for key, value in values.items():  # (named parameters, in both dialects)
         acquire = acquire.replace(f"%({key})s", value)

@@ -387,7 +387,8 @@ class StatementsPair:
         self.acquire = fill(sql["name_acquire"], t=table)
         self.retake = fill(sql["name_retake"], t=table)
         self.seen = False  # the row exists: name_retake
-        self.release = fill(sql["name_release"], t=table)
+        # What a session's lease releases with (PostgreSQL: without waiting for the flush).
+        self.release = fill(sql.get("name_release_unflushed", sql["name_release"]), t=table)
         self.record = "x" * 130  # about a real record's size (the text is not read)
         layout = f"INSERT INTO {table}_names (namespace, name, version, mark) VALUES (%s, '', 1, "
         self.conn: Any

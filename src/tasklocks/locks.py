@@ -224,7 +224,9 @@ class LockTable:
         self._unsure: set[str] = set()  # acquisitions in progress whose write may be applied
         self._orphans: set[str] = set()  # leases of failed acquisitions, to give back
         self._queued: set[str] = set()  # leases of acquisitions waiting in the queue now
-        self._in_rows: set[str] = set()  # leases taken in their name's own row (FastPaths)
+        # Leases taken in their name's own row (FastPaths), each with whether a session of this
+        # process renews it (its release may then skip the flush: FastPaths.fast_release).
+        self._in_rows: dict[str, bool] = {}
         self._owns_store = owns_store
         self._snap: Snapshot | None = None
         self._doc: LockDoc = _core.EMPTY
@@ -273,14 +275,14 @@ class LockTable:
     def _after_renewal(self, session: Session, deadline: float) -> None:
         self._regive(session)
 
-    def _regive(self, session: Session) -> bool:
+    def _regive(self, session: Session, check: bool = False) -> bool:
         """Row releases that a crash of the server undid (``FastPaths.lost_releases``, which a
-        renewal or a reconnection finds) are given back again, as failed acquisitions' leases
-        are: by the session, after this renewal and later ones until the database answers, and
-        by this table's next call for its own namespace. Whether there were any. (Called from
-        the session's thread after each renewal, and by ``_settle``.)"""
+        renewal or a reconnection finds; ``check``: look now) are given back again, as failed
+        acquisitions' leases are: by the session, after this renewal and later ones until the
+        database answers, and by this table's next call for its own namespace. Whether there
+        were any. (Called from the session's thread after each renewal, and by ``_settle``.)"""
         assert self._fast is not None
-        lost = self._fast.lost_releases()
+        lost = self._fast.lost_releases(check)
         for namespace, lease in lost:
             if namespace == self.namespace:
                 self._orphans.add(lease)
@@ -591,10 +593,15 @@ class LockTable:
         try:
             try:
                 token, session = yield from self._acquire(wanted, claimant, waiting, tried is None)
-            except LockHeld:
-                # This process's own release of a name, undone by a crash of the server that
-                # the acquisition's reconnection found: given back, the name may be free.
-                if self._fast is None or self._session is None or not self._regive(self._session):
+            except LockHeld as exc:
+                # In the way, a lease of this owner: perhaps its release in the name's row, undone
+                # by a crash of the server that no renewal has found yet. Look now; given back,
+                # the name may be free.
+                mine = any(h.owner == claimant.owner for hs in exc.holders.values() for h in hs)
+                session = self._session
+                if not mine or self._fast is None or session is None:
+                    raise
+                if not self._regive(session, check=True) and not self._orphans:
                     raise
                 self._settle()
                 token, session = yield from self._acquire(wanted, claimant, waiting, False)
@@ -721,7 +728,7 @@ class LockTable:
         self._unsure.discard(claimant.lease)
         if token is not None:
             self._snap = None  # written by the database: our copy is old
-            self._in_rows.add(claimant.lease)
+            self._in_rows[claimant.lease] = claimant.session is not None
         return token
 
     @contextmanager
@@ -761,9 +768,9 @@ class LockTable:
         if self._fast is not None and lease in self._in_rows:
             # Only a lease taken in its row tries its row first: one the document granted is
             # the document's (a try would cost a round trip to miss).
-            self._in_rows.discard(lease)
+            renewed = self._in_rows.pop(lease)
             try:  # False: the document keeps them (the full path releases them)
-                fast = self._fast.fast_release(self.namespace, names, lease) is not None
+                fast = self._fast.fast_release(self.namespace, names, lease, renewed) is not None
             except OutcomeUnknown:
                 fast = None
         if fast:
@@ -798,7 +805,7 @@ class LockTable:
         ``_orphans`` and given back on the next contact, by this table or its session's
         renewals; meanwhile it expires with its session."""
 
-        self._in_rows.discard(lease)
+        self._in_rows.pop(lease, None)
 
         def step(doc: LockDoc, version: int, retrying: bool) -> tuple[LockDoc | None, bool, None]:
             new, freed = _core.release_lease(doc, lease)  # a waiter leaving wakes no one, but

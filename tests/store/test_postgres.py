@@ -4,6 +4,7 @@ checks the schema in one statement."""
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -257,39 +258,98 @@ def test_a_row_release_that_a_crash_undid_is_given_back_at_the_next_renewal(
         table.close()
 
 
-def test_row_releases_are_forgotten_once_the_server_has_flushed_them(
+def _remembered(store: postgres.PostgresStore) -> set[str]:
+    return {k[1] for k in store._released} | {k[1] for _, g in store._older for k in g}
+
+
+def test_row_releases_are_forgotten_once_the_wal_flush_has_passed_them(
     url: str, namespace: str
 ) -> None:
-    """Without a crash, what a process remembers of its releases is forgotten at the renewal
-    that comes after the server's bound on an unflushed commit (three wal_writer_delay) and a
-    margin: it does not grow with the releases made."""
-    table = tasklocks.connect(url, namespace, ttl=1.0)
+    """Without a crash, what a process remembers of its releases is forgotten at the first look
+    at the epoch that finds the WAL's flush past the position read at the look before: it does
+    not grow with the releases made."""
+    table = tasklocks.connect(url, namespace, ttl=30.0)  # no renewal during the test
     store = table.store
     assert isinstance(store, postgres.PostgresStore)
     try:
+        table.acquire("warm").release()  # (opens the session: the first look)
+        assert store._unflushed
         for i in range(50):
             table.acquire(f"n{i}").release()
-        assert len(store._released) + len(store._older) >= 49  # (the first took the full path)
-        (delay,) = raw_rows(
-            url, "SELECT setting::float FROM pg_settings WHERE name = %s", ("wal_writer_delay",)
-        )[0]
-        deadline = time.monotonic() + 2 * (3 * delay / 1000 + postgres.FLUSH_SLACK) + 2.0
-        while (store._released or store._older) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert store._released == {} and store._older == {}
+        assert _remembered(store) >= {f"n{i}" for i in range(50)}
+        store._check_epoch()  # their WAL position read; flushed since, or soon
+        time.sleep(0.2)
+        store._check_epoch()
+        assert _remembered(store) == set()
         assert store.lost_releases() == []
         assert [h.name for h in table.held()] == []
     finally:
         table.close()
 
 
-def test_the_same_process_takes_a_name_again_after_a_crash_undid_its_release(
-    url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+def test_a_lease_without_a_session_and_a_store_without_its_epoch_release_with_the_flush(
+    url: str, namespace: str
 ) -> None:
-    """The process that released a name takes it again after a crash undid that release: its
-    reconnection finds the crash, and the acquisition gives the lost release back before it
-    decides (else: "locks are not re-entrant", by its own forgotten lease), without waiting for
-    a renewal (renewals every 10 s here)."""
+    """Only a lease whose session this process renews may release without the flush (nothing
+    else would give it back after a crash), and only while the last look at the epoch worked."""
+    table = tasklocks.connect(url, namespace, ttl=30.0)
+    store = table.store
+    assert isinstance(store, postgres.PostgresStore)
+    try:
+        table.acquire("warm").release()
+        bare = table.acquire("bare", owner="admin", process=None)  # kept until released
+        bare.release()
+        assert _names_row(url, namespace, "bare") == (None, None)
+        assert "bare" not in _remembered(store)
+        table.acquire("mine").release()
+        assert "mine" in _remembered(store)
+        sql = store._sql
+        store._sql = {**sql, "release_epoch": "SELECT epoch FROM no_such_table_of_epochs"}
+        try:
+            store._check_epoch()  # fails: releases wait for the flush from now on
+        finally:
+            store._sql = sql
+        assert not store._unflushed
+        assert "mine" in _remembered(store)  # kept until a look works
+        table.acquire("after").release()
+        assert "after" not in _remembered(store)
+        store._check_epoch()
+        assert store._unflushed
+    finally:
+        table.close()
+
+
+def test_a_forked_child_starts_with_nothing_to_give_back_and_free_locks(
+    url: str, namespace: str
+) -> None:
+    table = tasklocks.connect(url, namespace, ttl=30.0)
+    store = table.store
+    assert isinstance(store, postgres.PostgresStore)
+    try:
+        table.acquire("warm").release()
+        table.acquire("mine").release()
+        assert _remembered(store)
+        with store._epoch_lock:  # as a renewal's look might hold it at the fork
+            pid = os.fork()
+            if pid == 0:  # the child: exit at once, whatever happens
+                ok = store._epoch_lock.acquire(timeout=2.0) and not _remembered(store)
+                os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert "mine" in _remembered(store)  # the parent's are the parent's
+    finally:
+        table.close()
+
+
+@pytest.mark.parametrize("cut", [True, False], ids=["reconnected", "same-connection"])
+def test_the_same_process_takes_a_name_again_after_a_crash_undid_its_release(
+    url: str, namespace: str, cut: bool
+) -> None:
+    """The process that released a name takes it again after a crash undid that release,
+    without waiting for a renewal (every 10 s here): its reconnection finds the crash, or, where
+    its connection survived (PgBouncer keeps the client's), the acquisition that meets its own
+    process's lease looks at the epoch then. The lost release is given back before it decides
+    (else: "locks are not re-entrant", by its own forgotten lease)."""
     table = tasklocks.connect(url, namespace, ttl=30.0)
     store = table.store
     assert isinstance(store, postgres.PostgresStore)
@@ -304,9 +364,9 @@ def test_the_same_process_takes_a_name_again_after_a_crash_undid_its_release(
             (*held, namespace, "job"),
         )
         raw_sql(url, "TRUNCATE tasklocks_epoch")
-        # The crash ended the server's sessions: this process's connection among them.
-        (pid,) = _on_the_connection(table, "SELECT pg_backend_pid()")[0]
-        raw_sql(url, "SELECT pg_terminate_backend(%s)", (pid,))
+        if cut:  # the crash ended the server's sessions: this process's connection among them
+            (pid,) = _on_the_connection(table, "SELECT pg_backend_pid()")[0]
+            raw_sql(url, "SELECT pg_terminate_backend(%s)", (pid,))
         again = table.acquire("job", timeout=5.0)
         assert again.token > lease.token
         assert [h.name for h in table.held()] == ["job"]

@@ -1363,9 +1363,9 @@ def test_only_a_lease_taken_in_its_row_tries_its_row_first(db_url: str, namespac
         tries: list[tuple[str, ...]] = []
         real = table.store.fast_release  # type: ignore[attr-defined]
 
-        def spy(ns: str, names: Any, lease: str) -> int | None:
+        def spy(ns: str, names: Any, lease: str, renewed: bool = False) -> int | None:
             tries.append(tuple(names))
-            result: int | None = real(ns, names, lease)
+            result: int | None = real(ns, names, lease, renewed)
             return result
 
         setattr(table.store, "fast_release", spy)  # noqa: B010

@@ -25,7 +25,7 @@ from _servers import can_restart, restartable, start, stop
 from conftest import SERVER_BACKENDS, raw_rows, require, server_url
 
 import tasklocks
-from tasklocks.store import parse_url
+from tasklocks.store import parse_url, postgres
 
 pytestmark = pytest.mark.stress
 
@@ -224,4 +224,41 @@ def test_a_release_that_a_crash_of_postgresql_undid_is_given_back(namespace: str
             again.release()
     finally:
         other.close()
+        table.close()
+
+
+def test_releases_are_remembered_until_the_wal_flush_passes_them(namespace: str) -> None:
+    """With the WAL writer stopped (SIGSTOP), nothing flushes the releases made without the
+    flush: a look at the epoch keeps them, by the WAL position it read. Once the writer runs
+    again, the next look finds the flush past that position and forgets them."""
+    url = server_url("postgresql")
+    require("postgresql")
+    why = can_restart("postgresql", url)
+    if why is not None:
+        pytest.skip(why)
+    table = tasklocks.connect(url, namespace, ttl=30.0)  # no renewal during the test
+    store = table.store
+    assert isinstance(store, postgres.PostgresStore)
+    try:
+        table.acquire("warm").release()
+        (writer,) = raw_rows(
+            url, "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'"
+        )[0]
+        os.kill(writer, signal.SIGSTOP)
+        try:
+            for i in range(20):
+                table.acquire(f"n{i}").release()
+            names = {f"n{i}" for i in range(20)}
+            for _look in range(2):  # kept, however often one looks, while nothing flushes
+                store._check_epoch()
+                assert {k[1] for _, gen in store._older for k in gen} >= names
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        deadline = time.monotonic() + 10.0
+        while store._older and time.monotonic() < deadline:
+            time.sleep(0.2)
+            store._check_epoch()
+        assert store._older == [] and store._released == {}
+        assert store.lost_releases() == []
+    finally:
         table.close()

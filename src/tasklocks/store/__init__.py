@@ -123,14 +123,19 @@ class FastPaths(Protocol):
         """If ``names`` is one name, free in its row, write ``lease`` and its ``record`` (the
         lease's JSON array, see ``tasklocks._doc``) there: the row's new version (the token)."""
 
-    def fast_release(self, namespace: str, names: Sequence[str], lease: str) -> int | None:
-        """If ``names`` is one name held in its row by ``lease``, free it: the row's version."""
+    def fast_release(
+        self, namespace: str, names: Sequence[str], lease: str, renewed: bool = False
+    ) -> int | None:
+        """If ``names`` is one name held in its row by ``lease``, free it: the row's version.
+        ``renewed``: the lease's session is renewed by this process, which gives the release
+        back again should a crash of the server undo it (``lost_releases``); the store may then
+        commit it without waiting for the flush (PostgreSQL does)."""
 
-    def lost_releases(self) -> list[tuple[str, str]]:
-        """``(namespace, lease)`` of row releases that a crash of the server may have undone
-        since they were reported done, each said once (PostgreSQL's row releases commit without
-        waiting for the flush; its session renewals find the crash): their holder must give
-        them back again. Other backends never lose one."""
+    def lost_releases(self, check: bool = False) -> list[tuple[str, str]]:
+        """``(namespace, lease)`` of ``renewed`` row releases that a crash of the server may have
+        undone since they were reported done, each said once: their holder must give them back
+        again. The store looks for a crash at each session renewal and reconnection; ``check``:
+        look now. Other backends never lose one."""
 
 
 @runtime_checkable

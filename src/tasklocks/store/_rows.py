@@ -251,14 +251,16 @@ class RowsStore(SQLStore):
             seen.add(key)
         return token
 
-    def fast_release(self, namespace: str, names: Sequence[str], lease: str) -> int | None:
+    def fast_release(
+        self, namespace: str, names: Sequence[str], lease: str, renewed: bool = False
+    ) -> int | None:
         unique = fast_names(names)
         if len(unique) != 1 or not is_name(lease):
             return None
         return self._fast(False, self._name_statement(False, namespace, unique[0], lease))
 
-    def lost_releases(self) -> list[tuple[str, str]]:
-        """None here: every row release commits durably (PostgreSQL's do not: see there)."""
+    def lost_releases(self, check: bool = False) -> list[tuple[str, str]]:
+        """None here: every row release commits durably (PostgreSQL's need not: see there)."""
         return []
 
     def _name_statement(

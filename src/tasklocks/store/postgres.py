@@ -18,11 +18,13 @@
   prepares a query run often, on one server connection, and the next run may land on another:
   "prepared statement _pg3_0 does not exist"), and no LISTEN (its server connection goes back
   to the pool): waiters poll, at MariaDB's pace.
-* A name's row release commits without waiting for the WAL's flush (``name_release``): a crash
-  can undo only a release that nobody built on, and the releasing process learns of the crash at
-  its next session renewal (an unlogged table's row, which crash recovery empties:
-  ``release_epoch``) and gives back again what it released in the crash's reach
-  (``lost_releases``).
+* A name's row release, for a lease whose session renews it, commits without waiting for the
+  WAL's flush (``name_release_unflushed``): a crash can undo only a release that nobody built on.
+  The store remembers such releases until the server's WAL flush has passed them, and learns of
+  a crash from an unlogged table's row that crash recovery empties (``release_epoch``, read at
+  each session renewal, each reconnection, and when an acquisition meets its own process's
+  lease); what a crash may have undone goes to ``lost_releases``, and the lock table gives it
+  back. Where the epoch cannot be read, releases wait for the flush.
 * A name's row statements, the common change, skip psycopg's cursor and go through libpq on the
   same connection (``_run_name_statement``), prepared at their second run on a connection under
   a name of their own: a third less CPU a pair, which 32 processes on a small host queue for.
@@ -41,17 +43,32 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from tasklocks._clock import clock, pause
+from tasklocks._clock import pause
 from tasklocks.errors import StoreError, StoreUnavailable
+from tasklocks.names import is_name
 from tasklocks.store._base import Change, Pace
 from tasklocks.store._names import stored
+from tasklocks.store._rows import fast_names
 from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, POLLED, ServerStore
 
 __all__ = ["PostgresStore"]
 
 LISTEN_WAIT = 2.0  # seconds a first waiter waits for the LISTEN connection before polling
-FLUSH_SLACK = 2.0  # seconds added to the server's own bound on an unflushed commit
 _PARAM = re.compile(r"%\((\w+)\)s")
+
+
+_STORES: weakref.WeakSet[PostgresStore] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """In a forked child: the parent's releases are the parent's to give back, and a lock its
+    threads held at the fork would stay held."""
+    for store in list(_STORES):
+        store._epoch_lock, store._checking = threading.Lock(), threading.Lock()
+        store._released, store._older, store._lost = {}, [], []
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class _Numbered:
@@ -133,15 +150,18 @@ class PostgresStore(ServerStore):
         self._listening = threading.Event()  # the reader's connection LISTENs
         self._reader_pid = 0
         self._closed = False
-        # Row releases that a crash may undo, (namespace, name) -> lease: those since the last
-        # session renewal that found the server's epoch unchanged long enough after them, in
-        # two generations (see _check_epoch); what a crash undid, for lost_releases.
+        # Row releases not yet known flushed, (namespace, name) -> lease: those since the last
+        # look at the server's epoch, and older ones by the WAL position they end before; what a
+        # crash undid, for lost_releases (see _check_epoch). _unflushed: the last look worked.
         self._released: dict[tuple[str, str], str] = {}
-        self._older: dict[tuple[str, str], str] = {}
-        self._older_at = clock()
+        self._older: list[tuple[int, dict[tuple[str, str], str]]] = []
         self._epoch: str | None = None
-        self._epoch_lock = threading.Lock()
+        self._unflushed = False
+        self._crashes = 0  # crashes found: a release that straddles one is said lost at once
         self._lost: list[tuple[str, str]] = []
+        self._epoch_lock = threading.Lock()  # the above (renewals, releases, reconnections)
+        self._checking = threading.Lock()  # one look at the epoch at a time
+        _STORES.add(self)
         # The row statements through libpq (_run_name_statement): each as libpq takes it, and
         # per connection, the ones run on it and whether each is prepared there.
         self._numbered: dict[str, _Numbered] = {}
@@ -339,10 +359,23 @@ class PostgresStore(ServerStore):
 
     # --- row releases without the flush, and the crashes that may undo them ------------------
 
-    def fast_release(self, namespace: str, names: Sequence[str], lease: str) -> int | None:
-        version = super().fast_release(namespace, names, lease)
-        if version is not None:  # one name (names[0]), released without the flush
-            self._released[namespace, names[0]] = lease
+    def fast_release(
+        self, namespace: str, names: Sequence[str], lease: str, renewed: bool = False
+    ) -> int | None:
+        if not (renewed and self._unflushed):  # no session to give it back, or no epoch
+            return super().fast_release(namespace, names, lease)
+        unique = fast_names(names)
+        if len(unique) != 1 or not is_name(lease):
+            return None
+        crashes = self._crashes
+        params = {"ns": namespace, "name": unique[0], "lease": lease}
+        version = self._fast(False, (self._sql["name_release_unflushed"], params))
+        if version is not None:
+            with self._epoch_lock:
+                if self._crashes == crashes:
+                    self._released[namespace, unique[0]] = lease
+                else:  # a crash found while it was on its way: it may be undone
+                    self._lost.append((namespace, lease))
         return version
 
     def open_session(
@@ -350,51 +383,61 @@ class PostgresStore(ServerStore):
     ) -> None:
         super().open_session(session, owner, host, pid, ttl)
         if self._epoch is None:  # the epoch this process's releases are made in
-            with suppress(StoreError):  # (asked again at the first renewal)
-                self._check_epoch()
+            self._check_epoch()
 
     def renew_session(self, session: str) -> bool:
         kept = super().renew_session(session)
-        with suppress(StoreError):  # the next renewal asks again; the releases are kept
-            self._check_epoch()
+        self._check_epoch()
         return kept
 
     def _connected(self) -> None:
-        # A new connection after others: the server may have crashed since the last renewal,
+        # A new connection after others: the server may have crashed since the last look,
         # undoing releases that this process is about to build on (take the name again).
         if self._epoch is not None and self._side is not self:
-            with suppress(StoreError):
-                self._check_epoch()
+            self._check_epoch()
 
-    def lost_releases(self) -> list[tuple[str, str]]:
+    def lost_releases(self, check: bool = False) -> list[tuple[str, str]]:
+        if check and (self._released or self._older):
+            self._check_epoch()
         with self._epoch_lock:
             lost, self._lost = self._lost, []
         return lost
 
     def _check_epoch(self) -> None:
-        """Compare the server's epoch with the one this process's releases were made in. The
-        same, and long enough after the older generation's releases began that the server has
-        flushed them: forget those. Another (a crash took the row), or none known while there
-        are releases: every release kept may be undone, and is said by ``lost_releases``."""
-        sent = clock()
-        side, sql = self._sessions_store(), self._sql["release_epoch"]
-        for _ in range(3):  # no row: a concurrent statement was making it
-            rows = side._locked(lambda c, _: side._execute(c, sql).fetchall())
-            if rows:
-                break
-        else:
-            raise StoreUnavailable(f"{self.table}_epoch has no row; retry")
-        epoch, window = str(rows[0][0]), float(rows[0][1]) / 1000 + FLUSH_SLACK
-        with self._epoch_lock:
-            if epoch != self._epoch and (self._epoch is not None or self._released or self._older):
-                older, self._older = self._older, {}
-                recent, self._released = self._released, {}
-                lost = {(key[0], lease) for key, lease in [*older.items(), *recent.items()]}
-                self._lost.extend(sorted(lost))
-                self._older_at = sent
-            elif sent >= self._older_at + window:
-                self._older, self._released, self._older_at = self._released, {}, clock()
-            self._epoch = epoch
+        """Look at the server's epoch. The same as before: forget the releases that the WAL's
+        flush has passed. Another (a crash took its row), or the first look with releases
+        already made: every release not known flushed may be undone, and is said by
+        ``lost_releases``. A look that fails keeps them, and makes releases wait for the flush
+        until one works."""
+        with self._checking:
+            with self._epoch_lock:  # these were committed before the look: its WAL position
+                looked, self._released = self._released, {}
+            try:
+                side, sql = self._sessions_store(), self._sql["release_epoch"]
+                rows: list[Any] = []
+                for _ in range(3):  # no row: a concurrent statement was making it
+                    rows = side._locked(lambda c, _: side._execute(c, sql).fetchall())
+                    if rows:
+                        break
+                epoch, inserted, flushed = str(rows[0][0]), int(rows[0][1]), int(rows[0][2])
+            except (StoreError, IndexError, TypeError, ValueError):
+                with self._epoch_lock:
+                    looked.update(self._released)
+                    self._released, self._unflushed = looked, False
+                return
+            with self._epoch_lock:
+                if epoch != self._epoch and (self._epoch is not None or looked or self._older):
+                    undone = {(k[0], v) for _, gen in self._older for k, v in gen.items()}
+                    for gen in (looked, self._released):  # (the latter: made while looking)
+                        undone.update((k[0], v) for k, v in gen.items())
+                    self._lost.extend(sorted(undone))
+                    self._released, self._older = {}, []
+                    self._crashes += 1
+                else:
+                    self._older = [(end, gen) for end, gen in self._older if end > flushed]
+                    if looked and inserted > flushed:
+                        self._older.append((inserted, looked))
+                self._epoch, self._unflushed = epoch, True
 
     def _name_version(self, cursor: Any, acquire: bool) -> int | None:
         row = cursor.fetchone()

@@ -75,17 +75,21 @@ CREATE TABLE IF NOT EXISTS {t}_names (namespace TEXT NOT NULL, name TEXT NOT NUL
     PRIMARY KEY (namespace, name));
 -- name: create_epoch
 -- One row that only a crash takes away: crash recovery empties an unlogged table, as does the
--- promotion of a standby; a clean shutdown, which flushes every commit first, keeps it. Its
--- epoch changes exactly when row releases committed without the flush may have been lost.
-CREATE UNLOGGED TABLE IF NOT EXISTS {t}_epoch (one BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
-    epoch TEXT NOT NULL);
+-- promotion of a standby; a clean shutdown, which flushes every commit first, keeps it. A role
+-- that may not create it is left without (its releases then wait for the flush).
+DO $$ BEGIN
+    CREATE UNLOGGED TABLE IF NOT EXISTS {t}_epoch (one BOOLEAN PRIMARY KEY DEFAULT true
+        CHECK (one), epoch TEXT NOT NULL);
+EXCEPTION WHEN insufficient_privilege OR unique_violation OR duplicate_table THEN NULL;
+END $$;
 -- name: release_epoch
 -- The server's epoch (a new one made where a crash took it; no row if a concurrent statement was
--- making it: ask again), and how long it may keep a commit unflushed: three times
--- wal_writer_delay, in milliseconds (https://www.postgresql.org/docs/current/wal-async-commit.html).
+-- making it: ask again), then how far the WAL is inserted and flushed (bytes): a release
+-- committed before this statement is flushed once the flush passes the first.
 WITH made AS (INSERT INTO {t}_epoch (epoch) VALUES (md5(random()::text || clock_timestamp()::text))
     ON CONFLICT DO NOTHING RETURNING epoch)
-SELECT e.epoch, 3 * (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_writer_delay')
+SELECT e.epoch, (pg_current_wal_insert_lsn() - '0/0')::bigint,
+    (pg_current_wal_flush_lsn() - '0/0')::bigint
 FROM (SELECT epoch FROM made UNION ALL SELECT epoch FROM {t}_epoch) AS e;
 -- name: index_names
 -- The full path locks the names held in their rows: an index of those alone.
@@ -114,10 +118,14 @@ UPDATE {t}_names SET version = version + 1, lease = %(lease)s, record = %(record
 WHERE namespace = %(ns)s AND name = %(name)s AND lease IS NULL AND NOT mark
 RETURNING version;
 -- name: name_release
--- Committed without waiting for the WAL's flush (synchronous_commit off for this transaction
--- alone): the release of a name that nobody takes after it is all that a crash of the server can
--- undo (whoever takes the name next commits durably, which flushes the release before it), and
--- the releasing process gives it back again once it learns of the crash (release_epoch).
+UPDATE {t}_names SET lease = NULL, record = NULL
+WHERE namespace = %(ns)s AND name = %(name)s AND lease = %(lease)s AND NOT mark
+RETURNING version;
+-- name: name_release_unflushed
+-- name_release committed without waiting for the WAL's flush (synchronous_commit off for this
+-- transaction alone; set where the row's conditions hold). A crash of the server can undo only a
+-- release that nobody took the name after (whoever does commits durably, which flushes the
+-- release before it), and the releasing process, told by release_epoch, gives it back again.
 UPDATE {t}_names SET lease = NULL, record = NULL
 WHERE namespace = %(ns)s AND name = %(name)s AND lease = %(lease)s AND NOT mark
     AND set_config('synchronous_commit', 'off', true) = 'off'
