@@ -285,8 +285,11 @@ class LockTable:
         lost = self._fast.lost_releases(check)
         for namespace, lease in lost:
             if namespace == self.namespace:
-                self._orphans.add(lease)
-            session.orphans[namespace, lease] = functools.partial(give_back, self.store, namespace)
+                self._orphan(lease)
+            else:
+                session.orphans[namespace, lease] = functools.partial(
+                    give_back, self.store, namespace
+                )
         return bool(lost)
 
     def _decode(self, snap: Snapshot) -> LockDoc:

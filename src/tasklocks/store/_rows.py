@@ -82,6 +82,9 @@ class RowsStore(SQLStore):
     # (namespace, name) of the rows this process took a name in: taken again by their UPDATE
     # alone (name_retake), at most ROWS_SEEN of them remembered (forgotten all at once).
     _rows_seen: set[tuple[str, str]] | None = None
+    # Whether a renewed lease's row release may skip the WAL's flush now (PostgreSQL's, while it
+    # can tell a crash: see there; every other store's release commits durably).
+    _unflushed = False
 
     # --- the full path ------------------------------------------------------------------------
 
@@ -257,10 +260,12 @@ class RowsStore(SQLStore):
         unique = fast_names(names)
         if len(unique) != 1 or not is_name(lease):
             return None
-        return self._fast(False, self._name_statement(False, namespace, unique[0], lease))
+        unflushed = renewed and self._unflushed
+        statement = self._name_statement(False, namespace, unique[0], lease, unflushed=unflushed)
+        return self._fast(False, statement)
 
     def lost_releases(self, check: bool = False) -> list[tuple[str, str]]:
-        """None here: every row release commits durably (PostgreSQL's need not: see there)."""
+        """None here: no release skips the flush (PostgreSQL's may: see there)."""
         return []
 
     def _name_statement(
@@ -271,14 +276,15 @@ class RowsStore(SQLStore):
         lease: str,
         record: str = "",
         retake: bool = False,
+        unflushed: bool = False,
     ) -> tuple[str, Any]:
         """The statement and (named) parameters of ``name_acquire`` (``name_retake`` for a name
-        whose row was seen) or ``name_release``."""
+        whose row was seen) or ``name_release`` (``name_release_unflushed``: see ``_unflushed``)."""
         params = {"ns": namespace, "name": name, "lease": lease}
         if acquire:
             sql = self._sql["name_retake" if retake else "name_acquire"]
             return sql, {**params, "record": record}
-        return self._sql["name_release"], params
+        return self._sql["name_release_unflushed" if unflushed else "name_release"], params
 
     @abstractmethod
     def _name_version(self, cursor: Any, acquire: bool) -> int | None:

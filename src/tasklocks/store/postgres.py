@@ -45,10 +45,8 @@ from typing import Any
 
 from tasklocks._clock import pause
 from tasklocks.errors import StoreError, StoreUnavailable
-from tasklocks.names import is_name
 from tasklocks.store._base import Change, Pace
 from tasklocks.store._names import stored
-from tasklocks.store._rows import fast_names
 from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, POLLED, ServerStore
 
 __all__ = ["PostgresStore"]
@@ -362,18 +360,15 @@ class PostgresStore(ServerStore):
     def fast_release(
         self, namespace: str, names: Sequence[str], lease: str, renewed: bool = False
     ) -> int | None:
-        if not (renewed and self._unflushed):  # no session to give it back, or no epoch
-            return super().fast_release(namespace, names, lease)
-        unique = fast_names(names)
-        if len(unique) != 1 or not is_name(lease):
-            return None
+        # Read once here: should a failed look turn it off meanwhile, the release below takes
+        # the flush and is remembered all the same (harmless).
+        unflushed = renewed and self._unflushed
         crashes = self._crashes
-        params = {"ns": namespace, "name": unique[0], "lease": lease}
-        version = self._fast(False, (self._sql["name_release_unflushed"], params))
-        if version is not None:
+        version = super().fast_release(namespace, names, lease, unflushed)
+        if unflushed and version is not None:  # one name, names[0], released without the flush
             with self._epoch_lock:
                 if self._crashes == crashes:
-                    self._released[namespace, unique[0]] = lease
+                    self._released[namespace, names[0]] = lease
                 else:  # a crash found while it was on its way: it may be undone
                     self._lost.append((namespace, lease))
         return version
