@@ -469,6 +469,24 @@ def test_several_threads_wait_on_one_store(stores: Callable[[], Store], namespac
     assert all(t - started < 20.0 for t in done)
 
 
+def test_a_closed_store_stays_closed(db_url: str, namespace: str) -> None:
+    """A session's renewal thread, or a give-back, that calls a store after its table closed it
+    is refused: it must not open a connection that nobody would close."""
+    store = open_store(db_url)
+    store.open_session("closed-" + namespace, "task:x", "h", os.getpid(), 30.0)
+    store.read(namespace)
+    store.close()
+    for call in (
+        lambda: store.renew_session("closed-" + namespace),
+        lambda: store.read(namespace),
+        lambda: store.open_session("again-" + namespace, "task:x", "h", os.getpid(), 30.0),
+    ):
+        with pytest.raises(StoreUnavailable, match="was closed; open it again"):
+            call()
+    assert getattr(store, "_side", None) is None and getattr(store, "_conn", None) is None
+    store.close()  # (idempotent)
+
+
 # --- schema ----------------------------------------------------------------------------------
 
 

@@ -131,6 +131,7 @@ class SQLStore(ABC):
     REENTRANT: ClassVar[bool] = False  # does a call of this store call the store again?
     _lock_pid = 0
     _tasks_ready = False
+    _shut = False  # closed: it never connects again (see _refuse_closed)
 
     @abstractmethod
     def __init__(self, parsed: ParsedURL, *, table: str, reconnect_timeout: float = 5.0) -> None:
@@ -201,7 +202,10 @@ class SQLStore(ABC):
         """Close this store's connections (idempotent)."""
 
     def close(self) -> None:
-        """Release connections (idempotent)."""
+        """Release connections (idempotent). A closed store stays closed: a thread that calls
+        it afterwards (a session's renewal, a give-back) gets StoreUnavailable, and no
+        connection is opened that nobody would close."""
+        self._shut = True
         side, self._side = self._side, None
         if side is not None and side is not self:
             side.close()
@@ -285,15 +289,27 @@ class SQLStore(ABC):
 
     # --- sessions: on a connection of their own, so that renewals never queue behind changes ---
 
+    def _refuse_closed(self) -> None:
+        """Raise StoreUnavailable if this store was closed (before opening a connection)."""
+        if self._shut:
+            raise StoreUnavailable(f"the lock table at {self.url} was closed; open it again")
+
     def _sessions_store(self) -> SQLStore:
-        if self._side is None:
+        side = self._side
+        if side is None:
+            self._refuse_closed()
             retry = self.reconnect_timeout
-            self._side = type(self)(
+            side = type(self)(
                 self._parsed, table=self.table, reconnect_timeout=retry, **self._side_options()
             )
-            self._side._side = self._side
-            self._side._idle_ping = float("inf")  # a renewal whose reply is lost is renewed again
-        return self._side
+            side._side = side
+            side._idle_ping = float("inf")  # a renewal whose reply is lost is renewed again
+            self._side = side
+            if self._shut:  # closed by another thread meanwhile (it set _shut, then read _side)
+                self._side = None
+                side.close()
+                self._refuse_closed()
+        return side
 
     def _side_options(self) -> dict[str, Any]:
         """What the sessions' store is made with besides the URL and the table."""

@@ -215,6 +215,7 @@ class ServerStore(RowsStore):
             self._conn = None
             self._known = set()
         if self._conn is None:
+            self._refuse_closed()
             self._conn = self._connect()
             self._pid = os.getpid()
             self._used = time.monotonic()

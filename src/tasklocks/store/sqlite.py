@@ -106,6 +106,7 @@ class SQLiteStore(RowsStore):
     def _connect(self) -> sqlite3.Connection:
         if self._conn is not None and self._pid == _pid.pid():
             return self._conn
+        self._refuse_closed()
         path = Path(self.path)
         try:
             if not path.exists():
