@@ -66,6 +66,10 @@ def test_the_engines_pool_lends_every_connection(engine: Any, namespace: str) ->
         assert lease.token >= 1
         assert len(CHECKOUTS[id(engine)]) >= before + 4  # one per call
         assert engine.pool.checkedout() == 0  # every one given back
+    lent = len(CHECKOUTS[id(engine)])
+    with pytest.raises(StoreUnavailable, match="was closed; open it again"):
+        table.held()  # a closed table borrows nothing more from the pool
+    assert len(CHECKOUTS[id(engine)]) == lent
     with engine.connect() as conn:  # the application finds its pool as it left it
         driver = conn.connection.driver_connection
         on = driver.get_autocommit() if hasattr(driver, "get_autocommit") else driver.autocommit

@@ -191,6 +191,7 @@ class ServerStore(RowsStore):
         return conn
 
     def _connection(self) -> Any:
+        self._refuse_closed()
         if self._engine is not None:  # one of the engine's, for this call
             try:
                 pooled = self._engine.raw_connection()
@@ -215,7 +216,6 @@ class ServerStore(RowsStore):
             self._conn = None
             self._known = set()
         if self._conn is None:
-            self._refuse_closed()
             self._conn = self._connect()
             self._pid = os.getpid()
             self._used = time.monotonic()
