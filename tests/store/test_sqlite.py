@@ -1,6 +1,7 @@
 """What only the SQLite adapter does: its write lock is one for the whole file, so a change that
 finds it busy spins briefly and then queues on the gate; the row statements report their token
-without RETURNING; new files get small pages; the WAL is cut back once it can start over."""
+without RETURNING; new files get small pages; the WAL is cut back once it can start over, and
+past its bound a checkpoint lets it start over under a steady load."""
 
 from __future__ import annotations
 
@@ -144,4 +145,46 @@ def test_the_wal_is_cut_back_once_it_can_start_over(tmp_path: Path) -> None:
         table.acquire("again").release()
     assert wal.stat().st_size <= 4 << 20
     assert table.held() == []
+    table.close()
+
+
+def test_past_its_bound_the_wal_is_checkpointed_and_started_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a steady load SQLite never starts the WAL over by itself (a reader is always in
+    it). A store looks at its size every WAL_LOOK_EVERY changes; past WAL_LIMIT it runs a
+    RESTART checkpoint. A reader still in the WAL makes it give up after its short wait, and
+    the change that looked still succeeds; once no reader is left, the checkpoint goes through
+    and the next change starts the file over, cut back to 4 MiB."""
+    path = tmp_path / "locks.db"
+    wal = Path(str(path) + "-wal")
+    table = tasklocks.connect(f"sqlite:///{path}", "wal")
+    table.acquire("first").release()
+    store = table.store
+    assert isinstance(store, sqlite_store.SQLiteStore) and store._conn is not None
+    sent: list[str] = []
+    store._conn.set_trace_callback(sent.append)
+    reader = sqlite3.connect(str(path), isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM tasklocks_names").fetchall()  # holds its snapshot
+    for i in range(600):  # 1,200 changes: past WAL_LOOK_EVERY, under WAL_LIMIT
+        table.acquire(f"name-{i}").release()
+    assert not [s for s in sent if "wal_checkpoint" in s]  # looked, and left it alone
+    grown = wal.stat().st_size
+    assert grown > 2 << 20
+    monkeypatch.setattr(sqlite_store, "WAL_LIMIT", 1 << 20)
+    monkeypatch.setattr(sqlite_store, "WAL_LOOK_EVERY", 1)  # every change looks
+    started = time.monotonic()
+    lease = table.acquire("pinned")  # looks, waits 20 ms for the reader, gives up
+    assert time.monotonic() - started < 1.0
+    assert [s for s in sent if "wal_checkpoint" in s] == ["PRAGMA wal_checkpoint(RESTART)"]
+    assert sent[-1] == "PRAGMA busy_timeout=0"  # and waits no more afterwards
+    assert wal.stat().st_size >= grown  # not started over: the reader is still in it
+    reader.execute("COMMIT")
+    reader.close()
+    lease.release()  # looks again: nobody is in the WAL now, the checkpoint goes through
+    assert len([s for s in sent if "wal_checkpoint" in s]) == 2
+    table.acquire("after").release()  # starts the file over, cut back to journal_size_limit
+    assert wal.stat().st_size <= 4 << 20
+    assert [h.name for h in table.held()] == []
     table.close()

@@ -23,6 +23,7 @@ import random
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,6 +42,11 @@ T = TypeVar("T")
 BUSY_DEADLINE = 60.0  # seconds a change may wait for SQLite's write lock before giving up
 AT_ONCE = 1  # tries of a busy change again at once (its holder may be running on another core)
 SPINS = 10  # then tries, each after a sched_yield, before it queues on the gate
+# The WAL's bound (see _bound_wal): every WAL_LOOK_EVERY changes a store looks at the file's
+# size; past WAL_LIMIT it checkpoints and waits at most 20 ms for the readers still in it
+# (sqlite.sql: busy_timeout_checkpoint), so that the next change starts the file over.
+WAL_LOOK_EVERY = 256
+WAL_LIMIT = 256 << 20
 
 
 _uptime = (0, -1)  # (pid, descriptor of /proc/uptime open in that process)
@@ -97,6 +103,7 @@ class SQLiteStore(RowsStore):
         self._pid = 0
         self._gate_fd: int | None = None
         self._gate_pid = 0
+        self._changes = 0  # since the last look at the WAL's size
         self._token = _Token()
         with self._mutex():
             self._connect()
@@ -220,7 +227,40 @@ class SQLiteStore(RowsStore):
         retries with short sleeps and the others sleep in the kernel. (Measured in
         docs/design.md, "SQLite: what a statement and a wait cost".)"""
         with self._mutex():
-            return self._retry(lambda conn: body(conn, Call()), queue=True)
+            result = self._retry(lambda conn: body(conn, Call()), queue=True)
+            self._changes += 1
+            if self._changes >= WAL_LOOK_EVERY:
+                self._changes = 0
+                self._bound_wal()
+            return result
+
+    def _bound_wal(self) -> None:
+        """Keep the WAL from growing without end. SQLite starts the file over only when a
+        checkpoint is complete and no reader is still in it; under the steady load of many
+        processes that moment never comes (16 processes grew it by 55 MB a second, without
+        end), and ``journal_size_limit`` cuts it back only once it starts over. Past
+        ``WAL_LIMIT``, the process whose look finds it runs a ``RESTART`` checkpoint: it copies
+        the WAL into the database and waits (20 ms at most, holding the write lock: a reader
+        is microseconds long unless it was preempted) for the readers still in it; the next
+        change then starts the file over, cut back to 4 MiB. Busy (a reader stayed, or another
+        process checkpoints), it gives up until the next look. Under the store's mutex, between
+        changes. Measured in docs/design.md ("SQLite's WAL under a steady load")."""
+        conn = self._conn
+        if conn is None or conn.in_transaction:
+            return
+        try:
+            if os.stat(self.path + "-wal").st_size <= WAL_LIMIT:
+                return
+        except OSError:
+            return
+        try:
+            conn.execute(self._sql["busy_timeout_checkpoint"])
+            conn.execute(self._sql["wal_restart"]).fetchall()
+        except sqlite3.Error:
+            pass  # busy, or another process's checkpoint: the next look tries again
+        finally:
+            with suppress(sqlite3.Error):
+                conn.execute(self._sql["busy_timeout_off"])
 
     def _execute(self, conn: Any, sql: str, params: Any = None) -> Any:
         return conn.execute(sql, params or ())
