@@ -153,23 +153,29 @@ def test_past_its_bound_the_wal_is_checkpointed_and_started_over(
 ) -> None:
     """Under a steady load SQLite never starts the WAL over by itself (a reader is always in
     it). A store looks at its size every WAL_LOOK_EVERY changes; past WAL_LIMIT it runs a
-    RESTART checkpoint. A reader still in the WAL makes it give up after its short wait, and
-    the change that looked still succeeds; once no reader is left, the checkpoint goes through
-    and the next change starts the file over, cut back to 4 MiB."""
+    RESTART checkpoint. A reader that stays in the WAL makes it give up after its short wait
+    (the change that looked still succeeds) and pauses the process's looks, so that it does not
+    stall every writer again and again; once the reader is gone and the pause is over, the
+    checkpoint goes through and the next change starts the file over, cut back to 4 MiB."""
     path = tmp_path / "locks.db"
     wal = Path(str(path) + "-wal")
     table = tasklocks.connect(f"sqlite:///{path}", "wal")
     table.acquire("first").release()
     store = table.store
     assert isinstance(store, sqlite_store.SQLiteStore) and store._conn is not None
+    assert 0 <= store._changes < sqlite_store.WAL_LOOK_EVERY  # (a random start)
     sent: list[str] = []
     store._conn.set_trace_callback(sent.append)
+
+    def checkpoints() -> int:
+        return len([s for s in sent if "wal_checkpoint" in s])
+
     reader = sqlite3.connect(str(path), isolation_level=None)
     reader.execute("BEGIN")
     reader.execute("SELECT count(*) FROM tasklocks_names").fetchall()  # holds its snapshot
     for i in range(600):  # 1,200 changes: past WAL_LOOK_EVERY, under WAL_LIMIT
         table.acquire(f"name-{i}").release()
-    assert not [s for s in sent if "wal_checkpoint" in s]  # looked, and left it alone
+    assert checkpoints() == 0  # looked, and left it alone
     grown = wal.stat().st_size
     assert grown > 2 << 20
     monkeypatch.setattr(sqlite_store, "WAL_LIMIT", 1 << 20)
@@ -180,11 +186,14 @@ def test_past_its_bound_the_wal_is_checkpointed_and_started_over(
     assert [s for s in sent if "wal_checkpoint" in s] == ["PRAGMA wal_checkpoint(RESTART)"]
     assert sent[-1] == "PRAGMA busy_timeout=0"  # and waits no more afterwards
     assert wal.stat().st_size >= grown  # not started over: the reader is still in it
+    lease.release()
+    table.acquire("paused").release()
+    assert checkpoints() == 1  # paused: no more waits in vain while the reader stays
     reader.execute("COMMIT")
     reader.close()
-    lease.release()  # looks again: nobody is in the WAL now, the checkpoint goes through
-    assert len([s for s in sent if "wal_checkpoint" in s]) == 2
-    table.acquire("after").release()  # starts the file over, cut back to journal_size_limit
-    assert wal.stat().st_size <= 4 << 20
+    time.sleep(max(0.0, store._wal_quiet[0] - time.monotonic()) + 0.01)  # the pause (1 s) ends
+    table.acquire("after").release()  # looks: nobody is in the WAL now, it goes through...
+    assert checkpoints() >= 2 and store._wal_quiet == (0.0, 0.0)
+    assert wal.stat().st_size <= 4 << 20  # ...and the next change started the file over
     assert [h.name for h in table.held()] == []
     table.close()

@@ -140,6 +140,7 @@ class SQLStore(ABC):
 
     def _load_sql(self, table: str, **values: object) -> None:
         self.table = check_table_name(table)
+        self._side_mutex()  # (made now, while one thread has the store)
         self._known: set[str] = set()  # namespaces whose row exists
         # Where the last wait of a namespace stopped: (version to go on from, start, last poll,
         # delay, whether it timed out (else it saw that version appear)).
@@ -150,6 +151,15 @@ class SQLStore(ABC):
         values = {**values, "now": raw["now"], "mark": self.MARK, "t": table}
         values["task_columns"] = columns
         self._sql = {name: fill(text, **values) for name, text in raw.items()}
+
+    _side_lock_pid = 0
+
+    def _side_mutex(self) -> Any:
+        """The lock of the sessions' store's making and closing (a new one in a forked
+        child, as ``_mutex``); never taken with ``_mutex`` held by the same call."""
+        if self._side_lock_pid != _pid.pid():
+            self._side_lock, self._side_lock_pid = threading.Lock(), _pid.pid()
+        return self._side_lock
 
     def _mutex(self) -> Any:
         """The store's lock. In a forked child, a new one: the parent's may be held by a thread
@@ -206,7 +216,8 @@ class SQLStore(ABC):
         it afterwards (a session's renewal, a give-back) gets StoreUnavailable, and no
         connection is opened that nobody would close."""
         self._shut = True
-        side, self._side = self._side, None
+        with self._side_mutex():  # (after a making of it in progress: it is closed here)
+            side, self._side = self._side, None
         if side is not None and side is not self:
             side.close()
         self._disconnect()
@@ -297,18 +308,20 @@ class SQLStore(ABC):
     def _sessions_store(self) -> SQLStore:
         side = self._side
         if side is None:
-            self._refuse_closed()
-            retry = self.reconnect_timeout
-            side = type(self)(
-                self._parsed, table=self.table, reconnect_timeout=retry, **self._side_options()
-            )
-            side._side = side
-            side._idle_ping = float("inf")  # a renewal whose reply is lost is renewed again
-            self._side = side
-            if self._shut:  # closed by another thread meanwhile (it set _shut, then read _side)
-                self._side = None
-                side.close()
-                self._refuse_closed()
+            with self._side_mutex():  # one sessions' store, even if two threads ask at once
+                side = self._side
+                if side is None:
+                    self._refuse_closed()
+                    retry = self.reconnect_timeout
+                    side = type(self)(
+                        self._parsed,
+                        table=self.table,
+                        reconnect_timeout=retry,
+                        **self._side_options(),
+                    )
+                    side._side = side
+                    side._idle_ping = float("inf")  # a renewal whose reply is lost is renewed again
+                    self._side = side
         return side
 
     def _side_options(self) -> dict[str, Any]:

@@ -5,8 +5,9 @@
   only forget the last commits (https://www.sqlite.org/pragma.html#pragma_synchronous). Every
   holder lives on this host and dies with it; after the reboot its entries carry an old boot id,
   which proves them dead, so a forgotten change costs nothing. FULL would fsync every change.
-  The WAL is cut back to 4 MiB whenever it starts over (``journal_size_limit``): a steady load
-  of many processes, during which it cannot start over, leaves no file of hundreds of MB behind.
+  The WAL is cut back to 4 MiB whenever it starts over (``journal_size_limit``); under a steady
+  load of many processes it would never start over by itself, so past 256 MiB a checkpoint
+  makes it (``_bound_wal``).
 * A change through the document takes the write lock up front (``BEGIN IMMEDIATE``), so it
   never fails its compare-and-swap and no name can be taken in its row meanwhile; a free name
   is taken and released in its row by one statement (``_rows.py``), the short write that most
@@ -46,6 +47,7 @@ SPINS = 10  # then tries, each after a sched_yield, before it queues on the gate
 # size; past WAL_LIMIT it checkpoints and waits at most 20 ms for the readers still in it
 # (sqlite.sql: busy_timeout_checkpoint), so that the next change starts the file over.
 WAL_LOOK_EVERY = 256
+WAL_WAITED = 0.015  # a checkpoint that returned busy after this long waited for a reader
 WAL_LIMIT = 256 << 20
 
 
@@ -103,7 +105,11 @@ class SQLiteStore(RowsStore):
         self._pid = 0
         self._gate_fd: int | None = None
         self._gate_pid = 0
-        self._changes = 0  # since the last look at the WAL's size
+        # Changes until the next look at the WAL's size (see _bound_wal): the first look of each
+        # process comes after a random number of them, so that short-lived processes look too.
+        self._changes = random.randrange(WAL_LOOK_EVERY)
+        self._wal = os.path.realpath(parsed.path) + "-wal"  # (the working directory may change)
+        self._wal_quiet = (0.0, 0.0)  # (no look before this monotonic time, the next pause)
         self._token = _Token()
         with self._mutex():
             self._connect()
@@ -240,27 +246,44 @@ class SQLiteStore(RowsStore):
         processes that moment never comes (16 processes grew it by 55 MB a second, without
         end), and ``journal_size_limit`` cuts it back only once it starts over. Past
         ``WAL_LIMIT``, the process whose look finds it runs a ``RESTART`` checkpoint: it copies
-        the WAL into the database and waits (20 ms at most, holding the write lock: a reader
-        is microseconds long unless it was preempted) for the readers still in it; the next
-        change then starts the file over, cut back to 4 MiB. Busy (a reader stayed, or another
-        process checkpoints), it gives up until the next look. Under the store's mutex, between
+        the rest of the WAL into the database and waits (20 ms at most, holding the write lock:
+        a reader is microseconds long unless it was preempted) for the readers still in it; the
+        next change then starts the file over, cut back to 4 MiB. Most looks find the checkpoint
+        lock taken by another process's checkpoint and return at once. One that waited in vain
+        (a long reader: a backup, a shell's open transaction, a stopped process) pauses this
+        process's looks, 1 s and doubling up to a minute, so that it does not stall every
+        writer again and again while nothing can succeed. Under the store's mutex, between
         changes. Measured in docs/design.md ("SQLite's WAL under a steady load")."""
         conn = self._conn
-        if conn is None or conn.in_transaction:
+        quiet_until, pause_for = self._wal_quiet
+        if conn is None or conn.in_transaction or time.monotonic() < quiet_until:
             return
         try:
-            if os.stat(self.path + "-wal").st_size <= WAL_LIMIT:
+            if os.stat(self._wal).st_size <= WAL_LIMIT:
                 return
         except OSError:
             return
+        started = time.monotonic()
         try:
             conn.execute(self._sql["busy_timeout_checkpoint"])
-            conn.execute(self._sql["wal_restart"]).fetchall()
+            busy = conn.execute(self._sql["wal_restart"]).fetchone()[0]
         except sqlite3.Error:
-            pass  # busy, or another process's checkpoint: the next look tries again
+            busy = 1  # another process's checkpoint, or its write lock held past the wait
         finally:
-            with suppress(sqlite3.Error):
-                conn.execute(self._sql["busy_timeout_off"])
+            reset = False
+            try:
+                with suppress(sqlite3.Error):
+                    conn.execute(self._sql["busy_timeout_off"])
+                    reset = True
+            finally:
+                if not reset:  # never leave it waiting SQLite's way: a new connection next time
+                    self._let_go()
+        waited = time.monotonic() - started
+        if not busy:
+            self._wal_quiet = (0.0, 0.0)
+        elif waited >= WAL_WAITED:  # it had the lock and waited in vain: a reader stays
+            pause_for = min(60.0, max(1.0, pause_for * 2))
+            self._wal_quiet = (time.monotonic() + pause_for, pause_for)
 
     def _execute(self, conn: Any, sql: str, params: Any = None) -> Any:
         return conn.execute(sql, params or ())
@@ -330,9 +353,14 @@ class SQLiteStore(RowsStore):
 
     def _disconnect(self) -> None:
         with self._mutex():
-            if self._conn is not None and self._pid == os.getpid():
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """Close the connection and the gate (under the store's mutex)."""
+        if self._conn is not None and self._pid == os.getpid():
+            with suppress(sqlite3.Error):
                 self._conn.close()
-            if self._gate_fd is not None and self._gate_pid == os.getpid():
-                os.close(self._gate_fd)
-            self._conn = None
-            self._gate_fd = None
+        if self._gate_fd is not None and self._gate_pid == os.getpid():
+            os.close(self._gate_fd)
+        self._conn = None
+        self._gate_fd = None
