@@ -270,14 +270,12 @@ class SQLiteStore(RowsStore):
         except sqlite3.Error:
             busy = 1  # another process's checkpoint, or its write lock held past the wait
         finally:
-            reset = False
             try:
-                with suppress(sqlite3.Error):
-                    conn.execute(self._sql["busy_timeout_off"])
-                    reset = True
-            finally:
-                if not reset:  # never leave it waiting SQLite's way: a new connection next time
-                    self._let_go()
+                conn.execute(self._sql["busy_timeout_off"])
+            except BaseException as exc:  # never leave it waiting SQLite's way:
+                self._let_go()  # a new connection next time
+                if not isinstance(exc, sqlite3.Error):
+                    raise
         waited = time.monotonic() - started
         if not busy:
             self._wal_quiet = (0.0, 0.0)
