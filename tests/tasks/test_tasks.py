@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from conftest import raw_sql
 
 from tasklocks import HeldLock, Liveness
 from tasklocks.owner import group_is_empty, process_liveness
+from tasklocks.store import DEFAULT_TABLE
 from tasklocks.tasks import (
     FINAL,
     BadTarget,
@@ -365,6 +367,32 @@ def test_sigkill_of_supervisor_and_task_is_found_later(
     assert record.message == "the task's processes died without recording an outcome"
     assert held(tasks) == {}
     assert task_id not in tasks.reconcile()  # once is enough
+
+
+def test_reconcile_passes_over_a_record_deleted_while_it_looks(
+    tasks: Tasks, files: Files, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``reconcile`` looks at every namespace's tasks: a record that someone deletes between its
+    list and its update (a cleanup of another namespace's rows, say) is passed over, not an
+    error, and the dead task's locks are still reaped."""
+    task_id = tasks.start(ref("blocked"), args=blocked_args(files, "a"), locks=["app_task:a"])
+    running = until_marked(tasks, task_id, files("a.marker"))
+    kill(running.pid)
+    killpg(running.pgid)
+    poll("the task's processes to be gone", lambda: True if pid_is_gone(running) else None)
+    listed = tasks.store.list_tasks
+
+    def list_then_delete(*args: Any) -> Any:
+        rows = listed(*args)
+        raw_sql(db_url, f"DELETE FROM {DEFAULT_TABLE}_tasks WHERE id = %s", (task_id,))
+        return rows
+
+    monkeypatch.setattr(tasks.store, "list_tasks", list_then_delete)
+    assert task_id not in tasks.reconcile()
+    monkeypatch.undo()
+    with pytest.raises(TaskNotFound):
+        tasks.get(task_id)
+    assert held(tasks) == {}
 
 
 def test_killed_supervisor_keeps_locks_while_the_task_runs(tasks: Tasks, files: Files) -> None:

@@ -287,8 +287,11 @@ class Tasks(TaskDB):
             if record.stop_requested is not None:
                 changes["state"] = TaskState.STOPPED
             changes["message"] = "the task's processes died without recording an outcome"
-            if self.update(record.id, **changes) is not None:
-                marked.append(record.id)
+            # (Every namespace's tasks: a record deleted meanwhile, as a cleanup of another
+            # namespace's rows may do, is passed over; its dead entries are still reaped.)
+            with contextlib.suppress(TaskNotFound):
+                if self.update_from(record, **changes) is not None:
+                    marked.append(record.id)
             # Every process of the task is gone, so its entries are provably dead; an entry of
             # a process that left the task's group and still runs is not, and stays.
             LockTable(self.locks.store, record.namespace).reap(owner=f"task:{record.id}")
