@@ -50,7 +50,8 @@ from tasklocks.locks import connect as _connect
 from tasklocks.owner import ProcessIdentity, current_process, default_owner
 from tasklocks.store import AsyncNotifies, Backend, Engine, Snapshot
 from tasklocks.store._base import first_delay, next_delay
-from tasklocks.store._loop_engine import AsyncEngine, is_async_engine, loop_engine
+from tasklocks.store._engine import is_async_engine
+from tasklocks.store._loop_engine import AsyncEngine, loop_engine
 
 __all__ = ["AsyncLease", "AsyncLockTable", "connect", "task_owner"]
 

@@ -26,8 +26,7 @@ from tasklocks.store._base import (
     TaskRow,
     TaskValue,
 )
-from tasklocks.store._engine import Engine, engine_url, is_engine
-from tasklocks.store._loop_engine import is_async_engine
+from tasklocks.store._engine import Engine, engine_url, is_async_engine, is_engine
 from tasklocks.store._rows import RowsStore
 
 __all__ = [

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from tasklocks._url import ParsedURL
 from tasklocks.errors import BadURL
 
-__all__ = ["Engine", "engine_url", "is_engine"]
+__all__ = ["Engine", "engine_url", "is_async_engine", "is_engine"]
 
 DRIVERS = {"postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql", "sqlite": "pysqlite"}
 SCHEMES = {"postgresql": "postgresql", "mysql": "mysql", "mariadb": "mysql", "sqlite": "sqlite"}
@@ -42,6 +42,12 @@ def is_engine(value: object) -> bool:
     """Is ``value`` a SQLAlchemy ``Engine`` (an ``AsyncEngine`` is not)?"""
     attrs = ("raw_connection", "dialect", "url")
     return all(hasattr(value, a) for a in attrs) and not hasattr(value, "sync_engine")
+
+
+def is_async_engine(value: object) -> bool:
+    """Is ``value`` a SQLAlchemy ``AsyncEngine``? (Here, not in ``_loop_engine.py``: the
+    check must not import asyncio into every process that opens a store.)"""
+    return hasattr(value, "sync_engine") and hasattr(value, "dialect")
 
 
 def engine_url(engine: Engine) -> ParsedURL:

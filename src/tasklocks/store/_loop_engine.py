@@ -29,7 +29,7 @@ from typing import Any, Protocol, TypeVar
 
 from tasklocks.errors import BadURL
 
-__all__ = ["AsyncEngine", "LoopEngine", "is_async_engine", "loop_engine"]
+__all__ = ["AsyncEngine", "LoopEngine", "loop_engine"]
 
 T = TypeVar("T")
 IO_TIMEOUT = 30.0  # seconds a call waits for the loop to run it
@@ -46,11 +46,6 @@ class AsyncEngine(Protocol):
 
     @property
     def dialect(self) -> Any: ...
-
-
-def is_async_engine(value: object) -> bool:
-    """Is ``value`` a SQLAlchemy ``AsyncEngine``?"""
-    return hasattr(value, "sync_engine") and hasattr(value, "dialect")
 
 
 def loop_engine(engine: AsyncEngine, loop: asyncio.AbstractEventLoop) -> LoopEngine | str:
