@@ -114,6 +114,11 @@ def pid_is_gone(record: TaskRecord) -> bool:
     return live is Liveness.DEAD
 
 
+def all_gone(record: TaskRecord) -> bool:
+    """Are the supervisor and every process of the task's group gone (``reconcile`` can tell)?"""
+    return pid_is_gone(record) and (record.pgid is None or group_is_empty(record.pgid))
+
+
 def kill(pid: int | None) -> None:
     if pid is not None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -369,6 +374,29 @@ def test_sigkill_of_supervisor_and_task_is_found_later(
     assert task_id not in tasks.reconcile()  # once is enough
 
 
+def test_reconcile_frees_the_locks_before_it_marks_the_record(
+    tasks: Tasks, files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a supervisor does: whoever sees the record final (``wait`` in another process, say)
+    finds its locks free."""
+    task_id = tasks.start(ref("blocked"), args=blocked_args(files, "a"), locks=["app_task:a"])
+    running = until_marked(tasks, task_id, files("a.marker"))
+    kill(running.pid)
+    killpg(running.pgid)
+    poll("the task's processes to be gone", lambda: True if all_gone(running) else None)
+    held_when_marked: list[dict[str, HeldLock]] = []
+    update_from = tasks.update_from
+
+    def looking(record: TaskRecord, **changes: Any) -> TaskRecord | None:
+        held_when_marked.append(held(tasks))
+        return update_from(record, **changes)
+
+    monkeypatch.setattr(tasks, "update_from", looking)
+    assert task_id in tasks.reconcile()
+    assert held_when_marked == [{}]
+    assert tasks.get(task_id).state is TaskState.CRASHED
+
+
 def test_reconcile_passes_over_a_record_deleted_while_it_looks(
     tasks: Tasks, files: Files, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -379,7 +407,7 @@ def test_reconcile_passes_over_a_record_deleted_while_it_looks(
     running = until_marked(tasks, task_id, files("a.marker"))
     kill(running.pid)
     killpg(running.pgid)
-    poll("the task's processes to be gone", lambda: True if pid_is_gone(running) else None)
+    poll("the task's processes to be gone", lambda: True if all_gone(running) else None)
     listed = tasks.store.list_tasks
 
     def list_then_delete(*args: Any) -> Any:

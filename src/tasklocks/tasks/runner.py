@@ -274,8 +274,9 @@ class Tasks(TaskDB):
         )
 
     def reconcile(self) -> builtins.list[int]:
-        """Mark active tasks whose processes are provably all gone as ``crashed`` and release
-        their locks. Returns the ids marked."""
+        """Release the locks of active tasks whose processes are provably all gone, then mark
+        them ``crashed`` (in that order, as a supervisor does: a final record's locks are
+        free). Returns the ids marked."""
         marked = []
         for row in self.store.list_tasks(ACTIVE, None):
             record = TaskRecord.from_row(row)
@@ -287,14 +288,14 @@ class Tasks(TaskDB):
             if record.stop_requested is not None:
                 changes["state"] = TaskState.STOPPED
             changes["message"] = "the task's processes died without recording an outcome"
-            # (Every namespace's tasks: a record deleted meanwhile, as a cleanup of another
-            # namespace's rows may do, is passed over; its dead entries are still reaped.)
-            with contextlib.suppress(TaskNotFound):
-                if self.update_from(record, **changes) is not None:
-                    marked.append(record.id)
             # Every process of the task is gone, so its entries are provably dead; an entry of
             # a process that left the task's group and still runs is not, and stays.
             LockTable(self.locks.store, record.namespace).reap(owner=f"task:{record.id}")
+            # (Every namespace's tasks: a record deleted meanwhile, as a cleanup of another
+            # namespace's rows may do, is passed over.)
+            with contextlib.suppress(TaskNotFound):
+                if self.update_from(record, **changes) is not None:
+                    marked.append(record.id)
         return marked
 
     def wait(self, task_id: int, timeout: float | None = None) -> TaskRecord:
