@@ -116,15 +116,23 @@ def slap(cfg: Config, clients: int, pairs_each: int) -> dict[str, float] | str:
     acquire, release = _statements(
         "mysql", ns, f"CONCAT('w', {me})", f"CONCAT('{cfg.run_id}', {me})"
     )
+    table = f"`{url.database}`.{TABLE}_names"
+    # The ceiling of any release that writes nothing durable (MariaDB has no per-transaction
+    # async commit; a MEMORY table would be one): one durable write of the name's row a pair
+    # (its version and record, as an acquisition writes them), then a round trip that writes
+    # nothing. (Its own names, so that it starts from no row, as the pairs do.)
+    one = f"CONCAT('v', {me})"
     scripts = {
         "rows": f"{acquire}\n{release}\n",
         "advisory": f"SELECT GET_LOCK(CONCAT('floor{cfg.run_id}', {me}), 10);\n"
         f"SELECT RELEASE_LOCK(CONCAT('floor{cfg.run_id}', {me}));\n",
+        "one_write": f"INSERT INTO {table} (namespace, name, version, lease, record, mark) "
+        f"VALUES ('{ns}', {one}, 1, NULL, '{RECORD}', 0) ON DUPLICATE KEY UPDATE "
+        "version = version + 1, record = VALUES(record);\nDO 0;\n",
     }
     args = ["-h", url.host, "-P", str(url.port or 3306), "-u", url.user or "root"]
     if url.password:
         args.append(f"-p{url.password}")
-    table = f"`{url.database}`.{TABLE}_names"
     layout = f"INSERT IGNORE INTO {table} VALUES ('{ns}', '', 1, NULL, NULL, 1)"
     cleanup = f"DELETE FROM {table} WHERE namespace = '{ns}'"
     out: dict[str, float] = {}
@@ -134,7 +142,8 @@ def slap(cfg: Config, clients: int, pairs_each: int) -> dict[str, float] | str:
                 [tool, *args, f"--create-schema={url.database}", f"--concurrency={clients}"]
                 + ["--iterations=1", f"--number-of-queries={2 * pairs_each * clients}"]
                 + [f"--query={path}", "--delimiter=\n"]
-                + ([f"--pre-query={layout}", f"--post-query={cleanup}"] if kind == "rows" else []),
+                + ([f"--pre-query={layout}"] if kind == "rows" else [])
+                + ([f"--post-query={cleanup}"] if kind != "advisory" else []),
                 capture_output=True,
                 text=True,
             )

@@ -652,6 +652,16 @@ def section_floor(cfg: Config) -> None:
                 f"{got['rows'] / got['advisory']:.2f}x",
             )
         )
+        if "one_write" in got:  # MariaDB: the ceiling of a release that writes nothing durable
+            say(f"  {lab}, one durable write and a round trip a pair: {got['one_write']:,.0f}/s")
+            ROWS.append(
+                Row(
+                    f"10 {THROUGHPUT_WORKERS} C clients {lab}, one durable write a pair (info)",
+                    f"{got['one_write']:,.0f}/s ({tool})",
+                    f"{peer} {got['advisory']:,.0f}/s",
+                    f"{got['one_write'] / got['advisory']:.2f}x",
+                )
+            )
 
 
 # --- the table -----------------------------------------------------------------------------------
