@@ -22,8 +22,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict
 
+# Two runs: the tests that may share the machine, three at a time (pytest-xdist: they mostly
+# wait on processes and servers), then the stress tests alone (many processes each; outages
+# restart the servers and stop PostgreSQL's WAL writer). `pytest` alone runs everything in turn.
 unit: $(STAMP)
-	$(BIN)/pytest -p no:cacheprovider
+	$(BIN)/pytest -p no:cacheprovider -n 3 -m "not stress"
+	$(BIN)/pytest -p no:cacheprovider -m stress
 
 test: lint typecheck unit
 
