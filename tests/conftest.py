@@ -24,9 +24,9 @@ os.environ.setdefault("TASKLOCKS_ZYGOTE_IDLE", "30")
 
 # The tests start hundreds of Python processes (the command line, supervisors, workers) that
 # import tasklocks and tests.tasks. An editable install has no bytecode files, and where
-# PYTHONDONTWRITEBYTECODE is set (as on CI) no process writes them: each would compile every
-# module from source again, about 0.1 s a process. Compile them once here (only files that
-# changed; the processes only read them).
+# PYTHONDONTWRITEBYTECODE is set (as on our machines) no process writes them: each would
+# compile every module from source again, about 0.1 s a process. Compile them once here (only
+# files that changed; the processes only read them).
 _ROOT = Path(__file__).resolve().parents[1]
 for _tree in (_ROOT / "src" / "tasklocks", _ROOT / "tests"):
     compileall.compile_dir(_tree, quiet=1)
