@@ -307,6 +307,16 @@ def test_bad_url_exits_2_with_one_line(url: str, namespace: str) -> None:
     assert "URL" in one_error_line(result)
 
 
+@pytest.mark.parametrize("ttl", ["0.5", "86401", "1e10", "1e301", "nan"])
+def test_a_ttl_out_of_range_is_a_usage_error(sqlite_url: str, namespace: str, ttl: str) -> None:
+    result = cli(sqlite_url, namespace, "--ttl", ttl, "acquire", "x", "--owner", "me")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert "--ttl" in last and ("must be 1 to 86400 seconds" in last or "zero or more" in last)
+    assert held(sqlite_url, namespace) == []
+
+
 def test_unreachable_server_exits_69_with_one_line(namespace: str) -> None:
     result = cli("postgresql://postgres@127.0.0.1:1/test", namespace, "locks")
     assert result.returncode == 69

@@ -683,3 +683,25 @@ def test_start_takes_shared_and_counted_locks(cli: Cli, tmp_path: Path) -> None:
     go.touch()
     assert cli.wait(second).returncode == 0
     assert cli.wait(first).returncode == 0
+
+
+def test_start_keeps_the_locks_with_the_global_ttl(cli: Cli, tmp_path: Path) -> None:
+    """``tasklocks --ttl S start ...``: the task's session has that ttl (it had the default)."""
+    go = tmp_path / "go"
+    result = cli.run("--ttl", "2", "start", "--lock", "ttlx", *blocking_shell(go))
+    assert result.returncode == 0, result.stderr
+    task_id = int(result.stdout)
+    cli.started.append(task_id)
+    cli.until(task_id, "running")
+    (lock,) = json.loads(cli.ok("locks", "--json"))
+    assert lock["owner"] == f"task:{task_id}"
+    assert 0 < lock["expires_in"] <= 2 * 4 / 3  # renewed every ttl/3 to ttl + ttl/3 from now
+    go.touch()
+    assert cli.wait(task_id).returncode == 0
+
+
+def test_a_timeout_past_what_select_takes_still_lets_the_task_succeed(cli: Cli) -> None:
+    """(A timeout of 1e10 s overflowed the supervisor's wait: the task ended "crashed".)"""
+    task_id = cli.start("--timeout", "1e10", "--lock", "bigtimeout", "--", "true")
+    assert cli.wait(task_id).returncode == 0
+    assert cli.record(task_id)["state"] == "succeeded"

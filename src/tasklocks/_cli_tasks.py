@@ -32,7 +32,7 @@ class TaskUsageError(TasklocksError):
 
 
 def _open(args: argparse.Namespace) -> Tasks:
-    return Tasks(args.db, args.namespace)
+    return Tasks(args.db, args.namespace, ttl=args.ttl)
 
 
 def _clock(epoch: float | None) -> str:

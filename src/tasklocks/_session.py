@@ -27,10 +27,23 @@ from tasklocks.errors import StoreError
 from tasklocks.owner import ProcessIdentity
 from tasklocks.store import Store
 
-__all__ = ["DEFAULT_TTL", "MIN_TTL", "Session", "margin"]
+__all__ = ["DEFAULT_TTL", "MAX_TTL", "MIN_TTL", "Session", "check_ttl", "margin"]
 
 DEFAULT_TTL = 30.0
 MIN_TTL = 1.0
+MAX_TTL = 86400.0  # a day: the expiry and the renewal thread's waits stay in range
+
+
+def check_ttl(ttl: float) -> float:
+    """``ttl`` if it is a session's ttl tasklocks accepts. :raises ValueError: it is not."""
+    if not MIN_TTL <= ttl <= MAX_TTL:  # (NaN fails too)
+        raise ValueError(
+            f"ttl must be {MIN_TTL:g} to {MAX_TTL:g} seconds, not {ttl!r}; locks that outlive "
+            "every process need no session: acquire them with process=None"
+        )
+    return ttl
+
+
 RETRY = 0.5  # seconds between renewals while the database does not answer
 
 

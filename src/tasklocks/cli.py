@@ -61,7 +61,7 @@ from tasklocks import (
 from tasklocks._cli_args import add_mode_options, lock_spec
 from tasklocks._cli_tasks import add_task_commands
 from tasklocks._keeper import GRACE, fork_keeper
-from tasklocks._session import DEFAULT_TTL, MIN_TTL
+from tasklocks._session import DEFAULT_TTL, MAX_TTL, MIN_TTL
 from tasklocks.errors import (
     EXIT_FAILURE,
     EXIT_LOCKED,
@@ -153,10 +153,12 @@ def _seconds(text: str) -> float:
 
 
 def _ttl(text: str) -> float:
-    """argparse type for --ttl: at least a second."""
+    """argparse type for --ttl: a second to a day."""
     value = _seconds(text)
-    if value < MIN_TTL:
-        raise argparse.ArgumentTypeError(f"must be at least {MIN_TTL:g} seconds: {quote(text)}")
+    if not MIN_TTL <= value <= MAX_TTL:
+        raise argparse.ArgumentTypeError(
+            f"must be {MIN_TTL:g} to {MAX_TTL:g} seconds: {quote(text)}"
+        )
     return value
 
 

@@ -18,7 +18,7 @@ from typing import Any, Final, TypeVar
 from tasklocks import _core, _pid
 from tasklocks._clock import clock, pause
 from tasklocks._core import EXCLUSIVE, SHARED, Claimant, Holder, LockDoc, Waiter, Want
-from tasklocks._session import DEFAULT_TTL, MIN_TTL, Session
+from tasklocks._session import DEFAULT_TTL, Session, check_ttl
 from tasklocks._waiting import Listen, OnWait, Pause, Request, Steps, Wait, Watch
 from tasklocks._wake import Waker
 from tasklocks.errors import (
@@ -213,8 +213,7 @@ class LockTable:
         owns_store: bool = False,
         ttl: float = DEFAULT_TTL,
     ):
-        if not MIN_TTL <= ttl < float("inf"):
-            raise ValueError(f"ttl must be at least {MIN_TTL:g} seconds, not {ttl!r}")
+        check_ttl(ttl)
         self.store = store
         self.namespace = validate_namespace(namespace)
         self.ttl = ttl

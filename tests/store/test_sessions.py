@@ -214,9 +214,20 @@ def test_a_forked_child_opens_a_session_of_its_own(table: LockTable, tmp_path: P
     assert [h.name for h in table.held()] == ["a"]
 
 
-def test_ttl_must_be_at_least_a_second(db_url: str) -> None:
-    with pytest.raises(ValueError, match="ttl"):
-        tasklocks.connect(db_url, ttl=0.1)
+@pytest.mark.parametrize("ttl", [0.1, 86_401.0, 1e10, float("inf"), float("nan")])
+def test_ttl_must_be_a_second_to_a_day(db_url: str, ttl: float) -> None:
+    """(A ttl of 1e10 s overflowed the renewal thread's waits; 1e301, the expiry itself: the
+    lock showed expired while its holder ran.)"""
+    with pytest.raises(ValueError, match="ttl must be 1 to 86400 seconds"):
+        tasklocks.connect(db_url, ttl=ttl)
+
+
+def test_a_day_is_a_ttl(db_url: str, namespace: str) -> None:
+    with tasklocks.connect(db_url, namespace, ttl=86_400.0) as table, table.acquire("a") as lease:
+        assert not lease.lost.is_set()
+        (lock,) = table.held()
+        assert lock.liveness is Liveness.ALIVE
+        assert lock.expires_in is not None and 86_000 < lock.expires_in <= 86_400 * 4 / 3
 
 
 # --- a call that raises leaves nothing of itself behind -------------------------------------------

@@ -397,6 +397,24 @@ def test_reconcile_frees_the_locks_before_it_marks_the_record(
     assert tasks.get(task_id).state is TaskState.CRASHED
 
 
+def test_reconcile_is_not_failed_by_another_namespaces_corrupt_document(
+    tasks: Tasks, files: Files, db_url: str, namespace: str
+) -> None:
+    """``reconcile`` (in ``list``, ``start``, ``wait``...) looks at every namespace: a dead task
+    whose namespace's document is corrupt stays as it is, for a later look, and the call goes
+    on for the others."""
+    task_id = tasks.start(ref("blocked"), args=blocked_args(files, "a"), locks=["app_task:a"])
+    running = until_marked(tasks, task_id, files("a.marker"))
+    kill(running.pid)
+    killpg(running.pgid)
+    poll("the task's processes to be gone", lambda: True if all_gone(running) else None)
+    corrupt = f"UPDATE {DEFAULT_TABLE} SET data = %s WHERE namespace = %s"
+    assert raw_sql(db_url, corrupt, ("{not json", namespace)) == 1
+    with Tasks(db_url, f"{namespace}-b") as other:
+        assert task_id not in other.reconcile()
+        assert other.get(task_id).state is TaskState.RUNNING
+
+
 def test_reconcile_passes_over_a_record_deleted_while_it_looks(
     tasks: Tasks, files: Files, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

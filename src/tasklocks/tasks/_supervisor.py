@@ -45,6 +45,7 @@ from tasklocks.tasks._taskdb import TaskDB
 
 GRACE = 10.0  # seconds between SIGTERM and SIGKILL when the supervisor itself stops a task
 PATIENCE = 1.0  # seconds between tries while the database does not answer
+LONGEST_WAIT = 3600.0  # seconds of one wait for the task (a longer timeout waits again)
 T = TypeVar("T")
 
 
@@ -420,6 +421,8 @@ class Supervisor:
             if timeout is not None and self.stop_reason is None:
                 waits.append(started + timeout)
             left = max(0.0, min(waits) - time.monotonic()) if waits else None
+            if left is not None:  # (select's timeout must fit a time_t: a longer wait loops)
+                left = min(left, LONGEST_WAIT)
             if pidfd is None:
                 left = 0.01 if left is None else min(left, 0.01)
             fds = [self.wake_r] + ([result_r] if reading else []) + ([pidfd] if pidfd else [])

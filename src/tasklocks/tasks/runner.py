@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasklocks._session import DEFAULT_TTL, MIN_TTL
-from tasklocks.errors import TasklocksError, quote
+from tasklocks._session import DEFAULT_TTL, check_ttl
+from tasklocks.errors import StoreError, StoreUnavailable, TasklocksError, quote
 from tasklocks.locks import LockTable
 from tasklocks.names import validate_name
 from tasklocks.owner import (
@@ -107,8 +107,7 @@ class Tasks(TaskDB):
         log_dir: str | os.PathLike[str] | None = None,
         ttl: float = DEFAULT_TTL,
     ) -> None:
-        if not MIN_TTL <= ttl < float("inf"):
-            raise ValueError(f"ttl must be at least {MIN_TTL:g} seconds, not {ttl!r}")
+        check_ttl(ttl)
         super().__init__(url, namespace, table=table)
         self.ttl = ttl
         self.log_dir = Path(log_dir) if log_dir is not None else default_log_dir(self.url)
@@ -290,7 +289,15 @@ class Tasks(TaskDB):
             changes["message"] = "the task's processes died without recording an outcome"
             # Every process of the task is gone, so its entries are provably dead; an entry of
             # a process that left the task's group and still runs is not, and stays.
-            LockTable(self.locks.store, record.namespace).reap(owner=f"task:{record.id}")
+            try:
+                LockTable(self.locks.store, record.namespace).reap(owner=f"task:{record.id}")
+            except StoreUnavailable:
+                raise
+            except StoreError:
+                # Its namespace cannot be changed now (its document is corrupt, or its row
+                # was deleted meanwhile): the record stays active for a later look, and
+                # another namespace's trouble does not fail this call.
+                continue
             # (Every namespace's tasks: a record deleted meanwhile, as a cleanup of another
             # namespace's rows may do, is passed over.)
             with contextlib.suppress(TaskNotFound):
