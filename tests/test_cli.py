@@ -300,7 +300,15 @@ def test_bad_namespace_exits_2_with_one_line(sqlite_url: str) -> None:
     assert "bad namespace" in one_error_line(result)
 
 
-@pytest.mark.parametrize("url", ["foo://x", "sqlite:relative.db", "postgresql://host-without-db"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "foo://x",
+        "sqlite:relative.db",
+        "postgresql://host-without-db",
+        "postgresql://postgres@[::1:5432/test",
+    ],
+)
 def test_bad_url_exits_2_with_one_line(url: str, namespace: str) -> None:
     result = cli(url, namespace, "locks")
     assert result.returncode == 2

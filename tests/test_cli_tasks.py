@@ -595,11 +595,27 @@ def test_bad_start_exits_2_with_one_line_and_starts_nothing(
     assert cli.listing("--all") == []
 
 
+@pytest.mark.parametrize("task_id", ["999999", "99999999999999999999999999"])
 @pytest.mark.parametrize("command", ["task", "wait", "stop", "logs"])
-def test_a_task_that_does_not_exist_exits_2(cli: Cli, command: str) -> None:
-    result = cli.run(command, "999999")
+def test_a_task_that_does_not_exist_exits_2(cli: Cli, command: str, task_id: str) -> None:
+    result = cli.run(command, task_id)
     assert (result.returncode, result.stdout) == (EXIT_USAGE, "")
-    assert "no task 999999" in one_error_line(result)
+    assert f"no task {task_id}" in one_error_line(result)
+
+
+@pytest.mark.parametrize("limit", ["0", "-5", "abc"])
+def test_tasks_limit_must_be_one_or_more(cli: Cli, limit: str) -> None:
+    result = cli.run("tasks", f"--limit={limit}")
+    assert result.returncode == EXIT_USAGE
+    assert "Traceback" not in result.stderr
+    assert "--limit: must be a whole number from 1" in result.stderr.splitlines()[-1]
+
+
+def test_tasks_limit_past_every_task_lists_them_all(cli: Cli) -> None:
+    task_id = cli.start("--", "true")
+    assert cli.wait(task_id).returncode == 0
+    listed = cli.listing("--all", "--limit", "99999999999999999999999")
+    assert [r["id"] for r in listed] == [task_id]
 
 
 def test_wait_with_a_bad_id_is_an_argparse_usage_error(cli: Cli) -> None:

@@ -301,6 +301,12 @@ def _task_id(text: str) -> int:
     return int(text)
 
 
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1: {quote(text)}")
+    return min(int(text), 2**63 - 1)  # (more than there can be rows: every task)
+
+
 def add_task_commands(add: Callable[..., Any]) -> None:
     """Register the task commands with the parser's ``add(name, func, **kw)`` helper."""
     p = add(
@@ -338,7 +344,7 @@ def add_task_commands(add: Callable[..., Any]) -> None:
     p.add_argument("--all", action="store_true", help="finished tasks too")
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p.add_argument("--watch", action="store_true", help="redraw with progress bars (on a terminal)")
-    p.add_argument("--limit", type=int, metavar="N", help="at most N tasks, newest first")
+    p.add_argument("--limit", type=_count, metavar="N", help="at most N tasks, newest first")
 
     p = add("task", cmd_task, help="show one task's record")
     p.add_argument("id", type=_task_id)

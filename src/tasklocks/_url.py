@@ -76,7 +76,10 @@ def parse_url(url: str) -> ParsedURL:
             f"unsupported database URL scheme {quote(scheme_raw)}: use sqlite://, mysql://, "
             "mariadb:// or postgresql://"
         )
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed [ of an IPv6 address
+        raise BadURL(f"bad database URL {quote(url)}: {exc}; use scheme://host:port/db") from None
     query = dict(urllib.parse.parse_qsl(parts.query))
     if scheme == "sqlite":
         # sqlite:///relative.db and sqlite:////abs/path.db, as in SQLAlchemy.

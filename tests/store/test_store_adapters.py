@@ -599,6 +599,20 @@ def test_wrong_mysql_password_is_unavailable() -> None:
     assert "certainly-wrong" not in str(info.value)
 
 
+def test_an_unknown_mysql_user_is_refused_at_once() -> None:
+    """MariaDB answers an unknown user (or one that signs in only through unix_socket, as
+    Debian's root over TCP) with error 1698, not 1045: still no retrying for 5 s."""
+    require("mysql")
+    user = "nobody_" + uuid.uuid4().hex[:6]
+    url = server_url("mysql").replace("//root@", f"//{user}@", 1)
+    assert user in url
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable) as info:
+        open_store(url).read("x")
+    assert time.monotonic() - started < 3.0  # (the reconnect timeout is 5 s)
+    _assert_one_clear_line(info.value, user, "user")
+
+
 def test_missing_database_is_unavailable(server: str) -> None:
     url = with_url_part(server, db="no_such_db_" + uuid.uuid4().hex[:8])
     with pytest.raises(StoreUnavailable) as info:

@@ -67,6 +67,7 @@ def preload() -> None:
 # (2000-2999) mean the connection is gone, as do these server codes.
 ER_ACCESS_DENIED = 1045
 ER_DBACCESS_DENIED = 1044
+ER_ACCESS_DENIED_NO_PASSWORD = 1698  # e.g. a user that signs in through unix_socket only
 ER_BAD_DB = 1049
 ER_NO_SUCH_TABLE = 1146
 ER_DEADLOCK = 1213
@@ -168,7 +169,12 @@ class MySQLStore(ServerStore):
 
     def _why(self, exc: BaseException) -> tuple[str, str]:
         reason = " ".join(str(exc.args[1] if len(exc.args) > 1 else exc).split()).rstrip(".")
-        problems = {ER_ACCESS_DENIED: "user", ER_DBACCESS_DENIED: "user", ER_BAD_DB: "database"}
+        problems = {
+            ER_ACCESS_DENIED: "user",
+            ER_ACCESS_DENIED_NO_PASSWORD: "user",
+            ER_DBACCESS_DENIED: "user",
+            ER_BAD_DB: "database",
+        }
         return reason, problems.get(_code(exc), "")
 
     # A forked child drops the parent's connection without a QUIT packet (the default _abandon):

@@ -43,6 +43,8 @@ class TaskDB:
 
     def get(self, task_id: int) -> TaskRecord:
         """One task's record. :raises TaskNotFound: no such task."""
+        if not 0 < task_id < 2**63:  # (ids are 64-bit: SQLite's driver cannot even send more)
+            raise TaskNotFound(task_id)
         row = self.store.get_task(task_id)
         if row is None:
             raise TaskNotFound(task_id)
