@@ -119,6 +119,17 @@ def all_gone(record: TaskRecord) -> bool:
     return pid_is_gone(record) and (record.pgid is None or group_is_empty(record.pgid))
 
 
+def dead_task(tasks: Tasks, files: Files) -> int:
+    """A task holding ``app_task:a`` whose supervisor and processes were all SIGKILLed: its
+    record still says running, until a ``reconcile``."""
+    task_id = tasks.start(ref("blocked"), args=blocked_args(files, "a"), locks=["app_task:a"])
+    running = until_marked(tasks, task_id, files("a.marker"))
+    kill(running.pid)
+    killpg(running.pgid)
+    poll("the task's processes to be gone", lambda: True if all_gone(running) else None)
+    return task_id
+
+
 def kill(pid: int | None) -> None:
     if pid is not None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -379,11 +390,7 @@ def test_reconcile_frees_the_locks_before_it_marks_the_record(
 ) -> None:
     """As a supervisor does: whoever sees the record final (``wait`` in another process, say)
     finds its locks free."""
-    task_id = tasks.start(ref("blocked"), args=blocked_args(files, "a"), locks=["app_task:a"])
-    running = until_marked(tasks, task_id, files("a.marker"))
-    kill(running.pid)
-    killpg(running.pgid)
-    poll("the task's processes to be gone", lambda: True if all_gone(running) else None)
+    task_id = dead_task(tasks, files)
     held_when_marked: list[dict[str, HeldLock]] = []
     update_from = tasks.update_from
 
@@ -403,11 +410,7 @@ def test_reconcile_is_not_failed_by_another_namespaces_corrupt_document(
     """``reconcile`` (in ``list``, ``start``, ``wait``...) looks at every namespace: a dead task
     whose namespace's document is corrupt stays as it is, for a later look, and the call goes
     on for the others."""
-    task_id = tasks.start(ref("blocked"), args=blocked_args(files, "a"), locks=["app_task:a"])
-    running = until_marked(tasks, task_id, files("a.marker"))
-    kill(running.pid)
-    killpg(running.pgid)
-    poll("the task's processes to be gone", lambda: True if all_gone(running) else None)
+    task_id = dead_task(tasks, files)
     corrupt = f"UPDATE {DEFAULT_TABLE} SET data = %s WHERE namespace = %s"
     assert raw_sql(db_url, corrupt, ("{not json", namespace)) == 1
     with Tasks(db_url, f"{namespace}-b") as other:
@@ -421,11 +424,7 @@ def test_reconcile_passes_over_a_record_deleted_while_it_looks(
     """``reconcile`` looks at every namespace's tasks: a record that someone deletes between its
     list and its update (a cleanup of another namespace's rows, say) is passed over, not an
     error, and the dead task's locks are still reaped."""
-    task_id = tasks.start(ref("blocked"), args=blocked_args(files, "a"), locks=["app_task:a"])
-    running = until_marked(tasks, task_id, files("a.marker"))
-    kill(running.pid)
-    killpg(running.pgid)
-    poll("the task's processes to be gone", lambda: True if all_gone(running) else None)
+    task_id = dead_task(tasks, files)
     listed = tasks.store.list_tasks
 
     def list_then_delete(*args: Any) -> Any:
