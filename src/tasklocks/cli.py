@@ -612,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_ttl,
         default=DEFAULT_TTL,
         help=f"seconds locks outlive their last renewal, if this process can no longer renew "
-        f"them (default: {DEFAULT_TTL:g})",
+        f"them ({MIN_TTL:g} to {MAX_TTL:g}; default: {DEFAULT_TTL:g})",
     )
     commands = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
 

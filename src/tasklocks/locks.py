@@ -1045,12 +1045,13 @@ def connect(
     for each call (PostgreSQL through psycopg 3, MariaDB/MySQL through PyMySQL; see the README).
 
     :param ttl: seconds a process's locks outlive its last renewal (they are renewed every
-        ``ttl/3``): how long a dead, hung or cut-off host keeps them at most.
+        ``ttl/3``): how long a dead, hung or cut-off host keeps them at most; 1 s to a day.
     :param reconnect_timeout: seconds each call keeps trying to reach a database server that
         does not answer before it raises :class:`StoreUnavailable` (a waiting ``acquire`` goes on
         waiting through an outage, until its own ``timeout``).
     :raises BadURL: the URL is malformed.
     :raises StoreUnavailable: the database cannot be reached or its driver is missing.
+    :raises ValueError: ``ttl`` is out of range.
     """
     store = open_store(url, reconnect_timeout=reconnect_timeout)
     try:
