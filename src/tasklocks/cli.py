@@ -43,7 +43,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from tasklocks import (
     HeldLock,
@@ -587,10 +587,18 @@ def _restore_signals(previous: dict[int, _Handler]) -> None:
 # --- parser -------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors are one line, as every error of this command line (its
+    subcommands' parsers are of the same class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{PROG}: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``tasklocks`` (every subcommand's ``func`` is set)."""
     formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Crash-safe locks between processes, kept in one database row per namespace.",
         epilog=EXIT_CODES_HELP,
