@@ -345,6 +345,38 @@ def test_a_ttl_out_of_range_is_a_usage_error(sqlite_url: str, namespace: str, tt
     assert held(sqlite_url, namespace) == []
 
 
+def test_a_file_that_is_not_a_database_exits_69_naming_it(tmp_path: Path, namespace: str) -> None:
+    path = tmp_path / "notes.db"
+    path.write_text("hello\n")
+    result = cli(f"sqlite:///{path}", namespace, "acquire", "x", "--owner", "me")
+    assert result.returncode == 69
+    line = one_error_line(result)
+    assert f"{str(path)!r} is not an SQLite database" in line and "check the path" in line
+    assert path.read_text() == "hello\n"  # left as it was
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")
+def test_a_database_on_a_read_only_filesystem_exits_69(tmp_path: Path, namespace: str) -> None:
+    """(It exited 1, "SQLite failed ...: unable to open database file".)"""
+    folder = tmp_path / "ro"
+    url = f"sqlite:///{folder / 'locks.db'}"
+    assert cli(url, namespace, "acquire", "before", "--owner", "me").returncode == 0
+    read_only = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" && exec "$@"'
+    argv = [PY, "-m", "tasklocks", "--db", url, "--namespace", namespace, "acquire", "x"]
+    result = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", read_only, str(folder), *argv, "--owner", "me"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 69, result.stderr
+    line = one_error_line(result)
+    assert "cannot use the SQLite lock table" in line and "writable" in line
+    assert [lock["name"] for lock in held(url, namespace)] == ["before"]
+
+
 def test_unreachable_server_exits_69_with_one_line(namespace: str) -> None:
     result = cli("postgresql://postgres@127.0.0.1:1/test", namespace, "locks")
     assert result.returncode == 69

@@ -43,6 +43,17 @@ T = TypeVar("T")
 BUSY_DEADLINE = 60.0  # seconds a change may wait for SQLite's write lock before giving up
 AT_ONCE = 1  # tries of a busy change again at once (its holder may be running on another core)
 SPINS = 10  # then tries, each after a sched_yield, before it queues on the gate
+# What the file or its filesystem refuses (opening, reading, writing it): the store cannot be
+# used, as a server that does not answer (exit 69 on the command line), not "SQLite failed".
+_CANNOT_USE = frozenset(
+    (
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_PERM,
+        sqlite3.SQLITE_FULL,
+    )
+)
 # The WAL's bound (see _bound_wal): every WAL_LOOK_EVERY changes a store looks at the file's
 # size; past WAL_LIMIT it checkpoints and waits at most 20 ms for the readers still in it
 # (sqlite.sql: busy_timeout_checkpoint), so that the next change starts the file over.
@@ -217,6 +228,16 @@ class SQLiteStore(RowsStore):
             return StoreUnavailable(
                 f"the SQLite lock table {self.path!r} stayed locked for {BUSY_DEADLINE:g}s; "
                 "is some process holding a long transaction on it?"
+            )
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code
+        if code == sqlite3.SQLITE_NOTADB:
+            return StoreUnavailable(
+                f"{self.path!r} is not an SQLite database ({exc}); check the path in the URL"
+            )
+        if code in _CANNOT_USE:
+            return StoreUnavailable(
+                f"cannot use the SQLite lock table {self.path!r}: {exc}; check the path, its "
+                "permissions and that its filesystem is writable and not full"
             )
         return StoreError(f"SQLite failed on {self.path!r}: {exc}")
 
