@@ -400,6 +400,14 @@ def test_tasks_lists_active_ones_and_all_with_json(cli: Cli) -> None:
     assert "exited with status 4" in text[str(broken)]["MESSAGE"]
 
 
+def test_a_kind_of_several_lines_keeps_its_row_on_one_line(cli: Cli) -> None:
+    task_id = cli.start("--kind", "update\nblog\tnow", "--", "true")
+    assert cli.wait(task_id).returncode == 0
+    (row,) = parse_table(cli.ok("tasks", "--all"))
+    assert (row["ID"], row["KIND"], row["STATE"]) == (str(task_id), "update blog now", "succeeded")
+    assert cli.record(task_id)["kind"] == "update\nblog\tnow"  # kept as given
+
+
 def test_task_text_shows_state_locks_and_log(cli: Cli) -> None:
     task_id = cli.start(
         "--lock", "db", "--lock", "site", "--kind", "show me", "--", "sh", "-c", "echo hello"

@@ -69,7 +69,7 @@ def _list_rows(records: list[TaskRecord]) -> list[tuple[str, ...]]:
         rows.append(
             (
                 str(r.id),
-                r.title[:30],
+                " ".join(r.title.split())[:30],  # (one line, whatever --kind held)
                 r.state.value,
                 _percent(r),
                 message[:70],
