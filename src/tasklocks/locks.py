@@ -30,7 +30,13 @@ from tasklocks.errors import (
     StoreUnreachable,
     TasklocksError,
 )
-from tasklocks.names import validate_name, validate_namespace, validate_owner
+from tasklocks.names import (
+    validate_name,
+    validate_namespace,
+    validate_note,
+    validate_owner,
+    validate_seconds,
+)
 from tasklocks.owner import (
     Liveness,
     ProcessIdentity,
@@ -385,6 +391,8 @@ class LockTable:
                 raise ValueError("an entry without a process needs an explicit owner")
             owner = default_owner(proc)
         owner = validate_owner(owner)
+        if note is not None:
+            validate_note(note)
         lease = os.urandom(8).hex()  # (secrets.token_hex(8), without its three calls)
         if proc is None:  # kept until released: no session
             return Claimant(owner, None, None, None, me.host, None, None, lease, note)
@@ -486,6 +494,7 @@ class LockTable:
         :raises Deadlock: waiting would never end: the owners it waits for wait for it.
         :raises BadLockName: a name, or the owner, is not allowed.
         """
+        validate_seconds("timeout", timeout)
         tried: Claimant | None = None
         if (
             len(names) == 1
@@ -579,6 +588,7 @@ class LockTable:
         ``_quick_acquire`` made (not tried again)."""
         if not names:
             raise ValueError("acquire() needs at least one lock name")
+        validate_seconds("timeout", timeout)  # (tasklocks.aio comes here first)
         wanted = _wants(names, shared, limit)
         claimant = self._claimant(owner, note, process) if tried is None else tried
         waiting = None

@@ -14,7 +14,9 @@ __all__ = [
     "platform_update",
     "validate_name",
     "validate_namespace",
+    "validate_note",
     "validate_owner",
+    "validate_seconds",
 ]
 
 ALLOWED = "1-200 characters of letters, digits and ._:/@-"
@@ -50,6 +52,32 @@ def validate_owner(owner: object) -> str:
     if type(owner) is str and _FULLMATCH(owner) is not None:
         return owner
     return _check("owner", owner)
+
+
+def validate_note(note: object) -> str | None:
+    """``note`` if it is free text (or None): every reader of the document decodes it.
+
+    :raises TypeError: not a str. :raises ValueError: UTF-8 cannot encode it (a lone
+        surrogate)."""
+    if note is None:
+        return None
+    if not isinstance(note, str):
+        raise TypeError(f"a note is text (a str) or None, not {type(note).__name__}")
+    try:
+        note.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"a note must be text UTF-8 can encode: {exc.reason}") from None
+    return note
+
+
+def validate_seconds(what: str, value: object) -> float | None:
+    """``value`` if it is a number of seconds that is not NaN (or None): a NaN deadline never
+    comes. :raises ValueError: it is not."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ValueError(f"{what} must be a number of seconds or None, not {value!r}")
+    return value
 
 
 def app_task(app_id: str) -> str:

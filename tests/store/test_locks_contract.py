@@ -188,6 +188,31 @@ def test_bad_lock_name_is_refused(table: LockTable, bad: str) -> None:
     assert table.held() == []
 
 
+@pytest.mark.parametrize(
+    ("note", "error"),
+    [(5, TypeError), (["x"], TypeError), (b"x", TypeError), ("\ud800", ValueError)],
+)
+@pytest.mark.parametrize("names", [("a",), ("a", "b")])
+def test_a_note_that_is_not_text_is_refused_and_writes_nothing(
+    table: LockTable, other: LockTable, names: tuple[str, ...], note: object, error: type
+) -> None:
+    """(An int was written as it was: every later read of the namespace, by anyone, raised
+    CorruptLockTable until a repair dropped every lock.)"""
+    with pytest.raises(error, match="note"):
+        table.acquire(*names, note=note)  # type: ignore[arg-type]
+    assert other.held() == [] and table.held() == []
+    with other.acquire("a", "b", note="fine") as lease:
+        assert lease.names == ("a", "b")
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), "1"])
+def test_a_timeout_that_is_not_a_number_is_refused(table: LockTable, timeout: object) -> None:
+    """(A NaN deadline never came: a waiting acquisition waited for ever.)"""
+    with pytest.raises(ValueError, match="timeout must be a number of seconds"):
+        table.acquire("a", wait=True, timeout=timeout)  # type: ignore[arg-type]
+    assert table.held() == [] and table.waiting() == []
+
+
 def test_locks_are_not_reentrant_for_an_explicit_owner(table: LockTable) -> None:
     table.acquire("a", owner="task:1")
     with pytest.raises(LockHeld) as info:

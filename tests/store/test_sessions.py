@@ -222,6 +222,12 @@ def test_ttl_must_be_a_second_to_a_day(db_url: str, ttl: float) -> None:
         tasklocks.connect(db_url, ttl=ttl)
 
 
+def test_a_reconnect_timeout_that_is_not_a_number_is_refused(db_url: str) -> None:
+    """(A NaN one never ended: a call on a server that does not answer waited for ever.)"""
+    with pytest.raises(ValueError, match="reconnect_timeout must be a number of seconds"):
+        tasklocks.connect(db_url, reconnect_timeout=float("nan"))
+
+
 def test_a_day_is_a_ttl(db_url: str, namespace: str) -> None:
     with tasklocks.connect(db_url, namespace, ttl=86_400.0) as table, table.acquire("a") as lease:
         assert not lease.lost.is_set()

@@ -902,3 +902,34 @@ def test_limits_run_at_most_that_many_tasks_at_once_in_order(tasks: Tasks, files
     for i in ids:
         assert finished(tasks, i).state is TaskState.SUCCEEDED
     assert tasks.locks.held() == [] and tasks.locks.waiting() == []
+
+
+def test_a_lock_name_given_as_one_str_is_one_lock(tasks: Tasks, files: Files) -> None:
+    """``locks="app_task:a"`` (not a list) is that name, as in ``LockTable.acquire(shared=...)``;
+    it took a lock per letter."""
+    task_id = tasks.start(ref("blocked"), args=blocked_args(files, "a"), locks="app_task:a")
+    until_marked(tasks, task_id, files("a.marker"))
+    assert sorted(held(tasks)) == ["app_task:a"]
+    files("a.go").touch()
+    assert finished(tasks, task_id).state is TaskState.SUCCEEDED
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, 2.0])
+def test_list_takes_a_limit_of_one_or_more(tasks: Tasks, limit: Any) -> None:
+    with pytest.raises(ValueError, match="limit must be a whole number"):
+        tasks.list(all=True, limit=limit)
+
+
+def test_list_with_a_limit_past_every_task_lists_them_all(tasks: Tasks) -> None:
+    task_id = tasks.start(ref("add"), args=[1, 2])
+    assert finished(tasks, task_id).state is TaskState.SUCCEEDED
+    assert [r.id for r in tasks.list(all=True, limit=2**70)] == [task_id]
+
+
+def test_a_nan_timeout_is_refused(tasks: Tasks) -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        tasks.start(ref("add"), args=[1, 2], timeout=float("nan"))
+    task_id = tasks.start(ref("add"), args=[1, 2])
+    with pytest.raises(ValueError, match="timeout must be a number of seconds"):
+        tasks.wait(task_id, timeout=float("nan"))
+    assert finished(tasks, task_id).state is TaskState.SUCCEEDED

@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from tasklocks._url import default_url, parse_url
 from tasklocks.errors import BadURL
+from tasklocks.names import validate_seconds
 from tasklocks.store._base import (
     EMPTY_DOCUMENT,
     SCHEMA_VERSION,
@@ -170,6 +171,7 @@ def open_store(
     :raises BadURL: the URL is malformed, or the engine's driver is not one tasklocks speaks.
     :raises StoreUnavailable: the database cannot be reached or its driver is missing.
     """
+    validate_seconds("reconnect_timeout", reconnect_timeout)  # (a NaN one never ends)
     engine = None
     if url is not None and not isinstance(url, str):
         if is_async_engine(url):

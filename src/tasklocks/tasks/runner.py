@@ -27,7 +27,7 @@ from typing import Any
 from tasklocks._session import DEFAULT_TTL, check_ttl
 from tasklocks.errors import StoreError, StoreUnavailable, TasklocksError, quote
 from tasklocks.locks import LockTable
-from tasklocks.names import validate_name
+from tasklocks.names import validate_name, validate_seconds
 from tasklocks.owner import (
     Liveness,
     current_process,
@@ -119,6 +119,10 @@ class Tasks(TaskDB):
 
         Records whose processes are provably dead are marked ``crashed`` first.
         """
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                raise ValueError(f"limit must be a whole number >= 1 or None, not {limit!r}")
+            limit = min(limit, 2**63 - 1)  # (more than there can be rows: every task)
         self.reconcile()
         rows = self.store.list_tasks(None if all else ACTIVE, limit, self.namespace)
         return [TaskRecord.from_row(r) for r in rows]
@@ -167,6 +171,9 @@ class Tasks(TaskDB):
         :raises BadLockName: a lock name is not allowed.
         """
         checked = _check_target(target)
+        # (A str is one name, as LockTable.acquire(shared="db") takes it, not its letters.)
+        locks = [locks] if isinstance(locks, str) else locks
+        shared = [shared] if isinstance(shared, str) else shared
         limits = dict(limits or {})
         for name, limit in limits.items():
             if type(limit) is not int or limit < 1:
@@ -174,6 +181,7 @@ class Tasks(TaskDB):
         lock_names = [validate_name(n) for n in dict.fromkeys([*locks, *shared, *limits])]
         modes: dict[str, int | None] = {n: None for n in shared}
         modes.update(limits)
+        validate_seconds("timeout", timeout)  # (NaN: never)
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
         try:
@@ -310,6 +318,7 @@ class Tasks(TaskDB):
 
         :raises TimeoutError: the task is still active after ``timeout`` seconds.
         """
+        validate_seconds("timeout", timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.002
         last_check = time.monotonic()
