@@ -158,6 +158,9 @@ def test_the_log_is_read_from_an_offset(sqlite_cli: Cli, tmp_path: Path) -> None
     assert (end["text"], end["final"]) == ("", True)
     assert request(server, f"/tasks/{task_id}/log?offset=x").status == 400
     assert "café" in request(server, f"/tasks/{task_id}").body
+    for value in ("0", "true"):  # only partial=1 is the live part (these were a 500)
+        page = request(server, f"/tasks/{task_id}?partial={value}")
+        assert page.status == 200 and "<html" in page.body and "café" in page.body, value
 
 
 # --- who may look -------------------------------------------------------------------------------
@@ -184,6 +187,10 @@ def test_a_token_is_required_on_every_request(sqlite_cli: Cli) -> None:
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "s3cret-token" not in cookie
     pair = cookie.split(";", 1)[0]
     assert request(server, "/timeline?last=6h", headers={"Cookie": pair}).status == 200
+    # ...to a path of this dashboard only, never to another host.
+    for path in ("//evil.example/x?token=s3cret-token", "/%2F%2Fevil.example?token=s3cret-token"):
+        link = request(server, path)
+        assert link.status == 303 and link.headers["location"] == "/", (path, link)
 
 
 def test_the_token_may_come_from_the_environment(sqlite_cli: Cli) -> None:
@@ -229,6 +236,18 @@ def test_serving_beyond_loopback_needs_a_token(sqlite_cli: Cli) -> None:
         timeout=DEADLINE,
     )
     assert bad_url.returncode == 2 and bad_url.stderr.startswith("tasklocks: bad database URL")
+    # A bad namespace, also on an SQLite file that does not exist yet (it was served, with a
+    # banner "Database unavailable. bad namespace ..." once the file came).
+    missing = f"sqlite:///{sqlite_cli.tmp_path}/none-yet.db"
+    bad_namespace = subprocess.run(
+        [PY, "-m", "tasklocks", "--db", missing, "--namespace", "bad ns", "serve", "--port", "0"],
+        env=sqlite_cli.env,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    assert bad_namespace.returncode == 2, bad_namespace
+    assert bad_namespace.stderr.startswith("tasklocks: bad namespace 'bad ns'")
 
 
 def test_serve_without_the_web_extra_says_how_to_get_it(tmp_path: Path) -> None:

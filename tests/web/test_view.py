@@ -360,6 +360,10 @@ def test_ranges() -> None:
         ({"from": str(NOW), "to": str(NOW - 1)}, "the range is empty"),
         ({"last": "60d"}, "wider than 31 days"),
         ({"from": "nan"}, "the range is empty"),
+        ({"from": "0001-01-01T00:00"}, "out of range: use times from 1970 to 9999"),
+        ({"from": "1e15", "to": "1000000000001000"}, "outside what can be shown"),
+        ({"from": "253402300800", "to": "253402301800"}, "outside what can be shown"),
+        ({"from": "-1e12", "to": "-999999999000"}, "outside what can be shown"),
     ]:
         with pytest.raises(BadRange, match=message):
             parse_range(params, NOW)

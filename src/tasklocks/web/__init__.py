@@ -16,6 +16,7 @@ import sys
 from typing import TextIO
 
 from tasklocks.errors import EXIT_UNAVAILABLE, EXIT_USAGE, TasklocksError
+from tasklocks.names import validate_namespace
 
 __all__ = [
     "DEFAULT_HOST",
@@ -108,8 +109,10 @@ def serve(
     :raises BadBind: a non-loopback host without a token, or a bad port.
     :raises MissingExtra: Starlette, uvicorn or Jinja2 is not installed.
     :raises BadURL: the database URL is malformed.
+    :raises BadLockName: the namespace is not allowed.
     """
     check_bind(host, port, token)
+    validate_namespace(namespace)  # (here too: a missing SQLite file is not opened below)
     _require_extra()
     import uvicorn
 

@@ -486,6 +486,10 @@ _LAST = re.compile(r"(\d{1,4})([smhd])")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+_LATEST = 253_402_128_000.0  # 9999-12-30T00:00Z: the last day shown in every time zone
+_SPAN_OF_TIMES = "use times from 1970 to 9999"
+
+
 def _instant(text: str, name: str) -> float:
     """Seconds since the epoch, or a local date and time (``2026-11-01T10:00``)."""
     try:
@@ -499,7 +503,10 @@ def _instant(text: str, name: str) -> float:
             f"{name}={quote(text)} is not a time: use 2026-11-01T10:00 (local time) or seconds "
             "since the epoch"
         ) from None
-    return when.timestamp()  # a naive time is local time
+    try:
+        return when.timestamp()  # a naive time is local time
+    except (ValueError, OverflowError, OSError):  # (year 1 or 9999 in a local time zone)
+        raise BadRange(f"{name}={quote(text)} is out of range: {_SPAN_OF_TIMES}") from None
 
 
 def parse_range(params: Mapping[str, str], now: float) -> tuple[float, float]:
@@ -523,6 +530,8 @@ def parse_range(params: Mapping[str, str], now: float) -> tuple[float, float]:
         start = now - int(match.group(1)) * _UNIT[match.group(2)]
     if not (math.isfinite(start) and math.isfinite(end)) or end <= start:
         raise BadRange("the range is empty: from= must come before to=")
+    if start < 0 or end > _LATEST:  # (dates outside these cannot be shown, nor reached)
+        raise BadRange(f"the range is outside what can be shown: {_SPAN_OF_TIMES}")
     if end - start > MAX_SPAN:
         raise BadRange("the range is wider than 31 days: choose a shorter one")
     return start, end

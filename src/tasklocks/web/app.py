@@ -139,6 +139,8 @@ class Guard:
                 # A link with ?token=...: remember it in a cookie, and drop it from the URL.
                 rest = [(k, v) for k, vs in query.items() if k != "token" for v in vs]
                 target = scope["path"] + ("?" + urllib.parse.urlencode(rest) if rest else "")
+                if not _is_own_path(target):  # (//evil.example/?token=...: not another host)
+                    target = "/"
                 redirect = RedirectResponse(target, status_code=303)
                 redirect.set_cookie(
                     TOKEN_COOKIE, self.cookie or "", httponly=True, samesite="strict", path="/"
@@ -319,7 +321,7 @@ class Dashboard:
         owner = f"task:{task_id}"
         locks = [lock_view(h, now) for h in snapshot.locks if h.holder.owner == owner]
         log_chunk = None
-        if not request.query_params.get("partial"):
+        if request.query_params.get("partial") != "1":  # (as _page: the live part has no log)
             log_chunk = await run_in_threadpool(read_log, record, None)
         context = {
             "task": task_view(record, snapshot.locks, now, waiter_views(snapshot.waiters, now)),
