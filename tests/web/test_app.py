@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from starlette.applications import Starlette
@@ -457,3 +459,30 @@ def test_a_waiting_task_shows_its_place_in_the_queue_and_its_locks_modes(
     assert 'held by <a href="/tasks/11">task:11</a> (pid ' in task_row
     assert 'behind <a href="/tasks/12">task:12</a> (#1 in the queue)' in task_row
     assert "<script>alert" not in tasks
+
+
+def test_a_database_that_hangs_is_failing_since_its_last_answer(tmp_path: Path) -> None:
+    """(While the refresher's read hung, "failing since" was the time of each request.)"""
+    answering = threading.Event()
+    answering.set()
+
+    class Hanging(Source):
+        def call(self, body: Any, *, timeout: float = 2.0) -> Any:
+            if not answering.wait(timeout=20):
+                raise StoreUnavailable("the database did not answer")
+            return [], ([], [])
+
+    source = Hanging(f"sqlite:///{tmp_path}/absent.db", "default")
+    try:
+        first = source.snapshot()
+        assert first.error is None and first.taken is not None
+        answering.clear()
+        time.sleep(1.5)
+        stale = source.snapshot(max_age=1.0)  # (waits up to FRESH_WAIT for a fresh one)
+        assert stale.error is not None and "has not answered" in stale.error
+        assert stale.error_since is not None and abs(stale.error_since - first.taken) < 0.6
+        again = source.snapshot(max_age=1.0)
+        assert again.error_since == pytest.approx(stale.error_since, abs=0.3)
+    finally:
+        answering.set()
+        source.close()

@@ -173,6 +173,7 @@ class Source:
 
     def _read(self) -> Snapshot:
         previous = self._snapshot
+        began = time.time()  # (a read that fails has failed since it began, not since it ended)
         try:
             tasks, (locks, waiters) = self.call(
                 lambda t: (t.list(all=True, limit=TASK_LIMIT), read_locks(t.locks)), timeout=30.0
@@ -184,11 +185,8 @@ class Source:
                     self._drop()
             if previous.error is None:
                 log.warning("tasklocks serve: the database is unavailable: %s", _one_line(why))
-            return replace(
-                previous,
-                error=_one_line(why),
-                error_since=previous.error_since or time.time(),
-            )
+            since = previous.error_since or began
+            return replace(previous, error=_one_line(why), error_since=since)
         if previous.error is not None:
             log.warning("tasklocks serve: the database is back")
         return Snapshot(tasks=tasks, locks=locks, waiters=waiters, taken=time.time())
@@ -232,9 +230,11 @@ class Source:
             if time.monotonic() - self._fresh_at > max_age:
                 stale = time.monotonic() - max(self._fresh_at, 0.0)
                 error = snapshot.error or f"{self._where} has not answered for {stale:.0f}s"
-                snapshot = replace(
-                    snapshot, error=error, error_since=snapshot.error_since or time.time()
-                )
+                # Failing since its last answer (a read that hangs has no error yet).
+                since = snapshot.error_since
+                if since is None:
+                    since = time.time() - stale if self._fresh_at >= 0 else time.time()
+                snapshot = replace(snapshot, error=error, error_since=since)
             return snapshot
 
     def refresh_soon(self) -> None:
