@@ -36,7 +36,8 @@ MAX_TTL = 86400.0  # a day: the expiry and the renewal thread's waits stay in ra
 
 def check_ttl(ttl: float) -> float:
     """``ttl`` if it is a session's ttl tasklocks accepts. :raises ValueError: it is not."""
-    if not MIN_TTL <= ttl <= MAX_TTL:  # (NaN fails too)
+    number = isinstance(ttl, int | float) and not isinstance(ttl, bool)
+    if not number or not MIN_TTL <= ttl <= MAX_TTL:  # (NaN is out of the range too)
         raise ValueError(
             f"ttl must be {MIN_TTL:g} to {MAX_TTL:g} seconds, not {ttl!r}; locks that outlive "
             "every process need no session: acquire them with process=None"

@@ -386,6 +386,11 @@ class LockTable:
         see ``_acquire``)."""
         me = current_process()
         proc = me if isinstance(process, _ThisProcess) else process
+        if proc is not None and not isinstance(proc, ProcessIdentity):
+            raise TypeError(
+                "process= is THIS_PROCESS, a ProcessIdentity (tasklocks.owner.process_identity) "
+                f"or None, not {process!r}"
+            )
         if owner is None:
             if proc is None:
                 raise ValueError("an entry without a process needs an explicit owner")
@@ -999,8 +1004,10 @@ def _wants(
         shared_names = set(wanted) if shared else set()
     elif isinstance(shared, str):
         shared_names = {validate_name(shared)}
-    else:
+    elif isinstance(shared, Iterable):
         shared_names = {validate_name(n) for n in shared}
+    else:
+        raise TypeError(f"shared= is True, False or lock names, not {shared!r}")
     if limit is None:
         limits: dict[str, int] = {}
     elif isinstance(limit, Mapping):

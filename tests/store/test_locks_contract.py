@@ -205,6 +205,22 @@ def test_a_note_that_is_not_text_is_refused_and_writes_nothing(
         assert lease.names == ("a", "b")
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "complaint"),
+    [
+        ({"shared": None}, "shared= is True, False or lock names"),
+        ({"shared": 1}, "shared= is True, False or lock names"),
+        ({"process": 123}, "process= is THIS_PROCESS, a ProcessIdentity"),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_named(
+    table: LockTable, kwargs: dict[str, object], complaint: str
+) -> None:
+    with pytest.raises(TypeError, match=complaint):
+        table.acquire("a", owner="me", **kwargs)  # type: ignore[arg-type]
+    assert table.held() == [] and table.waiting() == []
+
+
 @pytest.mark.parametrize("timeout", [float("nan"), "1"])
 def test_a_timeout_that_is_not_a_number_is_refused(table: LockTable, timeout: object) -> None:
     """(A NaN deadline never came: a waiting acquisition waited for ever.)"""

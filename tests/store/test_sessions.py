@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -214,8 +215,8 @@ def test_a_forked_child_opens_a_session_of_its_own(table: LockTable, tmp_path: P
     assert [h.name for h in table.held()] == ["a"]
 
 
-@pytest.mark.parametrize("ttl", [0.1, 86_401.0, 1e10, float("inf"), float("nan")])
-def test_ttl_must_be_a_second_to_a_day(db_url: str, ttl: float) -> None:
+@pytest.mark.parametrize("ttl", [0.1, 86_401.0, 1e10, float("inf"), float("nan"), "30", None, True])
+def test_ttl_must_be_a_second_to_a_day(db_url: str, ttl: Any) -> None:
     """(A ttl of 1e10 s overflowed the renewal thread's waits; 1e301, the expiry itself: the
     lock showed expired while its holder ran.)"""
     with pytest.raises(ValueError, match="ttl must be 1 to 86400 seconds"):
