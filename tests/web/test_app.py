@@ -281,6 +281,22 @@ def test_only_a_database_that_does_not_answer_is_a_503(
     assert (bare.status, bare.body) == (500, "500 Internal Server Error: see the server's output\n")
 
 
+def test_the_log_endpoint_answers_its_errors_as_json(tmp_path: Path) -> None:
+    """(A database that did not answer, or any other failure, came back as an HTML page.)"""
+    import json
+
+    for error, status, words in [
+        (StoreUnavailable("postgresql://db/test did not answer\nfor 5s"), 503, "did not answer"),
+        (CorruptLockTable("x", "not JSON"), 500, "is corrupt"),
+        (KeyError("state"), 500, "see the server's output"),
+    ]:
+        source = FailingSource(tmp_path, error)
+        reply = call(create_app(Settings(url=source.url), source), "/tasks/7/log?offset=0")
+        assert reply.status == status, reply
+        assert reply.headers["content-type"] == "application/json", reply
+        assert words in json.loads(reply.body)["error"], reply
+
+
 def test_a_task_page_takes_one_snapshot(tmp_path: Path) -> None:
     source = FakeSource(tmp_path, [running(3)])
     app = create_app(Settings(url=source.url), source)

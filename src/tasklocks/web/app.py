@@ -442,10 +442,16 @@ class Dashboard:
             response.headers.update(exc.headers)
         return response
 
-    def guarded(self, endpoint: Endpoint) -> Endpoint:
+    def guarded(self, endpoint: Endpoint, *, as_json: bool = False) -> Endpoint:
         """``endpoint``, answering a database that does not answer with a 503 page, another
         error of tasklocks with a 500 page saying it in one line, and anything unexpected with a
-        bare 500; those two also with one line in the server's output. Never a traceback."""
+        bare 500; those two also with one line in the server's output. Never a traceback.
+        ``as_json``: the errors as ``{"error": ...}``, as the endpoint's own are."""
+
+        def error(request: Request, status: int, title: str, text: str) -> Response:
+            if as_json:
+                return JSONResponse({"error": text}, status_code=status)
+            return self.error(request, status, title, text)
 
         async def call(request: Request) -> Response:
             try:
@@ -454,11 +460,11 @@ class Dashboard:
                 raise
             except StoreUnavailable as exc:  # the database failed under a single read
                 text = " ".join(str(exc).split())
-                return self.error(request, 503, "Database unavailable", text)
+                return error(request, 503, "Database unavailable", text)
             except TasklocksError as exc:  # such as a corrupt lock table: it will not pass
                 text = " ".join(str(exc).split())
                 log.error("tasklocks serve: error on %s: %s", request.url.path, text)
-                return self.error(request, 500, "Error", text)
+                return error(request, 500, "Error", text)
             except Exception as exc:
                 log.error(
                     "tasklocks serve: unexpected error on %s: %s: %s",
@@ -466,6 +472,8 @@ class Dashboard:
                     type(exc).__name__,
                     " ".join(str(exc).split()),
                 )
+                if as_json:
+                    return JSONResponse({"error": "see the server's output"}, status_code=500)
                 return _plain(500, "500 Internal Server Error: see the server's output\n")
 
         return call
@@ -532,7 +540,7 @@ def create_app(settings: Settings, source: Source | None = None) -> Starlette:
         Route("/", guard(board.tasks), methods=["GET"]),
         Route("/tasks", guard(board.tasks), methods=["GET"]),
         Route("/tasks/{task_id:int}", guard(board.task), methods=["GET"]),
-        Route("/tasks/{task_id:int}/log", guard(board.task_log), methods=["GET"]),
+        Route("/tasks/{task_id:int}/log", guard(board.task_log, as_json=True), methods=["GET"]),
         Route("/tasks/{task_id:int}/stop", guard(board.stop), methods=["POST"]),
         Route("/locks", guard(board.locks), methods=["GET"]),
         Route("/timeline", guard(board.timeline), methods=["GET"]),
