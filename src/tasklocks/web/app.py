@@ -234,7 +234,7 @@ class Dashboard:
         ``?partial=1``. A ``live`` page is polled by ``live.js``; a ``reload`` page is reloaded
         by it once the same URL answers 200 (an error that may pass, such as a 503)."""
         token, new_cookie = self._csrf(request)
-        partial = request.query_params.get("partial") == "1"
+        partial = _is_partial(request)
         now = time.time()
         values = {
             "request": request,
@@ -321,7 +321,7 @@ class Dashboard:
         owner = f"task:{task_id}"
         locks = [lock_view(h, now) for h in snapshot.locks if h.holder.owner == owner]
         log_chunk = None
-        if request.query_params.get("partial") != "1":  # (as _page: the live part has no log)
+        if not _is_partial(request):  # (the live part has no log)
             log_chunk = await run_in_threadpool(read_log, record, None)
         context = {
             "task": task_view(record, snapshot.locks, now, waiter_views(snapshot.waiters, now)),
@@ -497,6 +497,11 @@ def _with_query(request: Request, **extra: str) -> str:
     query = [(k, v) for k, v in request.query_params.multi_items() if k not in drop]
     query.extend(extra.items())
     return request.url.path + "?" + urllib.parse.urlencode(query)
+
+
+def _is_partial(request: Request) -> bool:
+    """Does ``request`` ask for the page's live part only (``live.js``'s poll)?"""
+    return request.query_params.get("partial") == "1"
 
 
 def _is_own_path(target: str) -> bool:
