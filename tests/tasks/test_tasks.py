@@ -119,6 +119,15 @@ def all_gone(record: TaskRecord) -> bool:
     return pid_is_gone(record) and (record.pgid is None or group_is_empty(record.pgid))
 
 
+def marked_by_reconcile(tasks: Tasks, task_id: int) -> TaskRecord | None:
+    """Run ``reconcile``; the task's record once it is final. (Under ``make test`` another
+    test's reconcile, which looks at every namespace of the table, may be the one that marks
+    it: the same code, in another process.)"""
+    tasks.reconcile()
+    record = tasks.get(task_id)
+    return record if record.state.is_final else None
+
+
 def dead_task(tasks: Tasks, files: Files) -> int:
     """A task holding ``app_task:a`` whose supervisor and processes were all SIGKILLed: its
     record still says running, until a ``reconcile``."""
@@ -371,7 +380,7 @@ def test_sigkill_of_supervisor_and_task_is_found_later(
 
     def found() -> TaskRecord | None:
         if finder == "reconcile":
-            return tasks.get(task_id) if task_id in tasks.reconcile() else None
+            return marked_by_reconcile(tasks, task_id)
         if finder == "list":
             listed = {r.id: r for r in tasks.list(all=True)}
             return listed[task_id] if listed[task_id].state.is_final else None
@@ -399,9 +408,12 @@ def test_reconcile_frees_the_locks_before_it_marks_the_record(
         return update_from(record, **changes)
 
     monkeypatch.setattr(tasks, "update_from", looking)
-    assert task_id in tasks.reconcile()
-    assert held_when_marked == [{}]
+    marked = task_id in tasks.reconcile()
+    # (Under `make test`, another test's reconcile, which looks at every namespace of the table,
+    # may mark it first: then this one has nothing to mark, or finds the record final.)
+    assert held_when_marked == [{}] if marked else held_when_marked in ([], [{}])
     assert tasks.get(task_id).state is TaskState.CRASHED
+    assert held(tasks) == {}
 
 
 def test_reconcile_is_not_failed_by_another_namespaces_corrupt_document(
@@ -462,12 +474,8 @@ def test_killed_supervisor_keeps_locks_while_the_task_runs(tasks: Tasks, files: 
     after = finished(tasks, second)
     assert after.state is TaskState.SUCCEEDED, describe(tasks, after)
 
-    def marked() -> TaskRecord | None:  # by reconcile here, or by the one in tasks.wait()
-        marked_now = task_id in tasks.reconcile()
-        record = tasks.get(task_id)
-        return record if marked_now or record.state.is_final else None
-
-    record = poll("reconcile to mark the orphan", marked)
+    # (By reconcile here, or by the one in tasks.wait().)
+    record = poll("reconcile to mark the orphan", lambda: marked_by_reconcile(tasks, task_id))
     assert record.state is TaskState.CRASHED
     assert held(tasks) == {}
 
@@ -487,10 +495,7 @@ def test_killed_supervisor_keeps_locks_while_a_grandchild_runs(tasks: Tasks, fil
     assert task_id not in tasks.reconcile()
 
     files("a.go").touch()  # the grandchild ends
-    record = poll(
-        "reconcile to mark the task",
-        lambda: tasks.get(task_id) if task_id in tasks.reconcile() else None,
-    )
+    record = poll("reconcile to mark the task", lambda: marked_by_reconcile(tasks, task_id))
     assert record.state is TaskState.CRASHED
     assert held(tasks) == {}
 
