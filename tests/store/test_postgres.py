@@ -152,20 +152,72 @@ def test_an_open_that_finds_the_schema_made_makes_nothing_and_a_missing_part_is_
         again = opened()
         assert extras == [table] and again._tasks_ready  # all there: one statement, no DDL
         again.close()
-        for index in (f"{table}_sessions_expires", f"{table}_names_held"):
-            raw_sql(url, f"DROP INDEX {index}")
-            opened().close()
-            assert exists(index)
+        assert not exists(f"{table}_names_held")  # (see the next test)
+        raw_sql(url, f"DROP INDEX {table}_sessions_expires")
+        opened().close()
+        assert exists(f"{table}_sessions_expires")
         raw_sql(url, f"DROP TABLE {table}_epoch")  # (made by a tasklocks before it had one)
         opened().close()
         assert exists(f"{table}_epoch")
-        assert extras == [table, table, table, table]
+        assert extras == [table, table, table]
         raw_sql(url, f"DROP INDEX {table}_tasks_state")
         last = opened()
         assert not last._tasks_ready
         assert last.get_task(1) is None
         assert exists(f"{table}_tasks_state")
         last.close()
+    finally:
+        for suffix in ("", "_meta", "_sessions", "_names", "_tasks", "_epoch"):
+            raw_sql(url, f"DROP TABLE IF EXISTS {table}{suffix}")
+
+
+def test_a_take_and_a_release_in_the_row_are_hot_updates_and_an_earlier_index_is_left_alone(
+    url: str, namespace: str
+) -> None:
+    """The names table has no index beside its key, so that a take and a release, which set the
+    lease, are HOT updates (no new index entries). A table made by an earlier release keeps its
+    index over the held names (an earlier release asks for it at each open): this one neither
+    drops nor makes it, and works with it."""
+    table = "tl_" + uuid.uuid4().hex[:12]
+    names = f"{table}_names"
+
+    def updates() -> tuple[int, int]:
+        rows = raw_rows(
+            url,
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = %s",
+            (names,),
+        )
+        return int(rows[0][0]), int(rows[0][1])
+
+    def pairs(store: Any) -> tuple[int, int]:
+        """20 pairs on one name; the table's (updates, HOT updates) once they are counted."""
+        before = updates()
+        locks = tasklocks.LockTable(store, namespace)
+        for _ in range(20):
+            locks.acquire("a").release()
+        _on_the_connection(locks, "SELECT pg_stat_force_next_flush()")  # (else in 10 s idle)
+        deadline = time.monotonic() + 10
+        while updates()[0] - before[0] < 40 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        after = updates()
+        return after[0] - before[0], after[1] - before[1]
+
+    try:
+        store = open_store(url, table=table)
+        indexes = raw_rows(url, "SELECT indexname FROM pg_indexes WHERE tablename = %s", (names,))
+        assert indexes == [(f"{names}_pkey",)]
+        done, hot = pairs(store)
+        assert done >= 40 and hot >= done * 0.8, (done, hot)  # (an index over lease: none HOT)
+        store.close()
+        raw_sql(url, f"CREATE INDEX {names}_held ON {names} (namespace) WHERE lease IS NOT NULL")
+        again = open_store(url, table=table)
+        done, hot = pairs(again)
+        assert done >= 40 and hot == 0  # the earlier index is there, and used
+        assert tasklocks.LockTable(again, namespace).held() == []
+        again.close()
+        raw_sql(url, f"DROP INDEX {names}_held")  # dropped by hand: not made again
+        open_store(url, table=table).close()
+        assert raw_rows(url, "SELECT to_regclass(%s) IS NULL", (f"{names}_held",)) == [(True,)]
     finally:
         for suffix in ("", "_meta", "_sessions", "_names", "_tasks", "_epoch"):
             raw_sql(url, f"DROP TABLE IF EXISTS {table}{suffix}")

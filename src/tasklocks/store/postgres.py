@@ -266,8 +266,6 @@ class PostgresStore(ServerStore):
             names = ("create_sessions", "index_sessions", "prefer_lz4", "create_names")
             for name in (*names, "create_epoch"):
                 conn.execute(self._sql[name])
-            for name in ("index_names",):
-                conn.execute(self._sql[name])
 
     # --- changes --------------------------------------------------------------------------------
 

@@ -14,8 +14,7 @@ INSERT INTO {t}_meta (key, value) VALUES ('schema_version', %s) ON CONFLICT DO N
 -- creation and upgrade among them.
 SELECT value,
     to_regclass('{t}_sessions') IS NOT NULL AND to_regclass('{t}_sessions_expires') IS NOT NULL
-    AND to_regclass('{t}_names') IS NOT NULL AND to_regclass('{t}_names_held') IS NOT NULL
-    AND to_regclass('{t}_epoch') IS NOT NULL,
+    AND to_regclass('{t}_names') IS NOT NULL AND to_regclass('{t}_epoch') IS NOT NULL,
     to_regclass('{t}_tasks') IS NOT NULL AND to_regclass('{t}_tasks_state') IS NOT NULL
 FROM {t}_meta WHERE key = 'schema_version';
 -- name: insert_row
@@ -69,7 +68,11 @@ INSERT INTO {t}_tasks (version{columns}) VALUES (0{values}) RETURNING id;
 -- name: create_names
 -- A row per lock name (see store/_names.py): held in its row (lease and record set), kept by
 -- the document (mark), or free. Every name that was ever held has a row: its version is the
--- last fencing token handed out for it, which a new holder must exceed.
+-- last fencing token handed out for it, which a new holder must exceed. No index beside the
+-- key: a take or a release sets the lease, and an index over it (as schema 2 first had,
+-- {t}_names_held) makes every such UPDATE a non-HOT one, with new entries in every index (a
+-- pair from 32 processes: about 0.5x pg_advisory_lock with it, 0.6x without; design.md). The
+-- names of a namespace held in their rows are then found by the key's range, in all its rows.
 CREATE TABLE IF NOT EXISTS {t}_names (namespace TEXT NOT NULL, name TEXT NOT NULL,
     version BIGINT NOT NULL, lease TEXT, record TEXT, mark BOOLEAN NOT NULL DEFAULT false,
     PRIMARY KEY (namespace, name));
@@ -91,12 +94,6 @@ WITH made AS (INSERT INTO {t}_epoch (epoch) VALUES (md5(random()::text || clock_
 SELECT e.epoch, (pg_current_wal_insert_lsn() - '0/0')::bigint,
     (pg_current_wal_flush_lsn() - '0/0')::bigint
 FROM (SELECT epoch FROM made UNION ALL SELECT epoch FROM {t}_epoch) AS e;
--- name: index_names
--- The full path locks the names held in their rows: an index of those alone.
-DO $$ BEGIN
-    CREATE INDEX IF NOT EXISTS {t}_names_held ON {t}_names (namespace) WHERE lease IS NOT NULL;
-EXCEPTION WHEN OTHERS THEN NULL;
-END $$;
 -- name: upgrade_meta
 UPDATE {t}_meta SET value = %s WHERE key = 'schema_version' AND value = %s;
 -- name: name_acquire
