@@ -502,6 +502,29 @@ def test_newer_schema_version_is_refused(db_url: str, fresh_table: str) -> None:
     assert f"({SCHEMA_VERSION})" in str(info.value)
 
 
+def test_a_table_of_that_name_that_is_not_a_lock_table_is_refused_and_nothing_is_made(
+    db_url: str, fresh_table: str
+) -> None:
+    """(An application's own table named like the lock table: the first call failed with the
+    database's "no such column: version", and had made the table's _meta beside it.)"""
+    raw_sql(db_url, f"CREATE TABLE {fresh_table} (id INTEGER PRIMARY KEY, title TEXT)")
+    for _ in range(2):  # (the second open finds nothing made by the first)
+        with pytest.raises(StoreError, match="is not a tasklocks lock table") as info:
+            store = open_store(db_url, table=fresh_table)  # (SQLite looks at its open)
+            try:
+                store.read("x")
+            finally:
+                store.close()
+        assert f"the table {fresh_table} at " in str(info.value)
+        assert "use another database, or another table name (table= in Python), or rename" in str(
+            info.value
+        )
+        assert not isinstance(info.value, StoreUnavailable)
+        with pytest.raises(Exception):  # noqa: B017 (each driver's own "no such table")
+            raw_rows(db_url, f"SELECT * FROM {fresh_table}_meta")
+    assert raw_rows(db_url, f"SELECT id, title FROM {fresh_table}") == []  # untouched
+
+
 _FIRST_USE = textwrap.dedent(
     """
     import sys, time

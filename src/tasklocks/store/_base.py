@@ -187,6 +187,10 @@ class SQLStore(ABC):
         """Did the statement fail because a table does not exist (yet)?"""
 
     @abstractmethod
+    def _missing_column(self, exc: BaseException) -> bool:
+        """Did the statement fail because a column does not exist?"""
+
+    @abstractmethod
     def _outcome_known(self, exc: BaseException) -> bool:
         """After ``exc``, is it certain that nothing sent in this transaction was committed?"""
 
@@ -238,6 +242,7 @@ class SQLStore(ABC):
         row = self._schema_row(conn)
         if row is None:  # concurrent creators may collide (PostgreSQL): dialects retry that
             self._execute(conn, self._sql["create_table"])
+            self._refuse_a_foreign_table(conn)
             self._execute(conn, self._sql["create_meta"])
             self._execute(conn, self._sql["insert_meta"], (str(SCHEMA_VERSION),))
             row = self._schema_row(conn)
@@ -261,6 +266,22 @@ class SQLStore(ABC):
         self._schema_extras(conn)
         if version < SCHEMA_VERSION:
             self._upgrade(conn, version)
+
+    def _refuse_a_foreign_table(self, conn: Any) -> None:
+        """A table of this name that tasklocks did not make (it has no ``_meta`` beside it, and
+        not the lock table's columns): refused before anything is written beside it.
+
+        :raises StoreError: it is not a lock table."""
+        try:
+            self._execute(conn, self._sql["probe_table"])
+        except self._driver_errors as exc:
+            if not self._missing_column(exc):
+                raise
+            raise StoreError(
+                f"the table {self.table} at {self._where} is not a tasklocks lock table (it has "
+                "no columns namespace, version and data); use another database, or another "
+                "table name (table= in Python), or rename that table"
+            ) from None
 
     @abstractmethod
     def _upgrade(self, conn: Any, version: int) -> None:

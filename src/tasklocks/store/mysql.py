@@ -70,6 +70,7 @@ ER_DBACCESS_DENIED = 1044
 ER_ACCESS_DENIED_NO_PASSWORD = 1698  # e.g. a user that signs in through unix_socket only
 ER_BAD_DB = 1049
 ER_NO_SUCH_TABLE = 1146
+ER_BAD_FIELD = 1054  # no such column
 ER_DEADLOCK = 1213
 ER_LOCK_WAIT_TIMEOUT = 1205
 # ER_CON_COUNT_ERROR (too many connections), ER_SERVER_SHUTDOWN, ER_CONNECTION_KILLED (MariaDB),
@@ -192,6 +193,9 @@ class MySQLStore(ServerStore):
 
     def _missing_table(self, exc: BaseException) -> bool:
         return _code(exc) == ER_NO_SUCH_TABLE
+
+    def _missing_column(self, exc: BaseException) -> bool:
+        return _code(exc) == ER_BAD_FIELD
 
     def _failure(self, exc: BaseException) -> StoreError:
         if _code(exc) == ER_LOCK_WAIT_TIMEOUT:

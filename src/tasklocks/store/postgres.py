@@ -254,6 +254,9 @@ class PostgresStore(ServerStore):
     def _missing_table(self, exc: BaseException) -> bool:
         return isinstance(exc, self._psycopg.errors.UndefinedTable)
 
+    def _missing_column(self, exc: BaseException) -> bool:
+        return isinstance(exc, self._psycopg.errors.UndefinedColumn)
+
     def _execute(self, conn: Any, sql: str, params: Any = None) -> Any:
         return conn.execute(sql, params)
 

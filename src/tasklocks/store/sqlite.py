@@ -310,6 +310,9 @@ class SQLiteStore(RowsStore):
     def _missing_table(self, exc: BaseException) -> bool:
         return "no such table" in str(exc)
 
+    def _missing_column(self, exc: BaseException) -> bool:
+        return "no such column" in str(exc)
+
     def _schema_extras(self, conn: Any) -> None:
         for name in ("create_sessions", "index_sessions", "create_names", "index_names"):
             conn.execute(self._sql[name])

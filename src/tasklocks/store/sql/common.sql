@@ -6,6 +6,9 @@ SELECT version, data FROM {t} WHERE namespace = {mark};
 SELECT version FROM {t} WHERE namespace = {mark};
 -- name: namespaces
 SELECT namespace FROM {t};
+-- name: probe_table
+-- Whether a table of the lock table's name that has no _meta beside it is one (see _base).
+SELECT namespace, version, data FROM {t} WHERE 1 = 0;
 -- name: commit
 COMMIT;
 -- name: rollback
