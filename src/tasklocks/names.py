@@ -54,29 +54,34 @@ def validate_owner(owner: object) -> str:
     return _check("owner", owner)
 
 
-def validate_note(note: object) -> str | None:
-    """``note`` if it is free text (or None): every reader of the document decodes it.
+def validate_note(note: object, what: str = "a note") -> str | None:
+    """``note`` if it is free text (or None): every reader of the document (or of a task's
+    record, for ``what``) decodes it.
 
     :raises TypeError: not a str. :raises ValueError: UTF-8 cannot encode it (a lone
         surrogate)."""
     if note is None:
         return None
     if not isinstance(note, str):
-        raise TypeError(f"a note is text (a str) or None, not {type(note).__name__}")
+        raise TypeError(f"{what} is text (a str) or None, not {type(note).__name__}")
     try:
         note.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError(f"a note must be text UTF-8 can encode: {exc.reason}") from None
+        raise ValueError(f"{what} must be text UTF-8 can encode: {exc.reason}") from None
     return note
 
 
 def validate_seconds(what: str, value: object) -> float | None:
-    """``value`` if it is a number of seconds that is not NaN (or None): a NaN deadline never
-    comes. :raises ValueError: it is not."""
+    """``value`` if it is a number of seconds, 0 or more, or None: a NaN deadline never comes,
+    and a negative one (``filelock``'s "wait for ever") would give up at once.
+
+    :raises ValueError: it is not."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        raise ValueError(f"{what} must be a number of seconds or None, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(
+            f"{what} must be a number of seconds, 0 or more, or None (no limit), not {value!r}"
+        )
     return value
 
 

@@ -221,9 +221,10 @@ def test_arguments_of_the_wrong_type_are_named(
     assert table.held() == [] and table.waiting() == []
 
 
-@pytest.mark.parametrize("timeout", [float("nan"), "1"])
+@pytest.mark.parametrize("timeout", [float("nan"), "1", -1, -0.5, float("-inf")])
 def test_a_timeout_that_is_not_a_number_is_refused(table: LockTable, timeout: object) -> None:
-    """(A NaN deadline never came: a waiting acquisition waited for ever.)"""
+    """(A NaN deadline never came: a waiting acquisition waited for ever. A negative one, which
+    filelock reads as "wait for ever", gave up at once: "gave up after waiting -1s".)"""
     with pytest.raises(ValueError, match="timeout must be a number of seconds"):
         table.acquire("a", wait=True, timeout=timeout)  # type: ignore[arg-type]
     assert table.held() == [] and table.waiting() == []

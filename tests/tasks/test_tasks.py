@@ -931,6 +931,28 @@ def test_list_with_a_limit_past_every_task_lists_them_all(tasks: Tasks) -> None:
     assert [r.id for r in tasks.list(all=True, limit=2**70)] == [task_id]
 
 
+def test_ids_progress_and_timeouts_of_the_wrong_type_are_named(tasks: Tasks) -> None:
+    """(They raised from inside: Tasks.wait("1") compared a str with an int, progress(id, "50")
+    did too, a message of 5 was written into the record, and wait(id, timeout=-1) gave up at
+    once.)"""
+    task_id = tasks.start(ref("add"), args=[1, 2])
+    for wrong in (str(task_id), float(task_id), True, None):
+        with pytest.raises(TypeError, match="a task id is an int, not"):
+            tasks.wait(wrong)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="a task id is an int, not"):
+            tasks.get(wrong)  # type: ignore[arg-type]
+    for percent in ("50", True, float("nan"), -1, 101):
+        with pytest.raises(ValueError, match="progress must be a number from 0 to 100 or None"):
+            tasks.progress(task_id, percent)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="a progress message is text"):
+        tasks.progress(task_id, 50, 5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout must be a number of seconds, 0 or more"):
+        tasks.wait(task_id, timeout=-1)
+    record = finished(tasks, task_id)
+    assert record.state is TaskState.SUCCEEDED
+    assert record.message is None  # nothing was written (the success sets percent 100)
+
+
 def test_a_nan_timeout_is_refused(tasks: Tasks) -> None:
     with pytest.raises(ValueError, match="timeout"):
         tasks.start(ref("add"), args=[1, 2], timeout=float("nan"))

@@ -42,7 +42,10 @@ class TaskDB:
         self.locks = LockTable(self.store, self.namespace, owns_store=True)
 
     def get(self, task_id: int) -> TaskRecord:
-        """One task's record. :raises TaskNotFound: no such task."""
+        """One task's record. :raises TaskNotFound: no such task. :raises TypeError: the id is
+        not an int."""
+        if isinstance(task_id, bool) or not isinstance(task_id, int):
+            raise TypeError(f"a task id is an int, not {task_id!r}")
         if not 0 < task_id < 2**63:  # (ids are 64-bit: SQLite's driver cannot even send more)
             raise TaskNotFound(task_id)
         row = self.store.get_task(task_id)

@@ -27,7 +27,7 @@ from typing import Any
 from tasklocks._session import DEFAULT_TTL, check_ttl
 from tasklocks.errors import StoreError, StoreUnavailable, TasklocksError, quote
 from tasklocks.locks import LockTable
-from tasklocks.names import validate_name, validate_seconds
+from tasklocks.names import validate_name, validate_note, validate_seconds
 from tasklocks.owner import (
     Liveness,
     current_process,
@@ -129,9 +129,18 @@ class Tasks(TaskDB):
 
     def progress(self, task_id: int, percent: float | None, message: str | None = None) -> None:
         """Record a task's progress: ``percent`` from 0 to 100 (None keeps the last one) and a
-        message (None keeps the last one)."""
-        if percent is not None and not 0 <= percent <= 100:
-            raise ValueError(f"progress must be between 0 and 100, not {percent}")
+        message (None keeps the last one).
+
+        :raises ValueError: ``percent`` is not a number from 0 to 100.
+        :raises TypeError: ``message`` is not a str.
+        """
+        if percent is not None and (
+            isinstance(percent, bool)
+            or not isinstance(percent, int | float)
+            or not 0 <= percent <= 100
+        ):
+            raise ValueError(f"progress must be a number from 0 to 100 or None, not {percent!r}")
+        validate_note(message, "a progress message")
         changes: dict[str, Any] = {}
         if percent is not None:
             changes["percent"] = float(percent)
