@@ -45,7 +45,7 @@ def request(
     path: str,
     *,
     method: str = "GET",
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str] | dict[str, str | bytes] | None = None,
     body: str | None = None,
 ) -> Reply:
     """One request, no redirects followed."""
@@ -191,6 +191,23 @@ def test_a_token_is_required_on_every_request(sqlite_cli: Cli) -> None:
     for path in ("//evil.example/x?token=s3cret-token", "/%2F%2Fevil.example?token=s3cret-token"):
         link = request(server, path)
         assert link.status == 303 and link.headers["location"] == "/", (path, link)
+
+
+def test_a_token_beyond_ascii_works_in_the_header_as_in_the_link(sqlite_cli: Cli) -> None:
+    """(Headers arrive decoded as latin-1: a UTF-8 token in ``Authorization: Bearer`` was
+    refused while the same token in the link and the cookie worked.)"""
+    token = "s3cret-t\u00f6k\u20acn"
+    server = sqlite_cli.serve("--token", token)
+    bearer: dict[str, str | bytes] = {"Authorization": f"Bearer {token}".encode()}
+    assert request(server, "/locks", headers=bearer).status == 200
+    wrong: dict[str, str | bytes] = {"Authorization": "Bearer s3cret-t\u00f6ken".encode()}
+    assert request(server, "/locks", headers=wrong).status == 401
+    not_utf8: dict[str, str | bytes] = {"Authorization": b"Bearer s3cret-t\xf6k"}
+    assert request(server, "/locks", headers=not_utf8).status == 401  # (compared as it came)
+    link = request(server, f"/locks?token={urllib.parse.quote(token)}")
+    assert link.status == 303 and link.headers["location"] == "/locks", link
+    pair = link.headers["set-cookie"].split(";", 1)[0]
+    assert request(server, "/locks", headers={"Cookie": pair}).status == 200
 
 
 def test_the_token_may_come_from_the_environment(sqlite_cli: Cli) -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tasklocks import HeldLock, QueuedWaiter
+from tasklocks import CorruptLockTable, HeldLock, QueuedWaiter, StoreUnavailable
 from tasklocks.store import TaskValue
 from tasklocks.tasks import Tasks
-from tasklocks.web._source import Source, read_locks
+from tasklocks.web._source import Snapshot, Source, read_locks
 
 from .conftest import DEADLINE, LockScene
 
@@ -149,3 +149,44 @@ def test_a_waiter_granted_between_the_two_reads_is_shown_as_a_holder_only(
     locks, waiters = read_locks(Reads(queue, [HeldLock("a", entry, first.liveness)]))
     assert [h.holder.owner for h in locks] == ["task:2"]
     assert [q.owner for q in waiters] == ["task:3"]
+
+
+def test_a_task_outside_a_snapshot_of_a_database_away_is_unavailable_without_a_read(
+    url: str,
+) -> None:
+    """A task's page outside the snapshot read the task alone: with the database away, that read
+    waited for the reconnection (4-7.5 s before its 503). Once the snapshot says the database
+    does not answer (or a read hangs), the page is a 503 at once; another failure of the
+    snapshot (a corrupt lock document, say) still reads the task."""
+    with Tasks(url, "web") as tasks:
+        task_id = tasks.start(["true"])
+    source = Source(url, "web")
+    reads: list[int] = []
+    source.call = lambda body, **kw: reads.append(task_id)  # type: ignore[method-assign,assignment]
+    try:
+        away = Snapshot(error="the database did not answer", unavailable=True)
+        with pytest.raises(StoreUnavailable, match="the database did not answer"):
+            source.task(task_id, away)
+        assert reads == []
+        corrupt = Snapshot(error="the lock table of namespace 'web' is corrupt")
+        with pytest.raises(AttributeError):  # (the stand-in read returns None, not a record)
+            source.task(task_id, corrupt)
+        assert reads == [task_id]
+    finally:
+        source.close()
+
+
+def test_a_read_that_fails_on_a_database_away_makes_the_snapshot_unavailable(url: str) -> None:
+    source = Source(url, "web")
+    corrupt = CorruptLockTable("web", "not JSON")
+    try:
+        for error, away in ((StoreUnavailable("gone"), True), (corrupt, False)):
+
+            def fail(body: object, *, timeout: float = 0.0, error: Exception = error) -> None:
+                raise error
+
+            source.call = fail  # type: ignore[method-assign,assignment]
+            snapshot = source._read()
+            assert snapshot.error == str(error) and snapshot.unavailable is away
+    finally:
+        source.close()

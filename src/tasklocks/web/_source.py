@@ -66,6 +66,7 @@ class Snapshot:
     taken: float | None = None  # epoch of the last good read; None: never read
     error: str | None = None  # why the latest read failed (None: it did not)
     error_since: float | None = None  # when reads started failing
+    unavailable: bool = False  # the error is a database that does not answer (or hangs)
 
     def task(self, task_id: int) -> TaskRecord | None:
         """A task of this snapshot, or None if it is not among them."""
@@ -186,7 +187,8 @@ class Source:
             if previous.error is None:
                 log.warning("tasklocks serve: the database is unavailable: %s", _one_line(why))
             since = previous.error_since or began
-            return replace(previous, error=_one_line(why), error_since=since)
+            away = isinstance(exc, StoreUnavailable)
+            return replace(previous, error=_one_line(why), error_since=since, unavailable=away)
         if previous.error is not None:
             log.warning("tasklocks serve: the database is back")
         return Snapshot(tasks=tasks, locks=locks, waiters=waiters, taken=time.time())
@@ -234,7 +236,8 @@ class Source:
                 since = snapshot.error_since
                 if since is None:
                     since = time.time() - stale if self._fresh_at >= 0 else time.time()
-                snapshot = replace(snapshot, error=error, error_since=since)
+                away = snapshot.unavailable or snapshot.error is None
+                snapshot = replace(snapshot, error=error, error_since=since, unavailable=away)
             return snapshot
 
     def refresh_soon(self) -> None:
@@ -253,10 +256,13 @@ class Source:
         :raises TaskNotFound: no task with that id in this namespace.
         :raises StoreUnavailable: the database cannot be reached.
         """
-        record = (snapshot if snapshot is not None else self.snapshot()).task(task_id)
+        snapshot = snapshot if snapshot is not None else self.snapshot()
+        record = snapshot.task(task_id)
         if record is None:
             if task_id >= 2**63:  # no database keeps such an id
                 raise TaskNotFound(task_id)
+            if snapshot.unavailable:  # (a read of its own would wait for the reconnection too)
+                raise StoreUnavailable(snapshot.error or f"{self._where} does not answer")
             record = self.call(lambda t: t.get(task_id))
         if record.namespace != self.namespace:
             raise TaskNotFound(task_id)

@@ -156,7 +156,7 @@ class Guard:
     def _authorised(self, scope: Scope, headers: Headers) -> bool:
         assert self.token is not None and self.cookie is not None
         scheme, _, given = headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and _same(given.strip(), self.token):
+        if scheme.lower() == "bearer" and _same(_utf8(given.strip()), self.token):
             return True
         cookie = Request(scope).cookies.get(TOKEN_COOKIE, "")
         return _same(cookie, self.cookie)
@@ -168,6 +168,15 @@ def _hostname(host: str) -> str:
     if host.startswith("["):
         return host[: host.find("]") + 1] if "]" in host else host
     return host.rsplit(":", 1)[0]
+
+
+def _utf8(header: str) -> str:
+    """A header's text as the client wrote it: ASGI servers decode header bytes as latin-1, and
+    clients send a token's non-ASCII letters as UTF-8 (as in the link and the cookie)."""
+    try:
+        return header.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return header
 
 
 def _same(a: str, b: str) -> bool:
