@@ -692,7 +692,7 @@ def test_progress_from_shell(tasks: Tasks, files: Files) -> None:
 def test_progress_checks_its_range_and_needs_a_task(
     tasks: Tasks, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with pytest.raises(ValueError, match="between 0 and 100"):
+    with pytest.raises(ValueError, match="a number from 0 to 100"):
         tasks.progress(1, 101)
     monkeypatch.delenv("TASKLOCKS_TASK_ID", raising=False)
     with pytest.raises(NotInTask):
