@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 
 from tasklocks import connect, process_identity
+from tasklocks._url import parse_url
+from tasklocks.errors import BadURL
 
 PY = sys.executable
 DEADLINE = 30.0  # seconds any awaited condition may take before the test fails
@@ -328,12 +330,34 @@ def test_bad_namespace_exits_2_with_one_line(sqlite_url: str) -> None:
         "sqlite:relative.db",
         "postgresql://host-without-db",
         "postgresql://postgres@[::1:5432/test",
+        # A parameter tasklocks does not use was ignored: sslmode=verify-full connected without
+        # checking the certificate, charset and mode did nothing.
+        "postgresql://postgres@127.0.0.1:5432/test?sslmode=verify-full",
+        "mysql://root@127.0.0.1:3306/test?charset=utf8mb4",
+        "sqlite:///x.db?mode=ro",
+        "postgresql://postgres@127.0.0.1:5432/test?connect_timeout=soon",
+        "mysql://root@127.0.0.1:3306/test?connect_timeout=0",
     ],
 )
 def test_bad_url_exits_2_with_one_line(url: str, namespace: str) -> None:
     result = cli(url, namespace, "locks")
     assert result.returncode == 2
     assert "URL" in one_error_line(result)
+
+
+def test_a_url_names_what_tasklocks_does_not_use_and_reads_an_escaped_database() -> None:
+    with pytest.raises(BadURL) as refused:
+        connect("postgresql://postgres@127.0.0.1/test?sslmode=require")
+    assert str(refused.value) == (
+        "the postgresql URL has sslmode=, which tasklocks does not use (it takes "
+        "connect_timeout, pool); remove it, or pass tasklocks.connect() a SQLAlchemy Engine "
+        "whose connections have it"
+    )
+    with pytest.raises(
+        BadURL, match=r"the sqlite URL has cache=, which tasklocks does not use \(it takes none\)"
+    ):
+        connect("sqlite:///x.db?cache=shared")
+    assert parse_url("mysql://root@127.0.0.1/my%20db").database == "my db"
 
 
 @pytest.mark.parametrize("ttl", ["0.5", "86401", "1e10", "1e301", "nan"])

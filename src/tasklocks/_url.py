@@ -93,7 +93,7 @@ def parse_url(url: str) -> ParsedURL:
         port = parts.port
     except ValueError as exc:
         raise BadURL(f"bad port in database URL {quote(url)}: use host:port with a number") from exc
-    database = parts.path.lstrip("/")
+    database = urllib.parse.unquote(parts.path.lstrip("/"))  # ("my%20db": the database my db)
     if not parts.hostname or not database:
         raise BadURL(
             f"bad database URL {quote(url)}: it needs a host and a database, {scheme}://host/db"

@@ -35,7 +35,18 @@ _SCHEMES = {
     "django.db.backends.postgresql": "postgresql",
     "django.db.backends.mysql": "mysql",
     "django.db.backends.sqlite3": "sqlite",
+    # GeoDjango's backends are these databases (tasklocks' tables need no spatial extension).
+    "django.contrib.gis.db.backends.postgis": "postgresql",
+    "django.contrib.gis.db.backends.mysql": "mysql",
+    "django.contrib.gis.db.backends.spatialite": "sqlite",
 }
+_VENDORS = {"postgresql": "postgresql", "mysql": "mysql", "sqlite": "sqlite"}
+# OPTIONS that choose where to connect or how to sign in, or demand TLS: tasklocks' own
+# connection cannot carry them from here, and without them it would connect elsewhere, or
+# without the certificate checks the project asks for. (Others, such as isolation_level or
+# init_command, concern the project's connections only.)
+_NOT_CARRIED = ("service", "passfile", "read_default_file", "unix_socket", "ssl")
+_TLS_MODES = ("require", "verify-ca", "verify-full")
 
 
 def url_for(
@@ -50,7 +61,7 @@ def url_for(
         raise BadURL(f"Django has no database {alias!r}; use one of {', '.join(databases)}")
     db = databases[alias]
     engine = str(db.get("ENGINE", ""))
-    scheme = _SCHEMES.get(engine)
+    scheme = _SCHEMES.get(engine) or _vendor(engine)
     if scheme is None:
         raise BadURL(
             f"tasklocks cannot use Django's {engine or 'empty'} ENGINE of database {alias!r}; "
@@ -66,15 +77,43 @@ def url_for(
     password = quote(str(db.get("PASSWORD") or ""), safe="")
     auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
     host = str(db.get("HOST") or "127.0.0.1")
+    if host.startswith("/"):
+        raise BadURL(
+            f"Django's database {alias!r} connects through the Unix socket {host}; tasklocks "
+            "needs a TCP host: set HOST (127.0.0.1), or pass tasklocks.connect() a URL"
+        )
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address
     port = f":{db['PORT']}" if db.get("PORT") else ""
     query = {}
     if scheme == "postgresql" and db.get("DISABLE_SERVER_SIDE_CURSORS"):
         query["pool"] = "transaction"
-    timeout = (db.get("OPTIONS") or {}).get("connect_timeout")
+    options = db.get("OPTIONS") or {}
+    for key in options:
+        tls = key == "sslmode" and str(options[key]) in _TLS_MODES
+        if key in _NOT_CARRIED or tls or (key.startswith("ssl") and key != "sslmode"):
+            raise BadURL(
+                f"tasklocks.django cannot carry OPTIONS[{key!r}] of Django's database {alias!r} "
+                "to tasklocks' own connection; pass tasklocks.connect() a SQLAlchemy Engine "
+                "or a URL for the same database"
+            )
+    timeout = options.get("connect_timeout")
     if timeout is not None:
         query["connect_timeout"] = str(timeout)
     tail = "?" + urllib.parse.urlencode(query) if query else ""
     return f"{scheme}://{auth}{host}{port}/{quote(name, safe='')}{tail}"
+
+
+def _vendor(engine: str) -> str | None:
+    """The database behind a backend tasklocks does not know by name (a wrapper of Django's
+    own, say), from its ``DatabaseWrapper.vendor``; None if it cannot tell."""
+    if not engine:
+        return None
+    try:
+        wrapper = importlib.import_module(f"{engine}.base").DatabaseWrapper
+    except Exception:  # (not importable here: its driver, or Django, is missing)
+        return None
+    return _VENDORS.get(str(getattr(wrapper, "vendor", "")))
 
 
 def connect(

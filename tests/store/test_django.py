@@ -35,6 +35,16 @@ def _pg(**more: Any) -> dict[str, Any]:
         (_pg(USER="web", PASSWORD="p@ss:w/rd"), "postgresql://web:p%40ss%3Aw%2Frd@127.0.0.1/app"),
         (_pg(DISABLE_SERVER_SIDE_CURSORS=True), "postgresql://127.0.0.1/app?pool=transaction"),
         (_pg(OPTIONS={"connect_timeout": 3}), "postgresql://127.0.0.1/app?connect_timeout=3"),
+        (_pg(HOST="::1", PORT=5432), "postgresql://[::1]:5432/app"),
+        (_pg(OPTIONS={"sslmode": "prefer", "isolation_level": 1}), "postgresql://127.0.0.1/app"),
+        (
+            {"ENGINE": "django.contrib.gis.db.backends.postgis", "NAME": "app", "HOST": "db"},
+            "postgresql://db/app",
+        ),
+        (
+            {"ENGINE": "django.contrib.gis.db.backends.mysql", "NAME": "app", "USER": "root"},
+            "mysql://root@127.0.0.1/app",
+        ),
         (
             {"ENGINE": "django.db.backends.mysql", "NAME": "app", "USER": "root", "PORT": "3306"},
             "mysql://root@127.0.0.1:3306/app",
@@ -62,6 +72,22 @@ def test_an_alias_becomes_a_tasklocks_url(db: dict[str, Any], url: str) -> None:
             {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
             "no SQLite file",
         ),
+        # (These made URLs tasklocks refused with a complaint about a URL nobody wrote, or
+        # connected without what they say: a socket, a service file, TLS demanded.)
+        ({"default": _pg(HOST="/var/run/postgresql")}, "through the Unix socket"),
+        ({"default": _pg(OPTIONS={"sslmode": "verify-full"})}, r"OPTIONS\['sslmode'\]"),
+        ({"default": _pg(OPTIONS={"sslrootcert": "/ca.pem"})}, r"OPTIONS\['sslrootcert'\]"),
+        ({"default": _pg(OPTIONS={"service": "app"})}, r"OPTIONS\['service'\]"),
+        (
+            {
+                "default": {
+                    "ENGINE": "django.db.backends.mysql",
+                    "NAME": "app",
+                    "OPTIONS": {"read_default_file": "/etc/my.cnf"},
+                }
+            },
+            r"OPTIONS\['read_default_file'\]",
+        ),
     ],
 )
 def test_an_alias_tasklocks_cannot_use_is_a_bad_url(
@@ -69,6 +95,33 @@ def test_an_alias_tasklocks_cannot_use_is_a_bad_url(
 ) -> None:
     with pytest.raises(BadURL, match=problem):
         url_for("default", databases)
+
+
+def test_a_database_name_with_spaces_comes_back_as_it_was() -> None:
+    url = url_for("default", {"default": _pg(NAME="my app/db")})
+    assert url == "postgresql://127.0.0.1/my%20app%2Fdb"
+    assert parse_url(url).database == "my app/db"  # (it was read back as my%20app%2Fdb)
+
+
+def test_a_backend_that_wraps_a_known_one_is_known_by_its_vendor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A third-party backend (a wrapper of Django's PostgreSQL one, say) is known by its
+    ``DatabaseWrapper.vendor``; one whose vendor tasklocks does not speak is refused."""
+    for package, vendor in (("wrapped_pg", "postgresql"), ("wrapped_oracle", "oracle")):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+        (tmp_path / package / "base.py").write_text(
+            f"class DatabaseWrapper:\n    vendor = {vendor!r}\n"
+        )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert url_for("default", {"default": {"ENGINE": "wrapped_pg", "NAME": "app"}}) == (
+        "postgresql://127.0.0.1/app"
+    )
+    with pytest.raises(BadURL, match="cannot use Django's wrapped_oracle ENGINE"):
+        url_for("default", {"default": {"ENGINE": "wrapped_oracle", "NAME": "app"}})
+    with pytest.raises(BadURL, match="cannot use Django's no_such_backend ENGINE"):
+        url_for("default", {"default": {"ENGINE": "no_such_backend", "NAME": "app"}})
 
 
 PROJECT = textwrap.dedent(

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from tasklocks._url import default_url, parse_url
+from tasklocks._url import ParsedURL, default_url, parse_url
 from tasklocks.errors import BadURL
 from tasklocks.names import validate_seconds
 from tasklocks.store._base import (
@@ -157,6 +157,35 @@ class AsyncNotifies(Protocol):
 Backend = RowsStore  # a database adapter: lock documents (a Store), task records, FastPaths
 
 
+# What a URL's query may say: a parameter tasklocks does not use is refused, not ignored (an
+# ignored sslmode=verify-full would connect without checking the server's certificate).
+_QUERY = {"sqlite": (), "mysql": ("connect_timeout",), "postgresql": ("connect_timeout", "pool")}
+
+
+def _check_query(parsed: ParsedURL) -> None:
+    """:raises BadURL: the URL's query has a parameter tasklocks does not use, or a
+    ``connect_timeout`` that is not a number of seconds."""
+    known = _QUERY[parsed.scheme]
+    for key in parsed.query:
+        if key not in known:
+            takes = f"it takes {', '.join(known)}" if known else "it takes none"
+            raise BadURL(
+                f"the {parsed.scheme} URL has {key}=, which tasklocks does not use ({takes}); "
+                "remove it, or pass tasklocks.connect() a SQLAlchemy Engine whose connections "
+                "have it"
+            )
+    timeout = parsed.query.get("connect_timeout")
+    if timeout is not None:
+        try:
+            seconds = float(timeout)
+        except ValueError:
+            seconds = float("nan")
+        if not 1 <= seconds <= 3600:
+            raise BadURL(
+                f"connect_timeout={timeout} in the URL: use a number of seconds from 1 to 3600"
+            )
+
+
 def open_store(
     url: str | Engine | None = None,
     *,
@@ -197,6 +226,7 @@ def open_store(
                 f"unknown pool={pool!r} in the PostgreSQL URL; use pool=transaction behind a "
                 "transaction-pooling proxy such as PgBouncer, or leave it out"
             )
+        _check_query(parsed)
     store: Backend
     lender: dict[str, Any] = (
         {} if engine is None or parsed.scheme == "sqlite" else {"engine": engine}
