@@ -887,12 +887,14 @@ class LockTable:
 
     def reap(self, *, owner: str | None = None) -> list[tuple[str, Holder]]:
         """Release every lock whose holder is provably dead, and drop such waiters from the queue
-        (of ``owner`` only, when given: a task's cleanup); return the (name, holder) pairs
-        released."""
+        (of ``owner`` only, when given, and of the owners it heads, such as ``task:7:aio-1`` of
+        ``task:7``: a task's cleanup); return the (name, holder) pairs released."""
         self._settle()
+        family = None if owner is None else owner + ":"
 
         def is_dead(entry: Holder | Waiter) -> bool:
-            return (owner is None or entry.owner == owner) and self._is_dead(entry)
+            ours = family is None or entry.owner == owner or entry.owner.startswith(family)
+            return ours and self._is_dead(entry)
 
         def step(
             doc: LockDoc, version: int, retrying: bool

@@ -611,6 +611,20 @@ def test_reap_removes_dead_entries_and_returns_them(
     assert sum(r.name == "tasklocks" for r in caplog.records) == 2
 
 
+def test_reap_of_an_owner_takes_the_owners_it_heads(table: LockTable) -> None:
+    """``reap(owner="task:7")`` is a task's cleanup: it takes the dead entries of ``task:7`` and
+    of the owners it heads (``task:7:aio-1``, tasklocks.aio's inside that task), not those of
+    ``task:70`` or ``task:8``, and never a live one."""
+    me = current_process()
+    dead = ProcessIdentity(pid=_dead_pid(), start="1", boot=me.boot, host=me.host, pidns=me.pidns)
+    for name, owner in (("a", "task:7"), ("b", "task:7:aio-1"), ("c", "task:70"), ("d", "task:8")):
+        table.acquire(name, owner=owner, process=dead)
+    table.acquire("e", owner="task:7:aio-2")  # alive (this process)
+    reaped = table.reap(owner="task:7")
+    assert sorted((name, h.owner) for name, h in reaped) == [("a", "task:7"), ("b", "task:7:aio-1")]
+    assert names_held(table) == {"c": "task:70", "d": "task:8", "e": "task:7:aio-2"}
+
+
 def test_holder_with_a_reused_pid_is_dead(table: LockTable) -> None:
     me = current_process()
     reused = ProcessIdentity(pid=me.pid, start="1", boot=me.boot, host=me.host, pidns=me.pidns)

@@ -132,6 +132,25 @@ def take_extra_lock(name: str, marker: str, go: str) -> str:
     return lease.owner
 
 
+def take_lock_async(name: str, marker: str, go: str) -> str:
+    """``take_extra_lock`` through ``tasklocks.aio``, whose owner is ``task:<id>:aio-<n>``; the
+    process ends without releasing it."""
+    import asyncio
+
+    import tasklocks.aio
+
+    async def main() -> str:
+        url, namespace = os.environ["TASKLOCKS_DB"], os.environ["TASKLOCKS_NAMESPACE"]
+        table = await tasklocks.aio.connect(url, namespace)
+        lease = await table.acquire(name)
+        _mark(marker, lease.owner)
+        if not _wait_for(go):
+            raise TimeoutError(f"nobody created {go}")
+        return lease.owner
+
+    return asyncio.run(main())
+
+
 def _append(path: str, line: str) -> None:
     # One small O_APPEND write per line: lines of different processes never interleave.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

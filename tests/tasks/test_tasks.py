@@ -732,6 +732,23 @@ def test_task_takes_more_locks_as_itself(tasks: Tasks, files: Files) -> None:
     assert held(tasks) == {}
 
 
+def test_a_lock_the_task_took_with_tasklocks_aio_is_released_when_it_ends(
+    tasks: Tasks, files: Callable[[str], Path]
+) -> None:
+    """(The runner's cleanup reaped the owner ``task:<id>`` alone, and tasklocks.aio's owners
+    inside a task are ``task:<id>:aio-<n>``: such a lock stayed held by the dead process until
+    somebody's acquisition found it dead.)"""
+    args = {"name": "extra", "marker": str(files("a.marker")), "go": str(files("a.go"))}
+    task_id = tasks.start(ref("take_lock_async"), args=args)
+    until_marked(tasks, task_id, files("a.marker"))
+    assert [h.holder.owner for h in held(tasks).values()] == [f"task:{task_id}:aio-1"]
+    files("a.go").touch()
+    record = finished(tasks, task_id)
+    assert record.state is TaskState.SUCCEEDED, describe(tasks, record)
+    assert record.result == f"task:{task_id}:aio-1"
+    assert held(tasks) == {}
+
+
 # --- records ----------------------------------------------------------------------------------
 
 
