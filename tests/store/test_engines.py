@@ -248,6 +248,60 @@ def test_the_sessions_and_listen_connections_are_made_by_the_engine(
         engine.dispose()
 
 
+def test_tasklocks_aio_on_an_engine_listens_on_a_connection_the_engine_made(
+    namespace: str,
+) -> None:
+    """(tasklocks.aio's LISTEN connection was made from the engine's URL alone: with a
+    ``creator`` or ``connect_args`` it never connected, and waiters fell back to the 1 s re-read,
+    retrying the connection every second.) It is now the blocking reader's, made by the engine,
+    told to the loop."""
+    require("postgresql")
+    import asyncio
+
+    import tasklocks.aio
+
+    engine = _made_engine("postgresql")
+
+    def listening() -> int:
+        rows = raw_rows(
+            server_url("postgresql"),
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE application_name = %s AND query LIKE 'LISTEN%%'",
+            (APP,),
+        )
+        return int(rows[0][0])
+
+    async def main() -> tuple[int, int, int]:
+        holder = await tasklocks.aio.connect(engine, namespace)
+        waiter = await tasklocks.aio.connect(engine, namespace)
+        try:
+            lease = await holder.acquire("a", owner="task:1")
+            taking = asyncio.ensure_future(
+                waiter.acquire("a", owner="task:2", wait=True, timeout=WAIT)
+            )
+            deadline = time.monotonic() + WAIT
+            while not await holder.waiting() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            while not listening() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            heard = listening()
+            await lease.release()
+            taken = await taking
+            await taken.release()
+            return heard, lease.token, taken.token
+        finally:
+            await waiter.close()
+            await holder.close()
+
+    try:
+        heard, first, second = asyncio.run(main())
+        assert heard >= 1
+        assert second > first
+        assert engine.pool.checkedout() == 0
+    finally:
+        engine.dispose()
+
+
 def test_a_mariadb_engine_without_multi_statements_is_refused_with_the_fix() -> None:
     require("mysql")
     engine = sa.create_engine(

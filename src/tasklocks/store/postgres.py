@@ -144,6 +144,8 @@ class PostgresStore(ServerStore):
         self._pooled = self._parsed.query.get("pool") == "transaction"  # (checked: open_store)
         self._channel = f"{self.table}_changed"
         self._listeners: dict[str, set[int]] = {}  # namespace -> waiters' pipes
+        # tasklocks.aio's listeners on a sync Engine's connections: (heard, ready) callbacks
+        self._hearers: list[tuple[Callable[[str | None], None], Callable[[bool], None]]] = []
         self._listeners_lock = threading.Lock()
         self._listening = threading.Event()  # the reader's connection LISTENs
         self._reader_pid = 0
@@ -536,17 +538,21 @@ class PostgresStore(ServerStore):
     def _register(self, namespace: str, fd: int, add: bool) -> None:
         """Tell ``fd`` of the namespace's notifications (or stop); start the reader if needed."""
         if add and self._reader_pid != os.getpid():  # a fork: its parent's waiters are not ours
-            self._listeners_lock, self._listeners = threading.Lock(), {}
+            self._listeners_lock, self._listeners, self._hearers = threading.Lock(), {}, []
         with self._listeners_lock:
             fds = self._listeners.setdefault(namespace, set())
             if not add:
                 fds.discard(fd)
                 return
             fds.add(fd)
-            if self._reader_pid != os.getpid():  # none yet, or the parent's before a fork
-                self._reader_pid = os.getpid()
-                self._listening.clear()
-                threading.Thread(target=self._read, name="tasklocks-listen", daemon=True).start()
+            self._start_reader()
+
+    def _start_reader(self) -> None:
+        """(Under ``_listeners_lock``.) Start this process's reader if it has none yet."""
+        if self._reader_pid != os.getpid():  # none yet, or the parent's before a fork
+            self._reader_pid = os.getpid()
+            self._listening.clear()
+            threading.Thread(target=self._read, name="tasklocks-listen", daemon=True).start()
 
     def _tell(self, namespace: str | None) -> None:
         """Wake the waiters of ``namespace`` (of every namespace: None)."""
@@ -555,6 +561,16 @@ class PostgresStore(ServerStore):
                 for fd in fds if namespace in (None, ns) else ():
                     with suppress(BlockingIOError):  # full: it will wake anyway
                         os.write(fd, b"\0")
+            for heard, _ in self._hearers:
+                heard(namespace)
+
+    def _set_listening(self, listening: bool) -> None:
+        """The reader's connection LISTENs now (or no longer): the blocking waiters' event, and
+        tasklocks.aio's listeners on a sync Engine."""
+        (self._listening.set if listening else self._listening.clear)()
+        with self._listeners_lock:
+            for _, ready in self._hearers:
+                ready(listening)
 
     def _read(self) -> None:
         """The LISTEN connection's reader, a daemon thread per store and process: it hands every
@@ -570,13 +586,13 @@ class PostgresStore(ServerStore):
                     # Quoted: an unquoted LISTEN folds the channel to lower case, pg_notify does
                     # not (https://www.postgresql.org/docs/current/sql-listen.html).
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
-                    self._listening.set()
+                    self._set_listening(True)
                     if lost:  # what happened while there was no connection went unheard
                         self._tell(None)
                 for notify in conn.notifies(timeout=1.0):
                     self._tell(notify.payload)
             except (StoreUnavailable, self._psycopg.Error):
-                self._listening.clear()
+                self._set_listening(False)
                 with suppress(Exception):
                     conn.close()
                 conn, lost = None, True
@@ -591,7 +607,12 @@ class PostgresStore(ServerStore):
         self, heard: Callable[[str | None], None], ready: Callable[[bool], None]
     ) -> None:
         """``_read`` for an asyncio loop (``tasklocks.aio``), on a psycopg ``AsyncConnection``
-        of its own, until cancelled."""
+        of its own, until cancelled. With a sync Engine's connections (its ``creator``,
+        ``connect_args``), which no ``AsyncConnection`` can copy: ``_read``'s thread, which the
+        Engine's connection serves, told to the loop."""
+        if self._maker is not None:
+            await self._hear_through_the_reader(heard, ready)
+            return
         sql = self._psycopg.sql
         lost = False
         while True:
@@ -613,6 +634,32 @@ class PostgresStore(ServerStore):
                 if conn is not None:
                     with suppress(Exception):
                         await conn.close()
+
+    async def _hear_through_the_reader(
+        self, heard: Callable[[str | None], None], ready: Callable[[bool], None]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+
+        def told(callback: Callable[[Any], None]) -> Callable[[Any], None]:
+            def on_loop(value: Any) -> None:
+                with suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(callback, value)
+
+            return on_loop
+
+        hearer = (told(heard), told(ready))
+        if self._reader_pid != os.getpid():  # a fork: its parent's listeners are not ours
+            self._listeners_lock, self._listeners, self._hearers = threading.Lock(), {}, []
+        with self._listeners_lock:
+            self._hearers.append(hearer)
+            self._start_reader()
+            if self._listening.is_set():
+                ready(True)
+        try:
+            await asyncio.Event().wait()  # until cancelled
+        finally:
+            with self._listeners_lock:
+                self._hearers.remove(hearer)
 
     def _close_more(self) -> None:
         self._closed = True
