@@ -44,12 +44,12 @@ from typing import Any, TypeVar, cast
 from tasklocks._core import Holder, Want
 from tasklocks._session import DEFAULT_TTL
 from tasklocks._waiting import Listen, OnWait, Pause, Request, Steps, Watch
-from tasklocks.errors import TasklocksError
+from tasklocks.errors import StoreError, TasklocksError
 from tasklocks.locks import THIS_PROCESS, HeldLock, Lease, LockTable, QueuedWaiter, _ThisProcess
 from tasklocks.locks import connect as _connect
 from tasklocks.owner import ProcessIdentity, current_process, default_owner
 from tasklocks.store import AsyncNotifies, Backend, Engine, Snapshot
-from tasklocks.store._base import first_delay, next_delay
+from tasklocks.store._base import SQLStore, first_delay, next_delay
 from tasklocks.store._engine import is_async_engine
 from tasklocks.store._loop_engine import AsyncEngine, loop_engine
 
@@ -590,9 +590,36 @@ async def connect(
     )
     try:
         table = await _finish(opening)
+        if source is not url:  # an AsyncEngine: its own connections come from its URL alone
+            await _finish(loop.run_in_executor(worker, _own_connections, table))
     except BaseException:
         if opening.done() and not opening.cancelled() and opening.exception() is None:
             await asyncio.shield(loop.run_in_executor(worker, opening.result().close))
         worker.shutdown(wait=False)
         raise
     return AsyncLockTable(table, worker)
+
+
+def _own_connections(table: LockTable) -> None:
+    """Open the sessions' connection of a table on an AsyncEngine now, from the engine's URL
+    (its ``connect_args`` and ``async_creator`` cannot make a blocking connection), so that a
+    URL that does not reach the database fails ``connect()``, saying so, rather than the first
+    acquisition after ``reconnect_timeout``, naming a host or a table the application never
+    uses.
+
+    :raises StoreUnavailable: the URL does not reach the database.
+    :raises StoreError: it reaches another one (no lock table there, say)."""
+    store = table.store
+    if not isinstance(store, SQLStore):
+        return
+    try:
+        side = store._sessions_store()
+        side._changing(lambda conn, call: None)  # a connection, and the schema's check
+    except StoreError as exc:
+        why = (
+            f"tasklocks opens its own connections (its sessions', PostgreSQL's LISTEN) from the "
+            f"AsyncEngine's URL, without its connect_args or async_creator, and that failed: "
+            f"{exc}; make the engine's URL reach the database, or pass "
+            "tasklocks.aio.connect() the database's URL"
+        )
+        raise type(exc)(why) from exc

@@ -19,7 +19,7 @@ from conftest import raw_sql, require, server_url
 
 import tasklocks
 import tasklocks.aio as aio
-from tasklocks.errors import BadURL
+from tasklocks.errors import BadURL, StoreUnavailable
 
 sa = pytest.importorskip("sqlalchemy")
 sa_async = pytest.importorskip("sqlalchemy.ext.asyncio")
@@ -136,6 +136,52 @@ def test_other_async_drivers_are_refused_with_the_fix(dialect: str, driver: str,
             await aio.connect(engine)
         assert driver in str(refused.value) and fix in str(refused.value)
         assert "pass tasklocks.aio.connect() the database URL" in str(refused.value)
+
+    run(main())
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_an_async_engine_whose_url_does_not_reach_the_database_fails_connect(
+    backend: str,
+) -> None:
+    """tasklocks' own connections (the sessions', LISTEN) come from the AsyncEngine's URL: an
+    engine whose connections come from its ``async_creator`` alone connected, and the first
+    acquisition failed after ``reconnect_timeout`` naming a host the application never uses.
+    ``connect()`` now fails, saying so."""
+    require(backend)
+    if backend == "mysql":
+        aiomysql = pytest.importorskip("aiomysql")
+    real = sa.engine.make_url(server_url(backend))
+
+    async def make() -> Any:
+        if backend == "postgresql":
+            import psycopg
+
+            return await psycopg.AsyncConnection.connect(
+                host=real.host, port=real.port, user=real.username, dbname=real.database
+            )
+        return await aiomysql.connect(
+            host=real.host, port=real.port or 3306, user=real.username, db=real.database
+        )
+
+    driver = "postgresql+psycopg" if backend == "postgresql" else "mysql+aiomysql"
+
+    async def main() -> None:
+        engine = sa_async.create_async_engine(
+            f"{driver}://nobody@127.0.0.1:1/nothing", async_creator=make
+        )
+        try:
+            async with engine.connect() as conn:  # the engine itself works
+                assert (await conn.exec_driver_sql("SELECT 1")).scalar() == 1
+            with pytest.raises(StoreUnavailable) as refused:
+                await aio.connect(engine, reconnect_timeout=0.5)
+            message = str(refused.value)
+            assert "from the AsyncEngine's URL, without its connect_args or async_creator" in (
+                message
+            )
+            assert "127.0.0.1:1" in message and "\n" not in message
+        finally:
+            await engine.dispose()
 
     run(main())
 
