@@ -477,6 +477,34 @@ def test_a_waiting_task_shows_its_place_in_the_queue_and_its_locks_modes(
     assert "<script>alert" not in tasks
 
 
+def test_a_database_that_never_answered_has_not_answered_since_the_dashboard_started(
+    tmp_path: Path,
+) -> None:
+    """(Before its first read ended, the banner said the database "has not answered for" as many
+    seconds as the machine had been up, and "failing since" moved with each request.)"""
+    release = threading.Event()
+
+    class Hanging(Source):
+        def call(self, body: Any, *, timeout: float = 2.0) -> Any:
+            release.wait(timeout=20)
+            raise StoreUnavailable("the database did not answer")
+
+    began = time.time()
+    source = Hanging(f"sqlite:///{tmp_path}/absent.db", "default")
+    try:
+        time.sleep(0.5)
+        stale = source.snapshot(max_age=0.1)  # (waits up to FRESH_WAIT for a fresh one)
+        assert stale.error is not None and stale.unavailable
+        seconds = int(stale.error.rsplit(" for ", 1)[1].rstrip("s"))
+        assert 1 <= seconds <= time.time() - began + 1, stale.error
+        assert stale.error_since is not None and abs(stale.error_since - began) < 0.5
+        again = source.snapshot(max_age=0.1)
+        assert again.error_since == pytest.approx(stale.error_since, abs=0.3)
+    finally:
+        release.set()
+        source.close()
+
+
 def test_a_database_that_hangs_is_failing_since_its_last_answer(tmp_path: Path) -> None:
     """(While the refresher's read hung, "failing since" was the time of each request.)"""
     answering = threading.Event()

@@ -128,6 +128,7 @@ class Source:
         self._cond = threading.Condition()
         self._snapshot = Snapshot()
         self._fresh_at = -1.0  # monotonic time of the last read, good or bad
+        self._started = time.monotonic()  # (a database that never answered: since then)
         self._demand = time.monotonic()
         self._poke = False
         self._closed = False
@@ -230,12 +231,13 @@ class Source:
                 self._cond.wait(deadline - time.monotonic())
             snapshot = self._snapshot
             if time.monotonic() - self._fresh_at > max_age:
-                stale = time.monotonic() - max(self._fresh_at, 0.0)
+                stale = time.monotonic() - max(self._fresh_at, self._started)
                 error = snapshot.error or f"{self._where} has not answered for {stale:.0f}s"
-                # Failing since its last answer (a read that hangs has no error yet).
+                # Failing since its last answer, or since the dashboard started if it never
+                # answered (a read that hangs has no error yet).
                 since = snapshot.error_since
                 if since is None:
-                    since = time.time() - stale if self._fresh_at >= 0 else time.time()
+                    since = time.time() - stale
                 away = snapshot.unavailable or snapshot.error is None
                 snapshot = replace(snapshot, error=error, error_since=since, unavailable=away)
             return snapshot
