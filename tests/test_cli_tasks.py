@@ -508,7 +508,9 @@ def test_no_wait_with_a_held_lock_fails_the_task(cli: Cli) -> None:
     result = cli.wait(refused)
     assert result.returncode == EXIT_FAILED, result
     assert result.stdout.startswith(f"task {refused} failed: LockHeld: "), result.stdout
+    assert "wait=True" not in result.stdout and "(--no-wait)" in result.stdout, result.stdout
     record = cli.record(refused)
+    assert record["message"].startswith(f"Did not wait for db (held by task {holder}, ")
     assert (record["state"], record["error_code"], record["started"]) == (
         "failed",
         "LockHeld",

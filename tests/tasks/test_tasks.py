@@ -646,6 +646,10 @@ def test_without_waiting_a_held_lock_fails_the_task(tasks: Tasks, files: Files) 
     assert record.state is TaskState.FAILED, describe(tasks, record)
     assert record.error_code == "LockHeld"
     assert record.error_message is not None and "app_task:a" in record.error_message
+    # (It said "Waiting for ..." and hinted at the Python API's wait=True.)
+    assert record.error_message.endswith("; the task does not wait for its locks (--no-wait)")
+    assert record.message is not None
+    assert record.message.startswith(f"Did not wait for app_task:a (held by task {first}, ")
     assert record.started is None
     assert not files("b.marker").exists()
     assert tasks.get(first).state is TaskState.RUNNING

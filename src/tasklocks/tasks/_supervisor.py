@@ -35,6 +35,7 @@ from tasklocks.errors import (
     NotHeld,
     StoreUnreachable,
     describe_holder,
+    describe_way,
     ordinal,
 )
 from tasklocks.locks import Lease, LockTable
@@ -66,18 +67,24 @@ def _describe_wait(
     names: Sequence[str],
     holders: Mapping[str, Sequence[Holder]],
     ahead: Sequence[Waiter],
+    *,
+    waits: bool = True,
 ) -> str:
     """``Waiting for app_task:blog (held by task 12, update blog, since 10:02:11), 2nd in line
-    after task 13, restore blog, since 10:02:15``."""
+    after task 13, restore blog, since 10:02:15`` (``Did not wait for ...``, ``would have been
+    2nd in line ...`` for a task that does not wait)."""
     parts = []
     for name, hs in sorted(holders.items()):
         if hs:
             others = f" and {len(hs) - 1} more" if len(hs) > 1 else ""
             parts.append(f"{name} (held by {_who(hs[0])}{others})")
-    text = "Waiting for " + ("; ".join(parts) if parts else ", ".join(names))
+    text = ("Waiting for " if waits else "Did not wait for ") + (
+        "; ".join(parts) if parts else ", ".join(names)
+    )
     if ahead:
         others = f" and {len(ahead) - 1} more" if len(ahead) > 1 else ""
-        text += f", {ordinal(len(ahead) + 1)} in line after {_who(ahead[0])}{others}"
+        place = "" if waits else "would have been "
+        text += f", {place}{ordinal(len(ahead) + 1)} in line after {_who(ahead[0])}{others}"
     return text
 
 
@@ -369,11 +376,12 @@ class Supervisor:
                     watch=watch,
                 )
             except LockHeld as exc:  # only without waiting
+                way = describe_way(exc.holders, exc.queue)
                 self._finish(
                     TaskState.FAILED,
                     error_code="LockHeld",
-                    error_message=str(exc),
-                    message=_describe_wait(record.locks, exc.holders, exc.queue),  # type: ignore[arg-type]
+                    error_message=f"{way}; the task does not wait for its locks (--no-wait)",
+                    message=_describe_wait(record.locks, exc.holders, exc.queue, waits=False),  # type: ignore[arg-type]
                 )
                 return None
             except (Deadlock, LimitMismatch) as exc:
