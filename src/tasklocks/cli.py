@@ -600,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
         prog=PROG,
-        description="Crash-safe locks between processes, kept in one database row per namespace.",
+        description="Crash-safe locks between processes, kept in a database: a row per namespace "
+        "and a row per lock name.",
         epilog=EXIT_CODES_HELP,
         formatter_class=formatter,
     )
