@@ -302,6 +302,33 @@ def test_tasklocks_aio_on_an_engine_listens_on_a_connection_the_engine_made(
         engine.dispose()
 
 
+@pytest.mark.parametrize("backend", SERVER_BACKENDS)
+def test_a_pool_that_lends_nothing_is_named_with_the_time_it_took(
+    backend: str, namespace: str
+) -> None:
+    """A pool whose connections are all lent holds a call for its ``pool_timeout``, however short
+    ``reconnect_timeout`` is: the error says how long it took and why (it said "did not answer
+    for 0.3s" after a second)."""
+    require(backend)
+    engine = _engine(backend, pool_size=1, max_overflow=0, pool_timeout=1)
+    try:
+        table = tasklocks.connect(engine, namespace=namespace, reconnect_timeout=0.3)
+        table.held()  # (its schema checked while the pool lends)
+        with engine.connect():  # the application holds the pool's only connection
+            began = time.monotonic()
+            with pytest.raises(StoreUnavailable) as refused:
+                table.acquire("a", owner="task:1")
+            took = time.monotonic() - began
+        message = str(refused.value)
+        seconds = float(message.split(" did not answer for ", 1)[1].split("s (", 1)[0])
+        assert 1.0 <= seconds <= took + 0.05, message
+        assert "QueuePool limit" in message, message
+        assert table.held() == []  # the pool lends again
+        table.close()
+    finally:
+        engine.dispose()
+
+
 def test_a_mariadb_engine_without_multi_statements_is_refused_with_the_fix() -> None:
     require("mysql")
     engine = sa.create_engine(

@@ -275,7 +275,8 @@ class ServerStore(RowsStore):
         """Run ``body`` under the lock. A connection lost before anything was sent, or not to be
         had, is reopened and the call run again, for ``reconnect_timeout`` seconds at most;
         deadlocks are retried."""
-        deadline = time.monotonic() + self.reconnect_timeout
+        began = time.monotonic()
+        deadline = began + self.reconnect_timeout
         attempt = retries = 0
         with self._lock if self._lock_pid == _pid._pid else self._mutex():
             while True:
@@ -303,8 +304,10 @@ class ServerStore(RowsStore):
                     attempt += 1
                     wait = min(0.5, 0.02 * 2**attempt) * random.uniform(0.5, 1.0)
                     if time.monotonic() + wait > deadline:
+                        # (An engine's pool may have held the first try for its pool_timeout.)
+                        spent = max(self.reconnect_timeout, time.monotonic() - began)
                         raise StoreUnreachable(
-                            f"{self.url} did not answer for {self.reconnect_timeout:g}s ({exc})"
+                            f"{self.url} did not answer for {spent:.3g}s ({exc})"
                         ) from exc
                     pause(wait)
                 except Retry as exc:
