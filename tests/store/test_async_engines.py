@@ -9,6 +9,8 @@ An aiosqlite engine names a file. Other async drivers are refused with the fix n
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from types import SimpleNamespace
@@ -100,6 +102,62 @@ def test_the_async_engines_pool_lends_every_call_and_gets_it_back(
 
     out, back = run(main())
     assert len(out) > 10 and len(out) == len(back)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_a_connection_lent_as_the_wait_for_it_gave_up_goes_back_to_the_pool(
+    backend: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker waits 30 s for the loop to lend a connection; one lent just as that wait gave
+    up was dropped on the floor, and a pool of one lent nothing any more. It now goes back.
+    (The race is made here: the first checkout's wait gives up once the checkout is done.)"""
+    require(backend)
+    if backend == "mysql":
+        pytest.importorskip("aiomysql")
+    real = asyncio.run_coroutine_threadsafe
+    tricked: list[bool] = []
+
+    class GaveUp:
+        def __init__(self, future: concurrent.futures.Future[Any]) -> None:
+            self.future = future
+
+        def result(self, timeout: float | None = None) -> Any:
+            if timeout is not None and not tricked:
+                self.future.exception()  # (until the checkout is done)
+                tricked.append(True)
+                raise concurrent.futures.TimeoutError
+            return self.future.result(timeout)
+
+        def cancel(self) -> bool:
+            return self.future.cancel()
+
+        def exception(self, timeout: float | None = None) -> BaseException | None:
+            return self.future.exception(timeout)
+
+    def threadsafe(coro: Any, loop: asyncio.AbstractEventLoop) -> Any:
+        future = real(coro, loop)
+        checkout = getattr(coro, "cr_code", None) is not None and (
+            coro.cr_code.co_name == "raw_connection"
+        )
+        return GaveUp(future) if checkout else future
+
+    async def main() -> None:
+        engine = _engine(backend, pool_size=1, max_overflow=0, pool_timeout=2)
+        table = await aio.connect(engine, namespace, reconnect_timeout=5)
+        try:
+            monkeypatch.setattr(asyncio, "run_coroutine_threadsafe", threadsafe)
+            assert await table.held() == []  # its first checkout gave up; it tried again
+            assert tricked == [True]
+            deadline = time.monotonic() + 5
+            while engine.pool.checkedout() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert engine.pool.checkedout() == 0
+        finally:
+            monkeypatch.undo()
+            await table.close()
+            await engine.dispose()
+
+    run(main())
 
 
 def test_an_aiosqlite_engine_names_its_file(tmp_path: Path, namespace: str) -> None:

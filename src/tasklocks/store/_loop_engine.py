@@ -92,7 +92,15 @@ class _Loop:
         self.thread = threading.get_ident()  # the loop's (made on it)
         self.error = error  # the driver's error for a connection that is gone
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+    def run(
+        self,
+        coro: Coroutine[Any, Any, T],
+        *,
+        late: Callable[[T], Coroutine[Any, Any, Any]] | None = None,
+    ) -> T:
+        """``coro``'s result, run on the loop; the driver's error after ``IO_TIMEOUT``. ``late``:
+        what to do on the loop with a result that came as the wait gave up (a connection the
+        pool lent meanwhile goes back)."""
         if self.loop.is_closed():
             coro.close()
             raise self.error("the event loop of the AsyncEngine is closed")
@@ -103,7 +111,9 @@ class _Loop:
         try:
             return future.result(IO_TIMEOUT)
         except concurrent.futures.TimeoutError:
-            future.cancel()
+            if not future.cancel() and late is not None and future.exception() is None:
+                # It ended as the wait gave up: nobody will use what it returned.
+                asyncio.run_coroutine_threadsafe(late(future.result()), self.loop)
             raise self.error(
                 f"the event loop of the AsyncEngine did not run a statement in {IO_TIMEOUT:g} s"
             ) from None
@@ -273,5 +283,10 @@ class LoopEngine:
         self.dialect = SimpleNamespace(name=engine.dialect.name, driver=driver)
 
     def raw_connection(self) -> _Lent:
+        from sqlalchemy.util import greenlet_spawn
+
         engine: Any = self._engine
-        return _Lent(self._loop, self._loop.run(engine.raw_connection()), self._mysql)
+        pooled = self._loop.run(
+            engine.raw_connection(), late=lambda lent: greenlet_spawn(lent.close)
+        )
+        return _Lent(self._loop, pooled, self._mysql)
