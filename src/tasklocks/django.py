@@ -45,7 +45,7 @@ _VENDORS = {"postgresql": "postgresql", "mysql": "mysql", "sqlite": "sqlite"}
 # connection cannot carry them from here, and without them it would connect elsewhere, or
 # without the certificate checks the project asks for. (Others, such as isolation_level or
 # init_command, concern the project's connections only.)
-_NOT_CARRIED = ("service", "passfile", "read_default_file", "unix_socket", "ssl")
+_NOT_CARRIED = ("service", "passfile", "read_default_file", "unix_socket")  # and ssl*
 _TLS_MODES = ("require", "verify-ca", "verify-full")
 
 

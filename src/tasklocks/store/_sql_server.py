@@ -307,7 +307,7 @@ class ServerStore(RowsStore):
                         # (An engine's pool may have held the first try for its pool_timeout.)
                         spent = max(self.reconnect_timeout, time.monotonic() - began)
                         raise StoreUnreachable(
-                            f"{self.url} did not answer for {spent:.3g}s ({exc})"
+                            f"{self.url} did not answer for {round(spent, 1):g}s ({exc})"
                         ) from exc
                     pause(wait)
                 except Retry as exc:

@@ -537,8 +537,8 @@ class PostgresStore(ServerStore):
 
     def _register(self, namespace: str, fd: int, add: bool) -> None:
         """Tell ``fd`` of the namespace's notifications (or stop); start the reader if needed."""
-        if add and self._reader_pid != os.getpid():  # a fork: its parent's waiters are not ours
-            self._listeners_lock, self._listeners, self._hearers = threading.Lock(), {}, []
+        if add:
+            self._forget_a_parents_listeners()
         with self._listeners_lock:
             fds = self._listeners.setdefault(namespace, set())
             if not add:
@@ -546,6 +546,11 @@ class PostgresStore(ServerStore):
                 return
             fds.add(fd)
             self._start_reader()
+
+    def _forget_a_parents_listeners(self) -> None:
+        """In a forked child (the reader is its parent's): its parent's listeners are not ours."""
+        if self._reader_pid != os.getpid():
+            self._listeners_lock, self._listeners, self._hearers = threading.Lock(), {}, []
 
     def _start_reader(self) -> None:
         """(Under ``_listeners_lock``.) Start this process's reader if it has none yet."""
@@ -648,8 +653,7 @@ class PostgresStore(ServerStore):
             return on_loop
 
         hearer = (told(heard), told(ready))
-        if self._reader_pid != os.getpid():  # a fork: its parent's listeners are not ours
-            self._listeners_lock, self._listeners, self._hearers = threading.Lock(), {}, []
+        self._forget_a_parents_listeners()
         with self._listeners_lock:
             self._hearers.append(hearer)
             self._start_reader()
