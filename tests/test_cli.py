@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import require, server_url
 
 from tasklocks import connect, process_identity
 from tasklocks._url import parse_url
@@ -330,10 +331,11 @@ def test_bad_namespace_exits_2_with_one_line(sqlite_url: str) -> None:
         "sqlite:relative.db",
         "postgresql://host-without-db",
         "postgresql://postgres@[::1:5432/test",
-        # A parameter tasklocks does not use was ignored: sslmode=verify-full connected without
-        # checking the certificate, charset and mode did nothing.
-        "postgresql://postgres@127.0.0.1:5432/test?sslmode=verify-full",
-        "mysql://root@127.0.0.1:3306/test?charset=utf8mb4",
+        # A parameter tasklocks does not use was ignored (sslmode=verify-full connected without
+        # checking the certificate; it is now passed on, see below).
+        "postgresql://postgres@127.0.0.1:5432/test?application_name=x",
+        "mysql://root@127.0.0.1:3306/test?charset=latin1",
+        "mysql://root@127.0.0.1:3306/test?ssl_verify_cert=maybe",
         "sqlite:///x.db?mode=ro",
         "postgresql://postgres@127.0.0.1:5432/test?connect_timeout=soon",
         "mysql://root@127.0.0.1:3306/test?connect_timeout=0",
@@ -347,17 +349,41 @@ def test_bad_url_exits_2_with_one_line(url: str, namespace: str) -> None:
 
 def test_a_url_names_what_tasklocks_does_not_use_and_reads_an_escaped_database() -> None:
     with pytest.raises(BadURL) as refused:
-        connect("postgresql://postgres@127.0.0.1/test?sslmode=require")
+        connect("postgresql://postgres@127.0.0.1/test?application_name=x")
     assert str(refused.value) == (
-        "the postgresql URL has sslmode=, which tasklocks does not use (it takes "
-        "connect_timeout, pool); remove it, or pass tasklocks.connect() a SQLAlchemy Engine "
-        "whose connections have it"
+        "the postgresql URL has application_name=, which tasklocks does not use (it takes "
+        "connect_timeout, pool, sslmode, sslrootcert, sslcert, sslkey, sslcrl); remove it (from "
+        "Python, a SQLAlchemy Engine made with it may be passed to tasklocks.connect() instead)"
     )
     with pytest.raises(
         BadURL, match=r"the sqlite URL has cache=, which tasklocks does not use \(it takes none\)"
     ):
         connect("sqlite:///x.db?cache=shared")
     assert parse_url("mysql://root@127.0.0.1/my%20db").database == "my db"
+
+
+@pytest.mark.parametrize(
+    ("backend", "query", "works"),
+    [
+        ("postgresql", "sslmode=disable&connect_timeout=0.5", True),
+        # This server speaks no TLS: a URL that demands it is refused by the server, not
+        # connected without it (the parameter was ignored before).
+        ("postgresql", "sslmode=require", False),
+        ("mysql", "charset=utf8mb4&connect_timeout=0.5", True),
+        ("mysql", "ssl_ca=/nonexistent/ca.pem", False),
+    ],
+)
+def test_a_urls_tls_parameters_reach_the_driver(
+    backend: str, query: str, works: bool, namespace: str
+) -> None:
+    require(backend)
+    result = cli(server_url(backend) + "?" + query, namespace, "locks")
+    if works:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode == 69, result
+        line = one_error_line(result)
+        assert "SSL" in line or "No such file" in line, line
 
 
 @pytest.mark.parametrize("ttl", ["0.5", "86401", "1e10", "1e301", "nan"])

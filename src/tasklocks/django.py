@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tasklocks._session import DEFAULT_TTL
+from tasklocks._url import PG_TLS
 from tasklocks.errors import BadURL
 from tasklocks.locks import LockTable
 from tasklocks.locks import connect as _connect
@@ -41,12 +42,14 @@ _SCHEMES = {
     "django.contrib.gis.db.backends.spatialite": "sqlite",
 }
 _VENDORS = {"postgresql": "postgresql", "mysql": "mysql", "sqlite": "sqlite"}
-# OPTIONS that choose where to connect or how to sign in, or demand TLS: tasklocks' own
-# connection cannot carry them from here, and without them it would connect elsewhere, or
-# without the certificate checks the project asks for. (Others, such as isolation_level or
-# init_command, concern the project's connections only.)
-_NOT_CARRIED = ("service", "passfile", "read_default_file", "unix_socket")  # and ssl*
-_TLS_MODES = ("require", "verify-ca", "verify-full")
+# OPTIONS that choose where to connect or how to sign in: tasklocks' own connection cannot carry
+# them, and without them it would connect elsewhere. (TLS options are carried into the URL;
+# others, such as isolation_level or init_command, concern the project's connections only.)
+_NOT_CARRIED = (
+    *("host", "port", "user", "password", "passwd", "db", "database", "dbname"),
+    *("service", "passfile", "read_default_file", "read_default_group", "unix_socket"),
+)
+_MYSQL_SSL = {"ca": "ssl_ca", "cert": "ssl_cert", "key": "ssl_key"}  # Django's OPTIONS["ssl"]
 
 
 def url_for(
@@ -89,16 +92,28 @@ def url_for(
     if scheme == "postgresql" and db.get("DISABLE_SERVER_SIDE_CURSORS"):
         query["pool"] = "transaction"
     options = db.get("OPTIONS") or {}
-    for key in options:
-        tls = key == "sslmode" and str(options[key]) in _TLS_MODES
-        if key in _NOT_CARRIED or tls or (key.startswith("ssl") and key != "sslmode"):
-            raise BadURL(
-                f"tasklocks.django cannot carry OPTIONS[{key!r}] of Django's database {alias!r} "
-                "to tasklocks' own connection; pass tasklocks.connect() a SQLAlchemy Engine "
-                "or a URL for the same database"
-            )
+
+    def refuse(key: str) -> BadURL:
+        return BadURL(
+            f"tasklocks.django cannot carry OPTIONS[{key!r}] of Django's database {alias!r} "
+            "to tasklocks' own connection; pass tasklocks.connect() a SQLAlchemy Engine or a "
+            "URL for the same database"
+        )
+
+    for key, value in options.items():
+        if key in _NOT_CARRIED:
+            raise refuse(key)
+        if scheme == "postgresql" and key in PG_TLS:
+            query[key] = str(value)
+        elif scheme == "postgresql" and key.startswith("ssl"):
+            raise refuse(key)
+        elif scheme == "mysql" and key == "ssl":
+            ssl = dict(value) if isinstance(value, Mapping) else {}
+            if not ssl or set(ssl) - set(_MYSQL_SSL):
+                raise refuse("ssl")
+            query.update({_MYSQL_SSL[k]: str(v) for k, v in ssl.items()})
     timeout = options.get("connect_timeout")
-    if timeout is not None:
+    if timeout is not None and float(timeout) > 0:  # (0: libpq's "no limit"; tasklocks' own)
         query["connect_timeout"] = str(timeout)
     tail = "?" + urllib.parse.urlencode(query) if query else ""
     return f"{scheme}://{auth}{host}{port}/{quote(name, safe='')}{tail}"

@@ -36,7 +36,19 @@ def _pg(**more: Any) -> dict[str, Any]:
         (_pg(DISABLE_SERVER_SIDE_CURSORS=True), "postgresql://127.0.0.1/app?pool=transaction"),
         (_pg(OPTIONS={"connect_timeout": 3}), "postgresql://127.0.0.1/app?connect_timeout=3"),
         (_pg(HOST="::1", PORT=5432), "postgresql://[::1]:5432/app"),
-        (_pg(OPTIONS={"sslmode": "prefer", "isolation_level": 1}), "postgresql://127.0.0.1/app"),
+        (
+            _pg(OPTIONS={"sslmode": "verify-full", "sslrootcert": "/ca.pem", "isolation_level": 1}),
+            "postgresql://127.0.0.1/app?sslmode=verify-full&sslrootcert=%2Fca.pem",
+        ),
+        (_pg(OPTIONS={"connect_timeout": 0}), "postgresql://127.0.0.1/app"),
+        (
+            {
+                "ENGINE": "django.db.backends.mysql",
+                "NAME": "app",
+                "OPTIONS": {"ssl": {"ca": "/ca.pem"}, "connect_timeout": 0.5},
+            },
+            "mysql://127.0.0.1/app?ssl_ca=%2Fca.pem&connect_timeout=0.5",
+        ),
         (
             {"ENGINE": "django.contrib.gis.db.backends.postgis", "NAME": "app", "HOST": "db"},
             "postgresql://db/app",
@@ -75,9 +87,9 @@ def test_an_alias_becomes_a_tasklocks_url(db: dict[str, Any], url: str) -> None:
         # (These made URLs tasklocks refused with a complaint about a URL nobody wrote, or
         # connected without what they say: a socket, a service file, TLS demanded.)
         ({"default": _pg(HOST="/var/run/postgresql")}, "through the Unix socket"),
-        ({"default": _pg(OPTIONS={"sslmode": "verify-full"})}, r"OPTIONS\['sslmode'\]"),
-        ({"default": _pg(OPTIONS={"sslrootcert": "/ca.pem"})}, r"OPTIONS\['sslrootcert'\]"),
+        ({"default": _pg(OPTIONS={"sslpassword": "x"})}, r"OPTIONS\['sslpassword'\]"),
         ({"default": _pg(OPTIONS={"service": "app"})}, r"OPTIONS\['service'\]"),
+        ({"default": _pg(OPTIONS={"host": "db.internal"})}, r"OPTIONS\['host'\]"),
         (
             {
                 "default": {

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from tasklocks._url import ParsedURL, default_url, parse_url
+from tasklocks._url import MYSQL_TLS, PG_TLS, ParsedURL, default_url, parse_url
 from tasklocks.errors import BadURL
 from tasklocks.names import validate_seconds
 from tasklocks.store._base import (
@@ -158,8 +158,13 @@ Backend = RowsStore  # a database adapter: lock documents (a Store), task record
 
 
 # What a URL's query may say: a parameter tasklocks does not use is refused, not ignored (an
-# ignored sslmode=verify-full would connect without checking the server's certificate).
-_QUERY = {"sqlite": (), "mysql": ("connect_timeout",), "postgresql": ("connect_timeout", "pool")}
+# ignored sslmode=verify-full would connect without checking the server's certificate). The TLS
+# ones go to the driver as they are (_url.py: libpq's names, PyMySQL's ssl_* arguments).
+_QUERY = {
+    "sqlite": (),
+    "mysql": ("connect_timeout", "charset", *MYSQL_TLS),
+    "postgresql": ("connect_timeout", "pool", *PG_TLS),
+}
 
 
 def _check_query(parsed: ParsedURL) -> None:
@@ -171,19 +176,26 @@ def _check_query(parsed: ParsedURL) -> None:
             takes = f"it takes {', '.join(known)}" if known else "it takes none"
             raise BadURL(
                 f"the {parsed.scheme} URL has {key}=, which tasklocks does not use ({takes}); "
-                "remove it, or pass tasklocks.connect() a SQLAlchemy Engine whose connections "
-                "have it"
+                "remove it (from Python, a SQLAlchemy Engine made with it may be passed to "
+                "tasklocks.connect() instead)"
             )
+    charset = parsed.query.get("charset")
+    if charset is not None and charset.lower() != "utf8mb4":
+        raise BadURL(f"charset={charset} in the URL: tasklocks speaks utf8mb4; remove it")
     timeout = parsed.query.get("connect_timeout")
     if timeout is not None:
         try:
             seconds = float(timeout)
         except ValueError:
             seconds = float("nan")
-        if not 1 <= seconds <= 3600:
+        if not 0 < seconds <= 3600:
             raise BadURL(
-                f"connect_timeout={timeout} in the URL: use a number of seconds from 1 to 3600"
+                f"connect_timeout={timeout} in the URL: use a number of seconds, more than 0 "
+                "and at most 3600"
             )
+    for key in ("ssl_verify_cert", "ssl_verify_identity"):
+        if parsed.query.get(key, "true").lower() not in ("true", "false", "1", "0"):
+            raise BadURL(f"{key}={parsed.query[key]} in the URL: use true or false")
 
 
 def open_store(

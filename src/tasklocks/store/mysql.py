@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from tasklocks._url import mysql_tls
 from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.store._base import Change, fill
 from tasklocks.store._names import stored
@@ -140,6 +141,7 @@ class MySQLStore(ServerStore):
             autocommit=True,
             client_flag=MULTI_STATEMENTS,
             connect_timeout=float(p.query.get("connect_timeout", CONNECT_TIMEOUT)),
+            **mysql_tls(p.query),
             # A connection that went silent (a dropped link, a frozen server) fails a call in
             # half a minute instead of a quarter of an hour; no statement of ours runs longer.
             read_timeout=IO_TIMEOUT,

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import operator
 import os
 import re
@@ -44,6 +45,7 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 from tasklocks._clock import pause
+from tasklocks._url import PG_TLS
 from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.store._base import Change, Pace
 from tasklocks.store._names import stored
@@ -206,7 +208,10 @@ class PostgresStore(ServerStore):
             password=p.password,
             dbname=p.database,
             autocommit=True,
-            connect_timeout=int(float(p.query.get("connect_timeout", CONNECT_TIMEOUT))),
+            # (libpq takes whole seconds, and 0 for none: 0.5 is 1.)
+            connect_timeout=math.ceil(float(p.query.get("connect_timeout", CONNECT_TIMEOUT))),
+            # TLS, as the URL asks (an AsyncEngine's URL too: its own connections come from it).
+            **{key: p.query[key] for key in PG_TLS if key in p.query},
             # A connection that went silent (a dropped link, a frozen server) fails within
             # seconds, not after the kernel's quarter of an hour.
             keepalives=1,
