@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -137,7 +138,7 @@ def test_a_connection_lent_as_the_wait_for_it_gave_up_goes_back_to_the_pool(
     def threadsafe(coro: Any, loop: asyncio.AbstractEventLoop) -> Any:
         future = real(coro, loop)
         checkout = getattr(coro, "cr_code", None) is not None and (
-            coro.cr_code.co_name == "raw_connection"
+            coro.cr_code.co_qualname == "_Late.run"  # (only the checkouts have a late)
         )
         return GaveUp(future) if checkout else future
 
@@ -158,6 +159,48 @@ def test_a_connection_lent_as_the_wait_for_it_gave_up_goes_back_to_the_pool(
             await engine.dispose()
 
     run(main())
+
+
+@pytest.mark.parametrize("blocking", [False, True])
+def test_a_result_that_comes_after_the_wait_gave_up_goes_to_late(
+    blocking: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``_Loop.run(coro, late=...)``: a checkout that ends after the worker stopped waiting
+    (``blocking=False``), or as it stopped, while the loop was busy and the worker's future had
+    not heard yet (``blocking=True``: the gap in which ``cancel()`` still succeeded and the
+    result was thrown away), is handed to ``late``, once."""
+    from tasklocks.store import _loop_engine
+
+    monkeypatch.setattr(_loop_engine, "IO_TIMEOUT", 0.05)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        runner = _loop_engine._Loop(loop, RuntimeError)
+        runner.thread = thread.ident or 0
+        got: list[str] = []
+
+        async def lend() -> str:
+            if blocking:
+                time.sleep(0.2)  # the loop is busy past the worker's wait
+            else:
+                await asyncio.sleep(0.2)
+            return "conn"
+
+        async def back(conn: str) -> None:
+            got.append(conn)
+
+        with pytest.raises(RuntimeError, match="did not run a statement"):
+            runner.run(lend(), late=back)
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert got == ["conn"]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
 
 
 def test_an_aiosqlite_engine_names_its_file(tmp_path: Path, namespace: str) -> None:

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from tasklocks.errors import BadURL
 
@@ -84,6 +85,36 @@ async def _no_warnings(conn: Any) -> None:
     return None
 
 
+class _Late(Generic[T]):
+    """A call whose result, once its caller stopped waiting, goes to ``late`` instead. Both
+    halves run on the loop, so exactly one of them sees the result: ``run`` when it comes after
+    ``abandon``, ``abandon`` when it came before (while the caller's future was still on its way
+    to say so)."""
+
+    def __init__(self, late: Callable[[T], Coroutine[Any, Any, Any]]) -> None:
+        self.late = late
+        self.abandoned = False
+        self.came: list[T] = []
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        result = await coro
+        if self.abandoned:
+            await self.late(result)
+        else:
+            self.came.append(result)
+        return result
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        for result in self.came:
+            task = asyncio.get_running_loop().create_task(self.late(result))
+            _GIVING_BACK.add(task)  # (the loop keeps weak references to its tasks)
+            task.add_done_callback(_GIVING_BACK.discard)
+
+
+_GIVING_BACK: set[asyncio.Task[Any]] = set()
+
+
 class _Loop:
     """Runs coroutines on the engine's loop for a thread that waits for them."""
 
@@ -99,21 +130,25 @@ class _Loop:
         late: Callable[[T], Coroutine[Any, Any, Any]] | None = None,
     ) -> T:
         """``coro``'s result, run on the loop; the driver's error after ``IO_TIMEOUT``. ``late``:
-        what to do on the loop with a result that came as the wait gave up (a connection the
-        pool lent meanwhile goes back)."""
+        what to do on the loop with a result that comes after the wait gave up (a connection
+        the pool lends then goes back); such a call is not cancelled, and whether its result
+        came in time is decided on the loop (``_Late``)."""
         if self.loop.is_closed():
             coro.close()
             raise self.error("the event loop of the AsyncEngine is closed")
         if threading.get_ident() == self.thread:
             coro.close()
             raise RuntimeError("tasklocks ran an AsyncEngine's statement on its own loop")
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        box = None if late is None else _Late(late)
+        future = asyncio.run_coroutine_threadsafe(coro if box is None else box.run(coro), self.loop)
         try:
             return future.result(IO_TIMEOUT)
         except concurrent.futures.TimeoutError:
-            if not future.cancel() and late is not None and future.exception() is None:
-                # It ended as the wait gave up: nobody will use what it returned.
-                asyncio.run_coroutine_threadsafe(late(future.result()), self.loop)
+            if box is None:
+                future.cancel()
+            else:
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    self.loop.call_soon_threadsafe(box.abandon)
             raise self.error(
                 f"the event loop of the AsyncEngine did not run a statement in {IO_TIMEOUT:g} s"
             ) from None
