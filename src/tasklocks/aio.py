@@ -602,19 +602,20 @@ async def connect(
 
 def _own_connections(table: LockTable) -> None:
     """Open the sessions' connection of a table on an AsyncEngine now, from the engine's URL
-    (its ``connect_args`` and ``async_creator`` cannot make a blocking connection), so that a
-    URL that does not reach the database fails ``connect()``, saying so, rather than the first
-    acquisition after ``reconnect_timeout``, naming a host or a table the application never
-    uses.
+    (its ``connect_args`` and ``async_creator`` cannot make a blocking connection), and read
+    the sessions there, so that a URL that does not reach the database fails ``connect()``,
+    saying so, rather than the first acquisition after ``reconnect_timeout``, naming a host or a
+    table the application never uses.
 
     :raises StoreUnavailable: the URL does not reach the database.
-    :raises StoreError: it reaches another one (no lock table there, say)."""
+    :raises StoreError: it reaches a database without the lock table (another one, say)."""
     store = table.store
     if not isinstance(store, SQLStore):
         return
     try:
         side = store._sessions_store()
-        side._changing(lambda conn, call: None)  # a connection, and the schema's check
+        sessions = side._sql["sessions"]
+        side._changing(lambda conn, call: side._execute(conn, sessions).fetchall())
     except StoreError as exc:
         why = (
             f"tasklocks opens its own connections (its sessions', PostgreSQL's LISTEN) from the "

@@ -22,7 +22,7 @@ from conftest import raw_sql, require, server_url
 
 import tasklocks
 import tasklocks.aio as aio
-from tasklocks.errors import BadURL, StoreUnavailable
+from tasklocks.errors import BadURL, StoreError, StoreUnavailable
 
 sa = pytest.importorskip("sqlalchemy")
 sa_async = pytest.importorskip("sqlalchemy.ext.asyncio")
@@ -281,6 +281,34 @@ def test_an_async_engine_whose_url_does_not_reach_the_database_fails_connect(
                 message
             )
             assert "127.0.0.1:1" in message and "\n" not in message
+        finally:
+            await engine.dispose()
+
+    run(main())
+
+
+def test_an_async_engine_whose_url_reaches_another_database_fails_connect() -> None:
+    """The engine's URL names a database without the lock table (PostgreSQL's ``postgres``,
+    which the tests never write) while its ``async_creator`` reaches the tests' one: the
+    sessions would have lived elsewhere, or failed at the first acquisition."""
+    require("postgresql")
+    import psycopg
+
+    real = sa.engine.make_url(server_url("postgresql"))
+
+    async def make() -> Any:
+        return await psycopg.AsyncConnection.connect(
+            host=real.host, port=real.port, user=real.username, dbname=real.database
+        )
+
+    async def main() -> None:
+        url = f"postgresql+psycopg://{real.username}@{real.host}:{real.port or 5432}/postgres"
+        engine = sa_async.create_async_engine(url, async_creator=make)
+        try:
+            with pytest.raises(StoreError) as refused:
+                await aio.connect(engine, reconnect_timeout=0.5)
+            message = str(refused.value)
+            assert "from the AsyncEngine's URL" in message and "tasklocks_sessions" in message
         finally:
             await engine.dispose()
 
