@@ -499,7 +499,7 @@ class LockTable:
         :raises Deadlock: waiting would never end: the owners it waits for wait for it.
         :raises BadLockName: a name, or the owner, is not allowed.
         """
-        validate_seconds("timeout", timeout)
+        timeout = validate_seconds("timeout", timeout)
         tried: Claimant | None = None
         if (
             len(names) == 1
@@ -593,7 +593,7 @@ class LockTable:
         ``_quick_acquire`` made (not tried again)."""
         if not names:
             raise ValueError("acquire() needs at least one lock name")
-        validate_seconds("timeout", timeout)  # (tasklocks.aio comes here first)
+        timeout = validate_seconds("timeout", timeout)  # (tasklocks.aio comes here first)
         wanted = _wants(names, shared, limit)
         claimant = self._claimant(owner, note, process) if tried is None else tried
         waiting = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import re
 
 from tasklocks.errors import BadLockName, quote
@@ -78,11 +79,19 @@ def validate_seconds(what: str, value: object) -> float | None:
     :raises ValueError: it is not."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) >= 0:
         raise ValueError(
             f"{what} must be a number of seconds, 0 or more, or None (no limit), not {value!r}"
         )
-    return value
+    return float(value)
+
+
+def validate_duration(what: str, value: object) -> float:
+    """:func:`validate_seconds` for a duration that must be given (None is refused too)."""
+    seconds = None if value is None else validate_seconds(what, value)
+    if seconds is None:
+        raise ValueError(f"{what} must be a number of seconds, 0 or more, not None")
+    return seconds
 
 
 def app_task(app_id: str) -> str:

@@ -9,6 +9,7 @@ the fixture's teardown, whatever happened.
 from __future__ import annotations
 
 import contextlib
+import fractions
 import os
 import shlex
 import signal
@@ -969,9 +970,25 @@ def test_ids_progress_and_timeouts_of_the_wrong_type_are_named(tasks: Tasks) -> 
         tasks.progress(task_id, 50, 5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="timeout must be a number of seconds, 0 or more"):
         tasks.wait(task_id, timeout=-1)
+    for grace in (-1, None, "10"):  # (-1 recorded the stop, sent SIGTERM, then raised)
+        with pytest.raises(ValueError, match="grace must be a number of seconds"):
+            tasks.stop(task_id, grace=grace)  # type: ignore[arg-type]
     record = finished(tasks, task_id)
     assert record.state is TaskState.SUCCEEDED
     assert record.message is None  # nothing was written (the success sets percent 100)
+
+
+def test_numbers_of_other_kinds_are_numbers(tasks: Tasks, files: Files) -> None:
+    """(progress() took int and float alone: numpy's integers, say, were refused.)"""
+    task_id = tasks.start(ref("blocked"), args=blocked_args(files, "a"))
+    until_marked(tasks, task_id, files("a.marker"))
+    tasks.progress(task_id, fractions.Fraction(1, 2), "half a percent")  # type: ignore[arg-type]
+    assert tasks.get(task_id).percent == 0.5
+    with pytest.raises(TimeoutError):
+        tasks.wait(task_id, timeout=fractions.Fraction(0))  # type: ignore[arg-type]
+    files("a.go").touch()
+    done = tasks.wait(task_id, timeout=fractions.Fraction(30))  # type: ignore[arg-type]
+    assert done.state is TaskState.SUCCEEDED
 
 
 def test_a_nan_timeout_is_refused(tasks: Tasks) -> None:

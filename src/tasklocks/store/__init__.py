@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from tasklocks._url import MYSQL_TLS, PG_TLS, ParsedURL, default_url, parse_url
 from tasklocks.errors import BadURL
-from tasklocks.names import validate_seconds
+from tasklocks.names import validate_duration
 from tasklocks.store._base import (
     EMPTY_DOCUMENT,
     SCHEMA_VERSION,
@@ -212,7 +212,8 @@ def open_store(
     :raises BadURL: the URL is malformed, or the engine's driver is not one tasklocks speaks.
     :raises StoreUnavailable: the database cannot be reached or its driver is missing.
     """
-    validate_seconds("reconnect_timeout", reconnect_timeout)  # (a NaN one never ends)
+    # (A NaN one never ended.)
+    reconnect_timeout = validate_duration("reconnect_timeout", reconnect_timeout)
     engine = None
     if url is not None and not isinstance(url, str):
         if is_async_engine(url):

@@ -6,6 +6,7 @@ use it directly and never import the facade.
 
 from __future__ import annotations
 
+import numbers
 from types import TracebackType
 from typing import Any, Self
 
@@ -44,8 +45,9 @@ class TaskDB:
     def get(self, task_id: int) -> TaskRecord:
         """One task's record. :raises TaskNotFound: no such task. :raises TypeError: the id is
         not an int."""
-        if isinstance(task_id, bool) or not isinstance(task_id, int):
+        if isinstance(task_id, bool) or not isinstance(task_id, numbers.Integral):
             raise TypeError(f"a task id is an int, not {task_id!r}")
+        task_id = int(task_id)  # (numpy's integers too)
         if not 0 < task_id < 2**63:  # (ids are 64-bit: SQLite's driver cannot even send more)
             raise TaskNotFound(task_id)
         row = self.store.get_task(task_id)

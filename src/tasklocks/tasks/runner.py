@@ -14,6 +14,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
+import numbers
 import os
 import signal
 import subprocess
@@ -27,7 +28,7 @@ from typing import Any
 from tasklocks._session import DEFAULT_TTL, check_ttl
 from tasklocks.errors import StoreError, StoreUnavailable, TasklocksError, quote
 from tasklocks.locks import LockTable
-from tasklocks.names import validate_name, validate_note, validate_seconds
+from tasklocks.names import validate_duration, validate_name, validate_note, validate_seconds
 from tasklocks.owner import (
     Liveness,
     current_process,
@@ -136,7 +137,7 @@ class Tasks(TaskDB):
         """
         if percent is not None and (
             isinstance(percent, bool)
-            or not isinstance(percent, int | float)
+            or not isinstance(percent, numbers.Real)  # (numpy's numbers too)
             or not 0 <= percent <= 100
         ):
             raise ValueError(f"progress must be a number from 0 to 100 or None, not {percent!r}")
@@ -190,7 +191,7 @@ class Tasks(TaskDB):
         lock_names = [validate_name(n) for n in dict.fromkeys([*locks, *shared, *limits])]
         modes: dict[str, int | None] = {n: None for n in shared}
         modes.update(limits)
-        validate_seconds("timeout", timeout)  # (NaN: never)
+        timeout = validate_seconds("timeout", timeout)  # (NaN: never)
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
         try:
@@ -327,7 +328,7 @@ class Tasks(TaskDB):
 
         :raises TimeoutError: the task is still active after ``timeout`` seconds.
         """
-        validate_seconds("timeout", timeout)
+        timeout = validate_seconds("timeout", timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.002
         last_check = time.monotonic()
@@ -354,7 +355,9 @@ class Tasks(TaskDB):
 
         :raises TaskNotFound: no such task.
         :raises TasklocksError: the task runs on another host.
+        :raises ValueError: ``grace`` is not a number of seconds, 0 or more.
         """
+        grace = validate_duration("grace", grace)
         record = self.get(task_id)
         if record.state.is_final:
             return record
