@@ -173,16 +173,17 @@ def test_postgresql_waiters_are_still_notified(namespace: str) -> None:
         engine.dispose()
 
 
-def _made_engine(backend: str) -> Any:
+def _made_engine(backend: str, app: str = APP) -> Any:
     """An engine whose URL reaches no server: its connections come from ``creator`` alone (as
-    for one whose password, TLS or host is only in ``connect_args`` or a creator)."""
+    for one whose password, TLS or host is only in ``connect_args`` or a creator); on
+    PostgreSQL they are named ``app``."""
     url = server_url(backend)
     if backend == "postgresql":
         import psycopg
 
         return sa.create_engine(
             "postgresql+psycopg://nobody@tasklocks-nowhere.invalid:1/nothing",
-            creator=lambda: psycopg.connect(url, application_name=APP),
+            creator=lambda: psycopg.connect(url, application_name=app),
             pool_size=2,
             max_overflow=0,
         )
@@ -260,14 +261,15 @@ def test_tasklocks_aio_on_an_engine_listens_on_a_connection_the_engine_made(
 
     import tasklocks.aio
 
-    engine = _made_engine("postgresql")
+    app = f"{APP}-aio"  # (not the other test's, which may run beside it)
+    engine = _made_engine("postgresql", app)
 
     def listening() -> int:
         rows = raw_rows(
             server_url("postgresql"),
             "SELECT count(*) FROM pg_stat_activity "
             "WHERE application_name = %s AND query LIKE 'LISTEN%%'",
-            (APP,),
+            (app,),
         )
         return int(rows[0][0])
 

@@ -149,6 +149,7 @@ class PostgresStore(ServerStore):
         # tasklocks.aio's listeners on a sync Engine's connections: (heard, ready) callbacks
         self._hearers: list[tuple[Callable[[str | None], None], Callable[[bool], None]]] = []
         self._listeners_lock = threading.Lock()
+        self._listeners_pid = os.getpid()  # the process these listeners (and lock) belong to
         self._listening = threading.Event()  # the reader's connection LISTENs
         self._reader_pid = 0
         self._closed = False
@@ -553,9 +554,12 @@ class PostgresStore(ServerStore):
             self._start_reader()
 
     def _forget_a_parents_listeners(self) -> None:
-        """In a forked child (the reader is its parent's): its parent's listeners are not ours."""
-        if self._reader_pid != os.getpid():
+        """In a forked child: its parent's listeners are not ours (and its lock may have been
+        held by a thread the fork left behind). Only there: in the process that made them, two
+        first registrations at once must not wipe each other's."""
+        if self._listeners_pid != os.getpid():
             self._listeners_lock, self._listeners, self._hearers = threading.Lock(), {}, []
+            self._listeners_pid = os.getpid()
 
     def _start_reader(self) -> None:
         """(Under ``_listeners_lock``.) Start this process's reader if it has none yet."""
@@ -667,7 +671,7 @@ class PostgresStore(ServerStore):
         try:
             await asyncio.Event().wait()  # until cancelled
         finally:
-            with self._listeners_lock:
+            with self._listeners_lock, suppress(ValueError):  # (a fork's child forgot it)
                 self._hearers.remove(hearer)
 
     def _close_more(self) -> None:
