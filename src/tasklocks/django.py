@@ -105,7 +105,7 @@ def url_for(
             raise refuse(key)
         if scheme == "postgresql" and key in PG_TLS:
             query[key] = str(value)
-        elif scheme == "postgresql" and key.startswith("ssl"):
+        elif key.startswith("ssl") and key != "ssl":  # (MySQL's ssl_mode, say)
             raise refuse(key)
         elif scheme == "mysql" and key == "ssl":
             ssl = dict(value) if isinstance(value, Mapping) else {}
@@ -113,8 +113,8 @@ def url_for(
                 raise refuse("ssl")
             query.update({_MYSQL_SSL[k]: str(v) for k, v in ssl.items()})
     timeout = options.get("connect_timeout")
-    if timeout is not None and float(timeout) > 0:  # (0: libpq's "no limit"; tasklocks' own)
-        query["connect_timeout"] = str(timeout)
+    if timeout is not None and str(timeout) not in ("0", "0.0"):  # (0: libpq's "no limit")
+        query["connect_timeout"] = str(timeout)  # (open_store checks the rest)
     tail = "?" + urllib.parse.urlencode(query) if query else ""
     return f"{scheme}://{auth}{host}{port}/{quote(name, safe='')}{tail}"
 

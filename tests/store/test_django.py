@@ -95,6 +95,16 @@ def test_an_alias_becomes_a_tasklocks_url(db: dict[str, Any], url: str) -> None:
                 "default": {
                     "ENGINE": "django.db.backends.mysql",
                     "NAME": "app",
+                    "OPTIONS": {"ssl_mode": "REQUIRED"},
+                }
+            },
+            r"OPTIONS\['ssl_mode'\]",
+        ),
+        (
+            {
+                "default": {
+                    "ENGINE": "django.db.backends.mysql",
+                    "NAME": "app",
                     "OPTIONS": {"read_default_file": "/etc/my.cnf"},
                 }
             },
