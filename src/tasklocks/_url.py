@@ -6,10 +6,8 @@ from __future__ import annotations
 import os
 import re
 import urllib.parse
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tasklocks.errors import BadURL, quote
 
@@ -67,15 +65,6 @@ _SCHEMES = {
 # The TLS parameters a server URL's query may carry, passed to the driver as they are.
 PG_TLS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl")  # libpq's names
 MYSQL_TLS = ("ssl_ca", "ssl_cert", "ssl_key", "ssl_verify_cert", "ssl_verify_identity")  # PyMySQL
-
-
-def mysql_tls(query: Mapping[str, str]) -> dict[str, Any]:
-    """PyMySQL's arguments for the TLS parameters of a MySQL URL's query."""
-    out: dict[str, Any] = {key: query[key] for key in MYSQL_TLS[:3] if key in query}
-    for key in MYSQL_TLS[3:]:
-        if key in query:
-            out[key] = query[key].lower() in ("true", "1")
-    return out
 
 
 def parse_url(url: str) -> ParsedURL:

@@ -613,9 +613,7 @@ def _own_connections(table: LockTable) -> None:
     if not isinstance(store, SQLStore):
         return
     try:
-        side = store._sessions_store()
-        sessions = side._sql["sessions"]
-        side._changing(lambda conn, call: side._execute(conn, sessions).fetchall())
+        store._on_side("sessions", ())  # (on the sessions' own connection, as renewals run)
     except StoreError as exc:
         why = (
             f"tasklocks opens its own connections (its sessions', PostgreSQL's LISTEN) from the "

@@ -77,21 +77,18 @@ def validate_seconds(what: str, value: object) -> float | None:
     and a negative one (``filelock``'s "wait for ever") would give up at once.
 
     :raises ValueError: it is not."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) >= 0:
-        raise ValueError(
-            f"{what} must be a number of seconds, 0 or more, or None (no limit), not {value!r}"
-        )
-    return float(value)
+    return None if value is None else _seconds(what, value, ", or None (no limit)")
 
 
 def validate_duration(what: str, value: object) -> float:
     """:func:`validate_seconds` for a duration that must be given (None is refused too)."""
-    seconds = None if value is None else validate_seconds(what, value)
-    if seconds is None:
-        raise ValueError(f"{what} must be a number of seconds, 0 or more, not None")
-    return seconds
+    return _seconds(what, value, "")
+
+
+def _seconds(what: str, value: object, or_none: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) >= 0:
+        raise ValueError(f"{what} must be a number of seconds, 0 or more{or_none}, not {value!r}")
+    return float(value)
 
 
 def app_task(app_id: str) -> str:

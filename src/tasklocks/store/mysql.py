@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from tasklocks._url import mysql_tls
+from tasklocks._url import MYSQL_TLS
 from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.store._base import Change, fill
 from tasklocks.store._names import stored
@@ -93,6 +93,14 @@ def _code(exc: BaseException) -> int:
     return args[0] if args and isinstance(args[0], int) else 0
 
 
+def _tls(query: Mapping[str, str]) -> dict[str, Any]:
+    """PyMySQL's arguments for the TLS parameters of the URL's query (checked by open_store)."""
+    paths, flags = MYSQL_TLS[:3], MYSQL_TLS[3:]
+    out: dict[str, Any] = {key: query[key] for key in paths if key in query}
+    out.update({key: query[key].lower() in ("true", "1") for key in flags if key in query})
+    return out
+
+
 def _quote(conn: Any, text: str) -> str:
     """``text`` as an SQL string literal for this session."""
     if _PLAIN(text):  # names, leases, most records: nothing to escape in either mode
@@ -141,7 +149,7 @@ class MySQLStore(ServerStore):
             autocommit=True,
             client_flag=MULTI_STATEMENTS,
             connect_timeout=float(p.query.get("connect_timeout", CONNECT_TIMEOUT)),
-            **mysql_tls(p.query),
+            **_tls(p.query),
             # A connection that went silent (a dropped link, a frozen server) fails a call in
             # half a minute instead of a quarter of an hour; no statement of ours runs longer.
             read_timeout=IO_TIMEOUT,
