@@ -70,15 +70,22 @@ class Session:
         # The database cannot expire it before sent + lifetime: give up a little sooner.
         self.deadline = sent + self.lifetime - margin(self.lifetime)
         self._closed = threading.Event()
-        self._renewed = threading.Event()  # wakes the watchdog with a later deadline
+        self.closing = False  # _closed.is_set(), read without a call
+        self._renewed = threading.Event()  # wakes the watchdog (a later deadline, or closed)
+        # The leases taken under this session and not released (their ids): once it is closed
+        # and none is left, nothing can be lost and the watchdog ends (see close).
+        self.live: set[str] = set()
         self._losing = threading.Lock()
         self.on_lost: list[Callable[[], None]] = []  # called once, from a thread of the session
         self.on_renewed: list[Callable[[float], None]] = []  # with the new deadline
         # (namespace, lease) -> give it back: what failed acquisitions may have left
         self.orphans: dict[tuple[str, str], Callable[[str], None]] = {}
         self._settling = threading.Lock()
-        for target, name in ((self._renew, "renew"), (self._watch, "watch")):
-            thread = threading.Thread(target=target, name=f"tasklocks-{name}", daemon=True)
+        self.threads = tuple(
+            threading.Thread(target=target, name=f"tasklocks-{name}", daemon=True)
+            for target, name in ((self._renew, "renew"), (self._watch, "watch"))
+        )
+        for thread in self.threads:
             thread.start()
 
     @property
@@ -138,13 +145,25 @@ class Session:
 
     def _watch(self) -> None:
         while True:
+            if self.closing and not self.live:
+                return
             if self.left <= 0:
                 self._lose()
                 return
             self._renewed.wait(self.left)
             self._renewed.clear()
 
+    def released(self, lease: str) -> None:
+        """``lease`` is no longer held under this session (a closed one's watchdog may end)."""
+        self.live.discard(lease)
+        if self.closing:
+            self._renewed.set()
+
     def close(self) -> None:
-        """Stop renewing: whatever the session still keeps stays kept until it expires (the
-        watchdog still sets :attr:`lost` then)."""
+        """Stop renewing. What the session still keeps (its :attr:`live` leases) stays kept
+        until it expires, and the watchdog still sets :attr:`lost` then; once nothing is left
+        (at once, if nothing was), the watchdog ends too, and no thread of the session is left
+        (a process that opens a table per request does not collect them)."""
+        self.closing = True
         self._closed.set()
+        self._renewed.set()

@@ -143,6 +143,8 @@ class Lease:
         self.lease_id = lease
         self.session = session
         self.released = False
+        if session is not None:
+            session.live.add(lease)
 
     @property
     def wants(self) -> tuple[Want, ...]:
@@ -175,17 +177,23 @@ class Lease:
                 f"the lease on {', '.join(self.names)} belongs to process {self.session.pid}; "
                 "a forked child cannot release it (its parent does)"
             )
-        if self.session is not None and not self.session.alive():
+        session = self.session
+        if session is not None and not session.alive():
             self.released = True
+            session.released(self.lease_id)
             self.table._give_back(self.lease_id)
-            raise LeaseLost(self.names, self.owner, self.token, self.session.ttl)
+            raise LeaseLost(self.names, self.owner, self.token, session.ttl)
         try:
             self.table._release(self.names, self.owner, self.lease_id)
         except StoreUnreachable:
             self.released = True  # given back as soon as the database answers again
+            if session is not None:  # (it expires with the session meanwhile)
+                session.released(self.lease_id)
             self.table._orphan(self.lease_id)
             raise
         self.released = True
+        if session is not None:
+            session.released(self.lease_id)
 
     def __enter__(self) -> Lease:
         return self

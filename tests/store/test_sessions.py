@@ -126,6 +126,39 @@ def test_closing_the_table_stops_renewing_its_session(db_url: str, namespace: st
     assert lease.lost.wait(WAIT)  # the watchdog still tells
 
 
+def test_a_closed_session_keeps_no_thread_once_nothing_is_held(db_url: str, namespace: str) -> None:
+    """A process that opens a table per request must not collect a thread per table for the
+    session's lifetime: closing ends its threads when nothing is held, else once the last lease
+    still held is released."""
+    with tasklocks.connect(db_url, namespace=namespace, ttl=30) as table:
+        lease = table.acquire("a")
+        session = lease.session
+        assert session is not None and all(t.is_alive() for t in session.threads)
+        lease.release()
+        table.acquire("b").release()
+    for thread in session.threads:
+        thread.join(WAIT)
+    assert not any(t.is_alive() for t in session.threads)
+    assert not session.lost.is_set()  # nothing was lost: the watchdog just ended
+
+    store = open_store(db_url)  # a store the tables share, so a lease outlives its table
+    try:
+        with LockTable(store, namespace, ttl=30) as table:
+            kept = table.acquire("c")
+            session = kept.session
+        assert session is not None
+        renew, watch = session.threads
+        renew.join(WAIT)
+        assert not renew.is_alive()  # closed: no renewal
+        time.sleep(0.2)
+        assert watch.is_alive()  # it still keeps time for the lease held
+        kept.release()
+        watch.join(WAIT)
+        assert not watch.is_alive() and not kept.lost.is_set()
+    finally:
+        store.close()
+
+
 def test_a_paused_holder_loses_its_locks_and_learns_it(
     db_url: str, namespace: str, table: LockTable
 ) -> None:
