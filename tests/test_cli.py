@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
@@ -24,13 +25,15 @@ import pytest
 from conftest import require, server_url
 
 from tasklocks import connect, process_identity
-from tasklocks._url import parse_url
-from tasklocks.errors import BadURL
+from tasklocks._url import TLS_FILES, parse_url
+from tasklocks.errors import BadURL, StoreUnavailable
 
 PY = sys.executable
 DEADLINE = 30.0  # seconds any awaited condition may take before the test fails
 ENV = {k: v for k, v in os.environ.items() if k != "TASKLOCKS_DB"}
 HOST = socket.gethostname()
+# A file of CA certificates (Debian's ca-certificates, which Chromium's packages pull in).
+CA_FILE = ssl.get_default_verify_paths().openssl_cafile
 JSON_FIELDS = {
     *("name", "owner", "pid", "host", "since", "since_epoch", "token", "state", "expires_in"),
     *("note", "mode", "limit"),
@@ -369,21 +372,44 @@ def test_a_url_names_what_tasklocks_does_not_use_and_reads_an_escaped_database()
         # This server speaks no TLS: a URL that demands it is refused by the server, not
         # connected without it (the parameter was ignored before).
         ("postgresql", "sslmode=require", False),
+        ("postgresql", "sslmode=verify-full", False),
         ("mysql", "charset=utf8mb4&connect_timeout=0.5", True),
-        ("mysql", "ssl_ca=/nonexistent/ca.pem", False),
+        ("mysql", f"ssl_ca={CA_FILE}", False),
     ],
 )
 def test_a_urls_tls_parameters_reach_the_driver(
     backend: str, query: str, works: bool, namespace: str
 ) -> None:
     require(backend)
+    started = time.monotonic()
     result = cli(server_url(backend) + "?" + query, namespace, "locks")
     if works:
         assert result.returncode == 0, result.stderr
-    else:
+    else:  # at once: TLS the server cannot give does not come by trying again
         assert result.returncode == 69, result
+        assert time.monotonic() - started < 4.0  # (reconnect_timeout is 5 s)
         line = one_error_line(result)
-        assert "SSL" in line or "No such file" in line, line
+        assert " refused TLS (" in line, line
+        assert line.endswith("; check the URL's TLS parameters and the server's TLS setup")
+
+
+@pytest.mark.parametrize(
+    ("backend", "key"),
+    [(b, k) for b in ("postgresql", "mysql") for k in TLS_FILES if (b == "mysql") == ("_" in k)],
+)
+def test_a_tls_file_that_is_not_there_is_a_usage_error(
+    backend: str, key: str, namespace: str, tmp_path: Path
+) -> None:
+    missing = tmp_path / "ca.pem"
+    url = f"{server_url(backend)}?{key}={missing}"
+    result = cli(url, namespace, "acquire", "x", "--owner", "me")
+    assert result.returncode == 2, result
+    assert one_error_line(result) == (
+        f"tasklocks: {key}={missing} in the URL: no such file; fix the path"
+    )
+    if key == "sslrootcert":  # libpq's word for its trusted roots is not a file
+        with pytest.raises(StoreUnavailable, match="refused TLS"):
+            connect(f"{server_url(backend)}?sslmode=verify-full&sslrootcert=system")
 
 
 @pytest.mark.parametrize("ttl", ["0.5", "86401", "1e10", "1e301", "nan"])

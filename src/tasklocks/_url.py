@@ -65,6 +65,8 @@ _SCHEMES = {
 # The TLS parameters a server URL's query may carry, passed to the driver as they are.
 PG_TLS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl")  # libpq's names
 MYSQL_TLS = ("ssl_ca", "ssl_cert", "ssl_key", "ssl_verify_cert", "ssl_verify_identity")  # PyMySQL
+# Those that name a file (libpq's sslrootcert may also be "system": its trusted roots).
+TLS_FILES = ("sslrootcert", "sslcert", "sslkey", "sslcrl", "ssl_ca", "ssl_cert", "ssl_key")
 
 
 def parse_url(url: str) -> ParsedURL:

@@ -12,10 +12,11 @@ protocol of its own (:class:`FastPaths`, :class:`AsyncNotifies`), which callers 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from tasklocks._url import MYSQL_TLS, PG_TLS, ParsedURL, default_url, parse_url
+from tasklocks._url import MYSQL_TLS, PG_TLS, TLS_FILES, ParsedURL, default_url, parse_url
 from tasklocks.errors import BadURL
 from tasklocks.names import validate_duration
 from tasklocks.store._base import (
@@ -168,8 +169,8 @@ _QUERY = {
 
 
 def _check_query(parsed: ParsedURL) -> None:
-    """:raises BadURL: the URL's query has a parameter tasklocks does not use, or a
-    ``connect_timeout`` that is not a number of seconds."""
+    """:raises BadURL: the URL's query has a parameter tasklocks does not use, a
+    ``connect_timeout`` that is not a number of seconds, or a TLS file that is not there."""
     known = _QUERY[parsed.scheme]
     for key in parsed.query:
         if key not in known:
@@ -196,6 +197,14 @@ def _check_query(parsed: ParsedURL) -> None:
     for key in ("ssl_verify_cert", "ssl_verify_identity"):
         if parsed.query.get(key, "true").lower() not in ("true", "false", "1", "0"):
             raise BadURL(f"{key}={parsed.query[key]} in the URL: use true or false")
+    for key in TLS_FILES:  # (the drivers' own errors do not name the file)
+        path = parsed.query.get(key)
+        if (
+            path is not None
+            and not os.path.isfile(path)
+            and (key, path) != ("sslrootcert", "system")
+        ):
+            raise BadURL(f"{key}={path} in the URL: no such file; fix the path")
 
 
 def open_store(

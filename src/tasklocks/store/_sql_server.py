@@ -105,7 +105,8 @@ class ServerStore(RowsStore):
     @abstractmethod
     def _why(self, exc: BaseException) -> tuple[str, str]:
         """Why a connection failed: (the reason in a few words, "database" if there is no such
-        database, "user" if the server refused the user, else "")."""
+        database, "user" if the server refused the user, "tls" if the TLS the URL asks for
+        cannot be had, else "": a failure that may pass, tried again)."""
 
     def _abandon(self, conn: Any) -> None:
         """Forget a connection inherited over fork() without a word to the server."""
@@ -160,6 +161,9 @@ class ServerStore(RowsStore):
                 fix = "check the user and password in the URL and the user's rights"
                 message = f"{where} refused user {self._user!r} ({reason}); {fix}"
                 raise StoreUnavailable(message) from exc
+            if problem == "tls":
+                fix = "check the URL's TLS parameters and the server's TLS setup"
+                raise StoreUnavailable(f"{where} refused TLS ({reason}); {fix}") from exc
             fix = "check that the server is running and the host and port in the URL"
             raise Lost(f"cannot connect to {where} ({reason}); {fix}") from exc
         except (OSError, ValueError) as exc:

@@ -70,6 +70,7 @@ ER_ACCESS_DENIED = 1045
 ER_DBACCESS_DENIED = 1044
 ER_ACCESS_DENIED_NO_PASSWORD = 1698  # e.g. a user that signs in through unix_socket only
 ER_BAD_DB = 1049
+CR_SSL_CONNECTION_ERROR = 2026
 ER_NO_SUCH_TABLE = 1146
 ER_BAD_FIELD = 1054  # no such column
 ER_DEADLOCK = 1213
@@ -185,7 +186,10 @@ class MySQLStore(ServerStore):
             ER_ACCESS_DENIED_NO_PASSWORD: "user",
             ER_DBACCESS_DENIED: "user",
             ER_BAD_DB: "database",
+            CR_SSL_CONNECTION_ERROR: "tls",  # TLS required, the server has none
         }
+        if "CERTIFICATE_VERIFY_FAILED" in reason:  # (PyMySQL reports it as error 2003)
+            return reason, "tls"
         return reason, problems.get(_code(exc), "")
 
     # A forked child drops the parent's connection without a QUIT packet (the default _abandon):

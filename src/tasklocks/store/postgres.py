@@ -233,7 +233,10 @@ class PostgresStore(ServerStore):
         if "database" in reason and "does not exist" in reason:
             return reason, "database"
         refusals = ("authentication failed", "role", "pg_hba.conf", "password", "permission")
-        return reason, "user" if any(s in reason for s in refusals) else ""
+        if any(s in reason for s in refusals):
+            return reason, "user"
+        tls = ("does not support SSL", "certificate")  # (not a cut: "SSL SYSCALL error")
+        return reason, "tls" if any(s in reason for s in tls) else ""
 
     def _abandon(self, conn: Any) -> None:
         # libpq's PQfinish sends a Terminate message, which would end the *parent's* session
