@@ -81,6 +81,7 @@ class Session:
         # (namespace, lease) -> give it back: what failed acquisitions may have left
         self.orphans: dict[tuple[str, str], Callable[[str], None]] = {}
         self._settling = threading.Lock()
+        self._watching = True  # a watchdog runs (changed under _losing once closing)
         self.threads = tuple(
             threading.Thread(target=target, name=f"tasklocks-{name}", daemon=True)
             for target, name in ((self._renew, "renew"), (self._watch, "watch"))
@@ -146,12 +147,28 @@ class Session:
     def _watch(self) -> None:
         while True:
             if self.closing and not self.live:
-                return
+                with self._losing:
+                    if not self.live:  # (hold() starts another if one comes after all)
+                        self._watching = False
+                        return
             if self.left <= 0:
                 self._lose()
                 return
             self._renewed.wait(self.left)
             self._renewed.clear()
+
+    def hold(self, lease: str) -> None:
+        """``lease`` is held under this session now (an acquisition that ended after
+        :meth:`close` too: a watchdog sets :attr:`lost` at its expiry)."""
+        self.live.add(lease)
+        if self.closing:
+            with self._losing:
+                if not self._watching:
+                    self._watching = True
+                    thread = threading.Thread(target=self._watch, name="tasklocks-watch")
+                    thread.daemon = True
+                    self.threads = (self.threads[0], thread)
+                    thread.start()
 
     def released(self, lease: str) -> None:
         """``lease`` is no longer held under this session (a closed one's watchdog may end)."""

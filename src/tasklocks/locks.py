@@ -144,7 +144,7 @@ class Lease:
         self.session = session
         self.released = False
         if session is not None:
-            session.live.add(lease)
+            session.hold(lease)
 
     @property
     def wants(self) -> tuple[Want, ...]:
@@ -232,6 +232,7 @@ class LockTable:
         self.namespace = validate_namespace(namespace)
         self.ttl = ttl
         self._session: Session | None = None
+        self._closed = False  # close() was called: no new session
         self._seen: Mapping[str, float] | None = None  # the sessions as last read,
         self._seen_at = 0.0  # when (the boot clock)
         self._unsure: set[str] = set()  # acquisitions in progress whose write may be applied
@@ -272,10 +273,15 @@ class LockTable:
         # host's clock: only an expiry the database has seen frees an entry).
         return self._seen.get(holder.session, 0.0)
 
+    def _closed_error(self) -> StoreUnavailable:
+        return StoreUnavailable(f"the lock table at {self.store.url} was closed; open it again")
+
     def _live_session(self) -> Session:
         """This process's session, opened now on first use (or after one was lost)."""
         session = self._session
         if session is None or not session.alive():
+            if self._closed:  # (its store may be open: nothing would close a new session)
+                raise self._closed_error()
             if session is not None:
                 session.close()
             me = current_process()
@@ -552,8 +558,10 @@ class LockTable:
             raise
         if token is None:
             return claimant  # refused, or unknown: the steps find out (the full path re-reads)
-        if not session.alive():  # written under a session lost meanwhile
+        if not session.alive() or self._closed:  # lost meanwhile, or closed by another thread
             self._give_back(claimant.lease)
+            if self._closed:
+                raise self._closed_error()
             return None
         return Lease(self, (name,), claimant.owner, token, claimant.lease, session)
 
@@ -574,6 +582,8 @@ class LockTable:
                     reply = False
                 else:
                     reply = self._listen(request)
+                if self._closed:  # by another thread: the wait gives up its place
+                    raise self._closed_error()
             except BaseException as exc:
                 send, reply = steps.throw, exc
 
@@ -685,6 +695,9 @@ class LockTable:
                 if token is None:
                     token = yield from self._queue_up(wanted, claimant, waiting)
                 if token is not None:
+                    if self._closed:  # by another thread meanwhile (the caller gives it back)
+                        self._queued.add(claimant.lease)
+                        raise self._closed_error()
                     if session is None or session.alive():
                         return token, session
                     self._give_back(claimant.lease)  # written under a session lost meanwhile
@@ -984,6 +997,10 @@ class LockTable:
     def close(self) -> None:
         """Stop renewing this table's session (locks it still holds are kept until it expires,
         ``ttl`` seconds later) and close the store if this table opened it."""
+        self._closed = True
+        for lease in list(self._queued):  # acquisitions waiting in other threads give up:
+            with contextlib.suppress(TasklocksError):  # their places, while the store is open
+                self._give_back(lease)
         if self._session is not None:
             self._session.close()
             self._session = None

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -17,7 +18,15 @@ from typing import Any
 import pytest
 
 import tasklocks
-from tasklocks import LeaseLost, Liveness, LockHeld, LockTable, StoreUnreachable, TasklocksError
+from tasklocks import (
+    LeaseLost,
+    Liveness,
+    LockHeld,
+    LockTable,
+    StoreUnavailable,
+    StoreUnreachable,
+    TasklocksError,
+)
 from tasklocks.store import Compute, OutcomeUnknown, Snapshot, Store, open_store
 
 TTL = 1.0  # the shortest ttl allowed: these tests wait for expiries
@@ -155,6 +164,63 @@ def test_a_closed_session_keeps_no_thread_once_nothing_is_held(db_url: str, name
         kept.release()
         watch.join(WAIT)
         assert not watch.is_alive() and not kept.lost.is_set()
+    finally:
+        store.close()
+
+
+def test_a_lease_that_comes_after_close_is_still_watched(db_url: str, namespace: str) -> None:
+    """An acquisition that another thread finishes after close() (its write was on its way)
+    gets a watchdog again: its lost is set at the expiry, as for a lease held at close."""
+    with tasklocks.connect(db_url, namespace=namespace, ttl=TTL) as table:
+        table.acquire("a").release()
+        session = table._session
+    assert session is not None
+    session.threads[1].join(WAIT)
+    assert not session.threads[1].is_alive()
+    session.hold("late")  # as Lease() does when the write returns
+    assert session.threads[1].is_alive() and not session.lost.is_set()
+    assert session.lost.wait(WAIT)  # at the expiry: nothing renews a closed session
+
+
+@pytest.mark.parametrize("own_store", [False, True])
+def test_a_wait_on_a_closed_table_gives_up_and_leaves_nothing(
+    db_url: str, namespace: str, own_store: bool
+) -> None:
+    """Another thread's close() ends a wait: it raises, and its place in the queue is given
+    back, whether the table's store stays open (shared) or closes with it (connect())."""
+    store = open_store(db_url)
+    try:
+        other = LockTable(store, namespace, ttl=TTL)
+        if own_store:
+            waiter = tasklocks.connect(db_url, namespace, ttl=TTL)
+        else:
+            waiter = LockTable(store, namespace, ttl=TTL)
+        held = other.acquire("x", owner="other")
+        outcome: list[BaseException | object] = []
+
+        def wait() -> None:
+            try:
+                outcome.append(waiter.acquire("x", owner="waiter", wait=True, timeout=WAIT))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        deadline = time.monotonic() + WAIT
+        while not other.waiting():
+            assert time.monotonic() < deadline, "the waiter never queued"
+            time.sleep(0.02)
+        waiter.close()
+        held.release()
+        thread.join(WAIT)
+        [result] = outcome
+        assert isinstance(result, StoreUnavailable) and "was closed" in str(result), result
+        assert other.held() == [] and other.waiting() == []
+        with pytest.raises(StoreUnavailable, match="was closed; open it again"):
+            waiter.acquire("y")  # and no session is opened for it
+        assert waiter._session is None
+        assert other.held() == []
+        other.close()
     finally:
         store.close()
 
