@@ -236,11 +236,15 @@ class NotHeld(TasklocksError):
 
     exit_code = EXIT_FAILURE
 
-    def __init__(self, name: str, owner: str, holder: HolderInfo | None) -> None:
+    def __init__(
+        self, name: str, owner: str, holder: HolderInfo | None, released: str | None = None
+    ) -> None:
         self.name = name
         self.owner = owner
         self.holder = holder
-        if holder is None:
+        if released is not None:  # the lease (its names) was released already
+            msg = f"this lease of {released} was released already; {owner} holds it no more"
+        elif holder is None:
             msg = f"{name} is not held by anyone, so {owner} cannot release it"
         else:
             msg = (

@@ -113,6 +113,7 @@ class QueuedWaiter:
         return self.waiter.wants
 
 
+CLOSE_WAIT = 2.0  # seconds close() gives acquisitions waiting in other threads to give up
 _NEVER_LOST = threading.Event()  # the lost event of entries without a session
 
 
@@ -162,22 +163,29 @@ class Lease:
 
     def check(self) -> None:
         """Raise :class:`LeaseLost` if the lease is lost: call it before each step that relies
-        on the locks (and pass :attr:`token` to what they protect, see the README)."""
+        on the locks (and pass :attr:`token` to what they protect, see the README).
+        :raises TasklocksError: this process is a fork of the lease's (the locks are its)."""
         if self.session is not None and not self.session.alive():
+            if self.session.pid != _pid._pid:
+                raise self._fork_error()
             raise LeaseLost(self.names, self.owner, self.token, self.session.ttl)
+
+    def _fork_error(self) -> TasklocksError:
+        assert self.session is not None
+        return TasklocksError(
+            f"the lease on {', '.join(self.names)} belongs to process {self.session.pid}; "
+            "a forked child can neither check nor release it (its parent does)"
+        )
 
     def release(self) -> None:
         """Release every lock of this lease. :raises NotHeld: one is no longer ours.
         :raises LeaseLost: the lease was lost (what is left of it is given back first; another
         holder's lock is never touched)."""
         if self.released:
-            raise NotHeld(self.names[0], self.owner, None)
-        if self.session is not None and self.session.pid != _pid._pid:
-            raise TasklocksError(
-                f"the lease on {', '.join(self.names)} belongs to process {self.session.pid}; "
-                "a forked child cannot release it (its parent does)"
-            )
+            raise NotHeld(self.names[0], self.owner, None, released=", ".join(self.names))
         session = self.session
+        if session is not None and session.pid != _pid._pid:
+            raise self._fork_error()
         if session is not None and not session.alive():
             self.released = True
             session.released(self.lease_id)
@@ -238,6 +246,7 @@ class LockTable:
         self._unsure: set[str] = set()  # acquisitions in progress whose write may be applied
         self._orphans: set[str] = set()  # leases of failed acquisitions, to give back
         self._queued: set[str] = set()  # leases of acquisitions waiting in the queue now
+        self._running: set[str] = set()  # leases of the steps' acquisitions going on now
         # Leases taken in their name's own row (FastPaths), each with whether a session of this
         # process renews it (its release may then skip the flush: FastPaths.fast_release).
         self._in_rows: dict[str, bool] = {}
@@ -585,6 +594,8 @@ class LockTable:
                 if self._closed:  # by another thread: the wait gives up its place
                     raise self._closed_error()
             except BaseException as exc:
+                if self._closed and isinstance(exc, OSError):  # (its waker's descriptor)
+                    exc = self._closed_error()
                 send, reply = steps.throw, exc
 
     def _listen(self, request: Listen) -> bool:
@@ -625,6 +636,7 @@ class LockTable:
                 watch,
             )
         self._settle()
+        self._running.add(claimant.lease)
         try:
             try:
                 token, session = yield from self._acquire(wanted, claimant, waiting, tried is None)
@@ -648,6 +660,7 @@ class LockTable:
         finally:
             self._unsure.discard(claimant.lease)
             self._queued.discard(claimant.lease)
+            self._running.discard(claimant.lease)
 
     def _undo(self, lease: str) -> None:
         """An acquisition that raised: give back what a write of it may have left."""
@@ -668,6 +681,8 @@ class LockTable:
         session: Session | None = None
         fast = all(w.mode == EXCLUSIVE for w in wanted)
         while True:
+            if self._closed:  # by another thread
+                raise self._closed_error()
             try:
                 if claimant.session is not None:
                     session = self._live_session()
@@ -998,8 +1013,13 @@ class LockTable:
         """Stop renewing this table's session (locks it still holds are kept until it expires,
         ``ttl`` seconds later) and close the store if this table opened it."""
         self._closed = True
-        for lease in list(self._queued):  # acquisitions waiting in other threads give up:
-            with contextlib.suppress(TasklocksError):  # their places, while the store is open
+        if self._running:  # other threads acquire: woken, they see _closed and give up
+            self._waker.notify()
+            deadline = clock() + CLOSE_WAIT
+            while self._running and clock() < deadline:
+                pause(0.01)
+        for lease in list(self._queued):  # (still waiting: give their places back for them,
+            with contextlib.suppress(TasklocksError):  # while the store is open)
                 self._give_back(lease)
         if self._session is not None:
             self._session.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
+from typing import Any
 
 from tasklocks.errors import BadLockName, quote
 
@@ -86,9 +88,16 @@ def validate_duration(what: str, value: object) -> float:
 
 
 def _seconds(what: str, value: object, or_none: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) >= 0:
+    seconds = float("nan")
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number: Any = value  # (numbers.Real declares no comparison)
+        try:
+            seconds = float(number)
+        except OverflowError:  # an int past float's range (10**400): for ever, if positive
+            seconds = math.inf if number > 0 else -math.inf
+    if not seconds >= 0:
         raise ValueError(f"{what} must be a number of seconds, 0 or more{or_none}, not {value!r}")
-    return float(value)
+    return seconds
 
 
 def app_task(app_id: str) -> str:

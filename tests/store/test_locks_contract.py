@@ -221,13 +221,28 @@ def test_arguments_of_the_wrong_type_are_named(
     assert table.held() == [] and table.waiting() == []
 
 
-@pytest.mark.parametrize("timeout", [float("nan"), "1", -1, -0.5, float("-inf")])
+@pytest.mark.parametrize("timeout", [float("nan"), "1", -1, -0.5, float("-inf"), -(10**400)])
 def test_a_timeout_that_is_not_a_number_is_refused(table: LockTable, timeout: object) -> None:
     """(A NaN deadline never came: a waiting acquisition waited for ever. A negative one, which
     filelock reads as "wait for ever", gave up at once: "gave up after waiting -1s".)"""
     with pytest.raises(ValueError, match="timeout must be a number of seconds"):
         table.acquire("a", wait=True, timeout=timeout)  # type: ignore[arg-type]
     assert table.held() == [] and table.waiting() == []
+
+
+def test_a_lease_released_twice_says_so(table: LockTable) -> None:
+    lease = table.acquire("a", "b", owner="task:1")
+    lease.release()
+    table.acquire("a", owner="task:2")
+    with pytest.raises(NotHeld) as info:  # (it said "a is not held by anyone")
+        lease.release()
+    assert str(info.value) == "this lease of a, b was released already; task:1 holds it no more"
+    assert [h.holder.owner for h in table.held()] == ["task:2"]
+
+
+def test_a_timeout_past_floats_range_is_accepted(table: LockTable) -> None:
+    """(10**400 raised OverflowError from float().)"""
+    table.acquire("a", wait=True, timeout=10**400).release()
 
 
 def test_locks_are_not_reentrant_for_an_explicit_owner(table: LockTable) -> None:
