@@ -620,8 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         type=_ttl,
         default=DEFAULT_TTL,
-        help=f"seconds locks outlive their last renewal, if this process can no longer renew "
-        f"them ({MIN_TTL:g} to {MAX_TTL:g}; default: {DEFAULT_TTL:g})",
+        help=f"seconds locks outlive their last renewal at least (at most ttl + ttl/3), if "
+        f"this process can no longer renew them ({MIN_TTL:g} to {MAX_TTL:g}; default: "
+        f"{DEFAULT_TTL:g})",
     )
     commands = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
 

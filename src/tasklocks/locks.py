@@ -965,8 +965,9 @@ class LockTable:
 
     def held(self) -> list[HeldLock]:
         """Every held lock (a shared name once per holder), with its holder and whether that
-        holder is ``alive``, ``dead``, ``unknown`` (on another host) or ``expired`` (its
-        session, by the database's clock), and how long its session has left."""
+        holder is ``alive``, ``dead``, ``unknown`` (on another host, or no process: an explicit
+        owner's) or ``expired`` (its session, by the database's clock), and how long its session
+        has left."""
         self._settle()
         doc = self._decode(self.store.read(self.namespace))
         me = current_process()
@@ -1011,7 +1012,8 @@ class LockTable:
 
     def close(self) -> None:
         """Stop renewing this table's session (locks it still holds are kept until it expires,
-        ``ttl`` seconds later) and close the store if this table opened it."""
+        ``ttl`` to ``ttl + ttl/3`` seconds after its last renewal) and close the store if this
+        table opened it. Acquisitions going on in other threads give up (see the README)."""
         self._closed = True
         if self._running:  # other threads acquire: woken, they see _closed and give up
             self._waker.notify()
@@ -1108,8 +1110,9 @@ def connect(
     or in the database of a SQLAlchemy ``Engine``, whose pool then lends tasklocks a connection
     for each call (PostgreSQL through psycopg 3, MariaDB/MySQL through PyMySQL; see the README).
 
-    :param ttl: seconds a process's locks outlive its last renewal (they are renewed every
-        ``ttl/3``): how long a dead, hung or cut-off host keeps them at most; 1 s to a day.
+    :param ttl: seconds a process's locks outlive its last renewal at least (they are renewed
+        every ``ttl/3``, and expire ``ttl + ttl/3`` seconds after the last renewal): about how
+        long a dead, hung or cut-off host keeps them; 1 s to a day.
     :param reconnect_timeout: seconds each call keeps trying to reach a database server that
         does not answer before it raises :class:`StoreUnavailable` (a waiting ``acquire`` goes on
         waiting through an outage, until its own ``timeout``).

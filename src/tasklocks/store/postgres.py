@@ -581,6 +581,11 @@ class PostgresStore(ServerStore):
             for heard, _ in self._hearers:
                 heard(namespace)
 
+    def _listen_statement(self) -> Any:
+        """``listen``, its channel quoted (a ``psycopg.sql.Composed``)."""
+        sql = self._psycopg.sql
+        return sql.SQL(self._sql["listen"]).format(channel=sql.Identifier(self._channel))
+
     def _set_listening(self, listening: bool) -> None:
         """The reader's connection LISTENs now (or no longer): the blocking waiters' event, and
         tasklocks.aio's listeners on a sync Engine."""
@@ -595,14 +600,11 @@ class PostgresStore(ServerStore):
         (waiters re-read the version every second meanwhile)."""
         pid, lost = os.getpid(), False
         conn: Any = None
-        sql = self._psycopg.sql
         while self._reader_pid == pid and not self._closed:
             try:
                 if conn is None:
                     conn = self._connect(application_name="tasklocks-listen")
-                    # Quoted: an unquoted LISTEN folds the channel to lower case, pg_notify does
-                    # not (https://www.postgresql.org/docs/current/sql-listen.html).
-                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                    conn.execute(self._listen_statement())
                     self._set_listening(True)
                     if lost:  # what happened while there was no connection went unheard
                         self._tell(None)
@@ -630,14 +632,13 @@ class PostgresStore(ServerStore):
         if self._maker is not None:
             await self._hear_through_the_reader(heard, ready)
             return
-        sql = self._psycopg.sql
         lost = False
         while True:
             conn: Any = None
             try:
                 args = self._connect_args(application_name="tasklocks-listen")
                 conn = await self._psycopg.AsyncConnection.connect(**args)
-                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                await conn.execute(self._listen_statement())
                 ready(True)
                 if lost:  # what happened while there was no connection went unheard
                     heard(None)

@@ -164,6 +164,10 @@ ON CONFLICT (namespace, name) DO UPDATE SET version = GREATEST(n.version, exclud
 -- The document's change through the full path of this layout: the version is set, not bumped
 -- (the highest of the document's and of the names it took from their rows, + 1).
 UPDATE {t} SET data = %s, version = %s WHERE namespace = %s AND version = %s;
+-- name: listen
+-- The table's channel ({channel}: quoted by psycopg, as an identifier. An unquoted LISTEN folds
+-- it to lower case, pg_notify does not: https://www.postgresql.org/docs/current/sql-listen.html).
+LISTEN {channel};
 -- name: update_to_notify
 WITH u AS (UPDATE {t} SET data = %s, version = %s WHERE namespace = %s AND version = %s
            RETURNING version)
