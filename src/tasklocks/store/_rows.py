@@ -18,6 +18,7 @@ driver's batching: PostgreSQL pipelines, MariaDB multi-statement queries, SQLite
 
 from __future__ import annotations
 
+import sys
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -85,6 +86,9 @@ class RowsStore(SQLStore):
     # Whether a renewed lease's row release may skip the WAL's flush now (PostgreSQL's, while it
     # can tell a crash: see there; every other store's release commits durably).
     _unflushed = False
+    # The longest record (in characters) a name's row holds: a longer one (a long note) is
+    # kept by the document, through the full path (MySQL's record is a TEXT, 64 KiB).
+    ROW_RECORD_MAX = sys.maxsize
 
     # --- the full path ------------------------------------------------------------------------
 
@@ -240,8 +244,8 @@ class RowsStore(SQLStore):
         self, namespace: str, names: Sequence[str], lease: str, record: str
     ) -> int | None:
         unique = fast_names(names)
-        if len(unique) != 1 or not is_name(lease):  # several names: the full path
-            return None
+        if len(unique) != 1 or not is_name(lease) or len(record) > self.ROW_RECORD_MAX:
+            return None  # several names (or a record past the row's size): the full path
         seen, key = self._rows_seen, (namespace, unique[0])
         if seen is None:
             seen = self._rows_seen = set()

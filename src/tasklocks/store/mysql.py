@@ -123,6 +123,7 @@ class MySQLStore(ServerStore):
     DEFAULT_PORT = 3306
     DEFAULT_USER = "root"
     POLL = POLLED  # no notifications: waiters poll
+    ROW_RECORD_MAX = 65535 // 4  # a TEXT of utf8mb4, 4 bytes a character at worst
     QUOTE = "`"
     _mariadb = True  # set from the server's version string on connecting
 
