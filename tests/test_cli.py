@@ -342,12 +342,24 @@ def test_bad_namespace_exits_2_with_one_line(sqlite_url: str) -> None:
         "sqlite:///x.db?mode=ro",
         "postgresql://postgres@127.0.0.1:5432/test?connect_timeout=soon",
         "mysql://root@127.0.0.1:3306/test?connect_timeout=0",
+        "",  # (an unset variable: it was the default file, in silence)
     ],
 )
 def test_bad_url_exits_2_with_one_line(url: str, namespace: str) -> None:
     result = cli(url, namespace, "locks")
     assert result.returncode == 2
     assert "URL" in one_error_line(result)
+
+
+def test_an_empty_url_is_refused_everywhere(namespace: str) -> None:
+    """An empty URL never means the default database: a lock taken there would not be seen by
+    the processes that use the database meant."""
+    for args in (["start", "--", "true"], ["tasks"], ["acquire", "x", "--owner", "me"]):
+        result = cli("", namespace, *args)
+        assert result.returncode == 2, result
+        assert one_error_line(result).startswith("tasklocks: the database URL is empty: give one")
+    with pytest.raises(BadURL, match="the database URL is empty"):
+        connect("")
 
 
 def test_a_url_names_what_tasklocks_does_not_use_and_reads_an_escaped_database() -> None:

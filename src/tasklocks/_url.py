@@ -71,6 +71,11 @@ TLS_FILES = ("sslrootcert", "sslcert", "sslkey", "sslcrl", "ssl_ca", "ssl_cert",
 
 def parse_url(url: str) -> ParsedURL:
     """Split a database URL; raise :class:`BadURL` (a usage error) if it is malformed."""
+    if not url:  # (an unset variable, as a rule: never the default database in silence)
+        raise BadURL(
+            "the database URL is empty: give one (sqlite:///path.db, mysql://..., "
+            "postgresql://...), or none at all for $TASKLOCKS_DB or the default file"
+        )
     if "://" not in url:
         raise BadURL(
             f"bad database URL {quote(url)}: use sqlite:///path.db, mysql://user:pass@host:port/db "

@@ -479,7 +479,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # A keeper renews the command's locks if this process is killed while the command runs
     # (forked now, before this process has threads or connections).
-    keeper = fork_keeper(args.db or default_url(), DEFAULT_TABLE, pid=pid)
+    keeper = fork_keeper(default_url() if args.db is None else args.db, DEFAULT_TABLE, pid=pid)
 
     # From here on the parent alone opens the database.
     child = _Child(pid, write_fd)

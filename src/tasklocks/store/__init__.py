@@ -236,7 +236,7 @@ def open_store(
             )
         engine, parsed = url, engine_url(url)
     else:
-        parsed = parse_url(url or default_url())
+        parsed = parse_url(default_url() if url is None else url)
         pool = parsed.query.get("pool")
         if pool is not None and parsed.scheme != "postgresql":
             raise BadURL(

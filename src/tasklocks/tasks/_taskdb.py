@@ -36,7 +36,7 @@ class TaskDB:
     def __init__(
         self, url: str | None = None, namespace: str = "default", *, table: str = "tasklocks"
     ) -> None:
-        self.url = url or default_url()
+        self.url = default_url() if url is None else url
         self.namespace = validate_namespace(namespace)
         self.table = table
         self.store: Backend = open_store(self.url, table=table)

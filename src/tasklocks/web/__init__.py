@@ -121,7 +121,7 @@ def serve(
     from tasklocks.web.app import Settings, create_app
 
     out = out or sys.stdout
-    url = url or default_url()
+    url = default_url() if url is None else url
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     missing = sqlite_file(url)
     if missing is not None and not missing.exists():  # opening it would create it: not ours to do

@@ -117,12 +117,12 @@ class Source:
 
     def __init__(self, url: str | None, namespace: str, *, stop_grace: float = 10.0) -> None:
         self.url = url
-        parsed = parse_url(url or default_url())
+        parsed = parse_url(default_url() if url is None else url)
         label = {"sqlite": "SQLite", "mysql": "MySQL", "postgresql": "PostgreSQL"}[parsed.scheme]
         self._where = f"{label} at {parsed.display()}"  # for a banner while it does not answer
         self.namespace = namespace
         self.stop_grace = stop_grace
-        self._sqlite = sqlite_file(url or default_url())  # None: a server database
+        self._sqlite = sqlite_file(default_url() if url is None else url)  # None: a server database
         self._tasks: Tasks | None = None
         self._io = threading.Lock()  # one caller of self._tasks at a time
         self._cond = threading.Condition()

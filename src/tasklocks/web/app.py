@@ -201,7 +201,7 @@ class Dashboard:
         self.source = source
         self.secret = secrets.token_bytes(32)  # CSRF tokens die with the server
         # The page header's database: no password, no query string (as error messages show it).
-        self.db_label = parse_url(settings.url or default_url()).display()
+        self.db_label = parse_url(default_url() if settings.url is None else settings.url).display()
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True,
