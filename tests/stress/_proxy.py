@@ -1,5 +1,6 @@
 """A small TCP proxy for the tests: forwards 127.0.0.1:<port> to a server, and on request cuts
-every connection it carries or refuses new ones for a while (a network fault, in the test)."""
+every connection it carries or refuses new ones for a while (a network fault, in the test), or
+stops forwarding while keeping every connection open (a server that hangs)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class Proxy:
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._lock = threading.Lock()
         self._down_until = 0.0
+        self._frozen = threading.Event()  # set: nothing is forwarded (the kernel still acks)
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -45,7 +47,10 @@ class Proxy:
         peers = {a: b, b: a}
         try:
             while True:
-                ready, _, _ = select.select([a, b], [], [], 1.0)
+                if self._frozen.is_set():
+                    time.sleep(0.02)
+                    continue
+                ready, _, _ = select.select([a, b], [], [], 0.05)
                 for sock in ready:
                     data = sock.recv(65536)
                     if not data:
@@ -73,6 +78,13 @@ class Proxy:
         """Cut everything, and refuse new connections for ``seconds``."""
         self._down_until = time.monotonic() + seconds
         self.cut()
+
+    def freeze(self) -> None:
+        """Stop forwarding, both ways, and keep every connection open (see :meth:`thaw`)."""
+        self._frozen.set()
+
+    def thaw(self) -> None:
+        self._frozen.clear()
 
     def close(self) -> None:
         self._closed = True

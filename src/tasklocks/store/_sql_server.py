@@ -3,14 +3,20 @@
 One autocommit connection per store and lock; nothing is held between calls (no ``LOCK TABLE``,
 no advisory locks). A connection lost before a change was sent is reopened and the call retried
 once; lost after, :class:`OutcomeUnknown` is raised (the caller re-reads). Deadlocks and schema
-races are retried. A forked child never touches its parent's connection.
+races are retried. A forked child never touches its parent's connection. A statement whose
+server stays silent for ``IO_TIMEOUT`` seconds (a server or proxy that hangs while the kernel
+still acknowledges what is sent, so that no TCP timeout fires) has its connection shut down by
+the process's guard thread (``_guard``), where the driver has no timeout of its own (libpq).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import socket
+import threading
 import time
+import weakref
 from abc import abstractmethod
 from collections.abc import Callable
 from contextlib import suppress
@@ -30,6 +36,7 @@ RETRIES = 20  # deadlocks, or concurrent schema creation, retried this many time
 RECONNECT_TIMEOUT = 5.0  # seconds a call keeps trying to reach the server
 CONNECT_TIMEOUT = 5  # seconds one connection attempt may take (the URL's connect_timeout=)
 IO_TIMEOUT = 30.0  # seconds a connection may stay silent while a statement runs
+GUARD_TICK = 1.0  # seconds between two looks of the guard thread (_guard)
 # How a server store polls when nothing notifies its waiters (MariaDB; PostgreSQL behind a
 # transaction pool), see SQLStore._poll. Measured on MariaDB 10.11 (2 cores): a poll costs a
 # waiting process ~0.2-0.3 ms of CPU once it wakes, so a fixed 10 ms cap would cost ~2 % of a
@@ -43,6 +50,38 @@ class Lost(StoreUnreachable):
     """No connection (it broke before a change was sent, or cannot be had): safe to retry."""
 
 
+_guarded: weakref.WeakSet[ServerStore] = weakref.WeakSet()
+_guarded_lock = threading.Lock()
+_guard_pid = 0  # the process whose guard thread runs
+
+
+def _guard(store: ServerStore) -> None:
+    """Watch ``store``'s calls (from now on, in this process) for a server gone silent."""
+    global _guard_pid
+    with _guarded_lock:
+        _guarded.add(store)
+        if _guard_pid != os.getpid():
+            _guard_pid = os.getpid()
+            thread = threading.Thread(target=_watch_calls, name="tasklocks-io-guard", daemon=True)
+            thread.start()
+
+
+def _watch_calls() -> None:
+    while True:
+        time.sleep(GUARD_TICK)
+        _look_at_calls()
+
+
+def _look_at_calls() -> None:
+    with _guarded_lock:
+        stores = list(_guarded)
+    now = time.monotonic()
+    for store in stores:
+        since = store._busy
+        if since and now - since > IO_TIMEOUT:
+            store._silenced(since)
+
+
 class ServerStore(RowsStore):
     """A lock table on an SQL server; a subclass is a dialect and supplies the methods marked
     abstract (the driver calls)."""
@@ -52,6 +91,7 @@ class ServerStore(RowsStore):
     DEFAULT_USER: ClassVar[str]
     local = False
     _driver_errors: tuple[type[BaseException], ...]  # every error the driver raises
+    GUARDED = False  # its driver has no timeout for a silent server: _guard watches its calls
 
     def __init__(
         self,
@@ -81,8 +121,12 @@ class ServerStore(RowsStore):
         self._conn: Any = None
         self._pid = 0
         self._used = 0.0  # monotonic time the connection last answered
+        self._busy = 0.0  # monotonic time the call going on began (0: none), for _guard
+        self._cut = False  # the guard shut the connection down: its server was silent
         self._schema_checked = checked  # by the store whose sessions' store this is
         self._setup()
+        if self.GUARDED:
+            _guard(self)
         try:
             self._locked(lambda conn, call: None)  # connect and check the schema now
         except BaseException:
@@ -133,6 +177,26 @@ class ServerStore(RowsStore):
 
     def _close_more(self) -> None:
         """Release the dialect's own resources (idempotent)."""
+
+    def _socket(self, conn: Any) -> int | None:
+        """The descriptor of a connection's socket (GUARDED dialects)."""
+        return None
+
+    def _silenced(self, since: float) -> None:
+        """The call that began at ``since`` has waited for the server for ``IO_TIMEOUT``: shut
+        its connection down (from the guard's thread), so that the driver raises, as for a
+        connection lost, and the call fails or is retried."""
+        conn = self._conn
+        fd = None if conn is None or self._busy != since else self._socket(conn)
+        if fd is None or fd < 0:
+            return
+        self._cut = True
+        with suppress(OSError):
+            cut = socket.socket(fileno=os.dup(fd))  # (the dup is closed, the socket shut down)
+            try:
+                cut.shutdown(socket.SHUT_RDWR)
+            finally:
+                cut.close()
 
     def _lend(self, conn: Any) -> Any:
         """Make a driver connection lent by an engine's pool fit for tasklocks (autocommit);
@@ -219,7 +283,10 @@ class ServerStore(RowsStore):
             self._abandon(self._conn)
             self._conn = None
             self._known = set()
+            if self.GUARDED:
+                _guard(self)  # (a forked child has no guard thread yet)
         if self._conn is None:
+            self._cut = False
             self._conn = self._connect()
             self._pid = os.getpid()
             self._used = time.monotonic()
@@ -267,9 +334,12 @@ class ServerStore(RowsStore):
                     f"lost the connection to {where} after sending a change, which may or "
                     "may not have been applied; re-read before retrying"
                 ) from exc
+            reason = " ".join(str(exc).split())
+            if self._cut:
+                self._cut = False
+                reason = f"it did not answer a statement for {IO_TIMEOUT:g}s"
             raise Lost(
-                f"lost the connection to {where} ({' '.join(str(exc).split())}); "
-                "check that the server is running"
+                f"lost the connection to {where} ({reason}); check that the server is running"
             ) from exc
         if self._retryable(exc):
             raise Retry(str(exc)) from exc
@@ -291,7 +361,8 @@ class ServerStore(RowsStore):
                         if conn is None or self._engine is not None or self._pid != _pid._pid:
                             conn = self._connection()
                         try:
-                            if time.monotonic() - self._used > self._idle_ping:
+                            self._busy = time.monotonic()
+                            if self._busy - self._used > self._idle_ping:
                                 self._ping(conn)  # find a dead idle connection before writing
                             if not self._schema_checked:
                                 self._check_schema(conn)
@@ -300,6 +371,7 @@ class ServerStore(RowsStore):
                         except self._driver_errors as exc:
                             self._raise_for(exc, call)
                     finally:
+                        self._busy = 0.0
                         if self._lent is not None:
                             self._give_back()
                     self._used = time.monotonic()
@@ -339,7 +411,9 @@ class ServerStore(RowsStore):
             and self._schema_checked
         ):
             with self._lock:
-                if conn is self._conn and time.monotonic() - self._used <= self._idle_ping:
+                now = time.monotonic()
+                if conn is self._conn and now - self._used <= self._idle_ping:
+                    self._busy = now
                     try:
                         version = self._run_name_statement(conn, acquire, statement)
                     except self._driver_errors as exc:
@@ -348,6 +422,8 @@ class ServerStore(RowsStore):
                     else:
                         self._used = time.monotonic()
                         return version
+                    finally:
+                        self._busy = 0.0
         return super()._fast(acquire, statement)
 
     def _abandon_connection(self) -> None:

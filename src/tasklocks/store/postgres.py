@@ -114,6 +114,7 @@ class PostgresStore(ServerStore):
     """A lock table in a PostgreSQL database."""
 
     LABEL = "PostgreSQL"
+    GUARDED = True  # libpq has no timeout for a server that stops answering
     DIALECT = "postgres"
     DEFAULT_PORT = 5432
     DEFAULT_USER = "(default)"
@@ -580,6 +581,13 @@ class PostgresStore(ServerStore):
                         os.write(fd, b"\0")
             for heard, _ in self._hearers:
                 heard(namespace)
+
+    def _socket(self, conn: Any) -> int | None:
+        fileno = getattr(conn, "fileno", None)  # (not an AsyncEngine's facade: it has a timeout)
+        try:
+            return None if fileno is None else int(fileno())
+        except Exception:  # closed meanwhile
+            return None
 
     def _listen_statement(self) -> Any:
         """``listen``, its channel quoted (a ``psycopg.sql.Composed``)."""

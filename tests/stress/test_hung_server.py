@@ -1,0 +1,89 @@
+"""A PostgreSQL server that hangs: the TCP connection stays up and the kernel acknowledges what
+is sent, but nothing answers (a frozen server or proxy), so no TCP timeout ever fires. libpq
+waits for ever; tasklocks' guard thread shuts the connection down once a statement has waited
+for ``IO_TIMEOUT`` seconds, and the call fails (or a waiting acquire goes on to its timeout)
+instead of hanging. (Not marked stress: one process and a proxy, a few seconds; it sits here
+beside the proxy it uses.)"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from _proxy import Proxy
+from conftest import require, server_url
+
+import tasklocks
+from tasklocks import LockTimeout, StoreUnavailable, StoreUnreachable
+from tasklocks.store import _sql_server, parse_url
+
+WAIT = 30.0  # a call that has not ended by then hangs (before the guard: for ever)
+
+
+@pytest.fixture
+def proxy() -> Iterator[Proxy]:
+    require("postgresql")
+    p = parse_url(server_url("postgresql"))
+    proxy = Proxy(p.host, p.port or 5432)
+    try:
+        yield proxy
+    finally:
+        proxy.thaw()  # (a call still hanging ends)
+        proxy.close()
+
+
+def _through(proxy: Proxy) -> str:
+    p = parse_url(server_url("postgresql"))
+    return (
+        f"postgresql://{p.user or 'postgres'}@127.0.0.1:{proxy.port}/{p.database}?connect_timeout=1"
+    )
+
+
+def _outcome(call: Callable[[], Any]) -> tuple[object, float]:
+    """What ``call`` returned or raised, and how long it took (it must end within WAIT)."""
+    result: list[object] = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except BaseException as exc:
+            result.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(WAIT)
+    assert not thread.is_alive(), "the call hangs on the silent server"
+    return result[0], time.monotonic() - started
+
+
+def test_calls_to_a_hung_postgresql_fail_and_waits_end(
+    proxy: Proxy, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_sql_server, "IO_TIMEOUT", 1.0)
+    holder = tasklocks.connect(server_url("postgresql"), namespace)
+    table = tasklocks.connect(_through(proxy), namespace, reconnect_timeout=2.0)
+    try:
+        table.acquire("a").release()  # connected, statements prepared
+        holder.acquire("held", owner="holder")
+        proxy.freeze()
+
+        failed, took = _outcome(table.held)
+        assert isinstance(failed, StoreUnreachable), failed  # (its last try: a new connection)
+        assert "did not answer for" in str(failed), failed
+        assert took >= 1.0  # (the guard's limit, not an error of its own)
+
+        waited, took = _outcome(lambda: table.acquire("held", wait=True, timeout=2.0))
+        assert isinstance(waited, (LockTimeout, StoreUnavailable)), waited
+        assert took >= 2.0
+
+        proxy.thaw()  # the server answers again: so does the table
+        assert [h.name for h in table.held()] == ["held"]
+        table.acquire("a").release()
+    finally:
+        proxy.thaw()  # (before close(), which would wait for a call that still hangs)
+        table.close()
+        holder.close()
