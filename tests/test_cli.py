@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shlex
 import signal
 import socket
 import sqlite3
@@ -349,6 +350,46 @@ def test_bad_url_exits_2_with_one_line(url: str, namespace: str) -> None:
     result = cli(url, namespace, "locks")
     assert result.returncode == 2
     assert "URL" in one_error_line(result)
+
+
+def test_acquire_that_cannot_print_its_token_gives_the_lock_back(
+    sqlite_url: str, namespace: str
+) -> None:
+    """(The token was lost and the lock stayed held, with exit 1 and not a word; with stdout
+    closed, print() dropped the token and the exit was 0.)"""
+    read, write = os.pipe()
+    os.close(read)  # nobody reads: the token cannot be written (EPIPE)
+    try:
+        broken = subprocess.run(
+            tasklocks(sqlite_url, namespace, "acquire", "x", "y", "--owner", "me"),
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+            timeout=DEADLINE,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert broken.returncode == 1
+    assert broken.stderr == (
+        "tasklocks: could not print the token (Broken pipe), so x, y were released again\n"
+    )
+    assert held(sqlite_url, namespace) == []
+    command = shlex.join(tasklocks(sqlite_url, namespace, "acquire", "x", "--owner", "me"))
+    closed = subprocess.run(
+        ["bash", "-c", command + " >&-"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert closed.returncode == 2
+    assert one_error_line(closed) == (
+        "tasklocks: standard output is closed, and acquire prints the token there"
+    )
+    assert held(sqlite_url, namespace) == []
 
 
 def test_an_empty_url_is_refused_everywhere(namespace: str) -> None:

@@ -313,6 +313,8 @@ def cmd_acquire(args: argparse.Namespace) -> int:
     spec = lock_spec(args.names, args.shared, args.limits)
     if not spec.names:
         raise UsageError("acquire needs a lock: NAME, --shared NAME or --limit NAME=N")
+    if sys.stdout is None:  # (>&-: print() would drop the token in silence)
+        raise UsageError("standard output is closed, and acquire prints the token there")
     with _open(args) as table:
         try:
             lease = table.acquire(
@@ -327,7 +329,15 @@ def cmd_acquire(args: argparse.Namespace) -> int:
             )
         except LockHeld as exc:
             raise _with_hint(exc, args.owner, "add --wait to wait for it") from None
-    print(lease.token)
+        try:
+            print(lease.token, flush=True)
+        except OSError as exc:  # (| true): nobody learns the token, so nobody would release
+            lease.release()
+            raise TasklocksError(
+                f"could not print the token ({exc.strerror or exc}), so "
+                f"{', '.join(lease.names)} {'was' if len(lease.names) == 1 else 'were'} "
+                "released again"
+            ) from None
     return EXIT_OK
 
 
