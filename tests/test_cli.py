@@ -392,6 +392,33 @@ def test_acquire_that_cannot_print_its_token_gives_the_lock_back(
     assert held(sqlite_url, namespace) == []
 
 
+PASSWORD = "S3c@ret:PW"  # (the URLs below leave its @ unescaped, as one may mistype)
+SECRETS = ("S3c", "PW")
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        (f"mysql:/root:{PASSWORD}@127.0.0.1/test", "bad database URL 'mysql:***@127.0.0.1/test'"),
+        (f"sqlite://u:{PASSWORD}@x.db", "bad SQLite URL 'sqlite://u:***@x.db'"),
+        (f"mysql://root:{PASSWORD}@[::1/test", "bad database URL 'mysql://root:***@[::1/test'"),
+        (f"mysql://root:{PASSWORD}@127.0.0.1:abc/test", "bad port in database URL"),
+        (f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/", "needs a host and a database"),
+        (f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432", "needs a host and a database"),
+    ],
+)
+def test_a_bad_urls_message_never_shows_its_password(
+    url: str, problem: str, namespace: str
+) -> None:
+    """A malformed URL is echoed back with its password as ***."""
+    result = cli(url, namespace, "locks")
+    assert result.returncode == 2, result
+    line = one_error_line(result)
+    assert problem in line, line
+    assert "***@" in line, line
+    assert not any(secret in line for secret in SECRETS), line
+
+
 def test_an_empty_url_is_refused_everywhere(namespace: str) -> None:
     """An empty URL never means the default database: a lock taken there would not be seen by
     the processes that use the database meant."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tasklocks.errors import BadURL, quote
 
-__all__ = ["ParsedURL", "check_table_name", "default_url", "parse_url"]
+__all__ = ["ParsedURL", "check_table_name", "default_url", "masked", "parse_url"]
 
 _TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,50}")
 
@@ -69,16 +69,28 @@ MYSQL_TLS = ("ssl_ca", "ssl_cert", "ssl_key", "ssl_verify_cert", "ssl_verify_ide
 TLS_FILES = ("sslrootcert", "sslcert", "sslkey", "sslcrl", "ssl_ca", "ssl_cert", "ssl_key")
 
 
+def masked(url: str) -> str:
+    """``url`` for a message, its password (between the user's ``:`` and the last ``@``) shown as
+    ``***``: a malformed URL is echoed back, and a password must never be."""
+    scheme, sep, rest = url.partition("://")
+    head, rest = (scheme + sep, rest) if sep else ("", url)
+    at = rest.rfind("@")  # (an unescaped @ in the password comes before the host's)
+    user, colon, _ = rest[: max(at, 0)].partition(":")
+    return f"{head}{user}:***@{rest[at + 1 :]}" if colon else url
+
+
 def parse_url(url: str) -> ParsedURL:
-    """Split a database URL; raise :class:`BadURL` (a usage error) if it is malformed."""
+    """Split a database URL; raise :class:`BadURL` (a usage error) if it is malformed. A message
+    shows the URL without its password."""
     if not url:  # (an unset variable, as a rule: never the default database in silence)
         raise BadURL(
             "the database URL is empty: give one (sqlite:///path.db, mysql://..., "
             "postgresql://...), or none at all for $TASKLOCKS_DB or the default file"
         )
+    shown = quote(masked(url))
     if "://" not in url:
         raise BadURL(
-            f"bad database URL {quote(url)}: use sqlite:///path.db, mysql://user:pass@host:port/db "
+            f"bad database URL {shown}: use sqlite:///path.db, mysql://user:pass@host:port/db "
             "or postgresql://user@host:port/db"
         )
     scheme_raw = url.split("://", 1)[0].lower()
@@ -91,24 +103,22 @@ def parse_url(url: str) -> ParsedURL:
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError as exc:  # e.g. an unclosed [ of an IPv6 address
-        raise BadURL(f"bad database URL {quote(url)}: {exc}; use scheme://host:port/db") from None
+        raise BadURL(f"bad database URL {shown}: {exc}; use scheme://host:port/db") from None
     query = dict(urllib.parse.parse_qsl(parts.query))
     if scheme == "sqlite":
         # sqlite:///relative.db and sqlite:////abs/path.db, as in SQLAlchemy.
         path = url.split("://", 1)[1].split("?", 1)[0]
         if not path.startswith("/") or len(path) < 2:
-            raise BadURL(
-                f"bad SQLite URL {quote(url)}: use sqlite:///relative.db or sqlite:////abs.db"
-            )
+            raise BadURL(f"bad SQLite URL {shown}: use sqlite:///relative.db or sqlite:////abs.db")
         return ParsedURL("sqlite", path[1:], "", None, None, None, "", query)
     try:
         port = parts.port
-    except ValueError as exc:
-        raise BadURL(f"bad port in database URL {quote(url)}: use host:port with a number") from exc
+    except ValueError:
+        raise BadURL(f"bad port in database URL {shown}: use host:port with a number") from None
     database = urllib.parse.unquote(parts.path.lstrip("/"))  # ("my%20db": the database my db)
     if not parts.hostname or not database:
         raise BadURL(
-            f"bad database URL {quote(url)}: it needs a host and a database, {scheme}://host/db"
+            f"bad database URL {shown}: it needs a host and a database, {scheme}://host/db"
         )
     return ParsedURL(
         scheme,
