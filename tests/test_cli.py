@@ -419,6 +419,51 @@ def test_a_bad_urls_message_never_shows_its_password(
     assert not any(secret in line for secret in SECRETS), line
 
 
+MY = f"mysql://root:{PASSWORD}@127.0.0.1"
+MY_SHOWN = "'mysql://root:***@127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        # Each was taken as something else, in silence: the default port, the parameter left
+        # out, the last of two values, the URL before the #.
+        (f"{MY}:0/test", f"port 0 in database URL {MY_SHOWN}:0/test': give the server's port"),
+        (f"{MY}:/test", f"an empty port in database URL {MY_SHOWN}:/test': give the server's"),
+        (f"{MY}/test?foo", f"foo in the URL {MY_SHOWN}/test?foo' has no value: write foo=VALUE"),
+        (f"{MY}/test?charset=", "charset in the URL 'mysql://root:***@127.0.0.1/test?charset="),
+        (f"{MY}/test?=5", f"a parameter without a name (=5) in the URL {MY_SHOWN}/test?=5'"),
+        (
+            f"{MY}/test?connect_timeout=abc&connect_timeout=5",
+            "connect_timeout= is given twice in the URL 'mysql://root:***@127.0.0.1/test?connect",
+        ),
+        (f"{MY}/test#x", f"the database URL {MY_SHOWN}/test#x' has a fragment (#...)"),
+        ("mysql://root:S3c#PW@127.0.0.1/test", "'mysql://root:***@127.0.0.1/test' has a fragm"),
+        # A NUL was sent to the server, which answered "Bad handshake" (exit 69).
+        (f"{MY}/te%00st", f"the database URL {MY_SHOWN}/te%00st' has a NUL character (%00) in"),
+        (f"mysql://ro%00ot:{PASSWORD}@127.0.0.1/test", "(%00) in its user: remove it"),
+        ("mysql://root:S3c%00PW@127.0.0.1/test", "(%00) in its password: remove it"),
+        ("postgresql://postgres@127.0.0.1/test?sslrootcert=%00", "sslrootcert= in the URL"),
+    ],
+)
+def test_a_url_is_read_strictly(url: str, message: str, namespace: str) -> None:
+    result = cli(url, namespace, "locks")
+    assert result.returncode == 2, result
+    line = one_error_line(result)
+    assert line.startswith("tasklocks: ") and message in line, line
+    assert not any(secret in line for secret in SECRETS), line
+
+
+def test_an_sslmode_libpq_does_not_have_is_a_usage_error(namespace: str) -> None:
+    """(libpq's refusal was tried again for reconnect_timeout, then exit 69 'did not answer'.)"""
+    result = cli("postgresql://postgres@127.0.0.1:1/test?sslmode=bogus", namespace, "locks")
+    assert result.returncode == 2, result
+    assert one_error_line(result) == (
+        "tasklocks: sslmode=bogus in the URL: use one of disable, allow, prefer, require, "
+        "verify-ca, verify-full"
+    )
+
+
 def test_an_empty_url_is_refused_everywhere(namespace: str) -> None:
     """An empty URL never means the default database: a lock taken there would not be seen by
     the processes that use the database meant."""
@@ -430,7 +475,9 @@ def test_an_empty_url_is_refused_everywhere(namespace: str) -> None:
         connect("")
 
 
-def test_a_url_names_what_tasklocks_does_not_use_and_reads_an_escaped_database() -> None:
+def test_a_url_names_what_tasklocks_does_not_use_and_reads_an_escaped_database(
+    tmp_path: Path,
+) -> None:
     with pytest.raises(BadURL) as refused:
         connect("postgresql://postgres@127.0.0.1/test?application_name=x")
     assert str(refused.value) == (
@@ -442,6 +489,8 @@ def test_a_url_names_what_tasklocks_does_not_use_and_reads_an_escaped_database()
         BadURL, match=r"the sqlite URL has cache=, which tasklocks does not use \(it takes none\)"
     ):
         connect("sqlite:///x.db?cache=shared")
+    with pytest.raises(BadURL, match="the sqlite URL has mode="):  # (a # in the path hid it)
+        connect(f"sqlite:///{tmp_path}/a#b.db?mode=ro")
     assert parse_url("mysql://root@127.0.0.1/my%20db").database == "my db"
 
 

@@ -79,6 +79,20 @@ def masked(url: str) -> str:
     return f"{head}{user}:***@{rest[at + 1 :]}" if colon else url
 
 
+def _query(text: str, shown: str) -> dict[str, str]:
+    """The parameters of a URL's query: each once, each with a value."""
+    query: dict[str, str] = {}
+    for key, value in urllib.parse.parse_qsl(text, keep_blank_values=True):
+        if not key:
+            raise BadURL(f"a parameter without a name (={value}) in the URL {shown}: remove it")
+        if not value:
+            raise BadURL(f"{key} in the URL {shown} has no value: write {key}=VALUE, or remove it")
+        if key in query:
+            raise BadURL(f"{key}= is given twice in the URL {shown}: keep one")
+        query[key] = value
+    return query
+
+
 def parse_url(url: str) -> ParsedURL:
     """Split a database URL; raise :class:`BadURL` (a usage error) if it is malformed. A message
     shows the URL without its password."""
@@ -88,6 +102,8 @@ def parse_url(url: str) -> ParsedURL:
             "postgresql://...), or none at all for $TASKLOCKS_DB or the default file"
         )
     shown = quote(masked(url))
+    if "\0" in url:
+        raise BadURL(f"the database URL {shown} has a NUL character: remove it")
     if "://" not in url:
         raise BadURL(
             f"bad database URL {shown}: use sqlite:///path.db, mysql://user:pass@host:port/db "
@@ -100,33 +116,48 @@ def parse_url(url: str) -> ParsedURL:
             f"unsupported database URL scheme {quote(scheme_raw)}: use sqlite://, mysql://, "
             "mariadb:// or postgresql://"
         )
+    if scheme == "sqlite":
+        # sqlite:///relative.db and sqlite:////abs/path.db, as in SQLAlchemy: the path is taken
+        # as it is, a # in it too, and the query is all that follows the ?.
+        path, _, text = url.split("://", 1)[1].partition("?")
+        query = _query(text, shown)
+        if not path.startswith("/") or len(path) < 2:
+            raise BadURL(f"bad SQLite URL {shown}: use sqlite:///relative.db or sqlite:////abs.db")
+        return ParsedURL("sqlite", path[1:], "", None, None, None, "", query)
+    if "#" in url:
+        raise BadURL(
+            f"the database URL {shown} has a fragment (#...), which tasklocks does not use: "
+            "remove it (a # in a password or a name is written %23)"
+        )
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError as exc:  # e.g. an unclosed [ of an IPv6 address
         raise BadURL(f"bad database URL {shown}: {exc}; use scheme://host:port/db") from None
-    query = dict(urllib.parse.parse_qsl(parts.query))
-    if scheme == "sqlite":
-        # sqlite:///relative.db and sqlite:////abs/path.db, as in SQLAlchemy.
-        path = url.split("://", 1)[1].split("?", 1)[0]
-        if not path.startswith("/") or len(path) < 2:
-            raise BadURL(f"bad SQLite URL {shown}: use sqlite:///relative.db or sqlite:////abs.db")
-        return ParsedURL("sqlite", path[1:], "", None, None, None, "", query)
+    query = _query(parts.query, shown)
     try:
         port = parts.port
     except ValueError:
-        raise BadURL(f"bad port in database URL {shown}: use host:port with a number") from None
+        raise BadURL(
+            f"bad port in database URL {shown}: use host:port with a number from 1 to 65535"
+        ) from None
+    if port == 0 or (port is None and parts.netloc.rpartition("@")[2].endswith(":")):
+        raise BadURL(
+            f"{'port 0' if port == 0 else 'an empty port'} in database URL {shown}: give the "
+            "server's port (host:PORT/db), or none for the default one (host/db)"
+        )
     database = urllib.parse.unquote(parts.path.lstrip("/"))  # ("my%20db": the database my db)
     if not parts.hostname or not database:
         raise BadURL(
             f"bad database URL {shown}: it needs a host and a database, {scheme}://host/db"
         )
-    return ParsedURL(
-        scheme,
-        "",
-        parts.hostname,
-        port,
-        urllib.parse.unquote(parts.username) if parts.username else None,
-        urllib.parse.unquote(parts.password) if parts.password else None,
-        database,
-        query,
-    )
+    user = urllib.parse.unquote(parts.username) if parts.username else None
+    password = urllib.parse.unquote(parts.password) if parts.password else None
+    for what, value in [("user", user), ("password", password), ("database name", database)]:
+        if value and "\0" in value:  # (a driver would send it cut short, or fail obscurely)
+            raise BadURL(
+                f"the database URL {shown} has a NUL character (%00) in its {what}: remove it"
+            )
+    for key, value in query.items():
+        if "\0" in key + value:
+            raise BadURL(f"{key}= in the URL {shown} has a NUL character (%00): remove it")
+    return ParsedURL(scheme, "", parts.hostname, port, user, password, database, query)

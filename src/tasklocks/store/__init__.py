@@ -167,10 +167,14 @@ _QUERY = {
     "postgresql": ("connect_timeout", "pool", *PG_TLS),
 }
 
+# libpq's (https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-CONNECT-SSLMODE).
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
 
 def _check_query(parsed: ParsedURL) -> None:
     """:raises BadURL: the URL's query has a parameter tasklocks does not use, a
-    ``connect_timeout`` that is not a number of seconds, or a TLS file that is not there."""
+    ``connect_timeout`` that is not a number of seconds, an ``sslmode`` libpq does not have, or a
+    TLS file that is not there."""
     known = _QUERY[parsed.scheme]
     for key in parsed.query:
         if key not in known:
@@ -194,6 +198,9 @@ def _check_query(parsed: ParsedURL) -> None:
                 f"connect_timeout={timeout} in the URL: use a number of seconds, more than 0 "
                 "and at most 3600"
             )
+    sslmode = parsed.query.get("sslmode")
+    if sslmode is not None and sslmode not in _SSLMODES:  # (libpq's own error was retried)
+        raise BadURL(f"sslmode={sslmode} in the URL: use one of {', '.join(_SSLMODES)}")
     for key in ("ssl_verify_cert", "ssl_verify_identity"):
         if parsed.query.get(key, "true").lower() not in ("true", "false", "1", "0"):
             raise BadURL(f"{key}={parsed.query[key]} in the URL: use true or false")
