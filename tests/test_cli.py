@@ -558,6 +558,43 @@ def test_a_file_that_is_not_a_database_exits_69_naming_it(tmp_path: Path, namesp
     line = one_error_line(result)
     assert f"{str(path)!r} is not an SQLite database" in line and "check the path" in line
     assert path.read_text() == "hello\n"  # left as it was
+    assert sorted(tmp_path.iterdir()) == [path]  # (notes.db-lock, the writers' queue, was left)
+    gate = tmp_path / "notes.db-lock"  # one that was there before is not this open's to remove
+    gate.write_text("")
+    assert cli(f"sqlite:///{path}", namespace, "locks").returncode == 69
+    assert sorted(tmp_path.iterdir()) == [path, gate]
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite:///:memory:", "sqlite://", "sqlite:///", "sqlite:///file::memory:"]
+)
+def test_an_in_memory_sqlite_database_is_a_usage_error(
+    url: str, namespace: str, tmp_path: Path
+) -> None:
+    """(It exited 69, 'put the lock table on a local filesystem', leaving a file ':memory:' and
+    ':memory:-lock' in the working directory.)"""
+    result = subprocess.run(
+        tasklocks(url, namespace, "acquire", "x", "--owner", "me"),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=tmp_path,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert result.returncode == 2, result
+    line = one_error_line(result)
+    if "file:" in url:
+        assert line == (
+            f"tasklocks: bad SQLite URL {url!r}: SQLite takes a path beginning with file: as a "
+            "URI; name the file, sqlite:///relative.db or sqlite:////abs.db"
+        )
+    else:
+        assert line == (
+            f"tasklocks: {url!r} is an in-memory database, which is seen by one process only: "
+            "use a file, sqlite:///relative.db or sqlite:////abs.db"
+        )
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")

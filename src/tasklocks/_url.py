@@ -121,7 +121,17 @@ def parse_url(url: str) -> ParsedURL:
         # as it is, a # in it too, and the query is all that follows the ?.
         path, _, text = url.split("://", 1)[1].partition("?")
         query = _query(text, shown)
-        if not path.startswith("/") or len(path) < 2:
+        if path in ("", "/", "/:memory:"):  # (SQLAlchemy's in-memory database)
+            raise BadURL(
+                f"{shown} is an in-memory database, which is seen by one process only: use a "
+                "file, sqlite:///relative.db or sqlite:////abs.db"
+            )
+        if path.startswith("/file:"):  # SQLite reads it as a URI (file::memory:, ?mode=...)
+            raise BadURL(
+                f"bad SQLite URL {shown}: SQLite takes a path beginning with file: as a URI; "
+                "name the file, sqlite:///relative.db or sqlite:////abs.db"
+            )
+        if not path.startswith("/"):
             raise BadURL(f"bad SQLite URL {shown}: use sqlite:///relative.db or sqlite:////abs.db")
         return ParsedURL("sqlite", path[1:], "", None, None, None, "", query)
     if "#" in url:

@@ -116,6 +116,7 @@ class SQLiteStore(RowsStore):
         self._pid = 0
         self._gate_fd: int | None = None
         self._gate_pid = 0
+        self._gate_made = False  # the last _open_gate made the file
         # Changes until the next look at the WAL's size (see _bound_wal): the first look of each
         # process comes after a random number of them, so that short-lived processes look too.
         self._changes = random.randrange(WAL_LOOK_EVERY)
@@ -149,6 +150,7 @@ class SQLiteStore(RowsStore):
         conn.create_function("tasklocks_token", 1, self._token)
         self._conn = conn
         self._pid = os.getpid()
+        had_gate = self._gate_fd is not None and self._gate_pid == _pid.pid()
         self._gate_fd = self._open_gate()
         self._known = set()
         self._tasks_ready = False
@@ -166,6 +168,12 @@ class SQLiteStore(RowsStore):
         except BaseException:
             self._conn = None
             conn.close()
+            if not had_gate and self._gate_made and self._gate_fd is not None:
+                # (not a database, say: the <db>-lock this open made beside it goes too)
+                os.close(self._gate_fd)
+                self._gate_fd = None
+                with suppress(OSError):
+                    os.unlink(self.path + "-lock")
             raise
         return conn
 
@@ -177,8 +185,14 @@ class SQLiteStore(RowsStore):
         process. Without the file (no permission), changes still work, by retrying."""
         if self._gate_fd is not None and self._gate_pid == _pid.pid():
             return self._gate_fd
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         try:  # never reuse a descriptor inherited over fork: it would share the parent's lock
-            fd = os.open(self.path + "-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(self.path + "-lock", flags | os.O_EXCL, 0o600)
+                self._gate_made = True  # (removed again if this first open fails)
+            except FileExistsError:
+                fd = os.open(self.path + "-lock", flags, 0o600)
+                self._gate_made = False
         except OSError:
             return None
         self._gate_pid = os.getpid()
