@@ -7,6 +7,7 @@ tests wait for a condition (a marker file, a line on stderr, a process ending) w
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -17,6 +18,7 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -623,6 +625,40 @@ def test_unreachable_server_exits_69_with_one_line(namespace: str) -> None:
     result = cli("postgresql://postgres@127.0.0.1:1/test", namespace, "locks")
     assert result.returncode == 69
     assert "127.0.0.1" in one_error_line(result)
+
+
+def test_a_mysql_server_that_never_answers_fails_within_the_connect_timeout(
+    namespace: str,
+) -> None:
+    """A server that accepts the connection and never sends its greeting (a hung server, a
+    proxy with nothing behind it): PyMySQL's connect_timeout bounded the TCP connect only, and
+    the greeting was awaited for the 30 s read timeout, every try."""
+    pytest.importorskip("pymysql")
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # (closed at the end of the test)
+            while True:
+                accepted.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        result = cli(f"mysql://root@127.0.0.1:{port}/test?connect_timeout=2", namespace, "locks")
+        took = time.monotonic() - started
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)  # (wakes the accept)
+        listener.close()
+        thread.join(DEADLINE)
+        for conn in accepted:
+            conn.close()
+    assert result.returncode == 69, result
+    assert accepted  # it did connect: the wait was the greeting's
+    assert took < 15.0, took  # (reconnect_timeout is 5 s; one try took 30 s)
+    assert f"127.0.0.1:{port}" in one_error_line(result)
 
 
 def test_db_defaults_to_the_environment(tmp_path: Path, namespace: str) -> None:

@@ -141,6 +141,7 @@ class MySQLStore(ServerStore):
 
     def _open(self, **options: Any) -> Any:
         p = self._parsed
+        timeout = float(p.query.get("connect_timeout", CONNECT_TIMEOUT))
         conn = _connection_class(self._pymysql)(
             host=p.host,
             port=p.port or self.DEFAULT_PORT,
@@ -150,13 +151,20 @@ class MySQLStore(ServerStore):
             charset="utf8mb4",
             autocommit=True,
             client_flag=MULTI_STATEMENTS,
-            connect_timeout=float(p.query.get("connect_timeout", CONNECT_TIMEOUT)),
+            connect_timeout=timeout,
             **_tls(p.query),
-            # A connection that went silent (a dropped link, a frozen server) fails a call in
-            # half a minute instead of a quarter of an hour; no statement of ours runs longer.
-            read_timeout=IO_TIMEOUT,
-            write_timeout=IO_TIMEOUT,
+            # PyMySQL's connect_timeout bounds the TCP connect only: the handshake (greeting,
+            # TLS, authentication, SET NAMES) waits read_timeout, so a server that accepts and
+            # never answers held every try for IO_TIMEOUT. The whole connect gets the timeout.
+            read_timeout=timeout,
+            write_timeout=timeout,
         )
+        # Then a connection that went silent (a dropped link, a frozen server) fails a call in
+        # half a minute instead of a quarter of an hour; no statement of ours runs longer.
+        # (PyMySQL sets the socket's timeout from these before each read and write.)
+        conn._read_timeout = conn._write_timeout = IO_TIMEOUT
+        conn._sock.settimeout(IO_TIMEOUT)
+        conn._current_timeout = IO_TIMEOUT
         self._mariadb = "mariadb" in str(getattr(conn, "server_version", "")).lower()
         return conn
 
