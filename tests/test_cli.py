@@ -1130,6 +1130,28 @@ def test_two_limits_for_one_name_exit_2(sqlite_url: str, namespace: str) -> None
     assert one_error_line(result) == "tasklocks: --limit gives s two limits (2 and 3); give one"
 
 
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["acquire", "a", "--shared", "a", "--owner", "me"], "--shared"),
+        (["acquire", "--shared", "a", "a", "--owner", "me"], "--shared"),
+        (["acquire", "a", "--limit", "a=2", "--owner", "me"], "--limit"),
+        (["run", "--lock", "a", "--shared", "a", "--", "true"], "--shared"),
+        (["run", "--lock", "a", "--limit", "a=2", "--", "true"], "--limit"),
+    ],
+)
+def test_one_name_exclusive_and_shared_is_a_usage_error(
+    sqlite_url: str, namespace: str, args: list[str], option: str
+) -> None:
+    """Not a lock taken shared in silence: the command asked for two things."""
+    result = cli(sqlite_url, namespace, *args)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert one_error_line(result) == (
+        f"tasklocks: a is asked for both exclusively and with {option}; give one of the two"
+    )
+    assert held(sqlite_url, namespace) == []
+
+
 def test_waiters_are_listed_and_a_try_does_not_overtake_them(
     db_url: str, namespace: str, tmp_path: Path
 ) -> None:

@@ -594,6 +594,11 @@ def test_wait_timeout_on_a_long_task_exits_75(cli: Cli) -> None:
         pytest.param(("--call", "json:loads", "--args", "{bad"), "not valid JSON", id="bad-json"),
         pytest.param(("--args", "[1]", "--", "echo", "hi"), "--args goes with --call", id="args"),
         pytest.param(("--lock", "bad name!", "--", "true"), "bad lock name", id="lock-name"),
+        pytest.param(
+            ("--lock", "a", "--shared", "a", "--", "true"),
+            "a is asked for both exclusively and with --shared",
+            id="exclusive-and-shared",
+        ),
     ],
 )
 def test_bad_start_exits_2_with_one_line_and_starts_nothing(

@@ -73,7 +73,8 @@ class LockSpec:
 
 def lock_spec(exclusive: list[str], shared: list[str], limits: list[tuple[str, int]]) -> LockSpec:
     """Every lock named by the options, validated; a name both --shared and --limit is counted.
-    :raises BadLockName: a name is not allowed. :raises OptionError: one name, two limits."""
+    :raises BadLockName: a name is not allowed. :raises OptionError: one name, two limits, or
+        one name taken both exclusively and --shared or --limit."""
     counted: dict[str, int] = {}
     for name, n in limits:
         names.validate_name(name)
@@ -83,5 +84,11 @@ def lock_spec(exclusive: list[str], shared: list[str], limits: list[tuple[str, i
             )
     for name in [*exclusive, *shared]:
         names.validate_name(name)
+    for name in exclusive:
+        if name in counted or name in shared:
+            option = "--limit" if name in counted else "--shared"
+            raise OptionError(
+                f"{name} is asked for both exclusively and with {option}; give one of the two"
+            )
     all_names = list(dict.fromkeys([*exclusive, *shared, *counted]))
     return LockSpec(all_names, [n for n in dict.fromkeys(shared) if n not in counted], counted)
