@@ -1038,6 +1038,27 @@ def test_run_usage_errors_exit_2_with_one_line(
     assert complaint in one_error_line(result)
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["acquire", "x", "--owner", "me", "--note", "\udcff"],
+        ["run", "--lock", "x", "--note", "a\udcffb", "--", "true"],
+    ],
+    ids=["acquire", "run"],
+)
+def test_a_note_that_is_not_utf8_is_a_usage_error(
+    sqlite_url: str, namespace: str, args: list[str]
+) -> None:
+    """A byte that is not UTF-8 (Python's lone surrogate) is bad input, not an unexpected
+    error: the option is named, nothing is taken."""
+    result = cli(sqlite_url, namespace, *args)
+    assert (result.returncode, result.stdout) == (2, "")
+    line = one_error_line(result)
+    assert line.startswith("tasklocks: argument --note: not UTF-8 text: "), line
+    assert "give it in UTF-8" in line
+    assert held(sqlite_url, namespace) == []
+
+
 def test_run_without_a_lock_is_a_usage_error(sqlite_url: str, namespace: str) -> None:
     result = cli(sqlite_url, namespace, "run", "--", "true")
     assert result.returncode == 2

@@ -565,6 +565,18 @@ def test_tasks_of_another_namespace_are_not_listed(cli: Cli) -> None:
     assert json.loads(other.ok("tasks", "--all", "--json")) == []
 
 
+def test_args_100_deep_reach_the_callable(cli: Cli) -> None:
+    task_id = cli.start("--call", "json:dumps", "--args", "[" + "[" * 99 + "]" * 99 + "]")
+    assert cli.wait(task_id).returncode == 0
+    assert cli.record(task_id)["result"] == "[" * 99 + "]" * 99
+
+
+def test_a_progress_message_that_is_not_utf8_is_a_usage_error(cli: Cli) -> None:
+    result = cli.run("progress", "40", "\udcff")
+    assert result.returncode == EXIT_USAGE
+    assert "argument message: not UTF-8 text" in one_error_line(result)
+
+
 def test_progress_outside_a_task_is_a_usage_error(cli: Cli) -> None:
     result = cli.run("progress", "40")
     assert result.returncode == EXIT_USAGE
@@ -594,6 +606,19 @@ def test_wait_timeout_on_a_long_task_exits_75(cli: Cli) -> None:
         pytest.param(("--call", "json:loads", "--args", "{bad"), "not valid JSON", id="bad-json"),
         pytest.param(("--args", "[1]", "--", "echo", "hi"), "--args goes with --call", id="args"),
         pytest.param(("--lock", "bad name!", "--", "true"), "bad lock name", id="lock-name"),
+        pytest.param(
+            ("--kind", "\udcff", "--", "true"), "argument --kind: not UTF-8 text", id="kind"
+        ),
+        pytest.param(
+            ("--call", "json:dumps", "--args", "[" * 50000 + "]" * 50000),
+            "--args nests arrays or objects more than 100 deep",
+            id="args-past-the-recursion-limit",
+        ),
+        pytest.param(
+            ("--call", "json:dumps", "--args", '{"a": ' * 101 + "1" + "}" * 101),
+            "--args nests arrays or objects more than 100 deep",
+            id="args-101-deep",
+        ),
         pytest.param(
             ("--lock", "a", "--shared", "a", "--", "true"),
             "a is asked for both exclusively and with --shared",

@@ -13,13 +13,26 @@ from typing import Any
 from tasklocks import names
 from tasklocks.errors import EXIT_USAGE, TasklocksError, quote
 
-__all__ = ["LockSpec", "OptionError", "add_mode_options", "limit_spec", "lock_spec"]
+__all__ = ["LockSpec", "OptionError", "add_mode_options", "limit_spec", "lock_spec", "utf8_text"]
 
 
 class OptionError(TasklocksError):
     """Lock options that contradict each other (exit 2)."""
 
     exit_code = EXIT_USAGE
+
+
+def utf8_text(text: str) -> str:
+    """argparse type for free text (``--note``, ``--kind``, a progress message): text UTF-8 can
+    encode, as the database and every reader need (bytes that are not UTF-8 reach Python as lone
+    surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(
+            f"not UTF-8 text: {quote(text)}; give it in UTF-8"
+        ) from None
+    return text
 
 
 def limit_spec(text: str) -> tuple[str, int]:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from tasklocks._cli_args import add_mode_options, lock_spec
+from tasklocks._cli_args import add_mode_options, lock_spec, utf8_text
 from tasklocks.errors import EXIT_FAILURE, EXIT_LOCKED, EXIT_USAGE, TasklocksError, clock, quote
 from tasklocks.tasks import TaskRecord, Tasks, TaskState, current_task_id
 
@@ -27,8 +27,24 @@ _WAIT_EXIT = {
 }
 
 
+# How deep --args may nest: the task's record is written and read again by json, which recurses.
+MAX_ARGS_DEPTH = 100
+
+
 class TaskUsageError(TasklocksError):
     exit_code = EXIT_USAGE
+
+
+def _depth(value: Any) -> int:
+    """How deep arrays and objects nest in a JSON value (without recursion)."""
+    deepest = 0
+    todo = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            todo.extend((x, depth + 1) for x in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _open(args: argparse.Namespace) -> Tasks:
@@ -103,10 +119,18 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.args is not None:
         try:
             call_args = json.loads(args.args)
+            too_deep = _depth(call_args) > MAX_ARGS_DEPTH
         except ValueError as exc:
             raise TaskUsageError(
                 f"--args is not valid JSON ({exc}); quote it: --args '{{...}}'"
             ) from None
+        except RecursionError:  # deeper than Python's recursion limit lets json read
+            too_deep = True
+        if too_deep:
+            raise TaskUsageError(
+                f"--args nests arrays or objects more than {MAX_ARGS_DEPTH} deep; "
+                "give a flatter value"
+            )
     spec = lock_spec(args.locks, args.shared, args.limits)
     with _open(args) as tasks:
         task_id = tasks.start(
@@ -333,11 +357,18 @@ def add_task_commands(add: Callable[..., Any]) -> None:
         "--timeout", type=_positive, metavar="S", help="stop the task after S seconds of running"
     )
     p.add_argument(
-        "--kind", metavar="K", help="what the task does, e.g. 'update blog' (shown to waiters)"
+        "--kind",
+        metavar="K",
+        type=utf8_text,
+        help="what the task does, e.g. 'update blog' (shown to waiters)",
     )
     p.add_argument("--no-wait", action="store_true", help="fail the task at once if a lock is held")
     p.add_argument("--call", metavar="MODULE:FUNCTION", help="a Python callable to run")
-    p.add_argument("--args", metavar="JSON", help="arguments for --call: an object or an array")
+    p.add_argument(
+        "--args",
+        metavar="JSON",
+        help=f"arguments for --call: an object or an array (nested at most {MAX_ARGS_DEPTH} deep)",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
 
     p = add("tasks", cmd_tasks, help="list tasks (active ones; --all for every one)")
@@ -376,4 +407,4 @@ def add_task_commands(add: Callable[..., Any]) -> None:
 
     p = add("progress", cmd_progress, help="report progress from inside a task (shell tasks)")
     p.add_argument("percent", type=float, help="0 to 100")
-    p.add_argument("message", nargs="?", help="what the task is doing")
+    p.add_argument("message", nargs="?", type=utf8_text, help="what the task is doing")

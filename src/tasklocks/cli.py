@@ -58,7 +58,7 @@ from tasklocks import (
     names,
     process_identity,
 )
-from tasklocks._cli_args import add_mode_options, lock_spec
+from tasklocks._cli_args import add_mode_options, lock_spec, utf8_text
 from tasklocks._cli_tasks import add_task_commands
 from tasklocks._keeper import GRACE, fork_keeper
 from tasklocks._session import DEFAULT_TTL, MAX_TTL, MIN_TTL
@@ -668,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timeout", type=_seconds, metavar="S", help="give up waiting after S seconds (waits)"
     )
-    p.add_argument("--note", metavar="TEXT", help="shown to those who wait")
+    p.add_argument("--note", metavar="TEXT", type=utf8_text, help="shown to those who wait")
 
     p = add(
         "release",
@@ -716,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mode_options(p)
     p.add_argument("--no-wait", action="store_true", help="exit 75 at once if a lock is held")
     p.add_argument("--timeout", type=_seconds, metavar="S", help="give up waiting after S seconds")
-    p.add_argument("--note", metavar="TEXT", help="shown to those who wait")
+    p.add_argument("--note", metavar="TEXT", type=utf8_text, help="shown to those who wait")
     p.add_argument("--owner", help="owner id (default: run:<host>:<pid of the command>)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
 
