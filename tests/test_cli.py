@@ -1012,6 +1012,14 @@ def test_run_reports_a_command_it_cannot_run(
     assert result.returncode == 127
     assert one_error_line(result).startswith(f"tasklocks: cannot run {missing}: ")
 
+    # An empty command is a missing one too (execvp('') raised ValueError: exit 75 in silence).
+    for empty in ("", " "):
+        result = cli(sqlite_url, namespace, "run", "--lock", "x", "--", empty)
+        assert result.returncode == 127
+        assert one_error_line(result) == (
+            f"tasklocks: cannot run {empty!r}: No such file or directory"
+        )
+
     not_executable = tmp_path / "script.sh"
     not_executable.write_text("#!/bin/sh\nexit 0\n")
     result = cli(sqlite_url, namespace, "run", "--lock", "x", "--", str(not_executable))

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import errno
 import json
 import math
 import os
@@ -413,11 +414,14 @@ def _child(read_fd: int, command: list[str]) -> None:
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), signal.SIG_DFL)
         try:
+            if not command[0]:  # (execvp raises ValueError, not the kernel's ENOENT)
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
             os.execvp(command[0], command)
         except OSError as exc:
             code = 126 if isinstance(exc, PermissionError) else 127
             reason = exc.strerror or str(exc)
-            message = f"{PROG}: cannot run {_one_line(command[0])}: {reason}\n"
+            shown = _one_line(command[0]) if command[0].strip() else repr(command[0])
+            message = f"{PROG}: cannot run {shown}: {reason}\n"
             os.write(2, message.encode(errors="replace"))
     except BaseException:
         pass
