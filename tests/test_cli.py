@@ -212,6 +212,7 @@ def test_no_command_is_a_usage_error() -> None:
         (["acquire", "a", "--owner", "me", "--timeout", "-1"], "argument --timeout"),
         (["acquire", "a"], "required: --owner"),
         (["locks", "--bogus"], "unrecognized arguments: --bogus"),
+        (["locks", "\x1b[2J"], "unrecognized arguments: \\x1b[2J"),
     ],
 )
 def test_argparse_errors_are_one_line_naming_the_help(
@@ -1179,6 +1180,49 @@ def test_one_name_exclusive_and_shared_is_a_usage_error(
         f"tasklocks: a is asked for both exclusively and with {option}; give one of the two"
     )
     assert held(sqlite_url, namespace) == []
+
+
+# A note that would retitle the terminal, recolour it (ESC [ and C1's CSI) and delete (DEL).
+RAW_NOTE = "a\x1b]0;pwned\x07b\x1b[31mred\x7f\x9b1m"
+SHOWN_NOTE = "a\\x1b]0;pwned\\x07b\\x1b[31mred\\x7f\\x9b1m"
+
+
+def assert_printable(text: str) -> None:
+    """No control character (C0 but the newline, DEL, C1) reaches the terminal."""
+    assert not [c for c in text if c != "\n" and (ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0)], text
+
+
+def test_control_characters_in_notes_are_shown_escaped_but_kept_in_json(
+    sqlite_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """locks, waiting, a refusal and a waiter's stderr line show a note's control characters
+    as \\x1b; --json gives the note exactly as it was written."""
+    taken = cli(sqlite_url, namespace, "acquire", "x", "--owner", "o1", "--note", RAW_NOTE)
+    assert taken.returncode == 0, taken.stderr
+    refused = cli(sqlite_url, namespace, "acquire", "x", "--owner", "o2")
+    assert refused.returncode == 75
+    assert_printable(refused.stderr)
+    assert f", {SHOWN_NOTE};" in one_error_line(refused)
+    err = tmp_path / "stderr"
+    waiter = start(
+        sqlite_url, namespace, "run", "--lock", "x", "--note", RAW_NOTE, "--", "true", stderr=err
+    )
+    try:
+        wait_until(lambda: "waiting for x" in err.read_text(), "run to wait")
+        assert_printable(err.read_text())
+        assert SHOWN_NOTE in err.read_text()
+        for command in ("locks", "waiting"):
+            result = cli(sqlite_url, namespace, command)
+            assert result.returncode == 0, result.stderr
+            assert_printable(result.stdout)
+            rows = [line for line in result.stdout.splitlines() if " o1 " in f" {line} "]
+            rows += [line for line in result.stdout.splitlines() if "run:" in line]
+            assert rows and all(row.endswith(SHOWN_NOTE) for row in rows), result.stdout
+        assert [lock["note"] for lock in held(sqlite_url, namespace)] == [RAW_NOTE]
+        waiting = json.loads(cli(sqlite_url, namespace, "waiting", "--json").stdout)
+        assert [w["note"] for w in waiting] == [RAW_NOTE]
+    finally:
+        stop(waiter)
 
 
 def test_waiters_are_listed_and_a_try_does_not_overtake_them(

@@ -408,6 +408,29 @@ def test_a_kind_of_several_lines_keeps_its_row_on_one_line(cli: Cli) -> None:
     assert cli.record(task_id)["kind"] == "update\nblog\tnow"  # kept as given
 
 
+def test_control_characters_of_a_task_are_shown_escaped_but_kept_in_json(cli: Cli) -> None:
+    """A kind, a progress message and a command with escape codes (ESC, BEL, DEL, C1's CSI)
+    cannot reach the terminal through tasks, task or wait; --json keeps them exact."""
+    raw = "k\x1b]0;pwned\x07\x1b[31m\x7f\x9b2J"
+    shown = "k\\x1b]0;pwned\\x07\\x1b[31m\\x7f\\x9b2J"
+    script = 'tasklocks progress 40 "$1"'
+    task_id = cli.start("--kind", raw, "--", "sh", "-c", script, "sh", raw)
+    summary = cli.wait(task_id)
+    assert summary.returncode == 0, cli.log(task_id)
+    assert summary.stdout == f"task {task_id} succeeded: {shown}\n"
+    table = cli.ok("tasks", "--all")
+    fields = cli.ok("task", str(task_id))
+    for text in (table, fields):
+        assert not [c for c in text if c != "\n" and (ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0)]
+    (row,) = parse_table(table)
+    assert (row["KIND"], row["MESSAGE"]) == (shown, shown)
+    parsed = parse_fields(fields)
+    assert (parsed["kind"], parsed["message"]) == (shown, shown)
+    assert parsed["target"] == f"sh -c {script} sh {shown}"
+    record = cli.record(task_id)
+    assert (record["kind"], record["message"], record["target"][-1]) == (raw, raw, raw)
+
+
 def test_task_text_shows_state_locks_and_log(cli: Cli) -> None:
     task_id = cli.start(
         "--lock", "db", "--lock", "site", "--kind", "show me", "--", "sh", "-c", "echo hello"

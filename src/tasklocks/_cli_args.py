@@ -1,4 +1,5 @@
-"""Command-line options shared by ``acquire``, ``run`` and ``start``: which locks, and how.
+"""Command-line options shared by ``acquire``, ``run`` and ``start``: which locks, and how; and
+how every command shows text to a person (:func:`printable`, :func:`print_table`).
 
 ``--lock NAME`` (or a positional NAME for ``acquire``) takes a lock exclusively, ``--shared NAME``
 shares it with other shared holders, ``--limit NAME=N`` shares it with at most N holders at once.
@@ -7,13 +8,48 @@ shares it with other shared holders, ``--limit NAME=N`` shares it with at most N
 from __future__ import annotations
 
 import argparse
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tasklocks import names
 from tasklocks.errors import EXIT_USAGE, TasklocksError, quote
 
-__all__ = ["LockSpec", "OptionError", "add_mode_options", "limit_spec", "lock_spec", "utf8_text"]
+__all__ = [
+    "LockSpec",
+    "OptionError",
+    "add_mode_options",
+    "limit_spec",
+    "lock_spec",
+    "print_table",
+    "printable",
+    "utf8_text",
+]
+
+# C0 controls, DEL, C1 controls, and lone surrogates (bytes that were not UTF-8).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """``text`` as a person's terminal may show it: a control character as ``\\x1b`` (C0, DEL
+    and C1: a note or a task's message cannot move the cursor, retitle the window or recolour
+    the screen) and a lone surrogate as ``\\udcff``. Human output only: ``--json`` is exact."""
+    return _UNPRINTABLE.sub(_escape, text)
+
+
+def print_table(rows: Sequence[tuple[str, ...]]) -> None:
+    """Print ``rows`` (the header first) in aligned columns, every cell :func:`printable`: the
+    one place the command line's tables (``locks``, ``waiting``, ``tasks``) are drawn."""
+    cells = [[printable(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    for row in cells:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 class OptionError(TasklocksError):

@@ -9,9 +9,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-from tasklocks._cli_args import add_mode_options, lock_spec, utf8_text
+from tasklocks._cli_args import add_mode_options, lock_spec, print_table, printable, utf8_text
 from tasklocks.errors import EXIT_FAILURE, EXIT_LOCKED, EXIT_USAGE, TasklocksError, clock, quote
 from tasklocks.tasks import TaskRecord, Tasks, TaskState, current_task_id
 
@@ -70,12 +70,6 @@ def _percent(record: TaskRecord) -> str:
     return "-" if record.percent is None else f"{record.percent:.0f}%"
 
 
-def _table(rows: list[tuple[str, ...]], out: TextIO) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out)
-
-
 def _list_rows(records: list[TaskRecord]) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = [
         ("ID", "KIND", "STATE", "PERCENT", "MESSAGE", "STARTED", "DURATION")
@@ -101,7 +95,9 @@ def _bar(record: TaskRecord, width: int = 30) -> str:
     filled = round(fraction * width)
     message = " ".join((record.message or "").split())[:60]
     bar = "#" * filled + "." * (width - filled)
-    return f"task {record.id} [{bar}] {_percent(record):>4} {record.state.value}  {message}"
+    return printable(
+        f"task {record.id} [{bar}] {_percent(record):>4} {record.state.value}  {message}"
+    )
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -158,7 +154,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     if not records:
         print("no tasks" if args.all else "no active tasks (see --all)")
         return EXIT_OK
-    _table(_list_rows(records), sys.stdout)
+    print_table(_list_rows(records))
     return EXIT_OK
 
 
@@ -213,7 +209,7 @@ def cmd_task(args: argparse.Namespace) -> int:
     ]
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
-        print(f"{key + ':':<{width + 1}} {value}")
+        print(f"{key + ':':<{width + 1}} {printable(value)}")
     return EXIT_OK
 
 
@@ -269,7 +265,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
         summary += f": {record.error_code}: {record.error_message}"
     elif record.message:
         summary += f": {record.message}"
-    print(summary)
+    print(printable(summary))
     return _WAIT_EXIT[record.state]
 
 

@@ -59,7 +59,7 @@ from tasklocks import (
     names,
     process_identity,
 )
-from tasklocks._cli_args import add_mode_options, lock_spec, utf8_text
+from tasklocks._cli_args import add_mode_options, lock_spec, print_table, printable, utf8_text
 from tasklocks._cli_tasks import add_task_commands
 from tasklocks._keeper import GRACE, fork_keeper
 from tasklocks._session import DEFAULT_TTL, MAX_TTL, MIN_TTL
@@ -114,7 +114,7 @@ def _one_line(text: str) -> str:
 
 
 def _error(message: str) -> None:
-    print(f"{PROG}: {_one_line(message)}", file=sys.stderr, flush=True)
+    print(f"{PROG}: {printable(_one_line(message))}", file=sys.stderr, flush=True)
 
 
 class _Waiting:
@@ -136,7 +136,7 @@ class _Waiting:
             first = describe_holder(status.ahead[0])
             more = f" and {len(status.ahead) - 1} more" if len(status.ahead) > 1 else ""
             text += f"; {ordinal(status.position)} in line, after {first}{more}"
-        line = f"waiting for {text}"
+        line = printable(f"waiting for {text}")
         if line != self.said:
             self.said = line
             print(line, file=sys.stderr, flush=True)
@@ -230,15 +230,9 @@ def _expires(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.0f}s"
 
 
-def _table(rows: Sequence[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-
-
 def _print_held(held: list[HeldLock]) -> None:
     header = ("NAME", "OWNER", "PID", "HOST", "SINCE", "TOKEN", "MODE", "STATE", "EXPIRES", "NOTE")
-    _table(
+    print_table(
         [header]
         + [
             (
@@ -260,7 +254,7 @@ def _print_held(held: list[HeldLock]) -> None:
 
 def _print_queue(queue: list[QueuedWaiter]) -> None:
     header = ("POS", "OWNER", "WANTS", "PID", "HOST", "SINCE", "STATE", "EXPIRES", "NOTE")
-    _table(
+    print_table(
         [header]
         + [
             (
@@ -373,7 +367,7 @@ def cmd_reap(args: argparse.Namespace) -> int:
     if not reaped:
         print("nothing to reap")
     for name, holder in sorted(reaped, key=lambda r: r[0]):
-        print(f"reaped {name} from {describe_holder(holder)}")
+        print(printable(f"reaped {name} from {describe_holder(holder)}"))
     return EXIT_OK
 
 
@@ -420,7 +414,7 @@ def _child(read_fd: int, command: list[str]) -> None:
         except OSError as exc:
             code = 126 if isinstance(exc, PermissionError) else 127
             reason = exc.strerror or str(exc)
-            shown = _one_line(command[0]) if command[0].strip() else repr(command[0])
+            shown = printable(_one_line(command[0])) if command[0].strip() else repr(command[0])
             message = f"{PROG}: cannot run {shown}: {reason}\n"
             os.write(2, message.encode(errors="replace"))
     except BaseException:
@@ -606,7 +600,7 @@ class _Parser(argparse.ArgumentParser):
     subcommands' parsers are of the same class)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{PROG}: {message} (see '{self.prog} --help')\n")
+        self.exit(EXIT_USAGE, f"{PROG}: {printable(message)} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
