@@ -606,6 +606,17 @@ def test_progress_outside_a_task_is_a_usage_error(cli: Cli) -> None:
     assert "inside a task" in one_error_line(result)
 
 
+@pytest.mark.parametrize("value", ["abc", "\u0661", "\u00b2", "-1"])
+def test_progress_with_a_task_id_variable_that_is_no_id_says_so(cli: Cli, value: str) -> None:
+    """Not 'is not set' for a variable that is set; and an Arabic-Indic one is not task 1."""
+    cli.env["TASKLOCKS_TASK_ID"] = value
+    result = cli.run("progress", "40")
+    assert result.returncode == EXIT_USAGE
+    assert one_error_line(result).startswith(
+        f"tasklocks: TASKLOCKS_TASK_ID is {value!r}, not a task id; "
+    )
+
+
 # --- waiting with a deadline, and bad input ------------------------------------------------------
 
 
@@ -678,6 +689,27 @@ def test_tasks_limit_past_every_task_lists_them_all(cli: Cli) -> None:
     assert cli.wait(task_id).returncode == 0
     listed = cli.listing("--all", "--limit", "99999999999999999999999")
     assert [r["id"] for r in listed] == [task_id]
+
+
+@pytest.mark.parametrize("task_id", ["\u00b2", "\u0661", "1\u0661"])
+@pytest.mark.parametrize("command", ["task", "wait", "stop", "logs"])
+def test_a_task_id_is_ascii_digits(cli: Cli, command: str, task_id: str) -> None:
+    """A superscript two was 'invalid _task_id value'; an Arabic-Indic one was task 1."""
+    task = cli.start("--", "true")  # task 1 of a fresh database, or another id: never shown
+    assert cli.wait(task).returncode == 0
+    result = cli.run(command, task_id)
+    assert (result.returncode, result.stdout) == (EXIT_USAGE, "")
+    assert one_error_line(result) == (
+        f"tasklocks: argument id: a task id is a whole number, not {task_id!r} "
+        f"(see 'tasklocks {command} --help')"
+    )
+
+
+@pytest.mark.parametrize("limit", ["\u00b2", "\u0661"])
+def test_tasks_limit_is_ascii_digits(cli: Cli, limit: str) -> None:
+    result = cli.run("tasks", "--limit", limit)
+    assert result.returncode == EXIT_USAGE
+    assert f"--limit: must be a whole number from 1: {limit!r}" in one_error_line(result)
 
 
 def test_wait_with_a_bad_id_is_an_argparse_usage_error(cli: Cli) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from typing import Any
 
 from tasklocks._cli_args import add_mode_options, lock_spec, print_table, printable, utf8_text
 from tasklocks.errors import EXIT_FAILURE, EXIT_LOCKED, EXIT_USAGE, TasklocksError, clock, quote
-from tasklocks.tasks import TaskRecord, Tasks, TaskState, current_task_id
+from tasklocks.tasks import TaskRecord, Tasks, TaskState
 
 __all__ = ["add_task_commands"]
 
@@ -291,12 +292,18 @@ def _wait_with_bar(tasks: Tasks, task_id: int, timeout: float | None) -> TaskRec
 
 
 def cmd_progress(args: argparse.Namespace) -> int:
-    task_id = current_task_id()
-    if task_id is None:
+    raw = os.environ.get("TASKLOCKS_TASK_ID", "")
+    if not raw:
         raise TaskUsageError(
             "progress works only inside a task (TASKLOCKS_TASK_ID is not set); "
             "start the command with 'tasklocks start'"
         )
+    if not _is_number(raw):
+        raise TaskUsageError(
+            f"TASKLOCKS_TASK_ID is {quote(raw)}, not a task id; progress works only inside a "
+            "task, which 'tasklocks start' gives its id"
+        )
+    task_id = int(raw)
     if not math.isfinite(args.percent) or not 0 <= args.percent <= 100:
         raise TaskUsageError(f"progress must be a number from 0 to 100, not {args.percent:g}")
     from tasklocks.tasks import default_tasks
@@ -315,14 +322,20 @@ def _positive(text: str) -> float:
     return value
 
 
+def _is_number(text: str) -> bool:
+    """Is ``text`` ASCII digits alone? (``str.isdigit`` also takes a superscript two, which
+    ``int`` refuses, and other scripts' digits, which it reads as numbers.)"""
+    return text.isascii() and text.isdigit()
+
+
 def _task_id(text: str) -> int:
-    if not text.isdigit():
+    if not _is_number(text):
         raise argparse.ArgumentTypeError(f"a task id is a whole number, not {quote(text)}")
     return int(text)
 
 
 def _count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not _is_number(text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number from 1: {quote(text)}")
     return int(text)  # (Tasks.list takes any size: more than there are tasks is every task)
 

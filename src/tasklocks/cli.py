@@ -155,8 +155,11 @@ def _seconds(text: str) -> float:
 
 def _ttl(text: str) -> float:
     """argparse type for --ttl: a second to a day."""
-    value = _seconds(text)
-    if not MIN_TTL <= value <= MAX_TTL:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {quote(text)}") from None
+    if not MIN_TTL <= value <= MAX_TTL:  # (NaN too)
         raise argparse.ArgumentTypeError(
             f"must be {MIN_TTL:g} to {MAX_TTL:g} seconds: {quote(text)}"
         )
