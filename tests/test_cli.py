@@ -189,7 +189,7 @@ def test_help_documents_exit_codes() -> None:
         [PY, "-m", "tasklocks", "--help"], capture_output=True, text=True, env=ENV, check=False
     )
     assert result.returncode == 0
-    for code in ("0", "75", "2", "69", "1"):
+    for code in ("0", "75", "2", "69", "1", "130", "143", "127"):
         assert any(line.strip().startswith(code + " ") for line in result.stdout.splitlines())
     assert "run" in result.stdout and "acquire" in result.stdout
 
@@ -930,6 +930,43 @@ def test_run_forwards_signals_to_the_command(
         stop(run)
     assert (tmp_path / "got").read_text() == signame
     assert held(sqlite_url, namespace) == []
+
+
+@pytest.mark.parametrize("command", ["acquire", "run"])
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_signal_while_waiting_ends_the_wait_as_documented(
+    sqlite_url: str, namespace: str, tmp_path: Path, command: str, signame: str
+) -> None:
+    """The exit-code table's 130 (SIGINT: the wait gives up its place in line at once), 143 and
+    129 (SIGTERM and SIGHUP kill it: the shell's 128+N; its place goes once it is provably
+    gone); the command never runs."""
+    assert cli(sqlite_url, namespace, "acquire", "x", "--owner", "holder").returncode == 0
+    err = tmp_path / "stderr"
+    marker = tmp_path / "ran"
+    args = {
+        "acquire": ["acquire", "x", "--owner", "me", "--wait"],
+        "run": ["run", "--lock", "x", "--", "touch", str(marker)],
+    }[command]
+    waiter = start(
+        sqlite_url,
+        namespace,
+        *args,
+        stderr=err,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        wait_until(lambda: "waiting for x" in err.read_text(), "the wait to begin")
+        waiter.send_signal(getattr(signal, signame))
+        code = finish(waiter)[0]
+    finally:
+        stop(waiter)
+    # Killed by signal N, -N here, is 128+N in a shell: 143 for SIGTERM, 129 for SIGHUP.
+    assert code == {"SIGINT": 130, "SIGTERM": -signal.SIGTERM, "SIGHUP": -signal.SIGHUP}[signame]
+    assert not marker.exists()
+    waiters = json.loads(cli(sqlite_url, namespace, "waiting", "--json").stdout)
+    assert [w["state"] for w in waiters] in ([], ["dead"])
+    assert not (signame == "SIGINT" and waiters)
+    assert [lock["owner"] for lock in held(sqlite_url, namespace)] == ["holder"]
 
 
 def test_run_killed_with_sigkill_leaves_the_locks_to_the_command(

@@ -21,6 +21,10 @@ Exit codes:
     2   usage error or bad input (bad lock name, bad URL, missing --yes)
     69  database unavailable (``serve``: also the web extra not installed)
     1   anything else (a lock not held by that owner, a corrupt lock table)
+    130 interrupted by SIGINT (Ctrl-C) while waiting or working (a wait gives up)
+    143 killed by SIGTERM (129: SIGHUP, 131: SIGQUIT) while waiting or working, as a shell
+        shows it; ``run`` passes these signals on to its command once it runs
+    127 ``run``: no such command (126: the command cannot be executed)
 
 Every error is one line on stderr starting with ``tasklocks: ``.
 
@@ -91,6 +95,11 @@ exit codes:
   {EXIT_USAGE:<3} usage error or bad input (bad lock name, bad URL, missing --yes)
   {EXIT_UNAVAILABLE:<3} database unavailable (serve: also the web extra not installed)
   {EXIT_FAILURE:<3} anything else (e.g. a lock not held by that owner, a corrupt lock table)
+  {EXIT_INTERRUPTED:<3} interrupted by SIGINT (Ctrl-C) while waiting or working: a wait gives
+      up its place in line (run passes signals on to its command once it runs)
+  143 killed by SIGTERM (129: SIGHUP, 131: SIGQUIT) while waiting or working, as the
+      shell shows it (128+N); its place in line goes once it is provably gone
+  127 run: no such command (126: the command cannot be executed)
 errors are one line on stderr starting with "{PROG}: ".
 """
 
