@@ -139,7 +139,7 @@ def task_process_group() -> int | None:
     """Inside a task, the task's process group: locks then stay held while any of its processes
     runs. Outside a task (or in a process that left the task's group), None."""
     raw = os.environ.get("TASKLOCKS_TASK_PGID", "")
-    if raw.isdigit() and int(raw) == os.getpgrp():
+    if raw.isascii() and raw.isdigit() and int(raw) == os.getpgrp():
         return int(raw)
     return None
 
@@ -147,7 +147,7 @@ def task_process_group() -> int | None:
 def default_owner(identity: ProcessIdentity) -> str:
     """``task:<id>`` inside a task, else ``pid:<host>:<pid>``."""
     task = os.environ.get("TASKLOCKS_TASK_ID", "")
-    if task.isdigit():
+    if task.isascii() and task.isdigit():  # (str.isdigit takes "²" and other scripts' digits)
         return f"task:{task}"
     return f"pid:{identity.host}:{identity.pid}"
 

@@ -24,7 +24,7 @@ import pytest
 from conftest import raw_sql
 
 from tasklocks import HeldLock, Liveness
-from tasklocks.owner import group_is_empty, process_liveness
+from tasklocks.owner import current_process, default_owner, group_is_empty, process_liveness
 from tasklocks.tasks import (
     FINAL,
     BadTarget,
@@ -33,6 +33,7 @@ from tasklocks.tasks import (
     TaskRecord,
     Tasks,
     TaskState,
+    current_task_id,
     progress,
 )
 from tasklocks.tasks._record import can_move
@@ -989,6 +990,34 @@ def test_numbers_of_other_kinds_are_numbers(tasks: Tasks, files: Files) -> None:
     files("a.go").touch()
     done = tasks.wait(task_id, timeout=fractions.Fraction(30))  # type: ignore[arg-type]
     assert done.state is TaskState.SUCCEEDED
+
+
+def test_a_kind_or_args_that_cannot_be_stored_are_refused_before_anything_starts(
+    tasks: Tasks,
+) -> None:
+    """(A kind of bytes that are not UTF-8 raised UnicodeEncodeError from the store, and args
+    nested past Python's recursion limit a RecursionError.)"""
+    with pytest.raises(ValueError, match="a task's kind must be text UTF-8 can encode"):
+        tasks.start(["true"], kind="\udcff")
+    with pytest.raises(TypeError, match="a task's kind is text"):
+        tasks.start(["true"], kind=7)  # type: ignore[arg-type]
+    deep: list[Any] = []
+    for _ in range(sys.getrecursionlimit() + 10):
+        deep = [deep]
+    with pytest.raises(BadTarget, match="task arguments nest too deep"):
+        tasks.start(ref("add"), args=deep)
+    assert tasks.list(all=True) == []
+
+
+@pytest.mark.parametrize("raw", ["\u00b2", "\u0661", "12a", ""])
+def test_only_ascii_digits_are_a_task_id_in_the_environment(
+    raw: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TASKLOCKS_TASK_ID", raw)
+    assert current_task_id() is None
+    assert not default_owner(current_process()).startswith("task:")
+    monkeypatch.setenv("TASKLOCKS_TASK_ID", "12")
+    assert current_task_id() == 12 and default_owner(current_process()) == "task:12"
 
 
 def test_a_nan_timeout_is_refused(tasks: Tasks) -> None:

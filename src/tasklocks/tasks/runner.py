@@ -179,6 +179,7 @@ class Tasks(TaskDB):
             held lock fails the task at once.
         :raises BadTarget: the target is malformed.
         :raises BadLockName: a lock name is not allowed.
+        :raises TypeError, ValueError: ``kind`` is not text (or not text UTF-8 can encode).
         """
         checked = _check_target(target)
         # (A str is one name, as LockTable.acquire(shared="db") takes it, not its letters.)
@@ -194,10 +195,13 @@ class Tasks(TaskDB):
         timeout = validate_seconds("timeout", timeout)  # (NaN: never)
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
+        kind = validate_note(kind, what="a task's kind")
         try:
             json.dumps(args)
         except (TypeError, ValueError) as exc:
             raise BadTarget(f"task arguments must be JSON-serialisable: {exc}") from exc
+        except RecursionError:
+            raise BadTarget("task arguments nest too deep to be stored as JSON") from None
         self.reconcile()
         record = {
             "kind": kind,
@@ -443,7 +447,7 @@ def default_tasks() -> Tasks:
 def current_task_id() -> int | None:
     """The id of the task this process belongs to, or None outside a task."""
     raw = os.environ.get("TASKLOCKS_TASK_ID", "")
-    return int(raw) if raw.isdigit() else None
+    return int(raw) if raw.isascii() and raw.isdigit() else None  # (not "²": int() refuses it)
 
 
 class NotInTask(TasklocksError):
