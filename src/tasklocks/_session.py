@@ -72,9 +72,9 @@ class Session:
         self._closed = threading.Event()
         self.closing = False  # _closed.is_set(), read without a call
         self._renewed = threading.Event()  # wakes the watchdog (a later deadline, or closed)
-        # The leases taken under this session and not released (their ids): once it is closed
-        # and none is left, nothing can be lost and the watchdog ends (see close).
-        self.live: set[str] = set()
+        # The leases taken under this session and not released: id -> (owner, names still
+        # held). Once it is closed and none is left, nothing can be lost and the watchdog ends.
+        self.live: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._losing = threading.Lock()
         self.on_lost: list[Callable[[], None]] = []  # called once, from a thread of the session
         self.on_renewed: list[Callable[[float], None]] = []  # with the new deadline
@@ -157,10 +157,10 @@ class Session:
             self._renewed.wait(self.left)
             self._renewed.clear()
 
-    def hold(self, lease: str) -> None:
-        """``lease`` is held under this session now (an acquisition that ended after
-        :meth:`close` too: a watchdog sets :attr:`lost` at its expiry)."""
-        self.live.add(lease)
+    def hold(self, lease: str, owner: str, names: tuple[str, ...]) -> None:
+        """``lease`` (``owner``'s, of ``names``) is held under this session now (an acquisition
+        that ended after :meth:`close` too: a watchdog sets :attr:`lost` at its expiry)."""
+        self.live[lease] = (owner, names)
         if self.closing:
             with self._losing:
                 if not self._watching:
@@ -172,9 +172,20 @@ class Session:
 
     def released(self, lease: str) -> None:
         """``lease`` is no longer held under this session (a closed one's watchdog may end)."""
-        self.live.discard(lease)
+        self.live.pop(lease, None)
         if self.closing:
             self._renewed.set()
+
+    def released_names(self, owner: str, names: tuple[str, ...] | None = None) -> None:
+        """``owner``'s ``names`` (None: all of them) were released by name, not through their
+        leases: a lease none of whose names is left is released too."""
+        for lease, (holder, held) in list(self.live.items()):
+            if holder == owner:
+                left = () if names is None else tuple(n for n in held if n not in names)
+                if left:
+                    self.live[lease] = (holder, left)
+                else:
+                    self.released(lease)
 
     def close(self) -> None:
         """Stop renewing. What the session still keeps (its :attr:`live` leases) stays kept

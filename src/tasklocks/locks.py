@@ -145,7 +145,7 @@ class Lease:
         self.session = session
         self.released = False
         if session is not None:
-            session.hold(lease)
+            session.hold(lease, owner, names)
 
     @property
     def wants(self) -> tuple[Want, ...]:
@@ -893,7 +893,10 @@ class LockTable:
         wanted = tuple(dict.fromkeys(validate_name(n) for n in names))
         if owner is None:
             owner = default_owner(current_process())
-        self._release(wanted, validate_owner(owner), None)
+        owner = validate_owner(owner)
+        self._release(wanted, owner, None)
+        if self._session is not None:
+            self._session.released_names(owner, wanted)
 
     def release_owner(self, owner: str) -> list[str]:
         """Release everything ``owner`` holds and take its waiters out of the queue; return the
@@ -907,7 +910,10 @@ class LockTable:
             new, freed = _core.release_owner(doc, owner)
             return (None if new is doc else new), True, freed
 
-        return self._change(step)
+        freed = self._change(step)
+        if self._session is not None:
+            self._session.released_names(owner)
+        return freed
 
     def release_all(self) -> list[str]:
         """Release every lock in the namespace and empty its queue (for administrators); return

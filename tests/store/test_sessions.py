@@ -168,6 +168,27 @@ def test_a_closed_session_keeps_no_thread_once_nothing_is_held(db_url: str, name
         store.close()
 
 
+def test_locks_released_by_name_or_owner_leave_no_thread_behind_close(
+    db_url: str, namespace: str
+) -> None:
+    """(The session counted only releases through a Lease: a lease released by name stayed
+    live, and its watchdog lived on for the session's lifetime, then set its lost.)"""
+    with tasklocks.connect(db_url, namespace=namespace, ttl=30) as table:
+        both = table.acquire("a", "b", owner="task:1")
+        table.acquire("c", owner="task:2")
+        session = both.session
+        assert session is not None
+        table.release("a", owner="task:1")
+        assert session.live[both.lease_id] == ("task:1", ("b",)) and len(session.live) == 2
+        table.release("b", owner="task:1")  # the last of its names
+        assert both.lease_id not in session.live
+        assert table.release_owner("task:2") == ["c"]
+        assert not session.live
+    for thread in session.threads:
+        thread.join(WAIT)
+    assert not any(t.is_alive() for t in session.threads) and not both.lost.is_set()
+
+
 def test_a_lease_that_comes_after_close_is_still_watched(db_url: str, namespace: str) -> None:
     """An acquisition that another thread finishes after close() (its write was on its way)
     gets a watchdog again: its lost is set at the expiry, as for a lease held at close."""
@@ -177,7 +198,7 @@ def test_a_lease_that_comes_after_close_is_still_watched(db_url: str, namespace:
     assert session is not None
     session.threads[1].join(WAIT)
     assert not session.threads[1].is_alive()
-    session.hold("late")  # as Lease() does when the write returns
+    session.hold("late", "me", ("a",))  # as Lease() does when the write returns
     assert session.threads[1].is_alive() and not session.lost.is_set()
     assert session.lost.wait(WAIT)  # at the expiry: nothing renews a closed session
 
