@@ -747,11 +747,18 @@ def test_repair_needs_yes_and_prints_the_corrupt_document(
     refused = cli(sqlite_url, namespace, "repair")
     assert refused.returncode == 2
     assert "add --yes" in one_error_line(refused)
+    # A free name is taken in its own row, which the corrupt document cannot show: repair
+    # names it as it releases it (it was dropped unseen).
+    in_row = cli(sqlite_url, namespace, "acquire", "d", "--owner", "p")
+    assert in_row.returncode == 0, in_row.stderr
 
     repaired = cli(sqlite_url, namespace, "repair", "--yes")
     assert repaired.returncode == 0, repaired.stderr
     assert "{truncated" in repaired.stdout.splitlines()
     assert "(version " in repaired.stdout
+    [row] = [line for line in repaired.stdout.splitlines() if line.startswith("also held")]
+    assert row.startswith(f"also held in its own row, released: d (token {in_row.stdout.strip()}")
+    assert '"p"' in row  # its record: the owner
     assert cli(sqlite_url, namespace, "locks").stdout == "no locks held\n"
 
 

@@ -393,6 +393,11 @@ def cmd_repair(args: argparse.Namespace) -> int:
         old = table.repair()
     print(f"old document of namespace {args.namespace} (version {old.version}):")
     print(old.data)
+    for name, token, lease, record in old.unshown:  # (the document could not show them)
+        print(
+            f"also held in its own row, released: {name} (token {token}, lease {lease}): ", end=""
+        )
+        print(record)
     print(f"namespace {args.namespace} reset to an empty lock document")
     return EXIT_OK
 

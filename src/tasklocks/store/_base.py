@@ -49,6 +49,9 @@ class Snapshot:
     data: str
     sessions: Mapping[str, float] | None = field(default=None, compare=False)
     read_at: float = field(default=0.0, compare=False)  # when, on this host's boot clock
+    # Names held in their own rows that ``data`` does not show, as (name, token, lease, record):
+    # the document is not one they could be written into (corrupt: see LockTable.repair).
+    unshown: tuple[tuple[str, int, str, str], ...] = field(default=(), compare=False)
 
 
 Change = tuple[str, bool]  # (new document text, wake waiters?)

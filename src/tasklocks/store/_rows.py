@@ -160,7 +160,8 @@ class RowsStore(SQLStore):
                 merged = absorb(text, held)
                 absorbed = {h[0] for h in held}
                 top = max([floor, *(h[1] for h in held)])  # a token of theirs is to be exceeded
-                snap = Snapshot(top, merged, _times(times), clock())
+                unshown = tuple(held) if held and merged is text else ()  # (a corrupt document)
+                snap = Snapshot(top, merged, _times(times), clock(), unshown)
                 change = compute(snap)
                 if change is None:
                     self._commit(conn)
