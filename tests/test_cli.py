@@ -539,6 +539,8 @@ def test_a_tls_file_that_is_not_there_is_a_usage_error(
     assert one_error_line(result) == (
         f"tasklocks: {key}={missing} in the URL: no such file; fix the path"
     )
+    if key == "sslkey":  # libpq's ENGINE:KEY form names no file
+        assert cli(f"{server_url(backend)}?sslkey=pkcs11:k", namespace, "locks").returncode == 0
     if key == "sslrootcert":  # libpq's word for its trusted roots is not a file
         with pytest.raises(StoreUnavailable, match="refused TLS"):
             connect(f"{server_url(backend)}?sslmode=verify-full&sslrootcert=system")

@@ -246,7 +246,8 @@ class LockTable:
         self._unsure: set[str] = set()  # acquisitions in progress whose write may be applied
         self._orphans: set[str] = set()  # leases of failed acquisitions, to give back
         self._queued: set[str] = set()  # leases of acquisitions waiting in the queue now
-        self._running: set[str] = set()  # leases of the steps' acquisitions going on now
+        # The steps' acquisitions going on now: lease -> the thread that runs them.
+        self._running: dict[str, int] = {}
         # Leases taken in their name's own row (FastPaths), each with whether a session of this
         # process renews it (its release may then skip the flush: FastPaths.fast_release).
         self._in_rows: dict[str, bool] = {}
@@ -636,7 +637,7 @@ class LockTable:
                 watch,
             )
         self._settle()
-        self._running.add(claimant.lease)
+        self._running[claimant.lease] = threading.get_ident()
         try:
             try:
                 token, session = yield from self._acquire(wanted, claimant, waiting, tried is None)
@@ -660,7 +661,7 @@ class LockTable:
         finally:
             self._unsure.discard(claimant.lease)
             self._queued.discard(claimant.lease)
-            self._running.discard(claimant.lease)
+            self._running.pop(claimant.lease, None)
 
     def _undo(self, lease: str) -> None:
         """An acquisition that raised: give back what a write of it may have left."""
@@ -1021,10 +1022,11 @@ class LockTable:
         ``ttl`` to ``ttl + ttl/3`` seconds after its last renewal) and close the store if this
         table opened it. Acquisitions going on in other threads give up (see the README)."""
         self._closed = True
-        if self._running:  # other threads acquire: woken, they see _closed and give up
+        me = threading.get_ident()  # (an on_wait callback may call close(): not waited for)
+        if any(t != me for t in self._running.values()):  # woken, they see _closed, give up
             self._waker.notify()
             deadline = clock() + CLOSE_WAIT
-            while self._running and clock() < deadline:
+            while any(t != me for t in list(self._running.values())) and clock() < deadline:
                 pause(0.01)
         for lease in list(self._queued):  # (still waiting: give their places back for them,
             with contextlib.suppress(TasklocksError):  # while the store is open)

@@ -7,9 +7,11 @@ beside the proxy it uses.)"""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +19,7 @@ from _proxy import Proxy
 from conftest import require, server_url
 
 import tasklocks
+import tasklocks.store
 from tasklocks import LockTimeout, StoreUnavailable, StoreUnreachable
 from tasklocks.store import _sql_server, parse_url
 
@@ -87,3 +90,58 @@ def test_calls_to_a_hung_postgresql_fail_and_waits_end(
         proxy.thaw()  # (before close(), which would wait for a call that still hangs)
         table.close()
         holder.close()
+
+
+def test_a_forked_childs_guard_leaves_the_parents_connection_alone(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fork taken while a statement of the parent runs: the child inherits the store, busy
+    for ever in its copy; its guard must not shut down the parent's socket, which the two
+    processes share (it did, once past IO_TIMEOUT)."""
+    require("postgresql")
+    monkeypatch.setattr(_sql_server, "IO_TIMEOUT", 1.0)
+    store = tasklocks.store.open_store(server_url("postgresql"))
+    assert isinstance(store, _sql_server.ServerStore)
+    try:
+        running = threading.Thread(
+            target=lambda: store._locked(
+                lambda conn, _call: store._execute(conn, "SELECT pg_sleep(0.6)").fetchall()
+            )
+        )
+        running.start()
+        time.sleep(0.2)
+        assert store._busy
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child: a store of its own starts its guard
+            try:
+                tasklocks.store.open_store(server_url("postgresql")).version(namespace)
+                time.sleep(3.0)
+            finally:
+                os._exit(0)
+        running.join(WAIT)
+        os.waitpid(pid, 0)
+        assert store._conn.execute("SELECT 1").fetchone() == (1,)  # (before: EOF)
+    finally:
+        store.close()
+
+
+def test_close_from_an_acquisitions_own_callback_does_not_wait_for_it(
+    tmp_path: Path,
+) -> None:
+    """(close() waited its full 2 s for the acquisition of the very thread that called it.)"""
+    url = f"sqlite:///{tmp_path}/locks.db"
+    holder = tasklocks.connect(url)
+    table = tasklocks.connect(url)
+    holder.acquire("x", owner="other")
+    took: list[float] = []
+
+    def close_now(_status: object) -> None:
+        started = time.monotonic()
+        table.close()
+        took.append(time.monotonic() - started)
+
+    with pytest.raises(StoreUnavailable, match="was closed"):
+        table.acquire("x", wait=True, timeout=WAIT, on_wait=close_now)
+    assert took and took[0] < 1.0, took
+    assert holder.waiting() == []
+    holder.close()

@@ -206,11 +206,9 @@ def _check_query(parsed: ParsedURL) -> None:
             raise BadURL(f"{key}={parsed.query[key]} in the URL: use true or false")
     for key in TLS_FILES:  # (the drivers' own errors do not name the file)
         path = parsed.query.get(key)
-        if (
-            path is not None
-            and not os.path.isfile(path)
-            and (key, path) != ("sslrootcert", "system")
-        ):
+        if path is None or os.path.isfile(path) or (key, path) == ("sslrootcert", "system"):
+            continue
+        if key != "sslkey" or ":" not in path:  # (libpq's sslkey=ENGINE:KEY names no file)
             raise BadURL(f"{key}={path} in the URL: no such file; fix the path")
 
 

@@ -66,6 +66,16 @@ def _guard(store: ServerStore) -> None:
             thread.start()
 
 
+def _forget_the_parents_guard() -> None:
+    """In a forked child: no guard thread runs, and the parent's stores are not this process's
+    to watch (their connections are the parent's); a store the child uses registers again."""
+    global _guarded, _guarded_lock, _guard_pid
+    _guarded, _guarded_lock, _guard_pid = weakref.WeakSet(), threading.Lock(), 0
+
+
+os.register_at_fork(after_in_child=_forget_the_parents_guard)
+
+
 def _watch_calls() -> None:
     while True:
         time.sleep(GUARD_TICK)
@@ -187,7 +197,8 @@ class ServerStore(RowsStore):
         its connection down (from the guard's thread), so that the driver raises, as for a
         connection lost, and the call fails or is retried."""
         conn = self._conn
-        fd = None if conn is None or self._busy != since else self._socket(conn)
+        mine = self._pid == os.getpid()  # (never a parent's connection)
+        fd = None if conn is None or self._busy != since or not mine else self._socket(conn)
         if fd is None or fd < 0:
             return
         self._cut = True
@@ -283,6 +294,7 @@ class ServerStore(RowsStore):
             self._abandon(self._conn)
             self._conn = None
             self._known = set()
+            self._busy = 0.0  # (a call of the parent's, going on at the fork)
             if self.GUARDED:
                 _guard(self)  # (a forked child has no guard thread yet)
         if self._conn is None:
