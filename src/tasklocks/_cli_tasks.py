@@ -14,7 +14,7 @@ from typing import Any
 
 from tasklocks._cli_args import add_mode_options, lock_spec, print_table, printable, utf8_text
 from tasklocks.errors import EXIT_FAILURE, EXIT_LOCKED, EXIT_USAGE, TasklocksError, clock, quote
-from tasklocks.tasks import TaskRecord, Tasks, TaskState
+from tasklocks.tasks import TaskRecord, Tasks, TaskState, current_task_id
 
 __all__ = ["add_task_commands"]
 
@@ -292,18 +292,18 @@ def _wait_with_bar(tasks: Tasks, task_id: int, timeout: float | None) -> TaskRec
 
 
 def cmd_progress(args: argparse.Namespace) -> int:
-    raw = os.environ.get("TASKLOCKS_TASK_ID", "")
-    if not raw:
-        raise TaskUsageError(
-            "progress works only inside a task (TASKLOCKS_TASK_ID is not set); "
-            "start the command with 'tasklocks start'"
-        )
-    if not _is_number(raw):
+    task_id = current_task_id()
+    if task_id is None:
+        raw = os.environ.get("TASKLOCKS_TASK_ID", "")
+        if not raw:
+            raise TaskUsageError(
+                "progress works only inside a task (TASKLOCKS_TASK_ID is not set); "
+                "start the command with 'tasklocks start'"
+            )
         raise TaskUsageError(
             f"TASKLOCKS_TASK_ID is {quote(raw)}, not a task id; progress works only inside a "
             "task, which 'tasklocks start' gives its id"
         )
-    task_id = int(raw)
     if not math.isfinite(args.percent) or not 0 <= args.percent <= 100:
         raise TaskUsageError(f"progress must be a number from 0 to 100, not {args.percent:g}")
     from tasklocks.tasks import default_tasks

@@ -395,9 +395,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
     print(old.data)
     for name, token, lease, record in old.unshown:  # (the document could not show them)
         print(
-            f"also held in its own row, released: {name} (token {token}, lease {lease}): ", end=""
+            f"also held in its own row, released: {name} (token {token}, lease {lease}): {record}"
         )
-        print(record)
     print(f"namespace {args.namespace} reset to an empty lock document")
     return EXIT_OK
 

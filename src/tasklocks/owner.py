@@ -31,6 +31,7 @@ __all__ = [
     "boot_id",
     "current_process",
     "default_owner",
+    "env_number",
     "group_is_empty",
     "holder_liveness",
     "owner_is_dead",
@@ -135,19 +136,24 @@ def current_process() -> ProcessIdentity:
     return _current
 
 
+def env_number(name: str) -> int | None:
+    """The environment variable ``name`` as a whole number, if it is ASCII digits alone
+    (``str.isdigit`` also takes "²" and other scripts' digits), else None."""
+    raw = os.environ.get(name, "")
+    return int(raw) if raw.isascii() and raw.isdigit() else None
+
+
 def task_process_group() -> int | None:
     """Inside a task, the task's process group: locks then stay held while any of its processes
     runs. Outside a task (or in a process that left the task's group), None."""
-    raw = os.environ.get("TASKLOCKS_TASK_PGID", "")
-    if raw.isascii() and raw.isdigit() and int(raw) == os.getpgrp():
-        return int(raw)
-    return None
+    pgid = env_number("TASKLOCKS_TASK_PGID")
+    return pgid if pgid is not None and pgid == os.getpgrp() else None
 
 
 def default_owner(identity: ProcessIdentity) -> str:
     """``task:<id>`` inside a task, else ``pid:<host>:<pid>``."""
-    task = os.environ.get("TASKLOCKS_TASK_ID", "")
-    if task.isascii() and task.isdigit():  # (str.isdigit takes "²" and other scripts' digits)
+    task = env_number("TASKLOCKS_TASK_ID")
+    if task is not None:
         return f"task:{task}"
     return f"pid:{identity.host}:{identity.pid}"
 

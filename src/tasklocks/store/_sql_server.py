@@ -52,16 +52,16 @@ class Lost(StoreUnreachable):
 
 _guarded: weakref.WeakSet[ServerStore] = weakref.WeakSet()
 _guarded_lock = threading.Lock()
-_guard_pid = 0  # the process whose guard thread runs
+_guard_runs = False  # this process's guard thread was started
 
 
 def _guard(store: ServerStore) -> None:
     """Watch ``store``'s calls (from now on, in this process) for a server gone silent."""
-    global _guard_pid
+    global _guard_runs
     with _guarded_lock:
         _guarded.add(store)
-        if _guard_pid != os.getpid():
-            _guard_pid = os.getpid()
+        if not _guard_runs:
+            _guard_runs = True
             thread = threading.Thread(target=_watch_calls, name="tasklocks-io-guard", daemon=True)
             thread.start()
 
@@ -69,8 +69,8 @@ def _guard(store: ServerStore) -> None:
 def _forget_the_parents_guard() -> None:
     """In a forked child: no guard thread runs, and the parent's stores are not this process's
     to watch (their connections are the parent's); a store the child uses registers again."""
-    global _guarded, _guarded_lock, _guard_pid
-    _guarded, _guarded_lock, _guard_pid = weakref.WeakSet(), threading.Lock(), 0
+    global _guarded, _guarded_lock, _guard_runs
+    _guarded, _guarded_lock, _guard_runs = weakref.WeakSet(), threading.Lock(), False
 
 
 os.register_at_fork(after_in_child=_forget_the_parents_guard)

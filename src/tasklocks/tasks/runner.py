@@ -32,6 +32,7 @@ from tasklocks.names import validate_duration, validate_name, validate_note, val
 from tasklocks.owner import (
     Liveness,
     current_process,
+    env_number,
     group_is_empty,
     process_liveness,
     process_start_token,
@@ -446,8 +447,7 @@ def default_tasks() -> Tasks:
 
 def current_task_id() -> int | None:
     """The id of the task this process belongs to, or None outside a task."""
-    raw = os.environ.get("TASKLOCKS_TASK_ID", "")
-    return int(raw) if raw.isascii() and raw.isdigit() else None  # (not "²": int() refuses it)
+    return env_number("TASKLOCKS_TASK_ID")
 
 
 class NotInTask(TasklocksError):
