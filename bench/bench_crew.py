@@ -62,7 +62,7 @@ def counting_queries() -> Iterator[list[int]]:
     pollute the count: every PyMySQL command (queries, BEGIN, COMMIT, pings), and every round
     trip psycopg waits for (``Connection.wait``: a cursor's ``execute``, and each statement
     tasklocks' PostgreSQL adapter sends through libpq itself, its name rows' statements and
-    their preparation).
+    their preparation), and each row statement tasklocks' MariaDB adapter sends itself.
     """
     box = [0]
     undo: list[tuple[Any, str, Any]] = []
@@ -87,6 +87,11 @@ def counting_queries() -> Iterator[list[int]]:
         import pymysql.connections
 
         wrap(pymysql.connections.Connection, "_execute_command")
+        # tasklocks' row statements are sent by its own connection class's ``ok_query``
+        # (which calls ``_execute_command`` only when it hands a statement back to PyMySQL)
+        mysql = sys.modules.get("tasklocks.store.mysql")
+        if mysql is not None and getattr(mysql, "_CONNECTION_CLASS", None) is not None:
+            wrap(mysql._CONNECTION_CLASS, "ok_query")
     try:
         yield box
     finally:

@@ -754,12 +754,59 @@ def test_mysql_connections_share_one_default_tls_context(namespace: str) -> None
 
 def test_the_driver_constants_the_mysql_adapter_copies() -> None:
     require("mysql")
-    from pymysql.constants import CLIENT, SERVER_STATUS
+    from pymysql.connections import MAX_PACKET_LEN
+    from pymysql.constants import CLIENT, COMMAND, SERVER_STATUS
 
     from tasklocks.store import mysql
 
     assert mysql.MULTI_STATEMENTS == CLIENT.MULTI_STATEMENTS
     assert mysql.NO_BACKSLASH_ESCAPES == SERVER_STATUS.SERVER_STATUS_NO_BACKSLASH_ESCAPES
+    assert mysql.MORE_RESULTS == SERVER_STATUS.SERVER_MORE_RESULTS_EXISTS
+    assert mysql.COM_QUERY == COMMAND.COM_QUERY
+    assert mysql.MAX_PACKET == MAX_PACKET_LEN
+
+
+def test_mysql_ok_query_reads_what_pymysql_reads(namespace: str) -> None:
+    """The row statements' lean reply reader (``ok_query``) against PyMySQL's own reading of the
+    same replies: affected rows and insert id at every width of the packet's integers, an error
+    packet raised as PyMySQL raises it (the connection usable after it), and the server status
+    (which ``_quote`` reads) taken from the OK packet."""
+    require("mysql")
+    import pymysql
+
+    url = server_url("mysql")
+    store = _server_store(url)
+    try:
+        store.read(namespace)
+        conn = store._conn  # white-box: this session only
+        conn.query("CREATE TEMPORARY TABLE ok_reader (id INT PRIMARY KEY, v BIGINT UNSIGNED)")
+        widths = [0, 249, 250, 251, 2**16 - 2, 2**16, 2**24 - 2, 2**24, 2**40, 2**63]
+        conn.query(
+            "INSERT INTO ok_reader VALUES " + ", ".join(f"({i}, {v})" for i, v in enumerate(widths))
+        )
+        bump = "UPDATE ok_reader SET v = LAST_INSERT_ID(v + 1) WHERE id = {}"
+        for i, v in enumerate(widths):
+            assert conn.ok_query(bump.format(i)) == (1, v + 1)
+            assert conn.query(bump.format(i)) == 1 and conn.insert_id() == v + 2
+        assert conn.ok_query(bump.format(99)) == (0, 0)
+        assert conn.ok_query("UPDATE ok_reader SET v = v - 1") == (len(widths), 0)
+        with pytest.raises(pymysql.err.ProgrammingError) as missing:
+            conn.ok_query("UPDATE no_such_table_here SET v = 1")
+        assert missing.value.args[0] == 1146  # ER_NO_SUCH_TABLE, as query() raises it
+        assert conn.ok_query(bump.format(0)) == (1, 2)  # the connection is still in step
+        assert not conn.server_status & 512
+        conn.ok_query("SET SESSION sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES')")
+        assert conn.server_status & 512  # SERVER_STATUS_NO_BACKSLASH_ESCAPES, from the OK packet
+        # An unbuffered result left half read: PyMySQL finishes it first, as query() does.
+        cur = conn.cursor(pymysql.cursors.SSCursor)
+        cur.execute("SELECT id FROM ok_reader ORDER BY id")
+        assert cur.fetchone() == (0,)
+        with pytest.warns(UserWarning, match="left incomplete"):
+            assert conn.ok_query(bump.format(1)) == (1, widths[1] + 2)  # +2, -1, +1
+        conn.query("DROP TEMPORARY TABLE ok_reader")
+    finally:
+        store.close()
+        raw_sql(url, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
 
 
 def test_a_failed_pessimistic_write_leaves_no_transaction_open(server: str, namespace: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +28,11 @@ from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, POLLED, Ser
 __all__ = ["MySQLStore", "preload"]
 
 _CONNECTION_CLASS: Any = None
+_PRELUDE = struct.Struct("<iB").pack  # a command packet's length, sequence 0 and command byte
+_HEADER = struct.Struct("<HBB").unpack  # a reply packet's length (low 16, high 8 bits), sequence
+COM_QUERY = 3
+MAX_PACKET = 2**24 - 1
+MORE_RESULTS = 8  # SERVER_STATUS.SERVER_MORE_RESULTS_EXISTS
 
 
 def _connection_class(pymysql: Any) -> Any:
@@ -34,13 +40,16 @@ def _connection_class(pymysql: Any) -> Any:
     PyMySQL 2 tries TLS when the server offers it ("preferred", no certificate check) and builds
     a new ``SSLContext`` for every connection, which loads the system's CA certificates: about
     20 ms of a 22 ms connect here. That context is the same every time and may be shared, so it
-    is built once per process. Any explicit TLS option goes through PyMySQL unchanged."""
+    is built once per process. Any explicit TLS option goes through PyMySQL unchanged. The class
+    also sends the row statements and reads their replies itself (``ok_query``)."""
     global _CONNECTION_CLASS
     if _CONNECTION_CLASS is None:
         base = pymysql.connections.Connection
 
         class Connection(base):  # type: ignore[misc, valid-type]
             _default_context: Any = None
+            _result: Any  # PyMySQL's, typed for ok_query
+            _current_timeout: Any
 
             def _create_ssl_ctx(self, sslp: Any) -> Any:
                 if isinstance(sslp, dict) and not sslp:
@@ -50,8 +59,58 @@ def _connection_class(pymysql: Any) -> Any:
                     return cls._default_context
                 return super()._create_ssl_ctx(sslp)
 
+            def ok_query(self, sql: str) -> tuple[int, int]:
+                """One statement whose reply is an OK packet (an ``UPDATE``): its affected rows
+                and insert id. ``query`` then ``insert_id`` without PyMySQL's result object,
+                whose making and reading of the packet were half of the Python a row pair spends
+                in the driver. An error packet raises as ``query`` raises it; any other reply,
+                which these statements cannot get, closes the connection (its state unknown)."""
+                if self._result is not None and (
+                    self._result.unbuffered_active or self._result.has_next
+                ):
+                    return super().query(sql), super().insert_id()  # PyMySQL finishes that first
+                data = sql.encode(self.encoding)
+                if not self._sock or len(data) + 1 >= MAX_PACKET:
+                    return super().query(sql), super().insert_id()
+                self._result = None
+                self._write_bytes(_PRELUDE(len(data) + 1, COM_QUERY) + data)
+                if self._current_timeout != self._read_timeout:
+                    self._sock.settimeout(self._read_timeout)
+                    self._current_timeout = self._read_timeout
+                low, high, seq = _HEADER(self._read_bytes(4))
+                reply = self._read_bytes(low + (high << 16))
+                self._next_seq_id = 2
+                first = reply[0] if seq == 1 and reply else -1
+                if first == 0:  # OK: affected rows, insert id (length-encoded), status
+                    rows, at = (reply[1], 2) if reply[1] < 0xFB else _lenenc(reply, 1)
+                    token, at = (reply[at], at + 1) if reply[at] < 0xFB else _lenenc(reply, at)
+                    status = reply[at] | reply[at + 1] << 8
+                    if not status & MORE_RESULTS:
+                        self.server_status = status
+                        self._affected_rows = rows
+                        return rows, token
+                elif first == 0xFF:
+                    pymysql.err.raise_mysql_exception(reply)
+                self._force_close()
+                if seq == 0:  # MariaDB's error packet as it shuts down
+                    raise pymysql.err.OperationalError(
+                        2013, "Lost connection to MySQL server during query"
+                    )
+                raise pymysql.err.InternalError(
+                    f"unexpected reply to an UPDATE (sequence {seq}, first byte {reply[:1]!r})"
+                )
+
         _CONNECTION_CLASS = Connection
     return _CONNECTION_CLASS
+
+
+def _lenenc(data: bytes, at: int) -> tuple[int, int]:
+    """The length-encoded integer at ``at`` of a reply, and where the next field starts."""
+    first = data[at]
+    if first < 0xFB:
+        return first, at + 1
+    size = {0xFC: 2, 0xFD: 3, 0xFE: 8}[first]
+    return int.from_bytes(data[at + 1 : at + 1 + size], "little"), at + 1 + size
 
 
 def preload() -> None:
@@ -343,15 +402,14 @@ class MySQLStore(ServerStore):
     ) -> int | None:
         """The row statements, the common change, without PyMySQL's cursor on this store's own
         connections: its values quoted as the cursor quotes text (``_quote``), the statement
-        sent by ``Connection.query``, and the OK packet's insert id and affected rows read as
-        ``_name_version`` reads them from a cursor. The cursor's own steps (its making, mogrify,
-        escapes, result bookkeeping) were a fifth of a pair's Python on 32 processes that share
-        two cores. An engine's connections take the cursor."""
+        sent and its OK packet read by ``Connection.ok_query``, whose insert id and affected rows
+        are read as ``_name_version`` reads them from a cursor. The cursor's own steps (its
+        making, mogrify, escapes, result bookkeeping) were a fifth of a pair's Python on 32
+        processes that share two cores. An engine's connections take the cursor."""
         if type(conn) is not _CONNECTION_CLASS:
             return super()._run_name_statement(conn, acquire, statement)
         sql, params = statement
-        rows = conn.query(sql % {key: _quote(conn, value) for key, value in params.items()})
-        token = int(conn.insert_id())
+        rows, token = conn.ok_query(sql % {key: _quote(conn, val) for key, val in params.items()})
         if acquire:
             return token or None
         return token if rows == 1 else None
