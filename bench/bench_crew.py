@@ -89,9 +89,9 @@ def counting_queries() -> Iterator[list[int]]:
         wrap(pymysql.connections.Connection, "_execute_command")
         # tasklocks' row statements are sent by its own connection class's ``ok_query``
         # (which calls ``_execute_command`` only when it hands a statement back to PyMySQL)
-        mysql = sys.modules.get("tasklocks.store.mysql")
-        if mysql is not None and getattr(mysql, "_CONNECTION_CLASS", None) is not None:
-            wrap(mysql._CONNECTION_CLASS, "ok_query")
+        ours = getattr(sys.modules.get("tasklocks.store.mysql"), "_CONNECTION_CLASS", None)
+        if hasattr(ours, "ok_query"):
+            wrap(ours, "ok_query")
     try:
         yield box
     finally:
