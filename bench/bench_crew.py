@@ -88,7 +88,8 @@ def counting_queries() -> Iterator[list[int]]:
 
         wrap(pymysql.connections.Connection, "_execute_command")
         # tasklocks' row statements are sent by its own connection class's ``ok_query``
-        # (which calls ``_execute_command`` only when it hands a statement back to PyMySQL)
+        # (which calls ``_execute_command`` only when it hands a statement back to PyMySQL: a
+        # half-read result before it, which a pair never leaves; that one would count twice)
         ours = getattr(sys.modules.get("tasklocks.store.mysql"), "_CONNECTION_CLASS", None)
         if hasattr(ours, "ok_query"):
             wrap(ours, "ok_query")

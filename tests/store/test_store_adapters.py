@@ -362,6 +362,33 @@ def test_a_row_statement_on_a_killed_session_says_outcome_unknown(
         delete_rows(server, namespace)
 
 
+def test_a_mysql_row_statement_with_an_unexpected_reply_says_outcome_unknown(
+    namespace: str,
+) -> None:
+    """A row statement whose reply is not one OK packet (here: a second statement's result
+    after it, which the real statements never have) may have run: the connection is closed,
+    the call is an unknown outcome in one line, and the next call reconnects."""
+    require("mysql")
+    url = server_url("mysql")
+    store: Any = open_store(url)
+    lease, record = _entry("U-1")
+    try:
+        store.transact(namespace, lambda s: (EMPTY_DOCUMENT, False), None)  # the rows layout
+        assert store.fast_acquire(namespace, ["u"], lease, record) == 1
+        good = store._sql["name_release"]
+        store._sql = {**store._sql, "name_release": good.rstrip().rstrip(";") + "; DO 0"}
+        with pytest.raises(OutcomeUnknown) as unknown:
+            store.fast_release(namespace, ["u"], lease)
+        _assert_one_clear_line(unknown.value, "may or may not")
+        assert "unexpected reply" in str(unknown.value.__cause__)
+        store._sql = {**store._sql, "name_release": good}
+        assert "u" not in _locks(store, namespace)  # it ran (reconnected to read it)
+        assert store.fast_acquire(namespace, ["u"], lease, record) == 2
+    finally:
+        store.close()
+        delete_rows(url, namespace)
+
+
 def test_a_row_statement_that_deadlocks_on_the_warm_road_runs_again(
     server: str, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -755,7 +782,7 @@ def test_mysql_connections_share_one_default_tls_context(namespace: str) -> None
 def test_the_driver_constants_the_mysql_adapter_copies() -> None:
     require("mysql")
     from pymysql.connections import MAX_PACKET_LEN
-    from pymysql.constants import CLIENT, COMMAND, SERVER_STATUS
+    from pymysql.constants import CLIENT, COMMAND, CR, SERVER_STATUS
 
     from tasklocks.store import mysql
 
@@ -764,6 +791,8 @@ def test_the_driver_constants_the_mysql_adapter_copies() -> None:
     assert mysql.MORE_RESULTS == SERVER_STATUS.SERVER_MORE_RESULTS_EXISTS
     assert mysql.COM_QUERY == COMMAND.COM_QUERY
     assert mysql.MAX_PACKET == MAX_PACKET_LEN
+    assert mysql.CR_SERVER_LOST == CR.CR_SERVER_LOST
+    assert mysql.CR_COMMANDS_OUT_OF_SYNC == CR.CR_COMMANDS_OUT_OF_SYNC
 
 
 def test_mysql_ok_query_reads_what_pymysql_reads(namespace: str) -> None:

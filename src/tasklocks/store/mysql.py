@@ -63,8 +63,10 @@ def _connection_class(pymysql: Any) -> Any:
                 """One statement whose reply is an OK packet (an ``UPDATE``): its affected rows
                 and insert id. ``query`` then ``insert_id`` without PyMySQL's result object,
                 whose making and reading of the packet were half of the Python a row pair spends
-                in the driver. An error packet raises as ``query`` raises it; any other reply,
-                which these statements cannot get, closes the connection (its state unknown)."""
+                in the driver (so ``insert_id()`` says 0 afterwards: nothing reads it). An error
+                packet raises as ``query`` raises it; any other reply, which these statements
+                cannot get, closes the connection and raises a lost connection's error (the
+                statement may have run)."""
                 if self._result is not None and (
                     self._result.unbuffered_active or self._result.has_next
                 ):
@@ -82,22 +84,26 @@ def _connection_class(pymysql: Any) -> Any:
                 self._next_seq_id = 2
                 first = reply[0] if seq == 1 and reply else -1
                 if first == 0:  # OK: affected rows, insert id (length-encoded), status
-                    rows, at = (reply[1], 2) if reply[1] < 0xFB else _lenenc(reply, 1)
-                    token, at = (reply[at], at + 1) if reply[at] < 0xFB else _lenenc(reply, at)
-                    status = reply[at] | reply[at + 1] << 8
-                    if not status & MORE_RESULTS:
-                        self.server_status = status
-                        self._affected_rows = rows
-                        return rows, token
+                    with contextlib.suppress(IndexError, KeyError):  # (a short packet: below)
+                        rows, at = (reply[1], 2) if reply[1] < 0xFB else _lenenc(reply, 1)
+                        token, at = (reply[at], at + 1) if reply[at] < 0xFB else _lenenc(reply, at)
+                        status = reply[at] | reply[at + 1] << 8
+                        if not status & MORE_RESULTS:
+                            self.server_status = status
+                            self._affected_rows = rows
+                            return rows, token
                 elif first == 0xFF:
                     pymysql.err.raise_mysql_exception(reply)
                 self._force_close()
                 if seq == 0:  # MariaDB's error packet as it shuts down
                     raise pymysql.err.OperationalError(
-                        2013, "Lost connection to MySQL server during query"
+                        CR_SERVER_LOST, "Lost connection to MySQL server during query"
                     )
-                raise pymysql.err.InternalError(
-                    f"unexpected reply to an UPDATE (sequence {seq}, first byte {reply[:1]!r})"
+                # The statement may have run: a lost connection's error (OutcomeUnknown).
+                raise pymysql.err.OperationalError(
+                    CR_COMMANDS_OUT_OF_SYNC,
+                    f"unexpected reply to a row statement (sequence {seq}, {len(reply)} bytes, "
+                    f"first byte {reply[:1]!r}); the connection was closed",
                 )
 
         _CONNECTION_CLASS = Connection
@@ -130,6 +136,8 @@ ER_DBACCESS_DENIED = 1044
 ER_ACCESS_DENIED_NO_PASSWORD = 1698  # e.g. a user that signs in through unix_socket only
 ER_BAD_DB = 1049
 CR_SSL_CONNECTION_ERROR = 2026
+CR_SERVER_LOST = 2013
+CR_COMMANDS_OUT_OF_SYNC = 2014
 ER_NO_SUCH_TABLE = 1146
 ER_BAD_FIELD = 1054  # no such column
 ER_DEADLOCK = 1213
