@@ -28,7 +28,7 @@ import pytest
 from conftest import require, server_url
 
 from tasklocks import connect, process_identity
-from tasklocks._url import TLS_FILES, parse_url
+from tasklocks._url import TLS_FILES, masked, parse_url
 from tasklocks.errors import BadURL, StoreUnavailable
 
 PY = sys.executable
@@ -420,6 +420,51 @@ def test_a_bad_urls_message_never_shows_its_password(
     assert problem in line, line
     assert "***@" in line, line
     assert not any(secret in line for secret in SECRETS), line
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # The cases above, and the plain ones.
+        (f"mysql:/root:{PASSWORD}@127.0.0.1/test", "mysql:***@127.0.0.1/test"),
+        (f"sqlite://u:{PASSWORD}@x.db", "sqlite://u:***@x.db"),
+        (f"mysql://root:{PASSWORD}@[::1/test", "mysql://root:***@[::1/test"),
+        (f"mysql://root:{PASSWORD}@127.0.0.1:abc/test", "mysql://root:***@127.0.0.1:abc/test"),
+        (f"postgresql://pg:{PASSWORD}@127.0.0.1:5432/", "postgresql://pg:***@127.0.0.1:5432/"),
+        (f"postgresql://pg:{PASSWORD}@127.0.0.1:5432", "postgresql://pg:***@127.0.0.1:5432"),
+        ("mysql://root:S3c#PW@127.0.0.1/test", "mysql://root:***@127.0.0.1/test"),
+        ("mysql://root:pw@h/db?charset=utf8mb4", "mysql://root:***@h/db?charset=utf8mb4"),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+        ("postgresql://h/db", "postgresql://h/db"),
+        ("sqlite:////tmp/x.db", "sqlite:////tmp/x.db"),
+        ("not a url", "not a url"),
+        # An @ in the query or the path is not the user's: it hid the host and the path, or
+        # made up a password where there was none.
+        ("mysql://u:secret@h/db?ssl_ca=/etc/a@b.pem", "mysql://u:***@h/db?ssl_ca=/etc/a@b.pem"),
+        (
+            "mysql://u:secret@h/db?ssl_ca=/home/me@corp/ca.pem&ssl_verify_cert=true",
+            "mysql://u:***@h/db?ssl_ca=/home/me@corp/ca.pem&ssl_verify_cert=true",
+        ),
+        ("postgresql://u@h/db?application_name=x@y", "postgresql://u@h/db?application_name=x@y"),
+        (
+            "postgresql://u@h/db?application_name=a:b@c",
+            "postgresql://u@h/db?application_name=a:b@c",
+        ),
+        ("mysql://u:pw@h:3306/my@db", "mysql://u:***@h:3306/my@db"),
+        ("mysql://u@h/my:db@x", "mysql://u@h/my:db@x"),
+        ("mysql://u:pw@h/my@db?", "mysql://u:***@h/my@db?"),
+        # Passwords typed by hand, with @ / ? # left unescaped, beside an @ in the query.
+        ("mysql://u:pa/ss@h/db", "mysql://u:***@h/db"),
+        ("mysql://u:P@ss#1@h/db?ssl_ca=/a@b.pem", "mysql://u:***@h/db?ssl_ca=/a@b.pem"),
+        ("mysql://u:P@ss?1@h/db?ssl_ca=/a@b.pem", "mysql://u:***@h/db?ssl_ca=/a@b.pem"),
+        ("mysql://u:a@b/c@h/db?ssl_ca=/a@b.pem", "mysql://u:***@h/db?ssl_ca=/a@b.pem"),
+        ("mysql://u:P@ss/w?rd@h/db", "mysql://u:***@h/db"),
+        ("mysql://u:P@ss/w#rd@h/db", "mysql://u:***@h/db"),
+        ("mysql://u:@@@h/db?ssl_ca=/a@b.pem", "mysql://u:***@h/db?ssl_ca=/a@b.pem"),
+    ],
+)
+def test_masked_hides_the_password_alone(url: str, shown: str) -> None:
+    assert masked(url) == shown
 
 
 MY = f"mysql://root:{PASSWORD}@127.0.0.1"

@@ -69,12 +69,23 @@ MYSQL_TLS = ("ssl_ca", "ssl_cert", "ssl_key", "ssl_verify_cert", "ssl_verify_ide
 TLS_FILES = ("sslrootcert", "sslcert", "sslkey", "sslcrl", "ssl_ca", "ssl_cert", "ssl_key")
 
 
+# What follows the @ that ends a URL's user part: host[:port]/db, then the end or ?name=...
+# (A prefix, so that trying every @ of a long URL takes linear time, not quadratic.)
+_AFTER_USER = re.compile(r"[^@/?#]+/[^/?#]*(?:\?(?:\w+=|\Z)|\Z)")
+
+
 def masked(url: str) -> str:
-    """``url`` for a message, its password (between the user's ``:`` and the last ``@``) shown as
-    ``***``: a malformed URL is echoed back, and a password must never be."""
+    """``url`` for a message, its password shown as ``***``: a malformed URL is echoed back, and a
+    password must never be. The password runs from the user's ``:`` to the ``@`` that ends the
+    user's part: the first ``@`` followed by ``host[:port]/db`` (the host without ``@ / ? #``,
+    the database without ``/ ? #``), then the URL's end or ``?name=``; else the last ``@``. So
+    an ``@`` in the database or in a parameter is not taken for it, and one typed unescaped in a
+    password is passed over: the rest of the password, then the host's ``@``, does not read so
+    (unless the password has an ``@``, then a ``/``, then ``?name=``, as ``a@b/c?d=e`` has)."""
     scheme, sep, rest = url.partition("://")
     head, rest = (scheme + sep, rest) if sep else ("", url)
-    at = rest.rfind("@")  # (an unescaped @ in the password comes before the host's)
+    ats = [i for i, c in enumerate(rest) if c == "@"]
+    at = next((i for i in ats if _AFTER_USER.match(rest, i + 1)), ats[-1] if ats else -1)
     user, colon, _ = rest[: max(at, 0)].partition(":")
     return f"{head}{user}:***@{rest[at + 1 :]}" if colon else url
 
