@@ -492,6 +492,17 @@ MY_SHOWN = "'mysql://root:***@127.0.0.1"
         (f"mysql://ro%00ot:{PASSWORD}@127.0.0.1/test", "(%00) in its user: remove it"),
         ("mysql://root:S3c%00PW@127.0.0.1/test", "(%00) in its password: remove it"),
         ("postgresql://postgres@127.0.0.1/test?sslrootcert=%00", "sslrootcert= in the URL"),
+        # The host was sent to DNS as it was written, escapes and all (exit 69, after
+        # reconnect_timeout): libpq reads escapes in a URL's host, and no host has these.
+        (f"{MY}%00/test", f"{MY_SHOWN}%00/test' has a NUL character (%00) in its host: remove"),
+        ("postgresql://postgres@db%0A.example/test", "a control character (%0A) in its host"),
+        ("postgresql://postgres@db%20example/test", "a space or a control character (%20) in"),
+        ("postgresql://postgres@db example/test", "a space or a control character (%20) in"),
+        (
+            f"mysql://root:{PASSWORD}@%2Frun%2Fmysqld%2Fmysqld.sock/test",
+            "names the Unix socket '/run/mysqld/mysqld.sock' as its host; tasklocks reaches "
+            "MariaDB/MySQL over TCP: give host:port",
+        ),
     ],
 )
 def test_a_url_is_read_strictly(url: str, message: str, namespace: str) -> None:
@@ -540,6 +551,22 @@ def test_a_url_names_what_tasklocks_does_not_use_and_reads_an_escaped_database(
     with pytest.raises(BadURL, match="the sqlite URL has mode="):  # (a # in the path hid it)
         connect(f"sqlite:///{tmp_path}/a#b.db?mode=ro")
     assert parse_url("mysql://root@127.0.0.1/my%20db").database == "my db"
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [
+        ("postgresql://u@DB.Example/test", "db.example"),  # (a name in lower case, as before)
+        ("postgresql://u@db%2Dprimary.Example:5433/test", "db-primary.example"),
+        ("mysql://u:pw@127.0.0.%31/test", "127.0.0.1"),
+        ("postgresql://u@[::1]:5432/test", "::1"),
+        # libpq's Unix-socket directory; its name keeps its case.
+        ("postgresql://u@%2Fvar%2Frun%2Fpostgresql/test", "/var/run/postgresql"),
+        ("postgresql://u:pw@%2ftmp%2FPg:5433/test", "/tmp/Pg"),
+    ],
+)
+def test_the_escapes_of_a_urls_host_are_read(url: str, host: str) -> None:
+    assert parse_url(url).host == host
 
 
 @pytest.mark.parametrize(

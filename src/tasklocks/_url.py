@@ -49,8 +49,10 @@ class ParsedURL:
         if self.scheme == "sqlite":
             return f"sqlite:///{self.path}"
         user = f"{self.user}@" if self.user else ""
+        # (A Unix-socket directory, written as libpq reads it: %2Fvar%2Frun%2Fpostgresql.)
+        host = urllib.parse.quote(self.host, safe="") if self.host.startswith("/") else self.host
         port = f":{self.port}" if self.port else ""
-        return f"{self.scheme}://{user}{self.host}{port}/{self.database}"
+        return f"{self.scheme}://{user}{host}{port}/{self.database}"
 
 
 _SCHEMES = {
@@ -102,6 +104,16 @@ def _query(text: str, shown: str) -> dict[str, str]:
             raise BadURL(f"{key}= is given twice in the URL {shown}: keep one")
         query[key] = value
     return query
+
+
+def _host(parts: urllib.parse.SplitResult) -> str:
+    """The URL's host, its escapes read as libpq reads them (``%2Fvar%2Frun%2Fpostgresql`` is the
+    Unix-socket directory ``/var/run/postgresql``): a name in lower case, a directory as written."""
+    written = parts.netloc.rpartition("@")[2]
+    if written.startswith("["):  # an IPv6 address (and its %25zone)
+        return urllib.parse.unquote(parts.hostname or "")
+    host = urllib.parse.unquote(written.partition(":")[0])
+    return host if host.startswith("/") else host.lower()
 
 
 def parse_url(url: str) -> ParsedURL:
@@ -167,18 +179,32 @@ def parse_url(url: str) -> ParsedURL:
             "server's port (host:PORT/db), or none for the default one (host/db)"
         )
     database = urllib.parse.unquote(parts.path.lstrip("/"))  # ("my%20db": the database my db)
-    if not parts.hostname or not database:
+    host = _host(parts)
+    if not host or not database:
         raise BadURL(
             f"bad database URL {shown}: it needs a host and a database, {scheme}://host/db"
         )
     user = urllib.parse.unquote(parts.username) if parts.username else None
     password = urllib.parse.unquote(parts.password) if parts.password else None
-    for what, value in [("user", user), ("password", password), ("database name", database)]:
+    named = {"host": host, "user": user, "password": password, "database name": database}
+    for what, value in named.items():
         if value and "\0" in value:  # (a driver would send it cut short, or fail obscurely)
             raise BadURL(
                 f"the database URL {shown} has a NUL character (%00) in its {what}: remove it"
             )
+    odd = next((c for c in host if c.isspace() or not c.isprintable()), None)
+    if odd is not None:  # (DNS or the driver failed, after reconnect_timeout)
+        raise BadURL(
+            f"the database URL {shown} has a space or a control character "
+            f"({urllib.parse.quote(odd)}) in its host: remove it"
+        )
+    if host.startswith("/") and scheme == "mysql":  # (PyMySQL takes a socket as unix_socket=)
+        raise BadURL(
+            f"the database URL {shown} names the Unix socket {quote(host)} as its host; "
+            "tasklocks reaches MariaDB/MySQL over TCP: give host:port (from Python, a SQLAlchemy "
+            "Engine made with unix_socket= may be passed to tasklocks.connect() instead)"
+        )
     for key, value in query.items():
         if "\0" in key + value:
             raise BadURL(f"{key}= in the URL {shown} has a NUL character (%00): remove it")
-    return ParsedURL(scheme, "", parts.hostname, port, user, password, database, query)
+    return ParsedURL(scheme, "", host, port, user, password, database, query)

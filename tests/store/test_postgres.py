@@ -14,7 +14,7 @@ import pytest
 from conftest import delete_rows, raw_rows, raw_sql, require, server_url
 
 import tasklocks
-from tasklocks.store import open_store, postgres
+from tasklocks.store import open_store, parse_url, postgres
 
 
 @pytest.fixture
@@ -65,6 +65,27 @@ def test_the_row_statements_are_prepared_at_their_second_run_and_again_after_a_d
     assert tokens == list(range(tokens[0], tokens[0] + 5))
     assert table.held() == []
     table.close()
+
+
+def test_a_url_whose_host_is_an_escaped_directory_connects_through_its_unix_socket(
+    url: str, namespace: str
+) -> None:
+    """libpq reads ``postgresql://user@%2Fvar%2Frun%2Fpostgresql/db`` as the Unix socket in that
+    directory (the escaped host went to DNS as it was written, and failed)."""
+    p = parse_url(url)
+    port = p.port or 5432
+    if p.host not in ("127.0.0.1", "localhost", "::1") or not os.path.exists(
+        f"/var/run/postgresql/.s.PGSQL.{port}"
+    ):
+        pytest.skip(f"no Unix socket of the server at {p.display()} in /var/run/postgresql")
+    socket_url = f"postgresql://{p.user}@%2Fvar%2Frun%2Fpostgresql:{port}/{p.database}"
+    table = tasklocks.connect(socket_url, namespace)
+    try:
+        assert table.store.url == socket_url
+        table.acquire("job").release()
+        assert _on_the_connection(table, "SELECT inet_client_addr()") == [(None,)]  # no TCP
+    finally:
+        table.close()
 
 
 @pytest.fixture
