@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from time import CLOCK_BOOTTIME
 from time import clock_gettime as _boot_clock
 
@@ -181,11 +181,25 @@ class Session:
         leases: a lease none of whose names is left is released too."""
         for lease, (holder, held) in list(self.live.items()):
             if holder == owner:
-                left = () if names is None else tuple(n for n in held if n not in names)
-                if left:
-                    self.live[lease] = (holder, left)
-                else:
-                    self.released(lease)
+                self._drop(lease, held if names is None else names)
+
+    def released_entries(self, entries: Iterable[tuple[str, str]]) -> None:
+        """These ``(lease, name)`` entries were released neither through their leases nor by
+        their owner (``release_all``, ``reap``, an acquisition that took a name over from a
+        gone holder): a lease none of whose names is left is released too. Entries of leases
+        not live under this session are ignored."""
+        for lease, name in entries:
+            self._drop(lease, (name,))
+
+    def _drop(self, lease: str, names: Collection[str]) -> None:
+        entry = self.live.get(lease)
+        if entry is None:
+            return
+        left = tuple(n for n in entry[1] if n not in names)
+        if left:
+            self.live[lease] = (entry[0], left)
+        else:
+            self.released(lease)
 
     def close(self) -> None:
         """Stop renewing. What the session still keeps (its :attr:`live` leases) stays kept

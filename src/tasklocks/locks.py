@@ -436,6 +436,7 @@ class LockTable:
         self, wanted: tuple[Want, ...], claimant: Claimant, queue: bool
     ) -> _core.Granted | _core.Refused | _core.Queued | _core.Deadlocked:
         names = tuple(w.name for w in wanted)
+        ended: list[tuple[str, Holder]] = []  # every attempt's gone holders (gone for good)
 
         def step(
             doc: LockDoc, version: int, retrying: bool
@@ -454,12 +455,15 @@ class LockTable:
                 is_dead=self._is_dead,
                 queue=queue,
             )
+            ended.extend(outcome.reaped)
             wake = bool(outcome.reaped or outcome.dropped) or (  # others may be granted too
                 isinstance(outcome, _core.Granted) and outcome.changed and bool(doc.queue)
             )
             return (outcome.doc if outcome.changed else None), wake, outcome
 
         outcome = self._change(step, unsure=claimant.lease, promote=False, names=names)
+        if ended:
+            self._ended(ended)
         for name, holder in outcome.reaped:
             log.warning(
                 "tasklocks: reclaimed %s in namespace %s from gone holder %s (pid %s on %s)",
@@ -899,6 +903,12 @@ class LockTable:
         if self._session is not None:
             self._session.released_names(owner, wanted)
 
+    def _ended(self, entries: Iterable[tuple[str, Holder]]) -> None:
+        """``entries`` were released otherwise than through their leases or by owner: the
+        session's live leases among them hold their names no more."""
+        if self._session is not None:
+            self._session.released_entries((holder.lease, name) for name, holder in entries)
+
     def release_owner(self, owner: str) -> list[str]:
         """Release everything ``owner`` holds and take its waiters out of the queue; return the
         names released."""
@@ -918,15 +928,20 @@ class LockTable:
 
     def release_all(self) -> list[str]:
         """Release every lock in the namespace and empty its queue (for administrators); return
-        the names released."""
+        the names released. A lease it releases is not lost: its ``release()`` raises
+        :class:`NotHeld`."""
+        ended: list[tuple[str, Holder]] = []  # every attempt's: gone from the document now
 
         def step(
             doc: LockDoc, version: int, retrying: bool
         ) -> tuple[LockDoc | None, bool, list[str]]:
             new, freed = _core.release_all(doc)
+            ended.extend(doc.entries())
             return (new if freed or doc.queue else None), True, freed
 
-        return self._change(step)
+        freed = self._change(step)
+        self._ended(ended)
+        return freed
 
     def reap(self, *, owner: str | None = None) -> list[tuple[str, Holder]]:
         """Release every lock whose holder is provably dead, and drop such waiters from the queue
@@ -939,13 +954,17 @@ class LockTable:
             ours = family is None or entry.owner == owner or entry.owner.startswith(family)
             return ours and self._is_dead(entry)
 
+        ended: list[tuple[str, Holder]] = []  # every attempt's: the dead stay dead
+
         def step(
             doc: LockDoc, version: int, retrying: bool
         ) -> tuple[LockDoc | None, bool, list[tuple[str, Holder]]]:
             new, reaped = _core.reap(doc, is_dead)
+            ended.extend(reaped)
             return (None if new is doc else new), True, list(reaped)
 
         reaped = self._change(step)
+        self._ended(ended)
         level = logging.WARNING if owner is None else logging.INFO
         for name, holder in reaped:
             log.log(
@@ -1005,6 +1024,10 @@ class LockTable:
         """Reset the namespace's document to empty, whatever it held; return the old row
         (read in the same atomic change, so nothing taken in between is dropped unseen)."""
         seen: list[Snapshot] = []
+        # Every lease live under the session now was granted before the reset, which removes
+        # it (whether the document can be read or not).
+        session = self._session
+        live = () if session is None else tuple(session.live)
 
         def reset(snap: Snapshot) -> tuple[str, bool]:
             seen[:] = [snap]
@@ -1013,6 +1036,9 @@ class LockTable:
         self.store.transact(self.namespace, reset, None)
         self._snap = None
         self._waker.notify()
+        if session is not None:
+            for lease in live:
+                session.released(lease)
         return seen[0]
 
     # --- lifetime -----------------------------------------------------------------------------

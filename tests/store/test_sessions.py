@@ -23,6 +23,7 @@ from tasklocks import (
     Liveness,
     LockHeld,
     LockTable,
+    NotHeld,
     StoreUnavailable,
     StoreUnreachable,
     TasklocksError,
@@ -187,6 +188,71 @@ def test_locks_released_by_name_or_owner_leave_no_thread_behind_close(
     for thread in session.threads:
         thread.join(WAIT)
     assert not any(t.is_alive() for t in session.threads) and not both.lost.is_set()
+
+
+@pytest.mark.parametrize("how", ["release_all", "repair"])
+def test_locks_an_administrator_released_leave_no_thread_behind_close(
+    db_url: str, namespace: str, how: str
+) -> None:
+    """(release_all and repair released the session's leases in the database and left them
+    live: the closed session's watchdog lived on for the session's lifetime, then set lost.)
+    A lease so released is not lost (its session holds): its release raises NotHeld."""
+    with tasklocks.connect(db_url, namespace=namespace, ttl=30) as table:
+        table.acquire("warm").release()  # moves the namespace: names take rows
+        mine = table.acquire("a")
+        assert mine.lease_id in table._in_rows  # (taken in its name's row)
+        table.acquire("b", "c", owner="task:1", shared="c")
+        session = mine.session
+        assert session is not None and len(session.live) == 2
+        if how == "release_all":
+            assert sorted(table.release_all()) == ["a", "b", "c"]
+        else:
+            table.repair()
+        assert table.held() == [] and not session.live
+        later = table.acquire("a")  # taken after it: held, live
+        assert list(session.live) == [later.lease_id]
+        mine.check()
+        with pytest.raises(NotHeld):
+            mine.release()
+        later.release()
+    for thread in session.threads:
+        thread.join(WAIT)
+    assert not any(t.is_alive() for t in session.threads) and not mine.lost.is_set()
+
+
+@pytest.mark.parametrize("how", ["reap", "acquire"])
+def test_locks_of_a_dead_process_taken_over_leave_no_thread_behind_close(
+    db_url: str, namespace: str, how: str
+) -> None:
+    """Entries for another process of this host are kept by this process's session: once that
+    process is dead, a reap, or an acquisition that takes a name over, releases them, and the
+    session holds them no more (it kept them live until its expiry). Its own lease stays."""
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        with tasklocks.connect(db_url, namespace=namespace, ttl=30) as table:
+            table.acquire("warm").release()  # moves the namespace: names take rows
+            child = tasklocks.process_identity(sleeper.pid)
+            theirs = table.acquire("a", "b", owner="job:1", process=child)
+            mine = table.acquire("c")
+            session = mine.session
+            assert session is not None and theirs.session is session
+            sleeper.kill()
+            sleeper.wait()
+            if how == "reap":
+                assert sorted(n for n, _ in table.reap()) == ["a", "b"]
+            else:
+                taken = table.acquire("a", owner="task:2")  # "b" is not wanted: still held
+                assert session.live[theirs.lease_id] == ("job:1", ("b",))
+                taken.release()
+                assert [n for n, _ in table.reap()] == ["b"]
+            assert list(session.live) == [mine.lease_id]
+            mine.release()
+        for thread in session.threads:
+            thread.join(WAIT)
+        assert not any(t.is_alive() for t in session.threads) and not mine.lost.is_set()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_a_lease_that_comes_after_close_is_still_watched(db_url: str, namespace: str) -> None:
