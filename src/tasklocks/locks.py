@@ -191,13 +191,18 @@ class Lease:
             session.released(self.lease_id)
             self.table._give_back(self.lease_id)
             raise LeaseLost(self.names, self.owner, self.token, session.ttl)
+        lacks: list[str] = []
         try:
-            self.table._release(self.names, self.owner, self.lease_id)
+            self.table._release(self.names, self.owner, self.lease_id, lacks)
         except StoreUnreachable:
             self.released = True  # given back as soon as the database answers again
             if session is not None:  # (it expires with the session meanwhile)
                 session.released(self.lease_id)
             self.table._orphan(self.lease_id)
+            raise
+        except NotHeld:
+            if session is not None:  # released by others (another process's release_all, say)
+                session.released_entries((self.lease_id, n) for n in lacks)
             raise
         self.released = True
         if session is not None:
@@ -819,7 +824,11 @@ class LockTable:
 
     # --- releasing ----------------------------------------------------------------------------
 
-    def _release(self, names: tuple[str, ...], owner: str, lease: str | None) -> None:
+    def _release(
+        self, names: tuple[str, ...], owner: str, lease: str | None, lacks: list[str] | None = None
+    ) -> None:
+        """Release ``names`` of ``owner`` (of ``lease`` only, when given). :raises NotHeld: one
+        is not held so (``lacks`` is then set to those ``lease`` holds no more)."""
         if self._orphans:
             self._settle()
         fast: bool | None = False  # None: the reply to the one-statement release was lost
@@ -849,7 +858,12 @@ class LockTable:
                 ]
                 if len(gone) == len(names):
                     return doc, False, None
-            return _core.release(doc, names, owner, lease=lease), True, None
+            try:
+                return _core.release(doc, names, owner, lease=lease), True, None
+            except NotHeld:
+                if lacks is not None:
+                    lacks[:] = [n for n in names if all(h.lease != lease for h in doc.holders(n))]
+                raise
 
         self._change(
             lambda doc, v, r: _none_if_same(step(doc, v, r), doc),

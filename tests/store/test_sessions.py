@@ -220,6 +220,37 @@ def test_locks_an_administrator_released_leave_no_thread_behind_close(
     assert not any(t.is_alive() for t in session.threads) and not mine.lost.is_set()
 
 
+def test_a_lease_released_elsewhere_leaves_no_thread_once_its_release_finds_out(
+    db_url: str, namespace: str
+) -> None:
+    """Another table (``tasklocks release --all``, say) cannot tell this session what it
+    released; the lease's release, which raises NotHeld, finds which of its names it holds no
+    more. (They stayed live: the closed session's watchdog lived on, then set lost.)"""
+    with tasklocks.connect(db_url, namespace=namespace, ttl=30) as table:
+        table.acquire("warm").release()  # moves the namespace: names take rows
+        row = table.acquire("a")
+        assert row.lease_id in table._in_rows  # (taken in its name's row)
+        pair = table.acquire("b", "c")
+        doc = table.acquire("d", shared=True)  # (in the document)
+        part = table.acquire("e", "f", owner="task:1")
+        session = row.session
+        assert session is not None and len(session.live) == 4
+        with tasklocks.connect(db_url, namespace=namespace) as admin:
+            admin.release("e", owner="task:1")
+            with pytest.raises(NotHeld):
+                part.release()  # all or nothing: "f" is still held
+            assert session.live[part.lease_id] == ("task:1", ("f",))
+            assert sorted(admin.release_all()) == ["a", "b", "c", "d", "f"]
+        assert len(session.live) == 4  # (this table cannot know)
+        for lease in (row, pair, doc, part):
+            with pytest.raises(NotHeld):
+                lease.release()
+        assert not session.live
+    for thread in session.threads:
+        thread.join(WAIT)
+    assert not any(t.is_alive() for t in session.threads) and not row.lost.is_set()
+
+
 @pytest.mark.parametrize("how", ["reap", "acquire"])
 def test_locks_of_a_dead_process_taken_over_leave_no_thread_behind_close(
     db_url: str, namespace: str, how: str
