@@ -529,8 +529,9 @@ def release(
         keep = tuple(
             h for h in holders if h.owner != owner or (lease is not None and h.lease != lease)
         )
-        if len(keep) == len(holders):
-            raise NotHeld(name, owner, holders[0] if holders else None)
+        if len(keep) == len(holders):  # (owner's other lease first: the message says so)
+            first = next((h for h in holders if h.owner == owner), holders[0] if holders else None)
+            raise NotHeld(name, owner, first)
         put[name] = keep
     return d.derive(put=put)
 

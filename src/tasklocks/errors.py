@@ -244,6 +244,11 @@ class NotHeld(TasklocksError):
         self.holder = holder
         if released is not None:  # the lease (its names) was released already
             msg = f"this lease of {released} was released already; {owner} holds it no more"
+        elif holder is not None and holder.owner == owner:  # (a release of one lease)
+            msg = (
+                f"this lease of {name} was released already; {owner} holds {name} under "
+                "another lease, which that lease's release() gives back"
+            )
         elif holder is None:
             msg = f"{name} is not held by anyone, so {owner} cannot release it"
         else:

@@ -251,6 +251,24 @@ def test_a_lease_released_twice_says_so(table: LockTable) -> None:
     assert [h.holder.owner for h in table.held()] == ["task:2"]
 
 
+def test_a_lease_released_by_name_says_so_when_its_owner_holds_the_name_again(
+    table: LockTable,
+) -> None:
+    """(It said "a is held by task:1 (...), not by task:1; release it as its owner".)"""
+    first = table.acquire("a", owner="task:1")
+    table.release("a", owner="task:1")
+    second = table.acquire("a", owner="task:1")
+    with pytest.raises(NotHeld) as info:
+        first.release()
+    assert str(info.value) == (
+        "this lease of a was released already; task:1 holds a under another lease, "
+        "which that lease's release() gives back"
+    )
+    assert [h.holder.lease for h in table.held()] == [second.lease_id]
+    second.release()
+    assert table.held() == []
+
+
 def test_a_timeout_past_floats_range_is_accepted(table: LockTable) -> None:
     """(10**400 raised OverflowError from float().)"""
     table.acquire("a", wait=True, timeout=10**400).release()
