@@ -297,6 +297,33 @@ def test_the_log_endpoint_answers_its_errors_as_json(tmp_path: Path) -> None:
         assert words in json.loads(reply.body)["error"], reply
 
 
+def test_text_utf8_cannot_encode_is_shown_escaped_on_pages_and_in_json(tmp_path: Path) -> None:
+    """Lone surrogates (bytes that were not UTF-8, as Python reads them) in a record or in an
+    error are shown as the command line shows them, \\udce9: they made the reply a 500."""
+    import json
+
+    log_path = tmp_path / "caf\udce9" / "task-4.log"
+    source = FakeSource(
+        tmp_path, [running(4, kind=None, target=["echo", "caf\udce9"], log_path=str(log_path))]
+    )
+    app = create_app(Settings(url=source.url), source)
+    for target in ("/tasks", "/tasks?partial=1", "/tasks/4", "/tasks/4?partial=1", "/timeline"):
+        page = call(app, target)
+        assert page.status == 200, (target, page)
+        assert "echo caf\\udce9" in page.body, (target, page)
+    log = call(app, "/tasks/4/log?offset=0")
+    assert log.status == 200, log
+    missing = f"the log {tmp_path}/caf\\udce9/task-4.log is gone"
+    assert json.loads(log.body)["missing"] == missing
+    down = FailingSource(tmp_path, StoreUnavailable("caf\udce9 did not answer"))
+    app = create_app(Settings(url=down.url), down)
+    page = call(app, "/tasks/7")
+    assert page.status == 503 and "caf\\udce9 did not answer" in page.body, page
+    log = call(app, "/tasks/7/log?offset=0")
+    assert log.status == 503, log
+    assert json.loads(log.body)["error"] == "caf\\udce9 did not answer"
+
+
 def test_a_task_page_takes_one_snapshot(tmp_path: Path) -> None:
     source = FakeSource(tmp_path, [running(3)])
     app = create_app(Settings(url=source.url), source)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import re
 import socket
 import subprocess
@@ -147,8 +148,6 @@ def test_the_log_is_read_from_an_offset(sqlite_cli: Cli, tmp_path: Path) -> None
     script = "printf 'first line\\n'; printf 'caf\\303\\251\\n'"
     task_id = sqlite_cli.start("--", "sh", "-c", script)
     until_state(sqlite_cli, task_id, TaskState.SUCCEEDED)
-    import json
-
     whole = json.loads(request(server, f"/tasks/{task_id}/log?offset=0").body)
     assert whole["text"] == "first line\ncafé\n"
     assert whole["offset"] == len("first line\ncafé\n".encode())
@@ -161,6 +160,28 @@ def test_the_log_is_read_from_an_offset(sqlite_cli: Cli, tmp_path: Path) -> None
     for value in ("0", "true"):  # only partial=1 is the live part (these were a 500)
         page = request(server, f"/tasks/{task_id}?partial={value}")
         assert page.status == 200 and "<html" in page.body and "café" in page.body, value
+
+
+def test_an_argument_that_is_not_utf8_is_shown_as_the_command_line_shows_it(cli: Cli) -> None:
+    """Bytes that are not UTF-8 reach Python as lone surrogates (caf\\xe9 is caf\\udce9), which
+    UTF-8 cannot encode: every page that showed such a task was a 500."""
+    task_id = cli.start("--", "echo", "caf\udce9")
+    until_state(cli, task_id, TaskState.SUCCEEDED)
+    server = cli.serve()
+    for path in (
+        "/",
+        "/?partial=1",
+        "/timeline",
+        "/timeline?partial=1",
+        f"/tasks/{task_id}",
+        f"/tasks/{task_id}?partial=1",
+    ):
+        reply = request(server, path)
+        assert reply.status == 200, (path, reply)
+        assert "echo caf\\udce9" in reply.body, (path, reply)  # as `tasklocks task` prints it
+    log = request(server, f"/tasks/{task_id}/log?offset=0")
+    assert log.status == 200 and json.loads(log.body)["text"] == "caf\ufffd\n", log
+    assert "unexpected error" not in server.errors()
 
 
 # --- who may look -------------------------------------------------------------------------------

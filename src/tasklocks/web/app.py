@@ -187,6 +187,32 @@ def _plain(status: int, text: str) -> Response:
     return Response(text, status_code=status, media_type="text/plain; charset=utf-8")
 
 
+def _encoded(text: str) -> bytes:
+    """``text`` in UTF-8, a lone surrogate as the text ``\\udce9``, as the command line's
+    ``printable()`` shows it. Text from the database may hold them: a command's argument that
+    was not UTF-8 (``echo $'caf\\xe9'``) reaches Python as ``caf\\udce9``, and the record's JSON
+    keeps it so; encoded strictly, it made the whole page a 500."""
+    return text.encode("utf-8", "backslashreplace")
+
+
+def _shown(value: Any) -> Any:
+    """``value`` (JSON data) with every string :func:`_encoded` and decoded again."""
+    if isinstance(value, str):
+        return _encoded(value).decode("utf-8")
+    if isinstance(value, dict):
+        return {_shown(k): _shown(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shown(v) for v in value]
+    return value
+
+
+class JSONText(JSONResponse):
+    """A JSON reply whose strings are shown as the pages show them (see :func:`_encoded`)."""
+
+    def render(self, content: Any) -> bytes:
+        return super().render(_shown(content))
+
+
 # --- the application ----------------------------------------------------------------------------
 
 
@@ -260,7 +286,7 @@ class Dashboard:
             **context,
         }
         template = f"{page}_live.html" if partial else f"{page}.html"
-        body = self.env.get_template(template).render(values)
+        body = _encoded(self.env.get_template(template).render(values))
         response = Response(body, status_code=status, media_type="text/html; charset=utf-8")
         response.headers["cache-control"] = "no-cache"
         if new_cookie is not None:
@@ -351,14 +377,14 @@ class Dashboard:
         try:
             offset = int(request.query_params.get("offset", "0"))
         except ValueError:
-            return JSONResponse({"error": "offset must be a whole number"}, status_code=400)
+            return JSONText({"error": "offset must be a whole number"}, status_code=400)
         try:
             record = await run_in_threadpool(self.source.task, task_id)
         except TaskNotFound:
-            return JSONResponse({"error": f"there is no task {task_id}"}, status_code=404)
+            return JSONText({"error": f"there is no task {task_id}"}, status_code=404)
         chunk = await run_in_threadpool(read_log, record, max(0, offset))
         final = record.state.is_final and chunk.text == ""
-        return JSONResponse(
+        return JSONText(
             {"text": chunk.text, "offset": chunk.offset, "final": final, "missing": chunk.missing},
             headers={"cache-control": "no-store"},
         )
@@ -459,7 +485,7 @@ class Dashboard:
 
         def error(request: Request, status: int, title: str, text: str) -> Response:
             if as_json:
-                return JSONResponse({"error": text}, status_code=status)
+                return JSONText({"error": text}, status_code=status)
             return self.error(request, status, title, text)
 
         async def call(request: Request) -> Response:
@@ -482,7 +508,7 @@ class Dashboard:
                     " ".join(str(exc).split()),
                 )
                 if as_json:
-                    return JSONResponse({"error": "see the server's output"}, status_code=500)
+                    return JSONText({"error": "see the server's output"}, status_code=500)
                 return _plain(500, "500 Internal Server Error: see the server's output\n")
 
         return call
