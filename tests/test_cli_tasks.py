@@ -495,6 +495,50 @@ def test_logs_follow_prints_later_output_and_returns_when_the_task_ends(
     assert cli.record(task_id)["state"] == "succeeded"
 
 
+def test_logs_of_two_databases_are_each_their_own(tmp_path: Path, namespace: str) -> None:
+    """Task 1 of a.db and task 1 of a.sqlite (or of two server databases, or two tables) wrote
+    into one file, <stem>-logs/task-1.log: ``logs`` showed the other database's output too."""
+    clis = [
+        Cli(f"sqlite:///{tmp_path}/{name}", namespace, tmp_path) for name in ("a.db", "a.sqlite")
+    ]
+    try:
+        for cli in clis:
+            assert cli.start("--", "echo", f"output of {cli.url}") == 1
+        for cli in clis:
+            assert cli.wait(1).returncode == 0, cli.log(1)
+        assert clis[0].record(1)["log_path"] != clis[1].record(1)["log_path"]
+        for cli in clis:
+            assert cli.ok("logs", "1") == f"output of {cli.url}\n"
+    finally:
+        for cli in clis:
+            cli.cleanup()
+
+
+def test_logs_reads_the_path_the_record_keeps(cli: Cli, tmp_path: Path) -> None:
+    """A task started before log directories were per database and table keeps its log where it
+    was written: the record's ``log_path`` says where."""
+    with Tasks(cli.url, cli.namespace) as tasks:
+        task_id = tasks.store.create_task(
+            {
+                "kind": "old",
+                "target": '["true"]',
+                "locks": "[]",
+                "namespace": cli.namespace,
+                "state": "succeeded",
+                "created": time.time() - 60,
+                "started": time.time() - 60,
+                "finished": time.time() - 59,
+                "exit_code": 0,
+            }
+        )
+        old = tmp_path / "state" / "tasklocks" / "logs" / f"task-{task_id}.log"
+        old.parent.mkdir(parents=True)
+        old.write_text("written before\n")
+        assert tasks.store.update_task(task_id, tasks.get(task_id).version, {"log_path": str(old)})
+    assert cli.ok("logs", str(task_id)) == "written before\n"
+    assert parse_fields(cli.ok("task", str(task_id)))["log"] == str(old)
+
+
 # --- locks between tasks -------------------------------------------------------------------------
 
 

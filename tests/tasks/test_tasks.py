@@ -16,12 +16,13 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from conftest import raw_sql
+from conftest import raw_sql, require, server_url
 
 from tasklocks import HeldLock, Liveness
 from tasklocks.owner import current_process, default_owner, group_is_empty, process_liveness
@@ -37,6 +38,7 @@ from tasklocks.tasks import (
     progress,
 )
 from tasklocks.tasks._record import can_move
+from tasklocks.tasks.runner import default_log_dir
 
 from .targets import ref
 
@@ -718,6 +720,70 @@ def test_stdout_and_stderr_go_to_the_log(tasks: Tasks, kind: str) -> None:
     log = Path(record.log_path).read_text()
     assert "to-stdout" in log
     assert "to-stderr" in log
+
+
+def test_the_default_log_directory_is_one_of_each_database_and_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Task ids are a table's own: two databases or tables that shared a directory wrote task 1
+    into the same file. (Server databases all had $XDG_STATE_HOME/tasklocks/logs; an SQLite
+    file had <stem>-logs, shared by its tables and by a.db and a.sqlite.)"""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    pg = "postgresql://u@db.example:5432/test"
+    urls = [
+        pg,
+        "postgresql://u@db.example:5433/test",
+        "postgresql://u@db.example/test",
+        "postgresql://u@db2.example:5432/test",
+        "postgresql://u@db.example:5432/test2",
+        "mysql://u@db.example:5432/test",
+        f"sqlite:///{tmp_path}/a.db",
+        f"sqlite:///{tmp_path}/a.sqlite",
+        f"sqlite:///{tmp_path}/sub/a.db",
+    ]
+    dirs = [default_log_dir(url, table) for url in urls for table in ("tasklocks", "other")]
+    assert len(set(dirs)) == len(dirs), dirs
+    assert default_log_dir(pg).parent == tmp_path / "state" / "tasklocks" / "logs"
+    assert default_log_dir(pg).name.startswith("postgresql-db.example-5432-test-tasklocks-")
+    assert default_log_dir(urls[6]).parent == tmp_path / "a-logs"  # next to the file, as before
+    # The URL without its password and parameters: the same database, the same directory.
+    secret = "postgresql://u:s3cret@db.example:5432/test?sslmode=require&application_name=x"
+    assert default_log_dir(secret) == default_log_dir(pg)
+    monkeypatch.chdir(tmp_path)
+    assert default_log_dir("sqlite:///a.db") == default_log_dir(urls[6])  # (the file, resolved)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_task_one_of_two_databases_and_two_tables_logs_into_its_own_file(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same task id in two tables of PostgreSQL, in MariaDB and in SQLite: four files, each
+    with its own task's output (they shared one: a leak of one database's output to another)."""
+    require("mysql")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    table = "tl_" + uuid.uuid4().hex[:12]
+    urls = [db_url, server_url("mysql"), f"sqlite:///{tmp_path}/a.db"]
+    runners = [Tasks(url, table=t) for url in urls for t in (table, table + "_b")]
+    try:
+        ids = [tasks.start(["echo", f"output of {tasks.url} {tasks.table}"]) for tasks in runners]
+        assert ids == [1] * len(runners)  # (fresh tables)
+        records = [finished(tasks, 1) for tasks in runners]
+        assert len({r.log_path for r in records}) == len(records), records
+        for tasks, record in zip(runners, records, strict=True):
+            assert record.state is TaskState.SUCCEEDED, describe(tasks, record)
+            assert record.log_path is not None
+            assert Path(record.log_path).parent == tasks.log_dir
+            expected = f"output of {tasks.url} {tasks.table}\n"
+            assert Path(record.log_path).read_text() == expected, describe(tasks, record)
+    finally:
+        for tasks in runners:
+            kill_everything(tasks)
+            tasks.close()
+        for url in urls[:2]:
+            for name in (table, table + "_b"):
+                for suffix in ("", "_meta", "_sessions", "_names", "_tasks", "_epoch"):
+                    with contextlib.suppress(Exception):
+                        raw_sql(url, f"DROP TABLE IF EXISTS {name}{suffix}")
 
 
 def test_task_takes_more_locks_as_itself(tasks: Tasks, files: Files) -> None:

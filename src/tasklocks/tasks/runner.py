@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import hashlib
 import json
 import numbers
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,7 +39,7 @@ from tasklocks.owner import (
     process_liveness,
     process_start_token,
 )
-from tasklocks.store import parse_url
+from tasklocks.store import DEFAULT_TABLE, parse_url
 from tasklocks.tasks._record import TaskRecord, TaskState, join_locks
 from tasklocks.tasks._taskdb import TaskDB, TaskNotFound
 from tasklocks.tasks._zygote import fork_supervisor
@@ -80,14 +82,31 @@ def _check_target(target: str | Sequence[str]) -> str | list[str]:
     return argv
 
 
-def default_log_dir(url: str) -> Path:
-    """Next to the SQLite file (``<name>-logs``), else under the user's state directory."""
+_UNSAFE = re.compile(r"[^A-Za-z0-9._]+")  # what a log directory's name does not keep
+
+
+def default_log_dir(url: str, table: str = DEFAULT_TABLE) -> Path:
+    """Where the logs of the tasks of ``table`` in the database at ``url`` go: a directory of
+    their own, since task ids are a table's own (task 1 of another table or database must not
+    write into the same file). Next to an SQLite file, ``<name>-logs/<table>-<hash>``; else under
+    the user's state directory, ``tasklocks/logs/<scheme>-<host>-<port>-<db>-<table>-<hash>``. The
+    hash is of the URL without its password and parameters (``ParsedURL.display()``; for SQLite,
+    the file's absolute path) and of the table."""
     parsed = parse_url(url)
     if parsed.scheme == "sqlite":
         db = Path(parsed.path).resolve()
-        return db.with_name(db.stem + "-logs")
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "tasklocks" / "logs"
+        identity = f"sqlite:///{db}"
+        base, parts = db.with_name(db.stem + "-logs"), [table]
+    else:
+        identity = parsed.display()
+        state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        base = Path(state) / "tasklocks" / "logs"
+        port = "" if parsed.port is None else str(parsed.port)
+        parts = [parsed.scheme, parsed.host, port, parsed.database, table]
+    # (surrogateescape: a URL given on the command line may hold bytes that are not UTF-8.)
+    digest = hashlib.sha256(f"{identity}\0{table}".encode("utf-8", "surrogateescape"))
+    slug = "-".join(_UNSAFE.sub("_", p) for p in parts if p)[:80]
+    return base / f"{slug}-{digest.hexdigest()[:12]}"
 
 
 class Tasks(TaskDB):
@@ -95,7 +114,8 @@ class Tasks(TaskDB):
 
     :param url: the database (default ``$TASKLOCKS_DB``, else the per-user SQLite file).
     :param namespace: the lock namespace the tasks' locks live in.
-    :param log_dir: where task logs go (default: next to an SQLite file, else the state dir).
+    :param log_dir: where task logs go (default: a directory of this database and table, next to
+        an SQLite file, else in the user's state directory: see :func:`default_log_dir`).
     :param ttl: the ttl of the sessions that keep the tasks' locks (see :func:`connect`): a
         task whose supervisor cannot renew it in time is stopped (error code ``LOCK_LOST``).
     """
@@ -112,7 +132,7 @@ class Tasks(TaskDB):
         check_ttl(ttl)
         super().__init__(url, namespace, table=table)
         self.ttl = ttl
-        self.log_dir = Path(log_dir) if log_dir is not None else default_log_dir(self.url)
+        self.log_dir = Path(log_dir) if log_dir is not None else default_log_dir(self.url, table)
 
     # --- records ------------------------------------------------------------------------------
 
@@ -234,7 +254,9 @@ class Tasks(TaskDB):
 
     def _spawn(self, task_id: int, wait_for_locks: bool) -> None:
         """Start the task's supervisor (forked by the zygote, else exec'd) and record it."""
-        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # (The parent too: it lists the directories of every database and table.)
+        self.log_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.log_dir.mkdir(exist_ok=True, mode=0o700)
         log_path = self.log_dir / f"task-{task_id}.log"
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         env = dict(os.environ)
