@@ -23,7 +23,9 @@ How it waits without blocking the loop, and without a thread per waiter:
 * The default owner is the calling asyncio task's, ``pid:<host>:<pid>:aio-<n>``
   (``task:<id>:aio-<n>`` inside a tasklocks task), so that two coroutines of one process are two
   holders, as two processes are: one waits for the other (a blocking table's default owner is
-  the process).
+  the process). It is the task that calls ``acquire``, ``hold`` or ``release`` (plain functions
+  that return the coroutine or the context manager), even when another task runs the coroutine:
+  ``asyncio.wait_for`` (a task of its own on Python 3.11), ``create_task``, ``gather``.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
@@ -74,6 +76,20 @@ def task_owner() -> str:
     if number is None:
         number = _numbers[task] = next(_count)
     return f"{default_owner(current_process())}:aio-{number}"
+
+
+def _callers_owner(owner: str | None) -> str | None:
+    """``owner``, or the calling task's when it is None: worked out when ``acquire``, ``hold`` or
+    ``release`` is called, not when its coroutine starts, which may be in a task of its own
+    (``asyncio.wait_for`` on Python 3.11, ``create_task``, ``gather``, ``shield``). None outside
+    a task (``asyncio.run(table.acquire(...))``): the task that runs the coroutine owns it."""
+    if owner is not None:
+        return owner
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop
+        return None
+    return None if task is None else task_owner()
 
 
 class _Abandon(BaseException):
@@ -225,7 +241,7 @@ class AsyncLockTable:
 
     # --- acquiring ----------------------------------------------------------------------------
 
-    async def acquire(
+    def acquire(
         self,
         *names: str,
         owner: str | None = None,
@@ -237,10 +253,30 @@ class AsyncLockTable:
         shared: bool | Iterable[str] = False,
         limit: int | Mapping[str, int] | None = None,
         watch: Watch | None = None,
-    ) -> AsyncLease:
+    ) -> Coroutine[Any, Any, AsyncLease]:
         """Take every one of ``names``, or none of them: :meth:`tasklocks.LockTable.acquire`,
-        awaiting where it would block. A cancelled call leaves nothing held and no place in
-        the queue, whenever the cancellation lands."""
+        awaiting where it would block (``await table.acquire(...)``). A cancelled call leaves
+        nothing held and no place in the queue, whenever the cancellation lands. The default
+        owner is the task that calls ``acquire``, whichever task awaits the coroutine."""
+        if process is THIS_PROCESS:
+            owner = _callers_owner(owner)
+        return self._acquire(
+            names, owner, wait, timeout, note, on_wait, process, shared, limit, watch
+        )
+
+    async def _acquire(
+        self,
+        names: tuple[str, ...],
+        owner: str | None,
+        wait: bool,
+        timeout: float | None,
+        note: str | None,
+        on_wait: OnWait | None,
+        process: ProcessIdentity | _ThisProcess | None,
+        shared: bool | Iterable[str],
+        limit: int | Mapping[str, int] | None,
+        watch: Watch | None,
+    ) -> AsyncLease:
         loop = asyncio.get_running_loop()
         steps = self.table._acquiring(
             names,
@@ -319,8 +355,7 @@ class AsyncLockTable:
             "open another with tasklocks.aio.connect()"
         )
 
-    @asynccontextmanager
-    async def hold(
+    def hold(
         self,
         *names: str,
         timeout: float | None = None,
@@ -330,9 +365,26 @@ class AsyncLockTable:
         shared: bool | Iterable[str] = False,
         limit: int | Mapping[str, int] | None = None,
         watch: Watch | None = None,
-    ) -> AsyncIterator[AsyncLease]:
+    ) -> AbstractAsyncContextManager[AsyncLease]:
         """``async with table.hold(...) as lease``: wait for ``names`` (up to ``timeout``), hold
-        them in the block, then release (see :meth:`tasklocks.LockTable.hold`)."""
+        them in the block, then release (see :meth:`tasklocks.LockTable.hold`). The default
+        owner is the task that calls ``hold``."""
+        return self._hold(
+            names, timeout, _callers_owner(owner), note, on_wait, shared, limit, watch
+        )
+
+    @asynccontextmanager
+    async def _hold(
+        self,
+        names: tuple[str, ...],
+        timeout: float | None,
+        owner: str | None,
+        note: str | None,
+        on_wait: OnWait | None,
+        shared: bool | Iterable[str],
+        limit: int | Mapping[str, int] | None,
+        watch: Watch | None,
+    ) -> AsyncIterator[AsyncLease]:
         lease = await self.acquire(
             *names,
             owner=owner,
@@ -349,8 +401,12 @@ class AsyncLockTable:
 
     # --- releasing and looking ------------------------------------------------------------------
 
-    async def release(self, *names: str, owner: str | None = None) -> None:
-        """See :meth:`tasklocks.LockTable.release` (``owner``: this task's by default)."""
+    def release(self, *names: str, owner: str | None = None) -> Coroutine[Any, Any, None]:
+        """``await table.release(*names)``: see :meth:`tasklocks.LockTable.release` (``owner``:
+        by default the task that calls ``release``, whichever task awaits the coroutine)."""
+        return self._release(names, _callers_owner(owner))
+
+    async def _release(self, names: tuple[str, ...], owner: str | None) -> None:
         owner = task_owner() if owner is None else owner
         await self._call(self.table.release, *names, owner=owner)
 

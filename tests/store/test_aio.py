@@ -11,7 +11,7 @@ import asyncio
 import functools
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -19,7 +19,15 @@ from conftest import delete_rows, require, server_url
 
 import tasklocks
 import tasklocks.aio as aio
-from tasklocks import LeaseLost, LockHeld, LockTable, LockTimeout, StoreUnreachable, WaitStatus
+from tasklocks import (
+    Deadlock,
+    LeaseLost,
+    LockHeld,
+    LockTable,
+    LockTimeout,
+    StoreUnreachable,
+    WaitStatus,
+)
 from tasklocks.store import FastPaths
 
 T = TypeVar("T")
@@ -77,6 +85,15 @@ async def cancelled(task: asyncio.Task[Any]) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def elsewhere(call: Callable[[], Awaitable[T]]) -> T:
+    """``call()`` called and awaited in a task of its own: as another owner."""
+
+    async def inside() -> T:
+        return await call()
+
+    return await asyncio.create_task(inside())
 
 
 def nothing_left(other: LockTable) -> None:
@@ -326,11 +343,11 @@ def test_each_task_is_an_owner_and_a_refusal_names_the_holder(
         async with await aio.connect(db_url, namespace) as t:
             lease = await t.acquire("a", note="deploying")
             with pytest.raises(LockHeld) as refused:
-                await asyncio.create_task(t.acquire("a"))  # another task
+                await elsewhere(lambda: t.acquire("a"))  # another task
             assert lease.owner in str(refused.value)
             assert refused.value.holders["a"][0].note == "deploying"
             with pytest.raises(tasklocks.NotHeld):
-                await asyncio.create_task(t.release("a"))  # not that task's
+                await elsewhere(lambda: t.release("a"))  # not that task's
             await t.release("a")  # this task's
             assert await t.held() == []
             async with t.hold("a", "b") as held:
@@ -339,6 +356,76 @@ def test_each_task_is_an_owner_and_a_refusal_names_the_holder(
             assert held.released
 
     run(main())
+    nothing_left(other)
+
+
+def test_the_task_that_calls_acquire_owns_the_lock_whichever_task_awaits_it(
+    db_url: str, namespace: str, other: LockTable
+) -> None:
+    """``asyncio.wait_for`` (a task of its own on Python 3.11), ``create_task``, ``gather`` and
+    ``shield`` run the coroutine in another task: the owner was that task's, and the caller's
+    ``release(name)`` raised NotHeld."""
+
+    async def main() -> None:
+        async with await aio.connect(db_url, namespace) as t:
+            me = aio.task_owner()
+            leases = [
+                await asyncio.wait_for(t.acquire("a"), WAIT),
+                await asyncio.create_task(t.acquire("b")),
+                *await asyncio.gather(t.acquire("c")),
+                await asyncio.shield(t.acquire("d")),
+            ]
+            async with t.hold("e") as held:
+                leases.append(held)
+                assert {lease.owner for lease in leases} == {me}
+                assert {h.holder.owner for h in await t.held()} == {me}
+            with pytest.raises(LockHeld):
+                await asyncio.wait_for(t.acquire("a"), WAIT)  # not re-entrant: the same owner
+            await asyncio.wait_for(t.release("a"), WAIT)  # this task's, released by name
+            await asyncio.create_task(t.release("b"))
+            await t.release("c", "d")
+            assert await t.held() == []
+
+    run(main())
+    nothing_left(other)
+
+
+def test_a_deadlock_through_a_lock_taken_in_wait_for_is_refused(
+    db_url: str, namespace: str, other: LockTable
+) -> None:
+    """A takes x through ``asyncio.wait_for``, B takes y; A waits for y, then B for x: a cycle
+    between the tasks A and B (the owner of x was wait_for's task, which waits for nothing)."""
+
+    async def main() -> list[str]:
+        async with await aio.connect(db_url, namespace) as t:
+            got_x, got_y = asyncio.Event(), asyncio.Event()
+
+            async def a() -> str:
+                x = await asyncio.wait_for(t.acquire("x"), WAIT)
+                got_x.set()
+                await got_y.wait()
+                try:
+                    async with t.hold("y", timeout=WAIT):
+                        return "A got y"
+                finally:
+                    await x.release()
+
+            async def b() -> str:
+                y = await t.acquire("y")
+                got_y.set()
+                await got_x.wait()
+                await until(lambda: _queued(t, 1), "A to wait for y")
+                try:
+                    async with t.hold("x", timeout=WAIT):
+                        return "B got x"
+                except Deadlock:
+                    return "B: Deadlock"
+                finally:
+                    await y.release()
+
+            return list(await asyncio.gather(a(), b()))
+
+    assert run(main()) == ["A got y", "B: Deadlock"]
     nothing_left(other)
 
 
