@@ -20,6 +20,8 @@ How it waits without blocking the loop, and without a thread per waiter:
   acquisition gives back whatever it may have written, in the order the blocking API does when
   it raises: nothing held, no place in the queue. The ``CancelledError`` comes after that.
 * ``on_wait`` and ``watch`` are called on the event loop's thread (plain functions).
+* A table serves the event loop that opened it (its wake-ups are that loop's): a call from
+  another loop raises :class:`TasklocksError`, before it does anything.
 * The default owner is the calling asyncio task's, ``pid:<host>:<pid>:aio-<n>``
   (``task:<id>:aio-<n>`` inside a tasklocks task), so that two coroutines of one process are two
   holders, as two processes are: one waits for the other (a blocking table's default owner is
@@ -214,6 +216,7 @@ class AsyncLockTable:
     def __init__(self, table: LockTable, worker: concurrent.futures.ThreadPoolExecutor) -> None:
         self.table = table  # the blocking table the steps run on (in the worker only)
         self._worker = worker
+        self._loop = asyncio.get_running_loop()  # the loop it serves (connect()'s)
         self._changes = _Changes(self)
         self._closed = False  # the worker takes no more calls
         self._closing: asyncio.Future[None] | None = None  # close() began: no new acquisitions
@@ -230,10 +233,21 @@ class AsyncLockTable:
         return self.table.ttl
 
     def _submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+        self._check_loop()
         if self._closed:
             raise self._closed_error()
-        loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self._worker, functools.partial(fn, *args, **kwargs))
+        return self._loop.run_in_executor(self._worker, functools.partial(fn, *args, **kwargs))
+
+    def _check_loop(self) -> None:
+        """Refuse a call from another event loop than the one that opened the table: its
+        wake-ups (the inotify reader, LISTEN, the poll) and its events belong to that loop."""
+        if asyncio.get_running_loop() is not self._loop:
+            raise TasklocksError(
+                f"the async lock table of namespace {self.namespace} was opened in another "
+                "event loop (a second asyncio.run()?), and a table serves the loop that opened "
+                "it; open the table inside the loop that uses it (await tasklocks.aio.connect() "
+                "there)"
+            )
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn`` on the worker; if cancelled meanwhile, after it returns."""
@@ -296,6 +310,11 @@ class AsyncLockTable:
         """``LockTable._run`` for the loop: each step on the worker, each sleep awaited. A
         cancellation, or the table's closing, is thrown into the steps (on the worker) so that
         they give back what they wrote, as they do when anything else interrupts them."""
+        try:
+            self._check_loop()
+        except TasklocksError:
+            steps.close()  # not started: nothing to give back
+            raise
         if self._closing is not None:
             steps.close()  # not started: nothing to give back
             raise self._closed_error()
@@ -443,7 +462,10 @@ class AsyncLockTable:
     async def close(self) -> None:
         """Close the table (see :meth:`LockTable.close`), once the calls before this one have
         ended; acquisitions still waiting give up their place in the queue and raise
-        :class:`TasklocksError`. Idempotent: every caller returns when it is closed."""
+        :class:`TasklocksError`. Idempotent: every caller returns when it is closed.
+
+        :raises TasklocksError: called from another event loop than the one that opened it."""
+        self._check_loop()
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._close())
         await asyncio.shield(self._closing)

@@ -544,6 +544,54 @@ def test_closing_the_table_ends_its_waits_and_leaves_no_waiter(
     nothing_left(other)
 
 
+def test_a_table_refuses_calls_from_another_event_loop(
+    db_url: str, namespace: str, other: LockTable
+) -> None:
+    """A table opened in one loop and used in the next (a second ``asyncio.run()``) waited ~40 s
+    for a freed lock, or hit its timeout: its wake-ups (the inotify reader, the poll's event)
+    stayed with the first loop. Such a call is refused, before it does anything."""
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        t = first.run_until_complete(aio.connect(db_url, namespace))
+
+        async def wait_for_b() -> None:  # on its loop, woken by the release
+            holder = other.acquire("b")
+            task = asyncio.create_task(t.acquire("b", wait=True, timeout=WAIT))
+            await until(lambda: _queued(t, 1), "the waiter to queue")
+            holder.release()
+            await (await task).release()
+
+        first.run_until_complete(wait_for_b())  # the wake-ups now watch the first loop
+        lease = first.run_until_complete(t.acquire("a"))
+
+        async def from_the_second_loop() -> None:
+            calls: list[Callable[[], Awaitable[Any]]] = [
+                lambda: t.acquire("c"),
+                lambda: t.acquire("b", wait=True, timeout=WAIT),
+                lambda: t.hold("c").__aenter__(),
+                lambda: t.release("a"),
+                lease.release,
+                t.held,
+                t.close,
+            ]
+            for call in calls:
+                with pytest.raises(tasklocks.TasklocksError) as refused:
+                    await call()
+                message = str(refused.value)
+                assert "open the table inside the loop that uses it" in message
+                assert "\n" not in message
+
+        second.run_until_complete(from_the_second_loop())
+        assert [h.name for h in other.held()] == ["a"] and other.waiting() == []
+        first.run_until_complete(lease.release())
+        first.run_until_complete(wait_for_b())  # still whole on its own loop
+        first.run_until_complete(t.close())
+    finally:
+        first.close()
+        second.close()
+    nothing_left(other)
+
+
 def test_a_release_during_the_waiters_read_wakes_it_at_once(
     namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
