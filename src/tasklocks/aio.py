@@ -346,9 +346,14 @@ class AsyncLockTable:
                     raise cancelled from None
                 raise self._closed_error() from None
             if done:
-                if cancelled is not None:  # granted just as the cancellation came
+                # Granted just as the cancellation came, or as close() began (a lease the closed
+                # table could never release, held until its expiry): given back now, while the
+                # store is open (close() waits for this acquisition), as LockTable.close() does.
+                if cancelled is not None or self._closing is not None:
                     await _finish(self._submit(_give_back, value))
-                    raise cancelled
+                    if cancelled is not None:
+                        raise cancelled
+                    raise self._closed_error()
                 return value  # type: ignore[no-any-return]
             if cancelled is not None or self._closing is not None:
                 send, reply = steps.throw, _Abandon()
@@ -461,8 +466,9 @@ class AsyncLockTable:
 
     async def close(self) -> None:
         """Close the table (see :meth:`LockTable.close`), once the calls before this one have
-        ended; acquisitions still waiting give up their place in the queue and raise
-        :class:`TasklocksError`. Idempotent: every caller returns when it is closed.
+        ended; acquisitions still waiting give up their place in the queue, and those granted
+        meanwhile give the lease back, and raise :class:`TasklocksError`. Idempotent: every
+        caller returns when it is closed.
 
         :raises TasklocksError: called from another event loop than the one that opened it."""
         self._check_loop()

@@ -60,9 +60,15 @@ async def flag(event: threading.Event) -> None:
         await asyncio.sleep(0.001)
 
 
-def slow_reply(target: object, method: str, when: Callable[[Any], bool]) -> threading.Event:
-    """Make ``target.method`` sleep 0.3 s after it returned a result ``when`` accepts (the
-    write is done, its reply not yet given): a cancellation lands in between."""
+def slow_reply(
+    target: object,
+    method: str,
+    when: Callable[[Any], bool],
+    go: threading.Event | None = None,
+) -> threading.Event:
+    """Make ``target.method`` sleep 0.3 s (or until ``go`` is set) after it returned a result
+    ``when`` accepts (the write is done, its reply not yet given): a cancellation lands in
+    between."""
     real = getattr(target, method)
     done = threading.Event()
 
@@ -70,7 +76,10 @@ def slow_reply(target: object, method: str, when: Callable[[Any], bool]) -> thre
         result = real(*args, **kwargs)
         if when(result) and not done.is_set():
             done.set()
-            time.sleep(0.3)
+            if go is None:
+                time.sleep(0.3)
+            else:
+                go.wait(WAIT)
         return result
 
     setattr(target, method, wrapper)
@@ -541,6 +550,33 @@ def test_closing_the_table_ends_its_waits_and_leaves_no_waiter(
     run(main())
     assert other.waiting() == []
     holder.release()
+    nothing_left(other)
+
+
+def test_an_acquisition_granted_as_the_table_closes_gives_the_lock_back(
+    db_url: str, namespace: str, other: LockTable
+) -> None:
+    """``close()`` while an acquisition's write was on its way: the acquisition returned a lease
+    that the closed table could never release (held until its expiry). It gives the lease back
+    and raises, as LockTable's acquisitions do when another thread closes the table."""
+
+    async def main() -> None:
+        t = await aio.connect(db_url, namespace)
+        store, go = t.table.store, threading.Event()
+        written = [slow_reply(store, "transact", lambda snap: '"a"' in snap.data, go)]
+        if isinstance(store, FastPaths):  # servers: the one-statement path, if a row exists
+            written.append(slow_reply(store, "fast_acquire", lambda token: token is not None, go))
+        task = asyncio.create_task(t.acquire("a"))
+        await until(lambda: _any_set(written), "the write")
+        closing = asyncio.create_task(t.close())
+        await asyncio.sleep(0)  # close() began
+        assert t._closing is not None and not task.done()
+        go.set()
+        await closing
+        with pytest.raises(tasklocks.TasklocksError, match="is closed"):
+            await task
+
+    run(main())
     nothing_left(other)
 
 
