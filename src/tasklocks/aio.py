@@ -48,7 +48,7 @@ from typing import Any, TypeVar, cast
 from tasklocks._core import Holder, Want
 from tasklocks._session import DEFAULT_TTL
 from tasklocks._waiting import Listen, OnWait, Pause, Request, Steps, Watch
-from tasklocks.errors import StoreError, TasklocksError
+from tasklocks.errors import BadURL, StoreError, TasklocksError
 from tasklocks.locks import THIS_PROCESS, HeldLock, Lease, LockTable, QueuedWaiter, _ThisProcess
 from tasklocks.locks import connect as _connect
 from tasklocks.owner import ProcessIdentity, current_process, default_owner
@@ -658,11 +658,17 @@ async def connect(
     aiomysql (``mysql+aiomysql://``), whose pool then lends a connection for each call, driven on
     this loop (see ``store/_loop_engine.py``), or on aiosqlite (its file).
 
-    :raises BadURL: the URL is malformed.
+    :raises BadURL: the URL is malformed, or ``url`` is another object (a connection, a session).
     :raises StoreUnavailable: the database cannot be reached or its driver is missing.
     """
     loop = asyncio.get_running_loop()
     source: Any = url
+    if hasattr(url, "sync_connection"):  # an AsyncConnection, which has a sync_engine too
+        raise BadURL(
+            "a database URL, a SQLAlchemy Engine or an AsyncEngine was expected, not "
+            f"{type(url).__name__}; pass the AsyncEngine it came from (connection.engine): "
+            "tasklocks borrows a connection of its pool for each call"
+        )
     if is_async_engine(url):
         source = loop_engine(cast(AsyncEngine, url), loop)
     worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tasklocks-aio")

@@ -241,6 +241,39 @@ def test_other_async_drivers_are_refused_with_the_fix(dialect: str, driver: str,
     run(main())
 
 
+@pytest.mark.parametrize("backend", ["postgresql", "mysql", "sqlite"])
+def test_an_async_connection_is_refused_naming_its_engine(
+    backend: str, tmp_path: Path, namespace: str
+) -> None:
+    """An ``AsyncConnection`` has a ``sync_engine`` as an ``AsyncEngine`` does: it was taken for
+    one, and connect() failed with AttributeError ('AsyncConnection' object has no attribute
+    'url'). A Connection, a Session and an AsyncSession were refused with BadURL."""
+    if backend == "sqlite":
+        pytest.importorskip("aiosqlite")
+    else:
+        require(backend)
+    if backend == "mysql":
+        pytest.importorskip("aiomysql")
+
+    async def main() -> None:
+        if backend == "sqlite":
+            engine = sa_async.create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'locks.db'}")
+        else:
+            engine = _engine(backend)
+        try:
+            async with engine.connect() as conn:
+                with pytest.raises(BadURL) as refused:
+                    await aio.connect(conn, namespace)
+            message = str(refused.value)
+            assert "not AsyncConnection" in message and "pass the AsyncEngine" in message
+            async with await aio.connect(engine, namespace) as t:  # the fix works
+                assert await t.held() == []
+        finally:
+            await engine.dispose()
+
+    run(main())
+
+
 @pytest.mark.parametrize("backend", ["postgresql", "mysql"])
 def test_an_async_engine_whose_url_does_not_reach_the_database_fails_connect(
     backend: str,
