@@ -281,6 +281,20 @@ def test_missing_command_fails_with_127(tasks: Tasks) -> None:
     assert "cannot run" in Path(record.log_path).read_text()
 
 
+def test_a_command_runs_with_sigpipe_and_sigxfsz_at_their_defaults(tasks: Tasks) -> None:
+    """(Python ignores both, and the task's process, forked from the supervisor, kept them
+    ignored through exec: a shell loop writing into ``| head -n1`` wrote "I/O error" until its
+    timeout.)"""
+    script = "while true; do echo x; done | head -n1; grep SigIgn /proc/$$/status"
+    record = finished(tasks, tasks.start(["sh", "-c", script], timeout=DEADLINE / 2))
+    assert record.state is TaskState.SUCCEEDED, describe(tasks, record)
+    assert record.log_path is not None
+    log = Path(record.log_path).read_text()
+    (ignored,) = [line.split()[1] for line in log.splitlines() if line.startswith("SigIgn:")]
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        assert not int(ignored, 16) & 1 << (sig - 1), (sig.name, log)
+
+
 # --- stop, timeout, crashes -------------------------------------------------------------------
 
 

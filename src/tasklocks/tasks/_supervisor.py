@@ -157,6 +157,13 @@ def _child(record: TaskRecord, url: str, table: str, gate: int, result_fd: int) 
         os.environ.update(env_for_task(url, table, record.namespace, record.id, os.getpid()))
         if isinstance(record.target, list):
             os.close(result_fd)
+            # Python ignores SIGPIPE and SIGXFSZ, and an ignored signal stays ignored across
+            # exec: restore the defaults a command expects (as `run` does, and subprocess with
+            # restore_signals): else a shell loop that writes into `| head -n1` never ends. A
+            # callable keeps Python's: it is Python code, and subprocess restores them for its
+            # children.
+            for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(sig, signal.SIG_DFL)
             try:
                 os.execvp(record.target[0], record.target)
             except OSError as exc:
