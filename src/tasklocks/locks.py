@@ -511,7 +511,8 @@ class LockTable:
         :param wait: queue up until all are free; otherwise raise :class:`LockHeld` at once (a
             try never overtakes waiters: free names that others wait for are refused too).
         :param timeout: with ``wait``, give up after this many seconds (:class:`LockTimeout`).
-        :param note: free text stored with the locks, shown to those who wait.
+        :param note: free text stored with the locks, shown to those who wait (no lone
+            surrogate and no NUL, which PostgreSQL cannot store: a ``ValueError``).
         :param on_wait: called once, with ``{name: holder}``, when the call starts waiting.
         :param process: the process the entries belong to: this process by default, another
             local process (:func:`tasklocks.owner.process_identity`), or ``None`` for entries

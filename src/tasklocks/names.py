@@ -58,11 +58,12 @@ def validate_owner(owner: object) -> str:
 
 
 def validate_note(note: object, what: str = "a note") -> str | None:
-    """``note`` if it is free text (or None): every reader of the document (or of a task's
-    record, for ``what``) decodes it.
+    """``note`` if it is free text (or None) that every store keeps: every reader of the
+    document (or of a task's record, for ``what``) decodes it, and PostgreSQL's text refuses NUL
+    (a note reaches a text column as part of a waiting task's message).
 
     :raises TypeError: not a str. :raises ValueError: UTF-8 cannot encode it (a lone
-        surrogate)."""
+        surrogate), or it holds a NUL character."""
     if note is None:
         return None
     if not isinstance(note, str):
@@ -71,7 +72,20 @@ def validate_note(note: object, what: str = "a note") -> str | None:
         note.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValueError(f"{what} must be text UTF-8 can encode: {exc.reason}") from None
+    if "\x00" in note:
+        raise ValueError(
+            f"{what} holds a NUL character (\\x00), which PostgreSQL cannot store; leave it out"
+        )
     return note
+
+
+def storable_text(text: str) -> str:
+    """``text`` as every store keeps it: a lone surrogate (bytes that were not UTF-8) as a
+    backslash escape (``\\udcff``) and NUL as ``\\x00``. For text written from what nobody
+    checked first: a command's arguments as a lock note, an exception's message."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def validate_seconds(what: str, value: object) -> float | None:

@@ -190,7 +190,13 @@ def test_bad_lock_name_is_refused(table: LockTable, bad: str) -> None:
 
 @pytest.mark.parametrize(
     ("note", "error"),
-    [(5, TypeError), (["x"], TypeError), (b"x", TypeError), ("\ud800", ValueError)],
+    [
+        (5, TypeError),
+        (["x"], TypeError),
+        (b"x", TypeError),
+        ("\ud800", ValueError),
+        ("a\x00b", ValueError),  # (PostgreSQL's text cannot hold it: a waiting task's message)
+    ],
 )
 @pytest.mark.parametrize("names", [("a",), ("a", "b")])
 def test_a_note_that_is_not_text_is_refused_and_writes_nothing(

@@ -295,6 +295,64 @@ def test_a_command_runs_with_sigpipe_and_sigxfsz_at_their_defaults(tasks: Tasks)
         assert not int(ignored, 16) & 1 << (sig - 1), (sig.name, log)
 
 
+@pytest.mark.parametrize(
+    ("raised", "recorded"),
+    [("bad file \udcff", "bad file \\udcff"), ("a\x00b", "a\\x00b")],
+    ids=["surrogate", "nul"],
+)
+def test_an_error_message_a_store_cannot_keep_is_recorded_escaped(
+    tasks: Tasks, raised: str, recorded: str
+) -> None:
+    """(The supervisor died writing it, a UnicodeEncodeError on every backend and "text fields
+    cannot contain NUL" on PostgreSQL, and the task ended crashed; SQLite and MariaDB kept the
+    NUL.)"""
+    record = finished(tasks, tasks.start(ref("fail"), args={"msg": raised}))
+    assert record.state is TaskState.FAILED, describe(tasks, record)
+    assert (record.error_code, record.error_message) == ("TargetFailed", recorded)
+    assert record.message == f"failed: {recorded}"
+
+
+def test_a_command_with_arguments_that_are_not_utf8_runs_with_them(
+    tasks: Tasks, files: Files
+) -> None:
+    """(Its title, the note of its locks, was refused by validate_note: the supervisor died
+    before the task ran, and it ended crashed.)"""
+    marker, go = files("a.marker"), files("a.go")
+    script = (
+        'printf "%s\\n" "$3"; touch "$1"; i=0\n'
+        'while [ ! -e "$2" ] && [ $i -lt 6000 ]; do sleep 0.01; i=$((i+1)); done'
+    )
+    argv = ["sh", "-c", script, "sh", str(marker), str(go), "caf\udce9"]
+    task_id = tasks.start(argv, locks=["app_task:a"])
+    until_marked(tasks, task_id, marker)
+    assert held(tasks)["app_task:a"].holder.note == " ".join([*argv[:-1], "caf\\udce9"])
+    go.touch()
+    record = finished(tasks, task_id)
+    assert record.state is TaskState.SUCCEEDED, describe(tasks, record)
+    assert record.target == argv
+    assert record.log_path is not None
+    assert b"caf\xe9\n" in Path(record.log_path).read_bytes()
+
+
+def test_text_with_nul_is_refused_before_anything_is_written(tasks: Tasks, files: Files) -> None:
+    """(PostgreSQL's store refused it, SQLite and MariaDB kept it: a kind or a progress message,
+    and a command argument, which exec refuses, failed the task with status 70.)"""
+    with pytest.raises(ValueError, match=r"a task's kind holds a NUL character \(\\x00\)"):
+        tasks.start(["true"], kind="a\x00b")
+    with pytest.raises(BadTarget, match="argument 1 of the command holds a NUL character"):
+        tasks.start(["echo", "a\x00b"])
+    assert tasks.list(all=True) == []
+    task_id = tasks.start(ref("blocked"), args=blocked_args(files, "a"))
+    until_marked(tasks, task_id, files("a.marker"))
+    tasks.progress(task_id, 10, "fine")
+    with pytest.raises(ValueError, match="a progress message holds a NUL character"):
+        tasks.progress(task_id, 50, "a\x00b")
+    record = tasks.get(task_id)
+    assert (record.percent, record.message) == (10, "fine")
+    files("a.go").touch()
+    assert finished(tasks, task_id).state is TaskState.SUCCEEDED
+
+
 # --- stop, timeout, crashes -------------------------------------------------------------------
 
 

@@ -39,6 +39,7 @@ from tasklocks.errors import (
     ordinal,
 )
 from tasklocks.locks import Lease, LockTable
+from tasklocks.names import storable_text
 from tasklocks.owner import ProcessIdentity, current_process, group_is_empty
 from tasklocks.store import OutcomeUnknown
 from tasklocks.tasks._record import TaskRecord, TaskState
@@ -48,6 +49,7 @@ GRACE = 10.0  # seconds between SIGTERM and SIGKILL when the supervisor itself s
 PATIENCE = 1.0  # seconds between tries while the database does not answer
 LONGEST_WAIT = 3600.0  # seconds of one wait for the task (a longer timeout waits again)
 T = TypeVar("T")
+_TEXT_FIELDS = ("message", "error_code", "error_message")  # made storable first (_storable)
 
 
 class _Stopped(Exception):
@@ -211,10 +213,10 @@ class Supervisor:
         return _patient(self.tasks.get, self.task_id)
 
     def _update(self, **changes: Any) -> TaskRecord | None:
-        return _patient(self.tasks.update, self.task_id, **changes)
+        return _patient(self.tasks.update, self.task_id, **_storable(changes))
 
     def _update_from(self, record: TaskRecord, **changes: Any) -> TaskRecord | None:
-        return _patient(self.tasks.update_from, record, **changes)
+        return _patient(self.tasks.update_from, record, **_storable(changes))
 
     def run(self) -> int:
         try:
@@ -376,7 +378,7 @@ class Supervisor:
                     *record.locks,
                     owner=f"task:{record.id}",
                     wait=self.wait_for_locks,
-                    note=record.title,
+                    note=storable_text(record.title),  # (a command's arguments: any bytes)
                     process=identity,
                     shared=shared,
                     limit=limits,
@@ -529,6 +531,17 @@ class Supervisor:
     def _finish(self, state: TaskState, **fields: Any) -> None:
         fields.setdefault("finished", time.time())
         self._update(state=state, **fields)
+
+
+def _storable(changes: dict[str, Any]) -> dict[str, Any]:
+    """``changes`` with their text as every store keeps it (:func:`storable_text`): the text
+    comes from what nobody checked (an exception's message, a holder's note in a waiting
+    message), and one the store refused (bytes that were not UTF-8, NUL on PostgreSQL) killed
+    the supervisor before the record said how the task ended (``crashed``)."""
+    return {
+        k: storable_text(v) if k in _TEXT_FIELDS and isinstance(v, str) else v
+        for k, v in changes.items()
+    }
 
 
 def _patient(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -30,7 +30,13 @@ from typing import Any
 from tasklocks._session import DEFAULT_TTL, check_ttl
 from tasklocks.errors import StoreError, StoreUnavailable, TasklocksError, quote
 from tasklocks.locks import LockTable
-from tasklocks.names import validate_duration, validate_name, validate_note, validate_seconds
+from tasklocks.names import (
+    storable_text,
+    validate_duration,
+    validate_name,
+    validate_note,
+    validate_seconds,
+)
 from tasklocks.owner import (
     Liveness,
     current_process,
@@ -79,6 +85,12 @@ def _check_target(target: str | Sequence[str]) -> str | list[str]:
     argv = list(target)
     if not argv or not all(isinstance(a, str) for a in argv):
         raise BadTarget("a command target must be a non-empty list of strings (argv, no shell)")
+    for i, arg in enumerate(argv):
+        if "\x00" in arg:  # (execvp refuses it: the task would only fail)
+            raise BadTarget(
+                f"argument {i} of the command holds a NUL character (\\x00), which no program "
+                "can be given; leave it out"
+            )
     return argv
 
 
@@ -153,7 +165,8 @@ class Tasks(TaskDB):
         """Record a task's progress: ``percent`` from 0 to 100 (None keeps the last one) and a
         message (None keeps the last one).
 
-        :raises ValueError: ``percent`` is not a number from 0 to 100.
+        :raises ValueError: ``percent`` is not a number from 0 to 100, or ``message`` is not
+            text every store keeps (a lone surrogate, NUL): nothing is written.
         :raises TypeError: ``message`` is not a str.
         """
         if percent is not None and (
@@ -198,9 +211,10 @@ class Tasks(TaskDB):
         :param timeout: seconds the target may run before it is stopped (``timed_out``).
         :param wait_for_locks: wait while the locks are held (state ``waiting``); if False, a
             held lock fails the task at once.
-        :raises BadTarget: the target is malformed.
+        :raises BadTarget: the target is malformed (a command's argument with NUL too).
         :raises BadLockName: a lock name is not allowed.
-        :raises TypeError, ValueError: ``kind`` is not text (or not text UTF-8 can encode).
+        :raises TypeError, ValueError: ``kind`` is not text (or holds a lone surrogate, which
+            UTF-8 cannot encode, or NUL, which PostgreSQL cannot store).
         """
         checked = _check_target(target)
         # (A str is one name, as LockTable.acquire(shared="db") takes it, not its letters.)
@@ -247,7 +261,7 @@ class Tasks(TaskDB):
                 state=TaskState.FAILED,
                 finished=time.time(),
                 error_code=type(exc).__name__,
-                error_message=f"could not start the supervisor: {exc}",
+                error_message=storable_text(f"could not start the supervisor: {exc}"),
             )
             raise
         return task_id
