@@ -1165,3 +1165,12 @@ def test_a_nan_timeout_is_refused(tasks: Tasks) -> None:
     with pytest.raises(ValueError, match="timeout must be a number of seconds"):
         tasks.wait(task_id, timeout=float("nan"))
     assert finished(tasks, task_id).state is TaskState.SUCCEEDED
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 10**400], ids=["inf", "past-float"])
+def test_an_infinite_timeout_is_no_limit(tasks: Tasks, timeout: float) -> None:
+    """(MariaDB refused the record: "StoreError: inf can not be used with MySQL"; SQLite and
+    PostgreSQL stored inf.)"""
+    record = finished(tasks, tasks.start(ref("add"), args=[1, 2], timeout=timeout))
+    assert record.state is TaskState.SUCCEEDED, describe(tasks, record)
+    assert record.timeout is None

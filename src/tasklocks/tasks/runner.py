@@ -15,6 +15,7 @@ import builtins
 import contextlib
 import hashlib
 import json
+import math
 import numbers
 import os
 import re
@@ -208,7 +209,8 @@ class Tasks(TaskDB):
         :param limits: lock names taken by at most this many tasks at once, with ``locks``:
             ``limits={"app_tasks": 3}`` runs at most 3 such tasks, the others wait in order.
         :param kind: a short description (``"update blog"``), shown to those who wait.
-        :param timeout: seconds the target may run before it is stopped (``timed_out``).
+        :param timeout: seconds the target may run before it is stopped (``timed_out``); None
+            or infinity: no limit (the record says None).
         :param wait_for_locks: wait while the locks are held (state ``waiting``); if False, a
             held lock fails the task at once.
         :raises BadTarget: the target is malformed (a command's argument with NUL too).
@@ -230,6 +232,8 @@ class Tasks(TaskDB):
         timeout = validate_seconds("timeout", timeout)  # (NaN: never)
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
+        if timeout == math.inf:  # (also 10**400) no limit, stored as such: MariaDB refuses inf
+            timeout = None
         kind = validate_note(kind, what="a task's kind")
         try:
             json.dumps(args)
