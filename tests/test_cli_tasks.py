@@ -713,6 +713,26 @@ def test_bad_start_exits_2_with_one_line_and_starts_nothing(
     assert cli.listing("--all") == []
 
 
+def test_start_from_a_deleted_directory_exits_2_with_one_line_and_starts_nothing(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """(It printed "unexpected error: FileNotFoundError", exit 1, and left a failed record.)"""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = 'cd "$1" && rmdir "$1" && shift && exec "$@"'
+    result = subprocess.run(
+        ["sh", "-c", script, "sh", str(gone), *cli.argv("start", "--", "true")],
+        capture_output=True,
+        text=True,
+        env=cli.env,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (EXIT_USAGE, ""), result
+    assert "cannot read the working directory" in one_error_line(result)
+    assert cli.listing("--all") == []
+
+
 @pytest.mark.parametrize("task_id", ["999999", "99999999999999999999999999"])
 @pytest.mark.parametrize("command", ["task", "wait", "stop", "logs"])
 def test_a_task_that_does_not_exist_exits_2(cli: Cli, command: str, task_id: str) -> None:

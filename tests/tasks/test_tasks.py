@@ -30,6 +30,7 @@ from tasklocks.tasks import (
     FINAL,
     BadTarget,
     NotInTask,
+    NoWorkingDirectory,
     TaskNotFound,
     TaskRecord,
     Tasks,
@@ -160,7 +161,8 @@ def kill_everything(tasks: Tasks) -> None:
         record = TaskRecord.from_row(row)
         if record.namespace != tasks.namespace:
             continue
-        if record.pid is not None and not pid_is_gone(record):
+        # (A start that failed before a supervisor claimed the record left this process there.)
+        if record.pid not in (None, os.getpid()) and not pid_is_gone(record):
             kill(record.pid)
         if record.pgid is not None and not group_is_empty(record.pgid):
             killpg(record.pgid)
@@ -1174,3 +1176,20 @@ def test_an_infinite_timeout_is_no_limit(tasks: Tasks, timeout: float) -> None:
     record = finished(tasks, tasks.start(ref("add"), args=[1, 2], timeout=timeout))
     assert record.state is TaskState.SUCCEEDED, describe(tasks, record)
     assert record.timeout is None
+
+
+def test_a_start_from_a_deleted_directory_is_refused_and_writes_nothing(
+    tasks: Tasks, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(os.getcwd() raised FileNotFoundError from the zygote's request and left a failed record;
+    a supervisor exec'd there ran its task in the deleted directory.)"""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    try:
+        with pytest.raises(NoWorkingDirectory, match="cannot read the working directory"):
+            tasks.start(["true"])
+    finally:
+        os.chdir(tmp_path)  # (pytest's own reports need one)
+    assert tasks.list(all=True) == []

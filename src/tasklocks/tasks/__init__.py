@@ -4,6 +4,7 @@ from tasklocks.tasks._record import FINAL, TaskRecord, TaskState, can_move
 from tasklocks.tasks.runner import (
     BadTarget,
     NotInTask,
+    NoWorkingDirectory,
     TaskNotFound,
     Tasks,
     current_task_id,
@@ -18,6 +19,7 @@ from tasklocks.tasks.runner import (
 __all__ = [
     "FINAL",
     "BadTarget",
+    "NoWorkingDirectory",
     "NotInTask",
     "TaskNotFound",
     "TaskRecord",

@@ -53,6 +53,7 @@ from tasklocks.tasks._zygote import fork_supervisor
 
 __all__ = [
     "BadTarget",
+    "NoWorkingDirectory",
     "NotInTask",
     "TaskNotFound",
     "Tasks",
@@ -70,6 +71,12 @@ ACTIVE = (TaskState.PENDING.value, TaskState.WAITING.value, TaskState.RUNNING.va
 
 class BadTarget(TasklocksError, ValueError):
     """A task target is neither ``"package.module:function"`` nor a command line (argv list)."""
+
+    exit_code = 2
+
+
+class NoWorkingDirectory(TasklocksError):
+    """The caller's working directory, where a task runs, cannot be read: it was deleted."""
 
     exit_code = 2
 
@@ -215,6 +222,8 @@ class Tasks(TaskDB):
             held lock fails the task at once.
         :raises BadTarget: the target is malformed (a command's argument with NUL too).
         :raises BadLockName: a lock name is not allowed.
+        :raises NoWorkingDirectory: this process's working directory, where the task would run,
+            is gone (nothing is written).
         :raises TypeError, ValueError: ``kind`` is not text (or holds a lone surrogate, which
             UTF-8 cannot encode, or NUL, which PostgreSQL cannot store).
         """
@@ -241,6 +250,13 @@ class Tasks(TaskDB):
             raise BadTarget(f"task arguments must be JSON-serialisable: {exc}") from exc
         except RecursionError:
             raise BadTarget("task arguments nest too deep to be stored as JSON") from None
+        try:
+            os.getcwd()  # (the supervisor and the task run there: the zygote's fork asks for it)
+        except OSError as exc:
+            raise NoWorkingDirectory(
+                f"cannot read the working directory ({exc.strerror}: deleted?), where a task "
+                "runs; change to one that exists and start it again"
+            ) from None
         self.reconcile()
         record = {
             "kind": kind,
