@@ -256,6 +256,23 @@ def test_call_that_raises_fails_with_its_exception(cli: Cli) -> None:
     )
 
 
+def _strict_json(text: str) -> Any:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_writes_a_result_that_is_not_finite_as_null(cli: Cli) -> None:
+    """(It printed "result": {"nan": NaN, ...}, which no JSON reader but Python's takes.)"""
+    task_id = cli.start("--call", f"{TARGETS}:not_finite")
+    assert cli.wait(task_id).returncode == 0, cli.log(task_id)
+    expected = {"nan": None, "inf": [None, None], "one": 1.5}
+    assert _strict_json(cli.ok("task", str(task_id), "--json"))["result"] == expected
+    (listed,) = [r for r in _strict_json(cli.ok("tasks", "--all", "--json")) if r["id"] == task_id]
+    assert listed["result"] == expected
+
+
 def test_command_exit_status_fails_the_task(cli: Cli) -> None:
     task_id = cli.start("--", "sh", "-c", "exit 3")
     result = cli.wait(task_id)

@@ -52,6 +52,26 @@ def _open(args: argparse.Namespace) -> Tasks:
     return Tasks(args.db, args.namespace, ttl=args.ttl)
 
 
+def _json_text(value: Any) -> str:
+    """``value`` as JSON text (``--json``), where a number that is not finite (a callable's NaN
+    result, say) is null, as JavaScript's JSON.stringify writes it: JSON has no NaN or Infinity,
+    and json.dumps would write them anyway."""
+    try:
+        return json.dumps(value, indent=2, allow_nan=False)
+    except ValueError:
+        pass
+    copy = json.loads(json.dumps(value))  # (a copy to change: the record's values stay)
+    todo = [copy]
+    while todo:  # (without recursion: a result may nest as deep as json reads)
+        item = todo.pop()
+        for key, sub in list(item.items() if isinstance(item, dict) else enumerate(item)):
+            if isinstance(sub, float) and not math.isfinite(sub):
+                item[key] = None
+            elif isinstance(sub, dict | list):
+                todo.append(sub)
+    return json.dumps(copy, indent=2)
+
+
 def _clock(epoch: float | None) -> str:
     return "-" if epoch is None else clock(epoch)
 
@@ -150,7 +170,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             return _watch(tasks, args)
         records = tasks.list(all=args.all, limit=args.limit)
     if args.json:
-        print(json.dumps([r.to_json() for r in records], indent=2))
+        print(_json_text([r.to_json() for r in records]))
         return EXIT_OK
     if not records:
         print("no tasks" if args.all else "no active tasks (see --all)")
@@ -181,7 +201,7 @@ def cmd_task(args: argparse.Namespace) -> int:
         tasks.reconcile()
         record = tasks.get(args.id)
     if args.json:
-        print(json.dumps(record.to_json(), indent=2))
+        print(_json_text(record.to_json()))
         return EXIT_OK
     target = record.target if isinstance(record.target, str) else " ".join(record.target)
     fields = [
@@ -382,13 +402,17 @@ def add_task_commands(add: Callable[..., Any]) -> None:
 
     p = add("tasks", cmd_tasks, help="list tasks (active ones; --all for every one)")
     p.add_argument("--all", action="store_true", help="finished tasks too")
-    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.add_argument(
+        "--json", action="store_true", help="print a JSON array (NaN and Infinity as null)"
+    )
     p.add_argument("--watch", action="store_true", help="redraw with progress bars (on a terminal)")
     p.add_argument("--limit", type=_count, metavar="N", help="at most N tasks, newest first")
 
     p = add("task", cmd_task, help="show one task's record")
     p.add_argument("id", type=_task_id)
-    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.add_argument(
+        "--json", action="store_true", help="print a JSON object (NaN and Infinity as null)"
+    )
 
     p = add("logs", cmd_logs, help="print a task's log (stdout and stderr)")
     p.add_argument("id", type=_task_id)

@@ -49,6 +49,11 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
+def not_finite() -> dict[str, Any]:
+    """A result with numbers JSON has no word for, as Python's json writes them anyway."""
+    return {"nan": float("nan"), "inf": [float("inf"), -float("inf")], "one": 1.5}
+
+
 class TargetFailed(Exception):
     """The exception ``fail`` raises (its class name becomes the task's error code)."""
 
