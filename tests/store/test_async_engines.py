@@ -12,6 +12,8 @@ import asyncio
 import concurrent.futures
 import threading
 import time
+import urllib.parse
+import uuid
 from collections.abc import Coroutine
 from pathlib import Path
 from types import SimpleNamespace
@@ -346,6 +348,67 @@ def test_an_async_engine_whose_url_reaches_another_database_fails_connect() -> N
             await engine.dispose()
 
     run(main())
+
+
+@pytest.mark.parametrize(
+    ("backend", "where"),
+    [("postgresql", "url"), ("postgresql", "connect_args"), ("mysql", "connect_args")],
+)
+def test_an_async_engine_whose_connections_see_other_lock_tables_is_refused_at_connect(
+    backend: str, where: str, namespace: str
+) -> None:
+    """The engine's connections reach another schema (a search_path in the URL's options= or
+    in connect_args) or database (MariaDB's db in connect_args) than tasklocks' own connections,
+    opened from its URL alone, and both have lock tables: the locks lived in one, the sessions
+    that renew them in the other, and every other process saw them expired and took them.
+    ``connect()`` now refuses, saying so; the same settings in a blocking engine, which makes
+    tasklocks' own connections too, work."""
+    require(backend)
+    if backend == "mysql":
+        pytest.importorskip("aiomysql")
+    url = server_url(backend)
+    tasklocks.connect(url, namespace).close()  # (the tables where its URL alone leads)
+    other = "tl_" + uuid.uuid4().hex[:12]
+    kind = "SCHEMA" if backend == "postgresql" else "DATABASE"
+    if backend == "postgresql":
+        driver = url.replace("postgresql://", "postgresql+psycopg://", 1)
+        search_path = f"-c search_path={other}"
+        blocking = sa.create_engine(driver, connect_args={"options": search_path})
+        args = {"options": search_path} if where == "connect_args" else {}
+        sep = "&" if "?" in driver else "?"
+        quoted = urllib.parse.quote(search_path.replace(" ", ""), safe="")
+        async_url = driver if args else f"{driver}{sep}options={quoted}"
+    else:
+        from pymysql.constants import CLIENT
+
+        driver = url.replace("mysql://", "mysql+pymysql://", 1) + "?charset=utf8mb4"
+        flags = {"client_flag": CLIENT.MULTI_STATEMENTS}
+        blocking = sa.create_engine(driver, connect_args={**flags, "database": other})
+        args = {"db": other}
+        async_url = driver.replace("+pymysql", "+aiomysql", 1)
+
+    async def main() -> None:
+        engine = sa_async.create_async_engine(async_url, connect_args=args)
+        try:
+            with pytest.raises(StoreUnavailable) as refused:
+                await aio.connect(engine, namespace, reconnect_timeout=0.5)
+        finally:
+            await engine.dispose()
+        message = str(refused.value)
+        assert "the engine's connections see other tasklocks tables" in message
+        assert "name the database in the URL, not in connect_args" in message
+        assert "\n" not in message
+
+    raw_sql(url, f"CREATE {kind} {other}")
+    try:
+        with tasklocks.connect(blocking, namespace) as watcher:  # its tables, in `other`
+            with watcher.acquire("a") as lease:
+                assert [(h.name, h.liveness.value) for h in watcher.held()] == [("a", "alive")]
+                assert lease.token > 0
+            run(main())
+    finally:
+        blocking.dispose()
+        raw_sql(url, f"DROP {kind} {other}" + (" CASCADE" if kind == "SCHEMA" else ""))
 
 
 def test_the_blocking_connect_refuses_an_async_engine() -> None:

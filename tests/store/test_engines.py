@@ -7,8 +7,10 @@ undisturbed.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -247,6 +249,64 @@ def test_the_sessions_and_listen_connections_are_made_by_the_engine(
             assert engine.pool.checkedout() == 0  # the pool lent its own back, kept none
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("backend", SERVER_BACKENDS)
+def test_an_engine_whose_connections_see_different_lock_tables_is_refused(
+    backend: str, namespace: str
+) -> None:
+    """An engine whose connections do not all reach the same tables (here a creator that takes
+    turns between two schemas or databases, as one over several hosts may): the sessions'
+    connection, which it made, wrote where the pool's connections did not read, and the locks
+    looked expired to every other process. The first session now refuses, saying so."""
+    require(backend)
+    url = server_url(backend)
+    tasklocks.connect(url, namespace).close()  # (the tables where the URL leads)
+    other = "tl_" + uuid.uuid4().hex[:12]
+    kind = "SCHEMA" if backend == "postgresql" else "DATABASE"
+    raw_sql(url, f"CREATE {kind} {other}")
+    turns = itertools.cycle([None, other])
+    p = sa.engine.make_url(url)
+    if backend == "postgresql":
+        import psycopg
+
+        def make() -> Any:
+            there = next(turns)
+            return psycopg.connect(url, options=f"-c search_path={there}" if there else "")
+
+        driver = "postgresql+psycopg://"
+    else:
+        import pymysql
+        from pymysql.constants import CLIENT
+
+        def make() -> Any:
+            return pymysql.connect(
+                host=p.host,
+                port=p.port or 3306,
+                user=p.username,
+                password=p.password or "",
+                database=next(turns) or p.database,
+                charset="utf8mb4",
+                client_flag=CLIENT.MULTI_STATEMENTS,
+            )
+
+        driver = "mysql+pymysql://"
+    engine = sa.create_engine(driver, creator=make)
+    try:
+        next(turns)  # (the tables in `other`, by the second connection)
+        with tasklocks.connect(engine, namespace) as other_tables:
+            other_tables.held()
+        engine.dispose()
+        with tasklocks.connect(engine, namespace) as table:
+            with pytest.raises(StoreUnavailable) as refused:
+                table.acquire("a")
+            message = str(refused.value)
+            assert "connections see different tasklocks tables from one connection" in message
+            assert "\n" not in message
+            assert table.held() == []
+    finally:
+        engine.dispose()
+        raw_sql(url, f"DROP {kind} {other}" + (" CASCADE" if kind == "SCHEMA" else ""))
 
 
 def test_tasklocks_aio_on_an_engine_listens_on_a_connection_the_engine_made(

@@ -345,12 +345,21 @@ class SQLStore(ABC):
                     )
                     side._side = side
                     side._idle_ping = float("inf")  # a renewal whose reply is lost is renewed again
+                    try:
+                        self._check_side(side)
+                    except BaseException:
+                        side.close()
+                        raise
                     self._side = side
         return side
 
     def _side_options(self) -> dict[str, Any]:
         """What the sessions' store is made with besides the URL and the table."""
         return {}
+
+    def _check_side(self, side: SQLStore) -> None:  # noqa: B027 (most stores need none)
+        """Check that what the new sessions' store ``side`` writes is what this store reads
+        (a store whose connections are made otherwise than its sessions' does)."""
 
     def _on_side(self, name: str, params: Sequence[Any]) -> int:
         side = self._sessions_store()  # queued as changes are (SQLite's gate)

@@ -9,8 +9,10 @@ connection's autocommit on (its statements are one-statement changes or explicit
 and gives it back as it found it. tasklocks' own connections, the sessions' (renewals never wait
 for the pool) and PostgreSQL's LISTEN (a pool's connection cannot listen between calls), are made
 by the engine as it makes its pool's (URL, ``connect_args``, ``creator``) and detached from the
-pool (``ServerStore._made_by_engine``). An SQLite engine names a file: tasklocks opens it itself
-(its lock gate is per file), so nothing is shared there but the file.
+pool (``ServerStore._made_by_engine``); the sessions' connection must see the tables the pool's
+connections see, or the engine is refused (``ServerStore._check_side``). An SQLite engine names a
+file: tasklocks opens it itself (its lock gate is per file), so nothing is shared there but the
+file.
 """
 
 from __future__ import annotations

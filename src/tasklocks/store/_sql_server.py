@@ -26,7 +26,7 @@ from tasklocks import _pid
 from tasklocks._clock import pause
 from tasklocks._url import ParsedURL
 from tasklocks.errors import StoreError, StoreUnavailable, StoreUnreachable
-from tasklocks.store._base import Call, OutcomeUnknown, Retry
+from tasklocks.store._base import Call, OutcomeUnknown, Retry, SQLStore
 from tasklocks.store._rows import RowsStore
 
 __all__ = ["ServerStore"]
@@ -248,6 +248,46 @@ class ServerStore(RowsStore):
         # An engine's sessions' store makes its connections as the engine makes them; the
         # schema was checked when this store opened (a task's start saves the round trips).
         return {"maker": self._maker, "checked": self._schema_checked}
+
+    def _check_side(self, side: SQLStore) -> None:
+        """An engine's store reads the sessions through the engine's pool, and its sessions'
+        store (tasklocks' own connection) writes them: if the two see different tables (an
+        AsyncEngine's ``connect_args`` or URL options that choose another database, schema or
+        host, which its URL alone does not carry), every lease looks expired to everyone else
+        and its locks are taken while held. So a probe session (expired as it is written) is
+        written there, read here by its id, and deleted.
+
+        :raises StoreUnavailable: the engine's connections do not see it."""
+        if self._engine is None:
+            return
+        probe = (f"probe-{os.urandom(12).hex()}",)
+        written = (*probe, "tasklocks: a check of the engine", "", None, 0, 0)  # (ttl 0)
+        side._changing(lambda c, _: side._execute(c, side._sql["open_session"], written))
+        try:
+            seen = self._locked(
+                lambda c, _: self._execute(c, self._sql["session_seen"], probe).fetchone()
+            )
+        finally:
+            with suppress(StoreError):  # (else forgotten within the hour: it expired)
+                side._changing(lambda c, _: side._execute(c, side._sql["forget_session"], probe))
+        if seen:
+            return
+        where, why = f"{self.LABEL} at {self._where}", "another database, schema or host"
+        if self._maker is None:  # (an AsyncEngine: see _loop_engine.py)
+            raise StoreUnavailable(
+                f"{where}: the engine's connections see other {self.table} tables than "
+                f"tasklocks' own, opened from the engine's URL alone ({why}, chosen by its "
+                "connect_args or by URL parameters such as options=), so other processes would "
+                "take the locks held here for expired; name the database in the URL, not in "
+                "connect_args, and set a PostgreSQL schema for the user (ALTER ROLE ... SET "
+                "search_path), not per connection, or pass tasklocks the database's URL"
+            )
+        raise StoreUnavailable(
+            f"{where}: the engine's connections see different {self.table} tables from one "
+            f"connection to the next ({why}), so other processes would take the locks held "
+            "here for expired; make every connection the engine makes reach the same database "
+            "and schema, or pass tasklocks the database's URL"
+        )
 
     def _made_by_engine(self, where: str) -> Any:
         """A connection of tasklocks' own (the sessions', PostgreSQL's LISTEN) made by the

@@ -19,6 +19,11 @@ DELETE FROM {t}_sessions WHERE expires < {now} - 3600;
 -- name: renew_session
 -- A session renews only while it lives: once expired it stays expired, and its holder knows.
 UPDATE {t}_sessions SET expires = {now} + ttl WHERE id = {mark} AND expires > {now};
+-- name: session_seen
+-- Whether a session row is there, live or not (ServerStore._check_side's probe).
+SELECT 1 FROM {t}_sessions WHERE id = {mark};
+-- name: forget_session
+DELETE FROM {t}_sessions WHERE id = {mark};
 -- name: sessions
 -- Seconds each live session has left, by the database's clock (the others have expired). A closed
 -- range: PostgreSQL's planner takes an open bound on a value it cannot see (the clock) for a
