@@ -11,8 +11,10 @@ Django's connection is per thread and lives inside the project's transactions (`
 work, and a waiting ``acquire`` would keep a transaction open. So tasklocks takes the alias's
 database *settings* (engine, name, host, port, user, password) and keeps its own connection,
 outside every transaction of the project: a lock taken inside ``atomic()`` stays taken when the
-block rolls back. ``DISABLE_SERVER_SIDE_CURSORS`` (what Django asks for behind PgBouncer in
-transaction pooling) turns on ``?pool=transaction``. Django itself is imported only when these
+block rolls back. (On SQLite the lock table is in the alias's file, whose one write lock a block
+keeps from its first write: tasklocks' writes wait for it; see README.)
+``DISABLE_SERVER_SIDE_CURSORS`` (what Django asks for behind PgBouncer in transaction pooling)
+turns on ``?pool=transaction``. Django itself is imported only when these
 functions are called.
 """
 
