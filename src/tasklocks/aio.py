@@ -53,7 +53,7 @@ from tasklocks.locks import THIS_PROCESS, HeldLock, Lease, LockTable, QueuedWait
 from tasklocks.locks import connect as _connect
 from tasklocks.owner import ProcessIdentity, current_process, default_owner
 from tasklocks.store import AsyncNotifies, Backend, Engine, Snapshot
-from tasklocks.store._base import SQLStore, first_delay, next_delay
+from tasklocks.store._base import SidesDiffer, SQLStore, first_delay, next_delay
 from tasklocks.store._engine import is_async_engine
 from tasklocks.store._loop_engine import AsyncEngine, loop_engine
 
@@ -470,7 +470,10 @@ class AsyncLockTable:
         meanwhile give the lease back, and raise :class:`TasklocksError`. Idempotent: every
         caller returns when it is closed.
 
-        :raises TasklocksError: called from another event loop than the one that opened it."""
+        :raises TasklocksError: called from another event loop than the one that opened it,
+            before it was closed."""
+        if self._closing is not None and self._closing.done():
+            return  # (closed already: from any loop, as a teardown may close it again)
         self._check_loop()
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._close())
@@ -704,6 +707,8 @@ def _own_connections(table: LockTable) -> None:
         return
     try:
         store._on_side("sessions", ())  # (on the sessions' own connection, as renewals run)
+    except SidesDiffer:
+        raise  # (it reached a database: the message names the problem and the fix)
     except StoreError as exc:
         why = (
             f"tasklocks opens its own connections (its sessions', PostgreSQL's LISTEN) from the "

@@ -82,12 +82,15 @@ def url_for(
     password = quote(str(db.get("PASSWORD") or ""), safe="")
     auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
     host = str(db.get("HOST") or "127.0.0.1")
-    if host.startswith("/"):
+    if host.startswith("/") and scheme == "postgresql":
+        host = quote(host, safe="")  # libpq's Unix-socket directory, as a URL writes it
+    elif host.startswith("/"):
         raise BadURL(
             f"Django's database {alias!r} connects through the Unix socket {host}; tasklocks "
-            "needs a TCP host: set HOST (127.0.0.1), or pass tasklocks.connect() a URL"
+            "reaches MariaDB/MySQL over TCP: set HOST (127.0.0.1), or pass tasklocks.connect() "
+            "a URL"
         )
-    if ":" in host and not host.startswith("["):
+    elif ":" in host and not host.startswith("["):
         host = f"[{host}]"  # an IPv6 address
     port = f":{db['PORT']}" if db.get("PORT") else ""
     query = {}

@@ -622,6 +622,7 @@ def test_a_table_refuses_calls_from_another_event_loop(
         first.run_until_complete(lease.release())
         first.run_until_complete(wait_for_b())  # still whole on its own loop
         first.run_until_complete(t.close())
+        second.run_until_complete(t.close())  # closed: a no-op from any loop (a teardown's)
     finally:
         first.close()
         second.close()

@@ -41,6 +41,8 @@ def _pg(**more: Any) -> dict[str, Any]:
             "postgresql://127.0.0.1/app?sslmode=verify-full&sslrootcert=%2Fca.pem",
         ),
         (_pg(OPTIONS={"connect_timeout": 0}), "postgresql://127.0.0.1/app"),
+        # (libpq's Unix-socket directory, as tasklocks' URLs write it: it was refused)
+        (_pg(HOST="/var/run/postgresql"), "postgresql://%2Fvar%2Frun%2Fpostgresql/app"),
         (
             {
                 "ENGINE": "django.db.backends.mysql",
@@ -86,7 +88,10 @@ def test_an_alias_becomes_a_tasklocks_url(db: dict[str, Any], url: str) -> None:
         ),
         # (These made URLs tasklocks refused with a complaint about a URL nobody wrote, or
         # connected without what they say: a socket, a service file, TLS demanded.)
-        ({"default": _pg(HOST="/var/run/postgresql")}, "through the Unix socket"),
+        (
+            {"default": {"ENGINE": "django.db.backends.mysql", "NAME": "app", "HOST": "/run/m"}},
+            "through the Unix socket",
+        ),
         ({"default": _pg(OPTIONS={"sslpassword": "x"})}, r"OPTIONS\['sslpassword'\]"),
         ({"default": _pg(OPTIONS={"service": "app"})}, r"OPTIONS\['service'\]"),
         ({"default": _pg(OPTIONS={"host": "db.internal"})}, r"OPTIONS\['host'\]"),

@@ -831,7 +831,7 @@ def test_the_default_log_directory_is_one_of_each_database_and_table(
 def test_task_one_of_two_databases_and_two_tables_logs_into_its_own_file(
     db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The same task id in two tables of PostgreSQL, in MariaDB and in SQLite: four files, each
+    """The same task id in two tables of PostgreSQL, in MariaDB and in SQLite: six files, each
     with its own task's output (they shared one: a leak of one database's output to another)."""
     require("mysql")
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))

@@ -63,6 +63,10 @@ class OutcomeUnknown(StoreUnavailable):
     The caller re-reads and looks for what it may already have written before retrying."""
 
 
+class SidesDiffer(StoreUnavailable):
+    """An engine's connections see other lock tables than tasklocks' own (``_check_side``)."""
+
+
 class Retry(StoreError):
     """A deadlock, or a race creating the schema: safe to run the call again."""
 

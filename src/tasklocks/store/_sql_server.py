@@ -26,7 +26,7 @@ from tasklocks import _pid
 from tasklocks._clock import pause
 from tasklocks._url import ParsedURL
 from tasklocks.errors import StoreError, StoreUnavailable, StoreUnreachable
-from tasklocks.store._base import Call, OutcomeUnknown, Retry, SQLStore
+from tasklocks.store._base import Call, OutcomeUnknown, Retry, SidesDiffer, SQLStore
 from tasklocks.store._rows import RowsStore
 
 __all__ = ["ServerStore"]
@@ -274,7 +274,7 @@ class ServerStore(RowsStore):
             return
         where, why = f"{self.LABEL} at {self._where}", "another database, schema or host"
         if self._maker is None:  # (an AsyncEngine: see _loop_engine.py)
-            raise StoreUnavailable(
+            raise SidesDiffer(
                 f"{where}: the engine's connections see other {self.table} tables than "
                 f"tasklocks' own, opened from the engine's URL alone ({why}, chosen by its "
                 "connect_args or by URL parameters such as options=), so other processes would "
@@ -282,7 +282,7 @@ class ServerStore(RowsStore):
                 "connect_args, and set a PostgreSQL schema for the user (ALTER ROLE ... SET "
                 "search_path), not per connection, or pass tasklocks the database's URL"
             )
-        raise StoreUnavailable(
+        raise SidesDiffer(
             f"{where}: the engine's connections see different {self.table} tables from one "
             f"connection to the next ({why}), so other processes would take the locks held "
             "here for expired; make every connection the engine makes reach the same database "

@@ -152,6 +152,7 @@ class Tasks(TaskDB):
         check_ttl(ttl)
         super().__init__(url, namespace, table=table)
         self.ttl = ttl
+        self._default_log_dir = log_dir is None
         self.log_dir = Path(log_dir) if log_dir is not None else default_log_dir(self.url, table)
 
     # --- records ------------------------------------------------------------------------------
@@ -288,9 +289,9 @@ class Tasks(TaskDB):
 
     def _spawn(self, task_id: int, wait_for_locks: bool) -> None:
         """Start the task's supervisor (forked by the zygote, else exec'd) and record it."""
-        # (The parent too: it lists the directories of every database and table.)
-        self.log_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.log_dir.mkdir(exist_ok=True, mode=0o700)
+        if self._default_log_dir:  # (its parent too: it lists every database and table)
+            self.log_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_path = self.log_dir / f"task-{task_id}.log"
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         env = dict(os.environ)
