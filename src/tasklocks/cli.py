@@ -420,7 +420,7 @@ def _child(read_fd: int, command: list[str]) -> None:
         os.close(read_fd)
         # Python ignores SIGPIPE and SIGXFSZ; an ignored signal stays ignored across exec, so
         # restore the defaults a command expects (as subprocess does with restore_signals).
-        for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ"):
+        for name in ("SIGPIPE", "SIGXFSZ"):
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), signal.SIG_DFL)
         try:

@@ -268,6 +268,12 @@ def test_an_async_connection_is_refused_naming_its_engine(
                     await aio.connect(conn, namespace)
             message = str(refused.value)
             assert "not AsyncConnection" in message and "pass the AsyncEngine" in message
+            async with engine.connect() as conn:  # the blocking connect(): not an AsyncEngine
+                with pytest.raises(BadURL) as blocking:
+                    tasklocks.connect(conn, namespace)
+            assert str(blocking.value) == (
+                "a database URL or a SQLAlchemy Engine was expected, not AsyncConnection"
+            )
             async with await aio.connect(engine, namespace) as t:  # the fix works
                 assert await t.held() == []
         finally:

@@ -48,8 +48,13 @@ def is_engine(value: object) -> bool:
 
 def is_async_engine(value: object) -> bool:
     """Is ``value`` a SQLAlchemy ``AsyncEngine``? (Here, not in ``_loop_engine.py``: the
-    check must not import asyncio into every process that opens a store.)"""
-    return hasattr(value, "sync_engine") and hasattr(value, "dialect")
+    check must not import asyncio into every process that opens a store.) Not an
+    ``AsyncConnection``, which has a ``sync_engine`` too."""
+    return (
+        hasattr(value, "sync_engine")
+        and hasattr(value, "dialect")
+        and not hasattr(value, "sync_connection")
+    )
 
 
 def engine_url(engine: Engine) -> ParsedURL:
