@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tasklocks import owner
 from tasklocks._core import Holder
 from tasklocks.owner import (
     Liveness,
@@ -158,6 +159,27 @@ def test_owner_dead_when_group_has_only_a_zombie(spawn: Spawner) -> None:
     holder = make_holder(proc.pid, start_token(proc), pgid=proc.pid)
     proc.kill()
     wait_until(lambda: state_of(proc.pid) == "Z", "the leader is a zombie")
+    assert holder_liveness(holder) is Liveness.DEAD
+
+
+def test_owner_dead_while_its_parent_reaps_it(
+    spawn: Spawner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/proc says "X" (dead) for the milliseconds its parent takes to reap it: a killed task's
+    supervisor, judged gone as a zombie, was judged alive then, and reconcile left its locks
+    held (a flaky test under load caught it). Shown here by a live process read as "X"."""
+    proc = spawn(["sleep", "30"], new_session=True)
+    holder = make_holder(proc.pid, start_token(proc), pgid=proc.pid)
+    assert holder_liveness(holder) is Liveness.ALIVE
+    real = owner._stat_fields
+
+    def being_reaped(pid: int) -> list[str] | None:
+        fields = real(pid)
+        return ["X", *fields[1:]] if fields is not None and pid == proc.pid else fields
+
+    monkeypatch.setattr(owner, "_stat_fields", being_reaped)
+    assert owner.pid_is_gone(proc.pid, start_token(proc))
+    assert owner.group_is_empty(proc.pid)
     assert holder_liveness(holder) is Liveness.DEAD
 
 

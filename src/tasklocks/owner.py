@@ -45,6 +45,10 @@ __all__ = [
 
 
 ZOMBIE_THREADS_GRACE = 0.1  # seconds a zombie's other threads may take to end
+# proc(5)'s "X" (dead, "x" on Linux 2.6.33 to 3.13): its parent is reaping it at this moment. For
+# those milliseconds a process judged gone (a zombie with no other thread) looked alive again.
+_REAPED = ("X", "x")
+_ENDED = ("Z", *_REAPED)
 
 
 class Liveness(enum.StrEnum):
@@ -171,6 +175,8 @@ def pid_is_gone(pid: int, start: str | None) -> bool:
         except PermissionError:
             return False
         return False
+    if fields[0] in _REAPED:
+        return True  # being reaped right now: every thread gone (a look that saw it "Z" said so)
     if fields[0] == "Z":
         # A zombie runs no code and holds nothing, unless it is a thread-group leader whose
         # other threads still run (its main thread exited, the process did not). Right after a
@@ -210,7 +216,13 @@ def group_is_empty(pgid: int) -> bool:
             continue
         fields = _stat_fields(int(entry))
         # fields[0] is the state (proc(5) field 3), fields[2] the process group (field 5).
-        if fields is not None and len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+        # (A zombie, or one its parent is reaping, runs nothing.)
+        if (
+            fields is not None
+            and len(fields) > 2
+            and fields[2] == str(pgid)
+            and fields[0] not in _ENDED
+        ):
             return False
     return True
 
