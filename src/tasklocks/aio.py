@@ -274,37 +274,35 @@ class AsyncLockTable:
         owner is the task that calls ``acquire``, whichever task awaits the coroutine."""
         if process is THIS_PROCESS:
             owner = _callers_owner(owner)
-        return self._acquire(
-            names, owner, wait, timeout, note, on_wait, process, shared, limit, watch
-        )
+
+        def steps(loop: asyncio.AbstractEventLoop, owner: str | None) -> Steps[Lease]:
+            return self.table._acquiring(
+                names,
+                owner,
+                wait,
+                timeout,
+                note,
+                _on_loop(on_wait, loop),
+                process,
+                shared,
+                limit,
+                _on_loop(watch, loop),
+            )
+
+        return self._acquire(steps, owner, process is THIS_PROCESS)
 
     async def _acquire(
         self,
-        names: tuple[str, ...],
+        steps: Callable[[asyncio.AbstractEventLoop, str | None], Steps[Lease]],
         owner: str | None,
-        wait: bool,
-        timeout: float | None,
-        note: str | None,
-        on_wait: OnWait | None,
-        process: ProcessIdentity | _ThisProcess | None,
-        shared: bool | Iterable[str],
-        limit: int | Mapping[str, int] | None,
-        watch: Watch | None,
+        this_process: bool,
     ) -> AsyncLease:
-        loop = asyncio.get_running_loop()
-        steps = self.table._acquiring(
-            names,
-            task_owner() if owner is None and process is THIS_PROCESS else owner,
-            wait,
-            timeout,
-            note,
-            _on_loop(on_wait, loop),
-            process,
-            shared,
-            limit,
-            _on_loop(watch, loop),
-        )
-        return AsyncLease(self, await self._drive(steps))
+        """``acquire``'s coroutine: its steps, made on the loop that runs it, for ``owner``;
+        for this process's entries called outside any task (no caller's owner), the task that
+        runs this."""
+        if owner is None and this_process:
+            owner = task_owner()
+        return AsyncLease(self, await self._drive(steps(asyncio.get_running_loop(), owner)))
 
     async def _drive(self, steps: Steps[Lease]) -> Lease:
         """``LockTable._run`` for the loop: each step on the worker, each sleep awaited. A
