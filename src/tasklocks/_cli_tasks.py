@@ -58,18 +58,8 @@ def _json_text(value: Any) -> str:
     and json.dumps would write them anyway."""
     try:
         return json.dumps(value, indent=2, allow_nan=False)
-    except ValueError:
-        pass
-    copy = json.loads(json.dumps(value))  # (a copy to change: the record's values stay)
-    todo = [copy]
-    while todo:  # (without recursion: a result may nest as deep as json reads)
-        item = todo.pop()
-        for key, sub in list(item.items() if isinstance(item, dict) else enumerate(item)):
-            if isinstance(sub, float) and not math.isfinite(sub):
-                item[key] = None
-            elif isinstance(sub, dict | list):
-                todo.append(sub)
-    return json.dumps(copy, indent=2)
+    except ValueError:  # (json reads its NaN and Infinity back through parse_constant)
+        return json.dumps(json.loads(json.dumps(value), parse_constant=lambda _: None), indent=2)
 
 
 def _clock(epoch: float | None) -> str:

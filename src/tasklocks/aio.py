@@ -40,7 +40,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from types import TracebackType
 from typing import Any, TypeVar, cast
@@ -92,6 +92,14 @@ def _callers_owner(owner: str | None) -> str | None:
     except RuntimeError:  # no running loop
         return None
     return None if task is None else task_owner()
+
+
+@asynccontextmanager
+async def _held(acquire: Callable[[], Awaitable[AsyncLease]]) -> AsyncIterator[AsyncLease]:
+    """``hold``'s block: the lease ``acquire()`` gives, released when the block ends."""
+    lease = await acquire()
+    async with lease:
+        yield lease
 
 
 class _Abandon(BaseException):
@@ -391,35 +399,20 @@ class AsyncLockTable:
         """``async with table.hold(...) as lease``: wait for ``names`` (up to ``timeout``), hold
         them in the block, then release (see :meth:`tasklocks.LockTable.hold`). The default
         owner is the task that calls ``hold``."""
-        return self._hold(
-            names, timeout, _callers_owner(owner), note, on_wait, shared, limit, watch
+        owner = _callers_owner(owner)
+        return _held(
+            lambda: self.acquire(
+                *names,
+                owner=owner,
+                wait=True,
+                timeout=timeout,
+                note=note,
+                on_wait=on_wait,
+                shared=shared,
+                limit=limit,
+                watch=watch,
+            )
         )
-
-    @asynccontextmanager
-    async def _hold(
-        self,
-        names: tuple[str, ...],
-        timeout: float | None,
-        owner: str | None,
-        note: str | None,
-        on_wait: OnWait | None,
-        shared: bool | Iterable[str],
-        limit: int | Mapping[str, int] | None,
-        watch: Watch | None,
-    ) -> AsyncIterator[AsyncLease]:
-        lease = await self.acquire(
-            *names,
-            owner=owner,
-            wait=True,
-            timeout=timeout,
-            note=note,
-            on_wait=on_wait,
-            shared=shared,
-            limit=limit,
-            watch=watch,
-        )
-        async with lease:
-            yield lease
 
     # --- releasing and looking ------------------------------------------------------------------
 
