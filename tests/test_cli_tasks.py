@@ -531,6 +531,28 @@ def test_logs_of_two_databases_are_each_their_own(tmp_path: Path, namespace: str
             cli.cleanup()
 
 
+def test_a_database_whose_path_is_not_utf8_takes_locks_and_runs_tasks(
+    tmp_path: Path, namespace: str
+) -> None:
+    """A file name with a byte that is not UTF-8 (\\xff, a lone surrogate once decoded) made
+    every command fail with "unexpected error": the wake-up channel's name and the log's path
+    (a task's record keeps it as text) were encoded as UTF-8. The logs of such a database go to
+    the state directory."""
+    cli = Cli(
+        os.fsdecode(os.fsencode(f"sqlite:///{tmp_path}/") + b"caf\xff.db"), namespace, tmp_path
+    )
+    try:
+        assert cli.ok("acquire", "x", "--owner", "me") == "1\n"
+        assert cli.held() == {"x": "me"}
+        assert cli.ok("release", "x", "--owner", "me") == "x\n"
+        assert cli.start("--", "echo", "hello") == 1
+        assert cli.wait(1).returncode == 0, cli.log(1)
+        assert cli.ok("logs", "1") == "hello\n"
+        assert cli.record(1)["log_path"].startswith(str(tmp_path / "state" / "tasklocks" / "logs"))
+    finally:
+        cli.cleanup()
+
+
 def test_logs_reads_the_path_the_record_keeps(cli: Cli, tmp_path: Path) -> None:
     """A task started before log directories were per database and table keeps its log where it
     was written: the record's ``log_path`` says where."""

@@ -74,7 +74,8 @@ class Waker:
 
     def __init__(self, key: str) -> None:
         directory = _wake_dir()
-        name = hashlib.sha256(key.encode()).hexdigest()[:32]
+        # (surrogateescape: a path given on the command line may hold bytes that are not UTF-8.)
+        name = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
         self.path = None if directory is None else os.path.join(directory, name)
         self._fd: int | None = None
         self._pid = 0

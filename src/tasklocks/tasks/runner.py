@@ -111,15 +111,19 @@ def default_log_dir(url: str, table: str = DEFAULT_TABLE) -> Path:
     write into the same file). Next to an SQLite file, ``<name>-logs/<table>-<hash>``; else under
     the user's state directory, ``tasklocks/logs/<scheme>-<host>-<port>-<db>-<table>-<hash>``. The
     hash is of the URL without its password and parameters (``ParsedURL.display()``; for SQLite,
-    the file's absolute path) and of the table."""
+    the file's absolute path) and of the table. An SQLite file whose path is not UTF-8 (bytes a
+    task's record, text, cannot keep) has its logs in the state directory too, as
+    ``sqlite-<name>-<table>-<hash>``."""
     parsed = parse_url(url)
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     if parsed.scheme == "sqlite":
         db = Path(parsed.path).resolve()
         identity = f"sqlite:///{db}"
         base, parts = db.with_name(db.stem + "-logs"), [table]
+        if not _is_utf8(str(db)):
+            base, parts = Path(state) / "tasklocks" / "logs", ["sqlite", db.stem, table]
     else:
         identity = parsed.display()
-        state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
         base = Path(state) / "tasklocks" / "logs"
         port = "" if parsed.port is None else str(parsed.port)
         parts = [parsed.scheme, parsed.host, port, parsed.database, table]
@@ -127,6 +131,15 @@ def default_log_dir(url: str, table: str = DEFAULT_TABLE) -> Path:
     digest = hashlib.sha256(f"{identity}\0{table}".encode("utf-8", "surrogateescape"))
     slug = "-".join(_UNSAFE.sub("_", p) for p in parts if p)[:80]
     return base / f"{slug}-{digest.hexdigest()[:12]}"
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether UTF-8 encodes ``text`` (a path from bytes that were not UTF-8 holds surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Tasks(TaskDB):
