@@ -796,6 +796,29 @@ def test_stdout_and_stderr_go_to_the_log(tasks: Tasks, kind: str) -> None:
     assert "to-stderr" in log
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the runner's files, not SQL
+def test_a_task_whose_id_comes_again_starts_a_fresh_log(alone: Tasks, db_url: str) -> None:
+    """Dropped and made again, a table numbers its tasks from 1 again: the new task 1 appended
+    to the old task 1's log, and ``logs 1`` showed both. A process of the old task that still
+    writes keeps its own file."""
+    first = alone.start(["sh", "-c", "echo old"])
+    assert finished(alone, first).state is TaskState.SUCCEEDED
+    old_log = alone.get(first).log_path
+    assert old_log is not None
+    with open(old_log, "a") as old_writer:
+        for suffix in ("", "_meta", "_sessions", "_names", "_tasks", "_epoch"):
+            raw_sql(db_url, f"DROP TABLE IF EXISTS {alone.table}{suffix}")
+        with Tasks(alone.url, alone.namespace, log_dir=alone.log_dir, table=alone.table) as again:
+            task_id = again.start(["sh", "-c", "echo new"])
+            assert task_id == first
+            record = finished(again, task_id)
+            assert record.state is TaskState.SUCCEEDED, describe(again, record)
+            assert record.log_path == old_log
+            old_writer.write("old, later\n")
+            old_writer.flush()
+            assert Path(old_log).read_text() == "new\n"
+
+
 def test_the_default_log_directory_is_one_of_each_database_and_table(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -306,7 +306,12 @@ class Tasks(TaskDB):
             self.log_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_path = self.log_dir / f"task-{task_id}.log"
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        # A fresh file: a table dropped and made again numbers its tasks from 1 again, and the
+        # old task's file (which one of its processes may still write: unlinked, not truncated)
+        # is not this task's. Appended to: the supervisor, the task and its processes share it.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(log_path)
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
         env = dict(os.environ)
         env.pop("TASKLOCKS_TASK_ID", None)
         env.pop("TASKLOCKS_TASK_PGID", None)
