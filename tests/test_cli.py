@@ -498,6 +498,11 @@ MY_SHOWN = "'mysql://root:***@127.0.0.1"
         ("postgresql://postgres@db%0A.example/test", "a control character (%0A) in its host"),
         ("postgresql://postgres@db%20example/test", "a space or a control character (%20) in"),
         ("postgresql://postgres@db example/test", "a space or a control character (%20) in"),
+        # (Read as U+FFFD, in silence, and sent to DNS so.)
+        (
+            "postgresql://postgres@db%FF.example/test",
+            "has an escape in its host that is not UTF-8 ('db%FF.example'): write the host in",
+        ),
         (
             f"mysql://root:{PASSWORD}@%2Frun%2Fmysqld%2Fmysqld.sock/test",
             "names the Unix socket '/run/mysqld/mysqld.sock' as its host; tasklocks reaches "
@@ -567,6 +572,23 @@ def test_a_url_names_what_tasklocks_does_not_use_and_reads_an_escaped_database(
 )
 def test_the_escapes_of_a_urls_host_are_read(url: str, host: str) -> None:
     assert parse_url(url).host == host
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u@[::1]:5432/test",  # (was postgresql://u@::1:5432/test)
+        "mysql://u@[2001:db8::7]/test",
+        "postgresql://u@[fe80::1%25eth0]:5433/test",  # (RFC 6874: the zone's % as %25)
+        "postgresql://u@%2Fvar%2Frun%2Fpostgresql/test",
+        "postgresql://u@db.example:5432/test",
+    ],
+)
+def test_a_url_is_displayed_as_it_is_read(url: str) -> None:
+    """``display()`` (messages, the dashboard, the log directory's hash) writes a URL that reads
+    back as the same database: an IPv6 address in brackets."""
+    assert parse_url(url).display() == url
+    assert parse_url(parse_url(url).display()) == parse_url(url)
 
 
 @pytest.mark.parametrize(

@@ -49,8 +49,11 @@ class ParsedURL:
         if self.scheme == "sqlite":
             return f"sqlite:///{self.path}"
         user = f"{self.user}@" if self.user else ""
-        # (A Unix-socket directory, written as libpq reads it: %2Fvar%2Frun%2Fpostgresql.)
-        host = urllib.parse.quote(self.host, safe="") if self.host.startswith("/") else self.host
+        host = self.host
+        if host.startswith("/"):  # a Unix-socket directory, as libpq reads it: %2Fvar%2Frun...
+            host = urllib.parse.quote(host, safe="")
+        elif ":" in host:  # an IPv6 address, in brackets (RFC 3986), its zone's % as %25 (6874)
+            host = f"[{host.replace('%', '%25')}]"
         port = f":{self.port}" if self.port else ""
         return f"{self.scheme}://{user}{host}{port}/{self.database}"
 
@@ -106,14 +109,25 @@ def _query(text: str, shown: str) -> dict[str, str]:
     return query
 
 
-def _host(parts: urllib.parse.SplitResult) -> str:
+def _host(parts: urllib.parse.SplitResult, shown: str) -> str:
     """The URL's host, its escapes read as libpq reads them (``%2Fvar%2Frun%2Fpostgresql`` is the
     Unix-socket directory ``/var/run/postgresql``): a name in lower case, a directory as written."""
     written = parts.netloc.rpartition("@")[2]
     if written.startswith("["):  # an IPv6 address (and its %25zone)
-        return urllib.parse.unquote(parts.hostname or "")
-    host = urllib.parse.unquote(written.partition(":")[0])
+        return _unquote(parts.hostname or "", shown)
+    host = _unquote(written.partition(":")[0], shown)
     return host if host.startswith("/") else host.lower()
+
+
+def _unquote(host: str, shown: str) -> str:
+    """A host's escapes, read as UTF-8: one that is not (%FF) is refused, not read as U+FFFD."""
+    try:
+        return urllib.parse.unquote(host, errors="strict")
+    except UnicodeDecodeError:
+        raise BadURL(
+            f"the database URL {shown} has an escape in its host that is not UTF-8 "
+            f"({quote(host)}): write the host in UTF-8"
+        ) from None
 
 
 def parse_url(url: str) -> ParsedURL:
@@ -179,7 +193,7 @@ def parse_url(url: str) -> ParsedURL:
             "server's port (host:PORT/db), or none for the default one (host/db)"
         )
     database = urllib.parse.unquote(parts.path.lstrip("/"))  # ("my%20db": the database my db)
-    host = _host(parts)
+    host = _host(parts, shown)
     if not host or not database:
         raise BadURL(
             f"bad database URL {shown}: it needs a host and a database, {scheme}://host/db"
