@@ -1024,6 +1024,28 @@ def test_fast_acquire_takes_a_free_name_in_its_row(fast: Any, db_url: str, names
     assert sorted(_locks(fast, namespace)) == sorted(["one", *FAST_NAMES])
 
 
+@pytest.mark.parametrize("db_url", ["mysql"], indirect=True)
+def test_a_connection_the_driver_closed_on_an_error_is_opened_again(
+    fast: Any, namespace: str
+) -> None:
+    """PyMySQL closes the connection on a packet out of sequence and raises InternalError,
+    which is no "connection gone" error: the store kept the closed connection (the call failed
+    with StoreError), and the next row statement, on the warm road, failed on it as a reply
+    lost (OutcomeUnknown), though nothing was sent. The connection is opened again instead."""
+    pymysql = pytest.importorskip("pymysql")
+    assert fast.fast_acquire(namespace, ["one"], *_entry("L1")) == 1  # (a warm connection)
+    conn = fast._conn
+
+    def out_of_sequence(*args: object, **kwargs: object) -> None:
+        conn._force_close()  # (as PyMySQL's _read_packet does before it raises this)
+        raise pymysql.err.InternalError("Packet sequence number wrong - got 9 expected 1")
+
+    conn._read_packet = out_of_sequence
+    assert fast.read(namespace).version == 1  # nothing was sent: read again on a new one
+    assert fast._conn is not conn
+    assert fast.fast_release(namespace, ["one"], "L1") == 1
+
+
 def test_several_names_are_the_full_paths(fast: Any, namespace: str) -> None:
     """One token for several names must exceed each name's last one: the full path."""
     assert fast.fast_acquire(namespace, ["a", "b"], *_entry("L1")) is None

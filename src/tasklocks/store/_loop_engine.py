@@ -244,6 +244,10 @@ class _MyConnection:
         return self._conn.escape(value)
 
     @property
+    def open(self) -> bool:  # (PyMySQL's: whether the connection is still there)
+        return not self._conn.closed
+
+    @property
     def server_status(self) -> int:
         return int(self._conn.server_status)
 

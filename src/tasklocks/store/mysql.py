@@ -272,6 +272,12 @@ class MySQLStore(ServerStore):
     # PyMySQL's Connection.__del__ is _force_close, which only closes this process's descriptor.
 
     def _gone(self, exc: BaseException) -> bool:
+        # An error PyMySQL ended the connection for is its end too, whatever its class: a packet
+        # out of sequence is an InternalError, and the connection it closes (as postgres.py's
+        # _gone sees libpq's) must not be used again (its next statement failed as a reply lost).
+        conn = self._conn
+        if conn is not None and not conn.open:
+            return True
         code = _code(exc)
         return isinstance(exc, self._pymysql.InterfaceError) or (
             isinstance(exc, self._pymysql.OperationalError)
