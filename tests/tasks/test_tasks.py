@@ -799,8 +799,10 @@ def test_stdout_and_stderr_go_to_the_log(tasks: Tasks, kind: str) -> None:
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the runner's files, not SQL
 def test_a_task_whose_id_comes_again_starts_a_fresh_log(alone: Tasks, db_url: str) -> None:
     """Dropped and made again, a table numbers its tasks from 1 again: the new task 1 appended
-    to the old task 1's log, and ``logs 1`` showed both. A process of the old task that still
-    writes keeps its own file."""
+    to the old task 1's log, and ``logs 1`` showed both. The old file is kept as it is, and a
+    process of the old task that still writes it writes there."""
+    from tasklocks.web._source import read_log
+
     first = alone.start(["sh", "-c", "echo old"])
     assert finished(alone, first).state is TaskState.SUCCEEDED
     old_log = alone.get(first).log_path
@@ -813,10 +815,12 @@ def test_a_task_whose_id_comes_again_starts_a_fresh_log(alone: Tasks, db_url: st
             assert task_id == first
             record = finished(again, task_id)
             assert record.state is TaskState.SUCCEEDED, describe(again, record)
-            assert record.log_path == old_log
+            assert record.log_path == str(Path(old_log).with_name(f"task-{task_id}-2.log"))
             old_writer.write("old, later\n")
             old_writer.flush()
-            assert Path(old_log).read_text() == "new\n"
+            assert Path(record.log_path).read_text() == "new\n"
+            assert Path(old_log).read_text() == "old\nold, later\n"
+            assert read_log(record, 0).text == "new\n"  # the dashboard reads the new name
 
 
 def test_the_default_log_directory_is_one_of_each_database_and_table(

@@ -409,6 +409,12 @@ def test_read_log_reads_only_that_tasks_log(tmp_path: Path) -> None:
     assert chunk.text == "" and chunk.missing is not None
     assert read_log(record(6, log_path=str(link)), 0).missing is not None  # another task's name
     assert read_log(record(5, log_path=str(tmp_path / "x" / "task-5.log")), 0).missing
+    again = tmp_path / "task-5-2.log"  # task 5, task-5.log taken (its table was made again)
+    again.write_text("five again\n")
+    assert read_log(record(5, log_path=str(again)), 0).text == "five again\n"
+    for name in ("task-55.log", "task-5-0.log", "task-5-x.log", "task-5-2.log.old"):
+        (tmp_path / name).write_text("not task 5's")
+        assert read_log(record(5, log_path=str(tmp_path / name)), 0).missing is not None, name
 
 
 def test_read_log_reads_only_a_regular_file(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import numbers
@@ -131,6 +132,22 @@ def default_log_dir(url: str, table: str = DEFAULT_TABLE) -> Path:
     digest = hashlib.sha256(f"{identity}\0{table}".encode("utf-8", "surrogateescape"))
     slug = "-".join(_UNSAFE.sub("_", p) for p in parts if p)[:80]
     return base / f"{slug}-{digest.hexdigest()[:12]}"
+
+
+def _new_log(log_dir: Path, task_id: int) -> tuple[Path, int]:
+    """A new file for task ``task_id``'s log, opened for appending (the supervisor, the task and
+    its processes share it): ``task-<id>.log``, or ``task-<id>-<n>.log`` when that name is taken.
+    A table dropped and made again numbers its tasks from 1 again, and a ``log_dir`` may be
+    shared; the file of another task of that id is kept as it is (one of its processes may still
+    write it), never appended to. The record keeps the path."""
+    for n in itertools.count(1):
+        path = log_dir / (f"task-{task_id}.log" if n == 1 else f"task-{task_id}-{n}.log")
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND  # (EXCL: no link either)
+            return path, os.open(path, flags, 0o600)
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")  # (itertools.count never ends)
 
 
 def _is_utf8(text: str) -> bool:
@@ -305,13 +322,7 @@ class Tasks(TaskDB):
         if self._default_log_dir:  # (its parent too: it lists every database and table)
             self.log_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        log_path = self.log_dir / f"task-{task_id}.log"
-        # A fresh file: a table dropped and made again numbers its tasks from 1 again, and the
-        # old task's file (which one of its processes may still write: unlinked, not truncated)
-        # is not this task's. Appended to: the supervisor, the task and its processes share it.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(log_path)
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        log_path, fd = _new_log(self.log_dir, task_id)
         env = dict(os.environ)
         env.pop("TASKLOCKS_TASK_ID", None)
         env.pop("TASKLOCKS_TASK_PGID", None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -349,15 +350,16 @@ class LogChunk:
 def read_log(record: TaskRecord, offset: int | None, limit: int = LOG_CHUNK) -> LogChunk:
     """Read a task's log from ``offset`` (None: its last ``limit`` bytes, from a line start).
 
-    Only a regular file named ``task-<id>.log`` of that task is read, never through a symbolic
-    link: the path comes from the database, and the dashboard must not show other files.
+    Only a regular file named ``task-<id>.log`` (or ``task-<id>-<n>.log``) of that task is read,
+    never through a symbolic link: the path comes from the database, and the dashboard must not
+    show other files.
     """
     from tasklocks.web._view import trim_partial_utf8
 
     if record.log_path is None:
         return LogChunk("", offset or 0, "the task has no log yet")
     path = Path(record.log_path)
-    if path.name != f"task-{record.id}.log":
+    if not re.fullmatch(rf"task-{record.id}(-[1-9][0-9]*)?\.log", path.name):
         return LogChunk("", offset or 0, f"the log path {path} is not this task's log")
     try:
         # O_NONBLOCK: opening a FIFO put there must not wait for a writer.
