@@ -1569,3 +1569,52 @@ def test_a_holder_taken_over_by_a_claim_is_judged_by_its_own_session(
         late[0].release()
         late[0].table.close()
     delete_rows(server, namespace)
+
+
+def test_the_mysql_names_table_has_no_key_beside_its_own_and_an_earlier_key_is_left_alone(
+    namespace: str,
+) -> None:
+    """The names table has no key beside its primary one, so that a take and a release, which
+    set the lease, change that key's entry only. A table made by an earlier release keeps its
+    ``held (namespace, lease)`` key: this one neither drops nor makes it, and works with it or
+    without it (names held in their rows and in the document, seen and released)."""
+    require("mysql")
+    url = server_url("mysql")
+    table = "tl_" + uuid.uuid4().hex[:12]
+    names = f"{table}_names"
+
+    def keys() -> set[str]:
+        return {str(row[2]) for row in raw_rows(url, f"SHOW INDEX FROM {names}")}
+
+    def works(store: Store) -> None:
+        import tasklocks
+
+        locks = tasklocks.LockTable(store, namespace)
+        for _ in range(5):
+            locks.acquire("a").release()  # in its row
+        locks.acquire("a", owner="x")  # in its row, held
+        two = locks.acquire("b", "c", owner="y")  # several names: through the document
+        assert sorted((h.name, h.holder.owner) for h in locks.held()) == [
+            ("a", "x"),
+            ("b", "y"),
+            ("c", "y"),
+        ]
+        assert locks.release_owner("x") == ["a"]  # a whole-namespace change finds the row's
+        two.release()
+        assert locks.held() == []
+
+    try:
+        store = open_store(url, table=table)
+        assert keys() == {"PRIMARY"}
+        works(store)
+        store.close()
+        raw_sql(url, f"ALTER TABLE {names} ADD KEY held (namespace, lease)")  # an earlier table
+        again = open_store(url, table=table)
+        works(again)
+        again.close()
+        assert keys() == {"PRIMARY", "held"}
+        raw_sql(url, f"ALTER TABLE {names} DROP KEY held")  # dropped by hand: not made again
+        open_store(url, table=table).close()
+        assert keys() == {"PRIMARY"}
+    finally:
+        drop_tables(url, table)

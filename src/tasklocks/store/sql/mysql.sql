@@ -39,10 +39,15 @@ CREATE TABLE IF NOT EXISTS {t}_tasks (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY 
     ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 -- name: create_names
 -- A row per lock name (see store/_names.py and postgres.sql). The name is compared as bytes
--- (VARBINARY): a PAD SPACE collation would make "a" and "a " one row.
+-- (VARBINARY): a PAD SPACE collation would make "a" and "a " one row. No key beside the primary
+-- one: a take or a release sets the lease, and a key over it (as schema 2 first had, `held
+-- (namespace, lease)`) costs each of them a delete-marked entry and a new one in that key, and
+-- the purge of the old: about a fifth of the server's CPU a pair (design.md, "MariaDB: no key
+-- over the held names"). The names of a namespace held in their rows are then found by the
+-- primary key's range, in all its rows.
 CREATE TABLE IF NOT EXISTS {t}_names (namespace VARCHAR(191) NOT NULL, name VARBINARY(255) NOT NULL,
     version BIGINT NOT NULL, lease VARBINARY(255), record TEXT, mark TINYINT NOT NULL DEFAULT 0,
-    PRIMARY KEY (namespace, name), KEY held (namespace, lease))
+    PRIMARY KEY (namespace, name))
     ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 -- name: upgrade_meta
 UPDATE {t}_meta SET value = %s WHERE `key` = 'schema_version' AND value = %s;
@@ -82,9 +87,12 @@ ORDER BY 1, 3;
 SELECT id, expires - {now} FROM {t}_sessions WHERE expires > {now};
 -- name: lock_kept
 -- The full path of this layout, its first round trip: the document's row, then the names held
--- in their rows ({only}: of some names only), locked, then the sessions. READ COMMITTED: a locking read at REPEATABLE READ
--- would also lock the gaps of the held names' index, and every name taken in its row in the
--- namespace would wait for this transaction (claim_names locks the rows it needs itself).
+-- in their rows ({only}: of some names only), locked, then the sessions. READ COMMITTED: a
+-- locking read at REPEATABLE READ would keep every row and gap it reads locked (the namespace's
+-- whole range of the primary key, or of the `held` key a table made by an earlier release
+-- has), and every name taken in its row in the namespace would wait for this transaction; at
+-- READ COMMITTED a row that is not held is let go once read (claim_names locks the rows it
+-- needs itself).
 SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION; SELECT version, data FROM {t} WHERE namespace = %s FOR UPDATE;
 SELECT name, version, lease, record FROM {t}_names
 WHERE namespace = %s AND lease IS NOT NULL AND mark = 0{only} ORDER BY name FOR UPDATE;
