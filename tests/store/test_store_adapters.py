@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -1618,3 +1619,77 @@ def test_the_mysql_names_table_has_no_key_beside_its_own_and_an_earlier_key_is_l
         assert keys() == {"PRIMARY"}
     finally:
         drop_tables(url, table)
+
+
+def test_mysql_row_statements_are_prepared_at_their_second_run_and_carry_any_text(
+    namespace: str,
+) -> None:
+    """The row statements run as text on their first use on a session, are prepared at their
+    second (``COM_STMT_PREPARE``) and executed by id after it, their values sent apart from the
+    statement: any text reaches the row as written, under ``NO_BACKSLASH_ESCAPES`` too, and a
+    value longer than 250 bytes (its length in three bytes). A statement the session lost runs as
+    text and is prepared again; one the server will not prepare runs as text, where its error
+    shows as before."""
+    require("mysql")
+    import pymysql
+
+    import tasklocks
+
+    url = server_url("mysql")
+    store = _server_store(url)
+    locks = tasklocks.LockTable(store, namespace)
+
+    def status(name: str) -> int:
+        with store._conn.cursor() as cur:  # white-box: this session's own counters
+            cur.execute(f"SHOW SESSION STATUS LIKE '{name}'")
+            return int(cur.fetchone()[1])
+
+    def pairs(note: str, times: int) -> list[int]:
+        tokens = []
+        for _ in range(times):
+            lease = locks.acquire("a", note=note)
+            [held] = locks.held()
+            assert held.holder.note == note  # as the row keeps it
+            tokens.append(lease.token)
+            lease.release()
+        assert locks.held() == []
+        return tokens
+
+    try:
+        store.read(namespace)  # connected
+        prepared, executed = status("Com_stmt_prepare"), status("Com_stmt_execute")
+        tokens = pairs("first", 2)  # the row made (first uses: text), then taken again
+        tokens += pairs(TRICKY, 4)
+        handles = {k: v for k, v in store._conn._row_statements.items() if v > 0}
+        assert len(handles) >= 2  # the retake and the release at least
+        assert status("Com_stmt_prepare") - prepared == len(handles)  # each once
+        assert status("Com_stmt_execute") - executed >= 6
+        tokens += pairs("é" * 300 + "'\\", 2)  # 602 bytes and more
+        store._conn.query("SET SESSION sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES')")
+        tokens += pairs(TRICKY + "\\", 2)
+        assert tokens == sorted(set(tokens))  # strictly increasing, each from its own take
+        # The session loses a statement (COM_STMT_CLOSE has no reply): it runs as text, then
+        # is prepared again.
+        retake = next(k for k in handles if k.startswith("UPDATE") and "lease IS NULL" in k)
+        conn = store._conn
+        conn._write_bytes(struct.pack("<iBI", 5, 0x19, handles[retake]))  # COM_STMT_CLOSE
+        executed = status("Com_stmt_execute")
+        tokens += pairs("again", 3)
+        assert conn._row_statements[retake] not in (0, -1, handles[retake])  # prepared again
+        assert status("Com_stmt_execute") - executed >= 4
+        assert tokens == sorted(set(tokens))
+        # A statement the server will not prepare (here: no such table) runs as text.
+        from tasklocks.store.mysql import _Positional
+
+        missing = _Positional("UPDATE no_such_table_here SET v = %(v)s")
+        assert conn.ok_execute(missing, ("1",)) is None  # first use: text
+        assert conn.ok_execute(missing, ("1",)) is None  # refused: text from now on
+        assert conn._row_statements[missing.sql] == -1
+        with pytest.raises(pymysql.err.ProgrammingError) as refused:
+            conn.ok_query("UPDATE no_such_table_here SET v = '1'")
+        assert refused.value.args[0] == 1146  # ER_NO_SUCH_TABLE
+        assert pairs("after", 2)  # the session still in step
+    finally:
+        store.close()
+        raw_sql(url, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
+        raw_sql(url, f"DELETE FROM {DEFAULT_TABLE}_names WHERE namespace = %s", (namespace,))
