@@ -406,8 +406,9 @@ SECRETS = ("S3c", "PW")
         (f"sqlite://u:{PASSWORD}@x.db", "bad SQLite URL 'sqlite://u:***@x.db'"),
         (f"mysql://root:{PASSWORD}@[::1/test", "bad database URL 'mysql://root:***@[::1/test'"),
         (f"mysql://root:{PASSWORD}@127.0.0.1:abc/test", "bad port in database URL"),
-        (f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/", "needs a host and a database"),
-        (f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432", "needs a host and a database"),
+        (f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/", "needs a database"),
+        (f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432", "needs a database"),
+        (f"mysql://root:{PASSWORD}@/test", "needs a host and a database"),
     ],
 )
 def test_a_bad_urls_message_never_shows_its_password(
@@ -461,6 +462,12 @@ def test_a_bad_urls_message_never_shows_its_password(
         ("mysql://u:P@ss/w?rd@h/db", "mysql://u:***@h/db"),
         ("mysql://u:P@ss/w#rd@h/db", "mysql://u:***@h/db"),
         ("mysql://u:@@@h/db?ssl_ca=/a@b.pem", "mysql://u:***@h/db?ssl_ca=/a@b.pem"),
+        # No host (libpq's default), and an @ in the query: the password was read up to it.
+        (
+            "postgresql://u:pw@/db?sslrootcert=/a@b.pem",
+            "postgresql://u:***@/db?sslrootcert=/a@b.pem",
+        ),
+        ("postgresql://u:pw@:5433/db?sslcert=/a@b", "postgresql://u:***@:5433/db?sslcert=/a@b"),
     ],
 )
 def test_masked_hides_the_password_alone(url: str, shown: str) -> None:
@@ -508,6 +515,13 @@ MY_SHOWN = "'mysql://root:***@127.0.0.1"
             "names the Unix socket '/run/mysqld/mysqld.sock' as its host; tasklocks reaches "
             "MariaDB/MySQL over TCP: give host:port",
         ),
+        # No host: PyMySQL would take localhost over TCP, MySQL's clients the Unix socket.
+        *(
+            (url, "it needs a host and a database, mysql://host/db (127.0.0.1 for a server on")
+            for url in ("mysql:///test", "mysql://root@/test", "mariadb://root:pw@:3306/test")
+        ),
+        # (A URL without a host is libpq's default host; without a database, it is refused.)
+        ("postgresql://postgres@/", "it needs a database, postgresql://host/db (or postgresql"),
     ],
 )
 def test_a_url_is_read_strictly(url: str, message: str, namespace: str) -> None:
@@ -568,6 +582,11 @@ def test_a_url_names_what_tasklocks_does_not_use_and_reads_an_escaped_database(
         # libpq's Unix-socket directory; its name keeps its case.
         ("postgresql://u@%2Fvar%2Frun%2Fpostgresql/test", "/var/run/postgresql"),
         ("postgresql://u:pw@%2ftmp%2FPg:5433/test", "/tmp/Pg"),
+        # No host: libpq's default ($PGHOST, else its Unix socket), as psql reads the URL (it
+        # was refused: "it needs a host and a database").
+        ("postgresql:///test", ""),
+        ("postgres://u:pw@/test", ""),
+        ("postgresql://:5433/test", ""),
     ],
 )
 def test_the_escapes_of_a_urls_host_are_read(url: str, host: str) -> None:
@@ -582,6 +601,9 @@ def test_the_escapes_of_a_urls_host_are_read(url: str, host: str) -> None:
         "postgresql://u@[fe80::1%25eth0]:5433/test",  # (RFC 6874: the zone's % as %25)
         "postgresql://u@%2Fvar%2Frun%2Fpostgresql/test",
         "postgresql://u@db.example:5432/test",
+        "postgresql:///test",  # (libpq's default host)
+        "postgresql://u@/test",
+        "postgresql://u@:5433/test",
     ],
 )
 def test_a_url_is_displayed_as_it_is_read(url: str) -> None:
@@ -724,6 +746,45 @@ def test_unreachable_server_exits_69_with_one_line(namespace: str) -> None:
     result = cli("postgresql://postgres@127.0.0.1:1/test", namespace, "locks")
     assert result.returncode == 69
     assert "127.0.0.1" in one_error_line(result)
+
+
+def test_a_url_without_a_host_is_libpqs_default_host_for_the_command_line(
+    namespace: str,
+) -> None:
+    """``postgresql://user@/db`` reaches the server as psql does (it was refused, exit 2); a
+    server that is not there is named as libpq's default host."""
+    require("postgresql")
+    p = parse_url(server_url("postgresql"))
+    if p.host not in ("127.0.0.1", "localhost", "::1", "") or not os.path.exists(
+        f"/var/run/postgresql/.s.PGSQL.{p.port or 5432}"
+    ):
+        pytest.skip(f"no Unix socket of the server at {p.display()} in /var/run/postgresql")
+    env = {k: v for k, v in ENV.items() if k not in ("PGHOST", "PGPORT")}
+    url = f"postgresql://{p.user or ''}@{f':{p.port}' if p.port else ''}/{p.database}"
+    taken = subprocess.run(
+        [*tasklocks(url, namespace, "acquire", "job", "--owner", "me")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert taken.returncode == 0, taken.stderr
+    assert [lock["name"] for lock in held(server_url("postgresql"), namespace)] == ["job"]
+    assert cli(url, namespace, "release", "job", "--owner", "me").returncode == 0
+    assert held(server_url("postgresql"), namespace) == []
+    gone = subprocess.run(
+        tasklocks(f"postgresql://{p.user or ''}@:1/{p.database}", namespace, "locks"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert gone.returncode == 69, gone.stderr
+    line = one_error_line(gone)
+    assert "PostgreSQL at libpq's default host (its Unix socket), port 1" in line, line
+    assert "$PGHOST" in line, line
 
 
 def test_a_mysql_server_that_never_answers_fails_within_the_connect_timeout(

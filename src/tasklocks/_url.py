@@ -1,5 +1,6 @@
 """Which database: URLs (``sqlite:///path.db``, ``mysql://user:pass@host:port/db``,
-``postgresql://user@host:port/db``) and the default one, for the stores, the CLI and the tasks."""
+``postgresql://user@host:port/db``, ``postgresql:///db`` for libpq's default host) and the default
+one, for the stores, the CLI and the tasks."""
 
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ def default_url() -> str:
 class ParsedURL:
     scheme: str  # sqlite, mysql, postgresql
     path: str  # the SQLite file (sqlite only)
+    # PostgreSQL's "" (postgresql:///db, postgresql://user@/db): libpq's default host, $PGHOST
+    # or its Unix-socket directory, as psql and psycopg read such a URL. A server URL of
+    # another scheme always has one.
     host: str
     port: int | None
     user: str | None
@@ -76,14 +80,16 @@ TLS_FILES = ("sslrootcert", "sslcert", "sslkey", "sslcrl", "ssl_ca", "ssl_cert",
 
 # What follows the @ that ends a URL's user part: host[:port]/db, then the end or ?name=...
 # (A prefix, so that trying every @ of a long URL takes linear time, not quadratic.)
-_AFTER_USER = re.compile(r"[^@/?#]+/[^/?#]*(?:\?(?:\w+=|\Z)|\Z)")
+# (The host may be empty: postgresql://user:pass@/db is libpq's default host.)
+_AFTER_USER = re.compile(r"[^@/?#]*/[^/?#]*(?:\?(?:\w+=|\Z)|\Z)")
 
 
 def masked(url: str) -> str:
     """``url`` for a message, its password shown as ``***``: a malformed URL is echoed back, and a
     password must never be. The password runs from the user's ``:`` to the ``@`` that ends the
-    user's part: the first ``@`` followed by ``host[:port]/db`` (the host without ``@ / ? #``,
-    the database without ``/ ? #``), then the URL's end or ``?name=``; else the last ``@``. So
+    user's part: the first ``@`` followed by ``host[:port]/db`` (the host, if any, without
+    ``@ / ? #``, the database without ``/ ? #``), then the URL's end or ``?name=``; else the last
+    ``@``. So
     an ``@`` in the database or in a parameter is not taken for it, and one typed unescaped in a
     password is passed over: the rest of the password, then the host's ``@``, does not read so
     (unless the password has an ``@``, then a ``/``, then ``?name=``, as ``a@b/c?d=e`` has)."""
@@ -194,9 +200,16 @@ def parse_url(url: str) -> ParsedURL:
         )
     database = urllib.parse.unquote(parts.path.lstrip("/"))  # ("my%20db": the database my db)
     host = _host(parts, shown)
-    if not host or not database:
+    if not host and scheme == "mysql":  # (PyMySQL would take localhost over TCP, and MySQL's
+        # own clients take "localhost" for the Unix socket, which tasklocks does not use)
         raise BadURL(
-            f"bad database URL {shown}: it needs a host and a database, {scheme}://host/db"
+            f"bad database URL {shown}: it needs a host and a database, mysql://host/db "
+            "(127.0.0.1 for a server on this machine: tasklocks reaches MariaDB/MySQL over TCP)"
+        )
+    if not database:
+        raise BadURL(
+            f"bad database URL {shown}: it needs a database, {scheme}://host/db"
+            + (" (or postgresql:///db on libpq's default host)" if scheme == "postgresql" else "")
         )
     user = urllib.parse.unquote(parts.username) if parts.username else None
     password = urllib.parse.unquote(parts.password) if parts.password else None

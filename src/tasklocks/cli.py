@@ -634,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         default=None,
         help="sqlite:///path.db, mysql://user:pass@host:port/db or postgresql://user@host:port/db "
+        "(postgresql://user@/db: libpq's default host, $PGHOST or its Unix socket) "
         "(default: $TASKLOCKS_DB, else $XDG_STATE_HOME/tasklocks/tasklocks.db)",
     )
     parser.add_argument(

@@ -4,6 +4,7 @@ checks the schema in one statement."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
@@ -14,6 +15,7 @@ import pytest
 from conftest import delete_rows, raw_rows, raw_sql, require, server_url
 
 import tasklocks
+import tasklocks.aio
 from tasklocks.store import open_store, parse_url, postgres
 
 
@@ -84,6 +86,64 @@ def test_a_url_whose_host_is_an_escaped_directory_connects_through_its_unix_sock
         assert table.store.url == socket_url
         table.acquire("job").release()
         assert _on_the_connection(table, "SELECT inet_client_addr()") == [(None,)]  # no TCP
+    finally:
+        table.close()
+
+
+def test_a_url_without_a_host_connects_where_libpq_does(
+    url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``postgresql://user@/db`` is libpq's default host, as psql and psycopg read it: $PGHOST,
+    else its Unix socket (it was refused: "it needs a host and a database"; Django's empty HOST
+    became 127.0.0.1, whose sign-in may differ). The store passes no host, so libpq decides;
+    the asyncio table's LISTEN connection too."""
+    p = parse_url(url)
+    port = p.port or 5432
+    if p.host not in ("127.0.0.1", "localhost", "::1") or not os.path.exists(
+        f"/var/run/postgresql/.s.PGSQL.{port}"
+    ):
+        pytest.skip(f"no Unix socket of the server at {p.display()} in /var/run/postgresql")
+    monkeypatch.delenv("PGHOST", raising=False)
+    monkeypatch.delenv("PGPORT", raising=False)
+    no_host = (
+        f"postgresql://{p.user}@:{port}/{p.database}"
+        if p.port
+        else (f"postgresql://{p.user}@/{p.database}")
+    )
+    table = tasklocks.connect(no_host, namespace)
+    try:
+        assert table.store.url == no_host
+        lease = table.acquire("job")
+        over_tcp = tasklocks.connect(url, namespace)  # the same database
+        assert [h.name for h in over_tcp.held()] == ["job"]
+        over_tcp.close()
+        lease.release()
+        assert _on_the_connection(table, "SELECT inet_client_addr()") == [(None,)]  # no TCP
+    finally:
+        table.close()
+
+    async def waited() -> None:  # a waiter woken by a notification, heard on no host either
+        async_table = await tasklocks.aio.connect(no_host, namespace)
+        try:
+            first = await async_table.acquire("job")
+
+            async def wait() -> tasklocks.aio.AsyncLease:  # (another task: another owner)
+                return await async_table.acquire("job", wait=True, timeout=20)
+
+            second = asyncio.create_task(wait())
+            await asyncio.sleep(0.2)
+            assert not second.done()
+            await first.release()
+            await (await second).release()
+        finally:
+            await async_table.close()
+
+    asyncio.run(waited())
+    monkeypatch.setenv("PGHOST", "127.0.0.1")  # and libpq's default is $PGHOST's
+    table = tasklocks.connect(no_host, namespace)
+    try:
+        table.acquire("job").release()
+        assert _on_the_connection(table, "SELECT inet_client_addr()::text") == [("127.0.0.1/32",)]
     finally:
         table.close()
 

@@ -841,12 +841,15 @@ def test_the_default_log_directory_is_one_of_each_database_and_table(
         f"sqlite:///{tmp_path}/a.db",
         f"sqlite:///{tmp_path}/a.sqlite",
         f"sqlite:///{tmp_path}/sub/a.db",
+        "postgresql://u@/test",  # libpq's default host (it was refused: no host)
+        "postgresql://u@:5433/test",
     ]
     dirs = [default_log_dir(url, table) for url in urls for table in ("tasklocks", "other")]
     assert len(set(dirs)) == len(dirs), dirs
     assert default_log_dir(pg).parent == tmp_path / "state" / "tasklocks" / "logs"
     assert default_log_dir(pg).name.startswith("postgresql-db.example-5432-test-tasklocks-")
     assert default_log_dir(urls[6]).parent == tmp_path / "a-logs"  # next to the file, as before
+    assert default_log_dir(urls[9]).name.startswith("postgresql-default-test-tasklocks-")
     # The URL without its password and parameters: the same database, the same directory.
     secret = "postgresql://u:s3cret@db.example:5432/test?sslmode=require&application_name=x"
     assert default_log_dir(secret) == default_log_dir(pg)

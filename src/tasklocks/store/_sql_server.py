@@ -50,6 +50,17 @@ class Lost(StoreUnreachable):
     """No connection (it broke before a change was sent, or cannot be had): safe to retry."""
 
 
+def _where(parsed: ParsedURL, default_port: int) -> str:
+    """The server, for messages: ``host:port``; for a PostgreSQL URL without a host, the one
+    libpq picks then ($PGHOST, else its Unix socket; $PGPORT, else the default port)."""
+    if parsed.host:
+        return f"{parsed.host}:{parsed.port or default_port}"
+    pghost = os.environ.get("PGHOST")
+    port = parsed.port or os.environ.get("PGPORT") or default_port
+    host = f"$PGHOST {pghost}" if pghost else "its Unix socket"
+    return f"libpq's default host ({host}), port {port}"
+
+
 _guarded: weakref.WeakSet[ServerStore] = weakref.WeakSet()
 _guarded_lock = threading.Lock()
 _guard_runs = False  # this process's guard thread was started
@@ -126,7 +137,7 @@ class ServerStore(RowsStore):
         self.url = parsed.display()
         self._parsed = parsed
         self._user = parsed.user or self.DEFAULT_USER
-        self._where = f"{parsed.host}:{parsed.port or self.DEFAULT_PORT}"
+        self._where = _where(parsed, self.DEFAULT_PORT)
         self._load_sql(table)
         self._conn: Any = None
         self._pid = 0
@@ -240,6 +251,8 @@ class ServerStore(RowsStore):
                 fix = "check the URL's TLS parameters and the server's TLS setup"
                 raise StoreUnavailable(f"{where} refused TLS ({reason}); {fix}") from exc
             fix = "check that the server is running and the host and port in the URL"
+            if not self._parsed.host:  # (postgresql:///db: libpq's default host)
+                fix = "check that the server is running and $PGHOST, or give the URL a host"
             raise Lost(f"cannot connect to {where} ({reason}); {fix}") from exc
         except (OSError, ValueError) as exc:
             raise StoreUnavailable(f"cannot connect to {where} ({exc}); check the URL") from exc

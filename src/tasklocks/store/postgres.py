@@ -204,8 +204,11 @@ class PostgresStore(ServerStore):
     def _connect_args(self, **options: Any) -> dict[str, Any]:
         p = self._parsed
         return dict(
-            host=p.host,
-            port=p.port or self.DEFAULT_PORT,
+            # No host (postgresql:///db): none is passed, and libpq decides, as psql does:
+            # $PGHOST, else its Unix-socket directory; and the port, $PGPORT, else 5432.
+            # (psycopg leaves a None out of the connection string.)
+            host=p.host or None,
+            port=p.port or (self.DEFAULT_PORT if p.host else None),
             user=p.user,
             password=p.password,
             dbname=p.database,

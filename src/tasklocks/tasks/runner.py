@@ -110,11 +110,11 @@ def default_log_dir(url: str, table: str = DEFAULT_TABLE) -> Path:
     """Where the logs of the tasks of ``table`` in the database at ``url`` go: a directory of
     their own, since task ids are a table's own (task 1 of another table or database must not
     write into the same file). Next to an SQLite file, ``<name>-logs/<table>-<hash>``; else under
-    the user's state directory, ``tasklocks/logs/<scheme>-<host>-<port>-<db>-<table>-<hash>``. The
-    hash is of the URL without its password and parameters (``ParsedURL.display()``; for SQLite,
-    the file's absolute path) and of the table. An SQLite file whose path is not UTF-8 (bytes a
-    task's record, text, cannot keep) has its logs in the state directory too, as
-    ``sqlite-<name>-<table>-<hash>``."""
+    the user's state directory, ``tasklocks/logs/<scheme>-<host>-<port>-<db>-<table>-<hash>``
+    (the host of ``postgresql:///db``, libpq's default, as ``default``). The hash is of the URL
+    without its password and parameters (``ParsedURL.display()``; for SQLite, the file's absolute
+    path) and of the table. An SQLite file whose path is not UTF-8 (bytes a task's record, text,
+    cannot keep) has its logs in the state directory too, as ``sqlite-<name>-<table>-<hash>``."""
     parsed = parse_url(url)
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     if parsed.scheme == "sqlite":
@@ -127,7 +127,8 @@ def default_log_dir(url: str, table: str = DEFAULT_TABLE) -> Path:
         identity = parsed.display()
         base = Path(state) / "tasklocks" / "logs"
         port = "" if parsed.port is None else str(parsed.port)
-        parts = [parsed.scheme, parsed.host, port, parsed.database, table]
+        # (postgresql:///db, libpq's default host: "default" in the name, the URL in the hash)
+        parts = [parsed.scheme, parsed.host or "default", port, parsed.database, table]
     # (surrogateescape: a URL given on the command line may hold bytes that are not UTF-8.)
     digest = hashlib.sha256(f"{identity}\0{table}".encode("utf-8", "surrogateescape"))
     slug = "-".join(_UNSAFE.sub("_", p) for p in parts if p)[:80]
