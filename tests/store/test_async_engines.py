@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 import time
 import urllib.parse
@@ -20,11 +21,12 @@ from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
-from conftest import raw_sql, require, server_url
+from conftest import delete_rows, raw_sql, require, server_url
 
 import tasklocks
 import tasklocks.aio as aio
 from tasklocks.errors import BadURL, StoreError, StoreUnavailable
+from tasklocks.store import parse_url
 
 sa = pytest.importorskip("sqlalchemy")
 sa_async = pytest.importorskip("sqlalchemy.ext.asyncio")
@@ -422,3 +424,54 @@ def test_the_blocking_connect_refuses_an_async_engine() -> None:
     engine = sa_async.create_async_engine("sqlite+aiosqlite:///unused.db")
     with pytest.raises(BadURL, match=r"AsyncEngine is for tasklocks\.aio\.connect"):
         tasklocks.connect(engine)
+
+
+def test_an_engine_without_a_host_is_libpqs_default_host_for_tasklocks_too(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine made from ``postgresql+psycopg://user@/db`` reaches libpq's default host (its
+    Unix socket here): an AsyncEngine's own connections (the sessions', LISTEN), opened from its
+    URL, went to 127.0.0.1 over TCP instead, which may sign in otherwise or be another server;
+    a blocking engine's store was named ``postgresql://user@127.0.0.1/db``."""
+    require("postgresql")
+    p = parse_url(server_url("postgresql"))
+    port = p.port or 5432
+    if p.host not in ("127.0.0.1", "localhost", "::1") or not os.path.exists(
+        f"/var/run/postgresql/.s.PGSQL.{port}"
+    ):
+        pytest.skip(f"no Unix socket of the server at {p.display()} in /var/run/postgresql")
+    monkeypatch.delenv("PGHOST", raising=False)
+    monkeypatch.delenv("PGPORT", raising=False)
+    no_host = f"postgresql://{p.user}@{f':{p.port}' if p.port else ''}/{p.database}"
+    driver = no_host.replace("postgresql://", "postgresql+psycopg://", 1)
+
+    blocking = sa.create_engine(driver)
+    try:
+        table = tasklocks.connect(blocking, namespace)
+        assert table.store.url == no_host
+        table.acquire("job").release()
+        table.close()
+    finally:
+        blocking.dispose()
+
+    def client_address(table: aio.AsyncLockTable) -> list[Any]:  # (of tasklocks' own connection)
+        store: Any = table.table.store
+        side = store._sessions_store()
+        return list(side._locked(lambda c, _: c.execute("SELECT inet_client_addr()").fetchall()))
+
+    async def main() -> None:
+        engine = sa_async.create_async_engine(driver)
+        try:
+            table = await aio.connect(engine, namespace)
+            try:
+                await (await table.acquire("job")).release()
+                assert client_address(table) == [(None,)]  # the Unix socket, not TCP
+            finally:
+                await table.close()
+        finally:
+            await engine.dispose()
+
+    try:
+        run(main())
+    finally:
+        delete_rows(server_url("postgresql"), namespace)

@@ -78,6 +78,8 @@ def engine_url(engine: Engine) -> ParsedURL:
             raise BadURL("an SQLite engine for tasklocks must name a file, not :memory:")
         return ParsedURL("sqlite", u.database, "", None, None, None, "", {})
     query = {k: v if isinstance(v, str) else v[-1] for k, v in dict(u.query).items()}
-    return ParsedURL(
-        scheme, "", u.host or "127.0.0.1", u.port, u.username, u.password, u.database or "", query
-    )
+    # No host: psycopg's is libpq's default host (PostgreSQL's "", as _url.py reads
+    # postgresql:///db, and as an AsyncEngine's own connections must be opened); PyMySQL's is
+    # localhost over TCP.
+    host = u.host or ("" if scheme == "postgresql" else "127.0.0.1")
+    return ParsedURL(scheme, "", host, u.port, u.username, u.password, u.database or "", query)
