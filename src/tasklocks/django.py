@@ -58,8 +58,11 @@ def url_for(
     alias: str = "default", databases: Mapping[str, Mapping[str, Any]] | None = None
 ) -> str:
     """The tasklocks URL of a Django database alias (``databases`` defaults to the project's
-    ``settings.DATABASES``). :raises BadURL: no such alias, or an engine tasklocks does not
-    speak."""
+    ``settings.DATABASES``). An empty ``HOST`` is, for PostgreSQL, libpq's default host, as
+    Django's connection has it (``postgresql:///db``: ``$PGHOST``, else the Unix socket); for
+    MySQL/MariaDB, 127.0.0.1 (tasklocks reaches them over TCP).
+
+    :raises BadURL: no such alias, or an engine tasklocks does not speak."""
     if databases is None:
         databases = importlib.import_module("django.conf").settings.DATABASES
     if alias not in databases:
@@ -81,7 +84,13 @@ def url_for(
     user = quote(str(db.get("USER") or ""), safe="")
     password = quote(str(db.get("PASSWORD") or ""), safe="")
     auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
-    host = str(db.get("HOST") or "127.0.0.1")
+    # An empty HOST: Django's PostgreSQL backend passes psycopg no host, and libpq takes its
+    # default ($PGHOST, else the Unix socket, whose sign-in may differ from TCP's): so does the
+    # URL (postgresql:///db). Its MySQL backend (mysqlclient) takes localhost, which libmysql
+    # reads as the Unix socket; tasklocks reaches MariaDB/MySQL over TCP and takes 127.0.0.1,
+    # the same server as a rule (an account that signs in by the socket alone, unix_socket,
+    # cannot be used over TCP: pass tasklocks.connect() an Engine made with unix_socket=).
+    host = str(db.get("HOST") or ("" if scheme == "postgresql" else "127.0.0.1"))
     if host.startswith("/") and scheme == "postgresql":
         host = quote(host, safe="")  # libpq's Unix-socket directory, as a URL writes it
     elif host.startswith("/"):

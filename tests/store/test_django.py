@@ -8,6 +8,7 @@ child process, Django's own connection used beside ours) checks that a lock take
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -32,15 +33,21 @@ def _pg(**more: Any) -> dict[str, Any]:
     ("db", "url"),
     [
         (_pg(USER="web", HOST="db", PORT=5433), "postgresql://web@db:5433/app"),
-        (_pg(USER="web", PASSWORD="p@ss:w/rd"), "postgresql://web:p%40ss%3Aw%2Frd@127.0.0.1/app"),
-        (_pg(DISABLE_SERVER_SIDE_CURSORS=True), "postgresql://127.0.0.1/app?pool=transaction"),
-        (_pg(OPTIONS={"connect_timeout": 3}), "postgresql://127.0.0.1/app?connect_timeout=3"),
+        # An empty HOST: libpq's default host ($PGHOST, else the Unix socket), where Django's
+        # own connection goes (it was 127.0.0.1, over TCP, whose sign-in may differ).
+        (_pg(), "postgresql:///app"),
+        (_pg(HOST="", PORT=5433), "postgresql://:5433/app"),
+        (_pg(USER="web", HOST=None), "postgresql://web@/app"),
+        (_pg(USER="web", PASSWORD="p@ss:w/rd"), "postgresql://web:p%40ss%3Aw%2Frd@/app"),
+        (_pg(DISABLE_SERVER_SIDE_CURSORS=True), "postgresql:///app?pool=transaction"),
+        (_pg(OPTIONS={"connect_timeout": 3}), "postgresql:///app?connect_timeout=3"),
+        (_pg(HOST="localhost"), "postgresql://localhost/app"),
         (_pg(HOST="::1", PORT=5432), "postgresql://[::1]:5432/app"),
         (
             _pg(OPTIONS={"sslmode": "verify-full", "sslrootcert": "/ca.pem", "isolation_level": 1}),
-            "postgresql://127.0.0.1/app?sslmode=verify-full&sslrootcert=%2Fca.pem",
+            "postgresql:///app?sslmode=verify-full&sslrootcert=%2Fca.pem",
         ),
-        (_pg(OPTIONS={"connect_timeout": 0}), "postgresql://127.0.0.1/app"),
+        (_pg(OPTIONS={"connect_timeout": 0}), "postgresql:///app"),
         # (libpq's Unix-socket directory, as tasklocks' URLs write it: it was refused)
         (_pg(HOST="/var/run/postgresql"), "postgresql://%2Fvar%2Frun%2Fpostgresql/app"),
         (
@@ -56,6 +63,7 @@ def _pg(**more: Any) -> dict[str, Any]:
             "postgresql://db/app",
         ),
         (
+            # (MySQL's empty HOST stays 127.0.0.1: tasklocks reaches it over TCP; see url_for)
             {"ENGINE": "django.contrib.gis.db.backends.mysql", "NAME": "app", "USER": "root"},
             "mysql://root@127.0.0.1/app",
         ),
@@ -126,7 +134,7 @@ def test_an_alias_tasklocks_cannot_use_is_a_bad_url(
 
 def test_a_database_name_with_spaces_comes_back_as_it_was() -> None:
     url = url_for("default", {"default": _pg(NAME="my app/db")})
-    assert url == "postgresql://127.0.0.1/my%20app%2Fdb"
+    assert url == "postgresql:///my%20app%2Fdb"
     assert parse_url(url).database == "my app/db"  # (it was read back as my%20app%2Fdb)
 
 
@@ -143,7 +151,7 @@ def test_a_backend_that_wraps_a_known_one_is_known_by_its_vendor(
         )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert url_for("default", {"default": {"ENGINE": "wrapped_pg", "NAME": "app"}}) == (
-        "postgresql://127.0.0.1/app"
+        "postgresql:///app"
     )
     with pytest.raises(BadURL, match="cannot use Django's wrapped_oracle ENGINE"):
         url_for("default", {"default": {"ENGINE": "wrapped_oracle", "NAME": "app"}})
@@ -187,25 +195,40 @@ PROJECT = textwrap.dedent(
 def _settings(backend: str, tmp_path: Path) -> dict[str, Any]:
     if backend == "sqlite":
         return {"ENGINE": "django.db.backends.sqlite3", "NAME": str(tmp_path / "db.sqlite3")}
-    p = parse_url(server_url(backend))
-    engine = "postgresql" if backend == "postgresql" else "mysql"
+    p = parse_url(server_url(backend.removesuffix(" without a host")))
+    engine = "mysql" if backend == "mysql" else "postgresql"
     return {
         "ENGINE": f"django.db.backends.{engine}",
         "NAME": p.database,
-        "USER": p.user or ("postgres" if backend == "postgresql" else "root"),
+        "USER": p.user or ("root" if backend == "mysql" else "postgres"),
         "PASSWORD": p.password or "",
-        "HOST": p.host,
+        "HOST": "" if backend.endswith(" without a host") else p.host,
         "PORT": p.port or "",
     }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "postgresql without a host"])
 def test_a_lock_taken_in_a_rolled_back_atomic_block_stays_taken(
     backend: str, namespace: str, tmp_path: Path
 ) -> None:
-    require(backend)
+    """(Without a HOST, Django's PostgreSQL connection and tasklocks' go through libpq's
+    default host, the Unix socket here.)"""
+    server = backend.removesuffix(" without a host")
+    require(server)
+    p = parse_url(server_url(server)) if server != "sqlite" else None
+    if (
+        server != backend
+        and p is not None
+        and (
+            p.host not in ("127.0.0.1", "localhost", "::1")
+            or not os.path.exists(f"/var/run/postgresql/.s.PGSQL.{p.port or 5432}")
+        )
+    ):
+        pytest.skip(f"no Unix socket of the server at {p.display()} in /var/run/postgresql")
+    env = {k: v for k, v in os.environ.items() if k not in ("PGHOST", "PGPORT")}
     out = subprocess.run(
         [sys.executable, "-c", PROJECT, json.dumps(_settings(backend, tmp_path)), namespace],
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
