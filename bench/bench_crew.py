@@ -87,12 +87,14 @@ def counting_queries() -> Iterator[list[int]]:
         import pymysql.connections
 
         wrap(pymysql.connections.Connection, "_execute_command")
-        # tasklocks' row statements are sent by its own connection class's ``ok_query``
-        # (which calls ``_execute_command`` only when it hands a statement back to PyMySQL: a
-        # half-read result before it, which a pair never leaves; that one would count twice)
+        # tasklocks' row statements are sent by its own connection class, as text
+        # (``ok_query``) or prepared (``ok_execute``), each reply read by ``_ok_reply``, and
+        # prepared once a session (``_prepare``); a statement handed back to PyMySQL (a
+        # half-read result before it, which a pair never leaves) counts in ``_execute_command``
         ours = getattr(sys.modules.get("tasklocks.store.mysql"), "_CONNECTION_CLASS", None)
-        if hasattr(ours, "ok_query"):
-            wrap(ours, "ok_query")
+        if hasattr(ours, "_ok_reply"):
+            wrap(ours, "_ok_reply")
+            wrap(ours, "_prepare")
     try:
         yield box
     finally:

@@ -372,8 +372,10 @@ class StatementsPair:
     and a record of a real one's size: ``name_acquire`` the first time, ``name_retake`` (the row
     is known) after it, as tasklocks sends them, and ``name_release``; from a client that does
     nothing else: on PostgreSQL through libpq's prepared statements, the road tasklocks' adapter
-    takes; on MariaDB through PyMySQL's cursor, as tasklocks does. What tasklocks' Python adds to
-    a pair is the difference between this and tasklocks itself (issue 10)."""
+    takes; on MariaDB through PyMySQL's cursor, as text (tasklocks itself, since stops 27 and 28,
+    reads their replies without the cursor and prepares them, which costs its client and the
+    server less than this one). What tasklocks' Python adds to a pair is the difference between
+    this and tasklocks itself (issue 10)."""
 
     def __init__(self, spec: PairSpec) -> None:
         from tasklocks.store._base import fill, load
