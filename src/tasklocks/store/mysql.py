@@ -220,7 +220,8 @@ class _Positional:
         self.values: Callable[[Mapping[str, Any]], Any] = (
             operator.itemgetter(*keys) if len(keys) > 1 else lambda p: tuple(p[k] for k in keys)
         )
-        self.head = bytes((len(keys) + 7) // 8) + b"\x01" + b"\xfe\x00" * len(keys)
+        n = len(keys)  # (a statement without parameters sends none of this)
+        self.head = bytes((n + 7) // 8) + b"\x01" + b"\xfe\x00" * n if n else b""
 
 
 _PARAM = re.compile(r"%\((\w+)\)s")
