@@ -1689,6 +1689,18 @@ def test_mysql_row_statements_are_prepared_at_their_second_run_and_carry_any_tex
             conn.ok_query("UPDATE no_such_table_here SET v = '1'")
         assert refused.value.args[0] == 1146  # ER_NO_SUCH_TABLE
         assert pairs("after", 2)  # the session still in step
+        # Without parameters (no parameter block) and with one named twice.
+        conn.query("CREATE TEMPORARY TABLE prepared_here (id INT PRIMARY KEY, v BIGINT)")
+        conn.query("INSERT INTO prepared_here VALUES (1, 1)")
+        bare = _Positional("UPDATE prepared_here SET v = LAST_INSERT_ID(v + 1) WHERE id = 1")
+        assert [conn.ok_execute(bare, ()) for _ in range(3)] == [None, (1, 2), (1, 3)]
+        twice = _Positional(
+            "UPDATE prepared_here SET v = LAST_INSERT_ID(v + %(d)s) WHERE id = %(id)s "
+            "AND %(id)s = 1"
+        )
+        given = twice.values({"d": "10", "id": "1"})
+        assert [conn.ok_execute(twice, given) for _ in range(3)] == [None, (1, 13), (1, 23)]
+        conn.query("DROP TEMPORARY TABLE prepared_here")
     finally:
         store.close()
         raw_sql(url, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
