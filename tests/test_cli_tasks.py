@@ -829,9 +829,9 @@ def test_wait_with_a_bad_id_is_an_argparse_usage_error(cli: Cli) -> None:
 # --- on a terminal: progress bars -------------------------------------------------------------
 
 
-def run_on_a_terminal(cli: Cli, *args: str, seconds: float = 30.0) -> str:
+def run_on_a_terminal(cli: Cli, *args: str, seconds: float = 30.0, until: str = "") -> str:
     """Run the command line with a pseudo-terminal as stdin, stdout and stderr; return what it
-    drew on the screen (it is stopped after ``seconds``)."""
+    drew on the screen (it is stopped after ``seconds``, or once ``until`` is on the screen)."""
     leader, follower = os.openpty()
     proc = subprocess.Popen(
         cli.argv(*args), stdin=follower, stdout=follower, stderr=follower, env=cli.env
@@ -850,6 +850,8 @@ def run_on_a_terminal(cli: Cli, *args: str, seconds: float = 30.0) -> str:
                 if not chunk:
                     break
                 screen += chunk
+                if until and until.encode() in screen:
+                    break
             elif proc.poll() is not None:
                 break
     finally:
@@ -876,7 +878,7 @@ def test_tasks_watch_redraws_progress_bars_on_a_terminal(cli: Cli) -> None:
     task_id = cli.start(
         "--kind", "backup", "--", "sh", "-c", "tasklocks progress 30 copying; sleep 2"
     )
-    screen = run_on_a_terminal(cli, "tasks", "--watch", seconds=4.5)
+    screen = run_on_a_terminal(cli, "tasks", "--watch", until="no active tasks")
     assert f"task {task_id} [#########" in screen and "30%" in screen and "copying" in screen
     assert "\x1b[" in screen  # the list is redrawn in place
     assert "no active tasks" in screen  # ... until the task has ended
