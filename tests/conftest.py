@@ -144,34 +144,6 @@ def raw_rows(url: str, statement: str, params: tuple[Any, ...] = ()) -> list[tup
     return rows
 
 
-_MYSQL_CONNECTION: Any = None
-
-
-def _mysql_connection_class(pymysql: Any) -> Any:
-    """PyMySQL's Connection with one TLS context for the whole process. Without TLS options
-    PyMySQL tries TLS ("preferred") and builds a new ``SSLContext`` for each connection, which
-    loads the system's CA certificates: about 17 ms of CPU, most of a connect, paid by every
-    ``raw_sql`` and three times by each MySQL test's ``namespace`` cleanup. The context is the
-    same every time (tasklocks' own connections share one the same way); the statements go
-    through the driver as before."""
-    global _MYSQL_CONNECTION
-    if _MYSQL_CONNECTION is None:
-
-        class Connection(pymysql.connections.Connection):  # type: ignore[misc]
-            _default_context: Any = None
-
-            def _create_ssl_ctx(self, sslp: Any) -> Any:
-                if isinstance(sslp, dict) and not sslp:
-                    cls = type(self)
-                    if cls._default_context is None:
-                        cls._default_context = super()._create_ssl_ctx(sslp)
-                    return cls._default_context
-                return super()._create_ssl_ctx(sslp)
-
-        _MYSQL_CONNECTION = Connection
-    return _MYSQL_CONNECTION
-
-
 def _raw(url: str, statement: str, params: tuple[Any, ...], read: Callable[[Any], Any]) -> Any:
     p = parse_url(url)
     if p.scheme == "sqlite":
@@ -184,7 +156,13 @@ def _raw(url: str, statement: str, params: tuple[Any, ...], read: Callable[[Any]
     if p.scheme == "mysql":
         import pymysql
 
-        mconn = _mysql_connection_class(pymysql)(
+        from tasklocks.store.mysql import _connection_class
+
+        # tasklocks' subclass of PyMySQL's connection, for its one TLS context a process:
+        # PyMySQL's own builds one for every connection, loading the system's CA certificates
+        # (about 17 ms of CPU, most of a connect, paid by every raw_sql and three times by each
+        # MySQL test's cleanup). The statements go through PyMySQL's cursor as before.
+        mconn = _connection_class(pymysql)(
             host=p.host,
             port=p.port or 3306,
             user=p.user or "root",
