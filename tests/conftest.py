@@ -46,6 +46,18 @@ def server_url(backend: str) -> str:
     return os.environ.get(env) or default
 
 
+def pg_url_without_host(url: str) -> str:
+    """PostgreSQL's ``url`` without its host (``postgresql://user@:port/db``: libpq's default
+    host, its Unix socket once $PGHOST is unset); the test is skipped unless ``url`` names this
+    machine and the server's socket is in /var/run/postgresql."""
+    p = parse_url(url)
+    if p.host not in ("127.0.0.1", "localhost", "::1", "") or not os.path.exists(
+        f"/var/run/postgresql/.s.PGSQL.{p.port or 5432}"
+    ):
+        pytest.skip(f"no Unix socket of the server at {p.display()} in /var/run/postgresql")
+    return f"postgresql://{p.user or ''}@{f':{p.port}' if p.port else ''}/{p.database}"
+
+
 def _probe(backend: str) -> str | None:
     """Connect once with a 3 s timeout; return why the server cannot be used, or None."""
     url = server_url(backend)

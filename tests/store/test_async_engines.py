@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 import threading
 import time
 import urllib.parse
@@ -21,12 +20,11 @@ from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
-from conftest import delete_rows, raw_sql, require, server_url
+from conftest import delete_rows, pg_url_without_host, raw_sql, require, server_url
 
 import tasklocks
 import tasklocks.aio as aio
 from tasklocks.errors import BadURL, StoreError, StoreUnavailable
-from tasklocks.store import parse_url
 
 sa = pytest.importorskip("sqlalchemy")
 sa_async = pytest.importorskip("sqlalchemy.ext.asyncio")
@@ -434,15 +432,9 @@ def test_an_engine_without_a_host_is_libpqs_default_host_for_tasklocks_too(
     URL, went to 127.0.0.1 over TCP instead, which may sign in otherwise or be another server;
     a blocking engine's store was named ``postgresql://user@127.0.0.1/db``."""
     require("postgresql")
-    p = parse_url(server_url("postgresql"))
-    port = p.port or 5432
-    if p.host not in ("127.0.0.1", "localhost", "::1") or not os.path.exists(
-        f"/var/run/postgresql/.s.PGSQL.{port}"
-    ):
-        pytest.skip(f"no Unix socket of the server at {p.display()} in /var/run/postgresql")
+    no_host = pg_url_without_host(server_url("postgresql"))
     monkeypatch.delenv("PGHOST", raising=False)
     monkeypatch.delenv("PGPORT", raising=False)
-    no_host = f"postgresql://{p.user}@{f':{p.port}' if p.port else ''}/{p.database}"
     driver = no_host.replace("postgresql://", "postgresql+psycopg://", 1)
 
     blocking = sa.create_engine(driver)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import delete_rows, raw_rows, raw_sql, require, server_url
+from conftest import delete_rows, pg_url_without_host, raw_rows, raw_sql, require, server_url
 
 import tasklocks
 import tasklocks.aio
@@ -97,19 +97,9 @@ def test_a_url_without_a_host_connects_where_libpq_does(
     else its Unix socket (it was refused: "it needs a host and a database"; Django's empty HOST
     became 127.0.0.1, whose sign-in may differ). The store passes no host, so libpq decides;
     the asyncio table's LISTEN connection too."""
-    p = parse_url(url)
-    port = p.port or 5432
-    if p.host not in ("127.0.0.1", "localhost", "::1") or not os.path.exists(
-        f"/var/run/postgresql/.s.PGSQL.{port}"
-    ):
-        pytest.skip(f"no Unix socket of the server at {p.display()} in /var/run/postgresql")
+    no_host = pg_url_without_host(url)
     monkeypatch.delenv("PGHOST", raising=False)
     monkeypatch.delenv("PGPORT", raising=False)
-    no_host = (
-        f"postgresql://{p.user}@:{port}/{p.database}"
-        if p.port
-        else (f"postgresql://{p.user}@/{p.database}")
-    )
     table = tasklocks.connect(no_host, namespace)
     try:
         assert table.store.url == no_host
