@@ -1047,6 +1047,38 @@ def test_a_connection_the_driver_closed_on_an_error_is_opened_again(
     assert fast.fast_release(namespace, ["one"], "L1") == 1
 
 
+@pytest.mark.parametrize("db_url", ["mysql"], indirect=True)
+def test_a_change_whose_connection_the_driver_closed_runs_again_or_is_unknown(
+    fast: Any, namespace: str
+) -> None:
+    """The same on the document's path, where the store drops the connection before it asks
+    whether the error ended it (the rollback of a change not sent; an unknown outcome): a change
+    whose first reply was out of sequence, nothing written, runs again on a new connection (it
+    failed with StoreError); one whose commit was sent is an unknown outcome (it said "failed")."""
+    pymysql = pytest.importorskip("pymysql")
+    conn = fast._conn
+
+    def out_of_sequence(*args: object, **kwargs: object) -> None:
+        conn._force_close()  # (as PyMySQL's _read_packet does before it raises this)
+        raise pymysql.err.InternalError("Packet sequence number wrong - got 9 expected 1")
+
+    conn._read_packet = out_of_sequence
+    assert counter(fast.transact(namespace, increment(), None)) == 1  # run again
+    assert fast._conn is not conn
+    written = fast._write_kept
+
+    def committed_then_out_of_sequence(conn: Any, *args: Any, **kwargs: Any) -> Any:
+        written(conn, *args, **kwargs)
+        conn._force_close()
+        raise pymysql.err.InternalError("Packet sequence number wrong - got 9 expected 3")
+
+    fast._write_kept = committed_then_out_of_sequence
+    with pytest.raises(OutcomeUnknown):
+        fast.transact(namespace, increment(), None)
+    del fast._write_kept
+    assert counter(fast.read(namespace)) == 2  # it was committed
+
+
 def test_several_names_are_the_full_paths(fast: Any, namespace: str) -> None:
     """One token for several names must exceed each name's last one: the full path."""
     assert fast.fast_acquire(namespace, ["a", "b"], *_entry("L1")) is None

@@ -403,12 +403,17 @@ class MySQLStore(ServerStore):
 
     def _gone(self, exc: BaseException) -> bool:
         # An error PyMySQL ended the connection for is its end too, whatever its class: a packet
-        # out of sequence is an InternalError, and the connection it closes (as postgres.py's
-        # _gone sees libpq's) must not be used again (its next statement failed as a reply lost).
+        # out of sequence is an InternalError of PyMySQL's own (no server code), raised once it
+        # closed the connection, which (as postgres.py's _gone sees libpq's) must not be used
+        # again. Known by the error itself, since the store may have dropped the connection
+        # before asking (a change's rollback, its unknown outcome), and by the connection
+        # when it is still the store's.
+        code = _code(exc)
+        if isinstance(exc, self._pymysql.InternalError) and not code:
+            return True
         conn = self._conn
         if conn is not None and not conn.open:
             return True
-        code = _code(exc)
         return isinstance(exc, self._pymysql.InterfaceError) or (
             isinstance(exc, self._pymysql.OperationalError)
             and (2000 <= code < 3000 or code in _CONNECTION_GONE)
