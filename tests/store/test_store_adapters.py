@@ -1079,6 +1079,52 @@ def test_a_change_whose_connection_the_driver_closed_runs_again_or_is_unknown(
     assert counter(fast.read(namespace)) == 2  # it was committed
 
 
+@pytest.mark.parametrize("db_url", ["mysql"], indirect=True)
+def test_an_interruption_between_a_row_statement_and_its_reply_closes_the_connection(
+    fast: Any, db_url: str, namespace: str
+) -> None:
+    """A KeyboardInterrupt after a row statement was sent and before its reply was read (as
+    text, prepared, or its preparation) leaves that reply unread: the connection is closed, so
+    that no later statement reads it as its own, and the next call opens another (the warm
+    road no longer takes a closed connection for one: a statement on it failed as a reply lost,
+    OutcomeUnknown, though nothing was sent). Each call after reads its own reply: the token
+    it returns is the row's version."""
+
+    def row() -> tuple[int, str | None]:
+        [(version, lease)] = raw_rows(
+            db_url,
+            f"SELECT version, lease FROM {DEFAULT_TABLE}_names WHERE namespace = %s AND name = 'n'",
+            (namespace,),
+        )
+        return int(version), lease
+
+    def interrupt_once(conn: Any) -> None:
+        reply = conn._reply
+
+        def interrupted() -> Any:
+            conn._reply = reply
+            raise KeyboardInterrupt
+
+        conn._reply = interrupted
+
+    assert fast.fast_acquire(namespace, ["n"], *_entry("first")) == 1
+    assert fast.fast_release(namespace, ["n"], "first") == 1
+    for use in range(6):  # through text, preparations and prepared statements
+        conn = fast._conn
+        interrupt_once(conn)
+        with pytest.raises(KeyboardInterrupt):
+            fast.fast_acquire(namespace, ["n"], *_entry(f"L{use}"))
+        assert not conn.open, use
+        version, lease = row()
+        if lease is not None:  # the take ran, its reply unread
+            assert fast.fast_release(namespace, ["n"], f"L{use}") == version, use
+        taken = fast.fast_acquire(namespace, ["n"], *_entry(f"M{use}"))
+        assert taken == row()[0] == version + 1, use
+        assert fast._conn is not conn and fast._conn.open
+        assert fast.fast_release(namespace, ["n"], f"M{use}") == taken, use
+        assert row() == (taken, None)
+
+
 def test_several_names_are_the_full_paths(fast: Any, namespace: str) -> None:
     """One token for several names must exceed each name's last one: the full path."""
     assert fast.fast_acquire(namespace, ["a", "b"], *_entry("L1")) is None

@@ -423,6 +423,9 @@ class ServerStore(RowsStore):
                 try:
                     try:
                         conn = self._conn
+                        if conn is not None and self._engine is None and self._driver_closed(conn):
+                            self._drop()  # closed by its driver: nothing to send on it
+                            conn = None
                         if conn is None or self._engine is not None or self._pid != _pid._pid:
                             conn = self._connection()
                         try:
@@ -477,7 +480,11 @@ class ServerStore(RowsStore):
         ):
             with self._lock:
                 now = time.monotonic()
-                if conn is self._conn and now - self._used <= self._idle_ping:
+                if (
+                    conn is self._conn
+                    and now - self._used <= self._idle_ping
+                    and not self._driver_closed(conn)
+                ):
                     self._busy = now
                     try:
                         version = self._run_name_statement(conn, acquire, statement)
@@ -490,6 +497,13 @@ class ServerStore(RowsStore):
                     finally:
                         self._busy = 0.0
         return super()._fast(acquire, statement)
+
+    def _driver_closed(self, conn: Any) -> bool:
+        """Whether the driver closed this store's own ``conn`` (on an error it raised, or an
+        interruption): ``_locked`` then opens another, and the warm road leaves it to
+        ``_locked`` (a statement sent on it failed as a reply lost, an unknown outcome, though
+        nothing was sent)."""
+        return False
 
     def _abandon_connection(self) -> None:
         self._drop()

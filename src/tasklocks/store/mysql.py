@@ -17,7 +17,7 @@ import operator
 import re
 import struct
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from tasklocks._url import MYSQL_TLS
 from tasklocks.errors import StoreError, StoreUnavailable
@@ -29,11 +29,13 @@ from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, POLLED, Ser
 __all__ = ["MySQLStore", "preload"]
 
 _CONNECTION_CLASS: Any = None
+T = TypeVar("T")
 _PRELUDE = struct.Struct("<iB").pack  # a command packet's length, sequence 0 and command byte
 _HEADER = struct.Struct("<HBB").unpack  # a reply packet's length (low 16, high 8 bits), sequence
 COM_QUERY = 3
 COM_STMT_PREPARE = 0x16
 COM_STMT_EXECUTE = 0x17
+COM_STMT_CLOSE = 0x19
 # COM_STMT_EXECUTE's head: statement id, flags (no cursor), iteration count (always 1)
 _EXECUTE = struct.Struct("<IBI").pack
 _PREPARE_OK = struct.Struct("<IHH").unpack_from  # statement id, columns, parameters
@@ -85,8 +87,21 @@ def _connection_class(pymysql: Any) -> Any:
                 if not self._sock or len(data) + 1 >= MAX_PACKET:
                     return super().query(sql), super().insert_id()
                 self._result = None
-                self._write_bytes(_PRELUDE(len(data) + 1, COM_QUERY) + data)
-                return self._ok_reply()
+                return self._exchange(_PRELUDE(len(data) + 1, COM_QUERY) + data, self._ok_reply)
+
+            def _exchange(self, packet: bytes, read: Callable[[], T]) -> T:
+                """Send a command and ``read`` its reply. Anything but the server's error (the
+                session in step) or PyMySQL's own for a lost connection (closed already) that
+                stops it between the two, or within either (a KeyboardInterrupt), closes the
+                connection: its reply, left unread, would be read as the next command's."""
+                try:
+                    self._write_bytes(packet)
+                    return read()
+                except pymysql.err.MySQLError:
+                    raise
+                except BaseException:
+                    self._force_close()
+                    raise
 
             def _reply(self) -> tuple[int, bytes]:
                 """The next reply packet to a command sent here: its sequence number and body."""
@@ -146,7 +161,7 @@ def _connection_class(pymysql: Any) -> Any:
                 ):
                     return None  # ok_query: PyMySQL finishes that first
                 if handle == 0:
-                    handle = prepared[statement.sql] = self._prepare(statement.sql)
+                    handle = prepared[statement.sql] = self._prepare(statement)
                     if handle < 0:
                         return None
                 try:
@@ -163,28 +178,42 @@ def _connection_class(pymysql: Any) -> Any:
                 if len(body) + 1 >= MAX_PACKET:
                     return None
                 self._result = None
-                self._write_bytes(_PRELUDE(len(body) + 1, COM_STMT_EXECUTE) + body)
+                packet = _PRELUDE(len(body) + 1, COM_STMT_EXECUTE) + body
                 try:
-                    return self._ok_reply()
+                    return self._exchange(packet, self._ok_reply)
                 except pymysql.err.MySQLError as exc:
                     if exc.args[0] != ER_UNKNOWN_STMT_HANDLER:
                         raise
                 prepared[statement.sql] = 0  # (gone from the session: nothing ran) again
                 return None
 
-            def _prepare(self, sql: str) -> int:
-                """Prepare ``sql`` on this session: its statement id, or -1 if the server
+            def _prepare(self, statement: _Positional) -> int:
+                """Prepare ``statement`` on this session: its statement id, or -1 if the server
                 refused it (too many prepared statements on the server, a proxy that does not
-                prepare...), which then runs as text, where a real error shows as it would."""
-                data = sql.encode(self.encoding)
+                prepare...) or counts other parameters than it has; it then runs as text on
+                this session, where a real error shows as it would."""
+                data = statement.sql.encode(self.encoding)
                 self._result = None
-                self._write_bytes(_PRELUDE(len(data) + 1, COM_STMT_PREPARE) + data)
+                packet = _PRELUDE(len(data) + 1, COM_STMT_PREPARE) + data
+                handle, params = self._exchange(packet, self._prepared)
+                if handle >= 0 and params != statement.count:
+                    self._write_bytes(_PRELUDE(5, COM_STMT_CLOSE) + handle.to_bytes(4, "little"))
+                    return -1  # (COM_STMT_CLOSE has no reply)
+                return int(handle)
+
+            def _prepared(self) -> tuple[int, int]:
+                """The reply to ``COM_STMT_PREPARE``: the statement's id and its parameters'
+                count, read with their definitions; (-1, 0) for an error packet."""
                 seq, reply = self._reply()
                 self._next_seq_id = seq + 1
                 if seq == 1 and reply[:1] == b"\xff":
-                    return -1
+                    return -1, 0
                 if seq != 1 or reply[:1] != b"\x00" or len(reply) < 9:
                     self._force_close()
+                    if seq == 0:  # MariaDB's error packet as it shuts down
+                        raise pymysql.err.OperationalError(
+                            CR_SERVER_LOST, "Lost connection to MySQL server during query"
+                        )
                     raise pymysql.err.OperationalError(
                         CR_COMMANDS_OUT_OF_SYNC,
                         f"unexpected reply to a row statement's preparation (sequence {seq}, "
@@ -195,7 +224,7 @@ def _connection_class(pymysql: Any) -> Any:
                 for count in (params, columns):  # their definitions, each list then an EOF
                     for _ in range(count + (1 if count and eof else 0)):
                         self._reply()
-                return int(handle)
+                return int(handle), int(params)
 
         _CONNECTION_CLASS = Connection
     return _CONNECTION_CLASS
@@ -207,7 +236,7 @@ class _Positional:
     ``COM_STMT_EXECUTE``: no NULL, types given, each a string (``MYSQL_TYPE_STRING``), which the
     server reads in the session's character set, as it reads a quoted literal."""
 
-    __slots__ = ("head", "sql", "values")
+    __slots__ = ("count", "head", "sql", "values")
 
     def __init__(self, sql: str) -> None:
         keys: list[str] = []
@@ -220,7 +249,7 @@ class _Positional:
         self.values: Callable[[Mapping[str, Any]], Any] = (
             operator.itemgetter(*keys) if len(keys) > 1 else lambda p: tuple(p[k] for k in keys)
         )
-        n = len(keys)  # (a statement without parameters sends none of this)
+        n = self.count = len(keys)  # (a statement without parameters sends none of this)
         self.head = bytes((n + 7) // 8) + b"\x01" + b"\xfe\x00" * n if n else b""
 
 
@@ -400,6 +429,9 @@ class MySQLStore(ServerStore):
 
     # A forked child drops the parent's connection without a QUIT packet (the default _abandon):
     # PyMySQL's Connection.__del__ is _force_close, which only closes this process's descriptor.
+
+    def _driver_closed(self, conn: Any) -> bool:
+        return not conn.open
 
     def _gone(self, exc: BaseException) -> bool:
         # An error PyMySQL ended the connection for is its end too, whatever its class: a packet

@@ -252,6 +252,9 @@ class PostgresStore(ServerStore):
             os.close(null)
             conn.close()
 
+    def _driver_closed(self, conn: Any) -> bool:
+        return bool(conn.closed or conn.broken)
+
     def _gone(self, exc: BaseException) -> bool:
         conn = self._conn
         if conn is None or conn.closed or conn.broken:  # libpq lost the connection
