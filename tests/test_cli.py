@@ -510,6 +510,11 @@ MY_SHOWN = "'mysql://root:***@127.0.0.1"
             "postgresql://postgres@db%FF.example/test",
             "has an escape in its host that is not UTF-8 ('db%FF.example'): write the host in",
         ),
+        # (Read as the host db:x, which display() wrote as [db:x], which does not read back.)
+        (
+            "postgresql://postgres@db%3Ax/test",
+            "has a colon in its host ('db:x'): write an IPv6 address in brackets, [::1]",
+        ),
         (
             f"mysql://root:{PASSWORD}@%2Frun%2Fmysqld%2Fmysqld.sock/test",
             "names the Unix socket '/run/mysqld/mysqld.sock' as its host; tasklocks reaches "
@@ -611,6 +616,16 @@ def test_a_url_is_displayed_as_it_is_read(url: str) -> None:
     back as the same database: an IPv6 address in brackets."""
     assert parse_url(url).display() == url
     assert parse_url(parse_url(url).display()) == parse_url(url)
+
+
+def test_a_server_at_an_ipv6_address_is_named_with_brackets() -> None:
+    """The server in a message is host:port, an IPv6 address in brackets ([::1]:1, not
+    ::1:1, whose port cannot be told from the address)."""
+    from tasklocks.store._sql_server import _where
+
+    assert _where(parse_url("postgresql://postgres@[::1]:1/test"), 5432) == "[::1]:1"
+    assert _where(parse_url("mysql://root@[2001:db8::7]/test"), 3306) == "[2001:db8::7]:3306"
+    assert _where(parse_url("mysql://root@127.0.0.1/test"), 3306) == "127.0.0.1:3306"
 
 
 @pytest.mark.parametrize(

@@ -122,6 +122,11 @@ def _host(parts: urllib.parse.SplitResult, shown: str) -> str:
     if written.startswith("["):  # an IPv6 address (and its %25zone)
         return _unquote(parts.hostname or "", shown)
     host = _unquote(written.partition(":")[0], shown)
+    if ":" in host and not host.startswith("/"):  # (db%3Ax: it would not read back)
+        raise BadURL(
+            f"the database URL {shown} has a colon in its host ({quote(host)}): write an IPv6 "
+            "address in brackets, [::1]"
+        )
     return host if host.startswith("/") else host.lower()
 
 

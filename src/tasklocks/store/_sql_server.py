@@ -54,7 +54,8 @@ def _where(parsed: ParsedURL, default_port: int) -> str:
     """The server, for messages: ``host:port``; for a PostgreSQL URL without a host, the one
     libpq picks then ($PGHOST, else its Unix socket; $PGPORT, else the default port)."""
     if parsed.host:
-        return f"{parsed.host}:{parsed.port or default_port}"
+        host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host  # (IPv6)
+        return f"{host}:{parsed.port or default_port}"
     pghost = os.environ.get("PGHOST")
     port = parsed.port or os.environ.get("PGPORT") or default_port
     host = f"$PGHOST {pghost}" if pghost else "its Unix socket"
