@@ -14,8 +14,9 @@ does nothing else) from N processes for S seconds each and reads what they cost:
   this machine.
 
 It prints, a pair, the clients' and the server's microseconds and their sum, and the ratio of the
-sums against the advisory lock's: the rate ratio the CPU alone allows (design.md, "MariaDB: where
-a contended pair's CPU goes, once more"). The figures move with the machine; compare within a run.
+sums against the advisory lock's: the rate ratio the CPU alone allows (design.md, "MariaDB: no key
+over the held names, and prepared row statements"). The figures move with the machine; compare
+within a run.
 """
 
 from __future__ import annotations

@@ -91,8 +91,9 @@ SELECT id, expires - {now} FROM {t}_sessions WHERE expires > {now};
 -- locking read at REPEATABLE READ would keep every row and gap it reads locked (the namespace's
 -- whole range of the primary key, or of the `held` key a table made by an earlier release
 -- has), and every name taken in its row in the namespace would wait for this transaction; at
--- READ COMMITTED a row that is not held is let go once read (claim_names locks the rows it
--- needs itself).
+-- READ COMMITTED a row that is not held is let go once read (after waiting, as any locking read
+-- does, for a statement that is changing it to commit) (claim_names locks the rows it needs
+-- itself).
 SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION; SELECT version, data FROM {t} WHERE namespace = %s FOR UPDATE;
 SELECT name, version, lease, record FROM {t}_names
 WHERE namespace = %s AND lease IS NOT NULL AND mark = 0{only} ORDER BY name FOR UPDATE;
