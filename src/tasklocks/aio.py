@@ -250,6 +250,8 @@ class AsyncLockTable:
         """Refuse a call from another event loop than the one that opened the table: its
         wake-ups (the inotify reader, LISTEN, the poll) and its events belong to that loop."""
         if asyncio.get_running_loop() is not self._loop:
+            if self._closed and self._loop.is_closed():  # (closed after its loop ended)
+                raise self._closed_error()
             raise TasklocksError(
                 f"the async lock table of namespace {self.namespace} was opened in another "
                 "event loop (a second asyncio.run()?), and a table serves the loop that opened "
@@ -461,14 +463,34 @@ class AsyncLockTable:
         meanwhile give the lease back, and raise :class:`TasklocksError`. Idempotent: every
         caller returns when it is closed.
 
+        A table whose event loop has ended (its ``asyncio.run()`` returned) may be closed from
+        another loop: its calls and wake-ups ended with that loop, and the worker closes the
+        table.
+
         :raises TasklocksError: called from another event loop than the one that opened it,
-            before it was closed."""
+            while that loop is open, before the table was closed."""
         if self._closing is not None and self._closing.done():
             return  # (closed already: from any loop, as a teardown may close it again)
+        if self._loop.is_closed() and asyncio.get_running_loop() is not self._loop:
+            if self._closing is None or self._closing.get_loop() is not asyncio.get_running_loop():
+                self._closing = asyncio.ensure_future(self._close_after_its_loop())
+            await asyncio.shield(self._closing)
+            return
         self._check_loop()
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._close())
         await asyncio.shield(self._closing)
+
+    async def _close_after_its_loop(self) -> None:
+        """``close()`` once the table's loop has ended: nothing of it runs again (its tasks were
+        cancelled, and its reader is gone with it), so the table's own close runs on the worker,
+        awaited from this loop."""
+        self._changes.abandon()
+        self._closed = True
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._worker, self.table.close)
+        finally:
+            self._worker.shutdown(wait=False)
 
     async def _close(self) -> None:
         self._changes.fire()  # every waiting acquisition sees _closing and gives up
@@ -625,6 +647,12 @@ class _Changes:
                 delay = next_delay(pace, max(delay, first), waited, woken)
         finally:
             self._poller = None
+
+    def abandon(self) -> None:
+        """Its loop has ended, with its tasks and its reader: nothing is left to stop."""
+        self._closed = True
+        self._poller = self._listener = None
+        self._fd = None
 
     async def close(self) -> None:
         self._closed = True

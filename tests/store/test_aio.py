@@ -629,6 +629,38 @@ def test_a_table_refuses_calls_from_another_event_loop(
     nothing_left(other)
 
 
+def test_a_table_whose_loop_has_ended_is_closed_from_another(
+    db_url: str, namespace: str, other: LockTable
+) -> None:
+    """A table left open when its ``asyncio.run()`` returned could not be closed through the
+    async API (every loop but its own was refused), and its worker thread and connection stayed
+    until the process ended. Once its loop has ended, ``close()`` from another loop closes it;
+    a call after that says the table is closed."""
+
+    async def opened() -> tuple[aio.AsyncLockTable, aio.AsyncLease]:
+        t = await aio.connect(db_url, namespace)
+        holder = other.acquire("b")  # a wait, so that its wake-ups watch this loop
+        task = asyncio.create_task(t.acquire("b", wait=True, timeout=WAIT))
+        await until(lambda: _queued(t, 1), "the waiter to queue")
+        holder.release()
+        await (await task).release()
+        return t, await t.acquire("a")
+
+    t, lease = asyncio.run(opened())  # (its loop closed now, the table open)
+    workers = list(t._worker._threads)
+    assert workers and all(w.is_alive() for w in workers)
+    asyncio.run(t.close())
+    for w in workers:
+        w.join(timeout=WAIT)
+        assert not w.is_alive()
+    assert t.table._closed
+    with pytest.raises(tasklocks.TasklocksError, match="is closed"):
+        asyncio.run(t.acquire("c"))
+    asyncio.run(t.close())  # again: a no-op
+    other.release("a", owner=lease.owner)  # (kept until its session expires: given back here)
+    nothing_left(other)
+
+
 def test_a_release_during_the_waiters_read_wakes_it_at_once(
     namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
