@@ -17,7 +17,7 @@ import operator
 import re
 import struct
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from tasklocks._url import MYSQL_TLS
 from tasklocks.errors import StoreError, StoreUnavailable
@@ -128,16 +128,21 @@ def _connection_class(pymysql: Any) -> Any:
                             return rows, token
                 elif first == 0xFF:
                     pymysql.err.raise_mysql_exception(reply)
+                # The statement may have run: a lost connection's error (OutcomeUnknown).
+                self._unexpected(seq, reply, "a row statement")
+
+            def _unexpected(self, seq: int, reply: bytes, to: str) -> NoReturn:
+                """Close the connection on a reply that cannot be, and raise a lost
+                connection's error (a sequence 0: MariaDB's error packet as it shuts down)."""
                 self._force_close()
-                if seq == 0:  # MariaDB's error packet as it shuts down
+                if seq == 0:
                     raise pymysql.err.OperationalError(
                         CR_SERVER_LOST, "Lost connection to MySQL server during query"
                     )
-                # The statement may have run: a lost connection's error (OutcomeUnknown).
                 raise pymysql.err.OperationalError(
                     CR_COMMANDS_OUT_OF_SYNC,
-                    f"unexpected reply to a row statement (sequence {seq}, {len(reply)} bytes, "
-                    f"first byte {reply[:1]!r}); the connection was closed",
+                    f"unexpected reply to {to} (sequence {seq}, {len(reply)} bytes, first byte "
+                    f"{reply[:1]!r}); the connection was closed",
                 )
 
             def ok_execute(self, statement: _Positional, values: Any) -> tuple[int, int] | None:
@@ -209,16 +214,7 @@ def _connection_class(pymysql: Any) -> Any:
                 if seq == 1 and reply[:1] == b"\xff":
                     return -1, 0
                 if seq != 1 or reply[:1] != b"\x00" or len(reply) < 9:
-                    self._force_close()
-                    if seq == 0:  # MariaDB's error packet as it shuts down
-                        raise pymysql.err.OperationalError(
-                            CR_SERVER_LOST, "Lost connection to MySQL server during query"
-                        )
-                    raise pymysql.err.OperationalError(
-                        CR_COMMANDS_OUT_OF_SYNC,
-                        f"unexpected reply to a row statement's preparation (sequence {seq}, "
-                        f"{len(reply)} bytes); the connection was closed",
-                    )
+                    self._unexpected(seq, reply, "a row statement's preparation")
                 handle, columns, params = _PREPARE_OK(reply, 1)
                 eof = not self.client_flag & self.server_capabilities & DEPRECATE_EOF
                 for count in (params, columns):  # their definitions, each list then an EOF
