@@ -471,7 +471,7 @@ class AsyncLockTable:
             while that loop is open, before the table was closed."""
         if self._closing is not None and self._closing.done():
             return  # (closed already: from any loop, as a teardown may close it again)
-        if self._loop.is_closed() and asyncio.get_running_loop() is not self._loop:
+        if self._loop.is_closed():  # (so this is another loop)
             if self._closing is None or self._closing.get_loop() is not asyncio.get_running_loop():
                 self._closing = asyncio.ensure_future(self._close_after_its_loop())
             await asyncio.shield(self._closing)

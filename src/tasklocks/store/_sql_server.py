@@ -11,14 +11,16 @@ the process's guard thread (``_guard``), where the driver has no timeout of its 
 
 from __future__ import annotations
 
+import operator
 import os
 import random
+import re
 import socket
 import threading
 import time
 import weakref
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from typing import Any, ClassVar, NoReturn, TypeVar
 
@@ -60,6 +62,35 @@ def _where(parsed: ParsedURL, default_port: int) -> str:
     port = parsed.port or os.environ.get("PGPORT") or default_port
     host = f"$PGHOST {pghost}" if pghost else "its Unix socket"
     return f"libpq's default host ({host}), port {port}"
+
+
+_PARAM = re.compile(r"%\((\w+)\)s")
+
+
+def by_position(
+    sql: str, numbered: bool
+) -> tuple[str, Callable[[Mapping[str, Any]], tuple[Any, ...]], int]:
+    """A statement with named parameters (``%(ns)s``) as a server takes them by position:
+    ``$n`` (``numbered``: a name used twice is one parameter, as libpq numbers them) or ``?``
+    (each use its own, as MariaDB prepares them); the getter of their values in that order
+    from the statement's mapping (itemgetter of several keys, a tuple without a Python call:
+    the row statements have three to five); and how many values it gives."""
+    keys: list[str] = []
+
+    def mark(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if not numbered:
+            keys.append(key)
+            return "?"
+        if key not in keys:
+            keys.append(key)
+        return f"${keys.index(key) + 1}"
+
+    text = _PARAM.sub(mark, sql).replace("%%", "%")  # (as sql % params reads it)
+    values: Callable[[Mapping[str, Any]], tuple[Any, ...]] = (
+        operator.itemgetter(*keys) if len(keys) > 1 else lambda p: tuple(p[k] for k in keys)
+    )
+    return text, values, len(keys)
 
 
 _guarded: weakref.WeakSet[ServerStore] = weakref.WeakSet()

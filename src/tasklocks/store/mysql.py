@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import operator
 import re
 import struct
 from collections.abc import Callable, Mapping
@@ -24,7 +23,13 @@ from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.store._base import Change, fill
 from tasklocks.store._names import stored
 from tasklocks.store._rows import text_of
-from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, POLLED, ServerStore
+from tasklocks.store._sql_server import (
+    CONNECT_TIMEOUT,
+    IO_TIMEOUT,
+    POLLED,
+    ServerStore,
+    by_position,
+)
 
 __all__ = ["MySQLStore", "preload"]
 
@@ -79,15 +84,18 @@ def _connection_class(pymysql: Any) -> Any:
                 packet raises as ``query`` raises it; any other reply, which these statements
                 cannot get, closes the connection and raises a lost connection's error (the
                 statement may have run)."""
-                if self._result is not None and (
-                    self._result.unbuffered_active or self._result.has_next
-                ):
+                if self._half_read():
                     return super().query(sql), super().insert_id()  # PyMySQL finishes that first
                 data = sql.encode(self.encoding)
                 if not self._sock or len(data) + 1 >= MAX_PACKET:
                     return super().query(sql), super().insert_id()
                 self._result = None
                 return self._exchange(_PRELUDE(len(data) + 1, COM_QUERY) + data, self._ok_reply)
+
+            def _half_read(self) -> bool:
+                """A result of PyMySQL's left unread (unbuffered, or more to come)."""
+                result = self._result
+                return result is not None and bool(result.unbuffered_active or result.has_next)
 
             def _exchange(self, packet: bytes, read: Callable[[], T]) -> T:
                 """Send a command and ``read`` its reply. Anything but the server's error (the
@@ -160,10 +168,7 @@ def _connection_class(pymysql: Any) -> Any:
                 if handle is None or handle < 0:  # first use: text; or never prepared here
                     prepared[statement.sql] = 0 if handle is None else handle
                     return None
-                if not self._sock or (
-                    self._result is not None
-                    and (self._result.unbuffered_active or self._result.has_next)
-                ):
+                if not self._sock or self._half_read():
                     return None  # ok_query: PyMySQL finishes that first
                 if handle == 0:
                     handle = prepared[statement.sql] = self._prepare(statement)
@@ -235,21 +240,11 @@ class _Positional:
     __slots__ = ("count", "head", "sql", "values")
 
     def __init__(self, sql: str) -> None:
-        keys: list[str] = []
-
-        def mark(match: re.Match[str]) -> str:
-            keys.append(match.group(1))
-            return "?"
-
-        self.sql = _PARAM.sub(mark, sql).replace("%%", "%")  # (as sql % params reads it)
-        self.values: Callable[[Mapping[str, Any]], Any] = (
-            operator.itemgetter(*keys) if len(keys) > 1 else lambda p: tuple(p[k] for k in keys)
-        )
-        n = self.count = len(keys)  # (a statement without parameters sends none of this)
+        self.sql, self.values, n = by_position(sql, numbered=False)
+        self.count = n  # (a statement without parameters sends none of what follows)
         self.head = bytes((n + 7) // 8) + b"\x01" + b"\xfe\x00" * n if n else b""
 
 
-_PARAM = re.compile(r"%\((\w+)\)s")
 _POSITIONAL: dict[str, _Positional] = {}  # a row statement's text -> its prepared form
 
 
@@ -439,8 +434,7 @@ class MySQLStore(ServerStore):
         code = _code(exc)
         if isinstance(exc, self._pymysql.InternalError) and not code:
             return True
-        conn = self._conn
-        if conn is not None and not conn.open:
+        if self._conn is not None and self._driver_closed(self._conn):
             return True
         return isinstance(exc, self._pymysql.InterfaceError) or (
             isinstance(exc, self._pymysql.OperationalError)

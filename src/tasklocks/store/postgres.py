@@ -35,9 +35,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-import operator
 import os
-import re
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -49,12 +47,17 @@ from tasklocks._url import PG_TLS
 from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.store._base import Change, Pace
 from tasklocks.store._names import stored
-from tasklocks.store._sql_server import CONNECT_TIMEOUT, IO_TIMEOUT, POLLED, ServerStore
+from tasklocks.store._sql_server import (
+    CONNECT_TIMEOUT,
+    IO_TIMEOUT,
+    POLLED,
+    ServerStore,
+    by_position,
+)
 
 __all__ = ["PostgresStore"]
 
 LISTEN_WAIT = 2.0  # seconds a first waiter waits for the LISTEN connection before polling
-_PARAM = re.compile(r"%\((\w+)\)s")
 
 
 _STORES: weakref.WeakSet[PostgresStore] = weakref.WeakSet()
@@ -75,23 +78,11 @@ class _Numbered:
     """A statement with named parameters (``%(ns)s``) as libpq takes it (``$1``), and the name
     it is prepared under on a connection (one per text: the table name is in it)."""
 
-    __slots__ = ("keys", "name", "sql", "values")
+    __slots__ = ("name", "sql", "values")
 
     def __init__(self, sql: str) -> None:
-        keys: list[str] = []
-
-        def number(match: re.Match[str]) -> str:
-            if match.group(1) not in keys:
-                keys.append(match.group(1))
-            return f"${keys.index(match.group(1)) + 1}"
-
-        self.sql = _PARAM.sub(number, sql).encode()
-        self.keys = tuple(keys)
-        # The parameters' values in $n order, from the statement's mapping, without a Python call
-        # (itemgetter of several keys returns a tuple; the row statements have three or four).
-        self.values: Callable[[Mapping[str, Any]], tuple[Any, ...]] = (
-            operator.itemgetter(*keys) if len(keys) > 1 else lambda p: tuple(p[k] for k in keys)
-        )
+        text, self.values, _ = by_position(sql, numbered=True)
+        self.sql = text.encode()
         self.name = b"tasklocks_" + hashlib.sha1(self.sql).hexdigest()[:16].encode()
 
 
@@ -256,8 +247,7 @@ class PostgresStore(ServerStore):
         return bool(conn.closed or conn.broken)
 
     def _gone(self, exc: BaseException) -> bool:
-        conn = self._conn
-        if conn is None or conn.closed or conn.broken:  # libpq lost the connection
+        if self._conn is None or self._driver_closed(self._conn):  # libpq lost the connection
             return True
         # Connection exceptions (08), a server shutting down or starting up (57P01-57P03), and
         # client-side failures (no SQLSTATE: a pipeline left busy, a failed send) end it too.
