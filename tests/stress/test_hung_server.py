@@ -1,9 +1,10 @@
-"""A PostgreSQL server that hangs: the TCP connection stays up and the kernel acknowledges what
-is sent, but nothing answers (a frozen server or proxy), so no TCP timeout ever fires. libpq
-waits for ever; tasklocks' guard thread shuts the connection down once a statement has waited
-for ``IO_TIMEOUT`` seconds, and the call fails (or a waiting acquire goes on to its timeout)
-instead of hanging. (Not marked stress: one process and a proxy, a few seconds; it sits here
-beside the proxy it uses.)"""
+"""A server that hangs: the TCP connection stays up and the kernel acknowledges what is sent,
+but nothing answers (a frozen server or proxy), so no TCP timeout ever fires. libpq waits for
+ever, and so does PyMySQL on tasklocks' own connections, whose sockets block without a timeout
+(mysql.py's _open); tasklocks' guard thread shuts the connection down once a statement has
+waited for ``IO_TIMEOUT`` seconds, and the call fails (or a waiting acquire goes on to its
+timeout) instead of hanging. (Not marked stress: one process and a proxy, a few seconds; it sits
+here beside the proxy it uses.)"""
 
 from __future__ import annotations
 
@@ -26,11 +27,21 @@ from tasklocks.store import _sql_server, parse_url
 WAIT = 30.0  # a call that has not ended by then hangs (before the guard: for ever)
 
 
+SERVERS = ["postgresql", "mysql"]
+PORTS = {"postgresql": 5432, "mysql": 3306}
+USERS = {"postgresql": "postgres", "mysql": "root"}
+
+
+@pytest.fixture(params=SERVERS)
+def backend(request: pytest.FixtureRequest) -> str:
+    require(request.param)
+    return str(request.param)
+
+
 @pytest.fixture
-def proxy() -> Iterator[Proxy]:
-    require("postgresql")
-    p = parse_url(server_url("postgresql"))
-    proxy = Proxy(p.host, p.port or 5432)
+def proxy(backend: str) -> Iterator[Proxy]:
+    p = parse_url(server_url(backend))
+    proxy = Proxy(p.host, p.port or PORTS[backend])
     try:
         yield proxy
     finally:
@@ -38,11 +49,11 @@ def proxy() -> Iterator[Proxy]:
         proxy.close()
 
 
-def _through(proxy: Proxy) -> str:
-    p = parse_url(server_url("postgresql"))
-    return (
-        f"postgresql://{p.user or 'postgres'}@127.0.0.1:{proxy.port}/{p.database}?connect_timeout=1"
-    )
+def _through(proxy: Proxy, backend: str) -> str:
+    p = parse_url(server_url(backend))
+    user = p.user or USERS[backend]
+    password = f":{p.password}" if p.password else ""
+    return f"{backend}://{user}{password}@127.0.0.1:{proxy.port}/{p.database}?connect_timeout=1"
 
 
 def _outcome(call: Callable[[], Any]) -> tuple[object, float]:
@@ -63,12 +74,12 @@ def _outcome(call: Callable[[], Any]) -> tuple[object, float]:
     return result[0], time.monotonic() - started
 
 
-def test_calls_to_a_hung_postgresql_fail_and_waits_end(
-    proxy: Proxy, namespace: str, monkeypatch: pytest.MonkeyPatch
+def test_calls_to_a_hung_server_fail_and_waits_end(
+    backend: str, proxy: Proxy, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(_sql_server, "IO_TIMEOUT", 1.0)
-    holder = tasklocks.connect(server_url("postgresql"), namespace)
-    table = tasklocks.connect(_through(proxy), namespace, reconnect_timeout=2.0)
+    holder = tasklocks.connect(server_url(backend), namespace)
+    table = tasklocks.connect(_through(proxy, backend), namespace, reconnect_timeout=2.0)
     try:
         table.acquire("a").release()  # connected, statements prepared
         holder.acquire("held", owner="holder")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import socket
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn, TypeVar
@@ -25,7 +26,6 @@ from tasklocks.store._names import stored
 from tasklocks.store._rows import text_of
 from tasklocks.store._sql_server import (
     CONNECT_TIMEOUT,
-    IO_TIMEOUT,
     POLLED,
     ServerStore,
     by_position,
@@ -340,6 +340,7 @@ class MySQLStore(ServerStore):
     DEFAULT_PORT = 3306
     DEFAULT_USER = "root"
     POLL = POLLED  # no notifications: waiters poll
+    GUARDED = True  # its own connections' sockets block without a timeout: see _open
     ROW_RECORD_MAX = 65535 // 4  # a TEXT of utf8mb4, 4 bytes a character at worst
     QUOTE = "`"
     _mariadb = True  # set from the server's version string on connecting
@@ -376,12 +377,15 @@ class MySQLStore(ServerStore):
             read_timeout=timeout,
             write_timeout=timeout,
         )
-        # Then a connection that went silent (a dropped link, a frozen server) fails a call in
-        # half a minute instead of a quarter of an hour; no statement of ours runs longer.
-        # (PyMySQL sets the socket's timeout from these before each read and write.)
-        conn._read_timeout = conn._write_timeout = IO_TIMEOUT
-        conn._sock.settimeout(IO_TIMEOUT)
-        conn._current_timeout = IO_TIMEOUT
+        # Then the socket blocks, without a timeout: a socket with one costs a poll() before
+        # each send and each receive, two more system calls a statement, about a tenth of a
+        # contended pair's client CPU (design.md, "MariaDB: a blocking socket"). A connection
+        # that went silent (a dropped link, a frozen server) is shut down by the guard thread
+        # after IO_TIMEOUT instead (GUARDED, as libpq's). (PyMySQL sets the socket's timeout
+        # from these before each read and write: None keeps it blocking.)
+        conn._read_timeout = conn._write_timeout = None
+        conn._sock.settimeout(None)
+        conn._current_timeout = None
         self._mariadb = "mariadb" in str(getattr(conn, "server_version", "")).lower()
         return conn
 
@@ -423,6 +427,12 @@ class MySQLStore(ServerStore):
 
     def _driver_closed(self, conn: Any) -> bool:
         return not conn.open
+
+    def _socket(self, conn: Any) -> int | None:
+        sock = getattr(conn, "_sock", None)  # (an engine's too; not an AsyncEngine's facade)
+        if not isinstance(sock, socket.socket):
+            return None
+        return sock.fileno()  # (-1 once closed)
 
     def _gone(self, exc: BaseException) -> bool:
         # An error PyMySQL ended the connection for is its end too, whatever its class: a packet
