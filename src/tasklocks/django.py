@@ -50,6 +50,7 @@ _VENDORS = {"postgresql": "postgresql", "mysql": "mysql", "sqlite": "sqlite"}
 _NOT_CARRIED = (
     *("host", "port", "user", "password", "passwd", "db", "database", "dbname"),
     *("service", "passfile", "read_default_file", "read_default_group", "unix_socket"),
+    "target_session_attrs",  # (which of several servers, or what kind of server, libpq takes)
 )
 _MYSQL_SSL = {"ca": "ssl_ca", "cert": "ssl_cert", "key": "ssl_key"}  # Django's OPTIONS["ssl"]
 
@@ -117,6 +118,14 @@ def url_for(
     for key, value in options.items():
         if key in _NOT_CARRIED:
             raise refuse(key)
+        if scheme == "postgresql" and key == "options" and _sets_search_path(str(value)):
+            # (libpq's -c search_path=...: the schema where tasklocks' tables would be.)
+            raise BadURL(
+                f"tasklocks.django cannot carry OPTIONS['options'] of Django's database "
+                f"{alias!r}, which sets search_path, to tasklocks' own connection (its tables "
+                "would be in another schema); set the schema for the role instead (ALTER ROLE "
+                "... SET search_path = ...), or pass tasklocks.connect() a SQLAlchemy Engine"
+            )
         if scheme == "postgresql" and key in PG_TLS:
             query[key] = str(value)
         elif key.startswith("ssl") and key != "ssl":  # (MySQL's ssl_mode, say)
@@ -131,6 +140,12 @@ def url_for(
         query["connect_timeout"] = str(timeout)  # (open_store checks the rest)
     tail = "?" + urllib.parse.urlencode(query) if query else ""
     return f"{scheme}://{auth}{host}{port}/{quote(name, safe='')}{tail}"
+
+
+def _sets_search_path(options: str) -> bool:
+    """libpq's ``options`` set ``search_path`` (``-c search_path=x``, ``-csearch_path=x``,
+    ``--search-path=x``: a setting's name is read without case, a dash as an underscore)."""
+    return "search_path" in options.lower().replace("-", "_")
 
 
 def _vendor(engine: str) -> str | None:

@@ -48,6 +48,8 @@ def _pg(**more: Any) -> dict[str, Any]:
             "postgresql:///app?sslmode=verify-full&sslrootcert=%2Fca.pem",
         ),
         (_pg(OPTIONS={"connect_timeout": 0}), "postgresql:///app"),
+        # Other libpq options concern Django's own connections.
+        (_pg(OPTIONS={"options": "-c statement_timeout=5000"}), "postgresql:///app"),
         # (libpq's Unix-socket directory, as tasklocks' URLs write it: it was refused)
         (_pg(HOST="/var/run/postgresql"), "postgresql://%2Fvar%2Frun%2Fpostgresql/app"),
         (
@@ -103,6 +105,16 @@ def test_an_alias_becomes_a_tasklocks_url(db: dict[str, Any], url: str) -> None:
         ({"default": _pg(OPTIONS={"sslpassword": "x"})}, r"OPTIONS\['sslpassword'\]"),
         ({"default": _pg(OPTIONS={"service": "app"})}, r"OPTIONS\['service'\]"),
         ({"default": _pg(OPTIONS={"host": "db.internal"})}, r"OPTIONS\['host'\]"),
+        # (Dropped before: tasklocks' tables in another schema, or on another kind of server.)
+        (
+            {"default": _pg(OPTIONS={"options": "-c search_path=app,public"})},
+            r"OPTIONS\['options'\].*sets search_path.*ALTER ROLE",
+        ),
+        ({"default": _pg(OPTIONS={"options": "--Search-Path=app"})}, "sets search_path"),
+        (
+            {"default": _pg(OPTIONS={"target_session_attrs": "read-write"})},
+            r"OPTIONS\['target_session_attrs'\]",
+        ),
         (
             {
                 "default": {
