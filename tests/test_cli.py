@@ -494,7 +494,10 @@ MY_SHOWN = "'mysql://root:***@127.0.0.1"
         ),
         (f"{MY}/test#x", f"the database URL {MY_SHOWN}/test#x' has a fragment (#...)"),
         ("mysql://root:S3c#PW@127.0.0.1/test", "'mysql://root:***@127.0.0.1/test' has a fragm"),
-        # A NUL was sent to the server, which answered "Bad handshake" (exit 69).
+        # (Dropped by urlsplit, in silence: the database test, user root, port 5432.)
+        (f"{MY}/te\nst", f"the database URL {MY_SHOWN}/te\\nst' has a raw line break: remove"),
+        ("mysql://ro\tot@127.0.0.1/test", "has a raw tab: remove it (write %09 if it is part"),
+        ("postgresql://127.0.0.1:54\r32/test", "has a raw carriage return: remove it (write %0D"),
         (f"{MY}/te%00st", f"the database URL {MY_SHOWN}/te%00st' has a NUL character (%00) in"),
         (f"mysql://ro%00ot:{PASSWORD}@127.0.0.1/test", "(%00) in its user: remove it"),
         ("mysql://root:S3c%00PW@127.0.0.1/test", "(%00) in its password: remove it"),
