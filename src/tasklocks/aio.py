@@ -19,6 +19,8 @@ How it waits without blocking the loop, and without a thread per waiter:
   end (a thread cannot be stopped halfway, and its reply decides what was written), then the
   acquisition gives back whatever it may have written, in the order the blocking API does when
   it raises: nothing held, no place in the queue. The ``CancelledError`` comes after that.
+  A read (``held``, ``waiting``, ``raw``) is cancelled at once: it wrote nothing, and its
+  statement ends on the worker before the next call there.
 * ``on_wait`` and ``watch`` are called on the event loop's thread (plain functions).
 * A table serves the event loop that opened it (its wake-ups are that loop's): a call from
   another loop raises :class:`TasklocksError`, before it does anything.
@@ -105,6 +107,13 @@ async def _held(acquire: Callable[[], Awaitable[AsyncLease]]) -> AsyncIterator[A
 class _Abandon(BaseException):
     """Thrown into an acquisition's steps when its coroutine was cancelled or its table closes:
     they give back what they may have written, as for any exception, and raise it again."""
+
+
+def _dropped(future: asyncio.Future[Any]) -> None:
+    """A read's outcome, retrieved (its caller may have been cancelled, and asyncio would log
+    an exception nobody retrieved)."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _finish(future: asyncio.Future[T]) -> T:
@@ -262,6 +271,15 @@ class AsyncLockTable:
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn`` on the worker; if cancelled meanwhile, after it returns."""
         return await _finish(self._submit(fn, *args, **kwargs))
+
+    async def _read(self, fn: Callable[[], T]) -> T:
+        """``fn``, which writes nothing, on the worker; if cancelled meanwhile, at once: it runs
+        to its end on the worker (the next call waits for it there), and what it returns or
+        raises is dropped. (A read waited, as a change must, for a statement whose outcome
+        nobody would read.)"""
+        future = self._submit(fn)
+        future.add_done_callback(_dropped)
+        return await asyncio.shield(future)
 
     # --- acquiring ----------------------------------------------------------------------------
 
@@ -441,15 +459,15 @@ class AsyncLockTable:
 
     async def held(self) -> list[HeldLock]:
         """See :meth:`tasklocks.LockTable.held`."""
-        return await self._call(self.table.held)
+        return await self._read(self.table.held)
 
     async def waiting(self) -> list[QueuedWaiter]:
         """See :meth:`tasklocks.LockTable.waiting`."""
-        return await self._call(self.table.waiting)
+        return await self._read(self.table.waiting)
 
     async def raw(self) -> Snapshot:
         """See :meth:`tasklocks.LockTable.raw`."""
-        return await self._call(self.table.raw)
+        return await self._read(self.table.raw)
 
     async def repair(self) -> Snapshot:
         """See :meth:`tasklocks.LockTable.repair`."""

@@ -322,6 +322,38 @@ def test_a_cancelled_release_still_releases(db_url: str, namespace: str, other: 
     nothing_left(other)
 
 
+def test_a_cancelled_read_returns_at_once_and_the_table_goes_on(
+    db_url: str, namespace: str, other: LockTable
+) -> None:
+    """(A read waited for its statement to end, as a change must: ``wait_for(held(), 0.2)``
+    took as long as the statement, up to the guard's 30 s on a silent server.)"""
+    other.acquire("a", owner="other")
+    go = threading.Event()
+
+    async def main() -> None:
+        async with await aio.connect(db_url, namespace) as t:
+            for read in ("held", "waiting", "raw"):
+                go.clear()
+                real = getattr(t.table, read)
+
+                def slow(real: Callable[[], Any] = real) -> Any:
+                    go.wait(WAIT)
+                    return real()
+
+                setattr(t.table, read, slow)
+                began = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(getattr(t, read)(), 0.2)
+                assert time.monotonic() - began < 1.0, read  # (not the statement's 30 s)
+                setattr(t.table, read, real)
+                go.set()
+                assert [h.name for h in await t.held()] == ["a"]  # the worker goes on
+
+    run(main())
+    other.release("a", owner="other")
+    nothing_left(other)
+
+
 def test_a_timeout_around_a_wait_leaves_the_queue(
     db_url: str, namespace: str, other: LockTable
 ) -> None:
