@@ -336,6 +336,48 @@ def test_a_write_on_a_killed_session_succeeds_or_says_outcome_unknown(
         raw_sql(server, f"DELETE FROM {DEFAULT_TABLE} WHERE namespace = %s", (namespace,))
 
 
+@pytest.mark.parametrize("ran", [True, False], ids=["it-ran", "it-did-not"])
+def test_a_task_insert_whose_reply_was_lost_is_written_once(server: str, ran: bool) -> None:
+    """(``_locked`` sent the insert again after a lost reply: a second row, pending, of a task
+    nobody started, which the reconciliation later called crashed.) The session is ended from
+    outside as the insert is sent, after it ran or before; the insert is then looked for by
+    the process that started it and the time it gave, and written only if it is not there."""
+    from tasklocks.owner import current_process
+
+    table = "tl_" + uuid.uuid4().hex[:12]
+    store: Any = open_store(server, table=table)
+    me = current_process()
+    record = {
+        **{"kind": "run", "target": "[]", "args": "[]", "locks": "[]", "namespace": "n"},
+        **{"state": "pending", "timeout": None, "pid": me.pid, "start_token": me.start},
+        **{"boot": me.boot, "host": me.host, "pidns": me.pidns},
+    }
+    try:
+        first = store.create_task({**record, "created": time.time()})  # (its table, a task)
+        real = store._execute
+        cuts: list[str] = []
+
+        def execute(conn: Any, sql: str, params: Any = None) -> Any:
+            if not (sql.startswith("INSERT INTO") and "_tasks" in sql) or cuts:
+                return real(conn, sql, params)
+            cuts.append(sql)
+            if ran:
+                real(conn, sql, params)
+            _kill_session(server, store)
+            return real(conn, "SELECT 1" if ran else sql, None if ran else params)  # (fails)
+
+        store._execute = execute
+        created = time.time()
+        task_id = store.create_task({**record, "created": created})
+        assert cuts  # the session was cut as the insert went
+        ids = [row["id"] for row in store.list_tasks()]
+        assert ids == [task_id, first]  # one row, whether it ran before the cut or not
+        assert store.get_task(task_id)["created"] == created
+    finally:
+        store.close()
+        drop_tables(server, table)
+
+
 def test_a_row_statement_on_a_killed_session_says_outcome_unknown(
     server: str, namespace: str
 ) -> None:

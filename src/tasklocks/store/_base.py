@@ -34,6 +34,10 @@ _COLUMNS = """kind:text target:json args:json locks:json namespace:text state:st
     finished:float log_path:text timeout:float stop_requested:float waited_for:json"""
 TASK_COLUMNS = tuple((n, k) for n, _, k in (c.partition(":") for c in _COLUMNS.split()))
 TASK_FIELDS: tuple[str, ...] = tuple(name for name, _kind in TASK_COLUMNS)
+# What finds a task whose insert lost its reply: the process that started it, and the time it
+# gave (with sub-microsecond digits, as stored: a float column keeps a float as it was sent).
+_KNOWN_BY = ("host", "pid", "start_token", "created")
+RETRIES_UNKNOWN = 3  # inserts of a task whose reply was lost, and the looks for it after each
 TaskValue = str | int | float | None
 TaskRow = dict[str, TaskValue]  # every TASK_FIELDS column plus "id" and "version"
 Str = str | None
@@ -450,8 +454,12 @@ class SQLStore(ABC):
     def _column(cls, name: str) -> str:
         return f"{cls.QUOTE}{name}{cls.QUOTE}"
 
-    def _tasks(self, sql: str, params: Sequence[Any], read: Callable[[Any], T]) -> T:
-        """Run one statement on the tasks table (created on first use); ``read`` its cursor."""
+    def _tasks(
+        self, sql: str, params: Sequence[Any], read: Callable[[Any], T], change: bool = False
+    ) -> T:
+        """Run one statement on the tasks table (created on first use); ``read`` its cursor.
+        ``change``: a connection lost once it is sent raises ``OutcomeUnknown`` (it may have
+        been applied), rather than running it again."""
 
         def body(conn: Any, call: Call) -> T:
             if not self._tasks_ready:
@@ -459,7 +467,10 @@ class SQLStore(ABC):
                     if name in self._sql:
                         self._execute(conn, self._sql[name])
                 self._tasks_ready = True
-            return read(self._execute(conn, sql, params))
+            call.sent = change
+            cursor = self._execute(conn, sql, params)
+            call.sent = False  # (the reply came)
+            return read(cursor)
 
         return self._locked(body)
 
@@ -472,11 +483,30 @@ class SQLStore(ABC):
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def create_task(self, fields: Mapping[str, TaskValue]) -> int:
-        """Insert a task (version 0) and return its id: increasing, never reused."""
+        """Insert a task (version 0) and return its id: increasing, never reused. An insert
+        whose reply was lost is looked for by ``_KNOWN_BY`` (the starting process and the
+        time it gave) before it is sent again, so that it is never written twice (a second row,
+        pending, that the reconciliation would later call crashed); without those fields the
+        ``OutcomeUnknown`` is raised."""
         names = [n for n in TASK_FIELDS if n in fields]
         columns = "".join(f", {self._column(n)}" for n in names)
         sql = fill(self._sql["insert_task"], columns=columns, values=f", {self.MARK}" * len(names))
-        return self._tasks(sql, [fields[n] for n in names], self._inserted_id)
+        known = [fields.get(n) for n in _KNOWN_BY]
+        for _ in range(RETRIES_UNKNOWN):
+            try:
+                return self._tasks(sql, [fields[n] for n in names], self._inserted_id, True)
+            except OutcomeUnknown:
+                if any(v is None for v in known):
+                    raise
+            where = " AND ".join(f"{self._column(n)} = {self.MARK}" for n in _KNOWN_BY)
+            find = fill(self._sql["find_task"], where=where)
+            rows = self._tasks(find, known, lambda cursor: cursor.fetchall())
+            if rows:
+                return int(rows[0][0])  # written before its reply was lost
+        raise OutcomeUnknown(
+            f"the insert of a task into {self.table}_tasks kept losing its connection; look "
+            "for it with 'tasklocks tasks' before starting it again"
+        )
 
     def get_task(self, task_id: int) -> TaskRow | None:
         """One task's row, or None."""

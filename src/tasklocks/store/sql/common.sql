@@ -37,3 +37,7 @@ INSERT INTO {t}_tasks (version{columns}) VALUES (0{values});
 UPDATE {t}_tasks SET version = version + 1{sets} WHERE id = {mark} AND version = {mark};
 -- name: list_tasks
 SELECT * FROM {t}_tasks{where} ORDER BY id DESC{limit};
+-- name: find_task
+-- A task whose insert lost its reply (create_task): {where} names the process that started it
+-- and the time it gave.
+SELECT id FROM {t}_tasks WHERE {where} ORDER BY id;
