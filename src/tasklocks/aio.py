@@ -109,13 +109,6 @@ class _Abandon(BaseException):
     they give back what they may have written, as for any exception, and raise it again."""
 
 
-def _dropped(future: asyncio.Future[Any]) -> None:
-    """A read's outcome, retrieved (its caller may have been cancelled, and asyncio would log
-    an exception nobody retrieved)."""
-    if not future.cancelled():
-        future.exception()
-
-
 async def _finish(future: asyncio.Future[T]) -> T:
     """Await ``future`` (work on a thread, which cannot be stopped halfway) to its end even if
     the caller is cancelled meanwhile; then raise that ``CancelledError``, or return."""
@@ -273,13 +266,16 @@ class AsyncLockTable:
         return await _finish(self._submit(fn, *args, **kwargs))
 
     async def _read(self, fn: Callable[[], T]) -> T:
-        """``fn``, which writes nothing, on the worker; if cancelled meanwhile, at once: it runs
-        to its end on the worker (the next call waits for it there), and what it returns or
-        raises is dropped. (A read waited, as a change must, for a statement whose outcome
-        nobody would read.)"""
+        """``fn``, which writes nothing, on the worker; if cancelled meanwhile, at once: a read
+        still queued there is dropped, one running ends there (the next call waits for it),
+        and what it returns or raises is dropped. (A read waited, as a change must, for a
+        statement whose outcome nobody would read.)"""
         future = self._submit(fn)
-        future.add_done_callback(_dropped)
-        return await asyncio.shield(future)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.cancel()  # (queued: never run; so retries under a timeout do not pile up)
+            raise
 
     # --- acquiring ----------------------------------------------------------------------------
 

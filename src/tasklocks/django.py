@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shlex
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
@@ -51,7 +52,11 @@ _NOT_CARRIED = (
     *("host", "port", "user", "password", "passwd", "db", "database", "dbname"),
     *("service", "passfile", "read_default_file", "read_default_group", "unix_socket"),
     "target_session_attrs",  # (which of several servers, or what kind of server, libpq takes)
+    "assume_role",  # (Django's SET ROLE: another role, whose schema "$user" may be)
 )
+# Settings in libpq's ``options`` that choose where tasklocks' tables would be: the schema, or
+# the role whose schema the default search_path ("$user", public) names.
+_WHERE_SETTINGS = {"search_path", "role", "session_authorization"}
 _MYSQL_SSL = {"ca": "ssl_ca", "cert": "ssl_cert", "key": "ssl_key"}  # Django's OPTIONS["ssl"]
 
 
@@ -118,13 +123,14 @@ def url_for(
     for key, value in options.items():
         if key in _NOT_CARRIED:
             raise refuse(key)
-        if scheme == "postgresql" and key == "options" and _sets_search_path(str(value)):
-            # (libpq's -c search_path=...: the schema where tasklocks' tables would be.)
+        where = _settings(str(value)) & _WHERE_SETTINGS if key == "options" else set()
+        if scheme == "postgresql" and where:
             raise BadURL(
                 f"tasklocks.django cannot carry OPTIONS['options'] of Django's database "
-                f"{alias!r}, which sets search_path, to tasklocks' own connection (its tables "
-                "would be in another schema); set the schema for the role instead (ALTER ROLE "
-                "... SET search_path = ...), or pass tasklocks.connect() a SQLAlchemy Engine"
+                f"{alias!r}, which sets {', '.join(sorted(where))}, to tasklocks' own "
+                "connection (its tables would be in another schema); set it for the role "
+                "instead (ALTER ROLE ... SET search_path = ...), or pass tasklocks.connect() a "
+                "SQLAlchemy Engine"
             )
         if scheme == "postgresql" and key in PG_TLS:
             query[key] = str(value)
@@ -142,10 +148,23 @@ def url_for(
     return f"{scheme}://{auth}{host}{port}/{quote(name, safe='')}{tail}"
 
 
-def _sets_search_path(options: str) -> bool:
-    """libpq's ``options`` set ``search_path`` (``-c search_path=x``, ``-csearch_path=x``,
-    ``--search-path=x``: a setting's name is read without case, a dash as an underscore)."""
-    return "search_path" in options.lower().replace("-", "_")
+def _settings(options: str) -> set[str]:
+    """The names of the settings libpq's ``options`` set (``-c name=value``, ``-cname=value``,
+    ``--name=value``; a name read without case, a dash as an underscore, as the server reads
+    them). Options that do not read (an unclosed quote) set nothing tasklocks can tell."""
+    try:
+        words = shlex.split(options)
+    except ValueError:
+        return set()
+    names: set[str] = set()
+    for at, word in enumerate(words):
+        if word == "-c":
+            word = "--" + words[at + 1] if at + 1 < len(words) else ""
+        elif word.startswith("-c"):
+            word = "--" + word[2:]
+        if word.startswith("--") and "=" in word:
+            names.add(word[2:].split("=", 1)[0].lower().replace("-", "_"))
+    return names
 
 
 def _vendor(engine: str) -> str | None:

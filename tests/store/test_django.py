@@ -50,6 +50,7 @@ def _pg(**more: Any) -> dict[str, Any]:
         (_pg(OPTIONS={"connect_timeout": 0}), "postgresql:///app"),
         # Other libpq options concern Django's own connections.
         (_pg(OPTIONS={"options": "-c statement_timeout=5000"}), "postgresql:///app"),
+        (_pg(OPTIONS={"options": "-c application_name=search-path-sync"}), "postgresql:///app"),
         # (libpq's Unix-socket directory, as tasklocks' URLs write it: it was refused)
         (_pg(HOST="/var/run/postgresql"), "postgresql://%2Fvar%2Frun%2Fpostgresql/app"),
         (
@@ -111,6 +112,12 @@ def test_an_alias_becomes_a_tasklocks_url(db: dict[str, Any], url: str) -> None:
             r"OPTIONS\['options'\].*sets search_path.*ALTER ROLE",
         ),
         ({"default": _pg(OPTIONS={"options": "--Search-Path=app"})}, "sets search_path"),
+        ({"default": _pg(OPTIONS={"options": "-crole=app"})}, "sets role"),
+        (
+            {"default": _pg(OPTIONS={"options": "-c session_authorization='app'"})},
+            "sets session_authorization",
+        ),
+        ({"default": _pg(OPTIONS={"assume_role": "app"})}, r"OPTIONS\['assume_role'\]"),
         (
             {"default": _pg(OPTIONS={"target_session_attrs": "read-write"})},
             r"OPTIONS\['target_session_attrs'\]",

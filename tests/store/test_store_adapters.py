@@ -368,10 +368,18 @@ def test_a_task_insert_whose_reply_was_lost_is_written_once(server: str, ran: bo
 
         store._execute = execute
         created = time.time()
+        if ran:  # the look fails too: an unknown outcome, not "nothing written" (StoreUnreachable)
+            good = store._sql
+            store._sql = {**good, "find_task": "SELECT no_such_column FROM {t}_tasks"}
+            with pytest.raises(OutcomeUnknown, match="could not look for it"):
+                store.create_task({**record, "created": created})
+            store._sql, cuts[:] = good, []
+            created = time.time()
         task_id = store.create_task({**record, "created": created})
         assert cuts  # the session was cut as the insert went
-        ids = [row["id"] for row in store.list_tasks()]
-        assert ids == [task_id, first]  # one row, whether it ran before the cut or not
+        rows = store.list_tasks()
+        assert [row["id"] for row in rows][:: len(rows) - 1] == [task_id, first]
+        assert len(rows) == (3 if ran else 2)  # one row a task (the unknown one's too), never two
         assert store.get_task(task_id)["created"] == created
     finally:
         store.close()

@@ -487,7 +487,10 @@ class SQLStore(ABC):
         whose reply was lost is looked for by ``_KNOWN_BY`` (the starting process and the
         time it gave) before it is sent again, so that it is never written twice (a second row,
         pending, that the reconciliation would later call crashed); without those fields the
-        ``OutcomeUnknown`` is raised."""
+        ``OutcomeUnknown`` is raised, as it is when the look fails. (An insert still running
+        on the server when its connection was cut, a lock wait past the guard's IO_TIMEOUT, is
+        not seen by the look and is written twice: a unique key over those fields would close
+        that; not built.)"""
         names = [n for n in TASK_FIELDS if n in fields]
         columns = "".join(f", {self._column(n)}" for n in names)
         sql = fill(self._sql["insert_task"], columns=columns, values=f", {self.MARK}" * len(names))
@@ -500,7 +503,14 @@ class SQLStore(ABC):
                     raise
             where = " AND ".join(f"{self._column(n)} = {self.MARK}" for n in _KNOWN_BY)
             find = fill(self._sql["find_task"], where=where)
-            rows = self._tasks(find, known, lambda cursor: cursor.fetchall())
+            try:
+                rows = self._tasks(find, known, lambda cursor: cursor.fetchall())
+            except StoreError as exc:  # (not "nothing written": it may have been)
+                raise OutcomeUnknown(
+                    f"lost the connection while inserting a task into {self.table}_tasks, and "
+                    f"could not look for it ({exc}); look for it with 'tasklocks tasks' before "
+                    "starting it again"
+                ) from exc
             if rows:
                 return int(rows[0][0])  # written before its reply was lost
         raise OutcomeUnknown(

@@ -422,6 +422,14 @@ class MySQLStore(ServerStore):
             return reason, "tls"
         return reason, problems.get(_code(exc), "")
 
+    def _drop(self) -> None:
+        conn = self._conn
+        if conn is not None and self._engine is None and type(conn) is _CONNECTION_CLASS:
+            # PyMySQL's close() writes QUIT, outside any call the guard watches, on a socket that
+            # blocks (_open): give that write a limit. (A full send buffer, a silent server.)
+            conn._write_timeout = CONNECT_TIMEOUT
+        super()._drop()
+
     # A forked child drops the parent's connection without a QUIT packet (the default _abandon):
     # PyMySQL's Connection.__del__ is _force_close, which only closes this process's descriptor.
 
