@@ -90,12 +90,14 @@ def tasklocks(url: str, namespace: str, *args: str) -> list[str]:
     return [PY, "-m", "tasklocks", "--db", url, "--namespace", namespace, *args]
 
 
-def cli(url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(
+    url: str, namespace: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         tasklocks(url, namespace, *args),
         capture_output=True,
         text=True,
-        env=ENV,
+        env=ENV if env is None else env,
         timeout=DEADLINE,
         check=False,
     )
@@ -775,26 +777,12 @@ def test_a_url_without_a_host_is_libpqs_default_host_for_the_command_line(
     url = pg_url_without_host(server_url("postgresql"))
     p = parse_url(url)
     env = {k: v for k, v in ENV.items() if k not in ("PGHOST", "PGPORT")}
-    taken = subprocess.run(
-        [*tasklocks(url, namespace, "acquire", "job", "--owner", "me")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=DEADLINE,
-        check=False,
-    )
+    taken = cli(url, namespace, "acquire", "job", "--owner", "me", env=env)
     assert taken.returncode == 0, taken.stderr
     assert [lock["name"] for lock in held(server_url("postgresql"), namespace)] == ["job"]
     assert cli(url, namespace, "release", "job", "--owner", "me").returncode == 0
     assert held(server_url("postgresql"), namespace) == []
-    gone = subprocess.run(
-        tasklocks(f"postgresql://{p.user or ''}@:1/{p.database}", namespace, "locks"),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=DEADLINE,
-        check=False,
-    )
+    gone = cli(f"postgresql://{p.user or ''}@:1/{p.database}", namespace, "locks", env=env)
     assert gone.returncode == 69, gone.stderr
     line = one_error_line(gone)
     assert "PostgreSQL at libpq's default host (its Unix socket), port 1" in line, line

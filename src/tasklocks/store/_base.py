@@ -495,14 +495,14 @@ class SQLStore(ABC):
         columns = "".join(f", {self._column(n)}" for n in names)
         sql = fill(self._sql["insert_task"], columns=columns, values=f", {self.MARK}" * len(names))
         known = [fields.get(n) for n in _KNOWN_BY]
+        where = " AND ".join(f"{self._column(n)} = {self.MARK}" for n in _KNOWN_BY)
+        find = fill(self._sql["find_task"], where=where)
         for _ in range(RETRIES_UNKNOWN):
             try:
                 return self._tasks(sql, [fields[n] for n in names], self._inserted_id, True)
             except OutcomeUnknown:
                 if any(v is None for v in known):
                     raise
-            where = " AND ".join(f"{self._column(n)} = {self.MARK}" for n in _KNOWN_BY)
-            find = fill(self._sql["find_task"], where=where)
             try:
                 rows = self._tasks(find, known, lambda cursor: cursor.fetchall())
             except StoreError as exc:  # (not "nothing written": it may have been)
