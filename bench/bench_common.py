@@ -77,6 +77,16 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def tasklocks_sql(dialect: str, table: str) -> dict[str, str]:
+    """tasklocks' statements of ``dialect`` (``mysql``, ``postgres``) for ``table``, as its
+    adapter fills them in."""
+    from tasklocks.store import mysql, postgres
+    from tasklocks.store._base import statements
+
+    store = mysql.MySQLStore if dialect == "mysql" else postgres.PostgresStore
+    return statements(dialect, store.PIECES, t=table)
+
+
 def mysql_connect(url: str, connect_timeout: float = 10) -> pymysql.Connection[Any]:
     """A PyMySQL connection in autocommit mode for a mysql:// URL."""
     import pymysql

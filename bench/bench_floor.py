@@ -3,9 +3,10 @@ locks, each run by the server's C benchmark client (``pgbench``, ``mariadb-slap`
 Python client cost is in either figure.
 
 Each client takes and releases a name of its own (``:client_id``, ``CONNECTION_ID()``) with the
-very statements tasklocks sends (``name_acquire``, and ``name_release_unflushed`` where the
-dialect has it, else ``name_release``, from its SQL files, the parameters written in), each its
-own commit (durable but PostgreSQL's release); the peers do the same with
+very statements tasklocks sends (``name_acquire``, and the release of a process that releases
+often: ``name_release_unflushed`` on PostgreSQL, ``name_release_marked`` on MariaDB, whose markers
+each client's connection keeps to its end, from its SQL files, the parameters written in), each
+its own commit (durable but those releases); the peers do the same with
 ``pg_advisory_lock``/``pg_advisory_unlock`` and ``GET_LOCK``/``RELEASE_LOCK``, which write
 nothing. What the ratio of the two says: how far the server's durable write path lets the
 one-statement layout go against the advisory locks on this machine, whatever the client.
@@ -19,20 +20,22 @@ import shutil
 import subprocess
 import tempfile
 
-from bench_common import Config
+from bench_common import Config, tasklocks_sql
 
 from tasklocks._url import parse_url
-from tasklocks.store._base import fill, load
 
 TABLE = "tasklocks"  # the table the bench's tasklocks pairs use
 RECORD = "x" * 200  # about a real record's size (the text is not read)
 
 
 def _statements(dialect: str, ns: str, name: str, lease: str) -> tuple[str, str]:
-    sql = load(dialect)
-    acquire = fill(sql["name_acquire"], t=TABLE)
-    # What a session's lease releases with (PostgreSQL: without waiting for the flush).
-    release = fill(sql.get("name_release_unflushed", sql["name_release"]), t=TABLE)
+    sql = tasklocks_sql(dialect, TABLE)
+    acquire = sql["name_acquire"]
+    # What a session's lease releases with (PostgreSQL: without waiting for the flush; MariaDB,
+    # in a process that releases often: its marker, which each client's connection keeps
+    # until it ends, where tasklocks writes the rows free and lets them go every 64).
+    release = sql.get("name_release_unflushed") or sql.get("name_release_marked")
+    release = release or sql["name_release"]
     values = {"ns": f"'{ns}'", "name": name, "lease": lease, "record": f"'{RECORD}'"}
     for key, value in values.items():  # (named parameters, in both dialects)
         acquire = acquire.replace(f"%({key})s", value)

@@ -19,7 +19,9 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bench_common import Config, mysql_connect, pg_conninfo
+from bench_common import Config, mysql_connect, pg_conninfo, tasklocks_sql
+
+from tasklocks.store._base import fill
 
 TASKLOCKS = {"sqlite": "tl-sqlite", "mysql": "tl-mysql", "postgresql": "tl-pg"}
 BASELINE_NAMES = {
@@ -370,7 +372,9 @@ class RowPerNamePair(BareUpdatePair):
 class StatementsPair:
     """tasklocks' own two statements of a one-name pair, from its SQL files, with a fresh lease
     and a record of a real one's size: ``name_acquire`` the first time, ``name_retake`` (the row
-    is known) after it, as tasklocks sends them, and ``name_release``; from a client that does
+    is known) after it, as tasklocks sends them, and the release of a process that releases
+    often (PostgreSQL's ``name_release_unflushed``, MariaDB's ``name_release_marked`` and its
+    batch, ``free_marked``); from a client that does
     nothing else: on PostgreSQL through libpq's prepared statements, the road tasklocks' adapter
     takes; on MariaDB through PyMySQL's cursor, as text (tasklocks itself, since stops 27 and 28,
     reads their replies without the cursor and prepares them, which costs its client and the
@@ -378,19 +382,23 @@ class StatementsPair:
     this and tasklocks itself (issue 10)."""
 
     def __init__(self, spec: PairSpec) -> None:
-        from tasklocks.store._base import fill, load
+        from tasklocks.store.mysql import MARKED_MAX
         from tasklocks.store.postgres import _Numbered
 
         self.backend = BACKEND_OF[spec.kind]
         dialect = "mysql" if self.backend == "mysql" else "postgres"
-        sql = load(dialect)
         table = "tasklocks"  # the table the bench's tasklocks pairs use
+        sql = tasklocks_sql(dialect, table)
         self.ns, self.name = spec.namespace, spec.name
-        self.acquire = fill(sql["name_acquire"], t=table)
-        self.retake = fill(sql["name_retake"], t=table)
+        self.acquire = sql["name_acquire"]
+        self.retake = sql["name_retake"]
         self.seen = False  # the row exists: name_retake
-        # What a session's lease releases with (PostgreSQL: without waiting for the flush).
-        self.release = fill(sql.get("name_release_unflushed", sql["name_release"]), t=table)
+        # What a session's lease releases with, in a process that releases often (PostgreSQL:
+        # without waiting for the flush; MariaDB: its marker, and every MARKED_MAX releases the
+        # rows written free and the markers let go, as tasklocks does).
+        self.release = sql.get("name_release_unflushed") or sql["name_release_marked"]
+        self.free_marked, self.marked_max = sql["free_marked"], MARKED_MAX
+        self.marked: list[str] = []
         self.record = "x" * 130  # about a real record's size (the text is not read)
         layout = f"INSERT INTO {table}_names (namespace, name, version, mark) VALUES (%s, '', 1, "
         self.conn: Any
@@ -427,8 +435,20 @@ class StatementsPair:
                 cur.execute(self.retake if self.seen else self.acquire, params)
                 if not cur.lastrowid:
                     raise RuntimeError(f"{self.name}: not taken")
-                if cur.execute(self.release, params) != 1:
+                cur.execute(self.release, params)
+                if not cur.lastrowid:
                     raise RuntimeError(f"{self.name}: not released")
+                self.marked.append(lease)
+                if len(self.marked) >= self.marked_max:
+                    esc = self.conn.escape
+                    leases = " UNION ALL ".join(f"SELECT {esc(m)} AS lease" for m in self.marked)
+                    rows = f"namespace = {esc(self.ns)} AND name = {esc(self.name)} AND " + (
+                        f"lease = {esc(lease)}"
+                    )
+                    cur.execute(fill(self.free_marked, leases=leases, rows=rows))
+                    while cur.nextset():
+                        pass
+                    self.marked.clear()
         else:
             self._pg(b"bench_retake" if self.seen else b"bench_acquire", params)
             self._pg(b"bench_release", params)

@@ -560,8 +560,9 @@ class LockTable:
         counts when many processes share a machine's cores. A Claimant: its try in the row did
         not take the name (refused, or the reply was lost), and the steps go on with it without
         trying the row again. None: the steps do it all."""
-        if self._orphans or not self._doc.plain:
-            return None  # (the steps give back the orphans first)
+        fast = self._fast
+        if self._orphans or not self._doc.plain or fast is None or fast.has_lost():
+            return None  # (the steps give back the orphans, and lost releases, first)
         name = validate_name(name)
         session = self._live_session()
         claimant = self._claimant(owner, note, THIS_PROCESS, session.id)
@@ -1072,6 +1073,13 @@ class LockTable:
         for lease in list(self._queued):  # (still waiting: give their places back for them,
             with contextlib.suppress(TasklocksError):  # while the store is open)
                 self._give_back(lease)
+        if self._fast is not None and self._session is not None:
+            # Releases not written yet (MariaDB's marked ones) are written, and those a lost
+            # connection undid given back, while the store is open: the session that would
+            # give them back stops here.
+            with contextlib.suppress(TasklocksError):
+                self._fast.flush_releases()
+                self._settle()
         if self._session is not None:
             self._session.close()
             self._session = None

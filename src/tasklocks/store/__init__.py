@@ -129,14 +129,24 @@ class FastPaths(Protocol):
     ) -> int | None:
         """If ``names`` is one name held in its row by ``lease``, free it: the row's version.
         ``renewed``: the lease's session is renewed by this process, which gives the release
-        back again should a crash of the server undo it (``lost_releases``); the store may then
-        commit it without waiting for the flush (PostgreSQL does)."""
+        back again should a crash of the server (or, on MariaDB, a lost connection) undo it
+        (``lost_releases``); the store may then commit it without waiting for the flush
+        (PostgreSQL), or without writing the row (MariaDB marks it: see ``flush_releases``)."""
 
     def lost_releases(self, check: bool = False) -> list[tuple[str, str]]:
-        """``(namespace, lease)`` of ``renewed`` row releases that a crash of the server may have
-        undone since they were reported done, each said once: their holder must give them back
-        again. The store looks for a crash at each session renewal and reconnection; ``check``:
-        look now. Other backends never lose one."""
+        """``(namespace, lease)`` of ``renewed`` row releases that a crash of the server (or, on
+        MariaDB, a lost connection) may have undone since they were reported done, each said
+        once: their holder must give them back again. The store looks for a crash at each
+        session renewal and reconnection; ``check``: look now. SQLite never loses one."""
+
+    def has_lost(self) -> bool:
+        """Whether ``lost_releases`` has releases to say (known now, without asking the
+        server): the table's next acquisition gives them back first."""
+
+    def flush_releases(self) -> None:
+        """Write the rows of this process's releases that were not written (MariaDB's marked
+        releases), as its session's renewals do; those a lost connection undid are said by
+        ``lost_releases`` instead. Nothing elsewhere."""
 
 
 @runtime_checkable

@@ -97,6 +97,15 @@ def load(dialect: str) -> dict[str, str]:
     return {name: "\n".join(body).strip("\n").removesuffix(";") for name, body in found.items()}
 
 
+def statements(dialect: str, pieces: Sequence[str] = (), **values: object) -> dict[str, str]:
+    """``dialect``'s named statements with its pieces filled in (``now``, then ``pieces``:
+    statements of its file that others name, in that order, so that one may name a later one),
+    then ``values``."""
+    raw = load(dialect)
+    named = {name: raw[name] for name in ("now", *pieces)}
+    return {name: fill(text, **named, **values) for name, text in raw.items()}
+
+
 def fill(text: str, **values: object) -> str:
     """``text`` with every ``{name}`` of ``values`` replaced by the value."""
     for name, value in values.items():
@@ -129,6 +138,7 @@ class SQLStore(ABC):
     DIALECT: ClassVar[str]  # its statements are sql/<DIALECT>.sql
     QUOTE: ClassVar[str] = ""  # how the dialect quotes a column name
     MARK: ClassVar[str] = "%s"  # the driver's placeholder
+    PIECES: ClassVar[tuple[str, ...]] = ()  # statements of its file that others name ({now} too)
     POLL: ClassVar[Pace]  # see _poll
     url: str  # for messages, without a password
     table: str
@@ -159,9 +169,8 @@ class SQLStore(ABC):
         raw = load(self.DIALECT)
         types = dict(kind.split(":", 1) for kind in raw["task_types"].split(", "))
         columns = ", ".join(f"{self._column(n)} {types[kind]}" for n, kind in TASK_COLUMNS)
-        values = {**values, "now": raw["now"], "mark": self.MARK, "t": table}
-        values["task_columns"] = columns
-        self._sql = {name: fill(text, **values) for name, text in raw.items()}
+        values = {**values, "mark": self.MARK, "t": table, "task_columns": columns}
+        self._sql = statements(self.DIALECT, self.PIECES, **values)
 
     _side_lock_pid = 0
 

@@ -270,8 +270,15 @@ class RowsStore(SQLStore):
         return self._fast(False, statement)
 
     def lost_releases(self, check: bool = False) -> list[tuple[str, str]]:
-        """None here: no release skips the flush (PostgreSQL's may: see there)."""
+        """None here: every release is written durably (PostgreSQL's and MariaDB's may not be:
+        see there)."""
         return []
+
+    def has_lost(self) -> bool:
+        return False
+
+    def flush_releases(self) -> None:
+        """Nothing here: every release is written (MariaDB's may be marked: see there)."""
 
     def _name_statement(
         self,

@@ -8,22 +8,37 @@
   escaping costs milliseconds for a large document), unless the session has
   ``NO_BACKSLASH_ESCAPES``, where the driver's own (fast) quoting is used.
 * MySQL has no LISTEN/NOTIFY: waiters poll the version, quickly at first, then more slowly.
+* A name's row release by a process that releases often (again within ``HOT_GAP``), for a lease
+  whose session it renews, writes nothing durable: the connection takes a user-level lock named
+  after the lease (its marker), which every reader and taker reads as the lease released
+  (``name_release_marked``, ``freed`` in ``sql/mysql.sql``). The rows are written free in a batch
+  that lets the markers go (``flush_releases``, the file's ``free_marked``): at ``MARKED_MAX``
+  marked releases, at each session renewal, at ``close`` and at the interpreter's exit. A marker
+  lives as long as its connection: once that is lost, the leases are said by ``lost_releases``
+  and the lock table gives them back (design.md, "MariaDB: a release marked by a user lock").
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import math
+import os
 import re
 import socket
 import struct
-from collections.abc import Callable, Mapping
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from tasklocks._url import MYSQL_TLS
 from tasklocks.errors import StoreError, StoreUnavailable
-from tasklocks.store._base import Change, fill
+from tasklocks.names import is_name
+from tasklocks.store._base import Call, Change, fill
 from tasklocks.store._names import stored
-from tasklocks.store._rows import text_of
+from tasklocks.store._rows import fast_names, text_of
 from tasklocks.store._sql_server import (
     CONNECT_TIMEOUT,
     POLLED,
@@ -34,6 +49,15 @@ from tasklocks.store._sql_server import (
 __all__ = ["MySQLStore", "preload"]
 
 _CONNECTION_CLASS: Any = None
+# Marked releases (see the module docstring): a process's release is marked when it comes within
+# HOT_GAP seconds of its store's last release (so a process that releases once in a while writes
+# each one, as before); a connection writes its marked rows free once it holds MARKED_MAX markers.
+# A lease is marked only if shorter than MARKED_LEASE (the marker's name stays within MySQL's 64
+# characters; tasklocks' own leases have 16).
+HOT_GAP = 1.0
+MARKED_MAX = 64
+MARKED_LEASE = 48
+MARKER_EXIT_WAIT = 1.0  # seconds the interpreter's exit waits for a store's lock to let markers go
 T = TypeVar("T")
 _PRELUDE = struct.Struct("<iB").pack  # a command packet's length, sequence 0 and command byte
 _HEADER = struct.Struct("<HBB").unpack  # a reply packet's length (low 16, high 8 bits), sequence
@@ -245,6 +269,16 @@ class _Positional:
         self.head = bytes((n + 7) // 8) + b"\x01" + b"\xfe\x00" * n if n else b""
 
 
+_MARKING: weakref.WeakSet[MySQLStore] = weakref.WeakSet()  # stores that marked a release
+
+
+def _let_all_markers_go() -> None:
+    for store in list(_MARKING):
+        store._let_markers_go()
+
+
+atexit.register(_let_all_markers_go)
+
 _POSITIONAL: dict[str, _Positional] = {}  # a row statement's text -> its prepared form
 
 
@@ -343,9 +377,22 @@ class MySQLStore(ServerStore):
     GUARDED = True  # its own connections' sockets block without a timeout: see _open
     ROW_RECORD_MAX = 65535 // 4  # a TEXT of utf8mb4, 4 bytes a character at worst
     QUOTE = "`"
+    PIECES = ("freed", "marker")  # (in this order: freed names the marker)
     _mariadb = True  # set from the server's version string on connecting
 
     # --- the driver -----------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        # Marked releases on this store's own connection (see the module docstring), made by
+        # process _marked_pid: the last lease marked of each name, (namespace, name) -> lease,
+        # whose rows flush_releases writes; every lease marked, whose markers it lets go. Changed
+        # under the store's lock only. _lost: leases whose markers a lost connection took.
+        self._marked: dict[tuple[str, str], str] = {}
+        self._markers: list[str] = []
+        self._marked_pid = 0
+        self._lost: list[tuple[str, str]] = []
+        self._lost_lock = threading.Lock()
+        self._released_at = -math.inf  # (time.monotonic) this store's last row release
 
     def _import_driver(self) -> None:
         try:
@@ -580,6 +627,108 @@ class MySQLStore(ServerStore):
         while cur.nextset():
             pass
 
+    # --- marked releases (see the module docstring) -------------------------------------------
+
+    def fast_release(
+        self, namespace: str, names: Sequence[str], lease: str, renewed: bool = False
+    ) -> int | None:
+        now = time.monotonic()
+        hot, self._released_at = now - self._released_at < HOT_GAP, now
+        if not (
+            hot
+            and renewed
+            and self._engine is None  # (a pool may reset a connection, and its user locks)
+            and len(names) == 1
+            and len(lease) < MARKED_LEASE
+            and is_name(lease)
+        ):
+            return super().fast_release(namespace, names, lease, renewed)
+        params = {"ns": namespace, "name": fast_names(names)[0], "lease": lease}
+        version = self._fast(False, (self._sql["name_release_marked"], params))
+        if version is not None and len(self._markers) >= MARKED_MAX:
+            with contextlib.suppress(StoreError):  # released all the same: a renewal writes them
+                self.flush_releases()
+        return version
+
+    def _mark(self, params: Mapping[str, str]) -> None:
+        """A marked release went well on this store's own connection (under the store's lock)."""
+        pid = os.getpid()
+        if self._marked_pid != pid:  # (a forked child: the parent's markers are the parent's)
+            self._marked, self._markers, self._marked_pid = {}, [], pid
+            _MARKING.add(self)
+        self._marked[params["ns"], params["name"]] = params["lease"]
+        self._markers.append(params["lease"])
+
+    def flush_releases(self) -> None:
+        """Write the rows of this process's marked releases free, and let their markers go, in
+        one round trip (markers that a lost connection took are said by ``lost_releases``)."""
+        if self._markers and self._marked_pid == os.getpid():
+            self._locked(self._free_marked)
+
+    def _free_marked(self, conn: Any, call: Call) -> None:
+        marked, markers = self._marked, self._markers
+        if not markers or self._marked_pid != os.getpid():
+            return
+        leases = " UNION ALL ".join(f"SELECT {conn.escape(lease)} AS lease" for lease in markers)
+        rows = " OR ".join(
+            f"(namespace = {conn.escape(ns)} AND name = {conn.escape(name)} AND "
+            f"lease = {conn.escape(lease)})"
+            for (ns, name), lease in marked.items()
+        )
+        cur = self._execute(conn, fill(self._sql["free_marked"], leases=leases, rows=rows))
+        while cur.nextset():
+            pass
+        self._marked, self._markers = {}, []
+
+    def _connected(self) -> None:
+        # A new connection: the markers of the last one went with it, and their leases are
+        # held in their rows again until given back.
+        if self._markers:
+            lost = sorted({(ns, lease) for (ns, _), lease in self._marked.items()})
+            mine = self._marked_pid == os.getpid()
+            self._marked, self._markers = {}, []
+            if mine:
+                with self._lost_lock:
+                    self._lost.extend(lost)
+
+    def lost_releases(self, check: bool = False) -> list[tuple[str, str]]:
+        with self._lost_lock:
+            lost, self._lost = self._lost, []
+        return lost
+
+    def has_lost(self) -> bool:
+        return bool(self._lost)
+
+    def renew_session(self, session: str) -> bool:
+        kept = super().renew_session(session)
+        if self._markers:
+            with contextlib.suppress(StoreError):  # (a lost connection: lost_releases)
+                self.flush_releases()
+        return kept
+
+    def close(self) -> None:
+        self._let_markers_go()
+        super().close()
+
+    def _let_markers_go(self) -> None:
+        """``flush_releases`` at ``close`` and at the interpreter's exit: on the connection as it
+        is (a lost one took its markers with it), waiting ``MARKER_EXIT_WAIT`` at most for the
+        store's lock and for each read and write."""
+        if not self._markers or self._marked_pid != os.getpid() or self._pid != os.getpid():
+            return
+        lock = self._mutex()
+        if not lock.acquire(timeout=MARKER_EXIT_WAIT):
+            return
+        try:
+            conn = self._conn
+            if conn is None or type(conn) is not _CONNECTION_CLASS or self._driver_closed(conn):
+                return
+            conn._read_timeout = conn._write_timeout = MARKER_EXIT_WAIT  # (it is closed next)
+            with contextlib.suppress(*self._driver_errors, OSError):
+                self._free_marked(conn, Call())
+        finally:
+            lock.release()
+
     def _name_version(self, cursor: Any, acquire: bool) -> int | None:
         # The token is in the OK packet (LAST_INSERT_ID(expr)), and only when the row changed.
         if acquire:
@@ -607,4 +756,9 @@ class MySQLStore(ServerStore):
         rows, token = reply
         if acquire:
             return token or None
+        if sql is self._sql["name_release_marked"]:  # (its rows are 0: it changes nothing)
+            if not token:
+                return None
+            self._mark(params)
+            return int(token)
         return token if rows == 1 else None

@@ -407,6 +407,9 @@ class PostgresStore(ServerStore):
             lost, self._lost = self._lost, []
         return lost
 
+    def has_lost(self) -> bool:
+        return bool(self._lost)
+
     def _check_epoch(self) -> None:
         """Look at the server's epoch. The same as before: forget the releases that the WAL's
         flush has passed. Another (a crash took its row), or the first look with releases

@@ -18,6 +18,17 @@ INSERT IGNORE INTO {t} (namespace, version, data) VALUES (%s, 0, %s);
 -- name: now
 -- The server's clock, in seconds since 1970 whatever the session's time zone.
 (TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) / 1000000)
+-- name: freed
+-- A row whose lease its holder released by a marker (name_release_marked): read as no lease at
+-- all. The marker is a user-level lock, kept by the releasing connection until a durable batch
+-- release (free_marked) writes the row; it is lost with that connection, and the lease is then
+-- held again until its process gives it back (design.md, "MariaDB: a release marked by a user
+-- lock"). In parentheses: under HIGH_NOT_PRECEDENCE, NOT binds tighter than IS.
+(IS_USED_LOCK({marker}) IS NOT NULL)
+-- name: marker
+-- The name of a lease's marker. LEFT keeps it within MySQL's 64 characters (only a lease shorter
+-- than 48 is marked: MySQLStore.fast_release).
+CONCAT('tasklocks.free:', LEFT(lease, 48))
 -- name: create_sessions
 CREATE TABLE IF NOT EXISTS {t}_sessions (id VARCHAR(64) NOT NULL PRIMARY KEY,
     owner VARCHAR(255) NOT NULL, host VARCHAR(255) NOT NULL, pid BIGINT, ttl DOUBLE NOT NULL,
@@ -57,14 +68,16 @@ UPDATE {t}_meta SET value = %s WHERE `key` = 'schema_version' AND value = %s;
 -- before it is set. LAST_INSERT_ID(expr) hands the token back in the OK packet (lastrowid): 1 for
 -- a new row, the version + 1 for a free one, and 0 when the name was not taken (the SELECT set 1
 -- before the row was found; the affected-row count cannot tell, as CLIENT.FOUND_ROWS changes it).
+-- Whether the row is free is decided once (@tasklocks_take): a marker looked at three times
+-- could vanish between two looks.
 INSERT INTO {t}_names (namespace, name, version, lease, record, mark)
 SELECT %(ns)s, %(name)s, LAST_INSERT_ID(1), %(lease)s, %(record)s, 0 FROM DUAL
 WHERE EXISTS (SELECT 1 FROM {t}_names WHERE namespace = %(ns)s AND name = '' AND mark = 1)
 ON DUPLICATE KEY UPDATE
-    version = IF(lease IS NULL AND mark = 0, LAST_INSERT_ID(version + 1),
-                 version + LAST_INSERT_ID(0)),
-    record = IF(lease IS NULL AND mark = 0, VALUES(record), record),
-    lease = IF(lease IS NULL AND mark = 0, VALUES(lease), lease);
+    version = IF(@tasklocks_take := ((lease IS NULL OR {freed}) AND mark = 0),
+                 LAST_INSERT_ID(version + 1), version + LAST_INSERT_ID(0)),
+    record = IF(@tasklocks_take, VALUES(record), record),
+    lease = IF(@tasklocks_take, VALUES(lease), lease);
 -- name: name_retake
 -- name_acquire of a name whose row this process has seen (rows are never deleted): the row's
 -- UPDATE alone, without the insert and its look at the layout row, which cost MariaDB a
@@ -73,16 +86,30 @@ ON DUPLICATE KEY UPDATE
 -- (version is set first: its LAST_INSERT_ID is the token in the OK packet, 0 if nothing changed.)
 UPDATE {t}_names SET version = LAST_INSERT_ID(version + 1), lease = %(lease)s,
     record = %(record)s
-WHERE namespace = %(ns)s AND name = %(name)s AND lease IS NULL AND mark = 0;
+WHERE namespace = %(ns)s AND name = %(name)s AND (lease IS NULL OR {freed}) AND mark = 0;
 -- name: name_release
 UPDATE {t}_names SET lease = NULL, record = NULL, version = LAST_INSERT_ID(version)
 WHERE namespace = %(ns)s AND name = %(name)s AND lease = %(lease)s AND mark = 0;
+-- name: name_release_marked
+-- name_release without a durable write: the row keeps the lease and the releasing connection
+-- takes the lease's marker (see freed), in an UPDATE that changes nothing (no redo to flush). The
+-- insert id is the version if the row was held so and the marker taken, 0 otherwise (the
+-- affected rows are 0 either way). The row is written by free_marked later.
+UPDATE {t}_names SET version = version
+    + 0 * LAST_INSERT_ID(IF(GET_LOCK({marker}, 0) = 1, version, 0))
+WHERE namespace = %(ns)s AND name = %(name)s AND lease = %(lease)s AND mark = 0;
+-- name: free_marked
+-- The rows of marked releases, written free (their markers are no longer needed), then the
+-- markers let go, in one round trip: {rows} is an OR of (namespace, name, lease) tests, {leases}
+-- a SELECT of each lease marked (a UNION ALL). A row taken since (another lease) is left alone.
+UPDATE {t}_names SET lease = NULL, record = NULL WHERE mark = 0 AND ({rows});
+SELECT COUNT(RELEASE_LOCK({marker})) FROM ({leases}) AS marked;
 -- name: select_kept
 -- A namespace's document and the names held in their rows, in one statement (one snapshot),
 -- then the sessions.
 SELECT 0, version, data, NULL, NULL FROM {t} WHERE namespace = %s
 UNION ALL SELECT 1, version, name, lease, record FROM {t}_names
-    WHERE namespace = %s AND lease IS NOT NULL AND mark = 0
+    WHERE namespace = %s AND lease IS NOT NULL AND mark = 0 AND NOT {freed}
 ORDER BY 1, 3;
 SELECT id, expires - {now} FROM {t}_sessions WHERE expires > {now};
 -- name: lock_kept
@@ -96,7 +123,8 @@ SELECT id, expires - {now} FROM {t}_sessions WHERE expires > {now};
 -- itself).
 SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION; SELECT version, data FROM {t} WHERE namespace = %s FOR UPDATE;
 SELECT name, version, lease, record FROM {t}_names
-WHERE namespace = %s AND lease IS NOT NULL AND mark = 0{only} ORDER BY name FOR UPDATE;
+WHERE namespace = %s AND lease IS NOT NULL AND mark = 0 AND NOT {freed}{only}
+ORDER BY name FOR UPDATE;
 SELECT id, expires - {now} FROM {t}_sessions WHERE expires > {now};
 -- name: lock_and_claim
 -- lock_kept of the names a change names, and claim_names of them all, in one round trip: the
@@ -104,14 +132,14 @@ SELECT id, expires - {now} FROM {t}_sessions WHERE expires > {now};
 -- locked, then the sessions.
 SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION; SELECT version, data FROM {t} WHERE namespace = %s FOR UPDATE;
 INSERT IGNORE INTO {t}_names (namespace, name, version, mark) VALUES {rows};
-SELECT name, version, lease, record, mark FROM {t}_names
+SELECT name, version, IF({freed}, NULL, lease), record, mark FROM {t}_names
 WHERE namespace = %s AND name IN ({names}) ORDER BY name FOR UPDATE;
 SELECT id, expires - {now} FROM {t}_sessions WHERE expires > {now};
 -- name: claim_names
 -- Names a change brings into the document that were in none of its rows when it locked them
 -- (see postgres.sql): {rows} is a (namespace, name, 0, 0) per name, {names} the names again.
 INSERT IGNORE INTO {t}_names (namespace, name, version, mark) VALUES {rows};
-SELECT name, version, lease, record, mark FROM {t}_names
+SELECT name, version, IF({freed}, NULL, lease), record, mark FROM {t}_names
 WHERE namespace = %s AND name IN ({names}) ORDER BY name FOR UPDATE;
 -- name: set_names_commit
 -- {rows}: a (namespace, name, version, mark) per name, quoted by the adapter; then the document,
