@@ -440,21 +440,30 @@ class StatementsPair:
                     raise RuntimeError(f"{self.name}: not released")
                 self.marked.append(lease)
                 if len(self.marked) >= self.marked_max:
-                    esc = self.conn.escape
-                    leases = " UNION ALL ".join(f"SELECT {esc(m)} AS lease" for m in self.marked)
-                    rows = f"namespace = {esc(self.ns)} AND name = {esc(self.name)} AND " + (
-                        f"lease = {esc(lease)}"
-                    )
-                    cur.execute(fill(self.free_marked, leases=leases, rows=rows))
-                    while cur.nextset():
-                        pass
-                    self.marked.clear()
+                    self._free_marked()
         else:
             self._pg(b"bench_retake" if self.seen else b"bench_acquire", params)
             self._pg(b"bench_release", params)
         self.seen = True
 
+    def _free_marked(self) -> None:
+        """MariaDB: the rows of the marked releases written free, the markers let go."""
+        if not self.marked:
+            return
+        esc = self.conn.escape
+        leases = " UNION ALL ".join(f"SELECT {esc(m)} AS lease" for m in self.marked)
+        last = self.marked[-1]
+        rows = f"namespace = {esc(self.ns)} AND name = {esc(self.name)} AND lease = {esc(last)}"
+        with self.conn.cursor() as cur:
+            # (its two statements one by one: this connection sends one a query)
+            for statement in fill(self.free_marked, leases=leases, rows=rows).split(";"):
+                if statement.strip():
+                    cur.execute(statement)
+        self.marked.clear()
+
     def close(self) -> None:
+        if self.backend == "mysql":  # (its last row holds a record tasklocks cannot read)
+            self._free_marked()
         self.conn.close()
 
 
