@@ -184,22 +184,29 @@ def test_close_gives_back_what_a_lost_connection_took(url: str, namespace: str) 
         other.close()
 
 
-def test_the_markers_of_a_process_that_exits_without_closing_are_let_go(
-    url: str, namespace: str
-) -> None:
-    """At the interpreter's exit, a process's marked releases are written free (its session
-    would otherwise hold them until it expires)."""
+def _marking_process(url: str, namespace: str, then: str) -> subprocess.CompletedProcess[str]:
+    """A process that marks the release of ``n`` (its table's third release, within HOT_GAP of
+    the second), then runs ``then`` and exits without closing its table."""
     script = f"""
-        import tasklocks
+        import os, signal, tasklocks
         table = tasklocks.connect({url!r}, {namespace!r})
         for name in ("warm", "warm", "n"):
             with table.hold(name, timeout=0):
                 pass
         assert table.store._markers, "not marked"
+        {then}
     """
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=60
     )
+
+
+def test_the_markers_of_a_process_that_exits_without_closing_are_let_go(
+    url: str, namespace: str
+) -> None:
+    """At the interpreter's exit, a process's marked releases are written free (its session
+    would otherwise hold them until it expires)."""
+    done = _marking_process(url, namespace, then="")
     assert done.returncode == 0, done.stderr
     assert _row(url, namespace, "n")[1:] == (None, False)
 
@@ -210,17 +217,8 @@ def test_a_killed_process_s_marked_releases_are_held_until_it_is_found_dead(
     """A process killed after marking releases takes its markers with it: those names are held
     again by its lease, as the names it held when killed are, until its session expires or a
     waiter on its host proves it dead (``reap`` here)."""
-    script = f"""
-        import os, signal, tasklocks
-        table = tasklocks.connect({url!r}, {namespace!r})
-        for name in ("warm", "warm", "n"):
-            with table.hold(name, timeout=0):
-                pass
-        assert table.store._markers, "not marked"
-        os.kill(os.getpid(), signal.SIGKILL)
-    """
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], timeout=60)
-    assert done.returncode == -9
+    done = _marking_process(url, namespace, then="os.kill(os.getpid(), signal.SIGKILL)")
+    assert done.returncode == -9, done.stderr
     deadline = time.monotonic() + 10
     while _row(url, namespace, "n")[2] and time.monotonic() < deadline:
         time.sleep(0.05)  # the server sees the connection end
