@@ -4,9 +4,10 @@ Python client cost is in either figure.
 
 Each client takes and releases a name of its own (``:client_id``, ``CONNECTION_ID()``) with the
 very statements tasklocks sends (``name_acquire``, and the release of a process that releases
-often: ``name_release_unflushed`` on PostgreSQL, ``name_release_marked`` on MariaDB, whose markers
-each client's connection keeps to its end, from its SQL files, the parameters written in), each
-its own commit (durable but those releases); the peers do the same with
+often: ``name_release_unflushed`` on PostgreSQL, ``name_release_marked`` on MariaDB, from its SQL
+files, the parameters written in), each its own commit (durable but those releases); a client
+keeps one lease, so its MariaDB marker is the same lock taken again (counted) and never let go,
+where tasklocks takes a new one a release and lets them go in batches; the peers do the same with
 ``pg_advisory_lock``/``pg_advisory_unlock`` and ``GET_LOCK``/``RELEASE_LOCK``, which write
 nothing. What the ratio of the two says: how far the server's durable write path lets the
 one-statement layout go against the advisory locks on this machine, whatever the client.

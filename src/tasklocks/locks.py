@@ -1073,13 +1073,18 @@ class LockTable:
         for lease in list(self._queued):  # (still waiting: give their places back for them,
             with contextlib.suppress(TasklocksError):  # while the store is open)
                 self._give_back(lease)
-        if self._fast is not None and self._session is not None:
+        session = self._session
+        if self._fast is not None and session is not None:
             # Releases not written yet (MariaDB's marked ones) are written, and those a lost
-            # connection undid given back, while the store is open: the session that would
-            # give them back stops here.
+            # connection undid given back (other namespaces' too), while the store is open:
+            # the session that would give them back stops here.
             with contextlib.suppress(TasklocksError):
                 self._fast.flush_releases()
+            with contextlib.suppress(TasklocksError):
                 self._settle()
+            for (_, lease), give_back_ in list(session.orphans.items()):
+                with contextlib.suppress(TasklocksError):
+                    give_back_(lease)
         if self._session is not None:
             self._session.close()
             self._session = None

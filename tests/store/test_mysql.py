@@ -4,6 +4,7 @@ them free in a batch later (``flush_releases``); a marker lost with its connecti
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -11,11 +12,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import pymysql
 import pytest
 from conftest import delete_rows, raw_rows, raw_sql, require, server_url
 
 import tasklocks
-from tasklocks.store import DEFAULT_TABLE, mysql
+from tasklocks.store import DEFAULT_TABLE, mysql, parse_url
 
 
 @pytest.fixture
@@ -104,8 +106,8 @@ def test_marked_releases_are_written_free_in_a_batch(
     assert _row(url, namespace, "d") == (token, lease, True)
     session = mine._session
     assert session is not None
-    assert _store(mine).renew_session(session.id)
-    assert _row(url, namespace, "d") == (token, None, False)
+    assert _store(mine).renew_session(session.id)  # (the batch runs on a thread of its own)
+    _eventually(lambda: _row(url, namespace, "d") == (token, None, False))
 
     token, lease = _take_and_release(mine, "e")
     assert _row(url, namespace, "e") == (token, lease, True)
@@ -124,40 +126,100 @@ def test_a_release_seconds_after_the_last_one_is_written(
         assert _row(url, namespace, "n") == (token, None, False)
 
 
+def _cut(url: str, table: tasklocks.LockTable, namespace: str, name: str) -> None:
+    """End the table's server session from outside (a restart, a proxy's cut), and wait until
+    the server has let its markers go (a KILL is carried out by the killed thread)."""
+    raw_sql(url, f"KILL {int(_store(table)._conn.thread_id())}")
+    deadline = time.monotonic() + 10
+    while _row(url, namespace, name)[2]:
+        assert time.monotonic() < deadline, "the killed session kept its marker"
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def _session(url: str) -> Iterator[Any]:
+    """A server session of the test's own."""
+    p = parse_url(url)
+    conn = pymysql.connect(
+        host=p.host, port=p.port or 3306, user=p.user or "root", password=p.password or "",
+        database=p.database, autocommit=True,
+    )  # fmt: skip
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def raw_query(conn: Any, sql: str, *args: Any) -> Any:
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchone()[0]
+
+
+def _eventually(check: Any, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "not within the time"
+        time.sleep(0.02)
+
+
 def test_a_lease_whose_marker_a_lost_connection_took_is_given_back(
     url: str, namespace: str
 ) -> None:
     """A connection cut (a server restart, a proxy) takes its markers with it, and their leases
-    are held in their rows again: the next call's new connection says so (``lost_releases``),
-    and the table gives them back at its next acquisition (or its session's next renewal, as
-    PostgreSQL's releases undone by a crash). The process's own acquisition of such a name
-    finds them too, and takes it."""
+    are held in their rows again: the store's next connection writes those rows free (a batch
+    on a thread of its own) and says the leases (``lost_releases``) for the table to give back
+    through the document too. The process's own acquisition of such a name, before that,
+    finds its own lease in the way, gives it back and takes the name."""
     mine = tasklocks.connect(url, namespace)
     other = tasklocks.connect(url, namespace)
     try:
         _warm(mine)
         token, lease = _take_and_release(mine, "b")
         assert _row(url, namespace, "b") == (token, lease, True)
-        raw_sql(url, f"KILL {int(_store(mine)._conn.thread_id())}")
+        _cut(url, mine, namespace, "b")
         assert _row(url, namespace, "b") == (token, lease, False)
         assert [(h.name, h.holder.lease) for h in other.held()] == [("b", lease)]
-
-        # The process's own take of the name: its row holds a lease of this owner, which a
-        # lost connection may have left; given back, the name is taken.
         assert _take_and_release(mine, "b")[0] > token
         assert other.held() == []
 
-        # A name it does not take again: given back before the next acquisition.
         _take_and_release(mine, "c")
         token, lease = _take_and_release(mine, "c")
-        raw_sql(url, f"KILL {int(_store(mine)._conn.thread_id())}")
+        _cut(url, mine, namespace, "c")
         assert [(h.name, h.holder.lease) for h in other.held()] == [("c", lease)]
-        _take_and_release(mine, "d")  # reconnects: the marker of c is found lost
-        assert [h.name for h in other.held()] == ["c"]
-        _take_and_release(mine, "e")  # gives c back first
-        assert other.held() == []
+        _take_and_release(mine, "d")  # reconnects: the row of c is written free
+        _eventually(lambda: other.held() == [])
+        assert _row(url, namespace, "c")[1:] == (None, False)
         with other.hold("c", timeout=0) as taken:
             assert taken.token > token
+    finally:
+        mine.close()
+        other.close()
+
+
+def test_a_lost_marker_that_a_dying_session_still_holds_is_written_free(
+    url: str, namespace: str
+) -> None:
+    """After a network cut the server may keep the old session (and its markers) for a long
+    time: a give-back through the document then reads the name free and changes nothing, and
+    the name would be held again once that session ends. The batch writes the row itself, which
+    no marker can hide."""
+    mine = tasklocks.connect(url, namespace)
+    other = tasklocks.connect(url, namespace)
+    try:
+        _warm(mine)
+        token, lease = _take_and_release(mine, "n")
+        # The process loses its connection; a session of the test's stands for the server's
+        # old session, which would still hold the marker.
+        with _session(url) as stand_in:
+            _cut(url, mine, namespace, "n")
+            assert raw_query(stand_in, "SELECT GET_LOCK(%s, 0)", f"tasklocks.free:{lease}") == 1
+            assert other.held() == []  # (read as released)
+            _take_and_release(mine, "m")  # a new connection: the batch and the give-back
+            _eventually(lambda: _row(url, namespace, "n")[1] is None)
+            assert other.held() == []
+        assert _row(url, namespace, "n") == (token, None, False)  # the stand-in is gone
+        assert other.held() == []
     finally:
         mine.close()
         other.close()
@@ -174,7 +236,7 @@ def test_close_gives_back_what_a_lost_connection_took(url: str, namespace: str) 
         _take_and_release(mine, "a")
         token, lease = _take_and_release(mine, "b")
         assert _row(url, namespace, "b") == (token, lease, True)
-        raw_sql(url, f"KILL {int(_store(mine)._conn.thread_id())}")
+        _cut(url, mine, namespace, "b")
         assert [h.name for h in other.held()] == ["a", "b"]
         mine.close()
         assert other.held() == []
@@ -199,6 +261,48 @@ def _marking_process(url: str, namespace: str, then: str) -> subprocess.Complete
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=60
     )
+
+
+def test_a_marked_name_that_a_document_took_over_is_given_back(
+    tables: list[tasklocks.LockTable], url: str, namespace: str
+) -> None:
+    """A process of an earlier tasklocks reads a marked name as held; a waiter of its own moves
+    the name into the document with the marked lease as its holder (the row marked, its lease
+    cleared). The batch finds such rows and says their leases, for the table to give back."""
+    mine, _ = tables
+    _warm(mine)
+    token, lease = _take_and_release(mine, "n")
+    raw_sql(
+        url,
+        f"UPDATE {DEFAULT_TABLE}_names SET mark = 1, lease = NULL, record = NULL "
+        "WHERE namespace = %s AND name = 'n'",
+        (namespace,),
+    )
+    store = _store(mine)
+    assert not store.has_lost()
+    store.flush_releases()
+    assert store.lost_releases() == [(namespace, lease)]
+    assert store._markers == [] and store._marked == {}
+    assert _row(url, namespace, "n") == (token, None, False)
+
+
+def test_a_server_that_refuses_markers_gets_the_written_release(
+    tables: list[tasklocks.LockTable], url: str, namespace: str
+) -> None:
+    """A Galera node refuses GET_LOCK (an error of the server's): the store stops marking and
+    releases as it did before, in the same call."""
+    mine, other = tables
+    _warm(mine)
+    store = _store(mine)
+    store._sql["name_release_marked"] = store._sql["name_release_marked"].replace(
+        "GET_LOCK(", "tasklocks_no_such_function("
+    )
+    token, _lease = _take_and_release(mine, "n")  # refused (1305), then written
+    assert _row(url, namespace, "n") == (token, None, False)
+    assert not store._marking
+    token, _lease = _take_and_release(mine, "n")
+    assert _row(url, namespace, "n") == (token, None, False)
+    assert other.held() == []
 
 
 def test_the_markers_of_a_process_that_exits_without_closing_are_let_go(

@@ -36,7 +36,7 @@ from typing import Any, NoReturn, TypeVar
 from tasklocks._url import MYSQL_TLS
 from tasklocks.errors import StoreError, StoreUnavailable
 from tasklocks.names import is_name
-from tasklocks.store._base import Call, Change, fill
+from tasklocks.store._base import Call, Change, OutcomeUnknown, fill
 from tasklocks.store._names import stored
 from tasklocks.store._rows import fast_names, text_of
 from tasklocks.store._sql_server import (
@@ -57,7 +57,7 @@ _CONNECTION_CLASS: Any = None
 HOT_GAP = 1.0
 MARKED_MAX = 64
 MARKED_LEASE = 48
-MARKER_EXIT_WAIT = 1.0  # seconds the interpreter's exit waits for a store's lock to let markers go
+MARKER_WAIT = 1.0  # seconds close() and the interpreter's exit wait to let a store's markers go
 T = TypeVar("T")
 _PRELUDE = struct.Struct("<iB").pack  # a command packet's length, sequence 0 and command byte
 _HEADER = struct.Struct("<HBB").unpack  # a reply packet's length (low 16, high 8 bits), sequence
@@ -277,7 +277,17 @@ def _let_all_markers_go() -> None:
         store._let_markers_go()
 
 
+def _forget_the_parents_markers() -> None:
+    """In a forked child: the parent's marked releases are the parent's to write, and a lock
+    of theirs a parent's thread held at the fork would stay held."""
+    for store in list(_MARKING):
+        store._marked, store._markers, store._lost = {}, [], []
+        store._lost_lock, store._flushing = threading.Lock(), threading.Lock()
+    _MARKING.clear()
+
+
 atexit.register(_let_all_markers_go)
+os.register_at_fork(after_in_child=_forget_the_parents_markers)
 
 _POSITIONAL: dict[str, _Positional] = {}  # a row statement's text -> its prepared form
 
@@ -326,6 +336,7 @@ ER_NO_SUCH_TABLE = 1146
 ER_BAD_FIELD = 1054  # no such column
 ER_DEADLOCK = 1213
 ER_LOCK_WAIT_TIMEOUT = 1205
+_BUSY = {ER_DEADLOCK, ER_LOCK_WAIT_TIMEOUT}  # a server error of the moment, not of the statement
 # ER_CON_COUNT_ERROR (too many connections), ER_SERVER_SHUTDOWN, ER_CONNECTION_KILLED (MariaDB),
 # ER_CLIENT_INTERACTION_TIMEOUT (MySQL 8.0.24+: an idle connection closed)
 _CONNECTION_GONE = {1040, 1053, 1927, 4031}
@@ -340,7 +351,7 @@ _ESCAPES = tuple(zip("\\'\0\n\r\x1a", ("\\\\", "\\'", "\\0", "\\n", "\\r", "\\Z"
 _PLAIN = re.compile(r"[^\\'\x00\n\r\x1a]*").fullmatch
 
 
-def _code(exc: BaseException) -> int:
+def _code(exc: BaseException | None) -> int:
     args = getattr(exc, "args", ())
     return args[0] if args and isinstance(args[0], int) else 0
 
@@ -383,15 +394,16 @@ class MySQLStore(ServerStore):
     # --- the driver -----------------------------------------------------------------------------
 
     def _setup(self) -> None:
-        # Marked releases on this store's own connection (see the module docstring), made by
-        # process _marked_pid: the last lease marked of each name, (namespace, name) -> lease,
-        # whose rows flush_releases writes; every lease marked, whose markers it lets go. Changed
-        # under the store's lock only. _lost: leases whose markers a lost connection took.
+        # Marked releases (see the module docstring): the last lease marked of each name,
+        # (namespace, name) -> lease, whose rows flush_releases writes (those of a lost
+        # connection too); the leases whose markers this store's connection holds, which it lets
+        # go. Changed under the store's lock only. _lost: leases to give back (lost_releases).
         self._marked: dict[tuple[str, str], str] = {}
         self._markers: list[str] = []
-        self._marked_pid = 0
         self._lost: list[tuple[str, str]] = []
         self._lost_lock = threading.Lock()
+        self._flushing = threading.Lock()  # a batch on a thread of its own (_flush_soon)
+        self._marking = True  # False once the server refused a marker
         self._released_at = -math.inf  # (time.monotonic) this store's last row release
 
     def _import_driver(self) -> None:
@@ -637,59 +649,108 @@ class MySQLStore(ServerStore):
         if not (
             hot
             and renewed
+            and self._marking
             and self._engine is None  # (a pool may reset a connection, and its user locks)
+            and type(self._conn) is _CONNECTION_CLASS  # (ok_execute reads its insert id)
             and len(names) == 1
             and len(lease) < MARKED_LEASE
             and is_name(lease)
         ):
             return super().fast_release(namespace, names, lease, renewed)
-        params = {"ns": namespace, "name": fast_names(names)[0], "lease": lease}
-        version = self._fast(False, (self._sql["name_release_marked"], params))
+        name = fast_names(names)[0]
+        params = {"ns": namespace, "name": name, "lease": lease}
+        try:
+            version = self._fast(False, (self._sql["name_release_marked"], params))
+        except OutcomeUnknown:
+            # It may have run, its marker held by a connection gone or going: the row is
+            # written free by the next batch whatever happened (the lock table releases the
+            # lease through the document meanwhile).
+            with self._mutex():
+                self._marked[namespace, name] = lease
+                _MARKING.add(self)
+            raise
+        except StoreError as exc:
+            code = _code(exc.__cause__)
+            if isinstance(exc, StoreUnavailable) or not 1000 <= code < 2000 or code in _BUSY:
+                raise
+            # The server refuses the marker (a Galera node refuses GET_LOCK): this store
+            # releases as it did before marking.
+            self._marking = False
+            return super().fast_release(namespace, names, lease, renewed)
         if version is not None and len(self._markers) >= MARKED_MAX:
-            with contextlib.suppress(StoreError):  # released all the same: a renewal writes them
+            with contextlib.suppress(StoreError):  # released all the same: a later batch writes it
                 self.flush_releases()
         return version
 
     def _mark(self, params: Mapping[str, str]) -> None:
         """A marked release went well on this store's own connection (under the store's lock)."""
-        pid = os.getpid()
-        if self._marked_pid != pid:  # (a forked child: the parent's markers are the parent's)
-            self._marked, self._markers, self._marked_pid = {}, [], pid
-            _MARKING.add(self)
         self._marked[params["ns"], params["name"]] = params["lease"]
         self._markers.append(params["lease"])
+        if len(self._markers) == 1:
+            _MARKING.add(self)
 
     def flush_releases(self) -> None:
-        """Write the rows of this process's marked releases free, and let their markers go, in
-        one round trip (markers that a lost connection took are said by ``lost_releases``)."""
-        if self._markers and self._marked_pid == os.getpid():
+        """Write the rows of this process's marked releases free, and let the markers its
+        connection holds go, in one round trip. The leases of rows a document took over meanwhile
+        (a waiter of an earlier tasklocks queued for a name it read as held) are said by
+        ``lost_releases``, for the lock table to give back."""
+        if self._marked or self._markers:
             self._locked(self._free_marked)
 
     def _free_marked(self, conn: Any, call: Call) -> None:
         marked, markers = self._marked, self._markers
-        if not markers or self._marked_pid != os.getpid():
+        if not marked and not markers:
             return
-        leases = " UNION ALL ".join(f"SELECT {conn.escape(lease)} AS lease" for lease in markers)
-        rows = " OR ".join(
-            f"(namespace = {conn.escape(ns)} AND name = {conn.escape(name)} AND "
-            f"lease = {conn.escape(lease)})"
-            for (ns, name), lease in marked.items()
+        esc = conn.escape
+        keys = [f"(namespace = {esc(ns)} AND name = {esc(name)}" for ns, name in marked]
+        rows = " OR ".join(f"{key} AND lease = {esc(lease)})" for key, lease in
+                           zip(keys, marked.values(), strict=True))  # fmt: skip
+        taken = " OR ".join(f"{key})" for key in keys)
+        leases = " UNION ALL ".join(f"SELECT {esc(lease)} AS lease" for lease in markers)
+        sql = fill(
+            self._sql["free_marked"],
+            leases=leases or "SELECT NULL AS lease",
+            taken=taken or "0",
+            rows=rows or "0",
         )
-        cur = self._execute(conn, fill(self._sql["free_marked"], leases=leases, rows=rows))
+        cur = self._execute(conn, sql)
+        cur.nextset()  # the UPDATE's, then the rows a document took (mark = 1), then the markers
+        moved = {(text_of(ns), text_of(name)) for ns, name in cur.fetchall()}
         while cur.nextset():
             pass
         self._marked, self._markers = {}, []
+        lost = sorted({(ns, lease) for (ns, name), lease in marked.items() if (ns, name) in moved})
+        if lost:
+            with self._lost_lock:
+                self._lost.extend(lost)
 
     def _connected(self) -> None:
-        # A new connection: the markers of the last one went with it, and their leases are
-        # held in their rows again until given back.
-        if self._markers:
+        # A new connection: the markers of the last one went with it (or go when its server
+        # thread ends: after a cut, perhaps hours later), and their leases are held in their rows
+        # again. The rows are written free by a batch now, on a thread of its own (this call
+        # holds the store's lock), and their leases given back through the document too (a
+        # change there may have taken one over meanwhile).
+        self._markers = []
+        if self._marked:
             lost = sorted({(ns, lease) for (ns, _), lease in self._marked.items()})
-            mine = self._marked_pid == os.getpid()
-            self._marked, self._markers = {}, []
-            if mine:
-                with self._lost_lock:
-                    self._lost.extend(lost)
+            with self._lost_lock:
+                self._lost.extend(lost)
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        """``flush_releases`` on a thread of its own (one at a time): a session's renewal and a
+        reconnection never wait for it."""
+        if self._flushing.acquire(blocking=False):
+            flush = threading.Thread(target=self._flush_quietly, name="tasklocks-flush")
+            flush.daemon = True
+            flush.start()
+
+    def _flush_quietly(self) -> None:
+        try:
+            with contextlib.suppress(StoreError):  # (the next renewal tries again)
+                self.flush_releases()
+        finally:
+            self._flushing.release()
 
     def lost_releases(self, check: bool = False) -> list[tuple[str, str]]:
         with self._lost_lock:
@@ -701,9 +762,8 @@ class MySQLStore(ServerStore):
 
     def renew_session(self, session: str) -> bool:
         kept = super().renew_session(session)
-        if self._markers:
-            with contextlib.suppress(StoreError):  # (a lost connection: lost_releases)
-                self.flush_releases()
+        if self._marked or self._markers:
+            self._flush_soon()
         return kept
 
     def close(self) -> None:
@@ -712,20 +772,25 @@ class MySQLStore(ServerStore):
 
     def _let_markers_go(self) -> None:
         """``flush_releases`` at ``close`` and at the interpreter's exit: on the connection as it
-        is (a lost one took its markers with it), waiting ``MARKER_EXIT_WAIT`` at most for the
-        store's lock and for each read and write."""
-        if not self._markers or self._marked_pid != os.getpid() or self._pid != os.getpid():
+        is (a lost one took its markers with it, and ``LockTable.close`` has run a batch that
+        reconnects already), waiting ``MARKER_WAIT`` at most for the store's lock and for each
+        read and write."""
+        if not (self._marked or self._markers) or self._pid != os.getpid():
             return
         lock = self._mutex()
-        if not lock.acquire(timeout=MARKER_EXIT_WAIT):
+        if not lock.acquire(timeout=MARKER_WAIT):
             return
         try:
             conn = self._conn
             if conn is None or type(conn) is not _CONNECTION_CLASS or self._driver_closed(conn):
                 return
-            conn._read_timeout = conn._write_timeout = MARKER_EXIT_WAIT  # (it is closed next)
-            with contextlib.suppress(*self._driver_errors, OSError):
-                self._free_marked(conn, Call())
+            was = conn._read_timeout, conn._write_timeout
+            conn._read_timeout = conn._write_timeout = MARKER_WAIT
+            try:
+                with contextlib.suppress(*self._driver_errors, OSError):
+                    self._free_marked(conn, Call())
+            finally:
+                conn._read_timeout, conn._write_timeout = was
         finally:
             lock.release()
 

@@ -27,8 +27,10 @@ INSERT IGNORE INTO {t} (namespace, version, data) VALUES (%s, 0, %s);
 (IS_USED_LOCK({marker}) IS NOT NULL)
 -- name: marker
 -- The name of a lease's marker. LEFT keeps it within MySQL's 64 characters (only a lease shorter
--- than 48 is marked: MySQLStore.fast_release).
-CONCAT('tasklocks.free:', LEFT(lease, 48))
+-- than 48 is marked: MySQLStore.fast_release); COALESCE gives a row without a lease a name that
+-- no marker has (MySQL refuses a NULL one). The servers compare these names without regard to
+-- case: tasklocks' leases are lowercase hex.
+CONCAT('tasklocks.free:', LEFT(COALESCE(lease, ''), 48))
 -- name: create_sessions
 CREATE TABLE IF NOT EXISTS {t}_sessions (id VARCHAR(64) NOT NULL PRIMARY KEY,
     owner VARCHAR(255) NOT NULL, host VARCHAR(255) NOT NULL, pid BIGINT, ttl DOUBLE NOT NULL,
@@ -68,16 +70,17 @@ UPDATE {t}_meta SET value = %s WHERE `key` = 'schema_version' AND value = %s;
 -- before it is set. LAST_INSERT_ID(expr) hands the token back in the OK packet (lastrowid): 1 for
 -- a new row, the version + 1 for a free one, and 0 when the name was not taken (the SELECT set 1
 -- before the row was found; the affected-row count cannot tell, as CLIENT.FOUND_ROWS changes it).
--- Whether the row is free is decided once (@tasklocks_take): a marker looked at three times
--- could vanish between two looks.
+-- Whether the row is free is decided once, by the lease's assignment (a marker looked at three
+-- times could vanish between two looks); version and record then test whether the lease is the
+-- new one (a lease is never taken twice).
 INSERT INTO {t}_names (namespace, name, version, lease, record, mark)
 SELECT %(ns)s, %(name)s, LAST_INSERT_ID(1), %(lease)s, %(record)s, 0 FROM DUAL
 WHERE EXISTS (SELECT 1 FROM {t}_names WHERE namespace = %(ns)s AND name = '' AND mark = 1)
 ON DUPLICATE KEY UPDATE
-    version = IF(@tasklocks_take := ((lease IS NULL OR {freed}) AND mark = 0),
-                 LAST_INSERT_ID(version + 1), version + LAST_INSERT_ID(0)),
-    record = IF(@tasklocks_take, VALUES(record), record),
-    lease = IF(@tasklocks_take, VALUES(lease), lease);
+    lease = IF((lease IS NULL OR {freed}) AND mark = 0, VALUES(lease), lease),
+    version = IF(lease <=> VALUES(lease), LAST_INSERT_ID(version + 1),
+                 version + LAST_INSERT_ID(0)),
+    record = IF(lease <=> VALUES(lease), VALUES(record), record);
 -- name: name_retake
 -- name_acquire of a name whose row this process has seen (rows are never deleted): the row's
 -- UPDATE alone, without the insert and its look at the layout row, which cost MariaDB a
@@ -99,10 +102,12 @@ UPDATE {t}_names SET version = version
     + 0 * LAST_INSERT_ID(IF(GET_LOCK({marker}, 0) = 1, version, 0))
 WHERE namespace = %(ns)s AND name = %(name)s AND lease = %(lease)s AND mark = 0;
 -- name: free_marked
--- The rows of marked releases, written free (their markers are no longer needed), then the
--- markers let go, in one round trip: {rows} is an OR of (namespace, name, lease) tests, {leases}
--- a SELECT of each lease marked (a UNION ALL). A row taken since (another lease) is left alone.
+-- The rows of marked releases, written free (their markers are no longer needed), those of them
+-- a document took over meanwhile, then the markers let go, in one round trip: {rows} is an OR of
+-- (namespace, name, lease) tests, {taken} the same of (namespace, name), {leases} a SELECT of
+-- each lease marked (a UNION ALL). A row taken since (another lease) is left alone.
 UPDATE {t}_names SET lease = NULL, record = NULL WHERE mark = 0 AND ({rows});
+SELECT namespace, name FROM {t}_names WHERE mark = 1 AND ({taken});
 SELECT COUNT(RELEASE_LOCK({marker})) FROM ({leases}) AS marked;
 -- name: select_kept
 -- A namespace's document and the names held in their rows, in one statement (one snapshot),
