@@ -397,7 +397,7 @@ class StatementsPair:
         # without waiting for the flush; MariaDB: its marker, and every MARKED_MAX releases the
         # rows written free and the markers let go, as tasklocks does).
         self.release = sql.get("name_release_unflushed") or sql["name_release_marked"]
-        self.free_marked, self.marked_max = sql["free_marked"], MARKED_MAX
+        self.free_marked, self.marked_max = sql.get("free_marked", ""), MARKED_MAX
         self.marked: list[str] = []
         self.record = "x" * 130  # about a real record's size (the text is not read)
         layout = f"INSERT INTO {table}_names (namespace, name, version, mark) VALUES (%s, '', 1, "
@@ -453,10 +453,12 @@ class StatementsPair:
         esc = self.conn.escape
         leases = " UNION ALL ".join(f"SELECT {esc(m)} AS lease" for m in self.marked)
         last = self.marked[-1]
-        rows = f"namespace = {esc(self.ns)} AND name = {esc(self.name)} AND lease = {esc(last)}"
+        taken = f"namespace = {esc(self.ns)} AND name = {esc(self.name)}"
+        rows = f"{taken} AND lease = {esc(last)}"
+        sql = fill(self.free_marked, leases=leases, taken=taken, rows=rows)
         with self.conn.cursor() as cur:
-            # (its two statements one by one: this connection sends one a query)
-            for statement in fill(self.free_marked, leases=leases, rows=rows).split(";"):
+            # (its three statements one by one: this connection sends one a query)
+            for statement in sql.split(";"):
                 if statement.strip():
                     cur.execute(statement)
         self.marked.clear()

@@ -1078,13 +1078,14 @@ class LockTable:
             # Releases not written yet (MariaDB's marked ones) are written, and those a lost
             # connection undid given back (other namespaces' too), while the store is open:
             # the session that would give them back stops here.
-            with contextlib.suppress(TasklocksError):
+            try:
                 self._fast.flush_releases()
-            with contextlib.suppress(TasklocksError):
                 self._settle()
-            for (_, lease), give_back_ in list(session.orphans.items()):
-                with contextlib.suppress(TasklocksError):
-                    give_back_(lease)
+                for key, give_back_ in list(session.orphans.items()):
+                    give_back_(key[1])
+                    session.orphans.pop(key, None)
+            except TasklocksError:
+                pass  # the database does not answer: the session's expiry frees them
         if self._session is not None:
             self._session.close()
             self._session = None

@@ -14,8 +14,10 @@
   (``name_release_marked``, ``freed`` in ``sql/mysql.sql``). The rows are written free in a batch
   that lets the markers go (``flush_releases``, the file's ``free_marked``): at ``MARKED_MAX``
   marked releases, at each session renewal, at ``close`` and at the interpreter's exit. A marker
-  lives as long as its connection: once that is lost, the leases are said by ``lost_releases``
-  and the lock table gives them back (design.md, "MariaDB: a release marked by a user lock").
+  lives as long as its server session: once the connection is lost, the next one writes the
+  rows in a batch on a thread of its own (the old session may hold the markers for hours after
+  a cut), and the leases are said by ``lost_releases`` for the lock table to give back too
+  (design.md, "MariaDB: a release marked by a user lock").
 """
 
 from __future__ import annotations
@@ -269,21 +271,21 @@ class _Positional:
         self.head = bytes((n + 7) // 8) + b"\x01" + b"\xfe\x00" * n if n else b""
 
 
-_MARKING: weakref.WeakSet[MySQLStore] = weakref.WeakSet()  # stores that marked a release
+_STORES: weakref.WeakSet[MySQLStore] = weakref.WeakSet()
 
 
 def _let_all_markers_go() -> None:
-    for store in list(_MARKING):
+    for store in list(_STORES):
         store._let_markers_go()
 
 
 def _forget_the_parents_markers() -> None:
     """In a forked child: the parent's marked releases are the parent's to write, and a lock
     of theirs a parent's thread held at the fork would stay held."""
-    for store in list(_MARKING):
+    for store in list(_STORES):
         store._marked, store._markers, store._lost = {}, [], []
         store._lost_lock, store._flushing = threading.Lock(), threading.Lock()
-    _MARKING.clear()
+        store._flush_wanted = False
 
 
 atexit.register(_let_all_markers_go)
@@ -336,7 +338,9 @@ ER_NO_SUCH_TABLE = 1146
 ER_BAD_FIELD = 1054  # no such column
 ER_DEADLOCK = 1213
 ER_LOCK_WAIT_TIMEOUT = 1205
-_BUSY = {ER_DEADLOCK, ER_LOCK_WAIT_TIMEOUT}  # a server error of the moment, not of the statement
+# A server that refuses the marker: ER_NOT_SUPPORTED_YET (a Galera node's GET_LOCK, MDEV-30473),
+# ER_SP_DOES_NOT_EXIST (a server without the function).
+_NO_MARKERS = {1235, 1305}
 # ER_CON_COUNT_ERROR (too many connections), ER_SERVER_SHUTDOWN, ER_CONNECTION_KILLED (MariaDB),
 # ER_CLIENT_INTERACTION_TIMEOUT (MySQL 8.0.24+: an idle connection closed)
 _CONNECTION_GONE = {1040, 1053, 1927, 4031}
@@ -403,6 +407,8 @@ class MySQLStore(ServerStore):
         self._lost: list[tuple[str, str]] = []
         self._lost_lock = threading.Lock()
         self._flushing = threading.Lock()  # a batch on a thread of its own (_flush_soon)
+        self._flush_wanted = False
+        _STORES.add(self)
         self._marking = True  # False once the server refused a marker
         self._released_at = -math.inf  # (time.monotonic) this store's last row release
 
@@ -667,14 +673,11 @@ class MySQLStore(ServerStore):
             # lease through the document meanwhile).
             with self._mutex():
                 self._marked[namespace, name] = lease
-                _MARKING.add(self)
             raise
         except StoreError as exc:
-            code = _code(exc.__cause__)
-            if isinstance(exc, StoreUnavailable) or not 1000 <= code < 2000 or code in _BUSY:
+            if isinstance(exc, StoreUnavailable) or _code(exc.__cause__) not in _NO_MARKERS:
                 raise
-            # The server refuses the marker (a Galera node refuses GET_LOCK): this store
-            # releases as it did before marking.
+            # The server refuses the marker: this store releases as it did before marking.
             self._marking = False
             return super().fast_release(namespace, names, lease, renewed)
         if version is not None and len(self._markers) >= MARKED_MAX:
@@ -686,8 +689,6 @@ class MySQLStore(ServerStore):
         """A marked release went well on this store's own connection (under the store's lock)."""
         self._marked[params["ns"], params["name"]] = params["lease"]
         self._markers.append(params["lease"])
-        if len(self._markers) == 1:
-            _MARKING.add(self)
 
     def flush_releases(self) -> None:
         """Write the rows of this process's marked releases free, and let the markers its
@@ -738,19 +739,28 @@ class MySQLStore(ServerStore):
             self._flush_soon()
 
     def _flush_soon(self) -> None:
-        """``flush_releases`` on a thread of its own (one at a time): a session's renewal and a
-        reconnection never wait for it."""
+        """``flush_releases`` on a thread of its own (one at a time, which runs again if asked
+        meanwhile): a session's renewal and a reconnection never wait for it. Where no thread
+        can start (at the interpreter's exit), the next renewal or ``close`` writes them."""
+        self._flush_wanted = True
         if self._flushing.acquire(blocking=False):
             flush = threading.Thread(target=self._flush_quietly, name="tasklocks-flush")
             flush.daemon = True
-            flush.start()
+            try:
+                flush.start()
+            except RuntimeError:
+                self._flushing.release()
 
     def _flush_quietly(self) -> None:
-        try:
-            with contextlib.suppress(StoreError):  # (the next renewal tries again)
-                self.flush_releases()
-        finally:
-            self._flushing.release()
+        while True:
+            try:
+                self._flush_wanted = False
+                with contextlib.suppress(StoreError):  # (the next renewal tries again)
+                    self.flush_releases()
+            finally:
+                self._flushing.release()
+            if not self._flush_wanted or not self._flushing.acquire(blocking=False):
+                return
 
     def lost_releases(self, check: bool = False) -> list[tuple[str, str]]:
         with self._lost_lock:

@@ -21,9 +21,10 @@ INSERT IGNORE INTO {t} (namespace, version, data) VALUES (%s, 0, %s);
 -- name: freed
 -- A row whose lease its holder released by a marker (name_release_marked): read as no lease at
 -- all. The marker is a user-level lock, kept by the releasing connection until a durable batch
--- release (free_marked) writes the row; it is lost with that connection, and the lease is then
--- held again until its process gives it back (design.md, "MariaDB: a release marked by a user
--- lock"). In parentheses: under HIGH_NOT_PRECEDENCE, NOT binds tighter than IS.
+-- release (free_marked) writes the row; it is lost with that connection's server session, and
+-- the lease is then held again until its process, reconnecting, writes the row in a batch and
+-- gives the lease back (design.md, "MariaDB: a release marked by a user lock"). In
+-- parentheses: under HIGH_NOT_PRECEDENCE, NOT binds tighter than IS.
 (IS_USED_LOCK({marker}) IS NOT NULL)
 -- name: marker
 -- The name of a lease's marker. LEFT keeps it within MySQL's 64 characters (only a lease shorter
@@ -70,17 +71,18 @@ UPDATE {t}_meta SET value = %s WHERE `key` = 'schema_version' AND value = %s;
 -- before it is set. LAST_INSERT_ID(expr) hands the token back in the OK packet (lastrowid): 1 for
 -- a new row, the version + 1 for a free one, and 0 when the name was not taken (the SELECT set 1
 -- before the row was found; the affected-row count cannot tell, as CLIENT.FOUND_ROWS changes it).
--- Whether the row is free is decided once, by the lease's assignment (a marker looked at three
--- times could vanish between two looks); version and record then test whether the lease is the
--- new one (a lease is never taken twice).
+-- Whether the row is free is decided once, into @tasklocks_take (a marker looked at three times
+-- could vanish between two looks), which also holds under MariaDB's SIMULTANEOUS_ASSIGNMENT
+-- (expressions are still evaluated left to right; only the columns are set at once). MySQL 8
+-- warns that setting a variable in an expression is deprecated (1287), and runs it.
 INSERT INTO {t}_names (namespace, name, version, lease, record, mark)
 SELECT %(ns)s, %(name)s, LAST_INSERT_ID(1), %(lease)s, %(record)s, 0 FROM DUAL
 WHERE EXISTS (SELECT 1 FROM {t}_names WHERE namespace = %(ns)s AND name = '' AND mark = 1)
 ON DUPLICATE KEY UPDATE
-    lease = IF((lease IS NULL OR {freed}) AND mark = 0, VALUES(lease), lease),
-    version = IF(lease <=> VALUES(lease), LAST_INSERT_ID(version + 1),
-                 version + LAST_INSERT_ID(0)),
-    record = IF(lease <=> VALUES(lease), VALUES(record), record);
+    version = IF(@tasklocks_take := ((lease IS NULL OR {freed}) AND mark = 0),
+                 LAST_INSERT_ID(version + 1), version + LAST_INSERT_ID(0)),
+    record = IF(@tasklocks_take, VALUES(record), record),
+    lease = IF(@tasklocks_take, VALUES(lease), lease);
 -- name: name_retake
 -- name_acquire of a name whose row this process has seen (rows are never deleted): the row's
 -- UPDATE alone, without the insert and its look at the layout row, which cost MariaDB a
