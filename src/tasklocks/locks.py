@@ -696,6 +696,15 @@ class LockTable:
             if self._closed:  # by another thread
                 raise self._closed_error()
             try:
+                if claimant.lease in self._orphans:
+                    # Its give-back below (a session lost meanwhile) got no answer: taken again
+                    # under this lease, a later give-back would free what the caller holds.
+                    self._give_back(claimant.lease)
+                    if claimant.lease in self._orphans:
+                        raise StoreUnreachable(
+                            f"{self.store.url} did not answer the give-back of an acquisition "
+                            "whose session was lost"
+                        )
                 if claimant.session is not None:
                     session = self._live_session()
                     claimant = claimant._replace(session=session.id)
@@ -891,6 +900,8 @@ class LockTable:
             self._orphan(lease)
             return
         self._orphans.discard(lease)
+        if self._session is not None:  # (given back: the session's renewals need not)
+            self._session.orphans.pop((self.namespace, lease), None)
 
     def _orphan(self, lease: str) -> None:
         """Give ``lease`` back on the next contact with the database (this table's next call,

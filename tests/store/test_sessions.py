@@ -568,6 +568,54 @@ def test_a_release_that_raises_is_completed_once_the_database_answers(
                 time.sleep(0.05)
 
 
+class RefusingStore(FlakyStore):
+    """A FlakyStore whose next change, once ``refuse_next`` is set, gets no answer (and is not
+    applied); the database answers again at once after it."""
+
+    refuse_next = False
+
+    def transact(
+        self,
+        namespace: str,
+        compute: Compute,
+        hint: Snapshot | None,
+        names: Sequence[str] | None = None,
+    ) -> Snapshot:
+        if self.refuse_next:
+            self.refuse_next = False
+            raise StoreUnreachable("the database does not answer (test)")
+        return super().transact(namespace, compute, hint, names)
+
+
+def test_a_lease_whose_give_back_is_due_is_not_handed_out(db_url: str, namespace: str) -> None:
+    """An acquisition granted under a session lost meanwhile gives its lease back and tries
+    again. If that give-back gets no answer, the lease waits to be given back later: the
+    acquisition must not be handed out under it meanwhile (the later give-back would free what
+    the caller holds). It gives it back first, then takes the name again."""
+    flaky = RefusingStore(open_store(db_url))
+    with LockTable(flaky, namespace, owns_store=True, ttl=TTL) as table:
+        table.held()
+        session = table._live_session()
+        alive = session.alive
+        lost_once: list[bool] = []
+
+        def alive_but_once() -> bool:
+            if sys._getframe(1).f_code.co_name == "_acquire" and not lost_once:
+                lost_once.append(True)
+                flaky.refuse_next = True  # the give-back that follows gets no answer
+                return False
+            return alive()
+
+        session.alive = alive_but_once  # type: ignore[method-assign]
+        lease = table.acquire("a", owner="task:mine")
+        assert lost_once, "the session was never found lost: nothing was tested"
+        assert lease.lease_id not in table._orphans
+        assert [h.holder.lease for h in table.held()] == [lease.lease_id]  # (held() settles)
+        with tasklocks.connect(db_url, namespace=namespace) as other:
+            assert [(h.name, h.holder.lease) for h in other.held()] == [("a", lease.lease_id)]
+        lease.release()
+
+
 @pytest.mark.parametrize("db_url", ["mysql", "postgresql"], indirect=True)
 def test_the_sessions_connection_does_not_check_the_schema_again(
     db_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
