@@ -462,12 +462,15 @@ def test_a_day_is_a_ttl(db_url: str, namespace: str) -> None:
 
 class FlakyStore:
     """A real store whose next write is applied but its reply lost, after which the database
-    "does not answer" until :meth:`up` (every call raises StoreUnavailable)."""
+    "does not answer" until :meth:`up` (every call raises StoreUnavailable); or whose next
+    change, once ``refuse_next`` is set, gets no answer (and is not applied), the database
+    answering again at once after it."""
 
     def __init__(self, inner: Store) -> None:
         self.inner = inner
         self.url, self.table, self.local = inner.url, inner.table, inner.local
         self.lose_next_write = False
+        self.refuse_next = False
         self.down = False
 
     def _check(self) -> None:
@@ -489,6 +492,9 @@ class FlakyStore:
         names: Sequence[str] | None = None,
     ) -> Snapshot:
         self._check()
+        if self.refuse_next:
+            self.refuse_next = False
+            raise StoreUnreachable("the database does not answer (test)")
         snap = self.inner.transact(namespace, compute, hint, names)
         if self.lose_next_write:
             self.lose_next_write, self.down = False, True
@@ -568,31 +574,12 @@ def test_a_release_that_raises_is_completed_once_the_database_answers(
                 time.sleep(0.05)
 
 
-class RefusingStore(FlakyStore):
-    """A FlakyStore whose next change, once ``refuse_next`` is set, gets no answer (and is not
-    applied); the database answers again at once after it."""
-
-    refuse_next = False
-
-    def transact(
-        self,
-        namespace: str,
-        compute: Compute,
-        hint: Snapshot | None,
-        names: Sequence[str] | None = None,
-    ) -> Snapshot:
-        if self.refuse_next:
-            self.refuse_next = False
-            raise StoreUnreachable("the database does not answer (test)")
-        return super().transact(namespace, compute, hint, names)
-
-
 def test_a_lease_whose_give_back_is_due_is_not_handed_out(db_url: str, namespace: str) -> None:
     """An acquisition granted under a session lost meanwhile gives its lease back and tries
     again. If that give-back gets no answer, the lease waits to be given back later: the
     acquisition must not be handed out under it meanwhile (the later give-back would free what
     the caller holds). It gives it back first, then takes the name again."""
-    flaky = RefusingStore(open_store(db_url))
+    flaky = FlakyStore(open_store(db_url))
     with LockTable(flaky, namespace, owns_store=True, ttl=TTL) as table:
         table.held()
         session = table._live_session()
