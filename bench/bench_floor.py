@@ -35,8 +35,7 @@ def _statements(dialect: str, ns: str, name: str, lease: str) -> tuple[str, str]
     # What a session's lease releases with (PostgreSQL: without waiting for the flush; MariaDB,
     # in a process that releases often: its marker, which each client's connection keeps
     # until it ends, where tasklocks writes the rows free and lets them go every 64).
-    release = sql.get("name_release_unflushed") or sql.get("name_release_marked")
-    release = release or sql["name_release"]
+    release = sql.get("name_release_unflushed") or sql["name_release_marked"]
     values = {"ns": f"'{ns}'", "name": name, "lease": lease, "record": f"'{RECORD}'"}
     for key, value in values.items():  # (named parameters, in both dialects)
         acquire = acquire.replace(f"%({key})s", value)

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from bench_common import Config, mysql_connect, pg_conninfo, tasklocks_sql
 
 from tasklocks.store._base import fill
+from tasklocks.store.mysql import MARKED_MAX
 
 TASKLOCKS = {"sqlite": "tl-sqlite", "mysql": "tl-mysql", "postgresql": "tl-pg"}
 BASELINE_NAMES = {
@@ -382,7 +383,6 @@ class StatementsPair:
     this and tasklocks itself (issue 10)."""
 
     def __init__(self, spec: PairSpec) -> None:
-        from tasklocks.store.mysql import MARKED_MAX
         from tasklocks.store.postgres import _Numbered
 
         self.backend = BACKEND_OF[spec.kind]
@@ -397,7 +397,7 @@ class StatementsPair:
         # without waiting for the flush; MariaDB: its marker, and every MARKED_MAX releases the
         # rows written free and the markers let go, as tasklocks does).
         self.release = sql.get("name_release_unflushed") or sql["name_release_marked"]
-        self.free_marked, self.marked_max = sql.get("free_marked", ""), MARKED_MAX
+        self.free_marked = sql.get("free_marked", "")
         self.marked: list[str] = []
         self.record = "x" * 130  # about a real record's size (the text is not read)
         layout = f"INSERT INTO {table}_names (namespace, name, version, mark) VALUES (%s, '', 1, "
@@ -439,7 +439,7 @@ class StatementsPair:
                 if not cur.lastrowid:
                     raise RuntimeError(f"{self.name}: not released")
                 self.marked.append(lease)
-                if len(self.marked) >= self.marked_max:
+                if len(self.marked) >= MARKED_MAX:
                     self._free_marked()
         else:
             self._pg(b"bench_retake" if self.seen else b"bench_acquire", params)

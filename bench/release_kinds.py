@@ -141,7 +141,7 @@ def _worker(
     take, release = (_Positional(s) for s in _statements(kind, table))
     record = "x" * 130  # about a real record's size
 
-    def run(statement: _Positional, params: dict[str, str]) -> tuple[int, int]:
+    def send(statement: _Positional, params: dict[str, str]) -> tuple[int, int]:
         reply = conn.ok_execute(statement, statement.values(params))
         if reply is None:  # its first use on the session: as text, as tasklocks sends it
             with conn.cursor() as cur:
@@ -151,12 +151,11 @@ def _worker(
 
     def pair() -> None:
         params = {"ns": "ns", "name": f"n{i}", "lease": os.urandom(8).hex(), "record": record}
-        if not run(take, params)[1]:
+        if not send(take, params)[1]:
             raise RuntimeError(f"{kind}: n{i} was not taken")
-        if kind == "marker-checked" and not run(release, params)[1]:
+        released = send(release, params)
+        if kind == "marker-checked" and not released[1]:
             raise RuntimeError(f"{kind}: n{i} was not released")
-        elif kind != "marker-checked":
-            run(release, params)
 
     for _ in range(50):  # warm: prepared statements, the row
         pair()

@@ -156,6 +156,32 @@ def raw_rows(url: str, statement: str, params: tuple[Any, ...] = ()) -> list[tup
     return rows
 
 
+@contextlib.contextmanager
+def mysql_session(url: str) -> Iterator[Any]:
+    """A MySQL server session of the test's own (autocommit), closed afterwards."""
+    import pymysql
+
+    from tasklocks.store.mysql import _connection_class
+
+    p = parse_url(url)
+    # tasklocks' subclass of PyMySQL's connection, for its one TLS context a process: PyMySQL's
+    # own builds one for every connection, loading the system's CA certificates (about 17 ms of
+    # CPU, most of a connect, paid by every raw_sql and three times by each MySQL test's
+    # cleanup). The statements go through PyMySQL's cursor as before.
+    conn = _connection_class(pymysql)(
+        host=p.host,
+        port=p.port or 3306,
+        user=p.user or "root",
+        password=p.password or "",
+        database=p.database,
+        autocommit=True,
+    )
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
 def _raw(url: str, statement: str, params: tuple[Any, ...], read: Callable[[Any], Any]) -> Any:
     p = parse_url(url)
     if p.scheme == "sqlite":
@@ -166,28 +192,9 @@ def _raw(url: str, statement: str, params: tuple[Any, ...], read: Callable[[Any]
         finally:
             conn.close()
     if p.scheme == "mysql":
-        import pymysql
-
-        from tasklocks.store.mysql import _connection_class
-
-        # tasklocks' subclass of PyMySQL's connection, for its one TLS context a process:
-        # PyMySQL's own builds one for every connection, loading the system's CA certificates
-        # (about 17 ms of CPU, most of a connect, paid by every raw_sql and three times by each
-        # MySQL test's cleanup). The statements go through PyMySQL's cursor as before.
-        mconn = _connection_class(pymysql)(
-            host=p.host,
-            port=p.port or 3306,
-            user=p.user or "root",
-            password=p.password or "",
-            database=p.database,
-            autocommit=True,
-        )
-        try:
-            with mconn.cursor() as cur:
-                cur.execute(statement, params)
-                return read(cur)
-        finally:
-            mconn.close()
+        with mysql_session(url) as mconn, mconn.cursor() as cur:
+            cur.execute(statement, params)
+            return read(cur)
     import psycopg
 
     with psycopg.connect(

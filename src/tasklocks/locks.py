@@ -1097,8 +1097,8 @@ class LockTable:
                     session.orphans.pop(key, None)
             except TasklocksError:
                 pass  # the database does not answer: the session's expiry frees them
-        if self._session is not None:
-            self._session.close()
+        if session is not None:
+            session.close()
             self._session = None
         self._waker.close()
         if self._owns_store:

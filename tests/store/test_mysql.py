@@ -4,7 +4,6 @@ them free in a batch later (``flush_releases``); a marker lost with its connecti
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 import textwrap
@@ -12,12 +11,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import pymysql
 import pytest
-from conftest import delete_rows, raw_rows, raw_sql, require, server_url
+from conftest import delete_rows, mysql_session, raw_rows, raw_sql, require, server_url
 
 import tasklocks
-from tasklocks.store import DEFAULT_TABLE, mysql, parse_url
+from tasklocks.store import DEFAULT_TABLE, mysql
 
 
 @pytest.fixture
@@ -34,16 +32,12 @@ def _steady(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mysql, "HOT_GAP", 60.0)
 
 
-def _connect(url: str, namespace: str) -> tasklocks.LockTable:
-    """A lock table whose session is not renewed during a test (a renewal runs a batch)."""
-    return tasklocks.connect(url, namespace, ttl=600.0)
-
-
 @pytest.fixture
 def tables(url: str, namespace: str) -> Iterator[list[tasklocks.LockTable]]:
     """Two lock tables of ``namespace``, each with its own store (two processes, as the server
-    sees them); closed afterwards."""
-    made = [_connect(url, namespace) for _ in range(2)]
+    sees them), whose sessions are not renewed during a test (a renewal runs a batch); closed
+    afterwards."""
+    made = [tasklocks.connect(url, namespace, ttl=600.0) for _ in range(2)]
     yield made
     for table in made:
         table.close()
@@ -142,120 +136,85 @@ def _cut(url: str, table: tasklocks.LockTable, namespace: str, name: str) -> Non
     """End the table's server session from outside (a restart, a proxy's cut), and wait until
     the server has let its markers go (a KILL is carried out by the killed thread)."""
     raw_sql(url, f"KILL {int(_store(table)._conn.thread_id())}")
-    deadline = time.monotonic() + 10
-    while _row(url, namespace, name)[2]:
-        assert time.monotonic() < deadline, "the killed session kept its marker"
+    _eventually(lambda: not _row(url, namespace, name)[2], 10, "the killed session kept its marker")
+
+
+def _eventually(check: Any, seconds: float = 5.0, what: str = "not within the time") -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, what
         time.sleep(0.01)
 
 
-@contextlib.contextmanager
-def _session(url: str) -> Iterator[Any]:
-    """A server session of the test's own."""
-    p = parse_url(url)
-    conn = pymysql.connect(
-        host=p.host, port=p.port or 3306, user=p.user or "root", password=p.password or "",
-        database=p.database, autocommit=True,
-    )  # fmt: skip
-    try:
-        yield conn
-    finally:
-        conn.close()
-
-
-def raw_query(conn: Any, sql: str, *args: Any) -> Any:
-    with conn.cursor() as cur:
-        cur.execute(sql, args)
-        return cur.fetchone()[0]
-
-
-def _eventually(check: Any, seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "not within the time"
-        time.sleep(0.02)
-
-
 def test_a_lease_whose_marker_a_lost_connection_took_is_given_back(
-    url: str, namespace: str
+    tables: list[tasklocks.LockTable], url: str, namespace: str
 ) -> None:
     """A connection cut (a server restart, a proxy) takes its markers with it, and their leases
     are held in their rows again: the store's next connection writes those rows free (a batch
     on a thread of its own) and says the leases (``lost_releases``) for the table to give back
     through the document too. The process's own acquisition of such a name, before that,
     finds its own lease in the way, gives it back and takes the name."""
-    mine = _connect(url, namespace)
-    other = _connect(url, namespace)
-    try:
-        _warm(mine)
-        token, lease = _take_and_release(mine, "b")
-        assert _row(url, namespace, "b") == (token, lease, True)
-        _cut(url, mine, namespace, "b")
-        assert _row(url, namespace, "b") == (token, lease, False)
-        assert [(h.name, h.holder.lease) for h in other.held()] == [("b", lease)]
-        assert _take_and_release(mine, "b")[0] > token
-        assert other.held() == []
+    mine, other = tables
+    _warm(mine)
+    token, lease = _take_and_release(mine, "b")
+    assert _row(url, namespace, "b") == (token, lease, True)
+    _cut(url, mine, namespace, "b")
+    assert _row(url, namespace, "b") == (token, lease, False)
+    assert [(h.name, h.holder.lease) for h in other.held()] == [("b", lease)]
+    assert _take_and_release(mine, "b")[0] > token
+    assert other.held() == []
 
-        _take_and_release(mine, "c")
-        token, lease = _take_and_release(mine, "c")
-        _cut(url, mine, namespace, "c")
-        assert [(h.name, h.holder.lease) for h in other.held()] == [("c", lease)]
-        _take_and_release(mine, "d")  # reconnects: the row of c is written free
-        _eventually(lambda: other.held() == [])
-        assert _row(url, namespace, "c")[1:] == (None, False)
-        with other.hold("c", timeout=0) as taken:
-            assert taken.token > token
-    finally:
-        mine.close()
-        other.close()
+    _take_and_release(mine, "c")
+    token, lease = _take_and_release(mine, "c")
+    _cut(url, mine, namespace, "c")
+    assert [(h.name, h.holder.lease) for h in other.held()] == [("c", lease)]
+    _take_and_release(mine, "d")  # reconnects: the row of c is written free
+    _eventually(lambda: other.held() == [])
+    assert _row(url, namespace, "c")[1:] == (None, False)
+    with other.hold("c", timeout=0) as taken:
+        assert taken.token > token
 
 
 def test_a_lost_marker_that_a_dying_session_still_holds_is_written_free(
-    url: str, namespace: str
+    tables: list[tasklocks.LockTable], url: str, namespace: str
 ) -> None:
     """After a network cut the server may keep the old session (and its markers) for a long
     time: a give-back through the document then reads the name free and changes nothing, and
     the name would be held again once that session ends. The batch writes the row itself, which
     no marker can hide."""
-    mine = _connect(url, namespace)
-    other = _connect(url, namespace)
-    try:
-        _warm(mine)
-        token, lease = _take_and_release(mine, "n")
-        # The process loses its connection; a session of the test's stands for the server's
-        # old session, which would still hold the marker.
-        with _session(url) as stand_in:
-            _cut(url, mine, namespace, "n")
-            assert raw_query(stand_in, "SELECT GET_LOCK(%s, 0)", f"tasklocks.free:{lease}") == 1
-            assert other.held() == []  # (read as released)
-            _take_and_release(mine, "m")  # a new connection: the batch and the give-back
-            _eventually(lambda: _row(url, namespace, "n")[1] is None)
-            assert other.held() == []
-        assert _row(url, namespace, "n") == (token, None, False)  # the stand-in is gone
+    mine, other = tables
+    _warm(mine)
+    token, lease = _take_and_release(mine, "n")
+    # The process loses its connection; a session of the test's stands for the server's
+    # old session, which would still hold the marker.
+    with mysql_session(url) as stand_in, stand_in.cursor() as cur:
+        _cut(url, mine, namespace, "n")
+        cur.execute("SELECT GET_LOCK(%s, 0)", (f"tasklocks.free:{lease}",))
+        assert cur.fetchone()[0] == 1
+        assert other.held() == []  # (read as released)
+        _take_and_release(mine, "m")  # a new connection: the batch and the give-back
+        _eventually(lambda: _row(url, namespace, "n")[1] is None)
         assert other.held() == []
-    finally:
-        mine.close()
-        other.close()
+    assert _row(url, namespace, "n") == (token, None, False)  # the stand-in is gone
+    assert other.held() == []
 
 
-def test_close_gives_back_what_a_lost_connection_took(url: str, namespace: str) -> None:
+def test_close_gives_back_what_a_lost_connection_took(
+    tables: list[tasklocks.LockTable], url: str, namespace: str
+) -> None:
     """``close`` writes the marked releases, on a new connection if the last was lost, and
     gives back those whose markers it took, while the store is open (the session that would
     give them back ends with the table)."""
-    mine = _connect(url, namespace)
-    other = _connect(url, namespace)
-    try:
-        _warm(mine)
-        _take_and_release(mine, "a")
-        token, lease = _take_and_release(mine, "b")
-        assert _row(url, namespace, "b") == (token, lease, True)
-        _cut(url, mine, namespace, "b")
-        assert [h.name for h in other.held()] == ["a", "b"]
-        mine.close()
-        assert other.held() == []
-        assert _row(url, namespace, "b")[1:] == (None, False)
-    finally:
-        mine.close()
-        other.close()
+    mine, other = tables
+    _warm(mine)
+    _take_and_release(mine, "a")
+    token, lease = _take_and_release(mine, "b")
+    assert _row(url, namespace, "b") == (token, lease, True)
+    _cut(url, mine, namespace, "b")
+    assert [h.name for h in other.held()] == ["a", "b"]
+    mine.close()
+    assert other.held() == []
+    assert _row(url, namespace, "b")[1:] == (None, False)
 
 
 def _marking_process(url: str, namespace: str, then: str) -> subprocess.CompletedProcess[str]:

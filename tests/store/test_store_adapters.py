@@ -348,10 +348,10 @@ def test_a_task_insert_whose_reply_was_lost_is_written_once(server: str, ran: bo
     store: Any = open_store(server, table=table)
     me = current_process()
     record = {
-        **{"kind": "run", "target": "[]", "args": "[]", "locks": "[]", "namespace": "n"},
-        **{"state": "pending", "timeout": None, "pid": me.pid, "start_token": me.start},
-        **{"boot": me.boot, "host": me.host, "pidns": me.pidns},
-    }
+        "kind": "run", "target": "[]", "args": "[]", "locks": "[]", "namespace": "n",
+        "state": "pending", "timeout": None, "pid": me.pid, "start_token": me.start,
+        "boot": me.boot, "host": me.host, "pidns": me.pidns,
+    }  # fmt: skip
     try:
         first = store.create_task({**record, "created": time.time()})  # (its table, a task)
         real = store._execute

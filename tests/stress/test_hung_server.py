@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from _proxy import Proxy
-from conftest import require, server_url
+from conftest import SERVER_BACKENDS, require, server_url
 
 import tasklocks
 import tasklocks.store
@@ -27,12 +27,11 @@ from tasklocks.store import _sql_server, parse_url
 WAIT = 30.0  # a call that has not ended by then hangs (before the guard: for ever)
 
 
-SERVERS = ["postgresql", "mysql"]
 PORTS = {"postgresql": 5432, "mysql": 3306}
 USERS = {"postgresql": "postgres", "mysql": "root"}
 
 
-@pytest.fixture(params=SERVERS)
+@pytest.fixture(params=SERVER_BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     require(request.param)
     return str(request.param)
